@@ -1,0 +1,239 @@
+/** Configuration: one zod schema over the environment, read once at start-up (CONTRACT §2). */
+import { z } from "zod";
+import { DEFAULT_PRICING, type Pricing, pricingSchema } from "./pricing.ts";
+
+const intFrom = (name: string, def: number, min = 0, max = Number.MAX_SAFE_INTEGER) =>
+  z.string().optional().transform((raw, ctx) => {
+    if (raw === undefined || raw.trim() === "") return def;
+    const n = Number(raw);
+    if (!Number.isInteger(n) || n < min || n > max) {
+      ctx.addIssue({ code: "custom", message: `${name} must be an integer from ${min} to ${max}` });
+      return z.NEVER;
+    }
+    return n;
+  });
+
+const optionalString = z.string().optional().transform((v) =>
+  v === undefined || v.trim() === "" ? undefined : v.trim()
+);
+
+const csv = optionalString.transform((v) =>
+  v === undefined ? [] : v.split(",").map((s) => s.trim()).filter(Boolean)
+);
+
+const origin = (name: string) =>
+  z.string().transform((raw, ctx) => {
+    try {
+      const url = new URL(raw);
+      if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error();
+      return url.origin + url.pathname.replace(/\/+$/, "");
+    } catch {
+      ctx.addIssue({ code: "custom", message: `${name} must be an http(s) URL, got "${raw}"` });
+      return z.NEVER;
+    }
+  });
+
+const envSchema = z.object({
+  PORT: intFrom("PORT", 8000, 0, 65535),
+  PUBLIC_URL: optionalString.pipe(origin("PUBLIC_URL").optional()),
+  DENO_KV_PATH: optionalString,
+  DENO_KV_ACCESS_TOKEN: optionalString,
+  CLERK_PUBLISHABLE_KEY: optionalString.refine(
+    (v) => v === undefined || /^pk_(test|live)_[A-Za-z0-9+/=_-]+$/.test(v),
+    "CLERK_PUBLISHABLE_KEY must look like pk_test_… or pk_live_…",
+  ),
+  CLERK_SECRET_KEY: optionalString.refine(
+    (v) => v === undefined || /^sk_(test|live)_\S+$/.test(v),
+    "CLERK_SECRET_KEY must look like sk_test_… or sk_live_…",
+  ),
+  CLERK_JWT_KEY: optionalString.transform((v) => v?.replace(/\\n/g, "\n")).refine(
+    (v) => v === undefined || v.includes("-----BEGIN PUBLIC KEY-----"),
+    "CLERK_JWT_KEY must be a PEM public key (-----BEGIN PUBLIC KEY-----)",
+  ),
+  CLERK_AUTHORIZED_PARTIES: csv,
+  CLERK_WEBHOOK_SECRET: optionalString.transform((v) => v?.split(/\s+/).filter(Boolean) ?? [])
+    .refine(
+      (list) => list.every((s) => /^whsec_[A-Za-z0-9+/=]+$/.test(s)),
+      "CLERK_WEBHOOK_SECRET must be one or more space-separated whsec_… secrets",
+    ),
+  CLERK_API_URL: optionalString.pipe(origin("CLERK_API_URL").optional()),
+  GLM_API_KEY: optionalString,
+  GLM_BASE_URL: optionalString.pipe(origin("GLM_BASE_URL").optional()),
+  UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
+  KEY_MODE: optionalString.pipe(
+    z.enum(["proxy", "shared"], { message: "KEY_MODE must be proxy or shared" }).optional(),
+  ),
+  KEY_ENCRYPTION_SECRET: optionalString.refine(
+    (v) => v === undefined || v.length >= 32,
+    "KEY_ENCRYPTION_SECRET must be at least 32 characters",
+  ),
+  RATE_LIMIT_RPM: intFrom("RATE_LIMIT_RPM", 60, 1, 1_000_000),
+  RATE_LIMIT_RPD: intFrom("RATE_LIMIT_RPD", 1000, 1, 100_000_000),
+  TOKEN_LIMIT_DAILY: intFrom("TOKEN_LIMIT_DAILY", 0),
+  BUDGET_USD_MONTHLY: optionalString.transform((raw, ctx) => {
+    if (raw === undefined) return 0;
+    const n = Number(raw);
+    if (!Number.isFinite(n) || n < 0) {
+      ctx.addIssue({ code: "custom", message: "BUDGET_USD_MONTHLY must be a number ≥ 0" });
+      return z.NEVER;
+    }
+    return n;
+  }),
+  ALLOWED_MODELS: csv,
+  PRICING: optionalString.transform((raw, ctx): Pricing | undefined => {
+    if (raw === undefined) return undefined;
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch {
+      ctx.addIssue({ code: "custom", message: "PRICING must be valid JSON" });
+      return z.NEVER;
+    }
+    const parsed = pricingSchema.safeParse(json);
+    if (!parsed.success) {
+      ctx.addIssue({
+        code: "custom",
+        message: `PRICING must map model names to {"input": n, "output": n} (${
+          parsed.error.issues[0]?.path.join(".") || "root"
+        }: ${parsed.error.issues[0]?.message})`,
+      });
+      return z.NEVER;
+    }
+    return parsed.data;
+  }),
+  COST_CRON: optionalString.refine(
+    (v) => v === undefined || v.split(/\s+/).length === 5,
+    "COST_CRON must be a 5-field cron expression such as '0 * * * *'",
+  ),
+  ADMIN_USER_IDS: csv,
+  DENO_DEPLOYMENT_ID: optionalString,
+  APP_ENV: optionalString,
+});
+
+export type KeyMode = "proxy" | "shared";
+
+export interface Config {
+  port: number;
+  publicUrl: string;
+  kvPath: string | undefined;
+  localMode: boolean;
+  production: boolean;
+  clerk: {
+    publishableKey?: string;
+    secretKey?: string;
+    jwtKey?: string;
+    authorizedParties: string[];
+    webhookSecrets: string[];
+    apiUrl: string;
+  };
+  glm: { apiKey?: string; baseUrl: string; timeoutMs: number };
+  keyMode: KeyMode;
+  keyEncryptionSecret?: string;
+  limits: { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
+  /** Empty list with allowAnyModel=false never happens: defaults to the pricing table's models. */
+  allowedModels: string[];
+  allowAnyModel: boolean;
+  pricing: Pricing;
+  costCron: string;
+  adminUserIds: Set<string>;
+}
+
+export class ConfigError extends Error {
+  constructor(readonly problems: string[]) {
+    super(`Invalid configuration:\n${problems.map((p) => `  - ${p}`).join("\n")}`);
+    this.name = "ConfigError";
+  }
+}
+
+/** Parses the environment into a Config; throws ConfigError with one line per problem. */
+export function loadConfig(env: Record<string, string | undefined>): Config {
+  const parsed = envSchema.safeParse(env);
+  if (!parsed.success) {
+    throw new ConfigError(parsed.error.issues.map((issue) => {
+      const name = String(issue.path[0] ?? "environment");
+      return issue.message.includes(name) ? issue.message : `${name}: ${issue.message}`;
+    }));
+  }
+  const e = parsed.data;
+  const production = e.DENO_DEPLOYMENT_ID !== undefined || e.APP_ENV === "production";
+  const clerkConfigured = Boolean(
+    e.CLERK_PUBLISHABLE_KEY || e.CLERK_SECRET_KEY || e.CLERK_JWT_KEY,
+  );
+  const localMode = !clerkConfigured && !production;
+  const problems: string[] = [];
+  if (production && !clerkConfigured) {
+    problems.push(
+      "CLERK_JWT_KEY or CLERK_SECRET_KEY is required in production (APP_ENV=production or on Deno Deploy)",
+    );
+  }
+  if (!localMode && !e.KEY_ENCRYPTION_SECRET) {
+    problems.push("KEY_ENCRYPTION_SECRET is required outside local mode (at least 32 characters)");
+  }
+  const keyMode = e.KEY_MODE ?? "proxy";
+  if (keyMode === "shared" && !e.GLM_API_KEY) {
+    problems.push("GLM_API_KEY is required when KEY_MODE=shared");
+  }
+  if (problems.length) throw new ConfigError(problems);
+
+  const publicUrl = e.PUBLIC_URL ?? `http://localhost:${e.PORT}`;
+  const pricing = e.PRICING ?? DEFAULT_PRICING;
+  const allowAnyModel = e.ALLOWED_MODELS.includes("*");
+  const allowedModels = e.ALLOWED_MODELS.length && !allowAnyModel
+    ? e.ALLOWED_MODELS
+    : Object.keys(pricing).filter((m) => m !== "*");
+  return {
+    port: e.PORT,
+    publicUrl,
+    kvPath: e.DENO_KV_PATH,
+    localMode,
+    production,
+    clerk: {
+      publishableKey: e.CLERK_PUBLISHABLE_KEY,
+      secretKey: e.CLERK_SECRET_KEY,
+      jwtKey: e.CLERK_JWT_KEY,
+      authorizedParties: e.CLERK_AUTHORIZED_PARTIES.length
+        ? e.CLERK_AUTHORIZED_PARTIES
+        : [new URL(publicUrl).origin],
+      webhookSecrets: e.CLERK_WEBHOOK_SECRET,
+      apiUrl: e.CLERK_API_URL ?? "https://api.clerk.com",
+    },
+    glm: {
+      apiKey: e.GLM_API_KEY,
+      baseUrl: e.GLM_BASE_URL ?? "https://open.bigmodel.cn/api/paas/v4",
+      timeoutMs: e.UPSTREAM_TIMEOUT_MS,
+    },
+    keyMode,
+    keyEncryptionSecret: e.KEY_ENCRYPTION_SECRET,
+    limits: {
+      rpm: e.RATE_LIMIT_RPM,
+      rpd: e.RATE_LIMIT_RPD,
+      tokensPerDay: e.TOKEN_LIMIT_DAILY,
+      budgetUsdMonthly: e.BUDGET_USD_MONTHLY,
+    },
+    allowedModels,
+    allowAnyModel,
+    pricing,
+    costCron: e.COST_CRON ?? "0 * * * *",
+    adminUserIds: new Set(e.ADMIN_USER_IDS),
+  };
+}
+
+/** Reads `.env` (if present) under the real environment, which wins. */
+export async function readEnv(path = ".env"): Promise<Record<string, string>> {
+  const env: Record<string, string> = {};
+  try {
+    const text = await Deno.readTextFile(path);
+    for (const line of text.split(/\r?\n/)) {
+      const m = line.match(/^\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*?)\s*$/);
+      if (!m) continue;
+      let value = m[2];
+      const quoted = value.match(/^(['"])([\s\S]*)\1$/);
+      if (quoted) value = quoted[1] === '"' ? quoted[2].replace(/\\n/g, "\n") : quoted[2];
+      else value = value.replace(/\s+#.*$/, "");
+      env[m[1]] = value;
+    }
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
+  return { ...env, ...Deno.env.toObject() };
+}

@@ -1,0 +1,76 @@
+/** Deno KV: opening the store and every key builder (one place for the key design). */
+
+export type Day = string; // YYYY-MM-DD (UTC)
+export type Month = string; // YYYY-MM (UTC)
+export type UsageField = "requests" | "prompt" | "completion";
+export const USAGE_FIELDS: readonly UsageField[] = ["requests", "prompt", "completion"];
+
+export const keys = {
+  user: (userId: string) => ["users", userId] as const,
+  users: () => ["users"] as const,
+  keyByHash: (hash: string) => ["keys_by_hash", hash] as const,
+  webhookEvent: (svixId: string) => ["webhook_events", svixId] as const,
+  rate: (userId: string) => ["rate_limits", userId] as const,
+  /** Day-major usage counters (KvU64), for reports over all users. */
+  usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
+    ["usage_daily", day, userId, model, field] as const,
+  usageDailyDay: (day: Day) => ["usage_daily", day] as const,
+  /** User-major usage counters (KvU64), for one user's dashboard. */
+  usageByUser: (userId: string, day: Day, model: string, field: UsageField) =>
+    ["usage_by_user", userId, day, model, field] as const,
+  usageByUserPrefix: (userId: string) => ["usage_by_user", userId] as const,
+  /** Tokens a user spent on a UTC day (KvU64), for TOKEN_LIMIT_DAILY. */
+  tokensByDay: (userId: string, day: Day) => ["tokens_by_day", userId, day] as const,
+  /** Nano-USD a user spent in a UTC month (KvU64), for BUDGET_USD_MONTHLY. */
+  spendByMonth: (userId: string, month: Month) => ["spend_by_month", userId, month] as const,
+  /** Grows with every usage write of a day; summaries remember the version they saw. */
+  usageDayVersion: (day: Day) => ["usage_day_versions", day] as const,
+  usageDayVersions: () => ["usage_day_versions"] as const,
+  costSummary: (day: Day, chunk: number) => ["cost_summaries", day, chunk] as const,
+  costSummaryDay: (day: Day) => ["cost_summaries", day] as const,
+  costSummaryMeta: (day: Day) => ["cost_summary_meta", day] as const,
+  budgetAlert: (userId: string, month: Month, threshold: number) =>
+    ["budget_alerts", userId, month, threshold] as const,
+  localSecret: (name: string) => ["local_secrets", name] as const,
+};
+
+/** Opens KV at a file path, `:memory:`, or a KV Connect URL (token from DENO_KV_ACCESS_TOKEN). */
+export async function openKv(path: string | undefined): Promise<Deno.Kv> {
+  const target = path ?? "./data/keyway.sqlite3";
+  if (target !== ":memory:" && !/^https?:\/\//.test(target)) {
+    const dir = target.replace(/[^/\\]*$/, "");
+    if (dir) await Deno.mkdir(dir, { recursive: true });
+  }
+  return await Deno.openKv(target);
+}
+
+/** UTC date of a timestamp as YYYY-MM-DD. */
+export function utcDay(ms: number = Date.now()): Day {
+  return new Date(ms).toISOString().slice(0, 10);
+}
+
+export function utcMonth(ms: number = Date.now()): Month {
+  return new Date(ms).toISOString().slice(0, 7);
+}
+
+/** Reads a KvU64 (or absent) entry value as a number. */
+export function u64(value: unknown): number {
+  return value instanceof Deno.KvU64 ? Number(value.value) : 0;
+}
+
+export const CONFLICT: unique symbol = Symbol("kv conflict");
+
+/** Runs an atomic read-modify-write until it commits (attempt returns CONFLICT to go again). */
+export async function retryAtomic<T>(
+  attempt: () => Promise<T | typeof CONFLICT>,
+  what: string,
+  maxAttempts = 100,
+): Promise<T> {
+  for (let i = 0; i < maxAttempts; i++) {
+    const result = await attempt();
+    if (result !== CONFLICT) return result;
+    // Spread contenders out a little so a burst does not retry in lock-step.
+    if (i > 2) await new Promise((r) => setTimeout(r, Math.random() * Math.min(2 ** i, 50)));
+  }
+  throw new Error(`${what}: KV write kept conflicting after ${maxAttempts} attempts`);
+}

@@ -1,0 +1,41 @@
+/** Everything a request handler needs, built once at start-up from the Config and KV. */
+import { SessionVerifier } from "./auth.ts";
+import { ClerkSync } from "./clerk_sync.ts";
+import type { Config } from "./config.ts";
+import { KeyVault } from "./keys.ts";
+import { createLogger, type Logger } from "./log.ts";
+import { localSecret, Users } from "./users.ts";
+
+export interface Services {
+  config: Config;
+  kv: Deno.Kv;
+  users: Users;
+  sessions: SessionVerifier;
+  clerkSync: ClerkSync;
+  log: Logger;
+}
+
+export async function createServices(
+  config: Config,
+  kv: Deno.Kv,
+  options: { log?: Logger } = {},
+): Promise<Services> {
+  const log = options.log ??
+    createLogger([
+      config.glm.apiKey,
+      config.keyEncryptionSecret,
+      config.clerk.secretKey,
+      ...config.clerk.webhookSecrets,
+    ]);
+  // Local mode has no configured secret: one is generated once and kept in KV (documented).
+  const encryptionSecret = config.keyEncryptionSecret ??
+    await localSecret(kv, "key_encryption");
+  const vault = await KeyVault.fromSecret(encryptionSecret);
+  const users = new Users(kv, vault);
+  const sessions = new SessionVerifier(
+    config,
+    config.localMode ? await localSecret(kv, "session_signing") : undefined,
+  );
+  const clerkSync = new ClerkSync(config, kv, users, log);
+  return { config, kv, users, sessions, clerkSync, log };
+}

@@ -1,0 +1,249 @@
+/** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
+import { AppError } from "./errors.ts";
+import { generateApiKey, hashApiKey, keyPrefix, type KeyVault, looksLikeApiKey } from "./keys.ts";
+import { CONFLICT, keys, retryAtomic } from "./kv.ts";
+
+export type UserStatus = "active" | "disabled" | "deleted";
+
+export interface StoredKey {
+  hash: string;
+  prefix: string;
+  /** AES-GCM ciphertext of the key (KeyVault), so /api/key can hand it out again. */
+  ciphertext: string;
+  createdAt: string;
+}
+
+export interface LimitOverrides {
+  rpm?: number;
+  rpd?: number;
+  /** 0 means unlimited, as with the environment defaults. */
+  tokensPerDay?: number;
+  budgetUsdMonthly?: number;
+}
+
+export interface UserRecord {
+  id: string;
+  email: string | null;
+  firstName: string | null;
+  lastName: string | null;
+  status: UserStatus;
+  createdAt: string;
+  updatedAt: string;
+  key: StoredKey | null;
+  limits: LimitOverrides;
+  /** True once e-mail and names came from Clerk (webhook or Backend API). */
+  profileKnown: boolean;
+}
+
+export interface Profile {
+  email: string | null;
+  firstName: string | null;
+  lastName: string | null;
+}
+
+export interface ProvisionResult {
+  user: UserRecord;
+  apiKey: string;
+  created: boolean;
+}
+
+/** Looks up a user by key hash; the hash index holds only the user id. */
+export interface KeyIndexValue {
+  userId: string;
+}
+
+export class Users {
+  constructor(private readonly kv: Deno.Kv, private readonly vault: KeyVault) {}
+
+  async get(userId: string): Promise<UserRecord | null> {
+    return (await this.kv.get<UserRecord>(keys.user(userId))).value;
+  }
+
+  /**
+   * Creates the user and their key if needed, in one atomic commit; concurrent callers all get
+   * the one key that won. Deleted users stay deleted (user_deleted).
+   */
+  async provision(userId: string, profile?: Profile): Promise<ProvisionResult> {
+    return await retryAtomic<ProvisionResult>(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const existing = entry.value;
+      if (existing?.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.");
+      }
+      if (existing?.key) {
+        const apiKey = await this.vault.decrypt(existing.key.ciphertext, userId);
+        return { user: existing, apiKey, created: false };
+      }
+      const now = new Date().toISOString();
+      const apiKey = generateApiKey();
+      const key = await this.storedKey(apiKey, userId, now);
+      const user: UserRecord = existing ? { ...existing, key, updatedAt: now } : {
+        id: userId,
+        email: profile?.email ?? null,
+        firstName: profile?.firstName ?? null,
+        lastName: profile?.lastName ?? null,
+        status: "active",
+        createdAt: now,
+        updatedAt: now,
+        key,
+        limits: {},
+        profileKnown: profile !== undefined,
+      };
+      const res = await this.kv.atomic()
+        .check(entry)
+        .check({ key: keys.keyByHash(key.hash), versionstamp: null })
+        .set(keys.user(userId), user)
+        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue)
+        .commit();
+      return res.ok ? { user, apiKey, created: true } : CONFLICT;
+    }, "provision");
+  }
+
+  /** Replaces the user's key; the old hash is removed in the same commit so it stops at once. */
+  async rotate(userId: string): Promise<ProvisionResult> {
+    return await retryAtomic<ProvisionResult>(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const user = entry.value;
+      if (!user) throw new AppError("not_found", "No key has been provisioned for this user yet.");
+      if (user.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.");
+      }
+      const now = new Date().toISOString();
+      const apiKey = generateApiKey();
+      const key = await this.storedKey(apiKey, userId, now);
+      const next: UserRecord = { ...user, key, updatedAt: now };
+      const op = this.kv.atomic()
+        .check(entry)
+        .check({ key: keys.keyByHash(key.hash), versionstamp: null })
+        .set(keys.user(userId), next)
+        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue);
+      if (user.key) op.delete(keys.keyByHash(user.key.hash));
+      const res = await op.commit();
+      return res.ok ? { user: next, apiKey, created: true } : CONFLICT;
+    }, "rotate");
+  }
+
+  /** Stores Clerk's e-mail and names; a deleted user's profile stays dropped. */
+  async updateProfile(userId: string, profile: Profile): Promise<UserRecord | null> {
+    return await this.update(
+      userId,
+      (user) => user.status === "deleted" ? null : { ...user, ...profile, profileKnown: true },
+    );
+  }
+
+  /**
+   * Revokes every key, marks the user deleted and drops personal data; usage stays for billing.
+   * Works for users never seen before too, so a late user.created cannot bring them back.
+   */
+  async markDeleted(userId: string): Promise<void> {
+    await retryAtomic(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const user = entry.value;
+      if (user?.status === "deleted") return undefined;
+      const now = new Date().toISOString();
+      const tombstone: UserRecord = {
+        id: userId,
+        email: null,
+        firstName: null,
+        lastName: null,
+        status: "deleted",
+        createdAt: user?.createdAt ?? now,
+        updatedAt: now,
+        key: null,
+        limits: user?.limits ?? {},
+        profileKnown: true,
+      };
+      const op = this.kv.atomic().check(entry).set(keys.user(userId), tombstone);
+      if (user?.key) op.delete(keys.keyByHash(user.key.hash));
+      return (await op.commit()).ok ? undefined : CONFLICT;
+    }, "delete user");
+  }
+
+  async setStatus(userId: string, status: "active" | "disabled"): Promise<UserRecord> {
+    const user = await this.update(userId, (u) => {
+      if (u.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.");
+      }
+      return { ...u, status };
+    });
+    if (!user) throw new AppError("not_found", `No user ${userId}.`);
+    return user;
+  }
+
+  /** Applies limit overrides; a null value clears that override. */
+  async setLimits(
+    userId: string,
+    patch: { [K in keyof LimitOverrides]?: number | null },
+  ): Promise<UserRecord> {
+    const user = await this.update(userId, (u) => {
+      const limits: LimitOverrides = { ...u.limits };
+      for (
+        const [name, value] of Object.entries(patch) as [keyof LimitOverrides, number | null][]
+      ) {
+        if (value === null) delete limits[name];
+        else if (value !== undefined) limits[name] = value;
+      }
+      return { ...u, limits };
+    });
+    if (!user) throw new AppError("not_found", `No user ${userId}.`);
+    return user;
+  }
+
+  /** The user owning an API key, or null for a malformed, unknown or revoked key. */
+  async resolveKey(apiKey: string): Promise<UserRecord | null> {
+    if (!looksLikeApiKey(apiKey)) return null;
+    const hash = await hashApiKey(apiKey);
+    const index = await this.kv.get<KeyIndexValue>(keys.keyByHash(hash));
+    if (!index.value) return null;
+    const user = await this.get(index.value.userId);
+    return user?.key?.hash === hash ? user : null;
+  }
+
+  async *list(): AsyncGenerator<UserRecord> {
+    for await (const entry of this.kv.list<UserRecord>({ prefix: keys.users() })) {
+      yield entry.value;
+    }
+  }
+
+  async revealKey(user: UserRecord): Promise<string | null> {
+    return user.key ? await this.vault.decrypt(user.key.ciphertext, user.id) : null;
+  }
+
+  private async storedKey(apiKey: string, userId: string, now: string): Promise<StoredKey> {
+    return {
+      hash: await hashApiKey(apiKey),
+      prefix: keyPrefix(apiKey),
+      ciphertext: await this.vault.encrypt(apiKey, userId),
+      createdAt: now,
+    };
+  }
+
+  private async update(
+    userId: string,
+    change: (user: UserRecord) => UserRecord | null,
+  ): Promise<UserRecord | null> {
+    return await retryAtomic<UserRecord | null>(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      if (!entry.value) return null;
+      const next = change(entry.value);
+      if (!next) return null;
+      next.updatedAt = new Date().toISOString();
+      const res = await this.kv.atomic().check(entry).set(keys.user(userId), next).commit();
+      return res.ok ? next : CONFLICT;
+    }, "update user");
+  }
+}
+
+/** A secret generated once and kept in KV (local mode only: session signing, key encryption). */
+export async function localSecret(kv: Deno.Kv, name: string): Promise<string> {
+  const key = keys.localSecret(name);
+  const existing = await kv.get<string>(key);
+  if (existing.value) return existing.value;
+  const fresh = Array.from(
+    crypto.getRandomValues(new Uint8Array(32)),
+    (b) => b.toString(16).padStart(2, "0"),
+  ).join("");
+  await kv.atomic().check({ key, versionstamp: null }).set(key, fresh).commit();
+  // Whoever won the race, everyone uses the stored value.
+  return (await kv.get<string>(key)).value!;
+}

@@ -1,0 +1,53 @@
+/** Server entry: reads the config, opens KV, builds islands, serves the app, registers the cron. */
+import { ConfigError, loadConfig, readEnv } from "./lib/config.ts";
+import { openKv } from "./lib/kv.ts";
+import { createServices, type Services } from "./lib/services.ts";
+import { createApp } from "./routes/mod.ts";
+
+export interface Running {
+  services: Services;
+  server: Deno.HttpServer<Deno.NetAddr>;
+  url: string;
+}
+
+/** Starts Keyway; used by `deno task start`, dev.ts and tests that need a real process. */
+export async function start(env: Record<string, string | undefined>): Promise<Running> {
+  const config = loadConfig(env);
+  const kv = await openKv(config.kvPath);
+  const services = await createServices(config, kv);
+  const app = createApp(services);
+  kv.listenQueue(async (message) => {
+    if (!(await services.clerkSync.handleQueueMessage(message))) {
+      services.log.warn("unknown queue message dropped");
+    }
+  });
+  const server = Deno.serve({
+    port: config.port,
+    hostname: "0.0.0.0",
+    onListen: () => {},
+  }, app.fetch);
+  const url = `http://localhost:${server.addr.port}`;
+  services.log.info("keyway listening", {
+    url,
+    publicUrl: config.publicUrl,
+    mode: config.localMode ? "local" : "clerk",
+    keyMode: config.keyMode,
+    kv: config.kvPath ?? "./data/keyway.sqlite3",
+  });
+  if (config.localMode) {
+    console.log(`\n  Keyway is running in local mode: open ${url}/ and sign in with any e-mail.\n`);
+  }
+  return { services, server, url };
+}
+
+if (import.meta.main) {
+  try {
+    await start(await readEnv());
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      console.error(err.message);
+      Deno.exit(1);
+    }
+    throw err;
+  }
+}

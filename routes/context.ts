@@ -1,0 +1,87 @@
+/** Shared route plumbing: the Hono env type, session middleware, body parsing with zod. */
+import type { Context, MiddlewareHandler } from "hono";
+import { getCookie } from "hono/cookie";
+import type { z } from "zod";
+import { type Session, sessionTokenFrom } from "../lib/auth.ts";
+import { AppError, invalidRequest } from "../lib/errors.ts";
+import type { Services } from "../lib/services.ts";
+
+export type AppEnv = {
+  Variables: {
+    requestId: string;
+    session: Session;
+    /** How the session arrived; cookie-authenticated writes get a same-origin check. */
+    sessionVia: "bearer" | "cookie";
+  };
+};
+
+export const SESSION_COOKIE = "__session";
+
+/** The verified session, or null (never throws for a bad token). */
+export async function readSession(
+  c: Context<AppEnv>,
+  services: Services,
+): Promise<{ session: Session; via: "bearer" | "cookie" } | null> {
+  const authorization = c.req.header("authorization");
+  const token = sessionTokenFrom(authorization, getCookie(c, SESSION_COOKIE));
+  if (!token) return null;
+  const session = await services.sessions.verify(token);
+  return session ? { session, via: authorization ? "bearer" : "cookie" } : null;
+}
+
+/** Requires a valid session (401 unauthorized) and, for cookie writes, a same-origin request. */
+export function requireSession(services: Services): MiddlewareHandler<AppEnv> {
+  return async (c, next) => {
+    const found = await readSession(c, services);
+    if (!found) {
+      throw new AppError("unauthorized", "Sign in first: a valid Clerk session token is required.");
+    }
+    if (found.via === "cookie") assertSameOrigin(c, services);
+    c.set("session", found.session);
+    c.set("sessionVia", found.via);
+    await next();
+  };
+}
+
+/** Rejects cross-site writes that ride on a cookie (CSRF). */
+export function assertSameOrigin(c: Context<AppEnv>, services: Services) {
+  if (c.req.method === "GET" || c.req.method === "HEAD") return;
+  const origin = c.req.header("origin");
+  if (!origin) return; // Browsers send Origin on every cross-origin write; other clients are not CSRF.
+  const allowed = new Set([
+    new URL(services.config.publicUrl).origin,
+    new URL(c.req.url).origin,
+    ...services.config.clerk.authorizedParties,
+  ]);
+  if (!allowed.has(origin)) {
+    throw new AppError("forbidden", `Cross-origin request from ${origin} refused.`);
+  }
+}
+
+/** Parses a JSON body with a schema: 400 invalid_request naming the field when it does not fit. */
+export async function jsonBody<S extends z.ZodType>(c: Context, schema: S): Promise<z.infer<S>> {
+  let raw: unknown;
+  const text = await c.req.text();
+  if (text.trim() === "") raw = {};
+  else {
+    try {
+      raw = JSON.parse(text);
+    } catch {
+      throw new AppError("invalid_request", "body: not valid JSON");
+    }
+  }
+  const parsed = schema.safeParse(raw);
+  if (!parsed.success) throw invalidRequest(parsed.error.issues);
+  return parsed.data;
+}
+
+/** Validates route params or query strings the same way. */
+export function parseWith<S extends z.ZodType>(
+  schema: S,
+  value: unknown,
+  what: string,
+): z.infer<S> {
+  const parsed = schema.safeParse(value);
+  if (!parsed.success) throw invalidRequest(parsed.error.issues, what);
+  return parsed.data;
+}

@@ -1,0 +1,106 @@
+/** The Hono app: middleware, error mapping in one place, and every route module mounted. */
+import { Hono } from "hono";
+import { bodyLimit } from "hono/body-limit";
+import { HTTPException } from "hono/http-exception";
+import { requestId } from "hono/request-id";
+import { secureHeaders } from "hono/secure-headers";
+import { AppError, errorBody } from "../lib/errors.ts";
+import type { Services } from "../lib/services.ts";
+import { adminRoutes } from "./api/admin.ts";
+import { keyRoutes } from "./api/key.ts";
+import { usageRoutes } from "./api/usage.ts";
+import { webhookRoutes } from "./api/webhooks.ts";
+import { authRoutes } from "./auth.ts";
+import type { AppEnv } from "./context.ts";
+import { pageRoutes } from "./pages.tsx";
+import { v1Routes } from "./v1.ts";
+
+const KIB = 1024;
+
+const tooLarge = (limit: string) => () => {
+  throw new AppError("payload_too_large", `Request body is larger than ${limit}.`);
+};
+
+const isApiPath = (path: string) => path.startsWith("/api/") || path.startsWith("/v1/");
+
+export function createApp(services: Services) {
+  const { log, kv } = services;
+  const app = new Hono<AppEnv>();
+
+  app.use("*", requestId({ headerName: "x-request-id" }));
+  app.use("*", async (c, next) => {
+    const started = performance.now();
+    await next();
+    // The gateway logs its own line with usage; everything else gets an access line.
+    if (c.res.status >= 500 || !c.req.path.startsWith("/v1/")) {
+      log.info("request", {
+        id: c.get("requestId"),
+        method: c.req.method,
+        path: c.req.path,
+        status: c.res.status,
+        ms: Math.round((performance.now() - started) * 10) / 10,
+      });
+    }
+  });
+  app.use(
+    "*",
+    secureHeaders({ crossOriginEmbedderPolicy: false, contentSecurityPolicy: undefined }),
+  );
+  app.use(
+    "/api/webhooks/*",
+    bodyLimit({ maxSize: 256 * KIB, onError: tooLarge("256 KiB") }),
+  );
+  app.use("/v1/*", bodyLimit({ maxSize: 1024 * KIB, onError: tooLarge("1 MiB") }));
+  app.use("/api/*", async (c, next) => {
+    if (c.req.path.startsWith("/api/webhooks/")) return await next();
+    return await bodyLimit({ maxSize: 64 * KIB, onError: tooLarge("64 KiB") })(c, next);
+  });
+  app.use("/auth/*", bodyLimit({ maxSize: 16 * KIB, onError: tooLarge("16 KiB") }));
+
+  app.get("/health", async (c) => {
+    await kv.get(["health"]);
+    return c.json({ ok: true });
+  });
+
+  app.route("/api", keyRoutes(services));
+  app.route("/api", webhookRoutes(services));
+  app.route("/api", usageRoutes(services));
+  app.route("/api", adminRoutes(services));
+  app.route("/v1", v1Routes(services));
+  app.route("/", authRoutes(services));
+  app.route("/", pageRoutes(services));
+
+  app.notFound((c) => {
+    if (isApiPath(c.req.path)) {
+      return c.json(errorBody("not_found", `No such endpoint: ${c.req.method} ${c.req.path}`), 404);
+    }
+    return c.text("Not found", 404);
+  });
+
+  app.onError((err, c) => {
+    if (err instanceof AppError) {
+      for (const [name, value] of Object.entries(err.headers)) c.header(name, value);
+      return c.json(errorBody(err.code, err.message), err.status as 400);
+    }
+    if (err instanceof HTTPException && err.status < 500) {
+      const code = err.status === 413
+        ? "payload_too_large"
+        : err.status === 404
+        ? "not_found"
+        : "invalid_request";
+      return c.json(errorBody(code, err.message || "Bad request."), err.status);
+    }
+    const id = c.get("requestId");
+    log.error("unhandled error", {
+      id,
+      method: c.req.method,
+      path: c.req.path,
+      error: err instanceof Error ? (err.stack ?? err.message) : String(err),
+    });
+    return c.json(errorBody("internal_error", `internal error (request id ${id})`), 500);
+  });
+
+  return app;
+}
+
+export type App = ReturnType<typeof createApp>;
