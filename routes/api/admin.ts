@@ -1,8 +1,81 @@
-/** Placeholder: filled in by its issue. */
-import { Hono } from "hono";
+/** Operator API (CONTRACT §5): users with 30-day usage, disable/enable, limit overrides. */
+import { type Context, Hono, type Next } from "hono";
+import { z } from "zod";
+import { userTotalsBetween } from "../../lib/admin.ts";
+import { AppError } from "../../lib/errors.ts";
+import { utcDay } from "../../lib/kv.ts";
+import { roundUsd } from "../../lib/pricing.ts";
 import type { Services } from "../../lib/services.ts";
-import type { AppEnv } from "../context.ts";
+import type { UserRecord } from "../../lib/users.ts";
+import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
 
-export function adminRoutes(_services: Services) {
-  return new Hono<AppEnv>();
+const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
+
+const nullableInt = (max: number) => z.number().int().min(0).max(max).nullable().optional();
+const limitsBody = z.object({
+  rpm: z.number().int().min(1).max(1_000_000).nullable().optional(),
+  rpd: z.number().int().min(1).max(100_000_000).nullable().optional(),
+  tokensPerDay: nullableInt(Number.MAX_SAFE_INTEGER),
+  budgetUsdMonthly: z.number().finite().min(0).max(1e9).nullable().optional(),
+}).strict().refine((b) => Object.keys(b).length > 0, {
+  message: "give at least one of rpm, rpd, tokensPerDay, budgetUsdMonthly",
+});
+
+const DAY_MS = 86_400_000;
+
+export function adminRoutes(services: Services) {
+  const { config, users, kv } = services;
+  const app = new Hono<AppEnv>();
+  const session = requireSession(services);
+  const admin = async (c: Context<AppEnv>, next: Next) => {
+    if (!config.adminUserIds.has(c.get("session").userId)) {
+      throw new AppError("forbidden", "Operators only: your user id is not in ADMIN_USER_IDS.");
+    }
+    await next();
+  };
+
+  const shape = (
+    user: UserRecord,
+    usage?: { requests: number; totalTokens: number; costUsd: number },
+  ) => ({
+    userId: user.id,
+    email: user.email,
+    status: user.status,
+    createdAt: user.createdAt,
+    keyPrefix: user.key?.prefix ?? null,
+    limits: user.limits,
+    usage30d: usage
+      ? { ...usage, costUsd: roundUsd(usage.costUsd) }
+      : { requests: 0, totalTokens: 0, costUsd: 0 },
+  });
+
+  app.get("/admin/users", session, admin, async (c) => {
+    const now = Date.now();
+    const totals = await userTotalsBetween(
+      kv,
+      config.pricing,
+      utcDay(now - 29 * DAY_MS),
+      utcDay(now),
+    );
+    const list = [];
+    for await (const user of users.list()) list.push(shape(user, totals.get(user.id)));
+    c.header("cache-control", "no-store");
+    return c.json({ users: list });
+  });
+
+  for (const [action, status] of [["disable", "disabled"], ["enable", "active"]] as const) {
+    app.post(`/admin/users/:id/${action}`, session, admin, async (c) => {
+      const { id } = parseWith(userIdParam, c.req.param(), "id");
+      const user = await users.setStatus(id, status);
+      return c.json({ user: shape(user) });
+    });
+  }
+
+  app.put("/admin/users/:id/limits", session, admin, async (c) => {
+    const { id } = parseWith(userIdParam, c.req.param(), "id");
+    const patch = await jsonBody(c, limitsBody);
+    const user = await users.setLimits(id, patch);
+    return c.json({ user: shape(user) });
+  });
+  return app;
 }
