@@ -1,2 +1,417 @@
-/** Placeholder until its issue lands. */
-console.log("deno task bench: not yet implemented");
+/**
+ * `deno task bench` (CONTRACT §9): starts on loopback a fake GLM upstream, the app (temp KV,
+ * test Clerk issuer), a bare hello server and a bare pass-through proxy — each in its own
+ * process — drives each with wrk for a fixed time at a fixed concurrency, and prints a table
+ * (or, with --json, the contract's JSON).
+ */
+import { z } from "zod";
+import { ClerkIssuer } from "../tests/fakes/clerk_issuer.ts";
+
+const HELP = `deno task bench [--seconds N] [--connections N] [--json]
+
+  --seconds N       measuring time per scenario (default 10)
+  --connections N   concurrent connections for the throughput runs (default 32)
+  --json            print the CONTRACT §9 JSON document instead of a table
+  --help            this text`;
+
+const flagsSchema = z.object({
+  seconds: z.coerce.number().int().min(1).max(600).default(10),
+  connections: z.coerce.number().int().min(1).max(1000).default(32),
+  json: z.boolean().default(false),
+});
+
+export function parseBenchFlags(args: string[]) {
+  const raw: Record<string, string | boolean> = {};
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const m = arg.match(/^--([a-z]+)(?:=(.*))?$/);
+    if (!m) throw new Error(`unexpected argument "${arg}" (see --help)`);
+    const [, name, inline] = m;
+    if (name === "help") return null;
+    if (name === "json") {
+      raw.json = true;
+      continue;
+    }
+    if (name !== "seconds" && name !== "connections") {
+      throw new Error(`unknown flag --${name} (see --help)`);
+    }
+    const value = inline ?? args[++i];
+    if (value === undefined) throw new Error(`--${name} needs a value`);
+    raw[name] = value;
+  }
+  const parsed = flagsSchema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new Error(`--${String(issue.path[0])}: ${issue.message}`);
+  }
+  return parsed.data;
+}
+
+interface Result {
+  rps: number;
+  p50Ms: number;
+  p99Ms: number;
+  errors: number;
+}
+
+interface Proc {
+  child: Deno.ChildProcess;
+  port: number;
+}
+
+const CHAT_BODY = JSON.stringify({
+  model: "glm-4.6",
+  messages: [{ role: "user", content: "Say hello in five words." }],
+});
+const STREAM_BODY = JSON.stringify({
+  model: "glm-4.6",
+  stream: true,
+  messages: [{ role: "user", content: "Say hello in five words." }],
+});
+
+const progress = (msg: string) => Deno.stderr.writeSync(new TextEncoder().encode(msg + "\n"));
+
+/** Starts a process and waits for the first stdout line that tells its port; drains the rest. */
+async function spawn(
+  args: string[],
+  env: Record<string, string>,
+  portOf: (line: string) => number | null,
+): Promise<Proc> {
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    env,
+    stdout: "piped",
+    stderr: "inherit",
+  }).spawn();
+  const lines = child.stdout.pipeThrough(new TextDecoderStream()).getReader();
+  let buffered = "";
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    const { value, done } = await lines.read();
+    if (done) break;
+    buffered += value;
+    for (const line of buffered.split("\n")) {
+      const port = portOf(line);
+      if (port) {
+        // Keep draining so the child never blocks on a full pipe.
+        (async () => {
+          try {
+            while (!(await lines.read()).done) { /* discard */ }
+          } catch { /* closed */ }
+        })();
+        return { child, port };
+      }
+    }
+  }
+  child.kill("SIGKILL");
+  throw new Error(`process ${args.join(" ")} did not report a port`);
+}
+
+const helperPort = (line: string) => {
+  try {
+    const port = JSON.parse(line).port;
+    return typeof port === "number" ? port : null;
+  } catch {
+    return null;
+  }
+};
+
+const appPort = (line: string) => {
+  try {
+    const msg = JSON.parse(line);
+    return msg.msg === "keyway listening" ? Number(new URL(msg.url).port) : null;
+  } catch {
+    return null;
+  }
+};
+
+function luaScript(opts: { method: string; body?: string; auth: string[] }): string {
+  const q = (s: string) => JSON.stringify(s); // JSON strings are valid Lua strings here
+  return `
+local auth = { ${opts.auth.map(q).join(", ")} }
+local i = 0
+wrk.method = ${q(opts.method)}
+${opts.body ? `wrk.body = ${q(opts.body)}` : ""}
+request = function()
+  i = i + 1
+  local headers = { ["Content-Type"] = "application/json" }
+  if #auth > 0 then headers["Authorization"] = "Bearer " .. auth[(i % #auth) + 1] end
+  return wrk.format(nil, nil, headers, nil)
+end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99),
+    e.connect + e.read + e.write + e.status + e.timeout))
+end
+`;
+}
+
+async function wrk(
+  url: string,
+  seconds: number,
+  connections: number,
+  script: string,
+): Promise<Result> {
+  const file = await Deno.makeTempFile({ suffix: ".lua" });
+  await Deno.writeTextFile(file, script);
+  try {
+    const out = await new Deno.Command("wrk", {
+      args: [
+        "-t1",
+        `-c${connections}`,
+        `-d${seconds}s`,
+        "--timeout",
+        "10s",
+        "-s",
+        file,
+        url,
+      ],
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const text = new TextDecoder().decode(out.stdout);
+    const m = text.match(/RESULT (\d+) (\d+) (\d+) (\d+) (\d+)/);
+    if (!out.success || !m) {
+      throw new Error(`wrk failed: ${new TextDecoder().decode(out.stderr)}${text}`);
+    }
+    const [requests, durationUs, p50Us, p99Us, errors] = m.slice(1).map(Number);
+    return {
+      rps: Math.round(requests / (durationUs / 1e6)),
+      p50Ms: p50Us / 1000,
+      p99Ms: p99Us / 1000,
+      errors,
+    };
+  } finally {
+    await Deno.remove(file);
+  }
+}
+
+async function ensureWrk() {
+  try {
+    await new Deno.Command("wrk", { args: ["--version"], stdout: "null", stderr: "null" })
+      .output();
+    return;
+  } catch {
+    // fall through
+  }
+  if (Deno.uid?.() !== 0) {
+    throw new Error("wrk is missing: install it with `sudo apt-get install -y wrk`");
+  }
+  progress("bench: installing wrk (Debian package)…");
+  for (const args of [["update"], ["install", "-y", "--no-install-recommends", "wrk"]]) {
+    const { success } = await new Deno.Command("apt-get", {
+      args,
+      stdout: "null",
+      stderr: "inherit",
+      env: { DEBIAN_FRONTEND: "noninteractive" },
+    }).output();
+    if (!success) throw new Error(`apt-get ${args.join(" ")} failed: wrk is needed`);
+  }
+}
+
+async function peakRssMb(pid: number): Promise<number> {
+  try {
+    const status = await Deno.readTextFile(`/proc/${pid}/status`);
+    const kb = Number(status.match(/VmHWM:\s+(\d+) kB/)?.[1] ?? 0);
+    return Math.round(kb / 1024);
+  } catch {
+    return 0;
+  }
+}
+
+async function machine(): Promise<string> {
+  let cpu = "";
+  try {
+    cpu = (await Deno.readTextFile("/proc/cpuinfo")).match(/model name\s*:\s*(.+)/)?.[1] ?? "";
+  } catch { /* not Linux */ }
+  return `${Deno.build.os}/${Deno.build.arch}, ${navigator.hardwareConcurrency} cores${
+    cpu ? ` (${cpu.trim()})` : ""
+  }, deno ${Deno.version.deno}`;
+}
+
+/** Counts how many separate reads one streamed answer arrives in (chunk-by-chunk relay). */
+async function sseReads(url: string, key: string): Promise<number> {
+  const res = await fetch(url, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: STREAM_BODY,
+  });
+  let reads = 0;
+  for await (const _ of res.body!) reads++;
+  return reads;
+}
+
+export async function runBench(opts: { seconds: number; connections: number }) {
+  await ensureWrk();
+  const kvDir = await Deno.makeTempDir({ prefix: "keyway-bench-" });
+  const procs: Proc[] = [];
+  const here = new URL(".", import.meta.url).pathname;
+  const script = `${here}bench_servers.ts`;
+  try {
+    progress("bench: starting fake upstream, bare server, pass-through proxy and the app…");
+    const upstream = await spawn(["run", "-A", script, "upstream"], {}, helperPort);
+    procs.push(upstream);
+    const upstreamUrl = `http://127.0.0.1:${upstream.port}`;
+    const bare = await spawn(["run", "-A", script, "bare"], {}, helperPort);
+    procs.push(bare);
+    const pass = await spawn(["run", "-A", script, "passthrough", upstreamUrl], {}, helperPort);
+    procs.push(pass);
+
+    const issuer = await ClerkIssuer.create();
+    const app = await spawn(["run", "-A", `${here}../main.ts`], {
+      PORT: "0",
+      PUBLIC_URL: "http://localhost:8000",
+      DENO_KV_PATH: `${kvDir}/bench.sqlite3`,
+      CLERK_JWT_KEY: issuer.publicKeyPem,
+      KEY_ENCRYPTION_SECRET: "bench-encryption-secret-0123456789abcdef",
+      GLM_API_KEY: "bench-master-key-0123456789",
+      GLM_BASE_URL: upstreamUrl,
+      RATE_LIMIT_RPM: "1000000",
+      RATE_LIMIT_RPD: "100000000",
+      NO_COLOR: "1",
+    }, appPort);
+    procs.push(app);
+    const appUrl = `http://127.0.0.1:${app.port}`;
+
+    // One user per connection, as in real traffic: many people, each with their own key.
+    const users = Math.max(1, Math.min(opts.connections, 64));
+    const tokens: string[] = [];
+    const keys: string[] = [];
+    for (let i = 0; i < users; i++) {
+      const token = await issuer.token(`user_bench_${i}`, { ttlSeconds: 3600 });
+      const res = await fetch(`${appUrl}/api/key`, {
+        headers: { authorization: `Bearer ${token}` },
+      });
+      if (!res.ok) throw new Error(`provisioning failed: ${res.status} ${await res.text()}`);
+      keys.push((await res.json()).apiKey);
+      tokens.push(token);
+    }
+
+    const { seconds, connections } = opts;
+    const warm = Math.max(1, Math.min(3, Math.round(seconds / 3)));
+    const scenarios: Record<string, Result> = {};
+    const plan: Array<[string, string, string]> = [
+      ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] })],
+      ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens })],
+      [
+        "direct",
+        `${upstreamUrl}/chat/completions`,
+        luaScript({ method: "POST", body: CHAT_BODY, auth: ["master"] }),
+      ],
+      [
+        "passthrough",
+        `http://127.0.0.1:${pass.port}/chat/completions`,
+        luaScript({ method: "POST", body: CHAT_BODY, auth: [] }),
+      ],
+      [
+        "proxy",
+        `${appUrl}/v1/chat/completions`,
+        luaScript({ method: "POST", body: CHAT_BODY, auth: keys }),
+      ],
+      [
+        "proxyStream",
+        `${appUrl}/v1/chat/completions`,
+        luaScript({ method: "POST", body: STREAM_BODY, auth: keys }),
+      ],
+    ];
+    for (const [name, url, lua] of plan) {
+      progress(`bench: ${name} — warm-up ${warm}s, then ${seconds}s at ${connections} connections`);
+      await wrk(url, warm, connections, lua);
+      scenarios[name] = await wrk(url, seconds, connections, lua);
+    }
+    progress(`bench: added latency — pass-through and gateway at 1 connection, ${seconds}s each`);
+    const single = {
+      passthrough: await wrk(plan[3][1], seconds, 1, plan[3][2]),
+      proxy: await wrk(plan[4][1], seconds, 1, plan[4][2]),
+    };
+    const chunks = await sseReads(`${appUrl}/v1/chat/completions`, keys[0]);
+    const rss = await peakRssMb(app.child.pid);
+
+    const r3 = (n: number) => Math.round(n * 1000) / 1000;
+    return {
+      machine: await machine(),
+      seconds,
+      connections,
+      scenarios: Object.fromEntries(
+        Object.entries(scenarios).map((
+          [k, v],
+        ) => [k, { rps: v.rps, p50Ms: v.p50Ms, p99Ms: v.p99Ms }]),
+      ),
+      ratios: {
+        proxyOverPassthroughRps: r3(scenarios.proxy.rps / scenarios.passthrough.rps),
+        keyOverBareRps: r3(scenarios.key.rps / scenarios.bare.rps),
+      },
+      addedLatencyMs: {
+        p50: r3(single.proxy.p50Ms - single.passthrough.p50Ms),
+        p99: r3(single.proxy.p99Ms - single.passthrough.p99Ms),
+      },
+      peakRssMb: rss,
+      // Beyond the contract's fields: what a reader needs to trust the numbers.
+      details: {
+        errors: Object.fromEntries(Object.entries(scenarios).map(([k, v]) => [k, v.errors])),
+        singleConnection: single,
+        sseReadsPerAnswer: chunks,
+        users,
+      },
+    };
+  } finally {
+    for (const p of procs) {
+      try {
+        p.child.kill("SIGTERM");
+        await p.child.status;
+      } catch { /* already gone */ }
+    }
+    await Deno.remove(kvDir, { recursive: true }).catch(() => {});
+  }
+}
+
+function table(report: Awaited<ReturnType<typeof runBench>>): string {
+  const rows = [["scenario", "req/s", "p50 ms", "p99 ms", "errors"]];
+  for (const [name, r] of Object.entries(report.scenarios)) {
+    rows.push([
+      name,
+      r.rps.toLocaleString("en-US"),
+      r.p50Ms.toFixed(3),
+      r.p99Ms.toFixed(3),
+      String(report.details.errors[name] ?? 0),
+    ]);
+  }
+  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  const fmt = (r: string[]) =>
+    r.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
+  const { ratios, addedLatencyMs } = report;
+  return [
+    `Keyway benchmark — ${report.machine}`,
+    `${report.seconds}s per scenario, ${report.connections} connections, ${report.details.users} users`,
+    "",
+    fmt(rows[0]),
+    ...rows.slice(1).map(fmt),
+    "",
+    `gateway / pass-through throughput  ${
+      ratios.proxyOverPassthroughRps.toFixed(3)
+    }  (target ≥ 0.7)`,
+    `/api/key / bare hello throughput   ${ratios.keyOverBareRps.toFixed(3)}  (target ≥ 0.3)`,
+    `added latency at 1 connection      p50 ${
+      addedLatencyMs.p50.toFixed(3)
+    } ms (target ≤ 0.2), p99 ${addedLatencyMs.p99.toFixed(3)} ms (target ≤ 1)`,
+    `app peak RSS                       ${report.peakRssMb} MB (target ≤ 200)`,
+    `SSE answer relayed in              ${report.details.sseReadsPerAnswer} reads`,
+  ].join("\n");
+}
+
+if (import.meta.main) {
+  let flags;
+  try {
+    flags = parseBenchFlags(Deno.args);
+  } catch (err) {
+    console.error(`bench: ${(err as Error).message}`);
+    Deno.exit(2);
+  }
+  if (!flags) {
+    console.log(HELP);
+    Deno.exit(0);
+  }
+  const report = await runBench(flags);
+  console.log(flags.json ? JSON.stringify(report, null, 2) : table(report));
+}

@@ -1,0 +1,100 @@
+/**
+ * The benchmark's helper processes, one role each, so the servers under test never share a
+ * thread with each other or with the load generator: `upstream` (a fake GLM), `bare` (hello),
+ * `passthrough <upstream>` (a proxy with no auth, limits or metering). Each prints
+ * `{"port": n}` on its first stdout line once it listens.
+ */
+
+const COMPLETION = JSON.stringify({
+  id: "chatcmpl-bench",
+  object: "chat.completion",
+  created: 1_700_000_000,
+  model: "glm-4.6",
+  choices: [{
+    index: 0,
+    message: { role: "assistant", content: "Hello from the fake GLM upstream." },
+    finish_reason: "stop",
+  }],
+  usage: { prompt_tokens: 12, completion_tokens: 9, total_tokens: 21 },
+});
+
+const SSE_CHUNKS = [
+  ...["Hello", " from", " the", " fake", " GLM"].map((content) =>
+    `data: ${
+      JSON.stringify({
+        id: "chatcmpl-bench",
+        object: "chat.completion.chunk",
+        model: "glm-4.6",
+        choices: [{ index: 0, delta: { content } }],
+      })
+    }\n\n`
+  ),
+  `data: ${
+    JSON.stringify({
+      id: "chatcmpl-bench",
+      object: "chat.completion.chunk",
+      model: "glm-4.6",
+      choices: [{ index: 0, delta: {}, finish_reason: "stop" }],
+      usage: { prompt_tokens: 12, completion_tokens: 5, total_tokens: 17 },
+    })
+  }\n\n`,
+  "data: [DONE]\n\n",
+].map((s) => new TextEncoder().encode(s));
+
+function upstream(): Deno.HttpServer<Deno.NetAddr> {
+  return Deno.serve({ port: 0, hostname: "127.0.0.1", onListen: () => {} }, async (req) => {
+    const body = await req.text();
+    if (body.includes('"stream":true')) {
+      let i = 0;
+      return new Response(
+        new ReadableStream({
+          pull(controller) {
+            if (i < SSE_CHUNKS.length) controller.enqueue(SSE_CHUNKS[i++]);
+            else controller.close();
+          },
+        }),
+        { headers: { "content-type": "text/event-stream", "cache-control": "no-cache" } },
+      );
+    }
+    return new Response(COMPLETION, { headers: { "content-type": "application/json" } });
+  });
+}
+
+function bare(): Deno.HttpServer<Deno.NetAddr> {
+  return Deno.serve(
+    { port: 0, hostname: "127.0.0.1", onListen: () => {} },
+    () => new Response("Hello, world"),
+  );
+}
+
+/** The floor for any proxy on this runtime: forward the body, relay the answer as a stream. */
+function passthrough(target: string): Deno.HttpServer<Deno.NetAddr> {
+  const url = `${target}/chat/completions`;
+  return Deno.serve({ port: 0, hostname: "127.0.0.1", onListen: () => {} }, async (req) => {
+    const res = await fetch(url, {
+      method: "POST",
+      headers: { "content-type": "application/json", authorization: "Bearer master" },
+      body: req.body,
+    });
+    return new Response(res.body, {
+      status: res.status,
+      headers: { "content-type": res.headers.get("content-type") ?? "application/json" },
+    });
+  });
+}
+
+if (import.meta.main) {
+  const [role, arg] = Deno.args;
+  const server = role === "upstream"
+    ? upstream()
+    : role === "bare"
+    ? bare()
+    : role === "passthrough" && arg
+    ? passthrough(arg)
+    : null;
+  if (!server) {
+    console.error("usage: bench_servers.ts upstream|bare|passthrough <upstream-url>");
+    Deno.exit(2);
+  }
+  console.log(JSON.stringify({ port: server.addr.port }));
+}
