@@ -1,0 +1,181 @@
+/** Clerk webhooks (CONTRACT §5): Svix signature check, payload schemas, handling each event once. */
+import { Webhook } from "svix";
+import { z } from "zod";
+import type { ClerkSync } from "./clerk_sync.ts";
+import { AppError, invalidRequest } from "./errors.ts";
+import { keys } from "./kv.ts";
+import type { Logger } from "./log.ts";
+import type { Profile, Users } from "./users.ts";
+
+/** Svix retries a message for about three days; a week of memory covers every redelivery. */
+const EVENT_MEMORY_MS = 7 * 24 * 3600 * 1000;
+
+const clerkId = z.string().min(1).max(200);
+
+/** The part of Clerk's user object Keyway reads: webhook `data` and Backend API JSON alike. */
+export const clerkUserSchema = z.object({
+  id: clerkId,
+  email_addresses: z.array(z.object({ id: z.string(), email_address: z.string().max(320) }))
+    .nullish(),
+  primary_email_address_id: z.string().nullish(),
+  first_name: z.string().max(200).nullish(),
+  last_name: z.string().max(200).nullish(),
+});
+export type ClerkUserJson = z.infer<typeof clerkUserSchema>;
+
+const deletedUserSchema = z.object({ id: clerkId, deleted: z.boolean().optional() });
+
+const envelopeSchema = z.object({ type: z.string().min(1).max(100), data: z.unknown() });
+
+type ClerkEvent =
+  | { type: "user.created" | "user.updated"; user: ClerkUserJson }
+  | { type: "user.deleted"; userId: string }
+  | { type: "ignored"; eventType: string };
+
+export type WebhookOutcome = { ok: true; duplicate?: true; ignored?: true };
+
+/** E-mail (the primary address, else the first) and names from a Clerk user. */
+export function clerkProfile(user: ClerkUserJson): Profile {
+  const emails = user.email_addresses ?? [];
+  const primary = emails.find((e) => e.id === user.primary_email_address_id) ?? emails[0];
+  return {
+    email: primary?.email_address || null,
+    firstName: user.first_name || null,
+    lastName: user.last_name || null,
+  };
+}
+
+/** Parses a verified payload; unknown event types come back as "ignored". */
+export function parseClerkEvent(rawBody: string): ClerkEvent {
+  let json: unknown;
+  try {
+    json = JSON.parse(rawBody);
+  } catch {
+    throw new AppError("invalid_request", "body: not valid JSON");
+  }
+  const envelope = envelopeSchema.safeParse(json);
+  if (!envelope.success) throw invalidRequest(envelope.error.issues);
+  const { type, data } = envelope.data;
+  const prefixed = (issues: z.core.$ZodIssue[]) =>
+    invalidRequest(issues.map((i) => ({ ...i, path: ["data", ...i.path] })));
+  switch (type) {
+    case "user.created":
+    case "user.updated": {
+      const user = clerkUserSchema.safeParse(data);
+      if (!user.success) throw prefixed(user.error.issues);
+      return { type, user: user.data };
+    }
+    case "user.deleted": {
+      const deleted = deletedUserSchema.safeParse(data);
+      if (!deleted.success) throw prefixed(deleted.error.issues);
+      return { type, userId: deleted.data.id };
+    }
+    default:
+      return { type: "ignored", eventType: type };
+  }
+}
+
+/** Verifies, de-duplicates and applies Clerk webhook deliveries. */
+export class ClerkWebhooks {
+  // One verifier per configured secret: during rotation Clerk may sign with either.
+  private readonly verifiers: Webhook[];
+
+  constructor(
+    secrets: string[],
+    private readonly kv: Deno.Kv,
+    private readonly users: Users,
+    private readonly clerkSync: ClerkSync,
+    private readonly log: Logger,
+  ) {
+    this.verifiers = secrets.map((secret) => new Webhook(secret));
+  }
+
+  async handle(rawBody: string, headers: Headers): Promise<WebhookOutcome> {
+    if (!this.verifiers.length) {
+      throw new AppError(
+        "not_configured",
+        "Clerk webhooks are not configured: set CLERK_WEBHOOK_SECRET.",
+      );
+    }
+    const svixId = this.verify(rawBody, headers);
+    const event = parseClerkEvent(rawBody);
+
+    // Claim the delivery id atomically: of any number of concurrent or repeated deliveries,
+    // exactly one gets past this point.
+    const claimKey = keys.webhookEvent(svixId);
+    const claim = await this.kv.atomic()
+      .check({ key: claimKey, versionstamp: null })
+      .set(claimKey, { type: event.type, receivedAt: new Date().toISOString() }, {
+        expireIn: EVENT_MEMORY_MS,
+      })
+      .commit();
+    if (!claim.ok) {
+      this.log.info("webhook duplicate skipped", { svixId });
+      return { ok: true, duplicate: true };
+    }
+    try {
+      return await this.apply(event, svixId);
+    } catch (err) {
+      // Forget the claim so Svix's retry of this delivery is processed, not skipped.
+      await this.kv.delete(claimKey);
+      throw err;
+    }
+  }
+
+  /** Returns the delivery id once any configured secret verifies the signature. */
+  private verify(rawBody: string, headers: Headers): string {
+    const svixHeaders = {
+      "svix-id": headers.get("svix-id") ?? "",
+      "svix-timestamp": headers.get("svix-timestamp") ?? "",
+      "svix-signature": headers.get("svix-signature") ?? "",
+    };
+    const id = svixHeaders["svix-id"];
+    if (id && id.length <= 200) {
+      for (const verifier of this.verifiers) {
+        try {
+          // Checks the HMAC and that svix-timestamp is within 5 minutes of now.
+          verifier.verify(rawBody, svixHeaders);
+          return id;
+        } catch {
+          // Try the next secret.
+        }
+      }
+    }
+    throw new AppError(
+      "invalid_signature",
+      "Webhook signature is missing, invalid or too old (svix-id, svix-timestamp, svix-signature).",
+    );
+  }
+
+  private async apply(event: ClerkEvent, svixId: string): Promise<WebhookOutcome> {
+    switch (event.type) {
+      case "user.created": {
+        const userId = event.user.id;
+        const profile = clerkProfile(event.user);
+        try {
+          const result = await this.users.provision(userId, profile);
+          // A session may have provisioned the user first, without a profile.
+          if (!result.created) await this.users.updateProfile(userId, profile);
+          else this.clerkSync.afterProvision(result.user);
+        } catch (err) {
+          if (!(err instanceof AppError && err.code === "user_deleted")) throw err;
+          // Acknowledge (an error would make Svix retry for days) but never resurrect the user.
+          this.log.info("webhook user.created for a deleted user acknowledged", { svixId, userId });
+          return { ok: true };
+        }
+        this.log.info("webhook applied", { svixId, type: event.type, userId });
+        return { ok: true };
+      }
+      case "user.updated":
+        await this.users.updateProfile(event.user.id, clerkProfile(event.user));
+        this.log.info("webhook applied", { svixId, type: event.type, userId: event.user.id });
+        return { ok: true };
+      case "user.deleted":
+        await this.users.markDeleted(event.userId);
+        this.log.info("webhook applied", { svixId, type: event.type, userId: event.userId });
+        return { ok: true };
+      case "ignored":
+        return { ok: true, ignored: true };
+    }
+  }
+}
