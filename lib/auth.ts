@@ -12,7 +12,11 @@ export interface Session {
   exp: number;
 }
 
-const clerkClaims = z.object({ sub: z.string().min(1).max(200), exp: z.number() });
+const clerkClaims = z.object({
+  sub: z.string().min(1).max(200),
+  exp: z.number(),
+  azp: z.string().optional(),
+});
 
 const LOCAL_ISSUER = "keyway-local";
 const LOCAL_SESSION_SECONDS = 7 * 24 * 3600;
@@ -78,12 +82,16 @@ export class SessionVerifier {
         jwtKey,
         secretKey: jwtKey ? undefined : secretKey,
         apiUrl,
-        authorizedParties,
         clockSkewInMs: 5000,
       });
       // verifyToken returns the verified claims and throws on any failure.
       const claims = clerkClaims.safeParse(result);
-      return claims.success ? { userId: claims.data.sub, exp: claims.data.exp } : null;
+      if (!claims.success) return null;
+      // azp is checked only when present (CONTRACT §3); @clerk/backend would also reject
+      // tokens without it, which Clerk issues to non-browser clients.
+      const { azp } = claims.data;
+      if (azp !== undefined && !authorizedParties.includes(azp)) return null;
+      return { userId: claims.data.sub, exp: claims.data.exp };
     } catch {
       return null;
     }
