@@ -2,6 +2,7 @@
 import { SessionVerifier } from "./auth.ts";
 import { ClerkSync } from "./clerk_sync.ts";
 import type { Config } from "./config.ts";
+import { Gateway } from "./gateway.ts";
 import { KeyVault } from "./keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { localSecret, Users } from "./users.ts";
@@ -13,6 +14,8 @@ export interface Services {
   sessions: SessionVerifier;
   clerkSync: ClerkSync;
   log: Logger;
+  /** The GLM gateway (built once: upstream URL, header templates, key cache). */
+  gateway: Gateway;
 }
 
 export async function createServices(
@@ -37,5 +40,6 @@ export async function createServices(
     config.localMode ? await localSecret(kv, "session_signing") : undefined,
   );
   const clerkSync = new ClerkSync(config, kv, users, log);
-  return { config, kv, users, sessions, clerkSync, log };
+  const gateway = new Gateway({ config, kv, log });
+  return { config, kv, users, sessions, clerkSync, log, gateway };
 }

@@ -1,6 +1,10 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
-import { keys, u64, USAGE_FIELDS, utcDay, utcMonth } from "./kv.ts";
-import { costNanoUsd, type Pricing } from "./pricing.ts";
+import { type Day, keys, u64, USAGE_FIELDS, utcDay, utcMonth } from "./kv.ts";
+import type { Config } from "./config.ts";
+import { AppError } from "./errors.ts";
+import { admit, limitStatus, type Remaining } from "./limits.ts";
+import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
+import type { Users } from "./users.ts";
 
 export interface UsageEvent {
   userId: string;
@@ -48,3 +52,207 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 }
 
 export { u64 };
+
+export interface DayUsage extends UsageTotals {
+  date: Day;
+}
+
+export interface ModelUsage extends UsageTotals {
+  model: string;
+}
+
+export interface UserUsage {
+  today: UsageTotals;
+  /** One entry per UTC day, oldest first, zero-filled. */
+  days: DayUsage[];
+  /** Per model over the whole range, most expensive first (then most tokens, then by name). */
+  byModel: ModelUsage[];
+}
+
+type Raw = { requests: number; prompt: number; completion: number };
+
+const DAY_MS = 86_400_000;
+
+/** The UTC day `n` days before the day of `now` (0 = today). */
+export function dayBefore(now: number, n: number): Day {
+  return utcDay(now - n * DAY_MS);
+}
+
+function nextDay(day: Day): Day {
+  return utcDay(Date.parse(`${day}T00:00:00Z`) + DAY_MS);
+}
+
+function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number): UsageTotals {
+  return {
+    requests: raw.requests,
+    promptTokens: raw.prompt,
+    completionTokens: raw.completion,
+    totalTokens: raw.prompt + raw.completion,
+    costUsd: roundUsd(
+      cost ?? (model === null ? 0 : costUsd(pricing, model, raw.prompt, raw.completion)),
+    ),
+  };
+}
+
+/**
+ * One user's counters per day and model from `from` to `to` (inclusive), with a KV range list
+ * over the user-major keys (no scan of other users).
+ */
+export async function userCounters(
+  kv: Deno.Kv,
+  userId: string,
+  from: Day,
+  to: Day,
+): Promise<Map<Day, Map<string, Raw>>> {
+  const prefix = keys.usageByUserPrefix(userId);
+  const out = new Map<Day, Map<string, Raw>>();
+  const iter = kv.list<Deno.KvU64>(
+    { start: [...prefix, from], end: [...prefix, nextDay(to)] },
+    { batchSize: 1000 },
+  );
+  for await (const entry of iter) {
+    const [, , day, model, field] = entry.key;
+    if (typeof day !== "string" || typeof model !== "string") continue;
+    let models = out.get(day);
+    if (!models) out.set(day, models = new Map());
+    let raw = models.get(model);
+    if (!raw) models.set(model, raw = { requests: 0, prompt: 0, completion: 0 });
+    if (field === "requests" || field === "prompt" || field === "completion") {
+      raw[field] += u64(entry.value);
+    }
+  }
+  return out;
+}
+
+/** A user's usage over the last `days` UTC days including today (GET /api/usage, dashboard). */
+export async function userUsage(
+  kv: Deno.Kv,
+  pricing: Pricing,
+  userId: string,
+  days: number,
+  now: number = Date.now(),
+): Promise<UserUsage> {
+  const today = utcDay(now);
+  const from = dayBefore(now, days - 1);
+  const counters = await userCounters(kv, userId, from, today);
+  const perModel = new Map<string, Raw>();
+  const list: DayUsage[] = [];
+  for (let day = from; day <= today; day = nextDay(day)) {
+    const sum: Raw = { requests: 0, prompt: 0, completion: 0 };
+    let cost = 0;
+    for (const [model, raw] of counters.get(day) ?? []) {
+      sum.requests += raw.requests;
+      sum.prompt += raw.prompt;
+      sum.completion += raw.completion;
+      cost += costUsd(pricing, model, raw.prompt, raw.completion);
+      const m = perModel.get(model) ?? { requests: 0, prompt: 0, completion: 0 };
+      m.requests += raw.requests;
+      m.prompt += raw.prompt;
+      m.completion += raw.completion;
+      perModel.set(model, m);
+    }
+    list.push({ date: day, ...totals(pricing, null, sum, cost) });
+  }
+  const byModel = [...perModel].map(([model, raw]) => ({
+    model,
+    ...totals(pricing, model, raw),
+  })).sort((a, b) =>
+    b.costUsd - a.costUsd || b.totalTokens - a.totalTokens || a.model.localeCompare(b.model)
+  );
+  const { date: _date, ...todayTotals } = list[list.length - 1];
+  return { today: todayTotals, days: list, byModel };
+}
+
+/** A user's totals from the UTC day `since` through today (admin list: usage30d). */
+export async function usageTotalsSince(
+  kv: Deno.Kv,
+  pricing: Pricing,
+  userId: string,
+  since: Day,
+  now: number = Date.now(),
+): Promise<UsageTotals> {
+  const counters = await userCounters(kv, userId, since, utcDay(now));
+  const sum: Raw = { requests: 0, prompt: 0, completion: 0 };
+  let cost = 0;
+  for (const models of counters.values()) {
+    for (const [model, raw] of models) {
+      sum.requests += raw.requests;
+      sum.prompt += raw.prompt;
+      sum.completion += raw.completion;
+      cost += costUsd(pricing, model, raw.prompt, raw.completion);
+    }
+  }
+  return totals(pricing, null, sum, cost);
+}
+
+/** GET /api/usage: the user's limits, what is left of them, and usage over `days` UTC days. */
+export async function usageReport(
+  kv: Deno.Kv,
+  config: Config,
+  userId: string,
+  days: number,
+  now: number = Date.now(),
+) {
+  const [status, usage] = await Promise.all([
+    limitStatus(kv, config, userId, now),
+    userUsage(kv, config.pricing, userId, days, now),
+  ]);
+  return { userId, limits: status.limits, remaining: status.remaining, ...usage };
+}
+
+export interface UsageReport {
+  model: string;
+  promptTokens: number;
+  completionTokens: number;
+}
+
+/**
+ * POST /api/usage (shared key mode): a client reports one call it made with the shared key. It
+ * counts against the request limits and quotas exactly like a gateway request (429 once spent;
+ * a refused report is not recorded) and is then recorded.
+ */
+export async function reportUsage(
+  kv: Deno.Kv,
+  config: Config,
+  users: Users,
+  userId: string,
+  report: UsageReport,
+  now: () => number = Date.now,
+): Promise<{ remaining: Remaining; headers: Record<string, string> }> {
+  // Reports come from signed-in users who may not have opened the dashboard yet.
+  if (!(await users.get(userId))) await users.provision(userId);
+  const admission = await admit(kv, config, {
+    userId,
+    keyHash: null,
+    clock: now,
+    validate: (snap, headers) => {
+      const user = snap.userEntry.value;
+      if (!user || user.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.", headers);
+      }
+      if (user.status === "disabled") {
+        throw new AppError("user_disabled", "This account has been disabled.", headers);
+      }
+      return user;
+    },
+  });
+  await recordUsage(kv, config.pricing, { userId, ...report, at: now() });
+  const tokens = report.promptTokens + report.completionTokens;
+  const r = admission.remaining;
+  const spent = costNanoUsd(
+    config.pricing,
+    report.model,
+    report.promptTokens,
+    report.completionTokens,
+  );
+  return {
+    headers: admission.headers,
+    remaining: {
+      ...r,
+      tokensToday: r.tokensToday === null ? null : Math.max(0, r.tokensToday - tokens),
+      budgetUsd: r.budgetUsd === null
+        ? null
+        : Math.max(0, Math.round(r.budgetUsd * 1e9 - Number(spent)) / 1e9),
+    },
+  };
+}

@@ -1,8 +1,22 @@
-/** Placeholder: the gateway issue fills this in. */
+/** The OpenAI-compatible gateway surface (CONTRACT §5 Gateway); the work is in lib/gateway.ts. */
 import { Hono } from "hono";
+import { AppError } from "../lib/errors.ts";
 import type { Services } from "../lib/services.ts";
 import type { AppEnv } from "./context.ts";
 
-export function v1Routes(_services: Services) {
-  return new Hono<AppEnv>();
+export function v1Routes(services: Services) {
+  const app = new Hono<AppEnv>();
+  const { gateway, config } = services;
+  if (config.keyMode === "shared") {
+    // Shared mode hands out the master key itself: there is no gateway to talk to.
+    const none = () => {
+      throw new AppError("not_found", "The gateway is off: this server runs in shared key mode.");
+    };
+    app.all("/chat/completions", none);
+    app.all("/models", none);
+    return app;
+  }
+  app.post("/chat/completions", (c) => gateway.chatCompletions(c.req.raw, c.get("requestId")));
+  app.get("/models", (c) => gateway.models(c.req.raw));
+  return app;
 }

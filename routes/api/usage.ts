@@ -1,8 +1,58 @@
-/** Placeholder: filled in by its issue. */
-import { Hono } from "hono";
+/** Usage API (CONTRACT §5 Usage): GET /api/usage (session or own key), POST /api/usage (shared). */
+import { type Context, Hono } from "hono";
+import { z } from "zod";
+import { AppError } from "../../lib/errors.ts";
+import { reportUsage, usageReport } from "../../lib/usage.ts";
 import type { Services } from "../../lib/services.ts";
-import type { AppEnv } from "../context.ts";
+import { type AppEnv, jsonBody, parseWith, readSession, requireSession } from "../context.ts";
 
-export function usageRoutes(_services: Services) {
-  return new Hono<AppEnv>();
+const querySchema = z.object({
+  days: z.string().regex(/^\d+$/, "must be a whole number from 1 to 90").optional()
+    .transform((v) => (v === undefined ? 30 : Number(v)))
+    .pipe(z.number().int().min(1).max(90)),
+});
+
+const reportSchema = z.object({
+  model: z.string().min(1).max(200),
+  promptTokens: z.number().int().min(0).max(1e9),
+  completionTokens: z.number().int().min(0).max(1e9),
+}).strict();
+
+export function usageRoutes(services: Services) {
+  const { config, gateway, kv, users } = services;
+  const app = new Hono<AppEnv>();
+
+  /** The caller's user id: their own `kw_` key (proxy mode) or a session. */
+  const callerId = async (c: Context<AppEnv>): Promise<string> => {
+    const authorization = c.req.header("authorization");
+    if (config.keyMode === "proxy" && /^bearer\s+kw_/i.test(authorization ?? "")) {
+      return (await gateway.authenticate(authorization)).id;
+    }
+    const found = await readSession(c, services);
+    if (!found) {
+      throw new AppError(
+        "unauthorized",
+        "Sign in first, or send your API key as 'Authorization: Bearer kw_…'.",
+      );
+    }
+    return found.session.userId;
+  };
+
+  app.get("/usage", async (c) => {
+    const { days } = parseWith(querySchema, { days: c.req.query("days") }, "days");
+    const userId = await callerId(c);
+    c.header("cache-control", "no-store");
+    return c.json(await usageReport(kv, config, userId, days));
+  });
+
+  // Shared mode only: in proxy mode the gateway meters usage and this path is a plain 404.
+  if (config.keyMode !== "shared") return app;
+  app.post("/usage", requireSession(services), async (c) => {
+    const body = await jsonBody(c, reportSchema);
+    const result = await reportUsage(kv, config, users, c.get("session").userId, body);
+    for (const [name, value] of Object.entries(result.headers)) c.header(name, value);
+    c.header("cache-control", "no-store");
+    return c.json({ ok: true, remaining: result.remaining });
+  });
+  return app;
 }

@@ -1,0 +1,499 @@
+/**
+ * The GLM gateway: an OpenAI-compatible proxy in front of the operator's GLM account.
+ *
+ * A request is checked in the contract's order — key (401) → user state (403) → model (400) →
+ * request limits (429) → quotas (429) → upstream — with the key look-up, user record, limit
+ * state and quota counters read in one KV `getMany` and the admission written by one atomic
+ * commit (lib/limits.ts). The body is forwarded as the bytes that arrived; the upstream answer is
+ * relayed chunk by chunk while a meter watches for `usage` (JSON body or SSE `data:` lines), and
+ * the usage is recorded after the answer has been relayed.
+ */
+import { z } from "zod";
+import type { Config } from "./config.ts";
+import { AppError, invalidRequest } from "./errors.ts";
+import { hashApiKey, looksLikeApiKey } from "./keys.ts";
+import { keys } from "./kv.ts";
+import { type Admission, admit } from "./limits.ts";
+import type { Logger } from "./log.ts";
+import { recordUsage } from "./usage.ts";
+import type { KeyIndexValue, UserRecord } from "./users.ts";
+
+export const MAX_BODY_BYTES = 1024 * 1024;
+/** JSON answers up to this size are parsed whole for `usage`; larger ones are scanned. */
+const FULL_PARSE_BYTES = 1024 * 1024;
+/** JSON answers larger than this are relayed without metering tokens. */
+const MAX_METERED_JSON_BYTES = 16 * 1024 * 1024;
+/** An SSE line longer than this cannot be a usage chunk worth keeping. */
+const MAX_SSE_LINE = 1024 * 1024;
+const KEY_CACHE_MAX = 50_000;
+
+/** Only `model` and `messages` are checked; every other field passes through untouched. */
+const chatRequestSchema = z.looseObject({
+  model: z.string().min(1).max(200),
+  messages: z.array(z.unknown()).min(1),
+});
+
+/** Upstream response headers worth relaying (content-length/-encoding are the runtime's). */
+const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
+
+export interface TokenUsage {
+  promptTokens: number;
+  completionTokens: number;
+}
+
+interface GatewayDeps {
+  config: Config;
+  kv: Deno.Kv;
+  log: Logger;
+  clock?: () => number;
+}
+
+type ParsedBody = { bytes: Uint8Array<ArrayBuffer>; model: string } | AppError;
+
+export class Gateway {
+  private readonly config: Config;
+  private readonly kv: Deno.Kv;
+  private readonly log: Logger;
+  private readonly clock: () => number;
+  private readonly upstreamUrl: string;
+  private readonly upstreamHeaders: Record<string, string> | null;
+  private readonly allowed: Set<string> | null;
+  private readonly modelsJson: string;
+  /**
+   * Key hash → user id. Safe to keep per process: a hash belongs to one user forever, and the
+   * key index entry and user record are re-read and checked atomically on every request.
+   */
+  private readonly userIdByHash = new Map<string, string>();
+  private readonly inflight = new Set<Promise<void>>();
+
+  constructor(deps: GatewayDeps) {
+    this.config = deps.config;
+    this.kv = deps.kv;
+    this.log = deps.log;
+    this.clock = deps.clock ?? Date.now;
+    const glm = deps.config.glm;
+    this.upstreamUrl = `${glm.baseUrl}/chat/completions`;
+    this.upstreamHeaders = glm.apiKey
+      ? { authorization: `Bearer ${glm.apiKey}`, "content-type": "application/json" }
+      : null;
+    this.allowed = deps.config.allowAnyModel ? null : new Set(deps.config.allowedModels);
+    this.modelsJson = JSON.stringify({
+      object: "list",
+      data: deps.config.allowedModels.map((id) => ({ id, object: "model", owned_by: "keyway" })),
+    });
+  }
+
+  /** POST /v1/chat/completions: check, admit, forward, relay, meter. */
+  async chatCompletions(req: Request, requestId = ""): Promise<Response> {
+    const started = performance.now();
+    const upstreamHeaders = this.upstreamHeaders;
+    if (!upstreamHeaders) {
+      throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
+    }
+    const hash = await this.keyHash(req.headers.get("authorization"));
+    // Read the body while the key is looked up; its errors are reported after the key checks.
+    const [body, userId] = await Promise.all([readChatBody(req), this.userIdFor(hash)]);
+    const admission = await admit(this.kv, this.config, {
+      userId,
+      keyHash: hash,
+      clock: this.clock,
+      validate: (snap, headers) => {
+        const user = this.checkKeyAndUser(
+          hash,
+          userId,
+          snap.userEntry.value,
+          snap.indexEntry?.value,
+          headers,
+        );
+        if (body instanceof AppError) throw new AppError(body.code, body.message, headers);
+        if (this.allowed && !this.allowed.has(body.model)) {
+          throw new AppError(
+            "model_not_allowed",
+            `model: "${body.model}" is not allowed here; GET /v1/models lists the allowed models.`,
+            headers,
+          );
+        }
+        return user;
+      },
+    });
+    if (body instanceof AppError) throw body; // unreachable: validate() threw it already
+    return await this.forward(
+      req,
+      body.bytes,
+      body.model,
+      admission,
+      requestId,
+      started,
+      upstreamHeaders,
+    );
+  }
+
+  /** GET /v1/models: the allowed models, for any active key. */
+  async models(req: Request): Promise<Response> {
+    const hash = await this.keyHash(req.headers.get("authorization"));
+    const userId = await this.userIdFor(hash);
+    const [user, index] = await this.kv.getMany<[UserRecord, KeyIndexValue]>([
+      keys.user(userId),
+      keys.keyByHash(hash),
+    ]);
+    this.checkKeyAndUser(hash, userId, user.value, index.value, {});
+    return new Response(this.modelsJson, {
+      headers: { "content-type": "application/json; charset=UTF-8" },
+    });
+  }
+
+  /** The user owning a `Bearer kw_…` key (any status), or 401 invalid_api_key. */
+  async authenticate(authorization: string | null | undefined): Promise<UserRecord> {
+    const hash = await this.keyHash(authorization);
+    const userId = await this.userIdFor(hash);
+    const [user, index] = await this.kv.getMany<[UserRecord, KeyIndexValue]>([
+      keys.user(userId),
+      keys.keyByHash(hash),
+    ]);
+    if (!index.value || index.value.userId !== userId || user.value?.key?.hash !== hash) {
+      this.userIdByHash.delete(hash);
+      throw invalidKey();
+    }
+    return user.value;
+  }
+
+  /** Resolves once every usage write started so far has finished (tests, shutdown). */
+  async settled(): Promise<void> {
+    while (this.inflight.size) await Promise.allSettled([...this.inflight]);
+  }
+
+  private async keyHash(authorization: string | null | undefined): Promise<string> {
+    const key = bearerKey(authorization);
+    if (!key || !looksLikeApiKey(key)) throw invalidKey();
+    return await hashApiKey(key);
+  }
+
+  private async userIdFor(hash: string): Promise<string> {
+    const cached = this.userIdByHash.get(hash);
+    if (cached) return cached;
+    const index = await this.kv.get<KeyIndexValue>(keys.keyByHash(hash));
+    if (!index.value) throw invalidKey();
+    if (this.userIdByHash.size >= KEY_CACHE_MAX) this.userIdByHash.clear();
+    this.userIdByHash.set(hash, index.value.userId);
+    return index.value.userId;
+  }
+
+  private checkKeyAndUser(
+    hash: string,
+    userId: string,
+    user: UserRecord | null,
+    index: KeyIndexValue | null | undefined,
+    headers: Record<string, string>,
+  ): UserRecord {
+    if (!index || index.userId !== userId || !user || user.key?.hash !== hash) {
+      this.userIdByHash.delete(hash);
+      throw invalidKey();
+    }
+    if (user.status === "disabled") {
+      throw new AppError("user_disabled", "This account has been disabled.", headers);
+    }
+    if (user.status === "deleted") {
+      throw new AppError("user_deleted", "This account has been deleted.", headers);
+    }
+    return user;
+  }
+
+  private async forward(
+    req: Request,
+    bytes: Uint8Array<ArrayBuffer>,
+    model: string,
+    admission: Admission,
+    requestId: string,
+    started: number,
+    baseHeaders: Record<string, string>,
+  ): Promise<Response> {
+    const userId = admission.user.id;
+    const abort = new AbortController();
+    let timedOut = false;
+    const timer = setTimeout(() => {
+      timedOut = true;
+      abort.abort();
+    }, this.config.glm.timeoutMs);
+    const accept = req.headers.get("accept");
+    let upstream: Response;
+    try {
+      upstream = await fetch(this.upstreamUrl, {
+        method: "POST",
+        headers: accept ? { ...baseHeaders, accept } : baseHeaders,
+        body: bytes,
+        signal: abort.signal,
+      });
+    } catch (err) {
+      const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
+      this.log.warn("upstream failed", {
+        id: requestId,
+        userId,
+        model,
+        error: code,
+        detail: err instanceof Error ? err.name : "error",
+      });
+      this.meter(userId, model, null, requestId, timedOut ? 504 : 502, started, "failed");
+      throw new AppError(
+        code,
+        timedOut
+          ? `The upstream did not answer within ${this.config.glm.timeoutMs} ms.`
+          : "The upstream could not be reached.",
+        admission.headers,
+      );
+    } finally {
+      clearTimeout(timer);
+    }
+
+    const headers = new Headers(admission.headers);
+    for (const name of RELAYED_HEADERS) {
+      const value = upstream.headers.get(name);
+      if (value !== null) headers.set(name, value);
+    }
+    const upstreamId = upstream.headers.get("x-request-id");
+    if (upstreamId) headers.set("x-upstream-request-id", upstreamId);
+    const status = upstream.status;
+    if (status >= 500) {
+      this.log.warn("upstream error", { id: requestId, userId, model, status });
+    }
+    const source = upstream.body;
+    if (!source) {
+      this.meter(userId, model, null, requestId, status, started, "complete");
+      return new Response(null, { status, headers });
+    }
+    const contentType = upstream.headers.get("content-type") ?? "";
+    const meter = new UsageMeter(contentType.includes("text/event-stream"), status < 400);
+    const reader = source.getReader();
+    let finished = false;
+    const finish = (outcome: "complete" | "cut" | "cancelled") => {
+      if (finished) return;
+      finished = true;
+      this.meter(userId, model, meter.usage(), requestId, status, started, outcome);
+    };
+    const body = new ReadableStream<Uint8Array>({
+      pull: async (controller) => {
+        let chunk: ReadableStreamReadResult<Uint8Array>;
+        try {
+          chunk = await reader.read();
+        } catch (err) {
+          finish("cut");
+          controller.error(err);
+          return;
+        }
+        if (chunk.done) {
+          controller.close();
+          finish("complete");
+          return;
+        }
+        controller.enqueue(chunk.value);
+        meter.push(chunk.value);
+      },
+      cancel: (reason) => {
+        // The client went away: stop the upstream call too.
+        finish("cancelled");
+        abort.abort();
+        reader.cancel(reason).catch(() => {});
+      },
+    });
+    return new Response(body, { status, headers });
+  }
+
+  /** Records one admitted request after its answer (never delays the relayed bytes). */
+  private meter(
+    userId: string,
+    model: string,
+    usage: TokenUsage | null,
+    requestId: string,
+    status: number,
+    started: number,
+    outcome: "complete" | "cut" | "cancelled" | "failed",
+  ) {
+    const promptTokens = usage?.promptTokens ?? 0;
+    const completionTokens = usage?.completionTokens ?? 0;
+    this.log.info("gateway", {
+      id: requestId,
+      userId,
+      model,
+      status,
+      outcome,
+      promptTokens,
+      completionTokens,
+      ms: Math.round((performance.now() - started) * 10) / 10,
+    });
+    const write = recordUsage(this.kv, this.config.pricing, {
+      userId,
+      model,
+      promptTokens,
+      completionTokens,
+      at: this.clock(),
+    }).catch((err) => {
+      this.log.error("usage not recorded", {
+        id: requestId,
+        userId,
+        model,
+        error: err instanceof Error ? err.message : String(err),
+      });
+    });
+    this.inflight.add(write);
+    write.finally(() => this.inflight.delete(write));
+  }
+}
+
+function invalidKey(): AppError {
+  return new AppError(
+    "invalid_api_key",
+    "Invalid API key: send your Keyway key as 'Authorization: Bearer kw_…'.",
+  );
+}
+
+function bearerKey(authorization: string | null | undefined): string | null {
+  if (!authorization) return null;
+  const space = authorization.indexOf(" ");
+  if (space < 0 || authorization.slice(0, space).toLowerCase() !== "bearer") return null;
+  return authorization.slice(space + 1).trim();
+}
+
+/** Reads and checks the request body; a problem is returned (not thrown) to keep the order. */
+async function readChatBody(req: Request): Promise<ParsedBody> {
+  let bytes: Uint8Array<ArrayBuffer>;
+  try {
+    bytes = new Uint8Array(await req.arrayBuffer());
+  } catch {
+    return new AppError("invalid_request", "body: could not be read");
+  }
+  if (bytes.byteLength > MAX_BODY_BYTES) {
+    return new AppError("payload_too_large", "Request body is larger than 1 MiB.");
+  }
+  let json: unknown;
+  try {
+    json = JSON.parse(decoder.decode(bytes));
+  } catch {
+    return new AppError("invalid_request", "body: not valid JSON");
+  }
+  const parsed = chatRequestSchema.safeParse(json);
+  if (!parsed.success) return invalidRequest(parsed.error.issues);
+  return { bytes, model: parsed.data.model };
+}
+
+const decoder = new TextDecoder();
+
+const usageSchema = z.object({
+  prompt_tokens: z.number().int().min(0).optional(),
+  completion_tokens: z.number().int().min(0).optional(),
+  total_tokens: z.number().int().min(0).optional(),
+});
+
+/** Token usage from an OpenAI/GLM `usage` object, or null when it is not one. */
+export function usageFrom(value: unknown): TokenUsage | null {
+  const parsed = usageSchema.safeParse(value);
+  if (!parsed.success) return null;
+  const { prompt_tokens, completion_tokens, total_tokens } = parsed.data;
+  if (prompt_tokens === undefined && completion_tokens === undefined) return null;
+  const prompt = prompt_tokens ?? 0;
+  return {
+    promptTokens: prompt,
+    completionTokens: completion_tokens ?? Math.max(0, (total_tokens ?? prompt) - prompt),
+  };
+}
+
+const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
+
+/**
+ * Watches relayed bytes for `usage`. SSE: lines are split incrementally across chunk boundaries
+ * and only the last `data:` line holding a usage object is kept (parsed once, at the end). JSON:
+ * the chunks are kept (by reference) and parsed once the answer is complete.
+ */
+export class UsageMeter {
+  private readonly text = new TextDecoder();
+  private carry = "";
+  private lastUsageLine: string | null = null;
+  private chunks: Uint8Array[] | null = [];
+  private size = 0;
+
+  constructor(private readonly sse: boolean, private readonly enabled = true) {
+    if (!enabled) this.chunks = null;
+  }
+
+  push(chunk: Uint8Array) {
+    if (!this.enabled) return;
+    if (!this.sse) {
+      if (!this.chunks) return;
+      this.size += chunk.byteLength;
+      if (this.size > MAX_METERED_JSON_BYTES) this.chunks = null;
+      else this.chunks.push(chunk);
+      return;
+    }
+    const text = this.carry + this.text.decode(chunk, { stream: true });
+    // Cheap on the hot path: one indexOf for "usage" per chunk, lines cut only where needed.
+    let usageAt = text.indexOf('"usage"');
+    let start = 0;
+    let nl: number;
+    while ((nl = text.indexOf("\n", start)) !== -1) {
+      if (usageAt !== -1 && usageAt < nl) {
+        this.consider(text.slice(start, nl));
+        usageAt = text.indexOf('"usage"', nl + 1);
+      }
+      start = nl + 1;
+    }
+    this.carry = start === 0 ? text : text.slice(start);
+    if (this.carry.length > MAX_SSE_LINE) this.carry = "";
+  }
+
+  private consider(raw: string) {
+    const line = raw.trim();
+    if (!line.startsWith("data:")) return;
+    USAGE_OBJECT.lastIndex = 0;
+    if (USAGE_OBJECT.test(line)) this.lastUsageLine = line;
+  }
+
+  /** The usage seen so far (complete answers and streams cut mid-way alike). */
+  usage(): TokenUsage | null {
+    if (!this.enabled) return null;
+    if (this.sse) {
+      if (this.carry.includes('"usage"')) this.consider(this.carry);
+      this.carry = "";
+      if (!this.lastUsageLine) return null;
+      try {
+        return usageFrom(JSON.parse(this.lastUsageLine.slice(5)).usage);
+      } catch {
+        return null;
+      }
+    }
+    if (!this.chunks) return null;
+    const whole = new Uint8Array(this.size);
+    let offset = 0;
+    for (const c of this.chunks) {
+      whole.set(c, offset);
+      offset += c.byteLength;
+    }
+    this.chunks = null;
+    const text = decoder.decode(whole);
+    if (this.size <= FULL_PARSE_BYTES) {
+      try {
+        return usageFrom(JSON.parse(text)?.usage);
+      } catch {
+        return null;
+      }
+    }
+    return scanUsage(text);
+  }
+}
+
+/** Finds the last `"usage": {…}` object in a large JSON text and parses just that object. */
+function scanUsage(text: string): TokenUsage | null {
+  let at = -1;
+  for (const m of text.matchAll(USAGE_OBJECT)) at = m.index + m[0].length - 1;
+  if (at < 0) return null;
+  let depth = 0;
+  for (let i = at; i < text.length && i < at + 4096; i++) {
+    const ch = text[i];
+    if (ch === "{") depth++;
+    else if (ch === "}" && --depth === 0) {
+      try {
+        return usageFrom(JSON.parse(text.slice(at, i + 1)));
+      } catch {
+        return null;
+      }
+    }
+  }
+  return null;
+}

@@ -1,0 +1,542 @@
+import assert from "node:assert/strict";
+import { userUsage } from "../lib/usage.ts";
+import { createApp } from "../routes/mod.ts";
+import { FakeGlm } from "./fakes/glm.ts";
+import { bearer, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";
+
+interface Setup {
+  app: TestApp;
+  fake: FakeGlm;
+  apiKey: string;
+  userId: string;
+  session: string;
+  chat(body?: unknown, init?: { key?: string; headers?: Record<string, string> }): Promise<
+    Response
+  >;
+  usage(): Promise<{ requests: number; promptTokens: number; completionTokens: number }>;
+  close(): Promise<void>;
+}
+
+const CHAT = { model: "glm-4.6", messages: [{ role: "user", content: "hi" }] };
+
+async function setup(env: Record<string, string> = {}): Promise<Setup> {
+  const fake = new FakeGlm();
+  const app = await testApp({ GLM_BASE_URL: fake.baseUrl, ...env });
+  const { token, userId } = await app.services.sessions.issueLocal("ada@example.test");
+  const res = await app.request("/api/key", { method: "POST", headers: bearer(token) });
+  assert.equal(res.status, 201);
+  const apiKey = String((await json(res)).apiKey);
+  const s: Setup = {
+    app,
+    fake,
+    apiKey,
+    userId,
+    session: token,
+    chat: (body = CHAT, init = {}) =>
+      app.request("/v1/chat/completions", {
+        method: "POST",
+        headers: {
+          ...bearer(init.key ?? s.apiKey),
+          "content-type": "application/json",
+          ...init.headers,
+        },
+        body: typeof body === "string" ? body : JSON.stringify(body),
+      }),
+    usage: async () => {
+      await app.services.gateway.settled();
+      const u = await userUsage(app.kv, app.services.config.pricing, userId, 1);
+      return {
+        requests: u.today.requests,
+        promptTokens: u.today.promptTokens,
+        completionTokens: u.today.completionTokens,
+      };
+    },
+    close: async () => {
+      await app.services.gateway.settled();
+      await fake.close();
+      await app.close();
+    },
+  };
+  return s;
+}
+
+/** Lets go of a response body whether or not it was read. */
+async function drain(res: Response) {
+  if (!res.bodyUsed) await res.body?.cancel();
+}
+
+function assertRateHeaders(res: Response) {
+  assert.match(res.headers.get("x-ratelimit-limit-requests") ?? "", /^\d+$/);
+  assert.match(res.headers.get("x-ratelimit-remaining-requests") ?? "", /^\d+$/);
+  assert.match(
+    res.headers.get("x-ratelimit-reset-requests") ?? "",
+    /^(\d+ms|[\d.]+s|\d+m\d+s|\d+h\d+m\d+s)$/,
+  );
+}
+
+async function errorOf(res: Response) {
+  assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+  return (await json<{ error: { code: string; message: string } }>(res)).error;
+}
+
+Deno.test("JSON answer is relayed and its usage recorded; the master key stays upstream", async () => {
+  const s = await setup({ RATE_LIMIT_RPM: "10" });
+  try {
+    const res = await s.chat({ ...CHAT, temperature: 0.2, custom_field: { keep: [1, 2] } });
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+    const text = await res.text();
+    const body = JSON.parse(text);
+    assert.equal(body.choices[0].message.content, "Hello!");
+    assert.deepEqual(body.usage, { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 });
+    assert.equal(res.headers.get("x-ratelimit-limit-requests"), "10");
+    assert.equal(res.headers.get("x-ratelimit-remaining-requests"), "9");
+    assert.equal(res.headers.get("x-ratelimit-reset-requests"), "6s");
+    assert.equal(res.headers.get("x-upstream-request-id"), "upstream-req-1");
+
+    assert.equal(s.fake.count, 1);
+    const got = s.fake.requests[0];
+    assert.equal(got.path, "/api/paas/v4/chat/completions");
+    assert.equal(got.authorization, `Bearer ${MASTER_KEY}`);
+    // Every field passes through untouched, byte for byte.
+    assert.equal(
+      got.body,
+      JSON.stringify({ ...CHAT, temperature: 0.2, custom_field: { keep: [1, 2] } }),
+    );
+
+    assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 11, completionTokens: 7 });
+    assert.ok(!text.includes(MASTER_KEY));
+    for (const [, v] of res.headers) assert.ok(!v.includes(MASTER_KEY));
+    assert.ok(s.app.logs.some((l) => l.includes('"msg":"gateway"')), "gateway log line");
+    assert.ok(!s.app.logs.some((l) => l.includes(MASTER_KEY) || l.includes(s.apiKey)));
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("SSE is relayed as it arrives: the first chunk reaches the client before the upstream ends", async () => {
+  const s = await setup();
+  try {
+    s.fake.mode = "sse";
+    s.fake.holdAfterFirstChunk = true;
+    const res = await s.chat({ ...CHAT, stream: true }, {
+      headers: { accept: "text/event-stream" },
+    });
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get("content-type") ?? "", /text\/event-stream/);
+    assertRateHeaders(res);
+    assert.equal(s.fake.requests[0].accept, "text/event-stream");
+    const reader = res.body!.getReader();
+    const dec = new TextDecoder();
+    const first = dec.decode((await reader.read()).value);
+    assert.match(first, /"content":"Hel"/);
+    // The upstream is held after its first chunk: nothing more has been produced yet.
+    assert.equal(s.fake.chunksSent, 1);
+    assert.equal(s.fake.streamsFinished, 0);
+    s.fake.release();
+    let rest = "";
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      rest += dec.decode(value, { stream: true });
+    }
+    assert.equal(s.fake.streamsFinished, 1);
+    assert.match(rest, /"usage":\{"prompt_tokens":11/);
+    assert.ok(rest.trimEnd().endsWith("data: [DONE]"));
+    assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 11, completionTokens: 7 });
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("20 concurrent requests with rpm 5: exactly 5 reach the upstream, 15 get 429", async () => {
+  const s = await setup({ RATE_LIMIT_RPM: "5" });
+  try {
+    const results = await Promise.all(Array.from({ length: 20 }, () => s.chat()));
+    const ok = results.filter((r) => r.status === 200);
+    const limited = results.filter((r) => r.status === 429);
+    assert.equal(ok.length, 5);
+    assert.equal(limited.length, 15);
+    assert.equal(s.fake.count, 5);
+    for (const r of limited) {
+      assert.match(r.headers.get("retry-after") ?? "", /^[1-9]\d*$/);
+      assert.ok(Number(r.headers.get("retry-after")) <= 12);
+      assertRateHeaders(r);
+      assert.equal(r.headers.get("x-ratelimit-remaining-requests"), "0");
+      assert.equal((await errorOf(r)).code, "rate_limit_exceeded");
+    }
+    for (const r of ok) await drain(r);
+    assert.equal((await s.usage()).requests, 5);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("requests per day are exact under concurrency and override per user", async (t) => {
+  const s = await setup({ RATE_LIMIT_RPM: "1000", RATE_LIMIT_RPD: "7" });
+  try {
+    await t.step("12 concurrent against rpd 7 admit 7", async () => {
+      const results = await Promise.all(Array.from({ length: 12 }, () => s.chat()));
+      assert.equal(results.filter((r) => r.status === 200).length, 7);
+      assert.equal(s.fake.count, 7);
+      const limited = results.filter((r) => r.status === 429);
+      assert.equal(limited.length, 5);
+      const retry = Number(limited[0].headers.get("retry-after"));
+      const untilMidnight = 86_400 - Math.floor((Date.now() % 86_400_000) / 1000);
+      assert.ok(Math.abs(retry - untilMidnight) <= 2, `${retry} vs ${untilMidnight}`);
+      assert.equal((await errorOf(limited[0])).code, "rate_limit_exceeded");
+      for (const r of results) await drain(r);
+    });
+    await t.step("a per-user override raises the day limit at once", async () => {
+      await s.app.services.users.setLimits(s.userId, { rpd: 9 });
+      assert.equal((await s.chat()).status, 200);
+      assert.equal((await s.chat()).status, 200);
+      const third = await s.chat();
+      assert.equal(third.status, 429);
+      await third.body?.cancel();
+      assert.equal(s.fake.count, 9);
+    });
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("token quota: the request that crosses the limit passes, the next is refused", async () => {
+  const s = await setup({ TOKEN_LIMIT_DAILY: "30" });
+  try {
+    const a = await s.chat(); // 18 tokens
+    assert.equal(a.status, 200);
+    await a.text();
+    await s.app.services.gateway.settled();
+    const b = await s.chat(); // 36 ≥ 30: crosses, allowed
+    assert.equal(b.status, 200);
+    await b.text();
+    await s.app.services.gateway.settled();
+    const c = await s.chat();
+    assert.equal(c.status, 429);
+    assertRateHeaders(c);
+    const retry = Number(c.headers.get("retry-after"));
+    assert.ok(retry >= 1 && retry <= 86_400);
+    assert.equal((await errorOf(c)).code, "quota_exceeded");
+    assert.equal(s.fake.count, 2);
+    assert.equal((await s.usage()).requests, 2);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("monthly budget: refused once spent, with Retry-After until next month", async () => {
+  const s = await setup({
+    PRICING: JSON.stringify({ "glm-4.6": { input: 1000, output: 1000 } }), // 18 tokens = $0.018
+    BUDGET_USD_MONTHLY: "0.03",
+  });
+  try {
+    for (let i = 0; i < 2; i++) {
+      const r = await s.chat();
+      assert.equal(r.status, 200);
+      await r.text();
+      await s.app.services.gateway.settled();
+    }
+    const c = await s.chat();
+    assert.equal(c.status, 429);
+    const now = new Date();
+    const nextMonth = Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 1);
+    const retry = Number(c.headers.get("retry-after"));
+    assert.ok(Math.abs(retry - (nextMonth - now.getTime()) / 1000) <= 2);
+    assert.equal((await errorOf(c)).code, "quota_exceeded");
+    assert.equal(s.fake.count, 2);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("keys and user state", async (t) => {
+  const s = await setup();
+  try {
+    await t.step("missing, malformed and unknown keys → 401 invalid_api_key", async () => {
+      for (const key of ["", "sk-nope", "kw_" + "A".repeat(43)]) {
+        const res = await s.chat(CHAT, { key });
+        assert.equal(res.status, 401);
+        assert.equal((await errorOf(res)).code, "invalid_api_key");
+      }
+      const none = await s.app.request("/v1/chat/completions", {
+        method: "POST",
+        body: JSON.stringify(CHAT),
+      });
+      assert.equal(none.status, 401);
+      await none.body?.cancel();
+    });
+    await t.step("rotated key → 401 at once, the new key works", async () => {
+      assert.equal((await s.chat()).status, 200);
+      const rot = await s.app.request("/api/key/rotate", {
+        method: "POST",
+        headers: bearer(s.session),
+      });
+      assert.equal(rot.status, 200);
+      const fresh = String((await json(rot)).apiKey);
+      const old = await s.chat();
+      assert.equal(old.status, 401);
+      assert.equal((await errorOf(old)).code, "invalid_api_key");
+      const ok = await s.chat(CHAT, { key: fresh });
+      assert.equal(ok.status, 200);
+      await ok.text();
+      s.apiKey = fresh;
+    });
+    await t.step("disabled user → 403 user_disabled at once, enabled again → 200", async () => {
+      await s.app.services.users.setStatus(s.userId, "disabled");
+      const res = await s.chat();
+      assert.equal(res.status, 403);
+      assertRateHeaders(res);
+      assert.equal((await errorOf(res)).code, "user_disabled");
+      await s.app.services.users.setStatus(s.userId, "active");
+      const again = await s.chat();
+      assert.equal(again.status, 200);
+      await again.text();
+    });
+    await t.step("deleted user (key revoked) → 401", async () => {
+      const before = s.fake.count;
+      await s.app.services.users.markDeleted(s.userId);
+      const res = await s.chat();
+      assert.equal(res.status, 401);
+      assert.equal((await errorOf(res)).code, "invalid_api_key");
+      assert.equal(s.fake.count, before);
+    });
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("a key revoked while requests race never gets through after the revocation", async () => {
+  const s = await setup({ RATE_LIMIT_RPM: "1000" });
+  try {
+    const racing = Array.from({ length: 30 }, () => s.chat());
+    const revoked = s.app.services.users.markDeleted(s.userId);
+    const results = await Promise.all(racing);
+    await revoked;
+    for (const r of results) {
+      assert.ok([200, 401].includes(r.status), String(r.status));
+      await drain(r);
+    }
+    // Every admitted request reached the upstream, and none is admitted any more.
+    assert.equal(s.fake.count, results.filter((r) => r.status === 200).length);
+    assert.equal((await s.chat()).status, 401);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("bad requests are refused before the upstream and count against nothing", async (t) => {
+  const s = await setup({ RATE_LIMIT_RPM: "3" });
+  try {
+    const cases: Array<[string, unknown, number, string, RegExp]> = [
+      ["disallowed model", { ...CHAT, model: "gpt-4o" }, 400, "model_not_allowed", /model/],
+      ["invalid JSON", "{nope", 400, "invalid_request", /JSON/],
+      ["missing model", { messages: CHAT.messages }, 400, "invalid_request", /^model/],
+      ["model too long", { ...CHAT, model: "m".repeat(201) }, 400, "invalid_request", /^model/],
+      ["empty messages", { model: "glm-4.6", messages: [] }, 400, "invalid_request", /^messages/],
+      [
+        "messages not an array",
+        { model: "glm-4.6", messages: "hi" },
+        400,
+        "invalid_request",
+        /^messages/,
+      ],
+      ["not an object", [1, 2], 400, "invalid_request", /body|expected object/],
+      [
+        "1 MiB + 1 body",
+        JSON.stringify({ ...CHAT, pad: "x".repeat(1024 * 1024) }),
+        413,
+        "payload_too_large",
+        /1 MiB/,
+      ],
+    ];
+    for (const [name, body, status, code, message] of cases) {
+      await t.step(name, async () => {
+        const res = await s.chat(body);
+        assert.equal(res.status, status);
+        const err = await errorOf(res);
+        assert.equal(err.code, code);
+        assert.match(err.message, message);
+        if (status === 400) {
+          assertRateHeaders(res);
+          assert.equal(res.headers.get("x-ratelimit-remaining-requests"), "3");
+        }
+      });
+    }
+    await t.step("a chunked body over 1 MiB is refused too", async () => {
+      const big = new TextEncoder().encode(
+        JSON.stringify({ ...CHAT, pad: "y".repeat(1100 * 1024) }),
+      );
+      const stream = new ReadableStream<Uint8Array>({
+        start(c) {
+          for (let i = 0; i < big.length; i += 64 * 1024) c.enqueue(big.subarray(i, i + 64 * 1024));
+          c.close();
+        },
+      });
+      const res = await s.app.request("/v1/chat/completions", {
+        method: "POST",
+        headers: bearer(s.apiKey),
+        body: stream,
+      });
+      assert.equal(res.status, 413);
+      assert.equal((await errorOf(res)).code, "payload_too_large");
+    });
+    await t.step("nothing reached the upstream or was counted", async () => {
+      assert.equal(s.fake.count, 0);
+      assert.equal((await s.usage()).requests, 0);
+      const ok = await Promise.all([s.chat(), s.chat(), s.chat()]);
+      assert.deepEqual(ok.map((r) => r.status), [200, 200, 200]);
+      for (const r of ok) await r.text();
+    });
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("upstream failures", async (t) => {
+  const s = await setup({ UPSTREAM_TIMEOUT_MS: "300" });
+  try {
+    await t.step("500 is relayed with its status and body, recorded with zero tokens", async () => {
+      s.fake.mode = "error500";
+      const res = await s.chat();
+      assert.equal(res.status, 500);
+      assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+      assertRateHeaders(res);
+      assert.equal(
+        (await json<{ error: { message: string } }>(res)).error.message,
+        "upstream exploded",
+      );
+      assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 0, completionTokens: 0 });
+      assert.ok(s.app.logs.some((l) => l.includes('"level":"warn"') && l.includes('"status":500')));
+    });
+    await t.step("no response headers within the timeout → 504 upstream_timeout", async () => {
+      s.fake.mode = "slow_headers";
+      const res = await s.chat();
+      assert.equal(res.status, 504);
+      assertRateHeaders(res);
+      assert.equal((await errorOf(res)).code, "upstream_timeout");
+      assert.equal((await s.usage()).requests, 2);
+    });
+    await t.step("a stream cut mid-way still records the request", async () => {
+      s.fake.mode = "cut";
+      s.fake.holdAfterFirstChunk = true;
+      const res = await s.chat({ ...CHAT, stream: true });
+      assert.equal(res.status, 200);
+      const reader = res.body!.getReader();
+      assert.match(new TextDecoder().decode((await reader.read()).value), /Hel/);
+      s.fake.release(); // now the upstream cuts the connection
+      await assert.rejects(async () => {
+        for (;;) if ((await reader.read()).done) break;
+      });
+      assert.equal((await s.usage()).requests, 3);
+      assert.ok(s.app.logs.some((l) => l.includes('"outcome":"cut"')));
+    });
+    assert.ok(!s.app.logs.some((l) => l.includes(MASTER_KEY)));
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("unreachable upstream → 502 upstream_unavailable, recorded, warned", async () => {
+  const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = listener.addr.port;
+  listener.close();
+  const s = await setup({ GLM_BASE_URL: `http://127.0.0.1:${port}/v4` });
+  try {
+    const res = await s.chat();
+    assert.equal(res.status, 502);
+    assertRateHeaders(res);
+    assert.equal((await errorOf(res)).code, "upstream_unavailable");
+    assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 0, completionTokens: 0 });
+    assert.ok(s.app.logs.some((l) => l.includes("upstream_unavailable") && l.includes('"warn"')));
+    assert.ok(!s.app.logs.some((l) => l.includes(MASTER_KEY)));
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("no GLM_API_KEY → 503 not_configured", async () => {
+  const app = await testApp({ GLM_API_KEY: "" });
+  try {
+    const res = await app.request("/v1/chat/completions", {
+      method: "POST",
+      headers: bearer("kw_" + "A".repeat(43)),
+      body: JSON.stringify(CHAT),
+    });
+    assert.equal(res.status, 503);
+    assert.equal((await errorOf(res)).code, "not_configured");
+  } finally {
+    await app.close();
+  }
+});
+
+Deno.test("over a real port: streaming works and a client disconnect cancels the upstream", async () => {
+  const s = await setup();
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    createApp(s.app.services).fetch,
+  );
+  try {
+    s.fake.mode = "sse";
+    s.fake.holdAfterFirstChunk = true;
+    const abort = new AbortController();
+    const res = await fetch(`http://127.0.0.1:${server.addr.port}/v1/chat/completions`, {
+      method: "POST",
+      headers: { ...bearer(s.apiKey), "content-type": "application/json" },
+      body: JSON.stringify({ ...CHAT, stream: true }),
+      signal: abort.signal,
+    });
+    assert.equal(res.status, 200);
+    const reader = res.body!.getReader();
+    assert.match(new TextDecoder().decode((await reader.read()).value), /Hel/);
+    assert.equal(s.fake.streamsFinished, 0);
+    abort.abort();
+    await reader.cancel().catch(() => {});
+    // The gateway sees the disconnect and cancels its upstream request.
+    for (let i = 0; i < 200 && s.fake.streamsCancelled === 0; i++) {
+      await new Promise((r) => setTimeout(r, 10));
+    }
+    assert.equal(s.fake.streamsCancelled, 1);
+    assert.equal(s.fake.streamsFinished, 0);
+    assert.equal((await s.usage()).requests, 1);
+    assert.ok(s.app.logs.some((l) => l.includes('"outcome":"cancelled"')));
+  } finally {
+    await server.shutdown();
+    await s.close();
+  }
+});
+
+Deno.test("GET /v1/models lists the allowed models for a valid key", async () => {
+  const s = await setup({ ALLOWED_MODELS: "glm-4.6,glm-4.5-air" });
+  try {
+    const res = await s.app.request("/v1/models", { headers: bearer(s.apiKey) });
+    assert.equal(res.status, 200);
+    assert.match(res.headers.get("content-type") ?? "", /application\/json/);
+    const body = await json<{ object: string; data: Array<{ id: string; object: string }> }>(res);
+    assert.equal(body.object, "list");
+    assert.deepEqual(body.data.map((m) => [m.id, m.object]), [
+      ["glm-4.6", "model"],
+      ["glm-4.5-air", "model"],
+    ]);
+    const anon = await s.app.request("/v1/models");
+    assert.equal(anon.status, 401);
+    assert.equal((await errorOf(anon)).code, "invalid_api_key");
+    const other = await s.chat({ ...CHAT, model: "glm-4.5" });
+    assert.equal(other.status, 400);
+    assert.equal((await errorOf(other)).code, "model_not_allowed");
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("ALLOWED_MODELS=* lets any model through", async () => {
+  const s = await setup({ ALLOWED_MODELS: "*" });
+  try {
+    const res = await s.chat({ ...CHAT, model: "glm-5-experimental" });
+    assert.equal(res.status, 200);
+    await res.text();
+    assert.equal(JSON.parse(s.fake.requests[0].body).model, "glm-5-experimental");
+  } finally {
+    await s.close();
+  }
+});
