@@ -26,7 +26,9 @@ export const keys = {
   /** Grows with every usage write of a day; summaries remember the version they saw. */
   usageDayVersion: (day: Day) => ["usage_day_versions", day] as const,
   usageDayVersions: () => ["usage_day_versions"] as const,
-  costSummary: (day: Day, chunk: number) => ["cost_summaries", day, chunk] as const,
+  /** Chunks are keyed by the day version they summarize, so the meta entry switches atomically. */
+  costSummary: (day: Day, version: number, chunk: number) =>
+    ["cost_summaries", day, version, chunk] as const,
   costSummaryDay: (day: Day) => ["cost_summaries", day] as const,
   costSummaryMeta: (day: Day) => ["cost_summary_meta", day] as const,
   budgetAlert: (userId: string, month: Month, threshold: number) =>
@@ -60,6 +62,26 @@ export function u64(value: unknown): number {
 
 export const CONFLICT: unique symbol = Symbol("kv conflict");
 
+/**
+ * SQLite answers "database is locked" when another process holds the write lock longer than
+ * its busy timeout (several processes on one KV file): that is contention, not failure.
+ */
+export function isTransientKvError(err: unknown): boolean {
+  return err instanceof Error && /database is locked|SQLITE_BUSY/i.test(err.message);
+}
+
+/** Commits, reporting lock contention as a failed check so the caller's retry loop handles it. */
+export async function commitOrConflict(
+  op: Deno.AtomicOperation,
+): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  try {
+    return await op.commit();
+  } catch (err) {
+    if (isTransientKvError(err)) return { ok: false };
+    throw err;
+  }
+}
+
 /** Runs an atomic read-modify-write until it commits (attempt returns CONFLICT to go again). */
 export async function retryAtomic<T>(
   attempt: () => Promise<T | typeof CONFLICT>,
@@ -67,7 +89,13 @@ export async function retryAtomic<T>(
   maxAttempts = 100,
 ): Promise<T> {
   for (let i = 0; i < maxAttempts; i++) {
-    const result = await attempt();
+    let result: T | typeof CONFLICT;
+    try {
+      result = await attempt();
+    } catch (err) {
+      if (!isTransientKvError(err)) throw err;
+      result = CONFLICT;
+    }
     if (result !== CONFLICT) return result;
     // Spread contenders out a little so a burst does not retry in lock-step.
     if (i > 2) await new Promise((r) => setTimeout(r, Math.random() * Math.min(2 ** i, 50)));

@@ -1,0 +1,146 @@
+/**
+ * Several real app processes on one KV file: limits stay exact across them, and a SIGKILL in
+ * the middle of load loses or doubles nothing beyond the requests in flight.
+ */
+import assert from "node:assert/strict";
+import { ENCRYPTION_SECRET, MASTER_KEY } from "./helpers.ts";
+import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
+import { FakeGlm } from "./fakes/glm.ts";
+import { type AppProcess, spawnApp } from "./fakes/app_process.ts";
+
+const issuer = await ClerkIssuer.create();
+
+function env(kvPath: string, glm: FakeGlm, extra: Record<string, string> = {}) {
+  return {
+    DENO_KV_PATH: kvPath,
+    PUBLIC_URL: "http://localhost:8000",
+    CLERK_JWT_KEY: issuer.publicKeyPem,
+    KEY_ENCRYPTION_SECRET: ENCRYPTION_SECRET,
+    GLM_API_KEY: MASTER_KEY,
+    GLM_BASE_URL: glm.baseUrl,
+    ...extra,
+  };
+}
+
+async function provision(app: AppProcess, userId: string): Promise<string> {
+  const res = await fetch(`${app.url}/api/key`, {
+    headers: { authorization: `Bearer ${await issuer.token(userId, { ttlSeconds: 600 })}` },
+  });
+  assert.equal(res.status, 200);
+  return (await res.json()).apiKey;
+}
+
+function chat(app: AppProcess, key: string): Promise<Response> {
+  return fetch(`${app.url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({ model: "glm-4.6", messages: [{ role: "user", content: "hi" }] }),
+  });
+}
+
+async function countUsage(kvPath: string, userId: string) {
+  const kv = await Deno.openKv(kvPath);
+  try {
+    const totals = { requests: 0, prompt: 0, completion: 0 };
+    for await (const { key, value } of kv.list<Deno.KvU64>({ prefix: ["usage_by_user", userId] })) {
+      const field = key[key.length - 1] as keyof typeof totals;
+      totals[field] += Number(value.value);
+    }
+    return totals;
+  } finally {
+    kv.close();
+  }
+}
+
+Deno.test("limits are exact across three processes sharing one KV file", async () => {
+  const dir = await Deno.makeTempDir();
+  const glm = new FakeGlm();
+  const apps: AppProcess[] = [];
+  try {
+    const kvPath = `${dir}/kv.sqlite3`;
+    for (let i = 0; i < 3; i++) {
+      apps.push(await spawnApp(env(kvPath, glm, { RATE_LIMIT_RPM: "7", RATE_LIMIT_RPD: "1000" })));
+    }
+    const key = await provision(apps[0], "user_multi");
+    const responses = await Promise.all(
+      Array.from({ length: 30 }, (_, i) => chat(apps[i % 3], key)),
+    );
+    const statuses = responses.map((r) => r.status);
+    await Promise.all(responses.map((r) => r.body?.cancel()));
+    if (statuses.some((s) => s >= 500)) {
+      console.error(apps.flatMap((a) => a.lines.filter((l) => l.includes("error"))).join("\n"));
+    }
+    assert.equal(statuses.filter((s) => s === 200).length, 7, String(statuses));
+    assert.equal(statuses.filter((s) => s === 429).length, 23, String(statuses));
+    assert.equal(glm.count, 7);
+  } finally {
+    await Promise.all(apps.map((a) => a.stop()));
+    await glm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("SIGKILL during load: nothing lost or doubled beyond the requests in flight", async () => {
+  const dir = await Deno.makeTempDir();
+  const glm = new FakeGlm();
+  let app: AppProcess | undefined;
+  try {
+    const kvPath = `${dir}/kv.sqlite3`;
+    const limits = { RATE_LIMIT_RPM: "100000", RATE_LIMIT_RPD: "1000000" };
+    app = await spawnApp(env(kvPath, glm, limits));
+    const users = Array.from({ length: 8 }, (_, i) => `user_crash_${i}`);
+    const keys = new Map<string, string>();
+    for (const id of users) keys.set(id, await provision(app, id));
+
+    // Load: 8 workers (one per user), each sending requests back to back until the kill.
+    const sent = new Map(users.map((u) => [u, 0]));
+    const completed = new Map(users.map((u) => [u, 0]));
+    let stop = false;
+    const running = app;
+    const workers = users.map(async (id) => {
+      while (!stop) {
+        sent.set(id, sent.get(id)! + 1);
+        try {
+          const res = await chat(running, keys.get(id)!);
+          await res.arrayBuffer();
+          if (res.status === 200) completed.set(id, completed.get(id)! + 1);
+        } catch {
+          return; // the server died under us
+        }
+      }
+    });
+    await new Promise((r) => setTimeout(r, 1500));
+    await app.stop("SIGKILL");
+    stop = true;
+    await Promise.all(workers);
+
+    app = await spawnApp(env(kvPath, glm, limits));
+    for (const id of users) {
+      assert.equal(await provision(app, id), keys.get(id), `${id} kept its key`);
+      const usage = await countUsage(kvPath, id);
+      const inFlight = 1; // each worker has at most one request outstanding
+      assert.ok(
+        usage.requests >= completed.get(id)! - inFlight && usage.requests <= sent.get(id)!,
+        `${id}: recorded ${usage.requests}, completed ${completed.get(id)}, sent ${sent.get(id)}`,
+      );
+      // Every recorded request carries the fake's usage exactly once: no half or double writes.
+      assert.equal(usage.prompt, usage.requests * glm.usage.prompt_tokens);
+      assert.equal(usage.completion, usage.requests * glm.usage.completion_tokens);
+    }
+    const total = [...completed.values()].reduce((a, b) => a + b, 0);
+    assert.ok(total > 20, `the load really ran (${total} completed)`);
+    const kv = await Deno.openKv(kvPath);
+    let indexed = 0;
+    for await (const _ of kv.list({ prefix: ["keys_by_hash"] })) indexed++;
+    kv.close();
+    assert.equal(indexed, users.length);
+    // The restarted server serves.
+    const res = await chat(app, keys.get(users[0])!);
+    assert.equal(res.status, 200);
+    await res.arrayBuffer();
+  } finally {
+    await app?.stop();
+    await glm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
