@@ -1,0 +1,83 @@
+/**
+ * Browser-test plumbing: Debian's Chromium driven by playwright-core (never a downloaded
+ * browser), a real Keyway server on a loopback port, and pages that fail on console errors.
+ */
+import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core";
+import { loadConfig } from "../../lib/config.ts";
+import { buildIslands } from "../../lib/islands.ts";
+import { createServices, type Services } from "../../lib/services.ts";
+import { createApp } from "../../routes/mod.ts";
+import { captureLogger, ENCRYPTION_SECRET, MASTER_KEY, PUBLIC_URL } from "../helpers.ts";
+
+export const CHROMIUM = Deno.env.get("CHROMIUM_PATH") ?? "/usr/bin/chromium";
+export const CHROMIUM_ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+];
+
+export async function launchBrowser(): Promise<Browser> {
+  return await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+}
+
+export interface TestServer {
+  url: string;
+  services: Services;
+  logs: string[];
+  close(): Promise<void>;
+}
+
+/** Builds the islands (when stale) and serves a fresh app on 127.0.0.1:0 with its own KV. */
+export async function startServer(env: Record<string, string> = {}): Promise<TestServer> {
+  await buildIslands();
+  const config = loadConfig({
+    DENO_KV_PATH: ":memory:",
+    PUBLIC_URL,
+    GLM_API_KEY: MASTER_KEY,
+    ...env,
+  });
+  const kv = await Deno.openKv(":memory:");
+  const { log, lines } = captureLogger([MASTER_KEY, ENCRYPTION_SECRET]);
+  const services = await createServices(config, kv, { log });
+  const app = createApp(services);
+  const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, app.fetch);
+  return {
+    url: `http://127.0.0.1:${server.addr.port}`,
+    services,
+    logs: lines,
+    close: async () => {
+      await server.shutdown();
+      kv.close();
+    },
+  };
+}
+
+/** Console errors and uncaught page errors seen by a context's pages. */
+export interface Watched {
+  context: BrowserContext;
+  errors: string[];
+  newPage(): Promise<Page>;
+}
+
+export async function watchedContext(
+  browser: Browser,
+  options: Parameters<Browser["newContext"]>[0] = {},
+): Promise<Watched> {
+  const context = await browser.newContext(options);
+  const errors: string[] = [];
+  return {
+    context,
+    errors,
+    newPage: async () => {
+      const page = await context.newPage();
+      page.on("console", (msg) => {
+        if (msg.type() === "error") errors.push(`console: ${msg.text()} (${page.url()})`);
+      });
+      page.on("pageerror", (err) => errors.push(`pageerror: ${err.message} (${page.url()})`));
+      return page;
+    },
+  };
+}
