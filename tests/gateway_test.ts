@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { Gateway } from "../lib/gateway.ts";
 import { userUsage } from "../lib/usage.ts";
 import { createApp } from "../routes/mod.ts";
 import { FakeGlm } from "./fakes/glm.ts";
@@ -536,6 +537,62 @@ Deno.test("ALLOWED_MODELS=* lets any model through", async () => {
     assert.equal(res.status, 200);
     await res.text();
     assert.equal(JSON.parse(s.fake.requests[0].body).model, "glm-5-experimental");
+  } finally {
+    await s.close();
+  }
+});
+
+/** A KV whose next atomic commit first runs `before` (to land a write between read and commit). */
+function kvWithHook(kv: Deno.Kv) {
+  const hook = { before: null as null | (() => Promise<unknown>) };
+  const proxy = new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "atomic") {
+        return () => {
+          const op = target.atomic();
+          const commit = op.commit.bind(op);
+          op.commit = async () => {
+            const before = hook.before;
+            hook.before = null;
+            if (before) await before();
+            return await commit();
+          };
+          return op;
+        };
+      }
+      const value = Reflect.get(target, prop);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return { kv: proxy, hook };
+}
+
+Deno.test("a change landing between the limit read and its commit is seen (no slip-through)", async (t) => {
+  const s = await setup();
+  try {
+    const { kv, hook } = kvWithHook(s.app.kv);
+    const gateway = new Gateway({ config: s.app.services.config, kv, log: s.app.services.log });
+    const call = () =>
+      gateway.chatCompletions(
+        new Request("http://localhost/v1/chat/completions", {
+          method: "POST",
+          headers: bearer(s.apiKey),
+          body: JSON.stringify(CHAT),
+        }),
+      ).then((r) => r.status, (e) => e.code);
+    await t.step("disable → 403", async () => {
+      hook.before = () => s.app.services.users.setStatus(s.userId, "disabled");
+      assert.equal(await call(), "user_disabled");
+      await s.app.services.users.setStatus(s.userId, "active");
+    });
+    await t.step("rotation → 401", async () => {
+      hook.before = () => s.app.services.users.rotate(s.userId);
+      assert.equal(await call(), "invalid_api_key");
+    });
+    await t.step("nothing reached the upstream", async () => {
+      await gateway.settled();
+      assert.equal(s.fake.count, 0);
+    });
   } finally {
     await s.close();
   }
