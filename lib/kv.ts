@@ -34,6 +34,8 @@ export const keys = {
   budgetAlert: (userId: string, month: Month, threshold: number) =>
     ["budget_alerts", userId, month, threshold] as const,
   localSecret: (name: string) => ["local_secrets", name] as const,
+  /** Grows with every write that invalidates cached users or keys (lib/cache_epoch.ts). */
+  cacheEpoch: () => ["cache_epoch"] as const,
 };
 
 /** Opens KV at a file path, `:memory:`, or a KV Connect URL (token from DENO_KV_ACCESS_TOKEN). */

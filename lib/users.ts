@@ -1,4 +1,5 @@
 /** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
+import { CacheEpoch } from "./cache_epoch.ts";
 import { AppError } from "./errors.ts";
 import { generateApiKey, hashApiKey, keyPrefix, type KeyVault, looksLikeApiKey } from "./keys.ts";
 import { CONFLICT, keys, retryAtomic } from "./kv.ts";
@@ -52,8 +53,23 @@ export interface KeyIndexValue {
   userId: string;
 }
 
+const CACHE_MAX = 50_000;
+
 export class Users {
-  constructor(private readonly kv: Deno.Kv, private readonly vault: KeyVault) {}
+  /**
+   * User id → their provisioned key, so GET /api/key needs neither a KV read nor a decryption.
+   * Dropped on every invalidating write (here at once, in other processes within the epoch's
+   * interval — see lib/cache_epoch.ts).
+   */
+  private readonly cache = new Map<string, ProvisionResult>();
+
+  constructor(
+    private readonly kv: Deno.Kv,
+    private readonly vault: KeyVault,
+    readonly epoch: CacheEpoch = new CacheEpoch(kv),
+  ) {
+    epoch.onChange(() => this.cache.clear());
+  }
 
   async get(userId: string): Promise<UserRecord | null> {
     return (await this.kv.get<UserRecord>(keys.user(userId))).value;
@@ -64,6 +80,19 @@ export class Users {
    * the one key that won. Deleted users stay deleted (user_deleted).
    */
   async provision(userId: string, profile?: Profile): Promise<ProvisionResult> {
+    await this.epoch.fresh();
+    const hit = this.cache.get(userId);
+    if (hit) return hit;
+    const generation = this.epoch.generation;
+    const result = await this.provisionInKv(userId, profile);
+    if (generation === this.epoch.generation) {
+      if (this.cache.size >= CACHE_MAX) this.cache.delete(this.cache.keys().next().value!);
+      this.cache.set(userId, { ...result, created: false });
+    }
+    return result;
+  }
+
+  private async provisionInKv(userId: string, profile?: Profile): Promise<ProvisionResult> {
     return await retryAtomic<ProvisionResult>(async () => {
       const entry = await this.kv.get<UserRecord>(keys.user(userId));
       const existing = entry.value;
@@ -118,9 +147,9 @@ export class Users {
         .set(keys.user(userId), next)
         .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue);
       if (user.key) op.delete(keys.keyByHash(user.key.hash));
-      const res = await op.commit();
+      const res = await this.epoch.bump(op).commit();
       return res.ok ? { user: next, apiKey, created: true } : CONFLICT;
-    }, "rotate");
+    }, "rotate").finally(() => this.epoch.invalidate());
   }
 
   /** Stores Clerk's e-mail and names; a deleted user's profile stays dropped. */
@@ -155,8 +184,8 @@ export class Users {
       };
       const op = this.kv.atomic().check(entry).set(keys.user(userId), tombstone);
       if (user?.key) op.delete(keys.keyByHash(user.key.hash));
-      return (await op.commit()).ok ? undefined : CONFLICT;
-    }, "delete user");
+      return (await this.epoch.bump(op).commit()).ok ? undefined : CONFLICT;
+    }, "delete user").finally(() => this.epoch.invalidate());
   }
 
   async setStatus(userId: string, status: "active" | "disabled"): Promise<UserRecord> {
@@ -228,9 +257,10 @@ export class Users {
       const next = change(entry.value);
       if (!next) return null;
       next.updatedAt = new Date().toISOString();
-      const res = await this.kv.atomic().check(entry).set(keys.user(userId), next).commit();
+      const op = this.kv.atomic().check(entry).set(keys.user(userId), next);
+      const res = await this.epoch.bump(op).commit();
       return res.ok ? next : CONFLICT;
-    }, "update user");
+    }, "update user").finally(() => this.epoch.invalidate());
   }
 }
 
