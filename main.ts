@@ -1,7 +1,9 @@
 /** Server entry: reads the config, opens KV, builds islands, serves the app, registers the cron. */
 import { ConfigError, loadConfig, readEnv } from "./lib/config.ts";
+import { buildIslands } from "./lib/islands.ts";
 import { openKv } from "./lib/kv.ts";
 import { createServices, type Services } from "./lib/services.ts";
+import { costSummaryJob } from "./lib/summary.ts";
 import { createApp } from "./routes/mod.ts";
 
 export interface Running {
@@ -16,11 +18,20 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
   const kv = await openKv(config.kvPath);
   const services = await createServices(config, kv);
   const app = createApp(services);
+  await buildIslands().catch((err) =>
+    services.log.error("island build failed", { error: String(err) })
+  );
   kv.listenQueue(async (message) => {
     if (!(await services.clerkSync.handleQueueMessage(message))) {
       services.log.warn("unknown queue message dropped");
     }
   });
+  try {
+    Deno.cron("summarize-costs", config.costCron, costSummaryJob(services));
+  } catch (err) {
+    // Cron names are per process: a second start() in one process (tests) keeps the first.
+    services.log.warn("cost cron not registered", { error: String(err) });
+  }
   const server = Deno.serve({
     port: config.port,
     hostname: "0.0.0.0",

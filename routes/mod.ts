@@ -4,6 +4,8 @@ import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
 import { requestId } from "hono/request-id";
 import { secureHeaders } from "hono/secure-headers";
+import { serveStatic } from "hono/deno";
+import { PROJECT_ROOT } from "../lib/islands.ts";
 import { AppError, errorBody } from "../lib/errors.ts";
 import type { Services } from "../lib/services.ts";
 import { adminRoutes } from "./api/admin.ts";
@@ -12,7 +14,7 @@ import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
-import { pageRoutes } from "./pages.tsx";
+import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
 import { v1Routes } from "./v1.ts";
 
 const KIB = 1024;
@@ -44,7 +46,28 @@ export function createApp(services: Services) {
   });
   app.use(
     "*",
-    secureHeaders({ crossOriginEmbedderPolicy: false, contentSecurityPolicy: undefined }),
+    secureHeaders({
+      crossOriginEmbedderPolicy: false,
+      contentSecurityPolicy: contentSecurityPolicy(services.config),
+      // With no-referrer (hono's default) Chrome sends `Origin: null` on same-origin form POSTs,
+      // which the CSRF check must refuse; this policy keeps the origin and never leaks paths.
+      referrerPolicy: "strict-origin-when-cross-origin",
+    }),
+  );
+  // Versioned URLs (?v=<source hash>) never change content, so they may be cached for a year.
+  app.use(
+    "/static/*",
+    serveStatic({
+      root: PROJECT_ROOT,
+      onFound: (_path, c) => {
+        c.header(
+          "cache-control",
+          c.req.query("v")
+            ? "public, max-age=31536000, immutable"
+            : "public, max-age=0, must-revalidate",
+        );
+      },
+    }),
   );
   app.use(
     "/api/webhooks/*",
