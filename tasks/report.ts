@@ -1,2 +1,66 @@
-/** Placeholder until its issue lands. */
-console.log("deno task report: not yet implemented");
+/** `deno task report`: usage and cost over UTC days as a table, JSON or CSV (CONTRACT §7). */
+import { ConfigError, loadConfig, readEnv } from "../lib/config.ts";
+import { openKv } from "../lib/kv.ts";
+import {
+  buildReport,
+  parseReportFlags,
+  REPORT_USAGE,
+  reportCsv,
+  reportJson,
+  reportTable,
+  UsageError,
+} from "../lib/report.ts";
+import { progressLine } from "./progress.ts";
+
+async function main(args: string[]): Promise<number> {
+  let flags;
+  try {
+    flags = parseReportFlags(args);
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    console.error(`deno task report: ${err.message}\n\n${REPORT_USAGE}`);
+    return 2;
+  }
+  if (flags.help) {
+    console.log(REPORT_USAGE);
+    return 0;
+  }
+  let config;
+  try {
+    config = loadConfig(await readEnv());
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    console.error(err.message);
+    return 1;
+  }
+  const kv = await openKv(config.kvPath);
+  const progress = progressLine();
+  try {
+    const report = await buildReport(kv, config.pricing, {
+      from: flags.from,
+      to: flags.to,
+      userId: flags.userId,
+      perDay: flags.format === "csv",
+      onProgress: ({ day, index, total }) => progress(`reading ${day} (${index + 1}/${total})…`),
+    });
+    progress.done();
+    const text = flags.format === "json"
+      ? JSON.stringify(reportJson(report), null, 2) + "\n"
+      : flags.format === "csv"
+      ? reportCsv(report)
+      : reportTable(report);
+    await writeAll(text);
+    return 0;
+  } finally {
+    progress.done();
+    kv.close();
+  }
+}
+
+async function writeAll(text: string) {
+  const bytes = new TextEncoder().encode(text);
+  let written = 0;
+  while (written < bytes.length) written += await Deno.stdout.write(bytes.subarray(written));
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,2 +1,71 @@
-/** Placeholder until its issue lands. */
-console.log("deno task summarize: not yet implemented");
+/** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
+import { ConfigError, loadConfig, readEnv } from "../lib/config.ts";
+import { openKv } from "../lib/kv.ts";
+import { createLogger } from "../lib/log.ts";
+import { summarizeCosts } from "../lib/summary.ts";
+import { progressLine } from "./progress.ts";
+
+async function main(args: string[]): Promise<number> {
+  if (args.includes("--help")) {
+    console.log(
+      "Usage: deno task summarize\n\nWrites daily cost summaries for every day whose " +
+        "usage changed since it was last summarized, and logs budget alerts.",
+    );
+    return 0;
+  }
+  if (args.length) {
+    console.error(`deno task summarize: unknown argument "${args[0]}" (it takes no flags)`);
+    return 2;
+  }
+  let config;
+  try {
+    config = loadConfig(await readEnv());
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    console.error(err.message);
+    return 1;
+  }
+  const kv = await openKv(config.kvPath);
+  const progress = progressLine();
+  try {
+    const log = createLogger([
+      config.glm.apiKey,
+      config.keyEncryptionSecret,
+      config.clerk.secretKey,
+    ]);
+    const result = await summarizeCosts(kv, config, {
+      log,
+      onProgress: ({ day, index, total }) =>
+        progress(`summarizing ${day} (${index + 1}/${total})…`),
+    });
+    progress.done();
+    const usd = (n: number) => `$${n.toFixed(n >= 1 || n === 0 ? 2 : 6)}`;
+    if (!result.days.length) {
+      console.log(`Nothing to do: ${result.upToDate} day(s) already summarized.`);
+    } else {
+      for (const d of result.days) {
+        console.log(
+          `${d.day}  version ${d.version}  ${d.users.toLocaleString("en-US")} users  ` +
+            `${d.requests.toLocaleString("en-US")} requests  ` +
+            `${d.totalTokens.toLocaleString("en-US")} tokens  ${usd(d.costUsd)}  ` +
+            `${d.chunks} chunk(s)${d.written ? "" : "  (another run wrote it first)"}`,
+        );
+      }
+      const users = Math.max(0, ...result.days.map((d) => d.users));
+      console.log(
+        `Summarized ${result.days.length} day(s) (up to ${
+          users.toLocaleString("en-US")
+        } users a day, ` +
+          `${result.days.reduce((s, d) => s + d.requests, 0).toLocaleString("en-US")} requests, ` +
+          `${usd(result.days.reduce((s, d) => s + d.costUsd, 0))}); ${result.upToDate} already ` +
+          `current; ${result.alerts.length} budget alert(s); ${Math.round(result.ms)} ms.`,
+      );
+    }
+    return 0;
+  } finally {
+    progress.done();
+    kv.close();
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,472 @@
+/**
+ * Usage and cost reports (CONTRACT §7): reads each day from its summary when that is current,
+ * else from the live day-major counters (always for today), and renders table, JSON or CSV.
+ */
+import { z } from "zod";
+import { type Day, keys, u64, utcDay } from "./kv.ts";
+import { costUsd, priceOf, type Pricing, roundUsd } from "./pricing.ts";
+import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
+import type { UserRecord } from "./users.ts";
+
+export interface Totals {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  totalTokens: number;
+  costUsd: number;
+}
+
+export interface UserLine extends Totals {
+  userId: string;
+  email: string | null;
+}
+
+export interface ModelLine extends Totals {
+  model: string;
+  priced: boolean;
+}
+
+export interface DayUserLine extends UserLine {
+  date: Day;
+}
+
+export interface Report {
+  from: Day;
+  to: Day;
+  users: UserLine[];
+  models: ModelLine[];
+  totals: Totals;
+  /** One line per user and day (for CSV); empty unless asked for with `perDay`. */
+  daily: DayUserLine[];
+  /** Where each day with usage was read from. */
+  sources: { summary: number; live: number };
+}
+
+export interface ReportQuery {
+  from: Day;
+  to: Day;
+  userId?: string;
+  perDay?: boolean;
+  now?: number;
+  onProgress?: (p: { day: Day; index: number; total: number }) => void;
+}
+
+const GET_MANY = 10;
+const READ_CONCURRENCY = 4;
+const NUMBER = new Intl.NumberFormat("en-US");
+const DAY_MS = 86_400_000;
+
+export function addDays(day: Day, n: number): Day {
+  return utcDay(Date.parse(`${day}T00:00:00Z`) + n * DAY_MS);
+}
+
+/** True for a real calendar date written YYYY-MM-DD (2026-02-30 is not). */
+export function isDay(value: string): boolean {
+  if (!/^\d{4}-\d{2}-\d{2}$/.test(value)) return false;
+  const ms = Date.parse(`${value}T00:00:00Z`);
+  return Number.isFinite(ms) && utcDay(ms) === value;
+}
+
+/** Builds the report over [from, to] (inclusive UTC days), reading only days that had usage. */
+export async function buildReport(
+  kv: Deno.Kv,
+  pricing: Pricing,
+  query: ReportQuery,
+): Promise<Report> {
+  const today = utcDay(query.now ?? Date.now());
+  // The version index has one entry per day with usage: a range read skips empty days cheaply.
+  const days: { day: Day; version: number }[] = [];
+  for await (
+    const entry of kv.list({
+      start: keys.usageDayVersion(query.from),
+      end: keys.usageDayVersion(addDays(query.to, 1)),
+    })
+  ) {
+    const day = entry.key[1];
+    if (typeof day === "string") days.push({ day, version: u64(entry.value) });
+  }
+  const metas = new Map<Day, SummaryMeta | null>();
+  if (query.userId === undefined) {
+    const closed = days.filter((d) => d.day < today);
+    for (let i = 0; i < closed.length; i += GET_MANY) {
+      const batch = closed.slice(i, i + GET_MANY);
+      const entries = await kv.getMany<SummaryMeta[]>(
+        batch.map((d) => keys.costSummaryMeta(d.day)),
+      );
+      batch.forEach((d, j) => metas.set(d.day, entries[j].value));
+    }
+  }
+
+  const byUserModel = new Map<string, Map<string, UsageRow>>();
+  const daily: { date: Day; userId: string; rows: UsageRow[] }[] = [];
+  const sources = { summary: 0, live: 0 };
+  const readDay = async (day: Day, version: number): Promise<UsageRow[]> => {
+    const meta = metas.get(day);
+    // One user's rows are a short prefix read; summaries only pay off over everyone.
+    if (day < today && query.userId === undefined && meta) {
+      const rows = await readDaySummary(kv, day, version, meta);
+      if (rows) {
+        sources.summary++;
+        return rows;
+      }
+    }
+    sources.live++;
+    return await readDayCounters(kv, day, query.userId);
+  };
+  const addDay = (day: Day, rows: UsageRow[]) => {
+    let dayUser: { date: Day; userId: string; rows: UsageRow[] } | undefined;
+    for (const row of rows) {
+      let models = byUserModel.get(row.userId);
+      if (!models) byUserModel.set(row.userId, models = new Map());
+      const acc = models.get(row.model);
+      if (acc) addInto(acc, row);
+      else models.set(row.model, { ...row });
+      if (query.perDay) {
+        if (dayUser?.userId !== row.userId) {
+          dayUser = { date: day, userId: row.userId, rows: [] };
+          daily.push(dayUser);
+        }
+        dayUser.rows.push(row);
+      }
+    }
+  };
+  // A few days in flight at once: KV reads overlap (a remote KV's round trips most of all).
+  let next = 0;
+  let done = 0;
+  const worker = async () => {
+    while (next < days.length) {
+      const { day, version } = days[next++];
+      addDay(day, await readDay(day, version));
+      query.onProgress?.({ day, index: done++, total: days.length });
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(READ_CONCURRENCY, days.length) }, worker));
+
+  const emails = await lookUpEmails(kv, [...byUserModel.keys()]);
+  const modelRows = new Map<string, UsageRow>();
+  const users: UserLine[] = [];
+  for (const [userId, models] of byUserModel) {
+    const rows = [...models.values()];
+    users.push({ userId, email: emails.get(userId) ?? null, ...totalsOf(pricing, rows) });
+    for (const row of rows) {
+      const acc = modelRows.get(row.model);
+      if (acc) addInto(acc, row);
+      else modelRows.set(row.model, { ...row });
+    }
+  }
+  const models: ModelLine[] = [...modelRows.values()].map((row) => ({
+    model: row.model,
+    ...totalsOf(pricing, [row]),
+    priced: priceOf(pricing, row.model) !== undefined,
+  }));
+  const byCost = <T extends Totals>(key: (x: T) => string) => (a: T, b: T) =>
+    b.costUsd - a.costUsd || b.totalTokens - a.totalTokens || cmp(key(a), key(b));
+  users.sort(byCost((u) => u.userId));
+  models.sort(byCost((m) => m.model));
+  const totals = sumTotals(models);
+  const dailyLines = daily
+    .map((d) => ({
+      date: d.date,
+      userId: d.userId,
+      email: emails.get(d.userId) ?? null,
+      ...totalsOf(pricing, d.rows),
+    }))
+    .sort((a, b) => cmp(a.date, b.date) || cmp(a.userId, b.userId));
+  return { from: query.from, to: query.to, users, models, totals, daily: dailyLines, sources };
+}
+
+/** The report as CONTRACT §7's JSON document. */
+export function reportJson(report: Report) {
+  return {
+    from: report.from,
+    to: report.to,
+    users: report.users.map((u) => ({
+      userId: u.userId,
+      email: u.email,
+      ...pickTotals(u),
+    })),
+    models: report.models.map((m) => ({ model: m.model, ...pickTotals(m), priced: m.priced })),
+    totals: pickTotals(report.totals),
+  };
+}
+
+const CSV_COLUMNS = [
+  "date",
+  "userId",
+  "email",
+  "requests",
+  "promptTokens",
+  "completionTokens",
+  "totalTokens",
+  "costUsd",
+] as const;
+
+/** One CSV row per user and day (RFC 4180 quoting, CRLF line ends). Needs `perDay`. */
+export function reportCsv(report: Report): string {
+  const lines = [CSV_COLUMNS.join(",")];
+  for (const d of report.daily) {
+    lines.push(CSV_COLUMNS.map((c) => csvField(d[c])).join(","));
+  }
+  return lines.join("\r\n") + "\r\n";
+}
+
+function csvField(value: string | number | null): string {
+  const text = value === null ? "" : String(value);
+  return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+/** The report for people: aligned per-user and per-model tables with totals rows. */
+export function reportTable(report: Report): string {
+  const dayCount = Math.round(
+    (Date.parse(`${report.to}T00:00:00Z`) - Date.parse(`${report.from}T00:00:00Z`)) / DAY_MS,
+  ) + 1;
+  const out = [
+    `Keyway usage ${report.from} → ${report.to} (${dayCount} UTC day${dayCount === 1 ? "" : "s"})`,
+    "",
+  ];
+  const decimals = costDecimals([
+    ...report.users.map((u) => u.costUsd),
+    ...report.models.map((m) => m.costUsd),
+  ]);
+  const numbers = (t: Totals) => [
+    int(t.requests),
+    int(t.promptTokens),
+    int(t.completionTokens),
+    int(t.totalTokens),
+    usd(t.costUsd, decimals),
+  ];
+  const numberHeads = ["Requests", "Prompt", "Completion", "Total tokens", "Cost"];
+  out.push(
+    ...renderTable(
+      ["User", "E-mail", ...numberHeads],
+      report.users.map((u) => [u.userId, clip(u.email ?? "—", 40), ...numbers(u)]),
+      [
+        "Total",
+        `${int(report.users.length)} user${report.users.length === 1 ? "" : "s"}`,
+        ...numbers(report.totals),
+      ],
+      2,
+    ),
+    "",
+  );
+  const unpriced = report.models.some((m) => !m.priced);
+  out.push(
+    ...renderTable(
+      ["Model", ...numberHeads],
+      report.models.map((m) => [m.priced ? m.model : `${m.model} *`, ...numbers(m)]),
+      ["Total", ...numbers(report.totals)],
+      1,
+    ),
+  );
+  if (unpriced) {
+    out.push("", '* unpriced: not in the pricing table and no "*" entry, counted as $0.');
+  }
+  if (!report.users.length) out.push("", `No usage from ${report.from} to ${report.to}.`);
+  return out.join("\n") + "\n";
+}
+
+/** Rows padded to one width: text columns left-aligned, the rest right-aligned. */
+function renderTable(head: string[], rows: string[][], total: string[], textColumns: number) {
+  const all = [head, ...rows, total];
+  const widths = head.map((_, c) => Math.max(...all.map((r) => [...r[c]].length)));
+  const line = (r: string[]) =>
+    r.map((cell, c) => {
+      const pad = " ".repeat(widths[c] - [...cell].length);
+      return c < textColumns ? cell + pad : pad + cell;
+    }).join("  ");
+  const rule = widths.map((w) => "─".repeat(w)).join("  ");
+  return [line(head), rule, ...rows.map(line), rule, line(total)];
+}
+
+function int(n: number): string {
+  return NUMBER.format(n);
+}
+
+/** Enough decimals that the smallest non-zero cost shows about three significant digits (2–6). */
+function costDecimals(costs: number[]): number {
+  const smallest = Math.min(...costs.filter((c) => c > 0));
+  if (!Number.isFinite(smallest)) return 2;
+  return Math.min(6, Math.max(2, Math.ceil(-Math.log10(smallest)) + 2));
+}
+
+const USD = new Map<number, Intl.NumberFormat>();
+
+function usd(n: number, decimals: number): string {
+  let format = USD.get(decimals);
+  if (!format) {
+    format = new Intl.NumberFormat("en-US", {
+      minimumFractionDigits: decimals,
+      maximumFractionDigits: decimals,
+    });
+    USD.set(decimals, format);
+  }
+  return "$" + format.format(n);
+}
+
+function clip(text: string, max: number): string {
+  const chars = [...text];
+  return chars.length > max ? chars.slice(0, max - 1).join("") + "…" : text;
+}
+
+function cmp(a: string, b: string): number {
+  return a < b ? -1 : a > b ? 1 : 0;
+}
+
+function addInto(acc: UsageRow, row: UsageRow) {
+  acc.requests += row.requests;
+  acc.promptTokens += row.promptTokens;
+  acc.completionTokens += row.completionTokens;
+}
+
+/** Totals of rows, priced per model with the given table. */
+function totalsOf(pricing: Pricing, rows: UsageRow[]): Totals {
+  const t: Totals = {
+    requests: 0,
+    promptTokens: 0,
+    completionTokens: 0,
+    totalTokens: 0,
+    costUsd: 0,
+  };
+  for (const r of rows) {
+    t.requests += r.requests;
+    t.promptTokens += r.promptTokens;
+    t.completionTokens += r.completionTokens;
+    t.costUsd += costUsd(pricing, r.model, r.promptTokens, r.completionTokens);
+  }
+  t.totalTokens = t.promptTokens + t.completionTokens;
+  t.costUsd = roundUsd(t.costUsd);
+  return t;
+}
+
+function sumTotals(lines: Totals[]): Totals {
+  const t: Totals = {
+    requests: 0,
+    promptTokens: 0,
+    completionTokens: 0,
+    totalTokens: 0,
+    costUsd: 0,
+  };
+  for (const l of lines) {
+    t.requests += l.requests;
+    t.promptTokens += l.promptTokens;
+    t.completionTokens += l.completionTokens;
+    t.totalTokens += l.totalTokens;
+    t.costUsd += l.costUsd;
+  }
+  t.costUsd = roundUsd(t.costUsd);
+  return t;
+}
+
+function pickTotals(t: Totals): Totals {
+  return {
+    requests: t.requests,
+    promptTokens: t.promptTokens,
+    completionTokens: t.completionTokens,
+    totalTokens: t.totalTokens,
+    costUsd: t.costUsd,
+  };
+}
+
+async function lookUpEmails(kv: Deno.Kv, userIds: string[]): Promise<Map<string, string>> {
+  const emails = new Map<string, string>();
+  if (userIds.length > 500) {
+    // Many users: one range read of the user table beats thousands of point reads.
+    const wanted = new Set(userIds);
+    for await (const e of kv.list<UserRecord>({ prefix: keys.users() }, { batchSize: 1000 })) {
+      if (wanted.has(e.value.id) && e.value.email) emails.set(e.value.id, e.value.email);
+    }
+    return emails;
+  }
+  for (let i = 0; i < userIds.length; i += GET_MANY) {
+    const entries = await kv.getMany<UserRecord[]>(
+      userIds.slice(i, i + GET_MANY).map((u) => keys.user(u)),
+    );
+    for (const e of entries) if (e.value?.email) emails.set(e.value.id, e.value.email);
+  }
+  return emails;
+}
+
+// ——— flags ———
+
+export type ReportFormat = "table" | "json" | "csv";
+
+export interface ReportFlags {
+  from: Day;
+  to: Day;
+  userId?: string;
+  format: ReportFormat;
+  help: boolean;
+}
+
+/** A command-line mistake: the message names the flag; the CLI exits with status 2. */
+export class UsageError extends Error {
+  override name = "UsageError";
+}
+
+export const REPORT_USAGE =
+  `Usage: deno task report [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--user ID]
+                        [--format table|json|csv]
+
+Usage and cost per user and model over UTC days, both ends included.
+
+  --from YYYY-MM-DD   first day (default: 29 days before --to)
+  --to YYYY-MM-DD     last day (default: today, UTC)
+  --user ID           only this user
+  --format FORMAT     table (default), json (CONTRACT §7) or csv (one row per user and day)
+  --help              this text
+`;
+
+const day = (flag: string) =>
+  z.string().refine(isDay, { message: `${flag} must be a real date written YYYY-MM-DD` });
+
+const flagsSchema = z.object({
+  from: day("--from").optional(),
+  to: day("--to").optional(),
+  user: z.string().trim().min(1, { message: "--user needs a user id" }).optional(),
+  format: z.enum(["table", "json", "csv"], { message: "--format must be table, json or csv" })
+    .default("table"),
+  help: z.literal(true).optional(),
+}).strict();
+
+const VALUE_FLAGS = new Set(["from", "to", "user", "format"]);
+
+/** Parses and validates `deno task report` flags; throws UsageError naming the bad flag. */
+export function parseReportFlags(args: string[], now = Date.now()): ReportFlags {
+  const raw: Record<string, string | true> = {};
+  for (let i = 0; i < args.length; i++) {
+    const arg = args[i];
+    const m = arg.match(/^--([A-Za-z][\w-]*)(?:=([\s\S]*))?$/);
+    if (!m) throw new UsageError(`unexpected argument "${arg}" (flags start with --; see --help)`);
+    const [, name, inline] = m;
+    if (name !== "help" && !VALUE_FLAGS.has(name)) {
+      throw new UsageError(`unknown flag --${name} (see --help)`);
+    }
+    if (name in raw) throw new UsageError(`--${name} given twice`);
+    if (!VALUE_FLAGS.has(name)) {
+      if (inline !== undefined) throw new UsageError(`--${name} takes no value`);
+      raw[name] = true;
+      continue;
+    }
+    const value = inline ?? args[++i];
+    if (value === undefined || (inline === undefined && value.startsWith("--"))) {
+      throw new UsageError(`--${name} needs a value`);
+    }
+    raw[name] = value;
+  }
+  const parsed = flagsSchema.safeParse(raw);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    if (issue.code === "unrecognized_keys") {
+      throw new UsageError(`unknown flag --${issue.keys[0]} (see --help)`);
+    }
+    const flag = `--${String(issue.path[0] ?? "")}`;
+    throw new UsageError(
+      issue.message.includes(flag) ? issue.message : `${flag}: ${issue.message}`,
+    );
+  }
+  const f = parsed.data;
+  const to = f.to ?? utcDay(now);
+  const from = f.from ?? addDays(to, -29);
+  if (from > to) throw new UsageError(`--from ${from} is after --to ${to}`);
+  return { from, to, userId: f.user, format: f.format, help: f.help === true };
+}
