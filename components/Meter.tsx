@@ -4,10 +4,12 @@ export interface MeterProps {
   used: number;
   limit: number | null;
   format?: (n: number) => string;
+  /** Data not loaded yet: same size, placeholder value. */
+  pending?: boolean;
 }
 
 export function Meter(
-  { label, used, limit, format = (n) => n.toLocaleString("en-US") }: MeterProps,
+  { label, used, limit, format = (n) => n.toLocaleString("en-US"), pending = false }: MeterProps,
 ) {
   const ratio = limit ? Math.min(1, used / limit) : 0;
   const pct = Math.round(ratio * 100);
@@ -17,7 +19,11 @@ export function Meter(
       <div class="meter-label">
         <span>{label}</span>
         <span>
-          {limit === null ? `${format(used)} · unlimited` : `${format(used)} of ${format(limit)}`}
+          {pending
+            ? <span class="skeleton">0 of 0</span>
+            : limit === null
+            ? `${format(used)} · unlimited`
+            : `${format(used)} of ${format(limit)}`}
         </span>
       </div>
       <div
@@ -29,7 +35,10 @@ export function Meter(
         aria-valuenow={limit === null ? undefined : pct}
         aria-valuetext={limit === null ? `${format(used)} used, unlimited` : `${pct}% used`}
       >
-        <div class={`meter-fill ${level}`} style={{ width: `${limit === null ? 0 : pct}%` }} />
+        <div
+          class={`meter-fill ${level}`}
+          style={{ width: `${limit === null || pending ? 0 : pct}%` }}
+        />
       </div>
     </div>
   );

@@ -10,9 +10,9 @@ export interface UsageChartProps {
   label: string;
   format?: (n: number) => string;
   height?: number;
+  /** viewBox width: roughly the rendered width, so labels keep a readable size. */
+  width?: number;
 }
-
-const W = 640;
 
 /** A "nice" axis maximum ≥ max: 1, 2 or 5 times a power of ten. */
 export function niceMax(max: number): number {
@@ -23,7 +23,8 @@ export function niceMax(max: number): number {
 }
 
 export function UsageChart(
-  { points, label, format = (n) => n.toLocaleString("en-US"), height = 180 }: UsageChartProps,
+  { points, label, format = (n) => n.toLocaleString("en-US"), height = 180, width: W = 640 }:
+    UsageChartProps,
 ) {
   const top = 12, bottom = 22, left = 44, right = 6;
   const plotH = height - top - bottom;

@@ -76,10 +76,13 @@ type UsageState =
   | { status: "unavailable"; message: string };
 
 const RETRY_DELAYS_MS = [1000, 2000, 4000, 8000];
-const KEY_PLACEHOLDER_LENGTH = 46;
+
+const MASK = "•".repeat(20);
+
+const TABS = [["editor", "VS Code"], ["curl", "curl"], ["fetch", "Extension API"]] as const;
 
 function masked(key: string) {
-  return key.slice(0, 7) + "•".repeat(Math.max(8, key.length - 7));
+  return key.slice(0, 7) + MASK;
 }
 
 function friendly(err: unknown): { message: string; fatal: boolean } {
@@ -184,9 +187,7 @@ export default function AutoProvision(props: AutoProvisionProps) {
 
   const ready = keyState.status === "ready" ? keyState.key : null;
   const baseUrl = ready?.baseUrl ?? props.baseUrl;
-  const shownKey = ready
-    ? (revealed ? ready.apiKey : masked(ready.apiKey))
-    : "kw_" + "•".repeat(KEY_PLACEHOLDER_LENGTH - 3);
+  const shownKey = ready ? (revealed ? ready.apiKey : masked(ready.apiKey)) : "kw_••••" + MASK;
   const keyFor = (real: boolean) => (real && ready ? ready.apiKey : shownKey);
 
   const snippets = {
@@ -351,10 +352,7 @@ export default function AutoProvision(props: AutoProvisionProps) {
           <p class="muted small">No other set-up needed.</p>
         </div>
         <div class="tabs" role="tablist" aria-label="Set-up snippets">
-          {([["editor", "VS Code settings"], ["curl", "curl"], [
-            "fetch",
-            "Extension fetch",
-          ]] as const)
+          {TABS
             .map(([id, label]) => (
               <button
                 key={id}
@@ -420,65 +418,63 @@ function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits
         {state.status === "unavailable" && !usage && (
           <p class="notice small" role="status">{state.message}</p>
         )}
-        {usage
-          ? (
-            <>
-              <Meter
-                label="Requests today"
-                used={usage.today.requests}
-                limit={usage.limits.rpd}
-              />
-              <Meter
-                label="Requests this minute"
-                used={Math.max(0, usage.limits.rpm - usage.remaining.minute)}
-                limit={usage.limits.rpm}
-              />
-              <Meter
-                label="Tokens today"
-                used={usage.today.totalTokens}
-                limit={usage.limits.tokensPerDay}
-                format={fmtCompact}
-              />
-              {usage.limits.budgetUsdMonthly !== null && (
-                <Meter
-                  label="Spend this month"
-                  used={Math.max(
-                    0,
-                    usage.limits.budgetUsdMonthly - (usage.remaining.budgetUsd ?? 0),
-                  )}
-                  limit={usage.limits.budgetUsdMonthly}
-                  format={fmtUsd}
-                />
-              )}
-            </>
-          )
-          : (
-            <dl class="kv" style={{ marginTop: 0 }}>
-              <dt>Requests per minute</dt>
-              <dd>{limits ? fmtInt(limits.rpm) : sk("000")}</dd>
-              <dt>Requests per day</dt>
-              <dd>{limits ? fmtInt(limits.rpd) : sk("0000")}</dd>
-              <dt>Tokens per day</dt>
-              <dd>
-                {limits
-                  ? (limits.tokensPerDay ? fmtInt(limits.tokensPerDay) : "unlimited")
-                  : sk("unlimited")}
-              </dd>
-              <dt>Monthly budget</dt>
-              <dd>
-                {limits
-                  ? (limits.budgetUsdMonthly ? fmtUsd(limits.budgetUsdMonthly) : "unlimited")
-                  : sk("unlimited")}
-              </dd>
-            </dl>
-          )}
+        <Meter
+          label="Requests today"
+          used={usage?.today.requests ?? 0}
+          limit={limits?.rpd ?? null}
+          pending={!usage}
+        />
+        <Meter
+          label="Requests this minute"
+          used={usage ? Math.max(0, usage.limits.rpm - usage.remaining.minute) : 0}
+          limit={limits?.rpm ?? null}
+          pending={!usage}
+        />
+        <Meter
+          label="Tokens today"
+          used={usage?.today.totalTokens ?? 0}
+          limit={limits?.tokensPerDay ?? null}
+          format={fmtCompact}
+          pending={!usage}
+        />
+        {usage && usage.limits.budgetUsdMonthly !== null && (
+          <Meter
+            label="Spend this month"
+            used={Math.max(0, usage.limits.budgetUsdMonthly - (usage.remaining.budgetUsd ?? 0))}
+            limit={usage.limits.budgetUsdMonthly}
+            format={fmtUsd}
+          />
+        )}
+        <h3 style={{ marginTop: "1.25rem" }}>Your limits</h3>
+        <dl class="kv" style={{ marginTop: 0 }}>
+          <dt>Requests</dt>
+          <dd>
+            {limits
+              ? `${fmtInt(limits.rpm)} / minute · ${fmtInt(limits.rpd)} / day`
+              : sk("60 / minute")}
+          </dd>
+          <dt>Tokens</dt>
+          <dd>
+            {limits
+              ? (limits.tokensPerDay ? `${fmtInt(limits.tokensPerDay)} / day` : "unlimited")
+              : sk("unlimited")}
+          </dd>
+          <dt>Budget</dt>
+          <dd>
+            {limits
+              ? (limits.budgetUsdMonthly
+                ? `${fmtUsd(limits.budgetUsdMonthly)} / month`
+                : "unlimited")
+              : sk("unlimited")}
+          </dd>
+        </dl>
       </section>
       <section class="card" aria-labelledby="usage-title">
         <div class="card-head">
           <h2 id="usage-title">Last 30 days</h2>
           <p class="muted small">Requests per day</p>
         </div>
-        <div class="grid grid-3" style={{ gap: "0.75rem", marginBottom: "0.75rem" }}>
+        <div class="stats">
           <div class="stat">
             <span class="value" data-testid="usage-requests">
               {usage ? fmtCompact(total.requests) : sk("0")}
@@ -494,7 +490,13 @@ function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits
             <span class="label">cost</span>
           </div>
         </div>
-        <UsageChart points={points} label="requests" format={fmtCompact} height={150} />
+        <UsageChart
+          points={points}
+          label="requests"
+          format={fmtCompact}
+          width={420}
+          height={150}
+        />
         <h3 style={{ marginTop: "1rem" }}>By model</h3>
         {usage && usage.byModel.length > 0
           ? (

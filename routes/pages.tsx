@@ -18,6 +18,24 @@ const AdminUsers = island("AdminUsers", AdminUsersComponent);
 
 const DAY_MS = 86_400_000;
 
+const icon = (d: string) => (
+  <svg
+    viewBox="0 0 24 24"
+    fill="none"
+    stroke="currentColor"
+    stroke-width="2"
+    stroke-linecap="round"
+    stroke-linejoin="round"
+  >
+    <path d={d} />
+  </svg>
+);
+const ICONS = {
+  key: icon("M15 7a4 4 0 1 0-3.9 5H11l-1 1v2H8v2H6v2H3v-3l6.1-6.1A4 4 0 0 0 15 7zm2 0h.01"),
+  editor: icon("M8 9l-3 3 3 3M16 9l3 3-3 3M13 6l-2 12"),
+  check: icon("M20 6L9 17l-5-5"),
+};
+
 /** The Clerk Frontend API host encoded in a publishable key (`pk_test_` + base64 `host$`). */
 export function clerkFrontendApi(publishableKey: string | undefined): string | null {
   const m = publishableKey?.match(/^pk_(?:test|live)_([A-Za-z0-9+/=_-]+)$/);
@@ -123,7 +141,7 @@ export function pageRoutes(services: Services) {
         <div class="grid grid-3">
           <div class="card feature">
             <h3>
-              <span class="icon" aria-hidden="true">⚿</span>Your own key
+              <span class="icon" aria-hidden="true">{ICONS.key}</span>Your own key
             </h3>
             <p>
               A personal <code>kw_…</code>{" "}
@@ -132,7 +150,7 @@ export function pageRoutes(services: Services) {
           </div>
           <div class="card feature">
             <h3>
-              <span class="icon" aria-hidden="true">⌨</span>Works in your editor
+              <span class="icon" aria-hidden="true">{ICONS.editor}</span>Works in your editor
             </h3>
             <p>
               An OpenAI-compatible endpoint: VS Code extensions, CLIs and SDKs take the base URL and
@@ -141,7 +159,7 @@ export function pageRoutes(services: Services) {
           </div>
           <div class="card feature">
             <h3>
-              <span class="icon" aria-hidden="true">✓</span>No set-up
+              <span class="icon" aria-hidden="true">{ICONS.check}</span>No set-up
             </h3>
             <p>
               No provider account, no card, no config files. Your limits and usage are on your
@@ -340,7 +358,7 @@ export function pageRoutes(services: Services) {
             <h2 id="cost-title">Cost per day</h2>
             <p class="muted small">USD, UTC days</p>
           </div>
-          <UsageChart points={points} label="USD" format={usd} height={170} />
+          <UsageChart points={points} label="USD" format={usd} width={1000} height={200} />
         </section>
         <AdminUsers mode={authMode} defaults={config.limits} />
       </Layout>,

@@ -164,7 +164,7 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         // Usage from GET /api/usage (seeded above).
         await page.getByTestId("usage-requests").filter({ hasNotText: "0" }).waitFor();
         assert.ok(await page.getByRole("progressbar", { name: "Requests today" }).isVisible());
-        await page.getByRole("tab", { name: "VS Code settings" }).click();
+        await page.getByRole("tab", { name: "VS Code" }).click();
         await page.getByRole("button", { name: "Hide" }).click();
         await shoot(page, shotsDir, "dashboard-local", shots);
 
