@@ -203,11 +203,20 @@ const CSV_COLUMNS = [
 
 /** One CSV row per user and day (RFC 4180 quoting, CRLF line ends). Needs `perDay`. */
 export function reportCsv(report: Report): string {
-  const lines = [CSV_COLUMNS.join(",")];
+  return [...reportCsvParts(report)].join("");
+}
+
+/** The CSV in parts of a few thousand lines, so a big report streams out without one huge string. */
+export function* reportCsvParts(report: Report, linesPerPart = 5000): Generator<string> {
+  let lines = [CSV_COLUMNS.join(",")];
   for (const d of report.daily) {
     lines.push(CSV_COLUMNS.map((c) => csvField(d[c])).join(","));
+    if (lines.length >= linesPerPart) {
+      yield lines.join("\r\n") + "\r\n";
+      lines = [];
+    }
   }
-  return lines.join("\r\n") + "\r\n";
+  if (lines.length) yield lines.join("\r\n") + "\r\n";
 }
 
 function csvField(value: string | number | null): string {

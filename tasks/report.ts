@@ -5,7 +5,7 @@ import {
   buildReport,
   parseReportFlags,
   REPORT_USAGE,
-  reportCsv,
+  reportCsvParts,
   reportJson,
   reportTable,
   UsageError,
@@ -44,12 +44,15 @@ async function main(args: string[]): Promise<number> {
       onProgress: ({ day, index, total }) => progress(`reading ${day} (${index + 1}/${total})…`),
     });
     progress.done();
-    const text = flags.format === "json"
-      ? JSON.stringify(reportJson(report), null, 2) + "\n"
-      : flags.format === "csv"
-      ? reportCsv(report)
-      : reportTable(report);
-    await writeAll(text);
+    if (flags.format === "csv") {
+      for (const part of reportCsvParts(report)) await writeAll(part);
+    } else {
+      await writeAll(
+        flags.format === "json"
+          ? JSON.stringify(reportJson(report), null, 2) + "\n"
+          : reportTable(report),
+      );
+    }
     return 0;
   } finally {
     progress.done();
@@ -63,4 +66,13 @@ async function writeAll(text: string) {
   while (written < bytes.length) written += await Deno.stdout.write(bytes.subarray(written));
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (err) {
+    // Output piped into `head` and closed early is not an error worth a stack trace.
+    if (err instanceof Deno.errors.BrokenPipe) Deno.exit(0);
+    console.error(`deno task report: ${err instanceof Error ? err.message : String(err)}`);
+    Deno.exit(1);
+  }
+}

@@ -68,4 +68,13 @@ async function main(args: string[]): Promise<number> {
   }
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) {
+  try {
+    Deno.exit(await main(Deno.args));
+  } catch (err) {
+    // Output piped into `head` and closed early is not an error worth a stack trace.
+    if (err instanceof Deno.errors.BrokenPipe) Deno.exit(0);
+    console.error(`deno task summarize: ${err instanceof Error ? err.message : String(err)}`);
+    Deno.exit(1);
+  }
+}
