@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import type { Config } from "../lib/config.ts";
 import { keys } from "../lib/kv.ts";
+import type { Logger } from "../lib/log.ts";
 import { buildReport, reportJson } from "../lib/report.ts";
 import {
   CHUNK_MAX_USERS,
@@ -21,7 +22,14 @@ import {
   seedUsers,
   tempKvPath,
 } from "./cost_fixtures.ts";
-import { captureLogger } from "./helpers.ts";
+
+/** Keeps log lines as the JSON the real logger writes (level, msg, fields). */
+function captureLogger(): { log: Logger; lines: string[] } {
+  const lines: string[] = [];
+  const at = (level: string) => (msg: string, fields?: Record<string, unknown>) =>
+    lines.push(JSON.stringify({ level, msg, ...fields }));
+  return { log: { info: at("info"), warn: at("warn"), error: at("error") }, lines };
+}
 
 type JobConfig = Pick<Config, "pricing" | "limits">;
 const config = (budgetUsdMonthly = 0): JobConfig => ({
@@ -208,7 +216,7 @@ Deno.test("the cron handler runs the job and logs what it did", async () => {
   const kv = await Deno.openKv(":memory:");
   try {
     await seedUsage(kv);
-    const { log, lines } = captureLogger([]);
+    const { log, lines } = captureLogger();
     const handler = costSummaryJob({ kv, config: config(), log });
     await handler();
     const line = JSON.parse(lines.find((l) => l.includes('"cost summaries"'))!);
@@ -225,7 +233,7 @@ Deno.test("budget alerts: 80 % and 100 % logged once per user and month", async 
   const { path, cleanup } = await tempKvPath();
   const kv = await Deno.openKv(path);
   const other = await Deno.openKv(path);
-  const { log, lines } = captureLogger([]);
+  const { log, lines } = captureLogger();
   const alertLines = () => lines.filter((l) => l.includes("budget")).map((l) => JSON.parse(l));
   const spend = (userId: string, usd: number, at = "2026-03-09T10:00:00Z") =>
     // glm-4.6 output at 2.2 USD per million: usd / 2.2 × 1e6 completion tokens
@@ -307,5 +315,41 @@ Deno.test("chunks stay under 64 KiB with very long ids and model names", async (
     for (const [i, chunk] of chunks.entries()) await kv.set(["chunk", i], chunk);
   } finally {
     kv.close();
+  }
+});
+
+Deno.test("deno task summarize in two processes at once: same KV contents", async () => {
+  const { path, cleanup } = await tempKvPath();
+  try {
+    const kv = await Deno.openKv(path);
+    await seedUsage(kv);
+    kv.close();
+    const cwd = await Deno.makeTempDir({ prefix: "keyway_summarize_cwd_" });
+    const run = () =>
+      new Deno.Command(Deno.execPath(), {
+        args: ["run", "-A", new URL("../tasks/summarize.ts", import.meta.url).pathname],
+        cwd,
+        env: { DENO_KV_PATH: path, PRICING: JSON.stringify(PRICING), NO_COLOR: "1" },
+        stdout: "piped",
+        stderr: "piped",
+      }).output();
+    const outputs = await Promise.all([run(), run()]);
+    await Deno.remove(cwd, { recursive: true });
+    const text = outputs.map((o) => new TextDecoder().decode(o.stdout));
+    for (const [i, o] of outputs.entries()) {
+      assert.equal(o.code, 0, new TextDecoder().decode(o.stderr));
+      assert.match(text[i], /^Summarized \d day\(s\)|^Nothing to do/m);
+    }
+    // The processes stamp their own clock; everything else must match a single in-process run.
+    const normalize = (lines: string[]) =>
+      lines.map((l) => l.replace(/"summarizedAt":"[^"]+"/, '"summarizedAt":"…"'));
+    const after = await Deno.openKv(path);
+    try {
+      assert.deepEqual(normalize(await dumpKv(after)), normalize(await onceRun()));
+    } finally {
+      after.close();
+    }
+  } finally {
+    await cleanup();
   }
 });
