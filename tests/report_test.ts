@@ -20,8 +20,7 @@ import {
   tempKvPath,
 } from "./cost_fixtures.ts";
 
-const LIMITS = { budgetUsdMonthly: 0 } as const;
-const config = { pricing: PRICING, limits: { rpm: 60, rpd: 1000, tokensPerDay: 0, ...LIMITS } };
+const config = { pricing: PRICING, limits: { budgetUsdMonthly: 0 } };
 
 async function withKv(fn: (kv: Deno.Kv) => Promise<void>) {
   const kv = await Deno.openKv(":memory:");
