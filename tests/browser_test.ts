@@ -120,6 +120,21 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         assert.match(await page.locator(".banner").innerText(), /Local mode/);
         await shoot(page, shotsDir, "sign-in-local", shots);
 
+        // Cumulative layout shift of the dashboard: hydration and data arriving must not jump.
+        await page.addInitScript(() => {
+          const g = globalThis as unknown as { __cls: number };
+          g.__cls = 0;
+          new PerformanceObserver((list) => {
+            for (
+              const e of list.getEntries() as unknown as {
+                value: number;
+                hadRecentInput: boolean;
+              }[]
+            ) {
+              if (!e.hadRecentInput) g.__cls += e.value;
+            }
+          }).observe({ type: "layout-shift", buffered: true });
+        });
         const email = "ada@example.com";
         await seedUsage(local, await localUserId(email));
         await page.getByLabel("E-mail address").fill(email);
@@ -164,6 +179,9 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         // Usage from GET /api/usage (seeded above).
         await page.getByTestId("usage-requests").filter({ hasNotText: "0" }).waitFor();
         assert.ok(await page.getByRole("progressbar", { name: "Requests today" }).isVisible());
+        const cls = await page.evaluate(() => (globalThis as unknown as { __cls: number }).__cls);
+        console.log(`dashboard cumulative layout shift: ${cls.toFixed(4)}`);
+        assert.ok(cls < 0.02, `layout shift ${cls} while the island loaded`);
         await page.getByRole("tab", { name: "VS Code" }).click();
         await page.getByRole("button", { name: "Hide" }).click();
         await shoot(page, shotsDir, "dashboard-local", shots);
@@ -199,7 +217,10 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         assert.equal(new URL(page.url()).pathname, "/dashboard");
         assert.equal(await page.locator(".banner").count(), 0, "no local-mode banner with Clerk");
         await page.waitForFunction(
-          () => /^kw_/.test(document.querySelector("[data-testid=api-key]")!.textContent!),
+          () =>
+            /^kw_[A-Za-z0-9_-]{4}•/.test(
+              document.querySelector("[data-testid=api-key]")!.textContent!,
+            ),
           undefined,
           { timeout: 10_000 },
         );
@@ -224,6 +245,47 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         await w.context.close();
       },
     );
+
+    await t.step("the island retries a failing key API and copes without /api/usage", async () => {
+      const w = await watchedContext(browser, { viewport: DESKTOP });
+      const token = await issuer.token("user_retry", { ttlSeconds: 600 });
+      await fakeClerk(w.context, token);
+      await w.context.addCookies([{ name: "__session", value: token, url: clerk.url }]);
+      let keyCalls = 0;
+      await w.context.route("**/api/key", async (route) => {
+        if (++keyCalls === 1) {
+          return await route.fulfill({
+            status: 503,
+            contentType: "application/json",
+            body: JSON.stringify({ error: { code: "not_configured", message: "Try later." } }),
+          });
+        }
+        await route.continue();
+      });
+      await w.context.route("**/api/usage*", (route) =>
+        route.fulfill({
+          status: 404,
+          contentType: "application/json",
+          body: JSON.stringify({ error: { code: "not_found", message: "No such endpoint" } }),
+        }));
+      const page = await w.newPage();
+      await page.goto(`${clerk.url}/dashboard`);
+      await page.getByText("Retrying in 1 s").waitFor();
+      await page.waitForFunction(
+        () =>
+          /^kw_[A-Za-z0-9_-]{4}•/.test(
+            document.querySelector("[data-testid=api-key]")!.textContent!,
+          ),
+        undefined,
+        { timeout: 10_000 },
+      );
+      assert.equal(keyCalls, 2);
+      await page.getByText("Usage statistics are not available on this server yet.").waitFor();
+      // Both failures were answered on purpose; nothing else may log an error.
+      assert.deepEqual(w.errors.filter((e) => !/status of (503|404)/.test(e)), []);
+      assert.equal(w.errors.length, 2);
+      await w.context.close();
+    });
 
     await t.step(
       "Clerk mode: sign-in mounts Clerk's component, redirecting to /dashboard",
@@ -296,6 +358,19 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
       await row.getByRole("button", { name: /^Enable/ }).click();
       await row.getByTestId("user-status").filter({ hasText: "active" }).waitFor();
       assert.equal((await clerk.services.users.get("user_clerk"))?.status, "active");
+      // A limit override through the form; an emptied field clears it again.
+      await row.getByRole("button", { name: "Limits" }).click();
+      await page.getByLabel("Requests / min").fill("5");
+      await page.getByRole("button", { name: "Save" }).click();
+      await page.getByText("Limits saved for user_clerk.").waitFor();
+      assert.equal((await clerk.services.users.get("user_clerk"))?.limits.rpm, 5);
+      await row.getByRole("button", { name: "Limits" }).click();
+      assert.equal(await page.getByLabel("Requests / min").inputValue(), "5");
+      await page.getByLabel("Requests / min").fill("");
+      await page.getByRole("button", { name: "Save" }).click();
+      await page.getByText("Limits saved for user_clerk.").waitFor();
+      await page.waitForFunction(() => !document.querySelector(".limits-form"));
+      assert.equal((await clerk.services.users.get("user_clerk"))?.limits.rpm, undefined);
       assert.deepEqual(w.errors, []);
       await w.context.close();
     });
