@@ -47,7 +47,7 @@ export function UsageChart(
       aria-label={summary}
     >
       <title>{summary}</title>
-      {[0, 0.5, 1].map((f) => {
+      {(total > 0 ? [0, 0.5, 1] : [0]).map((f) => {
         const y = top + plotH * (1 - f);
         return (
           <g key={f}>

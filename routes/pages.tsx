@@ -293,7 +293,7 @@ export function pageRoutes(services: Services) {
     if (!config.adminUserIds.has(session.userId)) {
       return render(
         c,
-        <Layout title="Forbidden" {...layout} clerk={clerk}>
+        <Layout title="Forbidden" {...layout}>
           <div class="error-page">
             <div class="code-big">403</div>
             <h1>Operators only</h1>
@@ -339,13 +339,18 @@ export function pageRoutes(services: Services) {
             <p class="muted">Users, usage and cost of the last 30 days.</p>
           </div>
         </div>
-        <div class="grid grid-3" style={{ marginBottom: "1.25rem" }}>
+        <div class="grid stat-cards" style={{ marginBottom: "1.25rem" }}>
           <div class="card stat">
             <span class="value">{totals.requests.toLocaleString("en-US")}</span>
             <span class="label">requests, 30 days</span>
           </div>
           <div class="card stat">
-            <span class="value">{totals.tokens.toLocaleString("en-US")}</span>
+            <span class="value" title={totals.tokens.toLocaleString("en-US")}>
+              {totals.tokens.toLocaleString("en-US", {
+                notation: totals.tokens >= 100_000 ? "compact" : "standard",
+                maximumFractionDigits: 1,
+              })}
+            </span>
             <span class="label">tokens, 30 days</span>
           </div>
           <div class="card stat">
@@ -358,7 +363,12 @@ export function pageRoutes(services: Services) {
             <h2 id="cost-title">Cost per day</h2>
             <p class="muted small">USD, UTC days</p>
           </div>
-          <UsageChart points={points} label="USD" format={usd} width={1000} height={200} />
+          <div class="only-wide">
+            <UsageChart points={points} label="USD" format={usd} width={1000} height={200} />
+          </div>
+          <div class="only-narrow">
+            <UsageChart points={points} label="USD" format={usd} width={380} height={160} />
+          </div>
         </section>
         <AdminUsers mode={authMode} defaults={config.limits} />
       </Layout>,

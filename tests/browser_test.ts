@@ -247,8 +247,20 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
     );
 
     await t.step("the island retries a failing key API and copes without /api/usage", async () => {
-      const w = await watchedContext(browser, { viewport: DESKTOP });
       const token = await issuer.token("user_retry", { ttlSeconds: 600 });
+      // What the server sends before any script runs: the skeleton the island hydrates.
+      const still = await watchedContext(browser, { viewport: DESKTOP, javaScriptEnabled: false });
+      await still.context.addCookies([{ name: "__session", value: token, url: clerk.url }]);
+      const stillPage = await still.newPage();
+      await stillPage.goto(`${clerk.url}/dashboard`);
+      assert.equal(
+        await stillPage.locator('[data-island="AutoProvision"] [data-testid=api-key]').innerText(),
+        "kw_••••" + "•".repeat(20),
+      );
+      await shoot(stillPage, shotsDir, "dashboard-skeleton", shots);
+      await still.context.close();
+
+      const w = await watchedContext(browser, { viewport: DESKTOP });
       await fakeClerk(w.context, token);
       await w.context.addCookies([{ name: "__session", value: token, url: clerk.url }]);
       let keyCalls = 0;
@@ -335,6 +347,11 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
       const res = await otherPage.goto(`${clerk.url}/admin`);
       assert.equal(res?.status(), 403);
       await otherPage.getByRole("heading", { name: "Operators only" }).waitFor();
+      assert.equal(await otherPage.locator("script").count(), 0, "no island, no JS");
+      await otherPage.goto(`${clerk.url}/`);
+      await otherPage.getByRole("link", { name: "Go to dashboard" }).waitFor();
+      assert.equal(await otherPage.locator("script").count(), 0, "Clerk-mode landing: no JS");
+      await otherPage.goto(`${clerk.url}/admin`);
       await shoot(otherPage, shotsDir, "admin-403", shots);
       // 403 is expected for the document itself; nothing else may fail.
       assert.deepEqual(other.errors.filter((e) => !e.includes("403")), []);
