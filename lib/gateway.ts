@@ -13,9 +13,9 @@ import type { Config } from "./config.ts";
 import { AppError, invalidRequest } from "./errors.ts";
 import { hashApiKey, looksLikeApiKey } from "./keys.ts";
 import { keys } from "./kv.ts";
-import { type Admission, admit } from "./limits.ts";
+import { type Admission, Admitter } from "./limits.ts";
 import type { Logger } from "./log.ts";
-import { recordUsage } from "./usage.ts";
+import { UsageRecorder } from "./usage.ts";
 import type { KeyIndexValue, UserRecord } from "./users.ts";
 
 export const MAX_BODY_BYTES = 1024 * 1024;
@@ -64,13 +64,23 @@ export class Gateway {
    * key index entry and user record are re-read and checked atomically on every request.
    */
   private readonly userIdByHash = new Map<string, string>();
+  /**
+   * API key → its SHA-256 (hashing is the costliest CPU step of the hot path). The process can
+   * decrypt every key anyway (KeyVault), so remembering them adds no exposure; bounded.
+   */
+  private readonly hashByKey = new Map<string, string>();
   private readonly inflight = new Set<Promise<void>>();
+  private readonly admitter: Admitter;
+  private readonly recorder: UsageRecorder;
 
   constructor(deps: GatewayDeps) {
     this.config = deps.config;
     this.kv = deps.kv;
     this.log = deps.log;
     this.clock = deps.clock ?? Date.now;
+    this.admitter = new Admitter(deps.kv, deps.config, this.clock);
+    this.recorder = new UsageRecorder(deps.kv, deps.config.pricing);
+    this.recorder.rideWith(this.admitter);
     const glm = deps.config.glm;
     this.upstreamUrl = `${glm.baseUrl}/chat/completions`;
     this.upstreamHeaders = glm.apiKey
@@ -93,16 +103,13 @@ export class Gateway {
     const hash = await this.keyHash(req.headers.get("authorization"));
     // Read the body while the key is looked up; its errors are reported after the key checks.
     const [body, userId] = await Promise.all([readChatBody(req), this.userIdFor(hash)]);
-    const admission = await admit(this.kv, this.config, {
+    const admission = await this.admitter.admit({
       userId,
-      keyHash: hash,
-      clock: this.clock,
       validate: (snap, headers) => {
         const user = this.checkKeyAndUser(
           hash,
           userId,
           snap.userEntry.value,
-          snap.indexEntry?.value,
           headers,
         );
         if (body instanceof AppError) throw new AppError(body.code, body.message, headers);
@@ -132,11 +139,8 @@ export class Gateway {
   async models(req: Request): Promise<Response> {
     const hash = await this.keyHash(req.headers.get("authorization"));
     const userId = await this.userIdFor(hash);
-    const [user, index] = await this.kv.getMany<[UserRecord, KeyIndexValue]>([
-      keys.user(userId),
-      keys.keyByHash(hash),
-    ]);
-    this.checkKeyAndUser(hash, userId, user.value, index.value, {});
+    const user = await this.kv.get<UserRecord>(keys.user(userId));
+    this.checkKeyAndUser(hash, userId, user.value, {});
     return new Response(this.modelsJson, {
       headers: { "content-type": "application/json; charset=UTF-8" },
     });
@@ -146,15 +150,12 @@ export class Gateway {
   async authenticate(authorization: string | null | undefined): Promise<UserRecord> {
     const hash = await this.keyHash(authorization);
     const userId = await this.userIdFor(hash);
-    const [user, index] = await this.kv.getMany<[UserRecord, KeyIndexValue]>([
-      keys.user(userId),
-      keys.keyByHash(hash),
-    ]);
-    if (!index.value || index.value.userId !== userId || user.value?.key?.hash !== hash) {
+    const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
+    if (user?.key?.hash !== hash) {
       this.userIdByHash.delete(hash);
       throw invalidKey();
     }
-    return user.value;
+    return user;
   }
 
   /** Resolves once every usage write started so far has finished (tests, shutdown). */
@@ -165,7 +166,12 @@ export class Gateway {
   private async keyHash(authorization: string | null | undefined): Promise<string> {
     const key = bearerKey(authorization);
     if (!key || !looksLikeApiKey(key)) throw invalidKey();
-    return await hashApiKey(key);
+    const known = this.hashByKey.get(key);
+    if (known) return known;
+    const hash = await hashApiKey(key);
+    if (this.hashByKey.size >= KEY_CACHE_MAX) this.hashByKey.clear();
+    this.hashByKey.set(key, hash);
+    return hash;
   }
 
   private async userIdFor(hash: string): Promise<string> {
@@ -178,14 +184,18 @@ export class Gateway {
     return index.value.userId;
   }
 
+  /**
+   * The key must still be the user's current key. Checking the user record is enough: the key
+   * index entry is only ever written in the same commit as the user's `key` (provision, rotate,
+   * delete), and the admission commit checks the user record's version.
+   */
   private checkKeyAndUser(
     hash: string,
     userId: string,
     user: UserRecord | null,
-    index: KeyIndexValue | null | undefined,
     headers: Record<string, string>,
   ): UserRecord {
-    if (!index || index.userId !== userId || !user || user.key?.hash !== hash) {
+    if (!user || user.id !== userId || user.key?.hash !== hash) {
       this.userIdByHash.delete(hash);
       throw invalidKey();
     }
@@ -319,7 +329,7 @@ export class Gateway {
       completionTokens,
       ms: Math.round((performance.now() - started) * 10) / 10,
     });
-    const write = recordUsage(this.kv, this.config.pricing, {
+    const write = this.recorder.record({
       userId,
       model,
       promptTokens,

@@ -11,13 +11,18 @@
  *   token bucket of capacity rpm refilled continuously, with no window edges to game.
  * - Requests per UTC day: a counter that belongs to the calendar day it was written on (it
  *   restarts at 00:00 UTC).
- * - Both live in ONE entry per user (`keys.rate(userId)`). A request reads the user record, the
- *   key index entry, that entry and the quota counters in one `getMany`, decides, and writes the
- *   new state with an atomic commit that checks the user record, the key index entry and the rate
- *   entry. A concurrent rotation, revocation, disable or admission makes the commit fail and the
- *   request starts over from a fresh read (jittered back-off), so N simultaneous requests against
- *   an allowance of L admit exactly min(N, L), and a key revoked concurrently cannot slip through.
+ * - Both live in ONE entry per user (`keys.rate(userId)`). A request reads the user record, that
+ *   entry and (when a quota applies) the quota counters in one `getMany`, decides, and writes the
+ *   new state with an atomic commit that checks the user record and the rate entry. The user
+ *   record holds the hash of the current key and is rewritten in the same commit as the key index
+ *   by every rotation, revocation and status change, so a concurrent one makes the commit fail;
+ *   so does a concurrent admission. The request then starts over from a fresh read (jittered
+ *   back-off): N simultaneous requests against an allowance of L admit exactly min(N, L), and a
+ *   key revoked or a user disabled concurrently cannot slip through.
  *   Refusals write nothing: a refused request never counts against any limit.
+ * - In one process, concurrent admissions are group-committed (`Admitter`): requests arriving
+ *   while a commit is in flight are decided together, in arrival order, and written with one
+ *   atomic commit that checks every entry the batch read — the same guarantee, far fewer commits.
  * - Quotas (tokens per UTC day, spend per UTC month in nano-USD) are KvU64 sums written by the
  *   usage meter after each answer. They are checked before the request: once a counter has reached
  *   its limit the next request is refused, so the request that crosses the limit is allowed.
@@ -34,7 +39,7 @@
  */
 import type { Config } from "./config.ts";
 import { AppError } from "./errors.ts";
-import { type Day, keys, u64, utcDay, utcMonth } from "./kv.ts";
+import { commitOrConflict, type Day, keys, u64, utcDay, utcMonth } from "./kv.ts";
 import type { UserRecord } from "./users.ts";
 
 export interface EffectiveLimits {
@@ -177,35 +182,83 @@ export interface LimitSnapshot {
   now: number;
   userEntry: Deno.KvEntryMaybe<UserRecord>;
   rateEntry: Deno.KvEntryMaybe<RateState>;
-  /** The key index entry when the request came with an API key. */
-  indexEntry: Deno.KvEntryMaybe<{ userId: string }> | null;
+  /** False when the quota counters were not read (the user had no quota when last seen). */
+  countersRead: boolean;
   tokensToday: number;
   spendNanoMonth: number;
+}
+
+/** Keys per KV getMany call. */
+const GET_MANY_MAX = 10;
+
+/** Reads many keys with as few getMany calls as KV allows, all in parallel. */
+async function getAll(kv: Deno.Kv, wanted: Deno.KvKey[]): Promise<Deno.KvEntryMaybe<unknown>[]> {
+  if (wanted.length <= GET_MANY_MAX) return await kv.getMany(wanted);
+  const calls = [];
+  for (let i = 0; i < wanted.length; i += GET_MANY_MAX) {
+    calls.push(kv.getMany(wanted.slice(i, i + GET_MANY_MAX)));
+  }
+  return (await Promise.all(calls)).flat();
+}
+
+const counterKeys = (userId: string, now: number) => [
+  keys.tokensByDay(userId, utcDay(now)),
+  keys.spendByMonth(userId, utcMonth(now)),
+];
+
+/**
+ * Snapshots for several users: user record and rate entry always, quota counters for the users
+ * `withCounters` names — packed into getMany calls of 10 keys (one round trip, in parallel).
+ */
+export async function readSnapshots(
+  kv: Deno.Kv,
+  userIds: string[],
+  now: number,
+  withCounters: (userId: string) => boolean,
+): Promise<Map<string, LimitSnapshot>> {
+  const wanted: Deno.KvKey[] = [];
+  for (const id of userIds) {
+    wanted.push(keys.user(id), keys.rate(id));
+    if (withCounters(id)) wanted.push(...counterKeys(id, now));
+  }
+  const entries = await getAll(kv, wanted);
+  const out = new Map<string, LimitSnapshot>();
+  let i = 0;
+  for (const id of userIds) {
+    const userEntry = entries[i++] as Deno.KvEntryMaybe<UserRecord>;
+    const rateEntry = entries[i++] as Deno.KvEntryMaybe<RateState>;
+    const countersRead = withCounters(id);
+    out.set(id, {
+      now,
+      userEntry,
+      rateEntry,
+      countersRead,
+      tokensToday: countersRead ? u64(entries[i++].value) : 0,
+      spendNanoMonth: countersRead ? u64(entries[i++].value) : 0,
+    });
+  }
+  return out;
+}
+
+/** Fills in the quota counters of snapshots read without them (second round trip). */
+async function readCounters(kv: Deno.Kv, snaps: Array<[string, LimitSnapshot]>) {
+  const entries = await getAll(kv, snaps.flatMap(([id, s]) => counterKeys(id, s.now)));
+  snaps.forEach(([, snap], n) => {
+    snap.countersRead = true;
+    snap.tokensToday = u64(entries[2 * n].value);
+    snap.spendNanoMonth = u64(entries[2 * n + 1].value);
+  });
 }
 
 export async function readSnapshot(
   kv: Deno.Kv,
   userId: string,
-  keyHash: string | null,
   now: number,
 ): Promise<LimitSnapshot> {
-  const wanted: Deno.KvKey[] = [
-    keys.user(userId),
-    keys.rate(userId),
-    keys.tokensByDay(userId, utcDay(now)),
-    keys.spendByMonth(userId, utcMonth(now)),
-  ];
-  if (keyHash) wanted.push(keys.keyByHash(keyHash));
-  const entries = await kv.getMany(wanted);
-  return {
-    now,
-    userEntry: entries[0] as Deno.KvEntryMaybe<UserRecord>,
-    rateEntry: entries[1] as Deno.KvEntryMaybe<RateState>,
-    tokensToday: u64(entries[2].value),
-    spendNanoMonth: u64(entries[3].value),
-    indexEntry: keyHash ? entries[4] as Deno.KvEntryMaybe<{ userId: string }> : null,
-  };
+  return (await readSnapshots(kv, [userId], now, () => true)).get(userId)!;
 }
+
+const hasQuota = (l: EffectiveLimits) => l.tokensPerDay !== null || l.budgetUsdMonthly !== null;
 
 export interface Remaining {
   minute: number;
@@ -266,8 +319,6 @@ export interface Admission {
 
 export interface AdmitOptions {
   userId: string;
-  /** Set for API-key requests: the key index entry must still point at this user. */
-  keyHash: string | null;
   /**
    * Runs on every fresh snapshot before the limits (key, user state, model checks); throws an
    * AppError to refuse. `headers` are the rate headers as they stand (nothing consumed).
@@ -276,6 +327,59 @@ export interface AdmitOptions {
   clock?: () => number;
   maxAttempts?: number;
 }
+
+type Evaluation =
+  | { ok: true; admission: Admission; next: RateState }
+  | { ok: false; error: unknown };
+
+/**
+ * Decides one request on a snapshot, with `state` as the user's rate state (the snapshot's, or
+ * the state left by earlier requests of the same batch). Pure: writes nothing.
+ */
+function evaluate(
+  config: Config,
+  snap: LimitSnapshot,
+  state: RateState | null,
+  validate: AdmitOptions["validate"],
+): Evaluation {
+  const now = snap.now;
+  const limits = effectiveLimits(config, snap.userEntry.value ?? { limits: {} });
+  const decision = decideRate(state, limits, now);
+  const current = rateHeaders(limits, decision.before, now);
+  let user: UserRecord;
+  try {
+    user = validate(snap, current);
+  } catch (error) {
+    return { ok: false, error };
+  }
+  if (!decision.allowed) {
+    return {
+      ok: false,
+      error: new AppError(
+        "rate_limit_exceeded",
+        decision.before.remainingDay < 1
+          ? `Daily request limit of ${limits.rpd} reached; it resets at 00:00 UTC.`
+          : `Rate limit of ${limits.rpm} requests per minute reached; retry in ${decision.retryAfter}s.`,
+        { ...current, "retry-after": String(decision.retryAfter) },
+      ),
+    };
+  }
+  const quota = quotaRefusal(limits, snap, current);
+  if (quota) return { ok: false, error: quota };
+  return {
+    ok: true,
+    next: decision.next,
+    admission: {
+      user,
+      limits,
+      headers: rateHeaders(limits, decision.after, now),
+      remaining: remainingOf(limits, decision.after, snap.tokensToday, snap.spendNanoMonth),
+    },
+  };
+}
+
+/** The rate entry is worthless after a day; KV drops idle users' entries. */
+const RATE_EXPIRE_MS = 2 * DAY_MS;
 
 /**
  * Admits one request against the user's request limits and quotas, exactly under concurrency
@@ -286,38 +390,278 @@ export async function admit(kv: Deno.Kv, config: Config, o: AdmitOptions): Promi
   const maxAttempts = o.maxAttempts ?? 100;
   for (let attempt = 0; attempt < maxAttempts; attempt++) {
     if (attempt > 0) await backoff(attempt);
-    const snap = await readSnapshot(kv, o.userId, o.keyHash, clock());
-    const now = snap.now;
-    const limits = effectiveLimits(config, snap.userEntry.value ?? { limits: {} });
-    const decision = decideRate(snap.rateEntry.value, limits, now);
-    const current = rateHeaders(limits, decision.before, now);
-    const user = o.validate(snap, current);
-    if (!decision.allowed) {
-      throw new AppError(
-        "rate_limit_exceeded",
-        decision.before.remainingDay < 1
-          ? `Daily request limit of ${limits.rpd} reached; it resets at 00:00 UTC.`
-          : `Rate limit of ${limits.rpm} requests per minute reached; retry in ${decision.retryAfter}s.`,
-        { ...current, "retry-after": String(decision.retryAfter) },
-      );
-    }
-    const quota = quotaRefusal(limits, snap, current);
-    if (quota) throw quota;
+    const snap = await readSnapshot(kv, o.userId, clock());
+    const result = evaluate(config, snap, snap.rateEntry.value, o.validate);
+    if (!result.ok) throw result.error;
     const op = kv.atomic().check(snap.userEntry).check(snap.rateEntry);
-    if (snap.indexEntry) op.check(snap.indexEntry);
-    // The state is worthless after a day; let KV drop idle users' entries.
-    op.set(keys.rate(o.userId), decision.next, { expireIn: 2 * DAY_MS });
-    const res = await commitOrConflict(op);
-    if (res.ok) {
-      return {
-        user,
-        limits,
-        headers: rateHeaders(limits, decision.after, now),
-        remaining: remainingOf(limits, decision.after, snap.tokensToday, snap.spendNanoMonth),
-      };
-    }
+    op.set(keys.rate(o.userId), result.next, { expireIn: RATE_EXPIRE_MS });
+    if ((await commitOrConflict(op)).ok) return result.admission;
   }
   throw new Error(`rate limit: KV commit kept conflicting after ${maxAttempts} attempts`);
+}
+
+interface Pending {
+  o: AdmitOptions;
+  resolve: (a: Admission) => void;
+  reject: (err: unknown) => void;
+}
+
+/** At most 2 checks per request and 100 per KV commit. */
+const MAX_BATCH = 50;
+/** Batch attempts before the requests of a conflicting batch go on one by one. */
+const BATCH_ATTEMPTS = 3;
+
+/**
+ * Writes without checks (usage sums) that ride along in the Admitter's commits, so a busy
+ * gateway makes one KV commit per batch instead of one for admissions and one for usage.
+ */
+export interface ExtraWrites {
+  hasPending(): boolean;
+  /** Adds queued writes to `op` using at most `budget` mutations; null when nothing is queued. */
+  take(op: Deno.AtomicOperation, budget: number): ExtraBatch | null;
+}
+
+export interface ExtraBatch {
+  /** The commit went through (no error) or failed for good (error). */
+  settle(err?: unknown): void;
+  /** The commit did not happen (a check failed): put the writes back for the next one. */
+  requeue(): void;
+}
+
+/** KV allows 1000 mutations per commit; admissions use at most MAX_BATCH of them. */
+const MAX_MUTATIONS = 1000;
+
+/**
+ * Group commit for admissions (the gateway's hot path). A request is admitted at once when no
+ * batch is in flight; requests arriving meanwhile form the next batch, which reads every user's
+ * snapshot (one getMany each, in parallel), decides the requests in arrival order — requests of
+ * one user see the rate state left by the ones before them — and writes every admission with ONE
+ * atomic commit that checks all the entries it read. Exactness is the same as `admit`: the commit
+ * fails if any entry changed since it was read (another process, a rotation, a disable…), and
+ * the batch is decided again from fresh reads. Outcomes, refusals included, are only delivered
+ * once the commit went through. After repeated conflicts the batch falls back to `admit`.
+ */
+export class Admitter {
+  private queue: Pending[] = [];
+  private running = false;
+  /**
+   * Users seen with a quota, whose counters are read up front. Only a hint to save a round
+   * trip: the decision always uses the user record just read, and reads the counters when a
+   * quota applies that the hint missed.
+   */
+  private readonly quotaUsers = new Set<string>();
+  private readonly defaultQuota: boolean;
+  private readonly wantsCounters = (userId: string) =>
+    this.defaultQuota || this.quotaUsers.has(userId);
+  private extra: ExtraWrites | null = null;
+
+  constructor(
+    private readonly kv: Deno.Kv,
+    private readonly config: Config,
+    private readonly clock: () => number = Date.now,
+  ) {
+    this.defaultQuota = hasQuota(effectiveLimits(config, { limits: {} }));
+  }
+
+  private remember(userId: string) {
+    if (this.quotaUsers.size >= 100_000) this.quotaUsers.clear();
+    this.quotaUsers.add(userId);
+  }
+
+  admit(o: Omit<AdmitOptions, "clock" | "maxAttempts">): Promise<Admission> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ o, resolve, reject });
+      this.kick();
+    });
+  }
+
+  /** Lets `extra`'s writes ride along in this admitter's commits (it calls kick() on new ones). */
+  carry(extra: ExtraWrites) {
+    this.extra = extra;
+  }
+
+  /** Starts the writer loop unless it is running (it drains admissions and extra writes). */
+  kick() {
+    if (!this.running) this.run();
+  }
+
+  private async run() {
+    this.running = true;
+    try {
+      while (this.queue.length || this.extra?.hasPending()) {
+        const batch = this.queue.splice(0, MAX_BATCH);
+        try {
+          if (batch.length) await this.settle(batch);
+          else await this.commitExtraOnly();
+        } catch (err) {
+          for (const p of batch) p.reject(err);
+        }
+      }
+    } finally {
+      this.running = false;
+    }
+  }
+
+  /** Nothing to admit: commit the extra writes alone (sums carry no checks, so no conflict). */
+  private async commitExtraOnly() {
+    const op = this.kv.atomic();
+    const extra = this.extra?.take(op, MAX_MUTATIONS);
+    if (!extra) return;
+    try {
+      const res = await commitOrConflict(op);
+      if (res.ok) extra.settle();
+      else extra.requeue();
+    } catch (err) {
+      extra.settle(err);
+    }
+  }
+
+  /** Last known user and rate entries (with versionstamps) per user; see `snapshots`. */
+  private readonly known = new Map<
+    string,
+    { userEntry: Deno.KvEntryMaybe<UserRecord>; rateEntry: Deno.KvEntryMaybe<RateState> }
+  >();
+
+  private know(
+    userId: string,
+    userEntry: Deno.KvEntryMaybe<UserRecord>,
+    rateEntry: Deno.KvEntryMaybe<RateState>,
+  ) {
+    if (this.known.size >= 100_000 && !this.known.has(userId)) this.known.clear();
+    this.known.set(userId, { userEntry, rateEntry });
+  }
+
+  /**
+   * Snapshots for a batch. Users whose entries this process wrote or read last are not read
+   * again: an admission decided on remembered entries is only written if the commit's checks
+   * prove them current (else the batch is decided again from fresh reads), and a refusal decided
+   * on them is decided again on a fresh read (`fresh`). So remembered state saves a KV round trip
+   * but never decides an outcome on its own.
+   */
+  private async snapshots(
+    userIds: string[],
+    now: number,
+    fresh: Set<string>,
+  ): Promise<{ snaps: Map<string, LimitSnapshot>; remembered: Set<string> }> {
+    const toRead = userIds.filter((id) => fresh.has(id) || !this.known.has(id));
+    const read = toRead.length
+      ? await readSnapshots(this.kv, toRead, now, this.wantsCounters)
+      : new Map<string, LimitSnapshot>();
+    const snaps = new Map<string, LimitSnapshot>();
+    const remembered = new Set<string>();
+    for (const id of userIds) {
+      const got = read.get(id);
+      if (got) {
+        this.know(id, got.userEntry, got.rateEntry);
+        snaps.set(id, got);
+        continue;
+      }
+      const k = this.known.get(id)!;
+      remembered.add(id);
+      snaps.set(id, {
+        now,
+        userEntry: k.userEntry,
+        rateEntry: k.rateEntry,
+        countersRead: false,
+        tokensToday: 0,
+        spendNanoMonth: 0,
+      });
+    }
+    // Quota counters move with every answer: read them whenever a quota applies.
+    const missing = [...snaps].filter(([, snap]) =>
+      !snap.countersRead &&
+      hasQuota(effectiveLimits(this.config, snap.userEntry.value ?? { limits: {} }))
+    );
+    if (missing.length) {
+      await readCounters(this.kv, missing);
+      for (const [id] of missing) this.remember(id);
+    }
+    return { snaps, remembered };
+  }
+
+  private async settle(batch: Pending[]) {
+    const userIds = [...new Set(batch.map((p) => p.o.userId))];
+    const fresh = new Set<string>();
+    let conflicts = 0;
+    while (conflicts < BATCH_ATTEMPTS) {
+      const now = this.clock();
+      const { snaps, remembered } = await this.snapshots(userIds, now, fresh);
+      const states = new Map<string, RateState>();
+      const outcomes: Evaluation[] = [];
+      const op = this.kv.atomic();
+      const checked = new Set<string>();
+      const stale = new Set<string>();
+      for (const { o } of batch) {
+        const snap = snaps.get(o.userId)!;
+        const state = states.get(o.userId) ?? snap.rateEntry.value;
+        const result = evaluate(this.config, snap, state, o.validate);
+        outcomes.push(result);
+        if (!result.ok) {
+          if (remembered.has(o.userId)) stale.add(o.userId);
+          continue;
+        }
+        states.set(o.userId, result.next);
+        if (!checked.has(o.userId)) {
+          checked.add(o.userId);
+          op.check(snap.userEntry).check(snap.rateEntry);
+        }
+      }
+      if (stale.size) {
+        // A refusal must rest on a fresh read: decide the batch again with those users read.
+        for (const id of stale) fresh.add(id);
+        continue;
+      }
+      if (states.size === 0) {
+        for (const [i, p] of batch.entries()) {
+          const r = outcomes[i];
+          if (!r.ok) p.reject(r.error);
+        }
+        return;
+      }
+      for (const [userId, next] of states) {
+        op.set(keys.rate(userId), next, { expireIn: RATE_EXPIRE_MS });
+      }
+      const extra = this.extra?.take(op, MAX_MUTATIONS - states.size);
+      let res: Deno.KvCommitResult | Deno.KvCommitError;
+      try {
+        res = await commitOrConflict(op);
+      } catch (err) {
+        extra?.settle(err);
+        for (const id of userIds) this.known.delete(id);
+        throw err;
+      }
+      if (res.ok) {
+        extra?.settle();
+        for (const [userId, next] of states) {
+          this.know(userId, snaps.get(userId)!.userEntry, {
+            key: keys.rate(userId),
+            value: next,
+            versionstamp: res.versionstamp,
+          });
+        }
+        for (const [i, p] of batch.entries()) {
+          const r = outcomes[i];
+          if (r.ok) p.resolve(r.admission);
+          else p.reject(r.error);
+        }
+        return;
+      }
+      extra?.requeue();
+      // Something changed under us (another process, a rotation, a disable…): read everything.
+      for (const id of userIds) fresh.add(id);
+      conflicts++;
+      await backoff(conflicts + 1);
+    }
+    // Persistent conflicts (several processes hammering the same users): go on one by one.
+    for (const id of userIds) this.known.delete(id);
+    await Promise.all(batch.map(async (p) => {
+      try {
+        p.resolve(await admit(this.kv, this.config, { ...p.o, clock: this.clock }));
+      } catch (err) {
+        p.reject(err);
+      }
+    }));
+  }
 }
 
 /** Jittered exponential back-off so a burst of contenders does not retry in lock-step. */
@@ -334,7 +678,7 @@ export async function limitStatus(
   userId: string,
   now: number = Date.now(),
 ): Promise<{ limits: EffectiveLimits; remaining: Remaining; user: UserRecord | null }> {
-  const snap = await readSnapshot(kv, userId, null, now);
+  const snap = await readSnapshot(kv, userId, now);
   const limits = effectiveLimits(config, snap.userEntry.value ?? { limits: {} });
   const view = rateView(snap.rateEntry.value, limits, now);
   return {

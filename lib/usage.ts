@@ -1,8 +1,25 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
-import { type Day, keys, u64, USAGE_FIELDS, utcDay, utcMonth } from "./kv.ts";
+import {
+  commitOrConflict,
+  CONFLICT,
+  type Day,
+  keys,
+  retryAtomic,
+  u64,
+  USAGE_FIELDS,
+  utcDay,
+  utcMonth,
+} from "./kv.ts";
 import type { Config } from "./config.ts";
 import { AppError } from "./errors.ts";
-import { admit, limitStatus, type Remaining } from "./limits.ts";
+import {
+  admit,
+  type Admitter,
+  type ExtraBatch,
+  type ExtraWrites,
+  limitStatus,
+  type Remaining,
+} from "./limits.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "./users.ts";
 
@@ -29,26 +46,123 @@ const big = (n: number) => new Deno.KvU64(BigInt(Math.max(0, Math.floor(n))));
 
 /** Records one request's usage in a single atomic commit of sum mutations. */
 export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent): Promise<void> {
+  await commitUsage(kv, pricing, [e]);
+}
+
+/** Adds each event's sums to `into`, merged by key (events of one user/day/model share keys). */
+function addSums(
+  into: Map<string, { key: Deno.KvKey; n: bigint }>,
+  pricing: Pricing,
+  e: UsageEvent,
+) {
   const at = e.at ?? Date.now();
   const day = utcDay(at);
-  const values = {
-    requests: e.requests ?? 1,
-    prompt: e.promptTokens,
-    completion: e.completionTokens,
+  const add = (key: Deno.KvKey, n: bigint) => {
+    const id = JSON.stringify(key);
+    const found = into.get(id);
+    if (found) found.n += n;
+    else into.set(id, { key, n });
   };
-  const op = kv.atomic();
+  const values = {
+    requests: big(e.requests ?? 1).value,
+    prompt: big(e.promptTokens).value,
+    completion: big(e.completionTokens).value,
+  };
   for (const field of USAGE_FIELDS) {
-    op.sum(keys.usageDaily(day, e.userId, e.model, field), big(values[field]).value);
-    op.sum(keys.usageByUser(e.userId, day, e.model, field), big(values[field]).value);
+    add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
+    add(keys.usageByUser(e.userId, day, e.model, field), values[field]);
   }
-  op.sum(keys.tokensByDay(e.userId, day), big(e.promptTokens + e.completionTokens).value);
-  op.sum(
+  add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
+  add(
     keys.spendByMonth(e.userId, utcMonth(at)),
     costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens),
   );
-  op.sum(keys.usageDayVersion(day), 1n);
-  const res = await op.commit();
-  if (!res.ok) throw new Error("usage commit failed");
+  add(keys.usageDayVersion(day), 1n);
+}
+
+/** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
+const SUMS_PER_EVENT = 9;
+const MAX_BATCH = Math.floor(1000 / SUMS_PER_EVENT);
+
+/** Records several events in ONE atomic commit of sum mutations (all or nothing). */
+export async function commitUsage(
+  kv: Deno.Kv,
+  pricing: Pricing,
+  events: UsageEvent[],
+): Promise<void> {
+  if (events.length > MAX_BATCH) throw new Error(`commitUsage: at most ${MAX_BATCH} events`);
+  const sums = new Map<string, { key: Deno.KvKey; n: bigint }>();
+  for (const e of events) addSums(sums, pricing, e);
+  // Sums never conflict; only another process holding the file lock can make a commit wait.
+  await retryAtomic(async () => {
+    const op = kv.atomic();
+    for (const { key, n } of sums.values()) op.sum(key, n);
+    return (await commitOrConflict(op)).ok ? undefined : CONFLICT;
+  }, "record usage");
+}
+
+/**
+ * Group commit for the gateway's usage writes: an event is committed at once when no commit is
+ * in flight; events that arrive meanwhile go together into the next commit. With `rideWith`, the
+ * events travel in the Admitter's commits instead (one KV commit per batch for admissions and
+ * usage together). Adds no delay when idle; never delays the relayed bytes.
+ */
+export class UsageRecorder implements ExtraWrites {
+  private queue: Array<{ e: UsageEvent; done: (err?: unknown) => void }> = [];
+  private running = false;
+  private owner: Admitter | null = null;
+
+  constructor(private readonly kv: Deno.Kv, private readonly pricing: Pricing) {}
+
+  /** Hands the commits over to an admitter's writer loop. */
+  rideWith(admitter: Admitter) {
+    admitter.carry(this);
+    this.owner = admitter;
+  }
+
+  /** Resolves once the event is committed; rejects if its batch could not be. */
+  record(e: UsageEvent): Promise<void> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ e, done: (err) => err === undefined ? resolve() : reject(err) });
+      if (this.owner) this.owner.kick();
+      else if (!this.running) this.run();
+    });
+  }
+
+  hasPending(): boolean {
+    return this.queue.length > 0;
+  }
+
+  take(op: Deno.AtomicOperation, budget: number): ExtraBatch | null {
+    const max = Math.min(MAX_BATCH, Math.floor(budget / SUMS_PER_EVENT));
+    if (!this.queue.length || max < 1) return null;
+    const batch = this.queue.splice(0, max);
+    const sums = new Map<string, { key: Deno.KvKey; n: bigint }>();
+    for (const b of batch) addSums(sums, this.pricing, b.e);
+    for (const { key, n } of sums.values()) op.sum(key, n);
+    return {
+      settle: (err) => {
+        for (const b of batch) b.done(err);
+      },
+      requeue: () => {
+        this.queue.unshift(...batch);
+      },
+    };
+  }
+
+  private async run() {
+    this.running = true;
+    while (this.queue.length) {
+      const batch = this.queue.splice(0, MAX_BATCH);
+      try {
+        await commitUsage(this.kv, this.pricing, batch.map((b) => b.e));
+        for (const b of batch) b.done();
+      } catch (err) {
+        for (const b of batch) b.done(err ?? new Error("usage commit failed"));
+      }
+    }
+    this.running = false;
+  }
 }
 
 export { u64 };
@@ -223,7 +337,6 @@ export async function reportUsage(
   if (!(await users.get(userId))) await users.provision(userId);
   const admission = await admit(kv, config, {
     userId,
-    keyHash: null,
     clock: now,
     validate: (snap, headers) => {
       const user = snap.userEntry.value;

@@ -4,6 +4,7 @@ import { AppError } from "../lib/errors.ts";
 import { keys } from "../lib/kv.ts";
 import {
   admit,
+  Admitter,
   decideRate,
   type EffectiveLimits,
   formatDuration,
@@ -114,7 +115,6 @@ Deno.test("admit: 50 concurrent against rpm 20 admit exactly 20; refusals write 
     const attempt = () =>
       admit(kv, config, {
         userId: "u1",
-        keyHash: null,
         clock: () => NOON,
         validate: (snap) => snap.userEntry.value!,
       }).then(() => "ok", (err) => err instanceof AppError ? err.code : String(err));
@@ -141,7 +141,6 @@ Deno.test("admit: per-user overrides win over the defaults", async () => {
       ok.push(
         await admit(kv, config, {
           userId: "u2",
-          keyHash: null,
           clock: () => NOON,
           validate: (snap) => snap.userEntry.value!,
         }).then((a) => a.headers["x-ratelimit-limit-requests"], () => null),
@@ -163,7 +162,6 @@ Deno.test("admit: two KV connections on one file (two processes) share the limit
     const attempt = (kv: Deno.Kv) =>
       admit(kv, config, {
         userId: "u3",
-        keyHash: null,
         clock: () => NOON,
         validate: (snap) => snap.userEntry.value!,
       }).then(() => true, () => false);
@@ -171,6 +169,35 @@ Deno.test("admit: two KV connections on one file (two processes) share the limit
       Array.from({ length: 30 }, (_, i) => attempt(i % 2 ? a : b)),
     );
     assert.equal(results.filter(Boolean).length, 10);
+  } finally {
+    a.close();
+    b.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("Admitter (group commit): exact per user across two connections on one file", async () => {
+  const dir = await Deno.makeTempDir();
+  const a = await Deno.openKv(`${dir}/kv.sqlite3`);
+  const b = await Deno.openKv(`${dir}/kv.sqlite3`);
+  try {
+    const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "7" });
+    for (const id of ["x", "y", "z"]) await seedUser(a, id);
+    await seedUser(a, "w", { rpm: 2 });
+    const admitters = [new Admitter(a, config, () => NOON), new Admitter(b, config, () => NOON)];
+    const users = ["x", "y", "z", "w"];
+    const results = await Promise.all(
+      Array.from({ length: 80 }, (_, i) => {
+        const userId = users[i % 4];
+        return admitters[(i >> 2) % 2].admit({
+          userId,
+          validate: (snap) => snap.userEntry.value!,
+        }).then(() => userId, (err) => err instanceof AppError ? err.code : String(err));
+      }),
+    );
+    const count = (v: string) => results.filter((r) => r === v).length;
+    assert.deepEqual(users.map(count), [7, 7, 7, 2]);
+    assert.equal(count("rate_limit_exceeded"), 80 - 23);
   } finally {
     a.close();
     b.close();
