@@ -225,6 +225,9 @@ export default function AutoProvision(props: AutoProvisionProps) {
 
   return (
     <div class="stack">
+      <p class="sr-only" role="status" aria-live="polite">
+        {copied ? "Copied to the clipboard." : ""}
+      </p>
       <section class="card" aria-labelledby="key-title">
         <div class="card-head">
           <h2 id="key-title">Your API key</h2>

@@ -60,25 +60,28 @@ export function clerkScript(config: Config): { publishableKey: string; scriptUrl
 }
 
 /**
- * Content-Security-Policy for hono's secureHeaders: only our own scripts, plus (Clerk mode) the
- * Frontend API host, Clerk's image CDN and the Cloudflare bot check its components embed.
+ * Content-Security-Policy for hono's secureHeaders: only our own scripts, plus (Clerk mode) what
+ * Clerk documents for its components — the Frontend API host, its image CDN, Cloudflare's bot
+ * check, its abuse-protection hosts (on any port) and dev-instance telemetry.
  * Inline styles are allowed: islands set widths through style attributes and Clerk injects CSS.
  */
 export function contentSecurityPolicy(config: Config) {
   const host = config.localMode ? null : clerkFrontendApi(config.clerk.publishableKey);
   const clerk = host ? [`https://${host}`] : [];
   const turnstile = host ? ["https://challenges.cloudflare.com"] : [];
+  const protect = host ? ["https://*.protect.clerk.com:*"] : [];
+  const telemetry = host ? ["https://clerk-telemetry.com"] : [];
   return {
     defaultSrc: ["'self'"],
     baseUri: ["'self'"],
     objectSrc: ["'none'"],
     frameAncestors: ["'none'"],
     formAction: ["'self'"],
-    scriptSrc: ["'self'", ...clerk, ...turnstile],
-    connectSrc: ["'self'", ...clerk],
+    scriptSrc: ["'self'", ...clerk, ...turnstile, ...protect],
+    connectSrc: ["'self'", ...clerk, ...protect, ...telemetry],
     imgSrc: ["'self'", "data:", ...(host ? ["https://img.clerk.com"] : [])],
     styleSrc: ["'self'", "'unsafe-inline'"],
-    frameSrc: ["'self'", ...turnstile],
+    frameSrc: ["'self'", ...turnstile, ...protect],
     workerSrc: ["'self'", "blob:"],
   };
 }

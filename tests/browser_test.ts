@@ -305,7 +305,10 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         const w = await watchedContext(browser, { viewport: DESKTOP });
         await fakeClerk(w.context, null);
         const page = await w.newPage();
-        await page.goto(`${clerk.url}/sign-in`);
+        const res = await page.goto(`${clerk.url}/sign-in`);
+        const csp = res?.headers()["content-security-policy"] ?? "";
+        assert.match(csp, /script-src 'self' https:\/\/clerk\.keyway\.test /);
+        assert.match(csp, /connect-src 'self' https:\/\/clerk\.keyway\.test /);
         await page.locator("#fake-clerk").waitFor();
         const mounted = await page.evaluate(() =>
           (globalThis as unknown as FakeClerkGlobal).__clerkCalls.mounted
