@@ -428,6 +428,9 @@ export interface ExtraBatch {
   requeue(): void;
 }
 
+/** How long usage writes wait for an admission commit to ride with before going alone. */
+const LINGER_MS = 10;
+
 /** KV allows 1000 mutations per commit; admissions use at most MAX_BATCH of them. */
 const MAX_MUTATIONS = 1000;
 
@@ -471,7 +474,23 @@ export class Admitter {
   admit(o: Omit<AdmitOptions, "clock" | "maxAttempts">): Promise<Admission> {
     return new Promise((resolve, reject) => {
       this.queue.push({ o, resolve, reject });
+      this.wake?.();
       this.kick();
+    });
+  }
+
+  private wake: (() => void) | null = null;
+
+  /** Waits up to LINGER_MS for an admission to arrive (no delay on any request's path). */
+  private linger(): Promise<void> {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.wake = null;
+        resolve();
+      };
+      const timer = setTimeout(done, LINGER_MS);
+      this.wake = done;
     });
   }
 
@@ -489,6 +508,8 @@ export class Admitter {
     this.running = true;
     try {
       while (this.queue.length || this.extra?.hasPending()) {
+        // Extra writes alone wait a moment for an admission to ride with: one commit, not two.
+        if (!this.queue.length) await this.linger();
         const batch = this.queue.splice(0, MAX_BATCH);
         try {
           if (batch.length) await this.settle(batch);
