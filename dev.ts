@@ -1,12 +1,11 @@
 /**
  * Dev server: runs main.ts in a child process, watches the sources, rebuilds the island bundles
- * when they go stale and restarts the child so server-rendered markup matches the new bundles.
- * CSS and other static files are served from disk, so they need only a browser reload.
+ * when they go stale and restarts the child, so server-rendered markup matches the new bundles
+ * and pages link the new asset version (`?v=` URLs are cached as immutable).
  */
 import { buildIslands, PROJECT_ROOT } from "./lib/islands.ts";
 
 const WATCH = ["islands", "components", "lib", "routes", "static", "main.ts"];
-const RESTART_ON = /\.(tsx?|json)$/;
 const DEBOUNCE_MS = 150;
 
 let child: Deno.ChildProcess | null = null;
@@ -71,8 +70,7 @@ if (import.meta.main) {
     timer = setTimeout(async () => {
       const files = [...changed];
       changed.clear();
-      if (files.some((f) => RESTART_ON.test(f))) await restart(`changed: ${files.join(", ")}`);
-      else if (await build()) console.log(`dev: changed ${files.join(", ")} (reload the page)`);
+      await restart(`changed: ${files.join(", ")} (reload the page)`);
     }, DEBOUNCE_MS);
   }
 }

@@ -1,4 +1,5 @@
 /** The operator's users table: sortable, with disable/enable and per-user limit overrides. */
+import { Fragment } from "preact";
 import { useEffect, useState } from "preact/hooks";
 import { api, ApiError, type AuthMode, fmtCompact, fmtInt, fmtUsd } from "./client.ts";
 
@@ -195,8 +196,8 @@ export default function AdminUsers(props: AdminUsersProps) {
               </tr>
             )}
             {sorted?.map((u) => (
-              <>
-                <tr key={u.userId} data-user-id={u.userId}>
+              <Fragment key={u.userId}>
+                <tr data-user-id={u.userId}>
                   <td>
                     <div>{u.email ?? <span class="muted">no e-mail</span>}</div>
                     <div class="muted small">
@@ -250,7 +251,7 @@ export default function AdminUsers(props: AdminUsersProps) {
                   </td>
                 </tr>
                 {editing === u.userId && (
-                  <tr key={`${u.userId}-limits`}>
+                  <tr>
                     <td colSpan={7}>
                       <form
                         class="limits-form"
@@ -292,7 +293,7 @@ export default function AdminUsers(props: AdminUsersProps) {
                     </td>
                   </tr>
                 )}
-              </>
+              </Fragment>
             ))}
           </tbody>
         </table>
