@@ -2,7 +2,6 @@
 import { Hono } from "hono";
 import { bodyLimit } from "hono/body-limit";
 import { HTTPException } from "hono/http-exception";
-import { requestId } from "hono/request-id";
 import { secureHeaders } from "hono/secure-headers";
 import { serveStatic } from "hono/deno";
 import { PROJECT_ROOT } from "../lib/islands.ts";
@@ -25,18 +24,40 @@ const tooLarge = (limit: string) => () => {
 
 const isApiPath = (path: string) => path.startsWith("/api/") || path.startsWith("/v1/");
 
+/**
+ * Request ids: a trusted proxy's well-formed `x-request-id` is kept; otherwise a per-process
+ * random prefix and a counter (unique without the cost of a UUID per request).
+ */
+function requestIds() {
+  const prefix = crypto.randomUUID().slice(0, 8);
+  let seq = 0;
+  return (incoming: string | undefined) =>
+    incoming && /^[A-Za-z0-9._:-]{1,128}$/.test(incoming)
+      ? incoming
+      : `${prefix}-${(seq++).toString(36)}`;
+}
+
 export function createApp(services: Services) {
   const { log, kv } = services;
   const app = new Hono<AppEnv>();
 
-  app.use("*", requestId({ headerName: "x-request-id" }));
+  // One middleware frames every request: an id, an access line, and the API's headers. Header
+  // writes are costly per request, so JSON answers get only what protects JSON (nosniff) and
+  // pages get hono's full secureHeaders set below.
+  const nextId = requestIds();
   app.use("*", async (c, next) => {
     const started = performance.now();
+    const id = nextId(c.req.header("x-request-id"));
+    c.set("requestId", id);
     await next();
+    const api = isApiPath(c.req.path);
+    const headers = c.res.headers;
+    headers.set("x-request-id", id);
+    if (api) headers.set("x-content-type-options", "nosniff");
     // The gateway logs its own line with usage; everything else gets an access line.
     if (c.res.status >= 500 || !c.req.path.startsWith("/v1/")) {
       log.info("request", {
-        id: c.get("requestId"),
+        id,
         method: c.req.method,
         path: c.req.path,
         status: c.res.status,
@@ -44,16 +65,17 @@ export function createApp(services: Services) {
       });
     }
   });
-  app.use(
-    "*",
-    secureHeaders({
-      crossOriginEmbedderPolicy: false,
-      contentSecurityPolicy: contentSecurityPolicy(services.config),
-      // With no-referrer (hono's default) Chrome sends `Origin: null` on same-origin form POSTs,
-      // which the CSRF check must refuse; this policy keeps the origin and never leaks paths.
-      referrerPolicy: "strict-origin-when-cross-origin",
-    }),
-  );
+  const pageSecurity = secureHeaders({
+    crossOriginEmbedderPolicy: false,
+    contentSecurityPolicy: contentSecurityPolicy(services.config),
+    // With no-referrer (hono's default) Chrome sends `Origin: null` on same-origin form POSTs,
+    // which the CSRF check must refuse; this policy keeps the origin and never leaks paths.
+    referrerPolicy: "strict-origin-when-cross-origin",
+  });
+  app.use("*", async (c, next) => {
+    if (isApiPath(c.req.path)) return await next();
+    return await pageSecurity(c, next);
+  });
   // Versioned URLs (?v=<source hash>) never change content, so they may be cached for a year.
   app.use(
     "/static/*",

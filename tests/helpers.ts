@@ -21,18 +21,8 @@ export interface TestApp {
 /** A logger that keeps every line (after redaction) for assertions instead of printing. */
 export function captureLogger(secrets: string[]): { log: Logger; lines: string[] } {
   const lines: string[] = [];
-  const real = createLogger(secrets);
-  const capture = (level: "info" | "warn" | "error") => (msg: string, fields?: object) => {
-    const orig = { log: console.log, error: console.error };
-    console.log = console.error = (line: string) => lines.push(line);
-    try {
-      real[level](msg, fields as Record<string, unknown>);
-    } finally {
-      console.log = orig.log;
-      console.error = orig.error;
-    }
-  };
-  return { log: { info: capture("info"), warn: capture("warn"), error: capture("error") }, lines };
+  const log = createLogger(secrets, { sink: (_level, line) => lines.push(line) });
+  return { log, lines };
 }
 
 /** Builds an app in-process. `env` adds to a base environment (local mode unless Clerk is set). */
