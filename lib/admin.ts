@@ -1,40 +1,51 @@
-/** Operator views over all users. */
-import { keys, u64, type UsageField } from "./kv.ts";
-import { costUsd, type Pricing } from "./pricing.ts";
+/** Operator views over all users, built on the cost report (summaries where current). */
+import { utcDay } from "./kv.ts";
+import type { Pricing } from "./pricing.ts";
+import { roundUsd } from "./pricing.ts";
+import { addDays, buildReport } from "./report.ts";
 
-export interface UserTotals {
+export interface UsageTotals30d {
   requests: number;
   totalTokens: number;
   costUsd: number;
 }
 
-/** Per-user totals over UTC days [from, to], from the day-major counters (one range list). */
-export async function userTotalsBetween(
+export interface OperatorOverview {
+  /** Per-user totals over the window (users without usage are absent). */
+  users: Map<string, UsageTotals30d>;
+  /** One entry per UTC day of the window, oldest first, zero-filled. */
+  days: Array<UsageTotals30d & { day: string; users: number }>;
+}
+
+/** Usage of every user over the last `days` UTC days, including today. */
+export async function operatorOverview(
   kv: Deno.Kv,
   pricing: Pricing,
-  from: string,
-  to: string,
-): Promise<Map<string, UserTotals>> {
-  const cells = new Map<string, { model: string; userId: string } & Record<UsageField, number>>();
-  const iter = kv.list<Deno.KvU64>({
-    start: keys.usageDailyDay(from),
-    // Every key of day `to` sorts before `to + "\0"`, and every later day after it.
-    end: keys.usageDailyDay(to + "\u0000"),
-  });
-  for await (const { key, value } of iter) {
-    const [, day, userId, model, field] = key as [string, string, string, string, UsageField];
-    const id = `${day}\u0000${userId}\u0000${model}`;
-    let cell = cells.get(id);
-    if (!cell) cells.set(id, cell = { userId, model, requests: 0, prompt: 0, completion: 0 });
-    cell[field] += u64(value);
+  now = Date.now(),
+  days = 30,
+): Promise<OperatorOverview> {
+  const to = utcDay(now);
+  const from = addDays(to, -(days - 1));
+  const report = await buildReport(kv, pricing, { from, to, perDay: true, now });
+  const users = new Map<string, UsageTotals30d>(
+    report.users.map((u) => [u.userId, {
+      requests: u.requests,
+      totalTokens: u.totalTokens,
+      costUsd: u.costUsd,
+    }]),
+  );
+  const byDay = new Map<string, UsageTotals30d & { day: string; users: number }>();
+  for (let i = 0; i < days; i++) {
+    const day = addDays(from, i);
+    byDay.set(day, { day, requests: 0, totalTokens: 0, costUsd: 0, users: 0 });
   }
-  const totals = new Map<string, UserTotals>();
-  for (const cell of cells.values()) {
-    const t = totals.get(cell.userId) ?? { requests: 0, totalTokens: 0, costUsd: 0 };
-    t.requests += cell.requests;
-    t.totalTokens += cell.prompt + cell.completion;
-    t.costUsd += costUsd(pricing, cell.model, cell.prompt, cell.completion);
-    totals.set(cell.userId, t);
+  for (const line of report.daily) {
+    const d = byDay.get(line.date);
+    if (!d) continue;
+    d.requests += line.requests;
+    d.totalTokens += line.totalTokens;
+    d.costUsd = roundUsd(d.costUsd + line.costUsd);
+    d.users++;
   }
-  return totals;
+  return { users, days: [...byDay.values()] };
 }

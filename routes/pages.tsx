@@ -2,10 +2,9 @@
 import { type Context, Hono } from "hono";
 import type { VNode } from "preact";
 import { renderToString } from "preact-render-to-string";
-import { userTotalsBetween } from "../lib/admin.ts";
+import { operatorOverview } from "../lib/admin.ts";
 import type { Config } from "../lib/config.ts";
 import { island, IslandCollector } from "../lib/islands.ts";
-import { utcDay } from "../lib/kv.ts";
 import type { Services } from "../lib/services.ts";
 import { Layout, type LayoutProps } from "../components/Layout.tsx";
 import { lastDays, UsageChart } from "../components/UsageChart.tsx";
@@ -15,8 +14,6 @@ import { type AppEnv, readSession } from "./context.ts";
 
 const AutoProvision = island("AutoProvision", AutoProvisionComponent);
 const AdminUsers = island("AdminUsers", AdminUsersComponent);
-
-const DAY_MS = 86_400_000;
 
 const icon = (d: string) => (
   <svg
@@ -310,19 +307,13 @@ export function pageRoutes(services: Services) {
       );
     }
     const now = Date.now();
-    const days = await Promise.all(
-      Array.from({ length: 30 }, async (_, i) => {
-        const day = utcDay(now - (29 - i) * DAY_MS);
-        const perUser = await userTotalsBetween(services.kv, config.pricing, day, day);
-        let requests = 0, tokens = 0, cost = 0;
-        for (const t of perUser.values()) {
-          requests += t.requests;
-          tokens += t.totalTokens;
-          cost += t.costUsd;
-        }
-        return { day, requests, tokens, cost, users: perUser.size };
-      }),
-    );
+    const days = (await operatorOverview(services.kv, config.pricing, now)).days.map((d) => ({
+      day: d.day,
+      requests: d.requests,
+      tokens: d.totalTokens,
+      cost: d.costUsd,
+      users: d.users,
+    }));
     const totals = days.reduce(
       (t, d) => ({
         requests: t.requests + d.requests,

@@ -1,10 +1,8 @@
 /** Operator API (CONTRACT §5): users with 30-day usage, disable/enable, limit overrides. */
 import { type Context, Hono, type Next } from "hono";
 import { z } from "zod";
-import { userTotalsBetween } from "../../lib/admin.ts";
+import { operatorOverview } from "../../lib/admin.ts";
 import { AppError } from "../../lib/errors.ts";
-import { utcDay } from "../../lib/kv.ts";
-import { roundUsd } from "../../lib/pricing.ts";
 import type { Services } from "../../lib/services.ts";
 import type { UserRecord } from "../../lib/users.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
@@ -20,8 +18,6 @@ const limitsBody = z.object({
 }).strict().refine((b) => Object.keys(b).length > 0, {
   message: "give at least one of rpm, rpd, tokensPerDay, budgetUsdMonthly",
 });
-
-const DAY_MS = 86_400_000;
 
 export function adminRoutes(services: Services) {
   const { config, users, kv } = services;
@@ -44,19 +40,11 @@ export function adminRoutes(services: Services) {
     createdAt: user.createdAt,
     keyPrefix: user.key?.prefix ?? null,
     limits: user.limits,
-    usage30d: usage
-      ? { ...usage, costUsd: roundUsd(usage.costUsd) }
-      : { requests: 0, totalTokens: 0, costUsd: 0 },
+    usage30d: usage ? usage : { requests: 0, totalTokens: 0, costUsd: 0 },
   });
 
   app.get("/admin/users", session, admin, async (c) => {
-    const now = Date.now();
-    const totals = await userTotalsBetween(
-      kv,
-      config.pricing,
-      utcDay(now - 29 * DAY_MS),
-      utcDay(now),
-    );
+    const { users: totals } = await operatorOverview(kv, config.pricing);
     const list = [];
     for await (const user of users.list()) list.push(shape(user, totals.get(user.id)));
     c.header("cache-control", "no-store");
