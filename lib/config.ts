@@ -218,6 +218,27 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   };
 }
 
+/** Every configured secret, so the logger can redact them from any line. */
+export function secretsOf(config: Config): Array<string | undefined> {
+  return [
+    config.glm.apiKey,
+    config.keyEncryptionSecret,
+    config.clerk.secretKey,
+    ...config.clerk.webhookSecrets,
+  ];
+}
+
+/** For CLI tasks: the Config, or null after printing the problems (exit code 1). */
+export async function configForTask(): Promise<Config | null> {
+  try {
+    return loadConfig(await readEnv());
+  } catch (err) {
+    if (!(err instanceof ConfigError)) throw err;
+    console.error(err.message);
+    return null;
+  }
+}
+
 /** Reads `.env` (if present) under the real environment, which wins. */
 export async function readEnv(path = ".env"): Promise<Record<string, string>> {
   const env: Record<string, string> = {};

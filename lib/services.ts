@@ -1,7 +1,7 @@
 /** Everything a request handler needs, built once at start-up from the Config and KV. */
 import { SessionVerifier } from "./auth.ts";
 import { ClerkSync } from "./clerk_sync.ts";
-import type { Config } from "./config.ts";
+import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "./gateway.ts";
 import { KeyVault } from "./keys.ts";
 import { createLogger, type Logger } from "./log.ts";
@@ -24,12 +24,7 @@ export async function createServices(
   options: { log?: Logger } = {},
 ): Promise<Services> {
   const log = options.log ??
-    createLogger([
-      config.glm.apiKey,
-      config.keyEncryptionSecret,
-      config.clerk.secretKey,
-      ...config.clerk.webhookSecrets,
-    ]);
+    createLogger(secretsOf(config));
   // Local mode has no configured secret: one is generated once and kept in KV (documented).
   const encryptionSecret = config.keyEncryptionSecret ??
     await localSecret(kv, "key_encryption");

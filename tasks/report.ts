@@ -1,5 +1,5 @@
 /** `deno task report`: usage and cost over UTC days as a table, JSON or CSV (CONTRACT §7). */
-import { ConfigError, loadConfig, readEnv } from "../lib/config.ts";
+import { configForTask } from "../lib/config.ts";
 import { openKv } from "../lib/kv.ts";
 import {
   buildReport,
@@ -25,14 +25,8 @@ async function main(args: string[]): Promise<number> {
     console.log(REPORT_USAGE);
     return 0;
   }
-  let config;
-  try {
-    config = loadConfig(await readEnv());
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    console.error(err.message);
-    return 1;
-  }
+  const config = await configForTask();
+  if (!config) return 1;
   const kv = await openKv(config.kvPath);
   const progress = progressLine();
   try {

@@ -1,5 +1,5 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
-import { ConfigError, loadConfig, readEnv } from "../lib/config.ts";
+import { configForTask, secretsOf } from "../lib/config.ts";
 import { openKv } from "../lib/kv.ts";
 import { createLogger } from "../lib/log.ts";
 import { summarizeCosts } from "../lib/summary.ts";
@@ -17,22 +17,12 @@ async function main(args: string[]): Promise<number> {
     console.error(`deno task summarize: unknown argument "${args[0]}" (it takes no flags)`);
     return 2;
   }
-  let config;
-  try {
-    config = loadConfig(await readEnv());
-  } catch (err) {
-    if (!(err instanceof ConfigError)) throw err;
-    console.error(err.message);
-    return 1;
-  }
+  const config = await configForTask();
+  if (!config) return 1;
   const kv = await openKv(config.kvPath);
   const progress = progressLine();
   try {
-    const log = createLogger([
-      config.glm.apiKey,
-      config.keyEncryptionSecret,
-      config.clerk.secretKey,
-    ]);
+    const log = createLogger(secretsOf(config));
     const result = await summarizeCosts(kv, config, {
       log,
       onProgress: ({ day, index, total }) =>
