@@ -6,7 +6,7 @@ import assert from "node:assert/strict";
 import { ENCRYPTION_SECRET, MASTER_KEY } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
-import { type AppProcess, spawnApp } from "./fakes/app_process.ts";
+import { type RunningMain, startMain } from "./subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 
@@ -18,11 +18,12 @@ function env(kvPath: string, glm: FakeGlm, extra: Record<string, string> = {}) {
     KEY_ENCRYPTION_SECRET: ENCRYPTION_SECRET,
     GLM_API_KEY: MASTER_KEY,
     GLM_BASE_URL: glm.baseUrl,
+    PORT: "0",
     ...extra,
   };
 }
 
-async function provision(app: AppProcess, userId: string): Promise<string> {
+async function provision(app: RunningMain, userId: string): Promise<string> {
   const res = await fetch(`${app.url}/api/key`, {
     headers: { authorization: `Bearer ${await issuer.token(userId, { ttlSeconds: 600 })}` },
   });
@@ -30,7 +31,7 @@ async function provision(app: AppProcess, userId: string): Promise<string> {
   return (await res.json()).apiKey;
 }
 
-function chat(app: AppProcess, key: string): Promise<Response> {
+function chat(app: RunningMain, key: string): Promise<Response> {
   return fetch(`${app.url}/v1/chat/completions`, {
     method: "POST",
     headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
@@ -55,11 +56,13 @@ async function countUsage(kvPath: string, userId: string) {
 Deno.test("limits are exact across three processes sharing one KV file", async () => {
   const dir = await Deno.makeTempDir();
   const glm = new FakeGlm();
-  const apps: AppProcess[] = [];
+  const apps: RunningMain[] = [];
   try {
     const kvPath = `${dir}/kv.sqlite3`;
     for (let i = 0; i < 3; i++) {
-      apps.push(await spawnApp(env(kvPath, glm, { RATE_LIMIT_RPM: "7", RATE_LIMIT_RPD: "1000" })));
+      apps.push(
+        await startMain(env(kvPath, glm, { RATE_LIMIT_RPM: "7", RATE_LIMIT_RPD: "1000" }), dir),
+      );
     }
     const key = await provision(apps[0], "user_multi");
     const responses = await Promise.all(
@@ -68,7 +71,7 @@ Deno.test("limits are exact across three processes sharing one KV file", async (
     const statuses = responses.map((r) => r.status);
     await Promise.all(responses.map((r) => r.body?.cancel()));
     if (statuses.some((s) => s >= 500)) {
-      console.error(apps.flatMap((a) => a.lines.filter((l) => l.includes("error"))).join("\n"));
+      console.error(apps.map((a) => a.output().stderr).join("\n"));
     }
     assert.equal(statuses.filter((s) => s === 200).length, 7, String(statuses));
     assert.equal(statuses.filter((s) => s === 429).length, 23, String(statuses));
@@ -83,11 +86,11 @@ Deno.test("limits are exact across three processes sharing one KV file", async (
 Deno.test("SIGKILL during load: nothing lost or doubled beyond the requests in flight", async () => {
   const dir = await Deno.makeTempDir();
   const glm = new FakeGlm();
-  let app: AppProcess | undefined;
+  let app: RunningMain | undefined;
   try {
     const kvPath = `${dir}/kv.sqlite3`;
     const limits = { RATE_LIMIT_RPM: "100000", RATE_LIMIT_RPD: "1000000" };
-    app = await spawnApp(env(kvPath, glm, limits));
+    app = await startMain(env(kvPath, glm, limits), dir);
     const users = Array.from({ length: 8 }, (_, i) => `user_crash_${i}`);
     const keys = new Map<string, string>();
     for (const id of users) keys.set(id, await provision(app, id));
@@ -114,7 +117,7 @@ Deno.test("SIGKILL during load: nothing lost or doubled beyond the requests in f
     stop = true;
     await Promise.all(workers);
 
-    app = await spawnApp(env(kvPath, glm, limits));
+    app = await startMain(env(kvPath, glm, limits), dir);
     for (const id of users) {
       assert.equal(await provision(app, id), keys.get(id), `${id} kept its key`);
       const usage = await countUsage(kvPath, id);

@@ -48,7 +48,8 @@ export interface RunningMain {
   url: string;
   /** Everything printed so far, stdout and stderr. */
   output(): { stdout: string; stderr: string };
-  stop(): Promise<void>;
+  /** SIGTERM by default; SIGKILL to simulate a crash. */
+  stop(signal?: Deno.Signal): Promise<void>;
 }
 
 /** Starts main.ts and resolves once it logs "keyway listening" (use PORT=0). */
@@ -84,11 +85,11 @@ export async function startMain(
     pump(child.stderr, (s) => stderr += s),
   ]);
   let stopped = false;
-  const stop = async () => {
+  const stop = async (signal: Deno.Signal = "SIGTERM") => {
     if (stopped) return;
     stopped = true;
     try {
-      child.kill("SIGTERM");
+      child.kill(signal);
     } catch {
       // Already exited.
     }
