@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { Webhook } from "svix";
 import { bearer, clerkEnv, ClerkIssuer, json, type TestApp, testApp } from "./helpers.ts";
+import { signedDelivery } from "./fakes/svix.ts";
 
 const issuer = await ClerkIssuer.create();
 
@@ -22,20 +23,15 @@ interface Delivery {
 
 /** Signs a payload the way Svix does and posts it. */
 async function deliver(app: TestApp, payload: unknown, opts: Delivery = {}): Promise<Response> {
-  const id = opts.id ?? "msg_" + crypto.randomUUID();
-  const at = opts.at ?? new Date();
-  const text = typeof payload === "string" ? payload : JSON.stringify(payload);
-  const signature = new Webhook(opts.secret ?? SECRET_A).sign(id, at, text);
+  const init = signedDelivery(payload, {
+    secret: opts.secret ?? SECRET_A,
+    id: opts.id,
+    at: opts.at,
+  });
   return await app.request(PATH, {
-    method: "POST",
-    headers: {
-      "content-type": "application/json",
-      "svix-id": id,
-      "svix-timestamp": String(Math.floor(at.getTime() / 1000)),
-      "svix-signature": signature,
-      ...opts.headers,
-    },
-    body: opts.body ?? text,
+    ...init,
+    headers: { ...init.headers, ...opts.headers },
+    body: opts.body ?? init.body,
   });
 }
 

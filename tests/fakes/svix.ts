@@ -3,11 +3,12 @@ import { Webhook } from "svix";
 
 export const WEBHOOK_SECRET = "whsec_" + btoa("keyway-test-webhook-secret-32bytes!!");
 
+/** A POST of `event` (JSON-encoded unless already a string) with valid Svix headers. */
 export function signedDelivery(
   event: unknown,
   options: { secret?: string; id?: string; at?: Date } = {},
-): RequestInit {
-  const body = JSON.stringify(event);
+): RequestInit & { headers: Record<string, string>; body: string } {
+  const body = typeof event === "string" ? event : JSON.stringify(event);
   const id = options.id ?? `msg_${crypto.randomUUID()}`;
   const at = options.at ?? new Date();
   const signature = new Webhook(options.secret ?? WEBHOOK_SECRET).sign(id, at, body);
