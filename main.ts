@@ -34,7 +34,8 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
   }
   const server = Deno.serve({
     port: config.port,
-    hostname: "0.0.0.0",
+    // Local mode lets anyone sign in with any e-mail: keep it on this machine.
+    hostname: config.localMode ? "127.0.0.1" : "0.0.0.0",
     onListen: () => {},
   }, app.fetch);
   const url = `http://localhost:${server.addr.port}`;
