@@ -15,7 +15,7 @@ export interface Running {
 /** Starts Keyway; used by `deno task start`, dev.ts and tests that need a real process. */
 export async function start(env: Record<string, string | undefined>): Promise<Running> {
   const config = loadConfig(env);
-  const kv = await openKv(config.kvPath);
+  const kv = await openKv(config.kvPath, config.kvAccessToken);
   const services = await createServices(config, kv);
   const app = createApp(services);
   await buildIslands().catch((err) =>

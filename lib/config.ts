@@ -116,6 +116,7 @@ export interface Config {
   port: number;
   publicUrl: string;
   kvPath: string | undefined;
+  kvAccessToken: string | undefined;
   localMode: boolean;
   production: boolean;
   clerk: {
@@ -169,6 +170,9 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   if (!localMode && !e.KEY_ENCRYPTION_SECRET) {
     problems.push("KEY_ENCRYPTION_SECRET is required outside local mode (at least 32 characters)");
   }
+  if (e.DENO_KV_PATH && /^https?:\/\//.test(e.DENO_KV_PATH) && !e.DENO_KV_ACCESS_TOKEN) {
+    problems.push("DENO_KV_ACCESS_TOKEN is required when DENO_KV_PATH is a KV Connect URL");
+  }
   const keyMode = e.KEY_MODE ?? "proxy";
   if (keyMode === "shared" && !e.GLM_API_KEY) {
     problems.push("GLM_API_KEY is required when KEY_MODE=shared");
@@ -185,6 +189,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     port: e.PORT,
     publicUrl,
     kvPath: e.DENO_KV_PATH,
+    kvAccessToken: e.DENO_KV_ACCESS_TOKEN,
     localMode,
     production,
     clerk: {
@@ -222,6 +227,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
 export function secretsOf(config: Config): Array<string | undefined> {
   return [
     config.glm.apiKey,
+    config.kvAccessToken,
     config.keyEncryptionSecret,
     config.clerk.secretKey,
     ...config.clerk.webhookSecrets,

@@ -38,10 +38,18 @@ export const keys = {
   cacheEpoch: () => ["cache_epoch"] as const,
 };
 
-/** Opens KV at a file path, `:memory:`, or a KV Connect URL (token from DENO_KV_ACCESS_TOKEN). */
-export async function openKv(path: string | undefined): Promise<Deno.Kv> {
+/**
+ * Opens KV at a file path, `:memory:`, or a KV Connect URL. Deno reads a KV Connect URL's token
+ * from the process environment only, so a token that came from `.env` is put there first.
+ */
+export async function openKv(
+  path: string | undefined,
+  accessToken?: string,
+): Promise<Deno.Kv> {
   const target = path ?? "./data/keyway.sqlite3";
-  if (target !== ":memory:" && !/^https?:\/\//.test(target)) {
+  if (/^https?:\/\//.test(target)) {
+    if (accessToken) Deno.env.set("DENO_KV_ACCESS_TOKEN", accessToken);
+  } else if (target !== ":memory:") {
     const dir = target.replace(/[^/\\]*$/, "");
     if (dir) await Deno.mkdir(dir, { recursive: true });
   }

@@ -27,7 +27,7 @@ async function main(args: string[]): Promise<number> {
   }
   const config = await configForTask();
   if (!config) return 1;
-  const kv = await openKv(config.kvPath);
+  const kv = await openKv(config.kvPath, config.kvAccessToken);
   const progress = progressLine();
   try {
     const report = await buildReport(kv, config.pricing, {

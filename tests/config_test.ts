@@ -172,3 +172,15 @@ Deno.test("main.ts with a bad variable exits 1 naming it, without printing secre
     await Deno.remove(cwd, { recursive: true });
   }
 });
+
+Deno.test("a KV Connect URL needs its access token", () => {
+  assert.throws(
+    () => loadConfig({ DENO_KV_PATH: "https://kv.example.com/db" }),
+    /DENO_KV_ACCESS_TOKEN is required/,
+  );
+  const config = loadConfig({
+    DENO_KV_PATH: "https://kv.example.com/db",
+    DENO_KV_ACCESS_TOKEN: "token-0123456789",
+  });
+  assert.equal(config.kvAccessToken, "token-0123456789");
+});
