@@ -6,6 +6,8 @@ import { createServices, type Services } from "./lib/services.ts";
 import { costSummaryJob } from "./lib/summary.ts";
 import { createApp } from "./routes/mod.ts";
 
+const SHUTDOWN_GRACE_MS = 10_000;
+
 export interface Running {
   services: Services;
   server: Deno.HttpServer<Deno.NetAddr>;
@@ -54,7 +56,21 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
 
 if (import.meta.main) {
   try {
-    await start(await readEnv());
+    const running = await start(await readEnv());
+    // Finish what is in flight (answers being streamed, usage being written), then exit; a
+    // stream that outlives the grace period is cut.
+    const stop = async () => {
+      running.services.log.info("shutting down");
+      await Promise.race([
+        running.server.shutdown(),
+        new Promise((r) => setTimeout(r, SHUTDOWN_GRACE_MS)),
+      ]);
+      await running.services.gateway.settled();
+      Deno.exit(0);
+    };
+    for (const signal of ["SIGTERM", "SIGINT"] as const) {
+      Deno.addSignalListener(signal, () => void stop());
+    }
   } catch (err) {
     if (err instanceof ConfigError) {
       console.error(err.message);
