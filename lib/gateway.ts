@@ -271,8 +271,39 @@ export class Gateway {
       return new Response(null, { status, headers });
     }
     const contentType = upstream.headers.get("content-type") ?? "";
-    const meter = new UsageMeter(contentType.includes("text/event-stream"), status < 400);
+    const sse = contentType.includes("text/event-stream");
+    const meter = new UsageMeter(sse, status < 400);
     const reader = source.getReader();
+    let pending: Uint8Array | null = null;
+    if (!sse) {
+      // A JSON answer usually arrives whole in its first read. When that read holds every byte
+      // the upstream declared, relay it as bytes: the runtime then answers natively instead of
+      // pumping a JS stream (≈ a third of the relay's cost). Nothing waits for more data than
+      // has arrived; anything else is streamed below, the first chunk included.
+      let first: ReadableStreamReadResult<Uint8Array>;
+      try {
+        first = await reader.read();
+      } catch (err) {
+        this.meter(userId, model, null, requestId, status, started, "cut");
+        return new Response(erroredStream(err), { status, headers });
+      }
+      if (first.done) {
+        this.meter(userId, model, null, requestId, status, started, "complete");
+        return new Response(null, { status, headers });
+      }
+      const chunk = first.value;
+      const declared = upstream.headers.get("content-length");
+      if (
+        declared !== null && Number(declared) === chunk.byteLength &&
+        !upstream.headers.has("content-encoding")
+      ) {
+        reader.cancel().catch(() => {}); // at its end already: frees the upstream connection
+        meter.push(chunk);
+        this.meter(userId, model, meter.usage(), requestId, status, started, "complete");
+        return new Response(chunk as Uint8Array<ArrayBuffer>, { status, headers });
+      }
+      pending = chunk;
+    }
     let finished = false;
     const finish = (outcome: "complete" | "cut" | "cancelled") => {
       if (finished) return;
@@ -281,6 +312,12 @@ export class Gateway {
     };
     const body = new ReadableStream<Uint8Array>({
       pull: async (controller) => {
+        if (pending) {
+          controller.enqueue(pending);
+          meter.push(pending);
+          pending = null;
+          return;
+        }
         let chunk: ReadableStreamReadResult<Uint8Array>;
         try {
           chunk = await reader.read();
@@ -346,6 +383,11 @@ export class Gateway {
     this.inflight.add(write);
     write.finally(() => this.inflight.delete(write));
   }
+}
+
+/** A body that fails at once: the client sees the upstream's cut as a cut. */
+function erroredStream(err: unknown): ReadableStream<Uint8Array> {
+  return new ReadableStream({ start: (controller) => controller.error(err) });
 }
 
 function invalidKey(): AppError {
