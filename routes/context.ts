@@ -23,7 +23,11 @@ export async function readSession(
   services: Services,
 ): Promise<{ session: Session; via: "bearer" | "cookie" } | null> {
   const authorization = c.req.header("authorization");
-  const token = sessionTokenFrom(authorization, getCookie(c, SESSION_COOKIE));
+  // The cookie header is only parsed when there is no Authorization header (it would be ignored).
+  const token = sessionTokenFrom(
+    authorization,
+    authorization ? undefined : getCookie(c, SESSION_COOKIE),
+  );
   if (!token) return null;
   const session = await services.sessions.verify(token);
   return session ? { session, via: authorization ? "bearer" : "cookie" } : null;

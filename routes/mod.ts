@@ -96,9 +96,10 @@ export function createApp(services: Services) {
     bodyLimit({ maxSize: 256 * KIB, onError: tooLarge("256 KiB") }),
   );
   app.use("/v1/*", bodyLimit({ maxSize: 1024 * KIB, onError: tooLarge("1 MiB") }));
+  const apiLimit = bodyLimit({ maxSize: 64 * KIB, onError: tooLarge("64 KiB") });
   app.use("/api/*", async (c, next) => {
     if (c.req.path.startsWith("/api/webhooks/")) return await next();
-    return await bodyLimit({ maxSize: 64 * KIB, onError: tooLarge("64 KiB") })(c, next);
+    return await apiLimit(c, next);
   });
   app.use("/auth/*", bodyLimit({ maxSize: 16 * KIB, onError: tooLarge("16 KiB") }));
 

@@ -5,6 +5,8 @@ import type { Services } from "../../lib/services.ts";
 import type { ProvisionResult } from "../../lib/users.ts";
 import { type AppEnv, requireSession } from "../context.ts";
 
+const NO_STORE_JSON = { "content-type": "application/json", "cache-control": "no-store" };
+
 export function keyRoutes(services: Services) {
   const { config, users, clerkSync } = services;
   const app = new Hono<AppEnv>();
@@ -25,28 +27,42 @@ export function keyRoutes(services: Services) {
     };
   };
 
-  const provision = async (c: Context<AppEnv>) => {
+  /**
+   * Serialized answers per cached result. Users hands out the same (never mutated) object for a
+   * user until its cache entry is dropped (rotation, status or limit change, epoch move), so the
+   * text lives exactly as long as the cached user does and is never stale.
+   */
+  const texts = new WeakMap<ProvisionResult, string>();
+  const respond = (result: ProvisionResult, status: 200 | 201) => {
+    let text = texts.get(result);
+    if (text === undefined) {
+      text = JSON.stringify(body(result));
+      if (!result.created) texts.set(result, text);
+    }
+    // A plain Response: c.header() + c.json() would take hono's slower header-merging path.
+    return new Response(text, { status, headers: NO_STORE_JSON });
+  };
+
+  const provision = (method: "GET" | "POST") => async (c: Context<AppEnv>) => {
     const session = c.get("session");
     const profile = session.email
       ? { email: session.email, firstName: null, lastName: null }
       : undefined;
     const result = await users.provision(session.userId, profile);
     if (result.created) clerkSync.afterProvision(result.user);
-    c.header("cache-control", "no-store");
-    return c.json(body(result), result.created && c.req.method === "POST" ? 201 : 200);
+    return respond(result, result.created && method === "POST" ? 201 : 200);
   };
 
-  app.get("/key", auth, provision);
-  app.post("/key", auth, provision);
-  app.get("/auth/provision-user", auth, provision);
-  app.post("/auth/provision-user", auth, provision);
+  app.get("/key", auth, provision("GET"));
+  app.post("/key", auth, provision("POST"));
+  app.get("/auth/provision-user", auth, provision("GET"));
+  app.post("/auth/provision-user", auth, provision("POST"));
   app.post("/key/rotate", auth, async (c) => {
     const session = c.get("session");
     await users.provision(session.userId);
     const result = await users.rotate(session.userId);
     clerkSync.afterProvision(result.user);
-    c.header("cache-control", "no-store");
-    return c.json(body(result), 200);
+    return respond(result, 200);
   });
   return app;
 }
