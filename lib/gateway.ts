@@ -254,13 +254,21 @@ export class Gateway {
       clearTimeout(timer);
     }
 
-    const headers = new Headers(admission.headers);
+    // One plain record, converted once by the Response (a Headers object would be validated
+    // twice: when built and again when the Response copies it). It also carries the framing
+    // headers routes/mod.ts would otherwise set one by one (see `framed` there).
+    const headers: Record<string, string> = {
+      ...admission.headers,
+      "x-request-id": requestId,
+      "x-content-type-options": "nosniff",
+    };
+    const upstreamHeaders = upstream.headers;
     for (const name of RELAYED_HEADERS) {
-      const value = upstream.headers.get(name);
-      if (value !== null) headers.set(name, value);
+      const value = upstreamHeaders.get(name);
+      if (value !== null) headers[name] = value;
     }
-    const upstreamId = upstream.headers.get("x-request-id");
-    if (upstreamId) headers.set("x-upstream-request-id", upstreamId);
+    const upstreamId = upstreamHeaders.get("x-request-id");
+    if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
     const status = upstream.status;
     if (status >= 500) {
       this.log.warn("upstream error", { id: requestId, userId, model, status });
@@ -270,7 +278,7 @@ export class Gateway {
       this.meter(userId, model, null, requestId, status, started, "complete");
       return new Response(null, { status, headers });
     }
-    const contentType = upstream.headers.get("content-type") ?? "";
+    const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(sse, status < 400);
     const reader = source.getReader();
@@ -292,10 +300,10 @@ export class Gateway {
         return new Response(null, { status, headers });
       }
       const chunk = first.value;
-      const declared = upstream.headers.get("content-length");
+      const declared = upstreamHeaders.get("content-length");
       if (
         declared !== null && Number(declared) === chunk.byteLength &&
-        !upstream.headers.has("content-encoding")
+        !upstreamHeaders.has("content-encoding")
       ) {
         reader.cancel().catch(() => {}); // at its end already: frees the upstream connection
         meter.push(chunk);
@@ -421,29 +429,45 @@ async function readChatBody(req: Request): Promise<ParsedBody> {
   } catch {
     return new AppError("invalid_request", "body: not valid JSON");
   }
+  // The schema's rules checked by hand (the hot path); zod words the refusal.
+  if (
+    typeof json === "object" && json !== null && !Array.isArray(json) &&
+    typeof (json as ChatFields).model === "string" &&
+    (json as ChatFields).model.length >= 1 && (json as ChatFields).model.length <= 200 &&
+    Array.isArray((json as ChatFields).messages) && (json as ChatFields).messages.length >= 1
+  ) {
+    return { bytes, model: (json as ChatFields).model };
+  }
   const parsed = chatRequestSchema.safeParse(json);
   if (!parsed.success) return invalidRequest(parsed.error.issues);
   return { bytes, model: parsed.data.model };
 }
 
+type ChatFields = { model: string; messages: unknown[] };
+
 const decoder = new TextDecoder();
 
-const usageSchema = z.object({
-  prompt_tokens: z.number().int().min(0).optional(),
-  completion_tokens: z.number().int().min(0).optional(),
-  total_tokens: z.number().int().min(0).optional(),
-});
+/** A count as `z.number().int().min(0).optional()` allows it: absent or a non-negative safe integer. */
+const badCount = (v: unknown) =>
+  v !== undefined && !(typeof v === "number" && Number.isSafeInteger(v) && v >= 0);
 
-/** Token usage from an OpenAI/GLM `usage` object, or null when it is not one. */
+/**
+ * Token usage from an OpenAI/GLM `usage` object, or null when it is not one: an object whose
+ * `prompt_tokens`, `completion_tokens` and `total_tokens` are each absent or a count (checked by
+ * hand — it runs once per answer on the hot path).
+ */
 export function usageFrom(value: unknown): TokenUsage | null {
-  const parsed = usageSchema.safeParse(value);
-  if (!parsed.success) return null;
-  const { prompt_tokens, completion_tokens, total_tokens } = parsed.data;
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return null;
+  const { prompt_tokens, completion_tokens, total_tokens } = value as Record<string, unknown>;
+  if (badCount(prompt_tokens) || badCount(completion_tokens) || badCount(total_tokens)) {
+    return null;
+  }
   if (prompt_tokens === undefined && completion_tokens === undefined) return null;
-  const prompt = prompt_tokens ?? 0;
+  const prompt = (prompt_tokens as number | undefined) ?? 0;
+  const total = (total_tokens as number | undefined) ?? prompt;
   return {
     promptTokens: prompt,
-    completionTokens: completion_tokens ?? Math.max(0, (total_tokens ?? prompt) - prompt),
+    completionTokens: (completion_tokens as number | undefined) ?? Math.max(0, total - prompt),
   };
 }
 

@@ -56,13 +56,22 @@ export async function openKv(
   return await Deno.openKv(target);
 }
 
+/** The last day formatted (utcDay/utcMonth run several times per gateway request). */
+let memoDayNumber = NaN;
+let memoDay = "";
+
 /** UTC date of a timestamp as YYYY-MM-DD. */
 export function utcDay(ms: number = Date.now()): Day {
-  return new Date(ms).toISOString().slice(0, 10);
+  const n = Math.floor(ms / 86_400_000);
+  if (n !== memoDayNumber) {
+    memoDay = new Date(ms).toISOString().slice(0, 10);
+    memoDayNumber = n;
+  }
+  return memoDay;
 }
 
 export function utcMonth(ms: number = Date.now()): Month {
-  return new Date(ms).toISOString().slice(0, 7);
+  return utcDay(ms).slice(0, 7);
 }
 
 /** Reads a KvU64 (or absent) entry value as a number. */

@@ -12,6 +12,8 @@ export type AppEnv = {
     session: Session;
     /** How the session arrived; cookie-authenticated writes get a same-origin check. */
     sessionVia: "bearer" | "cookie";
+    /** Set by handlers whose Response already carries x-request-id and nosniff (routes/mod.ts). */
+    framed: boolean;
   };
 };
 

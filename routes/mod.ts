@@ -50,10 +50,11 @@ export function createApp(services: Services) {
     const id = nextId(c.req.header("x-request-id"));
     c.set("requestId", id);
     await next();
-    const api = isApiPath(c.req.path);
-    const headers = c.res.headers;
-    headers.set("x-request-id", id);
-    if (api) headers.set("x-content-type-options", "nosniff");
+    if (!c.get("framed")) {
+      const headers = c.res.headers;
+      headers.set("x-request-id", id);
+      if (isApiPath(c.req.path)) headers.set("x-content-type-options", "nosniff");
+    }
     // The gateway logs its own line with usage; everything else gets an access line.
     if (c.res.status >= 500 || !c.req.path.startsWith("/v1/")) {
       log.info("request", {

@@ -16,7 +16,11 @@ export function v1Routes(services: Services) {
     app.all("/models", none);
     return app;
   }
-  app.post("/chat/completions", (c) => gateway.chatCompletions(c.req.raw, c.get("requestId")));
+  app.post("/chat/completions", async (c) => {
+    const res = await gateway.chatCompletions(c.req.raw, c.get("requestId"));
+    c.set("framed", true); // the answer carries x-request-id and nosniff already
+    return res;
+  });
   app.get("/models", (c) => gateway.models(c.req.raw));
   return app;
 }

@@ -5,8 +5,6 @@ import type { Services } from "../../lib/services.ts";
 import type { ProvisionResult } from "../../lib/users.ts";
 import { type AppEnv, requireSession } from "../context.ts";
 
-const NO_STORE_JSON = { "content-type": "application/json", "cache-control": "no-store" };
-
 export function keyRoutes(services: Services) {
   const { config, users, clerkSync } = services;
   const app = new Hono<AppEnv>();
@@ -33,14 +31,24 @@ export function keyRoutes(services: Services) {
    * text lives exactly as long as the cached user does and is never stale.
    */
   const texts = new WeakMap<ProvisionResult, string>();
-  const respond = (result: ProvisionResult, status: 200 | 201) => {
+  const respond = (c: Context<AppEnv>, result: ProvisionResult, status: 200 | 201) => {
     let text = texts.get(result);
     if (text === undefined) {
       text = JSON.stringify(body(result));
       if (!result.created) texts.set(result, text);
     }
-    // A plain Response: c.header() + c.json() would take hono's slower header-merging path.
-    return new Response(text, { status, headers: NO_STORE_JSON });
+    // A plain Response with every header in one record: c.header() + c.json() would take
+    // hono's slower header-merging path, and each later headers.set() is validated on its own.
+    c.set("framed", true);
+    return new Response(text, {
+      status,
+      headers: {
+        "content-type": "application/json",
+        "cache-control": "no-store",
+        "x-request-id": c.get("requestId"),
+        "x-content-type-options": "nosniff",
+      },
+    });
   };
 
   const provision = (method: "GET" | "POST") => async (c: Context<AppEnv>) => {
@@ -50,7 +58,7 @@ export function keyRoutes(services: Services) {
       : undefined;
     const result = await users.provision(session.userId, profile);
     if (result.created) clerkSync.afterProvision(result.user);
-    return respond(result, result.created && method === "POST" ? 201 : 200);
+    return respond(c, result, result.created && method === "POST" ? 201 : 200);
   };
 
   app.get("/key", auth, provision("GET"));
@@ -62,7 +70,7 @@ export function keyRoutes(services: Services) {
     await users.provision(session.userId);
     const result = await users.rotate(session.userId);
     clerkSync.afterProvision(result.user);
-    return respond(result, 200);
+    return respond(c, result, 200);
   });
   return app;
 }
