@@ -210,6 +210,16 @@ async function ensureWrk() {
   }
 }
 
+/** The app runs exactly as `deno task start` runs it (same flags), from deno.json. */
+async function startTaskArgs(root: string): Promise<string[]> {
+  const config = JSON.parse(await Deno.readTextFile(`${root}deno.json`));
+  const words = String(config.tasks?.start ?? "").split(/\s+/).filter(Boolean);
+  if (words[0] !== "deno" || words.at(-1) !== "main.ts") {
+    throw new Error(`deno.json's start task is not "deno … main.ts": ${words.join(" ")}`);
+  }
+  return [...words.slice(1, -1), `${root}main.ts`];
+}
+
 async function peakRssMb(pid: number): Promise<number> {
   try {
     const status = await Deno.readTextFile(`/proc/${pid}/status`);
@@ -259,7 +269,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     procs.push(pass);
 
     const issuer = await ClerkIssuer.create();
-    const app = await spawn(["run", "-A", `${here}../main.ts`], {
+    const app = await spawn(await startTaskArgs(`${here}../`), {
       PORT: "0",
       PUBLIC_URL: "http://localhost:8000",
       DENO_KV_PATH: `${kvDir}/bench.sqlite3`,
