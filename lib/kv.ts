@@ -11,14 +11,10 @@ export const keys = {
   keyByHash: (hash: string) => ["keys_by_hash", hash] as const,
   webhookEvent: (svixId: string) => ["webhook_events", svixId] as const,
   rate: (userId: string) => ["rate_limits", userId] as const,
-  /** Day-major usage counters (KvU64), for reports over all users. */
+  /** Usage counters (KvU64) per UTC day, user, model and field: reports, dashboards, quotas. */
   usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
     ["usage_daily", day, userId, model, field] as const,
   usageDailyDay: (day: Day) => ["usage_daily", day] as const,
-  /** User-major usage counters (KvU64), for one user's dashboard. */
-  usageByUser: (userId: string, day: Day, model: string, field: UsageField) =>
-    ["usage_by_user", userId, day, model, field] as const,
-  usageByUserPrefix: (userId: string) => ["usage_by_user", userId] as const,
   /** Tokens a user spent on a UTC day (KvU64), for TOKEN_LIMIT_DAILY. */
   tokensByDay: (userId: string, day: Day) => ["tokens_by_day", userId, day] as const,
   /** Nano-USD a user spent in a UTC month (KvU64), for BUDGET_USD_MONTHLY. */

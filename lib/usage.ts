@@ -70,7 +70,6 @@ function addSums(
   };
   for (const field of USAGE_FIELDS) {
     add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
-    add(keys.usageByUser(e.userId, day, e.model, field), values[field]);
   }
   add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
   add(
@@ -81,7 +80,7 @@ function addSums(
 }
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
-const SUMS_PER_EVENT = 9;
+const SUMS_PER_EVENT = 6;
 const MAX_BATCH = Math.floor(1000 / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
@@ -209,8 +208,10 @@ function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number)
 }
 
 /**
- * One user's counters per day and model from `from` to `to` (inclusive), with a KV range list
- * over the user-major keys (no scan of other users).
+ * One user's counters per day and model from `from` to `to` (inclusive): one short range list
+ * per day over the day-major keys (`["usage_daily", day, userId]`), never a scan of other users.
+ * Reads are not on the gateway's hot path; one copy of the counters keeps every request's
+ * commit small.
  */
 export async function userCounters(
   kv: Deno.Kv,
@@ -218,23 +219,25 @@ export async function userCounters(
   from: Day,
   to: Day,
 ): Promise<Map<Day, Map<string, Raw>>> {
-  const prefix = keys.usageByUserPrefix(userId);
+  const days: Day[] = [];
+  for (let day = from; day <= to; day = nextDay(day)) days.push(day);
   const out = new Map<Day, Map<string, Raw>>();
-  const iter = kv.list<Deno.KvU64>(
-    { start: [...prefix, from], end: [...prefix, nextDay(to)] },
-    { batchSize: 1000 },
-  );
-  for await (const entry of iter) {
-    const [, , day, model, field] = entry.key;
-    if (typeof day !== "string" || typeof model !== "string") continue;
-    let models = out.get(day);
-    if (!models) out.set(day, models = new Map());
-    let raw = models.get(model);
-    if (!raw) models.set(model, raw = { requests: 0, prompt: 0, completion: 0 });
-    if (field === "requests" || field === "prompt" || field === "completion") {
-      raw[field] += u64(entry.value);
+  const readDay = async (day: Day) => {
+    const models = new Map<string, Raw>();
+    const iter = kv.list<Deno.KvU64>({ prefix: [...keys.usageDailyDay(day), userId] });
+    for await (const entry of iter) {
+      const [, , , model, field] = entry.key;
+      if (typeof model !== "string") continue;
+      let raw = models.get(model);
+      if (!raw) models.set(model, raw = { requests: 0, prompt: 0, completion: 0 });
+      if (field === "requests" || field === "prompt" || field === "completion") {
+        raw[field] += u64(entry.value);
+      }
     }
-  }
+    if (models.size) out.set(day, models);
+  };
+  // A few days in flight at once: the reads overlap (a remote KV's round trips most of all).
+  for (let i = 0; i < days.length; i += 10) await Promise.all(days.slice(i, i + 10).map(readDay));
   return out;
 }
 

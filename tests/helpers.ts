@@ -68,3 +68,13 @@ export function bearer(token: string): HeadersInit {
 export async function json<T = Record<string, unknown>>(res: Response): Promise<T> {
   return await res.json() as T;
 }
+
+/** A user's usage counters summed over every day and model (tests' small KV stores only). */
+export async function usageTotalsOf(kv: Deno.Kv, userId: string) {
+  const totals = { requests: 0, prompt: 0, completion: 0 };
+  for await (const { key, value } of kv.list<Deno.KvU64>({ prefix: ["usage_daily"] })) {
+    if (key[2] !== userId) continue;
+    totals[key[4] as keyof typeof totals] += Number(value.value);
+  }
+  return totals;
+}

@@ -3,7 +3,7 @@
  * Clients get the contract's errors, and metering matches exactly what was delivered.
  */
 import assert from "node:assert/strict";
-import { testApp } from "./helpers.ts";
+import { testApp, usageTotalsOf } from "./helpers.ts";
 
 type Behaviour = "json" | "sse" | "error" | "stall" | "cut";
 const BEHAVIOURS: Behaviour[] = ["json", "sse", "error", "stall", "cut"];
@@ -107,15 +107,10 @@ Deno.test("upstream chaos: contract errors to clients, usage consistent with del
     assert.deepEqual([...seen.keys()].sort(), [200, 503, 504]);
 
     // Metering runs after each response; wait until every request is counted.
-    const totals = { requests: 0, prompt: 0, completion: 0 };
+    let totals = { requests: 0, prompt: 0, completion: 0 };
     const deadline = Date.now() + 5000;
     while (Date.now() < deadline) {
-      Object.assign(totals, { requests: 0, prompt: 0, completion: 0 });
-      for await (
-        const { key, value } of app.kv.list<Deno.KvU64>({ prefix: ["usage_by_user", "user_chaos"] })
-      ) {
-        totals[key[key.length - 1] as keyof typeof totals] += Number(value.value);
-      }
+      totals = await usageTotalsOf(app.kv, "user_chaos");
       if (totals.requests >= N) break;
       await new Promise((r) => setTimeout(r, 50));
     }

@@ -3,7 +3,7 @@
  * the middle of load loses or doubles nothing beyond the requests in flight.
  */
 import assert from "node:assert/strict";
-import { ENCRYPTION_SECRET, MASTER_KEY } from "./helpers.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { type RunningMain, startMain } from "./subprocess.ts";
@@ -42,12 +42,7 @@ function chat(app: RunningMain, key: string): Promise<Response> {
 async function countUsage(kvPath: string, userId: string) {
   const kv = await Deno.openKv(kvPath);
   try {
-    const totals = { requests: 0, prompt: 0, completion: 0 };
-    for await (const { key, value } of kv.list<Deno.KvU64>({ prefix: ["usage_by_user", userId] })) {
-      const field = key[key.length - 1] as keyof typeof totals;
-      totals[field] += Number(value.value);
-    }
-    return totals;
+    return await usageTotalsOf(kv, userId);
   } finally {
     kv.close();
   }
