@@ -45,10 +45,13 @@ function upstream(): Deno.HttpServer<Deno.NetAddr> {
   return Deno.serve({ port: 0, hostname: "127.0.0.1", onListen: () => {} }, async (req) => {
     const body = await req.text();
     if (body.includes('"stream":true')) {
+      // The relay check asks for gaps between chunks, so each one must arrive on its own.
+      const gapMs = body.includes('"bench_gaps":true') ? 15 : 0;
       let i = 0;
       return new Response(
         new ReadableStream({
-          pull(controller) {
+          async pull(controller) {
+            if (gapMs && i > 0) await new Promise((r) => setTimeout(r, gapMs));
             if (i < SSE_CHUNKS.length) controller.enqueue(SSE_CHUNKS[i++]);
             else controller.close();
           },
