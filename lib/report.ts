@@ -329,22 +329,13 @@ function addInto(acc: UsageRow, row: UsageRow) {
 
 /** Totals of rows, priced per model with the given table. */
 function totalsOf(pricing: Pricing, rows: UsageRow[]): Totals {
-  const t: Totals = {
-    requests: 0,
-    promptTokens: 0,
-    completionTokens: 0,
-    totalTokens: 0,
-    costUsd: 0,
-  };
-  for (const r of rows) {
-    t.requests += r.requests;
-    t.promptTokens += r.promptTokens;
-    t.completionTokens += r.completionTokens;
-    t.costUsd += costUsd(pricing, r.model, r.promptTokens, r.completionTokens);
-  }
-  t.totalTokens = t.promptTokens + t.completionTokens;
-  t.costUsd = roundUsd(t.costUsd);
-  return t;
+  return sumTotals(rows.map((r) => ({
+    requests: r.requests,
+    promptTokens: r.promptTokens,
+    completionTokens: r.completionTokens,
+    totalTokens: r.promptTokens + r.completionTokens,
+    costUsd: costUsd(pricing, r.model, r.promptTokens, r.completionTokens),
+  })));
 }
 
 function sumTotals(lines: Totals[]): Totals {
