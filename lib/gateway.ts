@@ -224,6 +224,15 @@ export class Gateway {
       timedOut = true;
       abort.abort();
     }, this.config.glm.timeoutMs);
+    // A client that leaves while the upstream is still thinking cancels the upstream call. Only
+    // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
+    // Deno's legacy behaviour of also aborting request.signal once a response has been sent.)
+    let clientGone = false;
+    const onClientGone = () => {
+      clientGone = true;
+      abort.abort();
+    };
+    req.signal.addEventListener("abort", onClientGone, { once: true });
     const accept = req.headers.get("accept");
     let upstream: Response;
     try {
@@ -240,7 +249,7 @@ export class Gateway {
         userId,
         model,
         error: code,
-        detail: err instanceof Error ? err.name : "error",
+        detail: clientGone ? "client disconnected" : err instanceof Error ? err.name : "error",
       });
       this.meter(userId, model, null, requestId, timedOut ? 504 : 502, started, "failed");
       throw new AppError(
@@ -252,6 +261,7 @@ export class Gateway {
       );
     } finally {
       clearTimeout(timer);
+      req.signal.removeEventListener("abort", onClientGone);
     }
 
     // One plain record, converted once by the Response (a Headers object would be validated

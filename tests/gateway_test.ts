@@ -597,3 +597,47 @@ Deno.test("a change landing between the limit read and its commit is seen (no sl
     await s.close();
   }
 });
+
+Deno.test("over a real port: a client leaving before the upstream answers cancels it", async () => {
+  // An upstream that never answers, and notices when the caller gives up.
+  let upstreamAborted: () => void;
+  const aborted = new Promise<void>((r) => upstreamAborted = r);
+  const upstream = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    return new Promise<Response>((resolve) => {
+      req.signal.addEventListener("abort", () => {
+        upstreamAborted();
+        resolve(new Response("too late"));
+      });
+      setTimeout(() => resolve(new Response("gave up waiting", { status: 500 })), 8000);
+    });
+  });
+  const app = await testApp({ GLM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}` });
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    createApp(app.services).fetch,
+  );
+  try {
+    const { apiKey } = await app.services.users.provision("user_leaver");
+    const client = new AbortController();
+    const call = fetch(`http://127.0.0.1:${server.addr.port}/v1/chat/completions`, {
+      method: "POST",
+      headers: { ...bearer(apiKey), "content-type": "application/json" },
+      body: JSON.stringify(CHAT),
+      signal: client.signal,
+    }).catch((err) => err);
+    await new Promise((r) => setTimeout(r, 200));
+    client.abort();
+    assert.ok((await call) instanceof Error);
+    const gaveUp = await Promise.race([
+      aborted.then(() => true),
+      new Promise((r) => setTimeout(() => r(false), 5000)),
+    ]);
+    assert.equal(gaveUp, true, "the upstream request was cancelled");
+    await app.services.gateway.settled();
+    assert.ok(app.logs.some((l) => l.includes("client disconnected")));
+  } finally {
+    await server.shutdown();
+    await upstream.shutdown();
+    await app.close();
+  }
+});
