@@ -15,6 +15,8 @@ export interface OperatorOverview {
   users: Map<string, UsageTotals30d>;
   /** One entry per UTC day of the window, oldest first, zero-filled. */
   days: Array<UsageTotals30d & { day: string; users: number }>;
+  /** Everyone over the whole window. */
+  totals: UsageTotals30d;
 }
 
 /** Usage of every user over the last `days` UTC days, including today. */
@@ -47,5 +49,6 @@ export async function operatorOverview(
     d.costUsd = roundUsd(d.costUsd + line.costUsd);
     d.users++;
   }
-  return { users, days: [...byDay.values()] };
+  const { requests, totalTokens, costUsd } = report.totals;
+  return { users, days: [...byDay.values()], totals: { requests, totalTokens, costUsd } };
 }

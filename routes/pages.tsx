@@ -307,23 +307,9 @@ export function pageRoutes(services: Services) {
       );
     }
     const now = Date.now();
-    const days = (await operatorOverview(services.kv, config.pricing, now)).days.map((d) => ({
-      day: d.day,
-      requests: d.requests,
-      tokens: d.totalTokens,
-      cost: d.costUsd,
-      users: d.users,
-    }));
-    const totals = days.reduce(
-      (t, d) => ({
-        requests: t.requests + d.requests,
-        tokens: t.tokens + d.tokens,
-        cost: t.cost + d.cost,
-      }),
-      { requests: 0, tokens: 0, cost: 0 },
-    );
+    const { days, totals } = await operatorOverview(services.kv, config.pricing, now);
     const usd = (n: number) => (n > 0 && n < 0.01 ? `$${n.toFixed(4)}` : `$${n.toFixed(2)}`);
-    const points = lastDays(30, new Map(days.map((d) => [d.day, d.cost])), now);
+    const points = lastDays(30, new Map(days.map((d) => [d.day, d.costUsd])), now);
     return render(
       c,
       <Layout title="Admin" {...layout} clerk={clerk}>
@@ -339,16 +325,16 @@ export function pageRoutes(services: Services) {
             <span class="label">requests, 30 days</span>
           </div>
           <div class="card stat">
-            <span class="value" title={totals.tokens.toLocaleString("en-US")}>
-              {totals.tokens.toLocaleString("en-US", {
-                notation: totals.tokens >= 100_000 ? "compact" : "standard",
+            <span class="value" title={totals.totalTokens.toLocaleString("en-US")}>
+              {totals.totalTokens.toLocaleString("en-US", {
+                notation: totals.totalTokens >= 100_000 ? "compact" : "standard",
                 maximumFractionDigits: 1,
               })}
             </span>
             <span class="label">tokens, 30 days</span>
           </div>
           <div class="card stat">
-            <span class="value" data-testid="total-cost">{usd(totals.cost)}</span>
+            <span class="value" data-testid="total-cost">{usd(totals.costUsd)}</span>
             <span class="label">cost, 30 days</span>
           </div>
         </div>
