@@ -64,3 +64,12 @@ export function invalidRequest(
   const field = first?.path.map(String).join(".") || what;
   return new AppError("invalid_request", `${field}: ${first?.message ?? "invalid"}`);
 }
+
+/** JSON.parse for request bodies: 400 invalid_request instead of a SyntaxError. */
+export function parseJsonBody(text: string): unknown {
+  try {
+    return JSON.parse(text);
+  } catch {
+    throw new AppError("invalid_request", "body: not valid JSON");
+  }
+}

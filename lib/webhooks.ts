@@ -2,7 +2,7 @@
 import { Webhook } from "svix";
 import { z } from "zod";
 import type { ClerkSync } from "./clerk_sync.ts";
-import { AppError, invalidRequest } from "./errors.ts";
+import { AppError, invalidRequest, parseJsonBody } from "./errors.ts";
 import { keys } from "./kv.ts";
 import type { Logger } from "./log.ts";
 import type { Profile, Users } from "./users.ts";
@@ -47,13 +47,7 @@ export function clerkProfile(user: ClerkUserJson): Profile {
 
 /** Parses a verified payload; unknown event types come back as "ignored". */
 export function parseClerkEvent(rawBody: string): ClerkEvent {
-  let json: unknown;
-  try {
-    json = JSON.parse(rawBody);
-  } catch {
-    throw new AppError("invalid_request", "body: not valid JSON");
-  }
-  const envelope = envelopeSchema.safeParse(json);
+  const envelope = envelopeSchema.safeParse(parseJsonBody(rawBody));
   if (!envelope.success) throw invalidRequest(envelope.error.issues);
   const { type, data } = envelope.data;
   const prefixed = (issues: z.core.$ZodIssue[]) =>

@@ -2,7 +2,7 @@
 import { Hono } from "hono";
 import { deleteCookie, setCookie } from "hono/cookie";
 import { z } from "zod";
-import { AppError } from "../lib/errors.ts";
+import { AppError, parseJsonBody } from "../lib/errors.ts";
 import type { Services } from "../lib/services.ts";
 import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./context.ts";
 
@@ -22,9 +22,7 @@ export function authRoutes(services: Services) {
     assertSameOrigin(c, services);
     const type = c.req.header("content-type") ?? "";
     const raw = type.includes("application/json")
-      ? await c.req.json().catch(() => {
-        throw new AppError("invalid_request", "body: not valid JSON");
-      })
+      ? parseJsonBody(await c.req.text())
       : Object.fromEntries(Object.entries(await c.req.parseBody()).map(([k, v]) => [k, String(v)]));
     const { email, redirect } = parseWith(signInSchema, raw, "body");
     const { token, maxAge } = await sessions.issueLocal(email);

@@ -3,7 +3,7 @@ import type { Context, MiddlewareHandler } from "hono";
 import { getCookie } from "hono/cookie";
 import type { z } from "zod";
 import { type Session, sessionTokenFrom } from "../lib/auth.ts";
-import { AppError, invalidRequest } from "../lib/errors.ts";
+import { AppError, invalidRequest, parseJsonBody } from "../lib/errors.ts";
 import type { Services } from "../lib/services.ts";
 
 export type AppEnv = {
@@ -66,17 +66,8 @@ export function assertSameOrigin(c: Context<AppEnv>, services: Services) {
 
 /** Parses a JSON body with a schema: 400 invalid_request naming the field when it does not fit. */
 export async function jsonBody<S extends z.ZodType>(c: Context, schema: S): Promise<z.infer<S>> {
-  let raw: unknown;
   const text = await c.req.text();
-  if (text.trim() === "") raw = {};
-  else {
-    try {
-      raw = JSON.parse(text);
-    } catch {
-      throw new AppError("invalid_request", "body: not valid JSON");
-    }
-  }
-  const parsed = schema.safeParse(raw);
+  const parsed = schema.safeParse(text.trim() === "" ? {} : parseJsonBody(text));
   if (!parsed.success) throw invalidRequest(parsed.error.issues);
   return parsed.data;
 }
