@@ -9,3 +9,14 @@ export function encodeBase64Url(bytes: Uint8Array): string {
 export function randomToken(bytes = 32): string {
   return encodeBase64Url(crypto.getRandomValues(new Uint8Array(bytes)));
 }
+
+/** The chunks joined into one buffer of `size` bytes (their total length). */
+export function concatBytes(chunks: Uint8Array[], size: number): Uint8Array<ArrayBuffer> {
+  const whole = new Uint8Array(size);
+  let offset = 0;
+  for (const chunk of chunks) {
+    whole.set(chunk, offset);
+    offset += chunk.byteLength;
+  }
+  return whole;
+}

@@ -14,7 +14,7 @@ import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
-import { v1Routes } from "./v1.ts";
+import { chatCompletionsHandler, v1Routes } from "./v1.ts";
 
 const KIB = 1024;
 
@@ -41,10 +41,14 @@ export function createApp(services: Services) {
   const { log, kv } = services;
   const app = new Hono<AppEnv>();
 
-  // One middleware frames every request: an id, an access line, and the API's headers. Header
-  // writes are costly per request, so JSON answers get only what protects JSON (nosniff) and
-  // pages get hono's full secureHeaders set below.
   const nextId = requestIds();
+  if (services.config.keyMode === "proxy") {
+    // Ahead of every middleware: the gateway frames, limits and logs its own requests.
+    app.post("/v1/chat/completions", chatCompletionsHandler(services, nextId));
+  }
+  // One middleware frames every other request: an id, an access line, and the API's headers.
+  // Header writes are costly per request, so JSON answers get only what protects JSON (nosniff)
+  // and pages get hono's full secureHeaders set below.
   app.use("*", async (c, next) => {
     const started = performance.now();
     const id = nextId(c.req.header("x-request-id"));
@@ -125,6 +129,11 @@ export function createApp(services: Services) {
   });
 
   app.onError((err, c) => {
+    // Routes mounted ahead of the framing middleware get their id and nosniff here.
+    const id = c.get("requestId");
+    if (id) c.header("x-request-id", id);
+    if (isApiPath(c.req.path)) c.header("x-content-type-options", "nosniff");
+    c.set("framed", true);
     if (err instanceof AppError) {
       for (const [name, value] of Object.entries(err.headers)) c.header(name, value);
       return c.json(errorBody(err.code, err.message), err.status as 400);
@@ -137,7 +146,6 @@ export function createApp(services: Services) {
         : "invalid_request";
       return c.json(errorBody(code, err.message || "Bad request."), err.status);
     }
-    const id = c.get("requestId");
     log.error("unhandled error", {
       id,
       method: c.req.method,

@@ -1,5 +1,5 @@
 /** The OpenAI-compatible gateway surface (CONTRACT §5 Gateway); the work is in lib/gateway.ts. */
-import { Hono } from "hono";
+import { type Handler, Hono } from "hono";
 import { AppError } from "../lib/errors.ts";
 import type { Services } from "../lib/services.ts";
 import type { AppEnv } from "./context.ts";
@@ -16,11 +16,23 @@ export function v1Routes(services: Services) {
     app.all("/models", none);
     return app;
   }
-  app.post("/chat/completions", async (c) => {
-    const res = await gateway.chatCompletions(c.req.raw, c.get("requestId"));
-    c.set("framed", true); // the answer carries x-request-id and nosniff already
-    return res;
-  });
   app.get("/models", (c) => gateway.models(c.req.raw));
   return app;
+}
+
+/**
+ * POST /v1/chat/completions, the hot path. routes/mod.ts mounts it ahead of the app-wide
+ * middleware (≈ a sixth of the gateway's CPU per request): it takes its own request id, the
+ * gateway limits the body (1 MiB) and logs its own line, its answers carry x-request-id and
+ * nosniff, and errors go to app.onError like everyone else's.
+ */
+export function chatCompletionsHandler(
+  services: Services,
+  nextId: (incoming: string | undefined) => string,
+): Handler<AppEnv> {
+  return async (c) => {
+    const id = nextId(c.req.header("x-request-id"));
+    c.set("requestId", id);
+    return await services.gateway.chatCompletions(c.req.raw, id);
+  };
 }

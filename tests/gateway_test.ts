@@ -394,6 +394,48 @@ Deno.test("bad requests are refused before the upstream and count against nothin
   }
 });
 
+Deno.test("every gateway answer carries its request id and nosniff, refusals included", async (t) => {
+  const s = await setup({ RATE_LIMIT_RPM: "1" });
+  const framed = (res: Response, id?: string) => {
+    assert.equal(res.headers.get("x-content-type-options"), "nosniff");
+    const got = res.headers.get("x-request-id") ?? "";
+    if (id) assert.equal(got, id);
+    else assert.match(got, /^[0-9a-f]{8}-[0-9a-z]+$/);
+  };
+  try {
+    await t.step("200, with a well-formed incoming id kept", async () => {
+      const res = await s.chat(CHAT, { headers: { "x-request-id": "trace-abc.123" } });
+      assert.equal(res.status, 200);
+      framed(res, "trace-abc.123");
+      await res.text();
+    });
+    await t.step("429, with a malformed incoming id replaced", async () => {
+      const res = await s.chat(CHAT, { headers: { "x-request-id": "bad id\u00e9" } });
+      assert.equal(res.status, 429);
+      framed(res);
+      assert.equal((await errorOf(res)).code, "rate_limit_exceeded");
+    });
+    await t.step("401 and 413 (declared length)", async () => {
+      const bad = await s.chat(CHAT, { key: "kw_" + "x".repeat(43) });
+      assert.equal(bad.status, 401);
+      framed(bad);
+      assert.equal((await errorOf(bad)).code, "invalid_api_key");
+      const big = await s.chat(JSON.stringify({ ...CHAT, pad: "z".repeat(1024 * 1024) }));
+      assert.equal(big.status, 413);
+      framed(big);
+      assert.equal((await errorOf(big)).code, "payload_too_large");
+    });
+    await t.step("two answers never share an id", async () => {
+      const [a, b] = await Promise.all([s.chat(), s.chat()]);
+      assert.notEqual(a.headers.get("x-request-id"), b.headers.get("x-request-id"));
+      await drain(a);
+      await drain(b);
+    });
+  } finally {
+    await s.close();
+  }
+});
+
 Deno.test("upstream failures", async (t) => {
   const s = await setup({ UPSTREAM_TIMEOUT_MS: "300" });
   try {
