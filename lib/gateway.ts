@@ -246,12 +246,26 @@ export class Gateway {
       });
     } catch (err) {
       const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
+      if (clientGone) {
+        // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line).
+        this.meter(
+          userId,
+          model,
+          null,
+          requestId,
+          499,
+          started,
+          "cancelled",
+          "client disconnected",
+        );
+        throw new AppError(code, "The client disconnected.", admission.headers);
+      }
       this.log.warn("upstream failed", {
         id: requestId,
         userId,
         model,
         error: code,
-        detail: clientGone ? "client disconnected" : err instanceof Error ? err.name : "error",
+        detail: err instanceof Error ? err.name : "error",
       });
       this.meter(userId, model, null, requestId, timedOut ? 504 : 502, started, "failed");
       throw new AppError(
@@ -368,6 +382,7 @@ export class Gateway {
     status: number,
     started: number,
     outcome: "complete" | "cut" | "cancelled" | "failed",
+    detail?: string,
   ) {
     const promptTokens = usage?.promptTokens ?? 0;
     const completionTokens = usage?.completionTokens ?? 0;
@@ -380,6 +395,7 @@ export class Gateway {
       promptTokens,
       completionTokens,
       ms: Math.round((performance.now() - started) * 10) / 10,
+      ...(detail ? { detail } : {}),
     });
     const write = this.recorder.record({
       userId,

@@ -676,7 +676,11 @@ Deno.test("over a real port: a client leaving before the upstream answers cancel
     ]);
     assert.equal(gaveUp, true, "the upstream request was cancelled");
     await app.services.gateway.settled();
-    assert.ok(app.logs.some((l) => l.includes("client disconnected")));
+    const line = app.logs.find((l) => l.includes("client disconnected"));
+    assert.ok(line, "the cancellation is logged");
+    // Not an upstream failure: an info line with nginx's 499, and no warning.
+    assert.match(line, /"level":"info".*"status":499,"outcome":"cancelled"/);
+    assert.ok(!app.logs.some((l) => l.includes('"level":"warn"')));
   } finally {
     await server.shutdown();
     await upstream.shutdown();
