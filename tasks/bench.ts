@@ -116,14 +116,37 @@ const helperPort = (line: string) => {
   }
 };
 
-const appPort = (line: string) => {
-  try {
-    const msg = JSON.parse(line);
-    return msg.msg === "keyway listening" ? Number(new URL(msg.url).port) : null;
-  } catch {
-    return null;
+/**
+ * Starts the app on a free port with its stdout (one JSON log line per request) going to
+ * /dev/null: the app still formats and writes every line, but no process of the bench's burns
+ * the shared cores reading them. Ready once /health answers.
+ */
+async function spawnApp(args: string[], env: Record<string, string>): Promise<Proc> {
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = probe.addr.port;
+  probe.close();
+  const child = new Deno.Command(Deno.execPath(), {
+    args,
+    env: { ...env, PORT: String(port) },
+    stdout: "null",
+    stderr: "inherit",
+  }).spawn();
+  let exited = false;
+  child.status.then(() => exited = true);
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline && !exited) {
+    try {
+      const res = await fetch(`http://127.0.0.1:${port}/health`);
+      await res.body?.cancel();
+      if (res.ok) return { child, port };
+    } catch { /* not listening yet */ }
+    await new Promise((r) => setTimeout(r, 100));
   }
-};
+  if (!exited) child.kill("SIGKILL");
+  throw new Error(
+    `the app did not answer /health on port ${port} (${exited ? "it exited" : "30 s"})`,
+  );
+}
 
 function luaScript(opts: { method: string; body?: string; auth: string[] }): string {
   const q = (s: string) => JSON.stringify(s); // JSON strings are valid Lua strings here
@@ -272,8 +295,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     procs.push(pass);
 
     const issuer = await ClerkIssuer.create();
-    const app = await spawn(await startTaskArgs(`${here}../`), {
-      PORT: "0",
+    const app = await spawnApp(await startTaskArgs(`${here}../`), {
       PUBLIC_URL: "http://localhost:8000",
       DENO_KV_PATH: `${kvDir}/bench.sqlite3`,
       CLERK_JWT_KEY: issuer.publicKeyPem,
@@ -283,7 +305,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       RATE_LIMIT_RPM: "1000000",
       RATE_LIMIT_RPD: "100000000",
       NO_COLOR: "1",
-    }, appPort);
+    });
     procs.push(app);
     const appUrl = `http://127.0.0.1:${app.port}`;
 
