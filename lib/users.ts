@@ -34,12 +34,16 @@ export interface UserRecord {
   limits: LimitOverrides;
   /** True once e-mail and names came from Clerk (webhook or Backend API). */
   profileKnown: boolean;
+  /** Clerk's `updated_at` (ms) of the stored profile; absent on records from before it. */
+  clerkUpdatedAt?: number | null;
 }
 
 export interface Profile {
   email: string | null;
   firstName: string | null;
   lastName: string | null;
+  /** Clerk's `updated_at` (ms) of this profile, when it came from Clerk. */
+  clerkUpdatedAt?: number | null;
 }
 
 export interface ProvisionResult {
@@ -117,6 +121,7 @@ export class Users {
         key,
         limits: {},
         profileKnown: profile !== undefined,
+        clerkUpdatedAt: profile?.clerkUpdatedAt ?? null,
       };
       const res = await this.kv.atomic()
         .check(entry)
@@ -152,12 +157,15 @@ export class Users {
     }, "rotate").finally(() => this.epoch.invalidate());
   }
 
-  /** Stores Clerk's e-mail and names; a deleted user's profile stays dropped. */
+  /**
+   * Stores Clerk's e-mail and names; a deleted user's profile stays dropped, and a profile older
+   * than the stored one (by Clerk's `updated_at`: Svix may deliver out of order) changes nothing.
+   */
   async updateProfile(userId: string, profile: Profile): Promise<UserRecord | null> {
-    return await this.update(
-      userId,
-      (user) => user.status === "deleted" ? null : { ...user, ...profile, profileKnown: true },
-    );
+    return await this.update(userId, (user) => {
+      if (user.status === "deleted" || isOlder(profile, user)) return null;
+      return { ...user, ...profile, profileKnown: true };
+    });
   }
 
   /**
@@ -262,6 +270,13 @@ export class Users {
       return res.ok ? next : CONFLICT;
     }, "update user").finally(() => this.epoch.invalidate());
   }
+}
+
+/** True when both carry Clerk's `updated_at` and the profile's is the earlier. */
+function isOlder(profile: Profile, user: UserRecord): boolean {
+  const incoming = profile.clerkUpdatedAt;
+  const stored = user.clerkUpdatedAt;
+  return incoming != null && stored != null && incoming < stored;
 }
 
 /** A secret generated once and kept in KV (local mode only: session signing, key encryption). */

@@ -20,6 +20,8 @@ export const clerkUserSchema = z.object({
   primary_email_address_id: z.string().nullish(),
   first_name: z.string().max(200).nullish(),
   last_name: z.string().max(200).nullish(),
+  /** ms since the epoch; orders profile updates that Svix delivers out of order. */
+  updated_at: z.number().int().nonnegative().nullish(),
 });
 export type ClerkUserJson = z.infer<typeof clerkUserSchema>;
 
@@ -42,6 +44,7 @@ export function clerkProfile(user: ClerkUserJson): Profile {
     email: primary?.email_address || null,
     firstName: user.first_name || null,
     lastName: user.last_name || null,
+    clerkUpdatedAt: user.updated_at ?? null,
   };
 }
 

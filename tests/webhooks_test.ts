@@ -278,6 +278,27 @@ Deno.test("webhooks: events, duplicates and deletion", async (t) => {
       },
     );
 
+    await t.step(
+      "updates delivered out of order: the newest profile (Clerk's updated_at) wins",
+      async () => {
+        const at = (updatedAt: number, email: string) => ({
+          ...clerkUser("user_order", email, null, null),
+          updated_at: updatedAt,
+        });
+        await expectOk(await deliver(app, event("user.created", at(1_000, "v1@example.com"))));
+        await expectOk(await deliver(app, event("user.updated", at(3_000, "v3@example.com"))));
+        // v2 was sent before v3 but arrives after it: acknowledged, and nothing rolls back.
+        await expectOk(await deliver(app, event("user.updated", at(2_000, "v2@example.com"))));
+        assert.equal((await app.services.users.get("user_order"))?.email, "v3@example.com");
+        await expectOk(await deliver(app, event("user.updated", at(3_000, "v3b@example.com"))));
+        assert.equal((await app.services.users.get("user_order"))?.email, "v3b@example.com");
+        await expectOk(await deliver(app, event("user.updated", at(4_000, "v4@example.com"))));
+        const user = await app.services.users.get("user_order");
+        assert.equal(user?.email, "v4@example.com");
+        assert.equal(user?.clerkUpdatedAt, 4_000);
+      },
+    );
+
     await t.step("20 concurrent deliveries of one id: exactly one is applied", async () => {
       const payload = event("user.created", clerkUser("user_burst", "b@example.com", "B", null));
       const results = await Promise.all(
