@@ -52,6 +52,7 @@ interface Result {
   p50Ms: number;
   p99Ms: number;
   errors: number;
+  requests: number;
 }
 
 interface Proc {
@@ -204,6 +205,7 @@ async function wrk(
       p50Ms: p50Us / 1000,
       p99Ms: p99Us / 1000,
       errors,
+      requests,
     };
   } finally {
     await Deno.remove(file);
@@ -241,6 +243,19 @@ async function startTaskArgs(root: string): Promise<string[]> {
     throw new Error(`deno.json's start task is not "deno … main.ts": ${words.join(" ")}`);
   }
   return [...words.slice(1, -1), `${root}main.ts`];
+}
+
+/** CPU time (user + system, ms) a process has used so far; null where /proc is missing. */
+async function cpuMs(pid: number): Promise<number | null> {
+  try {
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th, in clock ticks of 10 ms on Linux.
+    const stat = await Deno.readTextFile(`/proc/${pid}/stat`);
+    const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+    return (Number(fields[11]) + Number(fields[12])) * 10;
+  } catch {
+    return null;
+  }
 }
 
 async function peakRssMb(pid: number): Promise<number> {
@@ -326,34 +341,47 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     const { seconds, connections } = opts;
     const warm = Math.max(1, Math.min(3, Math.round(seconds / 3)));
     const scenarios: Record<string, Result> = {};
-    const plan: Array<[string, string, string]> = [
-      ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] })],
-      ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens })],
+    // Each scenario with the process under test, whose CPU time per request is measured too:
+    // steadier than req/s on a shared machine, and it shows where a ratio comes from.
+    const plan: Array<[string, string, string, Proc]> = [
+      ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] }), bare],
+      ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens }), app],
       [
         "direct",
         `${upstreamUrl}/chat/completions`,
         luaScript({ method: "POST", body: CHAT_BODY, auth: ["master"] }),
+        upstream,
       ],
       [
         "passthrough",
         `http://127.0.0.1:${pass.port}/chat/completions`,
         luaScript({ method: "POST", body: CHAT_BODY, auth: [] }),
+        pass,
       ],
       [
         "proxy",
         `${appUrl}/v1/chat/completions`,
         luaScript({ method: "POST", body: CHAT_BODY, auth: keys }),
+        app,
       ],
       [
         "proxyStream",
         `${appUrl}/v1/chat/completions`,
         luaScript({ method: "POST", body: STREAM_BODY, auth: keys }),
+        app,
       ],
     ];
-    for (const [name, url, lua] of plan) {
+    const cpuUsPerRequest: Record<string, number | null> = {};
+    for (const [name, url, lua, proc] of plan) {
       progress(`bench: ${name} — warm-up ${warm}s, then ${seconds}s at ${connections} connections`);
       await wrk(url, warm, connections, lua);
+      const before = await cpuMs(proc.child.pid);
       scenarios[name] = await wrk(url, seconds, connections, lua);
+      const after = await cpuMs(proc.child.pid);
+      const { requests } = scenarios[name];
+      cpuUsPerRequest[name] = before === null || after === null || !requests
+        ? null
+        : Math.round((after - before) * 1000 / requests);
     }
     progress(`bench: added latency — pass-through and gateway at 1 connection, ${seconds}s each`);
     const single = {
@@ -385,6 +413,8 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       // Beyond the contract's fields: what a reader needs to trust the numbers.
       details: {
         errors: Object.fromEntries(Object.entries(scenarios).map(([k, v]) => [k, v.errors])),
+        /** CPU time (µs, all threads) the process under test spent per request. */
+        cpuUsPerRequest,
         singleConnection: single,
         sseReadsPerAnswer: chunks,
         users,
@@ -402,13 +432,15 @@ export async function runBench(opts: { seconds: number; connections: number }) {
 }
 
 function table(report: Awaited<ReturnType<typeof runBench>>): string {
-  const rows = [["scenario", "req/s", "p50 ms", "p99 ms", "errors"]];
+  const rows = [["scenario", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "errors"]];
   for (const [name, r] of Object.entries(report.scenarios)) {
+    const cpu = report.details.cpuUsPerRequest[name];
     rows.push([
       name,
       r.rps.toLocaleString("en-US"),
       r.p50Ms.toFixed(3),
       r.p99Ms.toFixed(3),
+      cpu === null || cpu === undefined ? "–" : String(cpu),
       String(report.details.errors[name] ?? 0),
     ]);
   }
