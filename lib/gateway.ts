@@ -416,19 +416,20 @@ export class Gateway {
   }
 }
 
-/** Read size for bodies of unknown length (SSE events are small; a busy stream fills more). */
+/** Read buffer for bodies of unknown length (SSE events are small; a busy stream fills more). */
 const STREAM_READ_BYTES = 16 * 1024;
 
 /**
- * Reads an upstream body chunk by chunk into buffers sized for what is coming: the declared
- * length when there is one (a JSON answer then lands in one buffer of exactly its size), else
- * 16 KiB. The runtime's default reader allocates and zeroes 64 KiB per read, which cost more
- * than the rest of the relay together.
+ * Reads an upstream body chunk by chunk without the runtime's default reader, which allocates and
+ * zeroes 64 KiB per read (it cost more than the rest of the relay together). A declared length
+ * is read into a buffer of exactly that size (a JSON answer lands whole in one read, no copy);
+ * otherwise one 16 KiB buffer is read into again and again, and each chunk is a right-sized copy.
  */
 class ChunkReader {
   private readonly reader: ReadableStreamBYOBReader;
   /** Bytes still expected when the upstream declared a length; null when it did not. */
   private left: number | null;
+  private buffer: ArrayBuffer | null = null;
 
   constructor(source: ReadableStream<Uint8Array>, contentLength: string | null) {
     this.reader = source.getReader({ mode: "byob" });
@@ -443,13 +444,21 @@ class ChunkReader {
 
   /** The next chunk, or null at the end of the body. */
   async read(): Promise<Uint8Array | null> {
-    const size = this.left === null || this.left === 0
-      ? STREAM_READ_BYTES
-      : Math.min(this.left, MAX_BODY_BYTES);
-    const { done, value } = await this.reader.read(new Uint8Array(size));
+    if (this.left) {
+      const { done, value } = await this.reader.read(
+        new Uint8Array(Math.min(this.left, MAX_BODY_BYTES)),
+      );
+      if (done || !value?.byteLength) return null;
+      this.left -= Math.min(this.left, value.byteLength);
+      return value;
+    }
+    // The read transfers the buffer; it comes back as value.buffer, to be read into next time.
+    const { done, value } = await this.reader.read(
+      new Uint8Array(this.buffer ?? new ArrayBuffer(STREAM_READ_BYTES)),
+    );
     if (done || !value?.byteLength) return null;
-    if (this.left !== null) this.left = Math.max(0, this.left - value.byteLength);
-    return value;
+    this.buffer = value.buffer;
+    return value.slice();
   }
 
   cancel(reason?: unknown) {

@@ -436,6 +436,58 @@ Deno.test("every gateway answer carries its request id and nosniff, refusals inc
   }
 });
 
+Deno.test("large answers are relayed byte for byte and metered: a 3 MiB JSON and a 2,000-event stream", async (t) => {
+  const usage = { prompt_tokens: 5, completion_tokens: 4000, total_tokens: 4005 };
+  const text = "Grüße, 世界! ".repeat(200_000); // multi-byte characters across read boundaries
+  const json = new TextEncoder().encode(JSON.stringify({
+    id: "big",
+    choices: [{ index: 0, message: { role: "assistant", content: text } }],
+    usage,
+  }));
+  const events = Array.from(
+    { length: 2000 },
+    (_, i) => `data: ${JSON.stringify({ choices: [{ delta: { content: `ü${i}世` } }] })}\n\n`,
+  );
+  events.push(`data: ${JSON.stringify({ choices: [], usage })}\n\n`, "data: [DONE]\n\n");
+  const sse = new TextEncoder().encode(events.join(""));
+  const upstream = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    async (req) => {
+      const stream = (await req.json()).stream === true;
+      if (!stream) return new Response(json, { headers: { "content-type": "application/json" } });
+      let i = 0;
+      return new Response(
+        new ReadableStream({
+          pull(c) {
+            // Uneven pieces, so events and characters are split across reads.
+            if (i >= sse.length) return c.close();
+            c.enqueue(sse.slice(i, i += 997));
+          },
+        }),
+        { headers: { "content-type": "text/event-stream" } },
+      );
+    },
+  );
+  const s = await setup({ GLM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}` });
+  try {
+    await t.step("JSON", async () => {
+      const res = await s.chat();
+      assert.equal(res.status, 200);
+      assert.deepEqual(new Uint8Array(await res.arrayBuffer()), json);
+      assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 5, completionTokens: 4000 });
+    });
+    await t.step("SSE", async () => {
+      const res = await s.chat({ ...CHAT, stream: true });
+      assert.equal(res.status, 200);
+      assert.deepEqual(new Uint8Array(await res.arrayBuffer()), sse);
+      assert.deepEqual(await s.usage(), { requests: 2, promptTokens: 10, completionTokens: 8000 });
+    });
+  } finally {
+    await s.close();
+    await upstream.shutdown();
+  }
+});
+
 Deno.test("upstream failures", async (t) => {
   const s = await setup({ UPSTREAM_TIMEOUT_MS: "300" });
   try {
