@@ -221,11 +221,19 @@ export class Gateway {
   ): Promise<Response> {
     const userId = admission.user.id;
     const abort = new AbortController();
+    const timeoutMs = this.config.glm.timeoutMs;
+    // The upstream has timeoutMs to send its headers, and then timeoutMs for each next piece of
+    // the answer: a stream that stalls is cut rather than holding the client forever.
     let timedOut = false;
-    const timer = setTimeout(() => {
+    const idle = new IdleTimer(timeoutMs, () => {
       timedOut = true;
       abort.abort();
-    }, this.config.glm.timeoutMs);
+    });
+    /** Every way out of forward() ends here, once: the watchdog stops, the request is metered. */
+    const end = (usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) => {
+      idle.stop();
+      this.meter(userId, model, usage, requestId, status, started, outcome, detail);
+    };
     // A client that leaves while the upstream is still thinking cancels the upstream call. Only
     // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
     // Deno's legacy behaviour of also aborting request.signal once a response has been sent.)
@@ -248,16 +256,7 @@ export class Gateway {
       const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
       if (clientGone) {
         // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line).
-        this.meter(
-          userId,
-          model,
-          null,
-          requestId,
-          499,
-          started,
-          "cancelled",
-          "client disconnected",
-        );
+        end(null, 499, "cancelled", "client disconnected");
         throw new AppError(code, "The client disconnected.", admission.headers);
       }
       this.log.warn("upstream failed", {
@@ -267,18 +266,18 @@ export class Gateway {
         error: code,
         detail: err instanceof Error ? err.name : "error",
       });
-      this.meter(userId, model, null, requestId, timedOut ? 504 : 502, started, "failed");
+      end(null, timedOut ? 504 : 502, "failed");
       throw new AppError(
         code,
         timedOut
-          ? `The upstream did not answer within ${this.config.glm.timeoutMs} ms.`
+          ? `The upstream did not answer within ${timeoutMs} ms.`
           : "The upstream could not be reached.",
         admission.headers,
       );
     } finally {
-      clearTimeout(timer);
       req.signal.removeEventListener("abort", onClientGone);
     }
+    idle.rest();
 
     // One plain record, converted once by the Response (a Headers object would be validated
     // twice: when built and again when the Response copies it). It also carries the framing
@@ -301,9 +300,10 @@ export class Gateway {
     }
     const source = upstream.body;
     if (!source) {
-      this.meter(userId, model, null, requestId, status, started, "complete");
+      end(null, status, "complete");
       return new Response(null, { status, headers });
     }
+    const stalled = () => timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(sse, status < 400);
@@ -316,28 +316,30 @@ export class Gateway {
       // has arrived; anything else is streamed below, the first chunk included.
       let first: Uint8Array | null;
       try {
+        idle.wait();
         first = await reader.read();
+        idle.rest();
       } catch (err) {
-        this.meter(userId, model, null, requestId, status, started, "cut");
+        end(null, status, "cut", stalled());
         return new Response(erroredStream(err), { status, headers });
       }
       if (!first) {
-        this.meter(userId, model, null, requestId, status, started, "complete");
+        end(null, status, "complete");
         return new Response(null, { status, headers });
       }
       if (reader.complete && !upstreamHeaders.has("content-encoding")) {
         reader.cancel(); // at its end already: frees the upstream connection
         meter.push(first);
-        this.meter(userId, model, meter.usage(), requestId, status, started, "complete");
+        end(meter.usage(), status, "complete");
         return new Response(first as Uint8Array<ArrayBuffer>, { status, headers });
       }
       pending = first;
     }
     let finished = false;
-    const finish = (outcome: "complete" | "cut" | "cancelled") => {
+    const finish = (outcome: "complete" | "cut" | "cancelled", detail?: string) => {
       if (finished) return;
       finished = true;
-      this.meter(userId, model, meter.usage(), requestId, status, started, outcome);
+      end(meter.usage(), status, outcome, detail);
     };
     const body = new ReadableStream<Uint8Array>({
       pull: async (controller) => {
@@ -349,9 +351,11 @@ export class Gateway {
         }
         let chunk: Uint8Array | null;
         try {
+          idle.wait();
           chunk = await reader.read();
+          idle.rest();
         } catch (err) {
-          finish("cut");
+          finish("cut", stalled());
           controller.error(err);
           return;
         }
@@ -381,7 +385,7 @@ export class Gateway {
     requestId: string,
     status: number,
     started: number,
-    outcome: "complete" | "cut" | "cancelled" | "failed",
+    outcome: Outcome,
     detail?: string,
   ) {
     const promptTokens = usage?.promptTokens ?? 0;
@@ -413,6 +417,47 @@ export class Gateway {
     });
     this.inflight.add(write);
     write.finally(() => this.inflight.delete(write));
+  }
+}
+
+type Outcome = "complete" | "cut" | "cancelled" | "failed";
+
+/**
+ * Calls `onIdle` when one wait for the upstream lasts `ms`: the wait for its headers, then each
+ * read of its body. Time between reads (a slow client not asking for more) does not count. One
+ * timer per request, re-armed only when it fires, so a read costs a clock read, not a timer.
+ */
+class IdleTimer {
+  private since = performance.now();
+  private waiting = true;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(private readonly ms: number, private readonly onIdle: () => void) {
+    this.arm(ms);
+  }
+
+  /** A read from the upstream starts: the clock runs from now. */
+  wait() {
+    this.since = performance.now();
+    this.waiting = true;
+  }
+
+  /** The read is over. */
+  rest() {
+    this.waiting = false;
+  }
+
+  stop() {
+    clearTimeout(this.timer);
+  }
+
+  private arm(delay: number) {
+    this.timer = setTimeout(() => {
+      if (!this.waiting) return this.arm(this.ms);
+      const quiet = performance.now() - this.since;
+      if (quiet >= this.ms) this.onIdle();
+      else this.arm(this.ms - quiet);
+    }, delay);
   }
 }
 

@@ -526,6 +526,46 @@ Deno.test("upstream failures", async (t) => {
       assert.equal((await s.usage()).requests, 3);
       assert.ok(s.app.logs.some((l) => l.includes('"outcome":"cut"')));
     });
+    await t.step(
+      "a stream that stalls mid-way is cut after the timeout, upstream call cancelled",
+      async () => {
+        s.fake.mode = "sse";
+        s.fake.holdAfterFirstChunk = true; // and never released
+        const cancelledBefore = s.fake.streamsCancelled;
+        const res = await s.chat({ ...CHAT, stream: true });
+        assert.equal(res.status, 200);
+        const reader = res.body!.getReader();
+        assert.match(new TextDecoder().decode((await reader.read()).value), /Hel/);
+        const waited = performance.now();
+        await assert.rejects(async () => {
+          for (;;) if ((await reader.read()).done) break;
+        });
+        assert.ok(performance.now() - waited >= 250, "not cut before the timeout");
+        assert.equal((await s.usage()).requests, 4);
+        assert.ok(
+          s.app.logs.some((l) =>
+            l.includes('"outcome":"cut"') && l.includes("upstream sent nothing for 300 ms")
+          ),
+        );
+        assert.equal(s.fake.streamsCancelled, cancelledBefore + 1);
+        s.fake.holdAfterFirstChunk = false;
+      },
+    );
+    await t.step(
+      "a client that stops reading is not cut: only waits for the upstream count",
+      async () => {
+        // 6 MiB: more than the sockets buffer, so the relay stops reading while the client rests.
+        s.fake.mode = "sse";
+        s.fake.sseChunks = Array.from({ length: 400 }, () => "x".repeat(16 * 1024));
+        const res = await s.chat({ ...CHAT, stream: true });
+        assert.equal(res.status, 200);
+        await new Promise((r) => setTimeout(r, 700)); // more than twice the 300 ms timeout
+        const text = await res.text();
+        assert.match(text, /data: \[DONE\]/);
+        assert.equal((await s.usage()).requests, 5);
+        s.fake.sseChunks = ["Hel", "lo", "!"];
+      },
+    );
     assert.ok(!s.app.logs.some((l) => l.includes(MASTER_KEY)));
   } finally {
     await s.close();
