@@ -49,7 +49,13 @@ export class FakeGlm {
 
   constructor() {
     this.server = Deno.serve(
-      { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+      // onError: a stream cut on purpose ("cut" mode) would otherwise print a stack trace.
+      {
+        hostname: "127.0.0.1",
+        port: 0,
+        onListen: () => {},
+        onError: () => new Response(null, { status: 500 }),
+      },
       (req) => this.handle(req),
     );
   }
