@@ -341,8 +341,8 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     const { seconds, connections } = opts;
     const warm = Math.max(1, Math.min(3, Math.round(seconds / 3)));
     const scenarios: Record<string, Result> = {};
-    // Each scenario with the process under test, whose CPU time per request is measured too:
-    // steadier than req/s on a shared machine, and it shows where a ratio comes from.
+    // Each scenario with the process under test, whose CPU time per request is measured too: it
+    // shows where a ratio comes from.
     const plan: Array<[string, string, string, Proc]> = [
       ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] }), bare],
       ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens }), app],
