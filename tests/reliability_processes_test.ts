@@ -3,6 +3,8 @@
  * the middle of load loses or doubles nothing beyond the requests in flight.
  */
 import assert from "node:assert/strict";
+import { keys } from "../lib/kv.ts";
+import type { RateState } from "../lib/limits.ts";
 import { ENCRYPTION_SECRET, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
@@ -42,7 +44,8 @@ function chat(app: RunningMain, key: string): Promise<Response> {
 async function countUsage(kvPath: string, userId: string) {
   const kv = await Deno.openKv(kvPath);
   try {
-    return await usageTotalsOf(kv, userId);
+    const admitted = (await kv.get<RateState>(keys.rate(userId))).value?.dayCount ?? 0;
+    return { ...await usageTotalsOf(kv, userId), admitted };
   } finally {
     kv.close();
   }
@@ -120,6 +123,12 @@ Deno.test("SIGKILL during load: nothing lost or doubled beyond the requests in f
       assert.ok(
         usage.requests >= completed.get(id)! - inFlight && usage.requests <= sent.get(id)!,
         `${id}: recorded ${usage.requests}, completed ${completed.get(id)}, sent ${sent.get(id)}`,
+      );
+      // The day's request counter (the limit's, written before the upstream call) survived too:
+      // every request it admitted was sent, and every metered request was admitted first.
+      assert.ok(
+        usage.admitted >= usage.requests && usage.admitted <= sent.get(id)!,
+        `${id}: admitted ${usage.admitted}, recorded ${usage.requests}, sent ${sent.get(id)}`,
       );
       // Every recorded request carries the fake's usage exactly once: no half or double writes.
       assert.equal(usage.prompt, usage.requests * glm.usage.prompt_tokens);
