@@ -100,6 +100,7 @@ export class Gateway {
     if (declaresMoreThan(req, MAX_BODY_BYTES)) throw tooLarge();
     const upstreamHeaders = this.upstreamHeaders;
     if (!upstreamHeaders) {
+      this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
     const hash = await this.keyHash(req.headers.get("authorization"));

@@ -600,6 +600,7 @@ Deno.test("no GLM_API_KEY → 503 not_configured", async () => {
     });
     assert.equal(res.status, 503);
     assert.equal((await errorOf(res)).code, "not_configured");
+    assert.ok(app.logs.some((l) => l.includes('"level":"warn"') && l.includes("GLM_API_KEY")));
   } finally {
     await app.close();
   }
