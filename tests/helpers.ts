@@ -69,11 +69,11 @@ export async function json<T = Record<string, unknown>>(res: Response): Promise<
   return await res.json() as T;
 }
 
-/** A user's usage counters summed over every day and model (tests' small KV stores only). */
-export async function usageTotalsOf(kv: Deno.Kv, userId: string) {
+/** A user's usage counters summed over every model and every day, or one day (small KV stores). */
+export async function usageTotalsOf(kv: Deno.Kv, userId: string, day?: string) {
   const totals = { requests: 0, prompt: 0, completion: 0 };
   for await (const { key, value } of kv.list<Deno.KvU64>({ prefix: ["usage_daily"] })) {
-    if (key[2] !== userId) continue;
+    if (key[2] !== userId || (day !== undefined && key[1] !== day)) continue;
     totals[key[4] as keyof typeof totals] += Number(value.value);
   }
   return totals;
