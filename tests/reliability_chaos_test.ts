@@ -3,6 +3,7 @@
  * Clients get the contract's errors, and metering matches exactly what was delivered.
  */
 import assert from "node:assert/strict";
+import { cutQuietly } from "./fakes/glm.ts";
 import { testApp, usageTotalsOf } from "./helpers.ts";
 
 type Behaviour = "json" | "sse" | "error" | "stall" | "cut";
@@ -19,7 +20,6 @@ function chaoticUpstream(choose: () => Behaviour) {
       choices: [{ index: 0, delta: { content: "x" } }],
       ...extra,
     });
-  // onError: the streams it cuts on purpose would otherwise print a stack trace each.
   const quiet = { port: 0, hostname: "127.0.0.1", onListen: () => {}, onError: cutQuietly };
   return Deno.serve(quiet, async (req) => {
     await req.arrayBuffer();
@@ -54,10 +54,6 @@ function chaoticUpstream(choose: () => Behaviour) {
       }
     }
   });
-}
-
-function cutQuietly(): Response {
-  return new Response(null, { status: 500 });
 }
 
 Deno.test("upstream chaos: contract errors to clients, usage consistent with delivery", async () => {

@@ -24,6 +24,14 @@ function deferred(): Deferred {
   return { promise, resolve };
 }
 
+/**
+ * Deno.serve's onError for fakes that cut streams on purpose ("cut" mode): without it the
+ * runtime prints a stack trace for every cut into the test output.
+ */
+export function cutQuietly(): Response {
+  return new Response(null, { status: 500 });
+}
+
 export class FakeGlm {
   mode: GlmMode = "json";
   usage = { prompt_tokens: 11, completion_tokens: 7, total_tokens: 18 };
@@ -49,13 +57,7 @@ export class FakeGlm {
 
   constructor() {
     this.server = Deno.serve(
-      // onError: a stream cut on purpose ("cut" mode) would otherwise print a stack trace.
-      {
-        hostname: "127.0.0.1",
-        port: 0,
-        onListen: () => {},
-        onError: () => new Response(null, { status: 500 }),
-      },
+      { hostname: "127.0.0.1", port: 0, onListen: () => {}, onError: cutQuietly },
       (req) => this.handle(req),
     );
   }
