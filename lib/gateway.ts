@@ -97,7 +97,7 @@ export class Gateway {
   /** POST /v1/chat/completions: check, admit, forward, relay, meter. */
   async chatCompletions(req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
-    if (declaresMoreThan(req, MAX_BODY_BYTES)) throw tooLarge();
+    if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
     const upstreamHeaders = this.upstreamHeaders;
     if (!upstreamHeaders) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
@@ -562,10 +562,10 @@ async function readChatBody(req: Request): Promise<ParsedBody> {
 
 const tooLarge = () => new AppError("payload_too_large", "Request body is larger than 1 MiB.");
 
-/** True when the request declares a body longer than `max` bytes (refused before reading). */
-function declaresMoreThan(req: Request, max: number): boolean {
+/** The body length the request declares, or null when it is chunked or does not say. */
+function declaredLength(req: Request): number | null {
   const declared = req.headers.get("content-length");
-  return declared !== null && !req.headers.has("transfer-encoding") && Number(declared) > max;
+  return declared === null || req.headers.has("transfer-encoding") ? null : Number(declared);
 }
 
 /**
@@ -574,7 +574,7 @@ function declaresMoreThan(req: Request, max: number): boolean {
  */
 async function readCapped(req: Request, max: number): Promise<Uint8Array<ArrayBuffer> | null> {
   if (!req.body) return new Uint8Array(0);
-  if (req.headers.has("content-length") && !req.headers.has("transfer-encoding")) {
+  if (declaredLength(req) !== null) {
     const bytes = new Uint8Array(await req.arrayBuffer());
     return bytes.byteLength > max ? null : bytes;
   }
