@@ -3,7 +3,7 @@
  * when they go stale and restarts the child, so server-rendered markup matches the new bundles
  * and pages link the new asset version (`?v=` URLs are cached as immutable).
  */
-import { buildIslands, PROJECT_ROOT } from "./lib/islands.ts";
+import { buildIslands, PROJECT_ROOT } from "./build/islands.ts";
 
 const WATCH = ["islands", "components", "lib", "routes", "static", "main.ts"];
 const DEBOUNCE_MS = 150;

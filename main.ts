@@ -1,9 +1,9 @@
 /** Server entry: reads the config, opens KV, builds islands, serves the app, registers the cron. */
-import { ConfigError, loadConfig, readEnv } from "./lib/config.ts";
-import { buildIslands } from "./lib/islands.ts";
-import { openKv } from "./lib/kv.ts";
-import { createServices, type Services } from "./lib/services.ts";
-import { costSummaryJob } from "./lib/summary.ts";
+import { ConfigError, loadConfig, readEnv } from "./lib/core/config.ts";
+import { buildIslands } from "./build/islands.ts";
+import { openKv } from "./lib/core/kv.ts";
+import { createServices, type Services } from "./lib/core/services.ts";
+import { costSummaryJob } from "./lib/reports/summary.ts";
 import { createApp } from "./routes/mod.ts";
 
 const SHUTDOWN_GRACE_MS = 10_000;

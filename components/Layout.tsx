@@ -1,6 +1,6 @@
 /** The page shell: head, local-mode banner, header with navigation, footer. */
 import type { ComponentChildren } from "preact";
-import { assetUrl } from "../lib/islands.ts";
+import { assetUrl } from "../build/islands.ts";
 
 export interface LayoutProps {
   title: string;

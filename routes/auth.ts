@@ -2,8 +2,8 @@
 import { Hono } from "hono";
 import { deleteCookie, setCookie } from "hono/cookie";
 import { z } from "zod";
-import { AppError, parseJsonBody } from "../lib/errors.ts";
-import type { Services } from "../lib/services.ts";
+import { AppError, parseJsonBody } from "../lib/core/errors.ts";
+import type { Services } from "../lib/core/services.ts";
 import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./context.ts";
 
 const signInSchema = z.object({

@@ -2,9 +2,9 @@
 import type { Context, MiddlewareHandler } from "hono";
 import { getCookie } from "hono/cookie";
 import type { z } from "zod";
-import { type Session, sessionTokenFrom } from "../lib/auth.ts";
-import { AppError, invalidRequest, parseJsonBody } from "../lib/errors.ts";
-import type { Services } from "../lib/services.ts";
+import { type Session, sessionTokenFrom } from "../lib/identity/sessions.ts";
+import { AppError, invalidRequest, parseJsonBody } from "../lib/core/errors.ts";
+import type { Services } from "../lib/core/services.ts";
 
 export type AppEnv = {
   Variables: {

@@ -2,10 +2,10 @@
 import { type Context, Hono } from "hono";
 import type { VNode } from "preact";
 import { renderToString } from "preact-render-to-string";
-import { operatorOverview } from "../lib/admin.ts";
-import type { Config } from "../lib/config.ts";
-import { island, IslandCollector } from "../lib/islands.ts";
-import type { Services } from "../lib/services.ts";
+import { operatorOverview } from "../lib/reports/overview.ts";
+import type { Config } from "../lib/core/config.ts";
+import { island, IslandCollector } from "../build/islands.ts";
+import type { Services } from "../lib/core/services.ts";
 import { Layout, type LayoutProps } from "../components/Layout.tsx";
 import { lastDays, UsageChart } from "../components/UsageChart.tsx";
 import AdminUsersComponent from "../islands/AdminUsers.tsx";

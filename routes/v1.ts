@@ -1,7 +1,7 @@
-/** The OpenAI-compatible gateway surface (CONTRACT §5 Gateway); the work is in lib/gateway.ts. */
+/** The OpenAI-compatible gateway surface (CONTRACT §5 Gateway); the work is in lib/gateway/gateway.ts. */
 import { type Handler, Hono } from "hono";
-import { AppError } from "../lib/errors.ts";
-import type { Services } from "../lib/services.ts";
+import { AppError } from "../lib/core/errors.ts";
+import type { Services } from "../lib/core/services.ts";
 import type { AppEnv } from "./context.ts";
 
 export function v1Routes(services: Services) {

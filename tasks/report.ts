@@ -1,6 +1,6 @@
 /** `deno task report`: usage and cost over UTC days as a table, JSON or CSV (CONTRACT §7). */
-import { configForTask } from "../lib/config.ts";
-import { openKv } from "../lib/kv.ts";
+import { configForTask } from "../lib/core/config.ts";
+import { openKv } from "../lib/core/kv.ts";
 import {
   buildReport,
   parseReportFlags,
@@ -9,7 +9,7 @@ import {
   reportJson,
   reportTable,
   UsageError,
-} from "../lib/report.ts";
+} from "../lib/reports/report.ts";
 import { progressLine } from "./progress.ts";
 
 async function main(args: string[]): Promise<number> {

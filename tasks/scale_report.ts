@@ -5,10 +5,10 @@
  *
  *   deno run -A tasks/scale_report.ts [--users 10000] [--days 30] [--keep]
  */
-import { keys, utcDay } from "../lib/kv.ts";
-import { DEFAULT_PRICING } from "../lib/pricing.ts";
-import { addDays, buildReport, reportCsv, reportTable } from "../lib/report.ts";
-import { summarizeCosts } from "../lib/summary.ts";
+import { keys, utcDay } from "../lib/core/kv.ts";
+import { DEFAULT_PRICING } from "../lib/usage/pricing.ts";
+import { addDays, buildReport, reportCsv, reportTable } from "../lib/reports/report.ts";
+import { summarizeCosts } from "../lib/reports/summary.ts";
 
 const arg = (name: string, def: number) => {
   const i = Deno.args.indexOf(`--${name}`);

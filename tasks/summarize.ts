@@ -1,8 +1,8 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
-import { configForTask, secretsOf } from "../lib/config.ts";
-import { openKv } from "../lib/kv.ts";
-import { createLogger } from "../lib/log.ts";
-import { summarizeCosts } from "../lib/summary.ts";
+import { configForTask, secretsOf } from "../lib/core/config.ts";
+import { openKv } from "../lib/core/kv.ts";
+import { createLogger } from "../lib/core/log.ts";
+import { summarizeCosts } from "../lib/reports/summary.ts";
 import { progressLine } from "./progress.ts";
 
 async function main(args: string[]): Promise<number> {

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { recordUsage } from "../lib/usage.ts";
+import { recordUsage } from "../lib/usage/usage.ts";
 import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./helpers.ts";
 
 const issuer = await ClerkIssuer.create();

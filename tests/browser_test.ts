@@ -5,8 +5,8 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
-import { localUserId } from "../lib/auth.ts";
-import { recordUsage } from "../lib/usage.ts";
+import { localUserId } from "../lib/identity/sessions.ts";
+import { recordUsage } from "../lib/usage/usage.ts";
 import { launchBrowser, startServer, type TestServer, watchedContext } from "./fakes/browser.ts";
 import { clerkEnv, ClerkIssuer, MASTER_KEY } from "./helpers.ts";
 

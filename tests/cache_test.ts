@@ -1,8 +1,8 @@
 /** The per-process user cache stays correct across processes (two KV handles on one file). */
 import assert from "node:assert/strict";
-import { CacheEpoch } from "../lib/cache_epoch.ts";
-import { KeyVault } from "../lib/keys.ts";
-import { Users } from "../lib/users.ts";
+import { CacheEpoch } from "../lib/identity/cache_epoch.ts";
+import { KeyVault } from "../lib/identity/api_keys.ts";
+import { Users } from "../lib/identity/users.ts";
 import { ENCRYPTION_SECRET } from "./helpers.ts";
 
 Deno.test("cached keys follow rotations, status changes and deletions in another process", async (t) => {

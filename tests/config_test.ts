@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { ConfigError, loadConfig } from "../lib/config.ts";
+import { ConfigError, loadConfig } from "../lib/core/config.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { runMainToExit } from "./subprocess.ts";
 

@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { Gateway } from "../lib/gateway.ts";
-import { userUsage } from "../lib/usage.ts";
+import { Gateway } from "../lib/gateway/gateway.ts";
+import { userUsage } from "../lib/usage/usage.ts";
 import { createApp } from "../routes/mod.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { bearer, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";

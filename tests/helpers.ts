@@ -1,8 +1,8 @@
 /** Test plumbing: an isolated app on its own :memory: KV, with captured logs. */
-import { loadConfig } from "../lib/config.ts";
-import type { Logger } from "../lib/log.ts";
-import { createLogger } from "../lib/log.ts";
-import { createServices, type Services } from "../lib/services.ts";
+import { loadConfig } from "../lib/core/config.ts";
+import type { Logger } from "../lib/core/log.ts";
+import { createLogger } from "../lib/core/log.ts";
+import { createServices, type Services } from "../lib/core/services.ts";
 import { createApp } from "../routes/mod.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
-import { loadConfig } from "../lib/config.ts";
-import { AppError } from "../lib/errors.ts";
-import { keys } from "../lib/kv.ts";
+import { loadConfig } from "../lib/core/config.ts";
+import { AppError } from "../lib/core/errors.ts";
+import { keys } from "../lib/core/kv.ts";
 import {
   admit,
   Admitter,
@@ -11,8 +11,8 @@ import {
   quotaRefusal,
   type RateState,
   rateView,
-} from "../lib/limits.ts";
-import type { UserRecord } from "../lib/users.ts";
+} from "../lib/limits/limits.ts";
+import type { UserRecord } from "../lib/identity/users.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
   rpm,

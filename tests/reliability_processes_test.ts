@@ -3,8 +3,8 @@
  * the middle of load loses or doubles nothing beyond the requests in flight.
  */
 import assert from "node:assert/strict";
-import { keys } from "../lib/kv.ts";
-import type { RateState } from "../lib/limits.ts";
+import { keys } from "../lib/core/kv.ts";
+import type { RateState } from "../lib/limits/limits.ts";
 import { ENCRYPTION_SECRET, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";

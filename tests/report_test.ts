@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { keys } from "../lib/kv.ts";
+import { keys } from "../lib/core/kv.ts";
 import {
   buildReport,
   parseReportFlags,
@@ -7,9 +7,9 @@ import {
   reportJson,
   reportTable,
   UsageError,
-} from "../lib/report.ts";
-import { summarizeCosts } from "../lib/summary.ts";
-import { recordUsage } from "../lib/usage.ts";
+} from "../lib/reports/report.ts";
+import { summarizeCosts } from "../lib/reports/summary.ts";
+import { recordUsage } from "../lib/usage/usage.ts";
 import {
   ALICE_EMAIL,
   EXPECTED_0308_0310,

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
-import type { Config } from "../lib/config.ts";
-import { keys } from "../lib/kv.ts";
-import type { Logger } from "../lib/log.ts";
-import { buildReport, reportJson } from "../lib/report.ts";
+import type { Config } from "../lib/core/config.ts";
+import { keys } from "../lib/core/kv.ts";
+import type { Logger } from "../lib/core/log.ts";
+import { buildReport, reportJson } from "../lib/reports/report.ts";
 import {
   CHUNK_MAX_USERS,
   chunkRows,
@@ -11,8 +11,8 @@ import {
   summarizeCosts,
   type SummaryChunk,
   type SummaryMeta,
-} from "../lib/summary.ts";
-import { recordUsage } from "../lib/usage.ts";
+} from "../lib/reports/summary.ts";
+import { recordUsage } from "../lib/usage/usage.ts";
 import {
   dumpKv,
   EXPECTED_0308_0310,

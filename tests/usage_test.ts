@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
-import { UsageMeter } from "../lib/gateway.ts";
-import { utcDay } from "../lib/kv.ts";
-import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage.ts";
+import { UsageMeter } from "../lib/gateway/gateway.ts";
+import { utcDay } from "../lib/core/kv.ts";
+import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage/usage.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { bearer, json, MASTER_KEY, testApp } from "./helpers.ts";
 

@@ -1,10 +1,10 @@
 /** Operator API (CONTRACT §5): users with 30-day usage, disable/enable, limit overrides. */
 import { type Context, Hono, type Next } from "hono";
 import { z } from "zod";
-import { operatorOverview } from "../../lib/admin.ts";
-import { AppError } from "../../lib/errors.ts";
-import type { Services } from "../../lib/services.ts";
-import type { UserRecord } from "../../lib/users.ts";
+import { operatorOverview } from "../../lib/reports/overview.ts";
+import { AppError } from "../../lib/core/errors.ts";
+import type { Services } from "../../lib/core/services.ts";
+import type { UserRecord } from "../../lib/identity/users.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });

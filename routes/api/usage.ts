@@ -1,9 +1,9 @@
 /** Usage API (CONTRACT §5 Usage): GET /api/usage (session or own key), POST /api/usage (shared). */
 import { type Context, Hono } from "hono";
 import { z } from "zod";
-import { AppError } from "../../lib/errors.ts";
-import { reportUsage, usageReport } from "../../lib/usage.ts";
-import type { Services } from "../../lib/services.ts";
+import { AppError } from "../../lib/core/errors.ts";
+import { reportUsage, usageReport } from "../../lib/usage/usage.ts";
+import type { Services } from "../../lib/core/services.ts";
 import { type AppEnv, jsonBody, parseWith, readSession, requireSession } from "../context.ts";
 
 const querySchema = z.object({

@@ -1,7 +1,7 @@
 /** Clerk webhooks (CONTRACT §5): POST /api/webhooks/clerk. The body limit is set in routes/mod.ts. */
 import { Hono } from "hono";
-import type { Services } from "../../lib/services.ts";
-import { ClerkWebhooks } from "../../lib/webhooks.ts";
+import type { Services } from "../../lib/core/services.ts";
+import { ClerkWebhooks } from "../../lib/clerk/webhooks.ts";
 import type { AppEnv } from "../context.ts";
 
 export function webhookRoutes(services: Services) {

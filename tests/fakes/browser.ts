@@ -3,9 +3,9 @@
  * browser), a real Keyway server on a loopback port, and pages that fail on console errors.
  */
 import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core";
-import { loadConfig } from "../../lib/config.ts";
-import { buildIslands } from "../../lib/islands.ts";
-import { createServices, type Services } from "../../lib/services.ts";
+import { loadConfig } from "../../lib/core/config.ts";
+import { buildIslands } from "../../build/islands.ts";
+import { createServices, type Services } from "../../lib/core/services.ts";
 import { createApp } from "../../routes/mod.ts";
 import { captureLogger, ENCRYPTION_SECRET, MASTER_KEY, PUBLIC_URL } from "../helpers.ts";
 

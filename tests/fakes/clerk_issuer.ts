@@ -1,5 +1,5 @@
 /** A fake Clerk instance's token issuer: its own RS256 key pair, Clerk-shaped session tokens. */
-import { encodeBase64Url } from "../../lib/encoding.ts";
+import { encodeBase64Url } from "../../lib/core/encoding.ts";
 
 const enc = new TextEncoder();
 

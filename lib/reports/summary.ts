@@ -8,7 +8,7 @@
  * A summary is only trusted while its version equals the day's version; otherwise readers fall
  * back to the live counters, and the next run summarizes the day again.
  */
-import type { Config } from "./config.ts";
+import type { Config } from "../core/config.ts";
 import {
   CONFLICT,
   type Day,
@@ -17,10 +17,10 @@ import {
   type Month,
   retryAtomic,
   u64,
-} from "./kv.ts";
-import type { Logger } from "./log.ts";
-import { costUsd, type Pricing, roundUsd } from "./pricing.ts";
-import type { UserRecord } from "./users.ts";
+} from "../core/kv.ts";
+import type { Logger } from "../core/log.ts";
+import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
+import type { UserRecord } from "../identity/users.ts";
 
 /** One user's use of one model on one day. */
 export interface UsageRow {

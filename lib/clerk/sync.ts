@@ -7,9 +7,9 @@
 import { type ClerkClient, createClerkClient } from "@clerk/backend";
 import { isClerkAPIResponseError } from "@clerk/backend/errors";
 import { z } from "zod";
-import type { Config } from "./config.ts";
-import type { Logger } from "./log.ts";
-import type { UserRecord, Users } from "./users.ts";
+import type { Config } from "../core/config.ts";
+import type { Logger } from "../core/log.ts";
+import type { UserRecord, Users } from "../identity/users.ts";
 import { clerkProfile, clerkUserSchema } from "./webhooks.ts";
 
 const syncMessageSchema = z.object({

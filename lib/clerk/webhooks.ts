@@ -1,11 +1,11 @@
 /** Clerk webhooks (CONTRACT §5): Svix signature check, payload schemas, handling each event once. */
 import { Webhook } from "svix";
 import { z } from "zod";
-import type { ClerkSync } from "./clerk_sync.ts";
-import { AppError, invalidRequest, parseJsonBody } from "./errors.ts";
-import { keys } from "./kv.ts";
-import type { Logger } from "./log.ts";
-import type { Profile, Users } from "./users.ts";
+import type { ClerkSync } from "./sync.ts";
+import { AppError, invalidRequest, parseJsonBody } from "../core/errors.ts";
+import { keys } from "../core/kv.ts";
+import type { Logger } from "../core/log.ts";
+import type { Profile, Users } from "../identity/users.ts";
 
 /** Svix retries a message for about three days; a week of memory covers every redelivery. */
 const EVENT_MEMORY_MS = 7 * 24 * 3600 * 1000;

@@ -1,5 +1,5 @@
 /** Per-user API keys: generation, SHA-256 look-up hash, AES-GCM encryption at rest. */
-import { encodeBase64Url } from "./encoding.ts";
+import { encodeBase64Url } from "../core/encoding.ts";
 
 const encoder = new TextEncoder();
 

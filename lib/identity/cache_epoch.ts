@@ -6,7 +6,7 @@
  * processes can serve a value that is at most `intervalMs` old. Deno KV's `watch` does not see
  * other processes' writes on a local file, hence the cheap poll.
  */
-import { keys } from "./kv.ts";
+import { keys } from "../core/kv.ts";
 
 export class CacheEpoch {
   /** Bumped locally whenever the caches are dropped; fills started before it are discarded. */

@@ -2,7 +2,7 @@
 import { verifyToken } from "@clerk/backend";
 import { sign as signJwt, verify as verifyJwt } from "hono/jwt";
 import { z } from "zod";
-import type { Config } from "./config.ts";
+import type { Config } from "../core/config.ts";
 
 export interface Session {
   userId: string;

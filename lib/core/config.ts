@@ -1,6 +1,6 @@
 /** Configuration: one zod schema over the environment, read once at start-up (CONTRACT §2). */
 import { z } from "zod";
-import { DEFAULT_PRICING, type Pricing, pricingSchema } from "./pricing.ts";
+import { DEFAULT_PRICING, type Pricing, pricingSchema } from "../usage/pricing.ts";
 
 const intFrom = (name: string, def: number, min = 0, max = Number.MAX_SAFE_INTEGER) =>
   z.string().optional().transform((raw, ctx) => {

@@ -1,11 +1,11 @@
 /** Everything a request handler needs, built once at start-up from the Config and KV. */
-import { SessionVerifier } from "./auth.ts";
-import { ClerkSync } from "./clerk_sync.ts";
+import { SessionVerifier } from "../identity/sessions.ts";
+import { ClerkSync } from "../clerk/sync.ts";
 import { type Config, secretsOf } from "./config.ts";
-import { Gateway } from "./gateway.ts";
-import { KeyVault } from "./keys.ts";
+import { Gateway } from "../gateway/gateway.ts";
+import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
-import { localSecret, Users } from "./users.ts";
+import { localSecret, Users } from "../identity/users.ts";
 
 export interface Services {
   config: Config;

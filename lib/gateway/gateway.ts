@@ -4,20 +4,20 @@
  * A request is checked in the contract's order — key (401) → user state (403) → model (400) →
  * request limits (429) → quotas (429) → upstream — with the key look-up, user record, limit
  * state and quota counters read in one KV `getMany` and the admission written by one atomic
- * commit (lib/limits.ts). The body is forwarded as the bytes that arrived; the upstream answer is
+ * commit (lib/limits/limits.ts). The body is forwarded as the bytes that arrived; the upstream answer is
  * relayed chunk by chunk while a meter watches for `usage` (JSON body or SSE `data:` lines), and
  * the usage is recorded after the answer has been relayed.
  */
 import { z } from "zod";
-import type { Config } from "./config.ts";
-import { concatBytes } from "./encoding.ts";
-import { AppError, invalidRequest } from "./errors.ts";
-import { hashApiKey, looksLikeApiKey } from "./keys.ts";
-import { keys } from "./kv.ts";
-import { type Admission, Admitter } from "./limits.ts";
-import type { Logger } from "./log.ts";
-import { UsageRecorder } from "./usage.ts";
-import type { KeyIndexValue, UserRecord } from "./users.ts";
+import type { Config } from "../core/config.ts";
+import { concatBytes } from "../core/encoding.ts";
+import { AppError, invalidRequest } from "../core/errors.ts";
+import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
+import { keys } from "../core/kv.ts";
+import { type Admission, Admitter } from "../limits/limits.ts";
+import type { Logger } from "../core/log.ts";
+import { UsageRecorder } from "../usage/usage.ts";
+import type { KeyIndexValue, UserRecord } from "../identity/users.ts";
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 /** JSON answers up to this size are parsed whole for `usage`; larger ones are scanned. */

@@ -1,8 +1,14 @@
 /** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
 import { CacheEpoch } from "./cache_epoch.ts";
-import { AppError } from "./errors.ts";
-import { generateApiKey, hashApiKey, keyPrefix, type KeyVault, looksLikeApiKey } from "./keys.ts";
-import { CONFLICT, keys, retryAtomic } from "./kv.ts";
+import { AppError } from "../core/errors.ts";
+import {
+  generateApiKey,
+  hashApiKey,
+  keyPrefix,
+  type KeyVault,
+  looksLikeApiKey,
+} from "./api_keys.ts";
+import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
 
 export type UserStatus = "active" | "disabled" | "deleted";
 
@@ -63,7 +69,7 @@ export class Users {
   /**
    * User id → their provisioned key, so GET /api/key needs neither a KV read nor a decryption.
    * Dropped on every invalidating write (here at once, in other processes within the epoch's
-   * interval — see lib/cache_epoch.ts).
+   * interval — see lib/identity/cache_epoch.ts).
    */
   private readonly cache = new Map<string, ProvisionResult>();
 

@@ -1,7 +1,7 @@
 /** Operator views over all users, built on the cost report (summaries where current). */
-import { utcDay } from "./kv.ts";
-import type { Pricing } from "./pricing.ts";
-import { roundUsd } from "./pricing.ts";
+import { utcDay } from "../core/kv.ts";
+import type { Pricing } from "../usage/pricing.ts";
+import { roundUsd } from "../usage/pricing.ts";
 import { addDays, buildReport } from "./report.ts";
 
 export interface UsageTotals30d {

@@ -30,7 +30,7 @@ export const keys = {
   budgetAlert: (userId: string, month: Month, threshold: number) =>
     ["budget_alerts", userId, month, threshold] as const,
   localSecret: (name: string) => ["local_secrets", name] as const,
-  /** Grows with every write that invalidates cached users or keys (lib/cache_epoch.ts). */
+  /** Grows with every write that invalidates cached users or keys (lib/identity/cache_epoch.ts). */
   cacheEpoch: () => ["cache_epoch"] as const,
 };
 

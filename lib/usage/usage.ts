@@ -9,9 +9,9 @@ import {
   USAGE_FIELDS,
   utcDay,
   utcMonth,
-} from "./kv.ts";
-import type { Config } from "./config.ts";
-import { AppError } from "./errors.ts";
+} from "../core/kv.ts";
+import type { Config } from "../core/config.ts";
+import { AppError } from "../core/errors.ts";
 import {
   admit,
   type Admitter,
@@ -19,9 +19,9 @@ import {
   type ExtraWrites,
   limitStatus,
   type Remaining,
-} from "./limits.ts";
+} from "../limits/limits.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
-import type { Users } from "./users.ts";
+import type { Users } from "../identity/users.ts";
 
 export interface UsageEvent {
   userId: string;

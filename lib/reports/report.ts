@@ -3,10 +3,10 @@
  * else from the live day-major counters (always for today), and renders table, JSON or CSV.
  */
 import { z } from "zod";
-import { type Day, keys, u64, utcDay } from "./kv.ts";
-import { costUsd, priceOf, type Pricing, roundUsd } from "./pricing.ts";
+import { type Day, keys, u64, utcDay } from "../core/kv.ts";
+import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
-import type { UserRecord } from "./users.ts";
+import type { UserRecord } from "../identity/users.ts";
 
 export interface Totals {
   requests: number;

@@ -37,10 +37,10 @@
  *   allowance is the smaller one.
  * 429 answers carry `Retry-After` in whole seconds (≥ 1) until a retry can succeed.
  */
-import type { Config } from "./config.ts";
-import { AppError } from "./errors.ts";
-import { commitOrConflict, type Day, keys, u64, utcDay, utcMonth } from "./kv.ts";
-import type { UserRecord } from "./users.ts";
+import type { Config } from "../core/config.ts";
+import { AppError } from "../core/errors.ts";
+import { commitOrConflict, type Day, keys, u64, utcDay, utcMonth } from "../core/kv.ts";
+import type { UserRecord } from "../identity/users.ts";
 
 export interface EffectiveLimits {
   rpm: number;
