@@ -65,7 +65,7 @@ if (import.meta.main) {
         running.server.shutdown(),
         new Promise((r) => setTimeout(r, SHUTDOWN_GRACE_MS)),
       ]);
-      await running.services.gateway.settled();
+      await running.services.close();
       Deno.exit(0);
     };
     for (const signal of ["SIGTERM", "SIGINT"] as const) {

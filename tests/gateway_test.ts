@@ -1,9 +1,10 @@
 import assert from "node:assert/strict";
 import { Gateway } from "../lib/gateway/gateway.ts";
+import { Ledger } from "../lib/limits/admission.ts";
 import { userUsage } from "../lib/usage/usage.ts";
 import { createApp } from "../routes/mod.ts";
 import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";
+import { bearer, eventually, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";
 
 interface Setup {
   app: TestApp;
@@ -44,7 +45,6 @@ async function setup(env: Record<string, string> = {}): Promise<Setup> {
         body: typeof body === "string" ? body : JSON.stringify(body),
       }),
     usage: async () => {
-      await app.services.gateway.settled();
       const u = await userUsage(app.kv, app.services.config.pricing, userId, 1);
       return {
         requests: u.today.requests,
@@ -53,7 +53,6 @@ async function setup(env: Record<string, string> = {}): Promise<Setup> {
       };
     },
     close: async () => {
-      await app.services.gateway.settled();
       await fake.close();
       await app.close();
     },
@@ -202,25 +201,53 @@ Deno.test("requests per day are exact under concurrency and override per user", 
   }
 });
 
-Deno.test("token quota: the request that crosses the limit passes, the next is refused", async () => {
-  const s = await setup({ TOKEN_LIMIT_DAILY: "30" });
+Deno.test("token quota: back to back, exactly the requests whose reservations fit get through", async () => {
+  // Each request reserves its prompt estimate (6) + max_tokens (8) = 14 tokens and uses 18.
+  const s = await setup({ TOKEN_LIMIT_DAILY: "50" });
   try {
-    const a = await s.chat(); // 18 tokens
-    assert.equal(a.status, 200);
-    await a.text();
-    await s.app.services.gateway.settled();
-    const b = await s.chat(); // 36 ≥ 30: crosses, allowed
-    assert.equal(b.status, 200);
-    await b.text();
-    await s.app.services.gateway.settled();
-    const c = await s.chat();
-    assert.equal(c.status, 429);
-    assertRateHeaders(c);
-    const retry = Number(c.headers.get("retry-after"));
-    assert.ok(retry >= 1 && retry <= 86_400);
-    assert.equal((await errorOf(c)).code, "quota_exceeded");
-    assert.equal(s.fake.count, 2);
-    assert.equal((await s.usage()).requests, 2);
+    for (let i = 1; i <= 3; i++) {
+      const r = await s.chat({ ...CHAT, max_tokens: 8 });
+      assert.equal(r.status, 200);
+      await r.text();
+      // No pause: the usage is committed before the answer ends.
+      assert.deepEqual(await s.usage(), {
+        requests: i,
+        promptTokens: 11 * i,
+        completionTokens: 7 * i,
+      });
+    }
+    const refused = await s.chat({ ...CHAT, max_tokens: 8 }); // 54 ≥ 50
+    assert.equal(refused.status, 429);
+    assertRateHeaders(refused);
+    const retry = Number(refused.headers.get("retry-after"));
+    const untilMidnight = 86_400 - Math.floor((Date.now() % 86_400_000) / 1000);
+    assert.ok(Math.abs(retry - untilMidnight) <= 2, `${retry} vs ${untilMidnight}`);
+    assert.equal(refused.headers.get("x-should-retry"), "false");
+    const error = await errorOf(refused);
+    assert.equal(error.code, "quota_exceeded");
+    assert.match(error.message, /daily token quota of 50 tokens is used up/i);
+    assert.equal(s.fake.count, 3);
+    assert.equal((await s.usage()).requests, 3);
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("token quota: a reservation that cannot fit is refused at once, saying how to fit", async () => {
+  const s = await setup({ TOKEN_LIMIT_DAILY: "1000" });
+  try {
+    // No max_tokens: OUTPUT_RESERVE_TOKENS (4096) output tokens are reserved.
+    const r = await s.chat();
+    assert.equal(r.status, 429);
+    assert.equal(r.headers.get("x-should-retry"), "false");
+    const error = await errorOf(r);
+    assert.equal(error.code, "quota_exceeded");
+    assert.match(error.message, /reserves 4102 tokens .*up to 4096 output tokens.*1000 tokens/);
+    assert.match(error.message, /lower max_tokens/);
+    const ok = await s.chat({ ...CHAT, max_completion_tokens: 100 });
+    assert.equal(ok.status, 200);
+    await ok.text();
+    assert.equal(s.fake.count, 1);
   } finally {
     await s.close();
   }
@@ -233,17 +260,17 @@ Deno.test("monthly budget: refused once spent, with Retry-After until next month
   });
   try {
     for (let i = 0; i < 2; i++) {
-      const r = await s.chat();
+      const r = await s.chat({ ...CHAT, max_tokens: 4 }); // reserves 10 tokens = $0.01
       assert.equal(r.status, 200);
       await r.text();
-      await s.app.services.gateway.settled();
     }
-    const c = await s.chat();
+    const c = await s.chat({ ...CHAT, max_tokens: 4 });
     assert.equal(c.status, 429);
     const now = new Date();
     const nextMonth = Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 1);
     const retry = Number(c.headers.get("retry-after"));
     assert.ok(Math.abs(retry - (nextMonth - now.getTime()) / 1000) <= 2);
+    assert.equal(c.headers.get("x-should-retry"), "false");
     assert.equal((await errorOf(c)).code, "quota_exceeded");
     assert.equal(s.fake.count, 2);
   } finally {
@@ -510,7 +537,8 @@ Deno.test("upstream failures", async (t) => {
       assert.equal(res.status, 504);
       assertRateHeaders(res);
       assert.equal((await errorOf(res)).code, "upstream_timeout");
-      assert.equal((await s.usage()).requests, 2);
+      // The upstream had the prompt: charged its estimate ("user" + "hi" + 4 per message).
+      assert.deepEqual(await s.usage(), { requests: 2, promptTokens: 6, completionTokens: 0 });
     });
     await t.step("a stream cut mid-way still records the request", async () => {
       s.fake.mode = "cut";
@@ -523,8 +551,11 @@ Deno.test("upstream failures", async (t) => {
       await assert.rejects(async () => {
         for (;;) if ((await reader.read()).done) break;
       });
-      assert.equal((await s.usage()).requests, 3);
-      assert.ok(s.app.logs.some((l) => l.includes('"outcome":"cut"')));
+      // No usage chunk arrived: the prompt estimate and the relayed "Hel" (1 token).
+      assert.deepEqual(await s.usage(), { requests: 3, promptTokens: 12, completionTokens: 1 });
+      assert.ok(
+        s.app.logs.some((l) => l.includes('"outcome":"cut"') && l.includes('"estimated":true')),
+      );
     });
     await t.step(
       "a stream that stalls mid-way is cut after the timeout, upstream call cancelled",
@@ -547,7 +578,8 @@ Deno.test("upstream failures", async (t) => {
             l.includes('"outcome":"cut"') && l.includes("upstream sent nothing for 300 ms")
           ),
         );
-        assert.equal(s.fake.streamsCancelled, cancelledBefore + 1);
+        // The upstream notices the cancelled call when its connection closes (asynchronously).
+        await eventually(() => s.fake.streamsCancelled === cancelledBefore + 1);
         s.fake.holdAfterFirstChunk = false;
       },
     );
@@ -706,7 +738,9 @@ Deno.test("a change landing between the limit read and its commit is seen (no sl
   const s = await setup();
   try {
     const { kv, hook } = kvWithHook(s.app.kv);
-    const gateway = new Gateway({ config: s.app.services.config, kv, log: s.app.services.log });
+    const { config, log } = s.app.services;
+    const ledger = new Ledger(kv, config, { log });
+    const gateway = new Gateway({ config, kv, log, ledger });
     const call = () =>
       gateway.chatCompletions(
         new Request("http://localhost/v1/chat/completions", {
@@ -724,10 +758,10 @@ Deno.test("a change landing between the limit read and its commit is seen (no sl
       hook.before = () => s.app.services.users.rotate(s.userId);
       assert.equal(await call(), "invalid_api_key");
     });
-    await t.step("nothing reached the upstream", async () => {
-      await gateway.settled();
+    await t.step("nothing reached the upstream", () => {
       assert.equal(s.fake.count, 0);
     });
+    await ledger.close();
   } finally {
     await s.close();
   }
@@ -768,8 +802,7 @@ Deno.test("over a real port: a client leaving before the upstream answers cancel
       new Promise((r) => setTimeout(() => r(false), 5000)),
     ]);
     assert.equal(gaveUp, true, "the upstream request was cancelled");
-    await app.services.gateway.settled();
-    const line = app.logs.find((l) => l.includes("client disconnected"));
+    const line = await eventually(() => app.logs.find((l) => l.includes("client disconnected")));
     assert.ok(line, "the cancellation is logged");
     // Not an upstream failure: an info line with nginx's 499, and no warning.
     assert.match(line, /"level":"info".*"status":499,"outcome":"cancelled"/);

@@ -43,7 +43,7 @@ export async function testApp(env: Record<string, string> = {}): Promise<TestApp
     logs: lines,
     request: async (path, init) => await app.request(new URL(path, PUBLIC_URL).href, init),
     close: async () => {
-      await Promise.resolve();
+      await services.close();
       kv.close();
     },
   };
@@ -77,4 +77,18 @@ export async function usageTotalsOf(kv: Deno.Kv, userId: string, day?: string) {
     totals[key[4] as keyof typeof totals] += Number(value.value);
   }
   return totals;
+}
+
+/** Polls `probe` until it returns something (a log line the app writes on its own), or fails. */
+export async function eventually<T>(
+  probe: () => T | undefined | Promise<T | undefined>,
+  timeoutMs = 5000,
+): Promise<T> {
+  const until = Date.now() + timeoutMs;
+  for (;;) {
+    const got = await probe();
+    if (got !== undefined && got !== null && got !== false) return got;
+    if (Date.now() > until) throw new Error(`nothing after ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }

@@ -3,15 +3,13 @@ import { loadConfig } from "../lib/core/config.ts";
 import { AppError } from "../lib/core/errors.ts";
 import { keys } from "../lib/core/kv.ts";
 import {
-  admit,
-  Admitter,
-  decideRate,
-  type EffectiveLimits,
-  formatDuration,
+  type AdmitRequest,
+  Ledger,
+  type LimitState,
   quotaRefusal,
-  type RateState,
-  rateView,
-} from "../lib/limits/limits.ts";
+} from "../lib/limits/admission.ts";
+import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
+import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
 import type { UserRecord } from "../lib/identity/users.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
@@ -77,15 +75,35 @@ Deno.test("formatDuration is OpenAI-style", () => {
   assert.equal(formatDuration(5 * 3600_000 + 3 * 60_000), "5h3m0s");
 });
 
-Deno.test("quotas refuse once the counter has reached the limit", () => {
+Deno.test("quotas: a reservation must fit what is left; in-flight reservations only delay", () => {
   const lim: EffectiveLimits = { rpm: 1, rpd: 1, tokensPerDay: 100, budgetUsdMonthly: 2 };
-  const at = (tokensToday: number, spendNanoMonth: number) =>
-    quotaRefusal(lim, { tokensToday, spendNanoMonth, now: NOON }, {});
-  assert.equal(at(99, 0), null);
-  assert.equal(at(100, 0)?.code, "quota_exceeded");
-  assert.equal(at(100, 0)?.headers["retry-after"], String(12 * 3600));
-  assert.equal(at(0, 1_999_999_999), null);
-  const budget = at(0, 2_000_000_000);
+  const at = (f: Partial<Parameters<typeof quotaRefusal>[3]>) =>
+    quotaRefusal(lim, NOON, {}, {
+      usedTokens: 0,
+      usedNano: 0,
+      heldTokens: 0,
+      heldNano: 0,
+      reserveTokens: 0,
+      reserveNano: 0,
+      reserveOutput: 0,
+      ...f,
+    });
+  assert.equal(at({ usedTokens: 99 }), null, "nothing reserved: refused only once reached");
+  assert.equal(at({ usedTokens: 60, reserveTokens: 40 }), null, "fits exactly");
+  const spent = at({ usedTokens: 100 });
+  assert.equal(spent?.code, "quota_exceeded");
+  assert.equal(spent?.headers["retry-after"], String(12 * 3600));
+  assert.equal(spent?.headers["x-should-retry"], "false");
+  const tooBig = at({ usedTokens: 60, reserveTokens: 41, reserveOutput: 30 });
+  assert.equal(tooBig?.headers["x-should-retry"], "false");
+  assert.match(tooBig!.message, /reserves 41 tokens .*up to 30 output tokens.* 40 tokens of/);
+  // Fits alone, not beside requests in flight: they settle soon, so retry in a second.
+  const busy = at({ usedTokens: 50, heldTokens: 30, reserveTokens: 30 });
+  assert.equal(busy?.code, "quota_exceeded");
+  assert.equal(busy?.headers["retry-after"], "1");
+  assert.equal(busy?.headers["x-should-retry"], undefined);
+  assert.equal(at({ usedNano: 1_999_999_999 }), null);
+  const budget = at({ usedNano: 2_000_000_000 });
   assert.equal(budget?.code, "quota_exceeded");
   // Nov 25 12:00 → Dec 1 00:00 = 5.5 days.
   assert.equal(budget?.headers["retry-after"], String(5.5 * 86_400));
@@ -107,100 +125,166 @@ async function seedUser(kv: Deno.Kv, id: string, overrides: UserRecord["limits"]
   await kv.set(keys.user(id), user);
 }
 
-Deno.test("admit: 50 concurrent against rpm 20 admit exactly 20; refusals write nothing", async () => {
+const request = (userId: string, reserve = { prompt: 0, output: 0 }): AdmitRequest => ({
+  userId,
+  model: "glm-4.6",
+  reserve,
+  validate: (user) => user!,
+});
+
+const codeOf = (err: unknown) => err instanceof AppError ? err.code : String(err);
+
+Deno.test("Ledger: 50 concurrent against rpm 20 admit exactly 20; refusals write nothing", async () => {
   const kv = await Deno.openKv(":memory:");
+  const config = loadConfig({
+    DENO_KV_PATH: ":memory:",
+    RATE_LIMIT_RPM: "20",
+    CONCURRENCY_LIMIT: "50",
+  });
+  const ledger = new Ledger(kv, config, { clock: () => NOON });
   try {
-    const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "20" });
     await seedUser(kv, "u1");
-    const attempt = () =>
-      admit(kv, config, {
-        userId: "u1",
-        clock: () => NOON,
-        validate: (snap) => snap.userEntry.value!,
-      }).then(() => "ok", (err) => err instanceof AppError ? err.code : String(err));
+    const attempt = () => ledger.admit(request("u1")).then(() => "ok", codeOf);
     const results = await Promise.all(Array.from({ length: 50 }, attempt));
     assert.equal(results.filter((r) => r === "ok").length, 20);
     assert.equal(results.filter((r) => r === "rate_limit_exceeded").length, 30);
-    const before = await kv.get<RateState>(keys.rate("u1"));
+    const before = await kv.get<LimitState>(keys.rate("u1"));
     assert.equal(await attempt(), "rate_limit_exceeded");
-    const after = await kv.get<RateState>(keys.rate("u1"));
+    const after = await kv.get<LimitState>(keys.rate("u1"));
     assert.equal(after.versionstamp, before.versionstamp);
     assert.equal(after.value?.dayCount, 20);
+    assert.equal(Object.keys(after.value?.leases ?? {}).length, 20);
   } finally {
+    await ledger.close();
     kv.close();
   }
 });
 
-Deno.test("admit: per-user overrides win over the defaults", async () => {
+Deno.test("Ledger: per-user overrides win over the defaults", async () => {
   const kv = await Deno.openKv(":memory:");
+  const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "2" });
+  const ledger = new Ledger(kv, config, { clock: () => NOON });
   try {
-    const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "2" });
     await seedUser(kv, "u2", { rpm: 4 });
     const ok = [];
     for (let i = 0; i < 6; i++) {
       ok.push(
-        await admit(kv, config, {
-          userId: "u2",
-          clock: () => NOON,
-          validate: (snap) => snap.userEntry.value!,
-        }).then((a) => a.headers["x-ratelimit-limit-requests"], () => null),
+        await ledger.admit(request("u2")).then(
+          (lease) => lease.headers["x-ratelimit-limit-requests"],
+          () => null,
+        ),
       );
     }
     assert.deepEqual(ok, ["4", "4", "4", "4", null, null]);
   } finally {
+    await ledger.close();
     kv.close();
   }
 });
 
-Deno.test("admit: two KV connections on one file (two processes) share the limits exactly", async () => {
+Deno.test("Ledger: slots are exact, and a settled lease gives its slot back", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const config = loadConfig({ DENO_KV_PATH: ":memory:", CONCURRENCY_LIMIT: "3" });
+  const ledger = new Ledger(kv, config);
+  try {
+    await seedUser(kv, "u4");
+    const results = await Promise.all(
+      Array.from({ length: 10 }, () => ledger.admit(request("u4")).then((l) => l, codeOf)),
+    );
+    const leases = results.filter((r) => typeof r !== "string");
+    assert.equal(leases.length, 3);
+    const refused = results.filter((r) => r === "concurrency_limit_exceeded");
+    assert.equal(refused.length, 7);
+    const err = await ledger.admit(request("u4")).catch((e) => e);
+    assert.equal(err.headers["retry-after"], "1");
+    assert.equal(err.headers["x-should-retry"], undefined);
+    await leases[0].settle({ promptTokens: 1, completionTokens: 1 }, "complete");
+    const again = await ledger.admit(request("u4"));
+    assert.equal(again.user.id, "u4");
+  } finally {
+    await ledger.close();
+    kv.close();
+  }
+});
+
+Deno.test("Ledger: two KV connections on one file (two processes) share the limits exactly", async () => {
   const dir = await Deno.makeTempDir();
   const a = await Deno.openKv(`${dir}/kv.sqlite3`);
   const b = await Deno.openKv(`${dir}/kv.sqlite3`);
+  const config = loadConfig({
+    DENO_KV_PATH: ":memory:",
+    RATE_LIMIT_RPM: "7",
+    CONCURRENCY_LIMIT: "5",
+  });
+  const ledgers = [
+    new Ledger(a, config, { clock: () => NOON }),
+    new Ledger(b, config, { clock: () => NOON }),
+  ];
   try {
-    const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "10" });
-    await seedUser(a, "u3");
-    const attempt = (kv: Deno.Kv) =>
-      admit(kv, config, {
-        userId: "u3",
-        clock: () => NOON,
-        validate: (snap) => snap.userEntry.value!,
-      }).then(() => true, () => false);
+    for (const id of ["x", "y", "z"]) await seedUser(a, id);
+    await seedUser(a, "w", { rpm: 2 });
+    const users = ["x", "y", "z", "w"];
     const results = await Promise.all(
-      Array.from({ length: 30 }, (_, i) => attempt(i % 2 ? a : b)),
+      Array.from({ length: 80 }, (_, i) => {
+        const userId = users[i % 4];
+        return ledgers[(i >> 2) % 2].admit(request(userId)).then(() => userId, codeOf);
+      }),
     );
-    assert.equal(results.filter(Boolean).length, 10);
+    const count = (v: string) => results.filter((r) => r === v).length;
+    // rpm 7 but 5 slots; "w" has rpm 2.
+    assert.deepEqual(users.map(count), [5, 5, 5, 2]);
+    assert.equal(count("concurrency_limit_exceeded") + count("rate_limit_exceeded"), 80 - 17);
   } finally {
+    await Promise.all(ledgers.map((l) => l.close()));
     a.close();
     b.close();
     await Deno.remove(dir, { recursive: true });
   }
 });
 
-Deno.test("Admitter (group commit): exact per user across two connections on one file", async () => {
-  const dir = await Deno.makeTempDir();
-  const a = await Deno.openKv(`${dir}/kv.sqlite3`);
-  const b = await Deno.openKv(`${dir}/kv.sqlite3`);
+Deno.test("Ledger: a busy batch of 40 users stays within 10 checks per commit", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "3" });
+  const ledger = new Ledger(kv, config);
   try {
-    const config = loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPM: "7" });
-    for (const id of ["x", "y", "z"]) await seedUser(a, id);
-    await seedUser(a, "w", { rpm: 2 });
-    const admitters = [new Admitter(a, config, () => NOON), new Admitter(b, config, () => NOON)];
-    const users = ["x", "y", "z", "w"];
+    const users = Array.from({ length: 40 }, (_, i) => `many${i}`);
+    for (const id of users) await seedUser(kv, id);
+    // tests/kv_limits.ts fails any commit over KV Connect's limits, so this would throw.
     const results = await Promise.all(
-      Array.from({ length: 80 }, (_, i) => {
-        const userId = users[i % 4];
-        return admitters[(i >> 2) % 2].admit({
-          userId,
-          validate: (snap) => snap.userEntry.value!,
-        }).then(() => userId, (err) => err instanceof AppError ? err.code : String(err));
-      }),
+      Array.from(
+        { length: 160 },
+        (_, i) => ledger.admit(request(users[i % 40])).then((l) => l, codeOf),
+      ),
     );
-    const count = (v: string) => results.filter((r) => r === v).length;
-    assert.deepEqual(users.map(count), [7, 7, 7, 2]);
-    assert.equal(count("rate_limit_exceeded"), 80 - 23);
+    const leases = results.filter((r) => typeof r !== "string");
+    assert.equal(leases.length, 120);
+    assert.equal(results.filter((r) => r === "rate_limit_exceeded").length, 40);
+    await Promise.all(
+      leases.map((l) => l.settle({ promptTokens: 2, completionTokens: 3 }, "complete")),
+    );
+    let requests = 0;
+    for await (const e of kv.list<Deno.KvU64>({ prefix: ["usage_daily"] })) {
+      if (e.key[4] === "requests") requests += Number(e.value.value);
+    }
+    assert.equal(requests, 120);
   } finally {
-    a.close();
-    b.close();
-    await Deno.remove(dir, { recursive: true });
+    await ledger.close();
+    kv.close();
+  }
+});
+
+Deno.test("the suite's KV wrapper refuses what KV Connect refuses", async () => {
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const op = kv.atomic();
+    for (let i = 0; i < 11; i++) op.check({ key: ["k", i], versionstamp: null });
+    await assert.rejects(op.commit(), /11 checks \(max 10\)/);
+    await assert.rejects(kv.atomic().set(["big"], "x".repeat(70_000)).commit(), /max 64 KiB/);
+    const many = kv.atomic();
+    for (let i = 0; i < 1001; i++) many.sum(["n", i], 1n);
+    await assert.rejects(many.commit(), /1001 mutations/);
+    assert.equal((await kv.get(["big"])).value, null, "nothing written");
+  } finally {
+    kv.close();
   }
 });

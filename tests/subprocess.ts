@@ -3,6 +3,8 @@
 const ROOT = new URL("../", import.meta.url);
 const MAIN = new URL("main.ts", ROOT).pathname;
 const CONFIG = new URL("deno.json", ROOT).pathname;
+/** The test suite's KV Connect limits (tests/kv_limits.ts) apply in app processes too. */
+const KV_LIMITS = new URL("tests/kv_limits.ts", ROOT).pathname;
 
 /** Only what Deno itself needs: the parent's environment must not leak into the app's config. */
 function baseEnv(): Record<string, string> {
@@ -16,7 +18,7 @@ function baseEnv(): Record<string, string> {
 
 function command(env: Record<string, string>, cwd: string) {
   return new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", "--config", CONFIG, MAIN],
+    args: ["run", "-A", "--config", CONFIG, "--preload", KV_LIMITS, MAIN],
     cwd,
     env: { ...baseEnv(), ...env },
     clearEnv: true,

@@ -60,6 +60,8 @@ const envSchema = z.object({
   GLM_API_KEY: optionalString,
   GLM_BASE_URL: optionalString.pipe(origin("GLM_BASE_URL").optional()),
   UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
+  CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
+  OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(
     z.enum(["proxy", "shared"], { message: "KEY_MODE must be proxy or shared" }).optional(),
   ),
@@ -131,6 +133,10 @@ export interface Config {
   keyMode: KeyMode;
   keyEncryptionSecret?: string;
   limits: { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
+  /** Per-user gateway requests in flight at once, across all processes. */
+  concurrencyLimit: number;
+  /** Output tokens a request reserves against quotas at admission (its own cap when smaller). */
+  outputReserveTokens: number;
   /** Empty list with allowAnyModel=false never happens: defaults to the pricing table's models. */
   allowedModels: string[];
   allowAnyModel: boolean;
@@ -215,6 +221,8 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       tokensPerDay: e.TOKEN_LIMIT_DAILY,
       budgetUsdMonthly: e.BUDGET_USD_MONTHLY,
     },
+    concurrencyLimit: e.CONCURRENCY_LIMIT,
+    outputReserveTokens: e.OUTPUT_RESERVE_TOKENS,
     allowedModels,
     allowAnyModel,
     pricing,

@@ -13,6 +13,7 @@ export type ErrorCode =
   | "payload_too_large"
   | "rate_limit_exceeded"
   | "quota_exceeded"
+  | "concurrency_limit_exceeded"
   | "upstream_unavailable"
   | "upstream_timeout"
   | "not_configured"
@@ -31,6 +32,7 @@ const STATUS: Record<ErrorCode, number> = {
   payload_too_large: 413,
   rate_limit_exceeded: 429,
   quota_exceeded: 429,
+  concurrency_limit_exceeded: 429,
   upstream_unavailable: 502,
   upstream_timeout: 504,
   not_configured: 503,

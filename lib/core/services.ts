@@ -3,6 +3,7 @@ import { SessionVerifier } from "../identity/sessions.ts";
 import { ClerkSync } from "../clerk/sync.ts";
 import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
+import { Ledger } from "../limits/admission.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { localSecret, Users } from "../identity/users.ts";
@@ -14,8 +15,12 @@ export interface Services {
   sessions: SessionVerifier;
   clerkSync: ClerkSync;
   log: Logger;
+  /** Admission and settlement of every gateway request and shared-mode report. */
+  ledger: Ledger;
   /** The GLM gateway (built once: upstream URL, header templates, key cache). */
   gateway: Gateway;
+  /** Stops background work and waits for pending KV commits (shutdown, tests). */
+  close(): Promise<void>;
 }
 
 export async function createServices(
@@ -35,6 +40,17 @@ export async function createServices(
     config.localMode ? await localSecret(kv, "session_signing") : undefined,
   );
   const clerkSync = new ClerkSync(config, kv, users, log);
-  const gateway = new Gateway({ config, kv, log });
-  return { config, kv, users, sessions, clerkSync, log, gateway };
+  const ledger = new Ledger(kv, config, { log });
+  const gateway = new Gateway({ config, kv, log, ledger });
+  return {
+    config,
+    kv,
+    users,
+    sessions,
+    clerkSync,
+    log,
+    ledger,
+    gateway,
+    close: () => ledger.close(),
+  };
 }

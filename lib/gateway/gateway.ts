@@ -1,12 +1,14 @@
 /**
  * The GLM gateway: an OpenAI-compatible proxy in front of the operator's GLM account.
  *
- * A request is checked in the contract's order — key (401) → user state (403) → model (400) →
- * request limits (429) → quotas (429) → upstream — with the key look-up, user record, limit
- * state and quota counters read in one KV `getMany` and the admission written by one atomic
- * commit (lib/limits/limits.ts). The body is forwarded as the bytes that arrived; the upstream answer is
- * relayed chunk by chunk while a meter watches for `usage` (JSON body or SSE `data:` lines), and
- * the usage is recorded after the answer has been relayed.
+ * auth → admit → forward → settle. A request is checked in the contract's order — key (401) →
+ * user state (403) → model (400) → request limits, concurrency, quotas (429) → upstream — and
+ * admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
+ * tokens. The body is forwarded as the bytes that arrived; the answer is relayed chunk by chunk
+ * while a meter watches for `usage` (JSON body or SSE `data:` lines) and estimates what was
+ * relayed, and the lease is settled — its usage committed — before the answer's last byte: before
+ * a JSON answer is returned, before an SSE stream's `[DONE]` event or end, and at once when the
+ * client leaves or the upstream fails.
  */
 import { z } from "zod";
 import type { Config } from "../core/config.ts";
@@ -14,9 +16,11 @@ import { concatBytes } from "../core/encoding.ts";
 import { AppError, invalidRequest } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
-import { type Admission, Admitter } from "../limits/limits.ts";
+import { type Lease, type Ledger, type Outcome } from "../limits/admission.ts";
+import { checkUserState } from "../limits/policy.ts";
 import type { Logger } from "../core/log.ts";
-import { UsageRecorder } from "../usage/usage.ts";
+import { estimatePromptTokens, estimateRelayedTokens } from "../usage/estimate.ts";
+import type { TokenUsage } from "../usage/usage.ts";
 import type { KeyIndexValue, UserRecord } from "../identity/users.ts";
 
 export const MAX_BODY_BYTES = 1024 * 1024;
@@ -37,25 +41,31 @@ const chatRequestSchema = z.looseObject({
 /** Upstream response headers worth relaying (content-length/-encoding are the runtime's). */
 const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
 
-export interface TokenUsage {
-  promptTokens: number;
-  completionTokens: number;
-}
+export type { TokenUsage };
 
 interface GatewayDeps {
   config: Config;
   kv: Deno.Kv;
   log: Logger;
-  clock?: () => number;
+  ledger: Ledger;
 }
 
-type ParsedBody = { bytes: Uint8Array<ArrayBuffer>; model: string } | AppError;
+interface ChatBody {
+  bytes: Uint8Array<ArrayBuffer>;
+  model: string;
+  /** Estimated prompt tokens (lib/usage/estimate.ts). */
+  promptTokens: number;
+  /** `max_tokens` or `max_completion_tokens` when the body sets one. */
+  outputCap: number | null;
+}
+
+type ParsedBody = ChatBody | AppError;
 
 export class Gateway {
   private readonly config: Config;
   private readonly kv: Deno.Kv;
   private readonly log: Logger;
-  private readonly clock: () => number;
+  private readonly ledger: Ledger;
   private readonly upstreamUrl: string;
   private readonly upstreamHeaders: Record<string, string> | null;
   private readonly allowed: Set<string> | null;
@@ -70,18 +80,12 @@ export class Gateway {
    * decrypt every key anyway (KeyVault), so remembering them adds no exposure; bounded.
    */
   private readonly hashByKey = new Map<string, string>();
-  private readonly inflight = new Set<Promise<void>>();
-  private readonly admitter: Admitter;
-  private readonly recorder: UsageRecorder;
 
   constructor(deps: GatewayDeps) {
     this.config = deps.config;
     this.kv = deps.kv;
     this.log = deps.log;
-    this.clock = deps.clock ?? Date.now;
-    this.admitter = new Admitter(deps.kv, deps.config, this.clock);
-    this.recorder = new UsageRecorder(deps.kv, deps.config.pricing);
-    this.recorder.rideWith(this.admitter);
+    this.ledger = deps.ledger;
     const glm = deps.config.glm;
     this.upstreamUrl = `${glm.baseUrl}/chat/completions`;
     this.upstreamHeaders = glm.apiKey
@@ -94,7 +98,7 @@ export class Gateway {
     });
   }
 
-  /** POST /v1/chat/completions: check, admit, forward, relay, meter. */
+  /** POST /v1/chat/completions: check, admit, forward, relay, settle. */
   async chatCompletions(req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
     if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
@@ -106,15 +110,16 @@ export class Gateway {
     const hash = await this.keyHash(req.headers.get("authorization"));
     // Read the body while the key is looked up; its errors are reported after the key checks.
     const [body, userId] = await Promise.all([readChatBody(req), this.userIdFor(hash)]);
-    const admission = await this.admitter.admit({
+    const output = this.config.outputReserveTokens;
+    const lease = await this.ledger.admit({
       userId,
-      validate: (snap, headers) => {
-        const user = this.checkKeyAndUser(
-          hash,
-          userId,
-          snap.userEntry.value,
-          headers,
-        );
+      model: body instanceof AppError ? "" : body.model,
+      reserve: body instanceof AppError ? { prompt: 0, output: 0 } : {
+        prompt: body.promptTokens,
+        output: body.outputCap === null ? output : Math.min(body.outputCap, output),
+      },
+      validate: (user, headers) => {
+        const checked = this.checkKeyAndUser(hash, userId, user, headers);
         if (body instanceof AppError) throw new AppError(body.code, body.message, headers);
         if (this.allowed && !this.allowed.has(body.model)) {
           throw new AppError(
@@ -123,19 +128,11 @@ export class Gateway {
             headers,
           );
         }
-        return user;
+        return checked;
       },
     });
     if (body instanceof AppError) throw body; // unreachable: validate() threw it already
-    return await this.forward(
-      req,
-      body.bytes,
-      body.model,
-      admission,
-      requestId,
-      started,
-      upstreamHeaders,
-    );
+    return await this.forward(req, body.bytes, lease, requestId, started, upstreamHeaders);
   }
 
   /** GET /v1/models: the allowed models, for any active key. */
@@ -144,6 +141,7 @@ export class Gateway {
     const userId = await this.userIdFor(hash);
     const user = await this.kv.get<UserRecord>(keys.user(userId));
     this.checkKeyAndUser(hash, userId, user.value, {});
+
     return new Response(this.modelsJson, {
       headers: { "content-type": "application/json; charset=UTF-8" },
     });
@@ -159,11 +157,6 @@ export class Gateway {
       throw invalidKey();
     }
     return user;
-  }
-
-  /** Resolves once every usage write started so far has finished (tests, shutdown). */
-  async settled(): Promise<void> {
-    while (this.inflight.size) await Promise.allSettled([...this.inflight]);
   }
 
   private async keyHash(authorization: string | null | undefined): Promise<string> {
@@ -202,25 +195,19 @@ export class Gateway {
       this.userIdByHash.delete(hash);
       throw invalidKey();
     }
-    if (user.status === "disabled") {
-      throw new AppError("user_disabled", "This account has been disabled.", headers);
-    }
-    if (user.status === "deleted") {
-      throw new AppError("user_deleted", "This account has been deleted.", headers);
-    }
-    return user;
+    return checkUserState(user, headers);
   }
 
   private async forward(
     req: Request,
     bytes: Uint8Array<ArrayBuffer>,
-    model: string,
-    admission: Admission,
+    lease: Lease,
     requestId: string,
     started: number,
     baseHeaders: Record<string, string>,
   ): Promise<Response> {
-    const userId = admission.user.id;
+    const userId = lease.user.id;
+    const model = lease.model;
     const abort = new AbortController();
     const timeoutMs = this.config.glm.timeoutMs;
     // The upstream has timeoutMs to send its headers, and then timeoutMs for each next piece of
@@ -230,10 +217,41 @@ export class Gateway {
       timedOut = true;
       abort.abort();
     });
-    /** Every way out of forward() ends here, once: the watchdog stops, the request is metered. */
-    const end = (usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) => {
+    /**
+     * Every way out of forward() ends here, once, before the answer's last byte: the watchdog
+     * stops and the lease is settled (the usage committed). A failed settlement is logged; the
+     * lease then expires and is charged its estimate.
+     */
+    const end = async (
+      usage: TokenUsage | null,
+      status: number,
+      outcome: Outcome,
+      detail?: string,
+    ) => {
       idle.stop();
-      this.meter(userId, model, usage, requestId, status, started, outcome, detail);
+      let charged;
+      try {
+        charged = await lease.settle(usage, outcome);
+      } catch (err) {
+        this.log.error("usage not recorded now; the lease will be charged its estimate", {
+          id: requestId,
+          userId,
+          model,
+          error: err instanceof Error ? err.message : String(err),
+        });
+      }
+      this.log.info("gateway", {
+        id: requestId,
+        userId,
+        model,
+        status,
+        outcome,
+        promptTokens: charged?.promptTokens ?? 0,
+        completionTokens: charged?.completionTokens ?? 0,
+        ...(charged?.estimated ? { estimated: true } : {}),
+        ms: Math.round((performance.now() - started) * 10) / 10,
+        ...(detail ? { detail } : {}),
+      });
     };
     // A client that leaves while the upstream is still thinking cancels the upstream call. Only
     // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
@@ -256,9 +274,10 @@ export class Gateway {
     } catch (err) {
       const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
       if (clientGone) {
-        // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line).
-        end(null, 499, "cancelled", "client disconnected");
-        throw new AppError(code, "The client disconnected.", admission.headers);
+        // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line). The
+        // upstream had the prompt: charged its estimate.
+        await end(null, 499, "cancelled", "client disconnected");
+        throw new AppError(code, "The client disconnected.", lease.headers);
       }
       this.log.warn("upstream failed", {
         id: requestId,
@@ -267,13 +286,13 @@ export class Gateway {
         error: code,
         detail: err instanceof Error ? err.name : "error",
       });
-      end(null, timedOut ? 504 : 502, "failed");
+      await end(null, timedOut ? 504 : 502, timedOut ? "timeout" : "unreachable");
       throw new AppError(
         code,
         timedOut
           ? `The upstream did not answer within ${timeoutMs} ms.`
           : "The upstream could not be reached.",
-        admission.headers,
+        lease.headers,
       );
     } finally {
       req.signal.removeEventListener("abort", onClientGone);
@@ -284,7 +303,7 @@ export class Gateway {
     // twice: when built and again when the Response copies it). It also carries the framing
     // headers routes/mod.ts would otherwise set one by one (see `framed` there).
     const headers: Record<string, string> = {
-      ...admission.headers,
+      ...lease.headers,
       "x-request-id": requestId,
       "x-content-type-options": "nosniff",
     };
@@ -296,18 +315,21 @@ export class Gateway {
     const upstreamId = upstreamHeaders.get("x-request-id");
     if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
     const status = upstream.status;
+    const ok = status < 400;
     if (status >= 500) {
       this.log.warn("upstream error", { id: requestId, userId, model, status });
     }
+    /** How an answer that ends without `usage` is charged: an error status generated nothing. */
+    const ended: Outcome = ok ? "complete" : "refused";
     const source = upstream.body;
     if (!source) {
-      end(null, status, "complete");
+      await end(null, status, ended);
       return new Response(null, { status, headers });
     }
     const stalled = () => timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
-    const meter = new UsageMeter(sse, status < 400);
+    const meter = new UsageMeter(sse, ok);
     const reader = new ChunkReader(source, sse ? null : upstreamHeaders.get("content-length"));
     let pending: Uint8Array | null = null;
     if (!sse) {
@@ -321,34 +343,44 @@ export class Gateway {
         first = await reader.read();
         idle.rest();
       } catch (err) {
-        end(null, status, "cut", stalled());
+        await end(null, status, ok ? "cut" : "refused", stalled());
         return new Response(erroredStream(err), { status, headers });
       }
       if (!first) {
-        end(null, status, "complete");
+        await end(null, status, ended);
         return new Response(null, { status, headers });
       }
       if (reader.complete && !upstreamHeaders.has("content-encoding")) {
         reader.cancel(); // at its end already: frees the upstream connection
         meter.push(first);
-        end(meter.usage(), status, "complete");
+        await end(meter.usage(), status, ended);
         return new Response(first as Uint8Array<ArrayBuffer>, { status, headers });
       }
       pending = first;
     }
-    let finished = false;
-    const finish = (outcome: "complete" | "cut" | "cancelled", detail?: string) => {
-      if (finished) return;
-      finished = true;
-      end(meter.usage(), status, outcome, detail);
+    let finished: Promise<void> | null = null;
+    const finish = (outcome: Outcome, detail?: string) => {
+      if (finished) return finished;
+      const usage = meter.usage();
+      if (!usage) lease.relayedTokens = meter.relayedTokens();
+      return finished = end(usage, status, outcome, detail);
+    };
+    /** Relays a chunk; the one that ends the answer waits for the settlement first. */
+    const relay = async (
+      controller: ReadableStreamDefaultController<Uint8Array>,
+      chunk: Uint8Array,
+    ) => {
+      meter.push(chunk);
+      if (meter.ended || reader.complete) await finish(ended);
+      else if (sse) lease.relayedTokens = meter.relayedTokens();
+      controller.enqueue(chunk);
     };
     const body = new ReadableStream<Uint8Array>({
       pull: async (controller) => {
         if (pending) {
-          controller.enqueue(pending);
-          meter.push(pending);
+          const chunk = pending;
           pending = null;
-          return;
+          return await relay(controller, chunk);
         }
         let chunk: Uint8Array | null;
         try {
@@ -356,72 +388,27 @@ export class Gateway {
           chunk = await reader.read();
           idle.rest();
         } catch (err) {
-          finish("cut", stalled());
+          await finish(ok ? "cut" : "refused", stalled());
           controller.error(err);
           return;
         }
         if (!chunk) {
+          await finish(ended);
           controller.close();
-          finish("complete");
           return;
         }
-        controller.enqueue(chunk);
-        meter.push(chunk);
+        await relay(controller, chunk);
       },
-      cancel: (reason) => {
-        // The client went away: stop the upstream call too.
-        finish("cancelled");
+      cancel: async (reason) => {
+        // The client went away: stop the upstream call too, and settle at once.
         abort.abort();
         reader.cancel(reason);
+        await finish(ok ? "cancelled" : "refused");
       },
     });
     return new Response(body, { status, headers });
   }
-
-  /** Records one admitted request after its answer (never delays the relayed bytes). */
-  private meter(
-    userId: string,
-    model: string,
-    usage: TokenUsage | null,
-    requestId: string,
-    status: number,
-    started: number,
-    outcome: Outcome,
-    detail?: string,
-  ) {
-    const promptTokens = usage?.promptTokens ?? 0;
-    const completionTokens = usage?.completionTokens ?? 0;
-    this.log.info("gateway", {
-      id: requestId,
-      userId,
-      model,
-      status,
-      outcome,
-      promptTokens,
-      completionTokens,
-      ms: Math.round((performance.now() - started) * 10) / 10,
-      ...(detail ? { detail } : {}),
-    });
-    const write = this.recorder.record({
-      userId,
-      model,
-      promptTokens,
-      completionTokens,
-      at: this.clock(),
-    }).catch((err) => {
-      this.log.error("usage not recorded", {
-        id: requestId,
-        userId,
-        model,
-        error: err instanceof Error ? err.message : String(err),
-      });
-    });
-    this.inflight.add(write);
-    write.finally(() => this.inflight.delete(write));
-  }
 }
-
-type Outcome = "complete" | "cut" | "cancelled" | "failed";
 
 /**
  * Calls `onIdle` when one wait for the upstream lasts `ms`: the wait for its headers, then each
@@ -553,12 +540,25 @@ async function readChatBody(req: Request): Promise<ParsedBody> {
     (json as ChatFields).model.length >= 1 && (json as ChatFields).model.length <= 200 &&
     Array.isArray((json as ChatFields).messages) && (json as ChatFields).messages.length >= 1
   ) {
-    return { bytes, model: (json as ChatFields).model };
+    return chatBody(bytes, json as ChatFields);
   }
   const parsed = chatRequestSchema.safeParse(json);
   if (!parsed.success) return invalidRequest(parsed.error.issues);
-  return { bytes, model: parsed.data.model };
+  return chatBody(bytes, parsed.data);
 }
+
+function chatBody(bytes: Uint8Array<ArrayBuffer>, json: ChatFields): ChatBody {
+  return {
+    bytes,
+    model: json.model,
+    promptTokens: estimatePromptTokens(json),
+    outputCap: outputCap(json.max_tokens) ?? outputCap(json.max_completion_tokens),
+  };
+}
+
+/** An output cap as the upstream would take it, or null (absent or not a count). */
+const outputCap = (v: unknown) =>
+  typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : null;
 
 const tooLarge = () => new AppError("payload_too_large", "Request body is larger than 1 MiB.");
 
@@ -588,7 +588,12 @@ async function readCapped(req: Request, max: number): Promise<Uint8Array<ArrayBu
   return concatBytes(chunks, size);
 }
 
-type ChatFields = { model: string; messages: unknown[] };
+type ChatFields = {
+  model: string;
+  messages: unknown[];
+  max_tokens?: unknown;
+  max_completion_tokens?: unknown;
+};
 
 const decoder = new TextDecoder();
 
@@ -619,9 +624,11 @@ export function usageFrom(value: unknown): TokenUsage | null {
 const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
 
 /**
- * Watches relayed bytes for `usage`. SSE: lines are split incrementally across chunk boundaries
- * and only the last `data:` line holding a usage object is kept (parsed once, at the end). JSON:
- * the chunks are kept (by reference) and parsed once the answer is complete.
+ * Watches relayed bytes for `usage`, for the end of the answer and for how much was generated.
+ * SSE: lines are split incrementally across chunk boundaries and only the last `data:` line
+ * holding a usage object is kept (parsed once, at the end); `data: [DONE]` marks the end; the
+ * generated text is estimated chunk by chunk. JSON: the chunks are kept (by reference) and
+ * parsed once the answer is complete.
  */
 export class UsageMeter {
   private readonly text = new TextDecoder();
@@ -629,6 +636,10 @@ export class UsageMeter {
   private lastUsageLine: string | null = null;
   private chunks: Uint8Array[] | null = [];
   private size = 0;
+  private whole: string | null = null;
+  private relayed = 0;
+  /** SSE: the `[DONE]` event has been seen (what follows it is not part of the answer). */
+  ended = false;
 
   constructor(private readonly sse: boolean, private readonly enabled = true) {
     if (!enabled) this.chunks = null;
@@ -643,7 +654,10 @@ export class UsageMeter {
       else this.chunks.push(chunk);
       return;
     }
-    const text = this.carry + this.text.decode(chunk, { stream: true });
+    const piece = this.text.decode(chunk, { stream: true });
+    this.relayed += estimateRelayedTokens(piece);
+    if (piece.includes("[DONE]")) this.ended = true;
+    const text = this.carry + piece;
     // Cheap on the hot path: one indexOf for "usage" per chunk, lines cut only where needed.
     let usageAt = text.indexOf('"usage"');
     let start = 0;
@@ -666,6 +680,22 @@ export class UsageMeter {
     if (USAGE_OBJECT.test(line)) this.lastUsageLine = line;
   }
 
+  /** The JSON answer's text so far (decoded once). */
+  private jsonText(): string | null {
+    if (this.whole === null && this.chunks) {
+      this.whole = decoder.decode(concatBytes(this.chunks, this.size));
+      this.chunks = null;
+    }
+    return this.whole;
+  }
+
+  /** Completion tokens estimated from the generated text relayed so far. */
+  relayedTokens(): number {
+    if (this.sse) return this.relayed;
+    const text = this.jsonText();
+    return text === null ? 0 : estimateRelayedTokens(text);
+  }
+
   /** The usage seen so far (complete answers and streams cut mid-way alike). */
   usage(): TokenUsage | null {
     if (!this.enabled) return null;
@@ -679,10 +709,8 @@ export class UsageMeter {
         return null;
       }
     }
-    if (!this.chunks) return null;
-    const whole = concatBytes(this.chunks, this.size);
-    this.chunks = null;
-    const text = decoder.decode(whole);
+    const text = this.jsonText();
+    if (text === null) return null;
     if (this.size <= FULL_PARSE_BYTES) {
       try {
         return usageFrom(JSON.parse(text)?.usage);

@@ -11,17 +11,17 @@ import {
   utcMonth,
 } from "../core/kv.ts";
 import type { Config } from "../core/config.ts";
-import { AppError } from "../core/errors.ts";
-import {
-  admit,
-  type Admitter,
-  type ExtraBatch,
-  type ExtraWrites,
-  limitStatus,
-  type Remaining,
-} from "../limits/limits.ts";
+import { checkUserState, type Remaining } from "../limits/policy.ts";
+import { type Ledger, limitStatus } from "../limits/admission.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
+import { AppError } from "../core/errors.ts";
+
+/** Tokens an answer used, as the upstream metered them. */
+export interface TokenUsage {
+  promptTokens: number;
+  completionTokens: number;
+}
 
 export interface UsageEvent {
   userId: string;
@@ -44,17 +44,19 @@ export interface UsageTotals {
 
 const big = (n: number) => new Deno.KvU64(BigInt(Math.max(0, Math.floor(n))));
 
-/** Records one request's usage in a single atomic commit of sum mutations. */
+/**
+ * Records usage directly, outside any lease: imports and fixtures. It bypasses the limit entry,
+ * so limits decided meanwhile may not see it; the gateway and POST /api/usage settle leases.
+ */
 export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent): Promise<void> {
   await commitUsage(kv, pricing, [e]);
 }
 
-/** Adds each event's sums to `into`, merged by key (events of one user/day/model share keys). */
-function addSums(
-  into: Map<string, { key: Deno.KvKey; n: bigint }>,
-  pricing: Pricing,
-  e: UsageEvent,
-) {
+/** Sum mutations by key (events of one user, day and model share keys). */
+export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint }>;
+
+/** Adds one event's sums to `into` (6 keys per event at most). */
+export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? Date.now();
   const day = utcDay(at);
   const add = (key: Deno.KvKey, n: bigint) => {
@@ -91,77 +93,13 @@ export async function commitUsage(
 ): Promise<void> {
   if (events.length > MAX_BATCH) throw new Error(`commitUsage: at most ${MAX_BATCH} events`);
   const sums = new Map<string, { key: Deno.KvKey; n: bigint }>();
-  for (const e of events) addSums(sums, pricing, e);
+  for (const e of events) addUsageSums(sums, pricing, e);
   // Sums never conflict; only another process holding the file lock can make a commit wait.
   await retryAtomic(async () => {
     const op = kv.atomic();
     for (const { key, n } of sums.values()) op.sum(key, n);
     return (await commitOrConflict(op)).ok ? undefined : CONFLICT;
   }, "record usage");
-}
-
-/**
- * Group commit for the gateway's usage writes: an event is committed at once when no commit is
- * in flight; events that arrive meanwhile go together into the next commit. With `rideWith`, the
- * events travel in the Admitter's commits instead (one KV commit per batch for admissions and
- * usage together). Adds no delay when idle; never delays the relayed bytes.
- */
-export class UsageRecorder implements ExtraWrites {
-  private queue: Array<{ e: UsageEvent; done: (err?: unknown) => void }> = [];
-  private running = false;
-  private owner: Admitter | null = null;
-
-  constructor(private readonly kv: Deno.Kv, private readonly pricing: Pricing) {}
-
-  /** Hands the commits over to an admitter's writer loop. */
-  rideWith(admitter: Admitter) {
-    admitter.carry(this);
-    this.owner = admitter;
-  }
-
-  /** Resolves once the event is committed; rejects if its batch could not be. */
-  record(e: UsageEvent): Promise<void> {
-    return new Promise((resolve, reject) => {
-      this.queue.push({ e, done: (err) => err === undefined ? resolve() : reject(err) });
-      if (this.owner) this.owner.kick();
-      else if (!this.running) this.run();
-    });
-  }
-
-  hasPending(): boolean {
-    return this.queue.length > 0;
-  }
-
-  take(op: Deno.AtomicOperation, budget: number): ExtraBatch | null {
-    const max = Math.min(MAX_BATCH, Math.floor(budget / SUMS_PER_EVENT));
-    if (!this.queue.length || max < 1) return null;
-    const batch = this.queue.splice(0, max);
-    const sums = new Map<string, { key: Deno.KvKey; n: bigint }>();
-    for (const b of batch) addSums(sums, this.pricing, b.e);
-    for (const { key, n } of sums.values()) op.sum(key, n);
-    return {
-      settle: (err) => {
-        for (const b of batch) b.done(err);
-      },
-      requeue: () => {
-        this.queue.unshift(...batch);
-      },
-    };
-  }
-
-  private async run() {
-    this.running = true;
-    while (this.queue.length) {
-      const batch = this.queue.splice(0, MAX_BATCH);
-      try {
-        await commitUsage(this.kv, this.pricing, batch.map((b) => b.e));
-        for (const b of batch) b.done();
-      } catch (err) {
-        for (const b of batch) b.done(err ?? new Error("usage commit failed"));
-      }
-    }
-    this.running = false;
-  }
 }
 
 export { u64 };
@@ -325,44 +263,41 @@ export interface UsageReport {
 
 /**
  * POST /api/usage (shared key mode): a client reports one call it made with the shared key. It
- * counts against the request limits and quotas exactly like a gateway request (429 once spent;
- * a refused report is not recorded) and is then recorded.
+ * takes a Lease like a gateway request — the request limits apply, and the quotas refuse reports
+ * once they are reached (the call was made already, so it reserves nothing) — and the lease is
+ * settled with the reported tokens at once. A refused report is not recorded.
  */
 export async function reportUsage(
-  kv: Deno.Kv,
-  config: Config,
+  ledger: Ledger,
   users: Users,
   userId: string,
   report: UsageReport,
-  now: () => number = Date.now,
 ): Promise<{ remaining: Remaining; headers: Record<string, string> }> {
   // Reports come from signed-in users who may not have opened the dashboard yet.
   if (!(await users.get(userId))) await users.provision(userId);
-  const admission = await admit(kv, config, {
+  const lease = await ledger.admit({
     userId,
-    clock: now,
-    validate: (snap, headers) => {
-      const user = snap.userEntry.value;
-      if (!user || user.status === "deleted") {
-        throw new AppError("user_deleted", "This account has been deleted.", headers);
-      }
-      if (user.status === "disabled") {
-        throw new AppError("user_disabled", "This account has been disabled.", headers);
-      }
-      return user;
+    model: report.model,
+    reserve: { prompt: 0, output: 0 },
+    validate: (user, headers) => {
+      if (!user) throw new AppError("user_deleted", "This account has been deleted.", headers);
+      return checkUserState(user, headers);
     },
   });
-  await recordUsage(kv, config.pricing, { userId, ...report, at: now() });
-  const tokens = report.promptTokens + report.completionTokens;
-  const r = admission.remaining;
+  const charged = await lease.settle(
+    { promptTokens: report.promptTokens, completionTokens: report.completionTokens },
+    "complete",
+  );
+  const tokens = charged.promptTokens + charged.completionTokens;
+  const r = lease.remaining;
   const spent = costNanoUsd(
-    config.pricing,
+    ledger.pricing,
     report.model,
     report.promptTokens,
     report.completionTokens,
   );
   return {
-    headers: admission.headers,
+    headers: lease.headers,
     remaining: {
       ...r,
       tokensToday: r.tokensToday === null ? null : Math.max(0, r.tokensToday - tokens),

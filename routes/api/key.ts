@@ -1,6 +1,6 @@
 /** Key API (CONTRACT §5): GET|POST /api/key, POST /api/key/rotate, /api/auth/provision-user. */
 import { type Context, Hono } from "hono";
-import { effectiveLimits } from "../../lib/limits/limits.ts";
+import { effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { ProvisionResult } from "../../lib/identity/users.ts";
 import { type AppEnv, requireSession } from "../context.ts";

@@ -49,7 +49,7 @@ export function usageRoutes(services: Services) {
   if (config.keyMode !== "shared") return app;
   app.post("/usage", requireSession(services), async (c) => {
     const body = await jsonBody(c, reportSchema);
-    const result = await reportUsage(kv, config, users, c.get("session").userId, body);
+    const result = await reportUsage(services.ledger, users, c.get("session").userId, body);
     for (const [name, value] of Object.entries(result.headers)) c.header(name, value);
     c.header("cache-control", "no-store");
     return c.json({ ok: true, remaining: result.remaining });

@@ -1,0 +1,90 @@
+/**
+ * Request limits: requests per minute (GCRA) and per UTC day, decided on one state entry per user.
+ *
+ * - Requests per minute: GCRA (generic cell rate algorithm) with burst = rpm. Each user has a
+ *   "theoretical arrival time" `tat` (ms). With interval T = 60 000 / rpm, a request at `now` is
+ *   admitted when `max(tat, now) + T − now ≤ 60 000`, and then `tat := max(tat, now) + T`. A fresh
+ *   user can therefore send rpm requests at once; after that one request every T ms. This is a
+ *   token bucket of capacity rpm refilled continuously, with no window edges to game.
+ * - Requests per UTC day: a counter that belongs to the calendar day it was written on (it
+ *   restarts at 00:00 UTC).
+ * Pure functions: lib/limits/admission.ts reads and writes the state atomically.
+ */
+import { type Day, utcDay } from "../core/kv.ts";
+import type { EffectiveLimits } from "./policy.ts";
+import { msUntilNextDay } from "./policy.ts";
+
+/** The request-limit part of a user's limit state (lib/limits/admission.ts adds the leases). */
+export interface RateState {
+  /** GCRA theoretical arrival time, ms since the epoch. */
+  tat: number;
+  day: Day;
+  dayCount: number;
+}
+
+const MINUTE_MS = 60_000;
+/** Absorbs float error in tat so that exactly rpm requests fit into a fresh minute. */
+const EPSILON = 1e-6;
+
+export interface RateView {
+  remainingMinute: number;
+  remainingDay: number;
+  /** ms until the minute allowance is whole again. */
+  minuteResetMs: number;
+}
+
+/** What is left of the request limits at `now`, without consuming anything. */
+export function rateView(state: RateState | null, limits: EffectiveLimits, now: number): RateView {
+  const interval = MINUTE_MS / limits.rpm;
+  const base = state ? Math.max(state.tat, now) : now;
+  const remainingMinute = Math.max(
+    0,
+    Math.floor((MINUTE_MS - (base - now)) / interval + EPSILON),
+  );
+  const dayCount = state && state.day === utcDay(now) ? state.dayCount : 0;
+  return {
+    remainingMinute,
+    remainingDay: Math.max(0, limits.rpd - dayCount),
+    minuteResetMs: base - now,
+  };
+}
+
+export interface RateDecision {
+  allowed: boolean;
+  /** The state to write when allowed. */
+  next: RateState;
+  /** The view as it stands, before this request. */
+  before: RateView;
+  /** The view after admitting this request (equals `before` when refused). */
+  after: RateView;
+  /** Whole seconds until a retry can succeed (refusals only). */
+  retryAfter: number;
+}
+
+/** GCRA + day counter decision for one request at `now`. */
+export function decideRate(
+  state: RateState | null,
+  limits: EffectiveLimits,
+  now: number,
+): RateDecision {
+  const before = rateView(state, limits, now);
+  const interval = MINUTE_MS / limits.rpm;
+  const base = state ? Math.max(state.tat, now) : now;
+  const today = utcDay(now);
+  const dayCount = state && state.day === today ? state.dayCount : 0;
+  const allowed = before.remainingMinute >= 1 && before.remainingDay >= 1;
+  const next: RateState = { tat: base + interval, day: today, dayCount: dayCount + 1 };
+  if (allowed) {
+    const after = {
+      remainingMinute: before.remainingMinute - 1,
+      remainingDay: before.remainingDay - 1,
+      minuteResetMs: next.tat - now,
+    };
+    return { allowed, next, before, after, retryAfter: 0 };
+  }
+  let waitMs = 0;
+  if (before.remainingMinute < 1) waitMs = base + interval - MINUTE_MS - now;
+  if (before.remainingDay < 1) waitMs = Math.max(waitMs, msUntilNextDay(now));
+  const retryAfter = Math.max(1, Math.ceil(waitMs / 1000));
+  return { allowed, next, before, after: before, retryAfter };
+}

@@ -1,0 +1,130 @@
+/**
+ * A user's effective limits (per-user overrides over the configured defaults), what is left of
+ * them, the x-ratelimit-* headers and the refusals the contract names (CONTRACT §4, §5).
+ *
+ * Rate headers (every gateway response after the key check):
+ * - `x-ratelimit-limit-requests`: the requests-per-minute limit (rpm);
+ * - `x-ratelimit-remaining-requests`: requests that could be sent right now — the smaller of what
+ *   is left of the minute allowance and of the day allowance;
+ * - `x-ratelimit-reset-requests`: OpenAI-style duration ("850ms", "12s", "1m30s", "5h3m0s") until
+ *   that allowance is whole again: the minute bucket refilled, or 00:00 UTC when the day
+ *   allowance is the smaller one.
+ * 429 answers carry `Retry-After` in whole seconds (≥ 1) until a retry can succeed; refusals that
+ * cannot succeed soon (the day's requests, a spent quota, a disabled or deleted user) also carry
+ * `x-should-retry: false`, so SDKs do not sleep until the Retry-After.
+ */
+import type { Config } from "../core/config.ts";
+import { AppError } from "../core/errors.ts";
+import type { UserRecord } from "../identity/users.ts";
+import type { RateView } from "./gcra.ts";
+
+export interface EffectiveLimits {
+  rpm: number;
+  rpd: number;
+  /** null = unlimited */
+  tokensPerDay: number | null;
+  /** null = unlimited */
+  budgetUsdMonthly: number | null;
+}
+
+export function effectiveLimits(config: Config, user: Pick<UserRecord, "limits">): EffectiveLimits {
+  const o = user.limits;
+  const tokens = o.tokensPerDay ?? config.limits.tokensPerDay;
+  const budget = o.budgetUsdMonthly ?? config.limits.budgetUsdMonthly;
+  return {
+    rpm: o.rpm ?? config.limits.rpm,
+    rpd: o.rpd ?? config.limits.rpd,
+    tokensPerDay: tokens > 0 ? tokens : null,
+    budgetUsdMonthly: budget > 0 ? budget : null,
+  };
+}
+
+export const hasQuota = (l: EffectiveLimits) =>
+  l.tokensPerDay !== null || l.budgetUsdMonthly !== null;
+
+const DAY_MS = 86_400_000;
+
+export function msUntilNextDay(now: number): number {
+  return DAY_MS - (now % DAY_MS);
+}
+
+export function msUntilNextMonth(now: number): number {
+  const d = new Date(now);
+  return Date.UTC(d.getUTCFullYear(), d.getUTCMonth() + 1, 1) - now;
+}
+
+/** OpenAI-style duration: "850ms", "12s", "1.5s", "1m30s", "5h3m0s". */
+export function formatDuration(ms: number): string {
+  if (ms <= 0) return "0s";
+  if (ms < 1000) return `${Math.ceil(ms)}ms`;
+  const totalS = ms / 1000;
+  if (totalS < 60) return `${Math.round(totalS * 1000) / 1000}s`;
+  const s = Math.ceil(totalS);
+  const h = Math.floor(s / 3600);
+  const m = Math.floor((s % 3600) / 60);
+  const rest = s % 60;
+  return h > 0 ? `${h}h${m}m${rest}s` : `${m}m${rest}s`;
+}
+
+/** The three x-ratelimit-* headers for a view (see the comment at the top). */
+export function rateHeaders(
+  limits: EffectiveLimits,
+  view: RateView,
+  now: number,
+): Record<string, string> {
+  const dayBinds = view.remainingDay < view.remainingMinute;
+  return {
+    "x-ratelimit-limit-requests": String(limits.rpm),
+    "x-ratelimit-remaining-requests": String(Math.min(view.remainingMinute, view.remainingDay)),
+    "x-ratelimit-reset-requests": formatDuration(
+      dayBinds ? msUntilNextDay(now) : view.minuteResetMs,
+    ),
+  };
+}
+
+export interface Remaining {
+  minute: number;
+  day: number;
+  tokensToday: number | null;
+  budgetUsd: number | null;
+}
+
+/** What is left: `tokensToday` and `spendNanoMonth` include the reservations of requests in flight. */
+export function remainingOf(
+  limits: EffectiveLimits,
+  view: RateView,
+  tokensToday: number,
+  spendNanoMonth: number,
+): Remaining {
+  return {
+    minute: view.remainingMinute,
+    day: view.remainingDay,
+    tokensToday: limits.tokensPerDay === null
+      ? null
+      : Math.max(0, limits.tokensPerDay - tokensToday),
+    budgetUsd: limits.budgetUsdMonthly === null
+      ? null
+      : Math.max(0, Math.round(limits.budgetUsdMonthly * 1e9 - spendNanoMonth) / 1e9),
+  };
+}
+
+/** Headers of a refusal that retrying soon cannot fix (CONTRACT §4). */
+export const FINAL = { "x-should-retry": "false" } as const;
+
+export function userDisabled(headers: Record<string, string>): AppError {
+  return new AppError("user_disabled", "This account has been disabled.", {
+    ...headers,
+    ...FINAL,
+  });
+}
+
+export function userDeleted(headers: Record<string, string>): AppError {
+  return new AppError("user_deleted", "This account has been deleted.", { ...headers, ...FINAL });
+}
+
+/** The user's state as the gateway and /api/usage see it: active, or why not (403). */
+export function checkUserState(user: UserRecord, headers: Record<string, string>): UserRecord {
+  if (user.status === "disabled") throw userDisabled(headers);
+  if (user.status === "deleted") throw userDeleted(headers);
+  return user;
+}
