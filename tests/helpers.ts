@@ -83,12 +83,17 @@ export async function usageTotalsOf(kv: Deno.Kv, userId: string, day?: string) {
 export async function eventually<T>(
   probe: () => T | undefined | Promise<T | undefined>,
   timeoutMs = 5000,
+  /** Says what was seen instead, for the failure message. */
+  seen?: () => unknown,
 ): Promise<T> {
   const until = Date.now() + timeoutMs;
   for (;;) {
     const got = await probe();
     if (got !== undefined && got !== null && got !== false) return got;
-    if (Date.now() > until) throw new Error(`nothing after ${timeoutMs} ms`);
+    if (Date.now() > until) {
+      const last = seen ? `; last seen: ${JSON.stringify(await seen())}` : "";
+      throw new Error(`nothing after ${timeoutMs} ms${last}`);
+    }
     await new Promise((r) => setTimeout(r, 20));
   }
 }

@@ -5,7 +5,7 @@
 import assert from "node:assert/strict";
 import { keys } from "../lib/core/kv.ts";
 import type { LimitState as RateState } from "../lib/limits/admission.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
+import { ENCRYPTION_SECRET, eventually, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { type RunningMain, startMain } from "./subprocess.ts";
@@ -151,6 +151,111 @@ Deno.test("SIGKILL during load: nothing lost or doubled beyond the requests in f
     await res.arrayBuffer();
   } finally {
     await app?.stop();
+    await glm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("two processes: slots are exact across them; a SIGKILLed process's slots free within 60 s, its reservations charged once", async () => {
+  const dir = await Deno.makeTempDir();
+  const glm = new FakeGlm();
+  glm.mode = "sse";
+  glm.holdAfterFirstChunk = true; // admitted streams stay in flight until released
+  const apps: RunningMain[] = [];
+  const body = JSON.stringify({
+    model: "glm-4.6",
+    messages: [{ role: "user", content: "hi" }],
+    stream: true,
+    max_tokens: 50,
+  });
+  const stream = (app: RunningMain, key: string) =>
+    fetch(`${app.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body,
+    });
+  const usage = async (app: RunningMain, key: string) => {
+    const res = await fetch(`${app.url}/api/usage?days=1`, {
+      headers: { authorization: `Bearer ${key}` },
+    });
+    assert.equal(res.status, 200);
+    return (await res.json()).today as {
+      requests: number;
+      promptTokens: number;
+      completionTokens: number;
+    };
+  };
+  try {
+    const kvPath = `${dir}/kv.sqlite3`;
+    const extra = { CONCURRENCY_LIMIT: "4", RATE_LIMIT_RPM: "1000", TOKEN_LIMIT_DAILY: "100000" };
+    const [a, b] = [
+      await startMain(env(kvPath, glm, extra), dir),
+      await startMain(env(kvPath, glm, extra), dir),
+    ];
+    apps.push(a, b);
+    const key = await provision(a, "user_slots");
+
+    // Two streams through A, then eight at once through both: exactly 4 in flight in all, at
+    // least 2 of them held by A.
+    const first = [await stream(a, key), await stream(a, key)];
+    const rest = await Promise.all(Array.from({ length: 8 }, (_, i) => stream(i % 2 ? a : b, key)));
+    const all = [...first, ...rest];
+    const admitted = all.filter((r) => r.status === 200);
+    const refused = all.filter((r) => r.status === 429);
+    assert.equal(admitted.length, 4, all.map((r) => r.status).join(","));
+    assert.equal(refused.length, 6);
+    for (const r of refused) {
+      assert.equal((await r.json()).error.code, "concurrency_limit_exceeded");
+      assert.equal(r.headers.get("retry-after"), "1");
+    }
+    assert.equal(first.filter((r) => r.status === 200).length, 2);
+    const onB = rest.filter((r, i) => i % 2 === 0 && r.status === 200);
+    const onA = admitted.length - onB.length;
+    // Everything admitted has started to stream (so the upstream processed it).
+    for (const r of admitted) await r.body!.getReader().read().then(() => {});
+
+    const killedAt = performance.now();
+    await a.stop("SIGKILL");
+    glm.release(); // B's streams finish; A's died with A
+    for (const r of onB) assert.match(await r.text(), /\[DONE\]/);
+    let completed = onB.length;
+
+    // A's leases hold their slots until they expire: B admits only what is left, then all 4.
+    let freed = false;
+    while (performance.now() - killedAt < 60_000) {
+      const probe = await Promise.all(Array.from({ length: 4 }, () => stream(b, key)));
+      const ok = probe.filter((r) => r.status === 200).length;
+      glm.release();
+      await Promise.all(probe.map((r) => r.text()));
+      completed += ok;
+      if (ok === 4) {
+        freed = true;
+        break;
+      }
+      assert.ok(ok <= 4 - onA, `only the free slots are admitted (${ok})`);
+      await new Promise((r) => setTimeout(r, 2000));
+    }
+    assert.ok(freed, "A's slots were freed within 60 s");
+    const seconds = (performance.now() - killedAt) / 1000;
+    assert.ok(seconds >= 10, `not before the leases could expire (${seconds.toFixed(1)} s)`);
+
+    // Each completed stream was metered (11 + 7 tokens) before it ended. A's requests are charged
+    // once, by whichever process reaps them: their prompt estimate (6 tokens each) and what they
+    // had relayed by their last renewal.
+    const expected = { requests: completed + onA, promptTokens: completed * 11 + onA * 6 };
+    const charged = await eventually(
+      async () => {
+        const u = await usage(b, key);
+        return u.requests === expected.requests ? u : undefined;
+      },
+      15_000,
+      async () => ({ expected, got: await usage(b, key) }),
+    );
+    assert.equal(charged.promptTokens, expected.promptTokens);
+    await new Promise((r) => setTimeout(r, 6000)); // more than one reaper cycle
+    assert.deepEqual(await usage(b, key), charged, "not charged twice");
+  } finally {
+    await Promise.all(apps.map((a) => a.stop()));
     await glm.close();
     await Deno.remove(dir, { recursive: true });
   }

@@ -40,6 +40,12 @@ export async function createServices(
     config.localMode ? await localSecret(kv, "session_signing") : undefined,
   );
   const clerkSync = new ClerkSync(config, kv, users, log);
+  if (config.keyMode === "proxy" && config.allowAnyModel && !config.pricing["*"]) {
+    log.warn(
+      'ALLOWED_MODELS=* but PRICING has no "*" entry: models without a price cost $0, and users ' +
+        "with a monthly budget cannot use them",
+    );
+  }
   const ledger = new Ledger(kv, config, { log });
   const gateway = new Gateway({ config, kv, log, ledger });
   return {

@@ -1,0 +1,74 @@
+/**
+ * The token estimator against a real BPE tokenizer (o200k_base, from js-tiktoken on npm): the
+ * README quotes these figures. GLM's own tokenizer is not published on npm; o200k_base is a
+ * tokenizer of the same kind and size.
+ */
+import assert from "node:assert/strict";
+import { Tiktoken } from "js-tiktoken/lite";
+import o200k from "js-tiktoken/ranks/o200k_base";
+import {
+  estimatePromptTokens,
+  estimateRelayedTokens,
+  estimateTextTokens,
+} from "../lib/usage/estimate.ts";
+
+const tokenizer = new Tiktoken(o200k);
+const fixture = (name: string) =>
+  Deno.readTextFileSync(new URL(`./fixtures/estimate/${name}`, import.meta.url));
+
+Deno.test("estimate vs o200k_base: within −5% … +20% on English, Chinese and code", async (t) => {
+  for (
+    const [name, file] of [["English prose", "english.txt"], ["Chinese prose", "chinese.txt"], [
+      "TypeScript",
+      "code.ts.txt",
+    ]]
+  ) {
+    await t.step(name, () => {
+      const text = fixture(file);
+      const real = tokenizer.encode(text).length;
+      const estimate = estimateTextTokens(text);
+      const ratio = estimate / real;
+      assert.ok(ratio >= 0.95 && ratio <= 1.2, `${name}: ${estimate} vs ${real} (${ratio})`);
+    });
+  }
+});
+
+Deno.test("prompt estimate: message strings and per-message tokens, not the model or field names", () => {
+  const body = {
+    model: "glm-4.6-with-a-very-long-model-name",
+    messages: [
+      { role: "system", content: "You are terse." },
+      { role: "user", content: [{ type: "text", text: "hi" }] },
+    ],
+  };
+  // "system" 1 + "You are terse." 4 + "user" 1 + "text" 1 + "hi" 1 + 2 × 4.
+  assert.equal(estimatePromptTokens(body), 16);
+  const image = {
+    model: "glm-4.6v",
+    messages: [{
+      role: "user",
+      content: [{
+        type: "image_url",
+        image_url: { url: `data:image/png;base64,${"A".repeat(50_000)}` },
+      }],
+    }],
+  };
+  // An inline image is a fixed amount, not 50,000 characters of base64.
+  assert.ok(estimatePromptTokens(image) < 2000);
+});
+
+Deno.test("relayed estimate: generated strings in SSE chunks and JSON answers", () => {
+  const sse = 'data: {"choices":[{"delta":{"content":"Hello there"}}]}\n\n' +
+    'data: {"choices":[{"delta":{"reasoning_content":"thinking \\"hard\\""}}]}\n\n' +
+    'data: {"choices":[{"delta":{"tool_calls":[{"function":{"arguments":"{\\"a\\":1}"}}]}}]}\n\n';
+  // Each generated string as written on the wire (escapes included), nothing else.
+  const strings = ["Hello there", 'thinking \\"hard\\"', '{\\"a\\":1}'];
+  assert.equal(
+    estimateRelayedTokens(sse),
+    strings.reduce((n, text) => n + estimateTextTokens(text), 0),
+  );
+  assert.equal(estimateTextTokens("Hello there"), 2);
+  assert.equal(estimateRelayedTokens('{"usage":{"prompt_tokens":3}}'), 0);
+  const cut = 'data: {"delta":{"content":"cut mid-wa';
+  assert.equal(estimateRelayedTokens(cut), estimateTextTokens("cut mid-wa"));
+});
