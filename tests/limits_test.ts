@@ -2,12 +2,7 @@ import assert from "node:assert/strict";
 import { loadConfig } from "../lib/core/config.ts";
 import { AppError } from "../lib/core/errors.ts";
 import { keys } from "../lib/core/kv.ts";
-import {
-  type AdmitRequest,
-  Ledger,
-  type LimitState,
-  quotaRefusal,
-} from "../lib/limits/admission.ts";
+import { type AdmitRequest, Ledger, quotaRefusal } from "../lib/limits/admission.ts";
 import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
 import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
 import type { UserRecord } from "../lib/identity/users.ts";
@@ -148,12 +143,12 @@ Deno.test("Ledger: 50 concurrent against rpm 20 admit exactly 20; refusals write
     const results = await Promise.all(Array.from({ length: 50 }, attempt));
     assert.equal(results.filter((r) => r === "ok").length, 20);
     assert.equal(results.filter((r) => r === "rate_limit_exceeded").length, 30);
-    const before = await kv.get<LimitState>(keys.rate("u1"));
+    const before = await kv.get<RateState>(keys.rate("u1"));
     assert.equal(await attempt(), "rate_limit_exceeded");
-    const after = await kv.get<LimitState>(keys.rate("u1"));
+    const after = await kv.get<RateState>(keys.rate("u1"));
     assert.equal(after.versionstamp, before.versionstamp);
     assert.equal(after.value?.dayCount, 20);
-    assert.equal(Object.keys(after.value?.leases ?? {}).length, 20);
+    assert.equal((await kv.get<Deno.KvU64>(keys.leaseHeld("u1", "count"))).value?.value, 20n);
   } finally {
     await ledger.close();
     kv.close();

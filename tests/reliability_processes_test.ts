@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { keys } from "../lib/core/kv.ts";
-import type { LimitState as RateState } from "../lib/limits/admission.ts";
+import type { RateState } from "../lib/limits/gcra.ts";
 import { ENCRYPTION_SECRET, eventually, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";

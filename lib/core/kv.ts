@@ -11,6 +11,15 @@ export const keys = {
   keyByHash: (hash: string) => ["keys_by_hash", hash] as const,
   webhookEvent: (svixId: string) => ["webhook_events", svixId] as const,
   rate: (userId: string) => ["rate_limits", userId] as const,
+  /** What a user's requests in flight hold (KvU64 sums): "count", "tokens", "nano" (USD 1e-9). */
+  leaseHeld: (userId: string, field: "count" | "tokens" | "nano") =>
+    ["lease_held", userId, field] as const,
+  /** One request in flight, under the process (ledger) that admitted it. */
+  lease: (procId: string, leaseId: string) => ["leases", procId, leaseId] as const,
+  leasesOf: (procId: string) => ["leases", procId] as const,
+  /** A ledger's heartbeat: its leases are reaped once it expires. */
+  leaseProc: (procId: string) => ["lease_procs", procId] as const,
+  leaseProcs: () => ["lease_procs"] as const,
   /** Usage counters (KvU64) per UTC day, user, model and field: reports, dashboards, quotas. */
   usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
     ["usage_daily", day, userId, model, field] as const,

@@ -2,37 +2,43 @@
  * Admission and settlement: every admitted request holds a Lease (CONTRACT §5 "Limits are
  * exact…", "Quotas are reserved…", "Usage is visible at once").
  *
- * ## State
- * One KV entry per user (`keys.rate`) holds the request limits (GCRA `tat`, the day's count) and
- * the leases of that user's requests in flight: for each, when it expires unless renewed, the
- * tokens and nano-USD it reserved, its prompt estimate and the completion tokens estimated from
- * what it had relayed at its last renewal. The used quotas are KvU64 sums (`keys.tokensByDay`,
- * `keys.spendByMonth`) that only change in a commit that also rewrites the user's limit entry.
- * An index `["lease_expiry", exp, leaseId] → userId` lets any process find expired leases.
+ * ## State in KV
+ * - `keys.rate(user)`: the request limits (GCRA `tat`, the day's count). Only admissions write it.
+ * - `keys.leaseHeld(user, count|tokens|nano)`: KvU64 sums of what the user's requests in flight
+ *   hold: slots, reserved tokens, reserved nano-USD.
+ * - `keys.tokensByDay` / `keys.spendByMonth`: KvU64 sums of what was charged.
+ * - `keys.lease(proc, id)`: one request in flight (its user, model, reservation, prompt estimate,
+ *   completion relayed by its last renewal), under the process (ledger) that admitted it.
+ * - `keys.leaseProc(proc)`: that process's heartbeat, renewed every few seconds.
  *
  * ## Commits
- * - **Admission** decides on the user record, the limit entry and the quota counters, in the
- *   contract's order (key and user state → model → request limits → concurrency → quotas), and
- *   writes the new limit entry with the lease added, checking the user record and the limit
- *   entry: a concurrent admission, settlement, rotation or disable anywhere makes the commit fail
- *   and the request is decided again from fresh reads. So N simultaneous requests against an
- *   allowance of L admit exactly min(N, L): requests per minute and day, slots
- *   (`CONCURRENCY_LIMIT`) and quota reservations alike, across any number of processes.
- * - **Settlement** removes the lease and adds what was used — the metered usage, or the
- *   estimate — to the usage counters, in one commit that checks the limit entry. The gateway
- *   awaits it before the answer's last byte, so a usage read after a response counts it.
- * - **Renewal**: a process renews its leases every few seconds while their requests live.
- *   A lease that is not renewed expires after LEASE_TTL_MS: it stops holding a slot at once, and
- *   the next commit for that user — or the reaper, which every process runs — removes it and
- *   charges its estimate (prompt estimate + completion relayed by its last renewal). A settlement
- *   that finds its lease already reaped charges only what goes beyond that estimate: nothing is
- *   lost and nothing is counted twice.
+ * - **Admission** reads the user record, the rate entry and the sums, decides in the contract's
+ *   order (key and user state → model → request limits → concurrency → quotas), writes the rate
+ *   entry and the lease and adds the reservation to the held sums. It checks the rate entry (every
+ *   admission anywhere rewrites it) and the cache epoch (every rotation, revocation, disable and
+ *   limit change bumps it, lib/identity/cache_epoch.ts): a concurrent admission or such a change
+ *   makes the commit fail and the request is decided again from fresh reads. So N simultaneous
+ *   requests against an allowance of L admit exactly min(N, L) across any number of processes.
+ * - **Settlement** deletes the lease, takes its reservation off the held sums and adds what was
+ *   used — the metered usage or the estimate — to the charged sums and the usage counters: sums
+ *   only, no per-user check, so many settlements share one commit. A settlement racing an
+ *   admission can only make that admission's view of the held sums too high (a refusal a moment
+ *   early) or, by what the request used beyond its reservation, its view of the charged sums too
+ *   low: concurrent requests overspend a quota by at most what they use beyond their reservations.
+ * - **Renewal and reaping**: each process renews its heartbeat, and the completion estimates of
+ *   its longer leases, every few seconds. Every process's reaper looks for heartbeats expired for
+ *   LEASE_TTL_MS: their leases are settled with their estimate (prompt estimate + completion
+ *   relayed by their last renewal) in commits that check that heartbeat, so two reapers never
+ *   charge one lease twice. Every commit of a live process checks its own heartbeat: if it was
+ *   reaped (the process stalled for longer than LEASE_TTL_MS), the process learns which of its
+ *   leases are gone, and settling those later charges only what goes beyond the estimate.
  *
  * ## Group commit
- * Operations that arrive while a commit is in flight go together into the next one, in arrival
- * order; one user's operations see the state left by the ones before them. A commit takes at most
- * 10 checks (KV Connect's limit: one or two per user) and stays far below 1000 mutations and
- * 800 KiB. Entries this process wrote last are not read again: an admission decided on them is
+ * Operations that arrive while commits are in flight go together into the next one, in arrival
+ * order, one user's operations seeing the state the ones before them left. A commit takes at most
+ * 10 checks (KV Connect's limit: the heartbeat, the cache epoch and one per admitting user) and
+ * stays far below 1000 mutations and 800 KiB. Several batches for different users are in flight
+ * at once. Entries this process wrote last are not read again: an admission decided on them is
  * only written if the commit's checks prove them current, and a refusal decided on them is
  * decided again on a fresh read.
  */
@@ -56,45 +62,50 @@ import {
   remainingOf,
 } from "./policy.ts";
 
-/** A lease not renewed for this long is expired: its slot is free, its estimate is charged. */
+/** A process whose heartbeat is this old is dead: its slots are freed, its estimates charged. */
 export const LEASE_TTL_MS = 20_000;
-/** A lease is renewed once it is this old. */
+/** A lease's completion estimate is written at renewals once it is this old. */
 const RENEW_AFTER_MS = 5_000;
-/** How often renewals and the reaper run. */
+/** How often the heartbeat is renewed and the reaper runs. */
 const TICK_MS = 2_500;
-/** Expired leases reaped per user and commit (each is 7 mutations). */
-const REAP_PER_USER = 4;
 /** KV Connect's limits per atomic commit (CONTRACT §8). */
 export const KV_MAX_CHECKS = 10;
 export const KV_MAX_MUTATIONS = 1000;
-/** Mutations the operations of one batch may use; the rest is kept for reaping. */
-const BATCH_MUTATIONS = KV_MAX_MUTATIONS - KV_MAX_CHECKS * (1 + REAP_PER_USER * 7);
-const MAX_OPS = 64;
+/** Mutations the operations of one batch may use. */
+const BATCH_MUTATIONS = 900;
+const MAX_OPS = 128;
+/** Batches committed at once (never two for one user). */
+const MAX_BATCHES = 2;
 /** Batch attempts before a conflicting batch goes on one user at a time. */
 const BATCH_ATTEMPTS = 3;
 const MAX_ATTEMPTS = 100;
 const DAY_MS = 86_400_000;
-/** The limit entry is worthless after a day without requests; KV drops idle users' entries. */
-const STATE_EXPIRE_MS = 2 * DAY_MS;
+/** The rate entry is worthless after a day without requests; KV drops idle users' entries. */
+const RATE_EXPIRE_MS = 2 * DAY_MS;
 /** Keys per KV getMany call. */
 const GET_MANY_MAX = 10;
+/** Leases a reaper settles per commit (10 mutations each). */
+const REAP_PER_COMMIT = 80;
+/** 2^64: adding 2^64 − n to a KvU64 sum subtracts n (KV sums wrap around). */
+const WRAP = 1n << 64n;
 
-/** One request in flight, as stored in the user's limit entry. */
-export interface LeaseHold {
-  /** Expires at (ms since the epoch) unless renewed. */
-  exp: number;
+/** What a lease key holds: enough to charge the request if its process dies. */
+export interface LeaseRecord {
+  userId: string;
   model: string;
   /** Reserved against the daily token quota and the monthly budget. */
   tokens: number;
   nano: number;
-  /** Charged if the lease expires: the prompt estimate and the completion relayed so far. */
+  /** The prompt estimate, and the completion relayed by the last renewal. */
   prompt: number;
   completion: number;
+  /** Admitted at (ms since the epoch). */
+  at: number;
 }
 
-/** The user's limit entry: request limits and the leases of requests in flight. */
-export interface LimitState extends RateState {
-  leases?: Record<string, LeaseHold>;
+interface Heartbeat {
+  /** The process is presumed dead after this (ms since the epoch). */
+  exp: number;
 }
 
 export type Outcome =
@@ -154,10 +165,10 @@ export interface AdmitRequest {
 export class Lease {
   /** Completion tokens estimated from what has been relayed so far (the relay keeps it current). */
   relayedTokens = 0;
-  /** The hold as last committed: what a reaper charges if this process dies. */
-  committed: { exp: number; completion: number };
-  /** A renewal is in flight. */
-  renewing = false;
+  /** The completion estimate in KV: what a reaper charges if this process dies. */
+  committedCompletion = 0;
+  /** Reaped while this process was stalled: its reservation was given back and estimate charged. */
+  lost = false;
   private settling: Promise<Charge> | null = null;
 
   constructor(
@@ -167,12 +178,16 @@ export class Lease {
     /** x-ratelimit-* headers for the answer. */
     readonly headers: Record<string, string>,
     readonly remaining: Remaining,
-    readonly model: string,
-    readonly promptEstimate: number,
-    exp: number,
+    readonly record: LeaseRecord,
     private readonly ledger: Ledger,
-  ) {
-    this.committed = { exp, completion: 0 };
+  ) {}
+
+  get model(): string {
+    return this.record.model;
+  }
+
+  get promptEstimate(): number {
+    return this.record.prompt;
   }
 
   /**
@@ -186,12 +201,8 @@ export class Lease {
   ): Promise<Charge> {
     return this.settling ??= this.ledger.settle(
       this,
-      chargeFor(usage, outcome, this.promptEstimate, relayedTokens),
+      chargeFor(usage, outcome, this.record.prompt, relayedTokens),
     );
-  }
-
-  get settled(): boolean {
-    return this.settling !== null;
   }
 }
 
@@ -202,71 +213,60 @@ interface Deferred<T> {
 
 type Op =
   | ({ kind: "admit"; userId: string; req: AdmitRequest } & Deferred<Lease>)
-  | ({ kind: "settle"; userId: string; lease: Lease; charge: Charge } & Deferred<Charge>)
-  | ({ kind: "renew"; userId: string; leases: Lease[] } & Deferred<void>)
-  | ({ kind: "reap"; userId: string; orphans: Deno.KvKey[] } & Deferred<void>);
+  | ({ kind: "settle"; userId: string; lease: Lease; charge: Charge } & Deferred<Charge>);
 
-const leaseExpiryKey = (exp: number, id: string) => ["lease_expiry", exp, id] as const;
-
-/** Estimated mutations of an operation (the state entry is counted per user). */
-function mutationsOf(op: Op): number {
-  switch (op.kind) {
-    case "admit":
-      return 1;
-    case "settle":
-      return 1 + 6;
-    case "renew":
-      return 2 * op.leases.length;
-    case "reap":
-      return op.orphans.length;
-  }
+/** Users' entries as this process last read or wrote them. */
+interface Known {
+  userEntry: Deno.KvEntryMaybe<UserRecord>;
+  rateEntry: Deno.KvEntryMaybe<RateState>;
+  /** Held sums as of that read, plus this process's changes since. */
+  held: Held;
 }
 
-interface Snapshot {
-  userEntry: Deno.KvEntryMaybe<UserRecord> | null;
-  stateEntry: Deno.KvEntryMaybe<LimitState>;
-  /** Quota counters, or null when not read (no admission, or no quota). */
-  counters: { tokens: number; nano: number } | null;
+interface Held {
+  count: number;
+  tokens: number;
+  nano: number;
+}
+
+interface Snapshot extends Known {
+  /** Charged this day and month (read for users with a quota). */
+  used: { tokens: number; nano: number } | null;
   /** Decided on what this process remembers (not read in this attempt). */
   remembered: boolean;
 }
 
-/** The outcome of planning one batch on its snapshots (pure: nothing written). */
-interface Plan {
-  op: Deno.AtomicOperation;
-  writes: boolean;
-  /** Users whose refusals rest on remembered entries: read them and plan again. */
-  stale: Set<string>;
-  /** Runs after the commit went through (or when nothing had to be written). */
-  deliver: Array<() => void>;
-  /** New limit entries per user, to remember after the commit. */
-  states: Map<string, LimitState>;
-}
-
-type Known = {
-  userEntry: Deno.KvEntryMaybe<UserRecord> | null;
-  stateEntry: Deno.KvEntryMaybe<LimitState>;
-};
+const HELD_FIELDS = ["count", "tokens", "nano"] as const;
 
 /**
  * The one admission path (gateway and shared mode's POST /api/usage): admits requests as Leases,
- * settles them, renews the live ones and reaps the expired ones, group-committed.
+ * settles them, renews this process's heartbeat and reaps dead processes' leases, group-committed.
  */
 export class Ledger {
   private queue: Op[] = [];
-  private running = false;
+  /** Batches being committed, and the users they hold. */
+  private readonly inFlight = new Set<Promise<void>>();
+  private readonly busy = new Set<string>();
   private idle: Array<() => void> = [];
   private readonly known = new Map<string, Known>();
   /** Users seen with a quota, whose counters are read up front (a hint; never decides). */
   private readonly quotaUsers = new Set<string>();
   private readonly defaultQuota: boolean;
-  /** This process's leases not yet settled (renewed by the timer). */
+  /** This process's leases not yet settled. */
   private readonly live = new Map<string, Lease>();
-  private readonly reaping = new Set<string>();
-  private readonly prefix = crypto.randomUUID().slice(0, 8);
+  /** This ledger's id: its leases live under it. */
+  readonly procId = crypto.randomUUID();
   private seq = 0;
   private ticks = 0;
   private timer: ReturnType<typeof setInterval> | undefined;
+  /** The heartbeat as this process last wrote it; every commit checks it. */
+  private heartbeat: { versionstamp: string | null; exp: number } = {
+    versionstamp: null,
+    exp: 0,
+  };
+  /** A heartbeat renewal (or the first write) runs alone: no batch is started meanwhile. */
+  private renewing: Promise<void> | null = null;
+  private closed = false;
   readonly pricing: Pricing;
 
   constructor(
@@ -300,62 +300,107 @@ export class Ledger {
     );
   }
 
-  /** Leases of this process not yet settled. */
-  get inFlight(): number {
-    return this.live.size;
-  }
-
-  /** Stops the renewal timer and waits for queued commits (shutdown, tests). */
+  /**
+   * Stops the timer and waits for queued commits; with no lease left in flight the heartbeat is
+   * deleted, so no reaper has anything to look at (shutdown, tests).
+   */
   async close(): Promise<void> {
+    this.closed = true;
     clearInterval(this.timer);
     this.timer = undefined;
-    if (this.running || this.queue.length) await new Promise<void>((r) => this.idle.push(r));
+    while (this.inFlight.size || this.queue.length || this.renewing) {
+      await new Promise<void>((r) => this.idle.push(r));
+    }
+    if (this.live.size === 0 && this.heartbeat.versionstamp) {
+      await this.kv.atomic()
+        .check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp })
+        .delete(keys.leaseProc(this.procId))
+        .commit()
+        .catch(() => {});
+    }
   }
 
   private push(op: Op) {
     this.queue.push(op);
-    if (!this.running) this.run();
+    this.pump();
   }
 
-  private async run() {
-    this.running = true;
-    try {
-      while (this.queue.length) {
-        const batch = this.takeBatch();
-        try {
-          await this.commitBatch(batch, BATCH_ATTEMPTS);
-        } catch (err) {
-          for (const op of batch) op.reject(err);
+  /**
+   * Starts batches while fewer than MAX_BATCHES are in flight. Batches in flight never share a
+   * user, so each user's operations still commit one after another, in order, on the state the
+   * previous commit left; different users' commits overlap (the KV works on one while this
+   * thread prepares the next). The heartbeat is written first and renewed alone.
+   */
+  private pump() {
+    if (this.renewing) return;
+    const now = this.now();
+    const due = this.heartbeat.exp - now < LEASE_TTL_MS - TICK_MS;
+    if (due && !this.closed && (this.queue.length || this.live.size)) {
+      if (this.inFlight.size) return; // renewed once these have landed
+      this.renewing = this.renew(now)
+        .catch((err) => this.options.log?.warn("lease heartbeat failed", { error: String(err) }))
+        .finally(() => {
+          this.renewing = null;
+          this.pump();
+        });
+      return;
+    }
+    while (this.queue.length && this.inFlight.size < MAX_BATCHES) {
+      const batch = this.takeBatch();
+      if (!batch.length) break;
+      const users = new Set(batch.map((op) => op.userId));
+      for (const id of users) this.busy.add(id);
+      const running = this.commitBatch(batch, BATCH_ATTEMPTS).catch((err) => {
+        for (const op of batch) op.reject(err);
+      }).finally(() => {
+        for (const id of users) this.busy.delete(id);
+        this.inFlight.delete(running);
+        this.pump();
+        if (!this.inFlight.size && !this.queue.length) {
+          for (const r of this.idle.splice(0)) r();
         }
-      }
-    } finally {
-      this.running = false;
+      });
+      this.inFlight.add(running);
+    }
+    if (!this.inFlight.size && !this.queue.length) {
       for (const r of this.idle.splice(0)) r();
     }
   }
 
-  /** The next operations that fit one commit: ≤ 10 checks, bounded mutations, in order. */
+  /**
+   * The next operations that fit one commit, in queue order: ≤ 10 checks (the heartbeat, the
+   * cache epoch and one per admitting user), bounded mutations; users that a batch in flight
+   * holds are left out, and once one of a user's operations is left out so are the ones after it.
+   */
   private takeBatch(): Op[] {
-    const users = new Map<string, { admits: boolean }>();
-    let checks = 0;
+    const admitting = new Set<string>();
+    const blocked = new Set(this.busy);
+    const taken: Op[] = [];
+    const left: Op[] = [];
+    let checks = 1;
     let mutations = 0;
-    let n = 0;
-    for (; n < this.queue.length && n < MAX_OPS; n++) {
-      const op = this.queue[n];
-      const seen = users.get(op.userId);
+    for (const op of this.queue) {
+      if (blocked.has(op.userId) || taken.length >= MAX_OPS) {
+        left.push(op);
+        continue;
+      }
       const admits = op.kind === "admit";
-      const addChecks = (seen ? 0 : 1) + (admits && !seen?.admits ? 1 : 0);
-      const addMutations = mutationsOf(op) + (seen ? 0 : 1);
-      if (
-        n > 0 && (checks + addChecks > KV_MAX_CHECKS || mutations + addMutations > BATCH_MUTATIONS)
-      ) {
-        break;
+      const addChecks = admits && !admitting.has(op.userId)
+        ? (admitting.size === 0 ? 2 : 1) // the epoch with the first admission
+        : 0;
+      const addMutations = admits ? 5 : 10;
+      if (checks + addChecks > KV_MAX_CHECKS || mutations + addMutations > BATCH_MUTATIONS) {
+        blocked.add(op.userId);
+        left.push(op);
+        continue;
       }
       checks += addChecks;
       mutations += addMutations;
-      users.set(op.userId, { admits: admits || !!seen?.admits });
+      if (admits) admitting.add(op.userId);
+      taken.push(op);
     }
-    return this.queue.splice(0, n);
+    this.queue = left;
+    return taken;
   }
 
   private async commitBatch(batch: Op[], attempts: number): Promise<void> {
@@ -364,8 +409,8 @@ export class Ledger {
     let conflicts = 0;
     while (true) {
       const now = this.now();
-      const snaps = await this.snapshots(batch, userIds, now, fresh);
-      const plan = this.plan(batch, snaps, now);
+      const { snaps, epoch } = await this.snapshots(batch, now, fresh);
+      const plan = this.plan(batch, snaps, epoch, now);
       if (plan.stale.size) {
         for (const id of plan.stale) fresh.add(id);
         continue;
@@ -382,22 +427,18 @@ export class Ledger {
         throw err;
       }
       if (res.ok) {
-        for (const [userId, value] of plan.states) {
-          const snap = snaps.get(userId)!;
-          this.remember(userId, snap.userEntry, {
-            key: keys.rate(userId),
-            value,
-            versionstamp: res.versionstamp,
-          });
-        }
+        this.rememberAfter(plan.rates, plan.held, snaps, res.versionstamp);
         for (const d of plan.deliver) d();
         return;
       }
-      // Something changed under us (another process, a rotation, a disable…): read everything.
+      // Something changed under us (another process's admission, a rotation, a disable, our
+      // heartbeat reaped…): read everything again.
       for (const id of userIds) {
         fresh.add(id);
         this.known.delete(id);
       }
+      this.epochSeen = null;
+      await this.checkHeartbeat();
       conflicts++;
       if (conflicts >= attempts) break;
       await backoff(conflicts + 1);
@@ -416,240 +457,214 @@ export class Ledger {
     }));
   }
 
-  private remember(
-    userId: string,
-    userEntry: Deno.KvEntryMaybe<UserRecord> | null,
-    stateEntry: Deno.KvEntryMaybe<LimitState>,
+  /**
+   * What this process knows after its commit: the rate entries it wrote, the user records and
+   * held sums it read, updated with its own changes (a refusal decided on them is re-read).
+   */
+  private rememberAfter(
+    rates: Map<string, RateState>,
+    held: Map<string, Held>,
+    snaps: Map<string, Snapshot>,
+    versionstamp: string,
   ) {
-    if (this.known.size >= 100_000 && !this.known.has(userId)) this.known.clear();
-    this.known.set(userId, { userEntry, stateEntry });
+    for (const [userId, snap] of snaps) {
+      const next = rates.get(userId);
+      if (this.known.size >= 100_000 && !this.known.has(userId)) this.known.clear();
+      this.known.set(userId, {
+        userEntry: snap.userEntry,
+        rateEntry: next ? { key: keys.rate(userId), value: next, versionstamp } : snap.rateEntry,
+        held: snap.held,
+      });
+    }
+    for (const [userId, d] of held) {
+      const k = snaps.has(userId) ? undefined : this.known.get(userId);
+      if (k) { for (const f of HELD_FIELDS) k.held[f] += d[f]; }
+    }
   }
 
-  /** Reads what the batch needs that this process does not remember (one round trip, usually). */
+  /** The cache epoch entry as last read (its versionstamp proves user records unchanged). */
+  private epochSeen: Deno.KvEntryMaybe<unknown> | null = null;
+
+  /** Reads what the admissions of a batch need that this process does not remember. */
   private async snapshots(
     batch: Op[],
-    userIds: string[],
     now: number,
     fresh: Set<string>,
-  ): Promise<Map<string, Snapshot>> {
-    const admitting = new Set(batch.filter((op) => op.kind === "admit").map((op) => op.userId));
-    const wanted: Deno.KvKey[][] = [];
-    const plans: Array<{ id: string; user: boolean; state: boolean; counters: boolean }> = [];
-    for (const id of userIds) {
-      const k = fresh.has(id) ? undefined : this.known.get(id);
-      const admits = admitting.has(id);
-      const p = {
-        id,
-        user: admits && !k?.userEntry,
-        state: !k,
-        counters: admits && (this.defaultQuota || this.quotaUsers.has(id)),
-      };
+  ): Promise<{ snaps: Map<string, Snapshot>; epoch: Deno.KvEntryMaybe<unknown> | null }> {
+    const admitting = [...new Set(batch.filter((op) => op.kind === "admit").map((o) => o.userId))];
+    const snaps = new Map<string, Snapshot>();
+    if (!admitting.length) return { snaps, epoch: null };
+    const groups: Deno.KvKey[][] = [];
+    const reads: Array<{ id: string; entries: boolean; used: boolean }> = [];
+    for (const id of admitting) {
+      const k = fresh.has(id) || !this.epochSeen ? undefined : this.known.get(id);
+      const r = { id, entries: !k, used: this.defaultQuota || this.quotaUsers.has(id) };
       const group: Deno.KvKey[] = [];
-      if (p.user) group.push(keys.user(id));
-      if (p.state) group.push(keys.rate(id));
-      if (p.counters) group.push(...counterKeys(id, now));
-      if (group.length) wanted.push(group);
-      plans.push(p);
+      if (r.entries) {
+        group.push(keys.user(id), keys.rate(id), ...HELD_FIELDS.map((f) => keys.leaseHeld(id, f)));
+      }
+      if (r.used) group.push(...usedKeys(id, now));
+      if (group.length) groups.push(group);
+      reads.push(r);
     }
-    const entries = await getGroups(this.kv, wanted);
-    const out = new Map<string, Snapshot>();
+    let epoch = this.epochSeen;
+    let entries: Deno.KvEntryMaybe<unknown>[] = [];
+    if (groups.length) {
+      const got = await readGroups(this.kv, groups);
+      entries = got.entries;
+      // Every group was read with the epoch: they agree unless a change landed in between.
+      if (!got.consistent || (epoch && epoch.versionstamp !== got.epoch.versionstamp)) {
+        for (const id of admitting) fresh.add(id);
+        this.epochSeen = null;
+        return await this.snapshots(batch, now, fresh);
+      }
+      epoch = got.epoch;
+    }
+    this.epochSeen = epoch;
     const missing: string[] = [];
     let i = 0;
-    for (const p of plans) {
-      const k = this.known.get(p.id);
-      const userEntry = p.user
-        ? entries[i++] as Deno.KvEntryMaybe<UserRecord>
-        : k?.userEntry ?? null;
-      const stateEntry = p.state ? entries[i++] as Deno.KvEntryMaybe<LimitState> : k!.stateEntry;
-      const counters = p.counters
-        ? { tokens: u64(entries[i++].value), nano: u64(entries[i++].value) }
-        : null;
-      out.set(p.id, { userEntry, stateEntry, counters, remembered: !(p.user && p.state) });
-      if (p.state || p.user) this.remember(p.id, userEntry, stateEntry);
-      if (
-        admitting.has(p.id) && !counters &&
-        hasQuota(effectiveLimits(this.config, userEntry?.value ?? { limits: {} }))
-      ) missing.push(p.id);
+    for (const r of reads) {
+      const k = this.known.get(r.id);
+      let snap: Snapshot;
+      if (r.entries) {
+        const userEntry = entries[i++] as Deno.KvEntryMaybe<UserRecord>;
+        const rateEntry = entries[i++] as Deno.KvEntryMaybe<RateState>;
+        const held = {
+          count: u64(entries[i++].value),
+          tokens: u64(entries[i++].value),
+          nano: u64(entries[i++].value),
+        };
+        snap = { userEntry, rateEntry, held, used: null, remembered: false };
+      } else snap = { ...k!, held: { ...k!.held }, used: null, remembered: true };
+      if (r.used) snap.used = { tokens: u64(entries[i++].value), nano: u64(entries[i++].value) };
+      else if (hasQuota(effectiveLimits(this.config, snap.userEntry.value ?? { limits: {} }))) {
+        missing.push(r.id);
+      }
+      snaps.set(r.id, snap);
     }
     if (missing.length) {
-      // The quota hint missed these users: read their counters too (second round trip).
-      // Safe although read after the limit entry: the counters only change together with it.
-      const more = await getGroups(this.kv, missing.map((id) => counterKeys(id, now)));
+      // The quota hint missed these users: read their counters too (a second round trip; safe,
+      // the counters only matter as a bound, see the top of the file).
+      const more = await this.kv.getMany(missing.flatMap((id) => usedKeys(id, now)));
       missing.forEach((id, n) => {
-        out.get(id)!.counters = {
-          tokens: u64(more[2 * n].value),
-          nano: u64(more[2 * n + 1].value),
-        };
+        snaps.get(id)!.used = { tokens: u64(more[2 * n].value), nano: u64(more[2 * n + 1].value) };
         if (this.quotaUsers.size >= 100_000) this.quotaUsers.clear();
         this.quotaUsers.add(id);
       });
     }
-    return out;
+    return { snaps, epoch };
   }
 
-  /** Decides every operation of the batch on its snapshots and builds the one commit. */
-  private plan(batch: Op[], snaps: Map<string, Snapshot>, now: number): Plan {
+  /** Decides every operation of the batch and builds its one commit (writes nothing itself). */
+  private plan(
+    batch: Op[],
+    snaps: Map<string, Snapshot>,
+    epoch: Deno.KvEntryMaybe<unknown> | null,
+    now: number,
+  ) {
     const op = this.kv.atomic();
-    const plan: Plan = { op, writes: false, stale: new Set(), deliver: [], states: new Map() };
-    const sums: UsageSums = new Map();
-    const deleted = new Set<string>();
-    const deleteIndex = (exp: number, id: string) => {
-      deleted.add(id);
-      op.delete(leaseExpiryKey(exp, id));
+    const plan = {
+      op,
+      writes: false,
+      /** Users whose refusals rest on remembered entries: read them and plan again. */
+      stale: new Set<string>(),
+      /** Runs after the commit went through (or when nothing had to be written). */
+      deliver: [] as Array<() => void>,
+      /** New rate states of the users admitted. */
+      rates: new Map<string, RateState>(),
+      /** Changes to the held sums, per user. */
+      held: new Map<string, Held>(),
     };
-    for (const userId of new Set(batch.map((o) => o.userId))) {
-      const snap = snaps.get(userId)!;
-      const ops = batch.filter((o) => o.userId === userId);
-      const before = snap.stateEntry.value;
-      const state: LimitState = before
-        ? {
-          tat: before.tat,
-          day: before.day,
-          dayCount: before.dayCount,
-          leases: { ...before.leases },
-        }
-        : { tat: 0, day: "", dayCount: 0, leases: {} };
-      const leases = state.leases!;
-      let hasRate = before !== null;
-      let changed = false;
-      // Usage charged in this commit, counted against today's quotas by later admissions.
-      let usedTokens = snap.counters?.tokens ?? 0;
-      let usedNano = snap.counters?.nano ?? 0;
-      const charge = (
-        model: string,
-        c: { prompt: number; completion: number; requests: number },
-      ) => {
-        addUsageSums(sums, this.pricing, {
-          userId,
-          model,
-          promptTokens: c.prompt,
-          completionTokens: c.completion,
-          requests: c.requests,
-          at: now,
-        });
-        usedTokens += c.prompt + c.completion;
-        usedNano += Number(costNanoUsd(this.pricing, model, c.prompt, c.completion));
-      };
-      // Expired leases: their process did not renew them (it died, or lost KV for a while).
-      let reaped = 0;
-      for (const [id, hold] of Object.entries(leases)) {
-        if (hold.exp > now || reaped >= REAP_PER_USER) continue;
-        delete leases[id];
-        deleteIndex(hold.exp, id);
-        charge(hold.model, { prompt: hold.prompt, completion: hold.completion, requests: 1 });
-        changed = true;
-        reaped++;
+    op.check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp });
+    if (epoch) op.check(epoch);
+    const sums: UsageSums = new Map();
+    const rates = plan.rates;
+    /** Adds to a user's held sums, as written and as later admissions in this batch see them. */
+    const addHeld = (userId: string, d: Held) => {
+      const h = plan.held.get(userId) ?? { count: 0, tokens: 0, nano: 0 };
+      const snap = snaps.get(userId);
+      for (const f of HELD_FIELDS) {
+        h[f] += d[f];
+        if (snap) snap.held[f] += d[f];
       }
-      let checkUser = false;
-      for (const o of ops) {
-        switch (o.kind) {
-          case "admit": {
-            const result = this.decide(o.req, snap, state, hasRate, now, usedTokens, usedNano);
-            checkUser = true;
-            if (!(result instanceof AppError)) {
-              state.tat = result.next.tat;
-              state.day = result.next.day;
-              state.dayCount = result.next.dayCount;
-              hasRate = true;
-              leases[result.lease.id] = result.hold;
-              op.set(leaseExpiryKey(result.hold.exp, result.lease.id), userId);
-              changed = true;
-              const lease = result.lease;
-              plan.deliver.push(() => {
-                this.live.set(lease.id, lease);
-                o.resolve(lease);
-              });
-            } else {
-              if (snap.remembered) plan.stale.add(userId);
-              plan.deliver.push(() => o.reject(result));
-            }
-            break;
-          }
-          case "settle": {
-            const { lease, charge: c } = o;
-            const hold = leases[lease.id];
-            if (hold) {
-              delete leases[lease.id];
-              deleteIndex(hold.exp, lease.id);
-              changed = true;
-              charge(lease.model, {
-                prompt: c.promptTokens,
-                completion: c.completionTokens,
-                requests: 1,
-              });
-            } else {
-              // Reaped already (charged its estimate as of its last renewal): only the rest.
-              charge(lease.model, {
-                prompt: Math.max(0, c.promptTokens - lease.promptEstimate),
-                completion: Math.max(0, c.completionTokens - lease.committed.completion),
-                requests: 0,
-              });
-            }
-            plan.deliver.push(() => o.resolve(c));
-            break;
-          }
-          case "renew": {
-            const renewed: Array<[Lease, number, number]> = [];
-            for (const lease of o.leases) {
-              const hold = leases[lease.id];
-              if (!hold) continue; // settled or reaped meanwhile
-              const exp = now + LEASE_TTL_MS;
-              op.delete(leaseExpiryKey(hold.exp, lease.id));
-              op.set(leaseExpiryKey(exp, lease.id), userId);
-              leases[lease.id] = { ...hold, exp, completion: lease.relayedTokens };
-              renewed.push([lease, exp, lease.relayedTokens]);
-              changed = true;
-            }
-            plan.deliver.push(() => {
-              for (const [lease, exp, completion] of renewed) lease.committed = { exp, completion };
-              o.resolve();
-            });
-            break;
-          }
-          case "reap": {
-            // Index entries whose lease is gone (its limit entry expired): nothing to charge.
-            for (const key of o.orphans) {
-              const id = String(key[2]);
-              if (!leases[id] && !deleted.has(id)) {
-                deleted.add(id);
-                op.delete(key);
-                plan.writes = true;
-              }
-            }
-            plan.deliver.push(() => o.resolve());
-            break;
-          }
-        }
-      }
-      // Every commit that changes what a user has used rewrites their limit entry, so checking
-      // that entry (and the user record, for admissions) makes every decision exact.
-      op.check(snap.stateEntry);
-      if (checkUser && snap.userEntry) op.check(snap.userEntry);
-      if (changed && hasRate) {
-        op.set(keys.rate(userId), state, { expireIn: STATE_EXPIRE_MS });
-        plan.states.set(userId, state);
+      plan.held.set(userId, h);
+    };
+    for (const o of batch) {
+      if (o.kind === "settle") {
+        this.planSettle(op, o.lease, o.charge, now, sums, addHeld);
         plan.writes = true;
+        plan.deliver.push(() => o.resolve(o.charge));
+        continue;
       }
+      const snap = snaps.get(o.userId)!;
+      const result = this.decide(o.req, snap, rates.get(o.userId) ?? null, now);
+      if (result instanceof AppError) {
+        if (snap.remembered) plan.stale.add(o.userId);
+        plan.deliver.push(() => o.reject(result));
+        continue;
+      }
+      const { lease, next } = result;
+      rates.set(o.userId, next);
+      op.set(keys.lease(this.procId, lease.id), lease.record);
+      addHeld(o.userId, { count: 1, tokens: lease.record.tokens, nano: lease.record.nano });
+      plan.writes = true;
+      plan.deliver.push(() => {
+        this.live.set(lease.id, lease);
+        o.resolve(lease);
+      });
     }
-    for (const { key, n } of sums.values()) op.sum(key, n);
-    if (sums.size) plan.writes = true;
+    for (const [userId, next] of rates) {
+      op.check(snaps.get(userId)!.rateEntry);
+      op.set(keys.rate(userId), next, { expireIn: RATE_EXPIRE_MS });
+    }
+    for (const [userId, d] of plan.held) {
+      for (const f of HELD_FIELDS) if (d[f]) op.sum(keys.leaseHeld(userId, f), signed(d[f]));
+    }
+    for (const { key, n } of sums.values()) op.sum(key, signed(n));
     return plan;
   }
 
-  /** One admission on the user's state as it stands in this batch (pure). */
+  /** A settlement's mutations: the lease gone, its reservation given back, its usage charged. */
+  private planSettle(
+    op: Deno.AtomicOperation,
+    lease: Lease,
+    c: Charge,
+    now: number,
+    sums: UsageSums,
+    addHeld: (userId: string, d: Held) => void,
+  ) {
+    const r = lease.record;
+    const base = { userId: r.userId, model: r.model, at: now };
+    if (lease.lost) {
+      // Reaped already (charged its estimate as of its last renewal): only the rest.
+      addUsageSums(sums, this.pricing, {
+        ...base,
+        promptTokens: Math.max(0, c.promptTokens - r.prompt),
+        completionTokens: Math.max(0, c.completionTokens - lease.committedCompletion),
+        requests: 0,
+      });
+      return;
+    }
+    op.delete(keys.lease(this.procId, lease.id));
+    addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
+    addUsageSums(sums, this.pricing, {
+      ...base,
+      promptTokens: c.promptTokens,
+      completionTokens: c.completionTokens,
+      requests: 1,
+    });
+  }
+
+  /** One admission on the user's state as it stands in this batch (pure but for the lease id). */
   private decide(
     req: AdmitRequest,
     snap: Snapshot,
-    state: LimitState,
-    hasRate: boolean,
+    rate: RateState | null,
     now: number,
-    usedTokens: number,
-    usedNano: number,
-  ): { lease: Lease; hold: LeaseHold; next: RateState } | AppError {
-    const user = snap.userEntry?.value ?? null;
+  ): { lease: Lease; next: RateState } | AppError {
+    const user = snap.userEntry.value;
     const limits = effectiveLimits(this.config, user ?? { limits: {} });
-    const rateState = hasRate ? state : null;
-    const decision = decideRate(rateState, limits, now);
+    const decision = decideRate(rate ?? snap.rateEntry.value, limits, now);
     const current = rateHeaders(limits, decision.before, now);
     let checked: UserRecord;
     try {
@@ -676,9 +691,7 @@ export class Ledger {
         { ...current, "retry-after": String(decision.retryAfter), ...(dayLimit ? FINAL : {}) },
       );
     }
-    const holds = Object.values(state.leases!);
-    const inFlight = holds.filter((h) => h.exp > now).length;
-    if (inFlight >= this.config.concurrencyLimit) {
+    if (snap.held.count >= this.config.concurrencyLimit) {
       return new AppError(
         "concurrency_limit_exceeded",
         `${this.config.concurrencyLimit} requests of this account are in flight already; ` +
@@ -686,81 +699,101 @@ export class Ledger {
         { ...current, "retry-after": "1" },
       );
     }
-    const reserveTokens = req.reserve.prompt + req.reserve.output;
-    const reserveNano = Number(
+    // Without a quota nothing needs reserving (and the held sums are left alone).
+    const reserveTokens = limits.tokensPerDay === null && limits.budgetUsdMonthly === null
+      ? 0
+      : req.reserve.prompt + req.reserve.output;
+    const reserveNano = limits.budgetUsdMonthly === null ? 0 : Number(
       costNanoUsd(this.pricing, req.model, req.reserve.prompt, req.reserve.output),
     );
-    let heldTokens = 0;
-    let heldNano = 0;
-    for (const h of holds) {
-      heldTokens += h.tokens;
-      heldNano += h.nano;
-    }
+    const used = snap.used ?? { tokens: 0, nano: 0 };
     const refusal = quotaRefusal(limits, now, current, {
-      usedTokens,
-      usedNano,
-      heldTokens,
-      heldNano,
+      usedTokens: used.tokens,
+      usedNano: used.nano,
+      heldTokens: snap.held.tokens,
+      heldNano: snap.held.nano,
       reserveTokens,
       reserveNano,
       reserveOutput: req.reserve.output,
     });
     if (refusal) return refusal;
-    const id = `${this.prefix}-${(this.seq++).toString(36)}`;
-    const exp = now + LEASE_TTL_MS;
-    const hold: LeaseHold = {
-      exp,
+    const record: LeaseRecord = {
+      userId: req.userId,
       model: req.model,
       tokens: reserveTokens,
       nano: reserveNano,
       prompt: req.reserve.prompt,
       completion: 0,
+      at: now,
     };
     const lease = new Lease(
-      id,
+      (this.seq++).toString(36),
       checked,
       limits,
       rateHeaders(limits, decision.after, now),
       remainingOf(
         limits,
         decision.after,
-        usedTokens + heldTokens + reserveTokens,
-        usedNano + heldNano + reserveNano,
+        used.tokens + snap.held.tokens + reserveTokens,
+        used.nano + snap.held.nano + reserveNano,
       ),
-      req.model,
-      req.reserve.prompt,
-      exp,
+      record,
       this,
     );
-    return { lease, hold, next: decision.next };
+    return { lease, next: decision.next };
   }
 
-  /** Timer: renews this process's leases that are due, and (every other tick) reaps. */
-  private tick() {
-    const now = this.now();
-    const due = new Map<string, Lease[]>();
+  /**
+   * Writes the heartbeat (first, or renewed), with the completion estimates of leases that have
+   * run for a while. Runs alone: every other commit checks the heartbeat's versionstamp.
+   */
+  private async renew(now: number): Promise<void> {
+    const op = this.kv.atomic()
+      .check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp });
+    const exp = now + LEASE_TTL_MS;
+    op.set(keys.leaseProc(this.procId), { exp } satisfies Heartbeat);
+    const renewed: Array<[Lease, number]> = [];
     for (const lease of this.live.values()) {
-      if (lease.renewing || lease.committed.exp - now > LEASE_TTL_MS - RENEW_AFTER_MS) continue;
-      lease.renewing = true;
-      const list = due.get(lease.user.id);
-      if (list) list.push(lease);
-      else due.set(lease.user.id, [lease]);
-    }
-    for (const [userId, leases] of due) {
-      const done = () => {
-        for (const l of leases) l.renewing = false;
-      };
-      this.push({
-        kind: "renew",
-        userId,
-        leases,
-        resolve: done,
-        reject: (err) => {
-          done();
-          this.options.log?.warn("lease renewal failed", { userId, error: String(err) });
-        },
+      if (renewed.length >= BATCH_MUTATIONS - 1) break;
+      if (now - lease.record.at < RENEW_AFTER_MS || lease.lost) continue;
+      if (lease.relayedTokens === lease.committedCompletion) continue;
+      op.set(keys.lease(this.procId, lease.id), {
+        ...lease.record,
+        completion: lease.relayedTokens,
       });
+      renewed.push([lease, lease.relayedTokens]);
     }
+    const res = await commitOrConflict(op);
+    if (res.ok) {
+      this.heartbeat = { versionstamp: res.versionstamp, exp };
+      for (const [lease, completion] of renewed) lease.committedCompletion = completion;
+      return;
+    }
+    await this.checkHeartbeat();
+  }
+
+  /**
+   * After a failed check on the heartbeat: if a reaper took this process for dead, find which of
+   * its leases it settled (they are gone from KV) and mark them lost; the next renewal writes a
+   * fresh heartbeat.
+   */
+  private async checkHeartbeat(): Promise<void> {
+    const entry = await this.kv.get<Heartbeat>(keys.leaseProc(this.procId));
+    if (entry.versionstamp === this.heartbeat.versionstamp) return;
+    const present = new Set<string>();
+    for await (const e of this.kv.list({ prefix: keys.leasesOf(this.procId) })) {
+      present.add(String(e.key[2]));
+    }
+    for (const lease of this.live.values()) if (!present.has(lease.id)) lease.lost = true;
+    this.options.log?.warn("leases reaped while this process was alive; re-registering", {
+      proc: this.procId,
+    });
+    this.heartbeat = { versionstamp: entry.versionstamp, exp: 0 };
+  }
+
+  /** Timer: renews the heartbeat when due, and reaps dead processes' leases every other tick. */
+  private tick() {
+    this.pump();
     if (this.ticks++ % 2 === 0) {
       this.reap().catch((err) =>
         this.options.log?.warn("lease reaper failed", { error: String(err) })
@@ -768,28 +801,81 @@ export class Ledger {
     }
   }
 
-  /** Finds expired leases (any process's) and settles them with their estimate. */
+  private reaping = false;
+
+  /** Settles the leases of processes whose heartbeat expired, with their estimates. */
   async reap(): Promise<void> {
-    const now = this.now();
-    const byUser = new Map<string, Deno.KvKey[]>();
-    const iter = this.kv.list<string>(
-      { start: ["lease_expiry"], end: ["lease_expiry", now] },
-      { limit: 500 },
-    );
-    for await (const entry of iter) {
-      const userId = entry.value;
-      if (typeof userId !== "string" || this.reaping.has(userId)) continue;
-      const list = byUser.get(userId);
-      if (list) list.push(entry.key);
-      else byUser.set(userId, [entry.key]);
+    if (this.reaping) return;
+    this.reaping = true;
+    try {
+      const now = this.now();
+      for await (const proc of this.kv.list<Heartbeat>({ prefix: keys.leaseProcs() })) {
+        if (proc.key[1] === this.procId || !(proc.value?.exp < now)) continue;
+        await this.reapProcess(proc as Deno.KvEntry<Heartbeat>, now);
+      }
+    } finally {
+      this.reaping = false;
     }
-    await Promise.all([...byUser].map(([userId, orphans]) => {
-      this.reaping.add(userId);
-      return new Promise<void>((resolve, reject) =>
-        this.push({ kind: "reap", userId, orphans: orphans.slice(0, 50), resolve, reject })
-      ).finally(() => this.reaping.delete(userId));
-    }));
   }
+
+  private async reapProcess(proc: Deno.KvEntry<Heartbeat>, now: number) {
+    const procId = String(proc.key[1]);
+    let heartbeat: Deno.KvEntryMaybe<Heartbeat> = proc;
+    for (let round = 0; round < 1000; round++) {
+      const leases: Deno.KvEntry<LeaseRecord>[] = [];
+      for await (
+        const e of this.kv.list<LeaseRecord>({ prefix: keys.leasesOf(procId) }, {
+          limit: REAP_PER_COMMIT,
+        })
+      ) leases.push(e);
+      const op = this.kv.atomic().check(heartbeat);
+      if (!leases.length) {
+        await op.delete(keys.leaseProc(procId)).commit();
+        return;
+      }
+      const sums: UsageSums = new Map();
+      const held = new Map<string, Held>();
+      for (const { key, value: r } of leases) {
+        op.delete(key);
+        const h = held.get(r.userId) ?? { count: 0, tokens: 0, nano: 0 };
+        h.count -= 1;
+        h.tokens -= r.tokens;
+        h.nano -= r.nano;
+        held.set(r.userId, h);
+        addUsageSums(sums, this.pricing, {
+          userId: r.userId,
+          model: r.model,
+          promptTokens: r.prompt,
+          completionTokens: r.completion,
+          requests: 1,
+          at: now,
+        });
+      }
+      for (const [userId, d] of held) {
+        for (const f of HELD_FIELDS) if (d[f]) op.sum(keys.leaseHeld(userId, f), signed(d[f]));
+      }
+      for (const { key, n } of sums.values()) op.sum(key, signed(n));
+      // Marks progress, so a second reaper's commit (checking the same heartbeat) fails.
+      op.set(keys.leaseProc(procId), { exp: proc.value.exp });
+      const res = await commitOrConflict(op);
+      if (!res.ok) return; // another reaper, or the process came back: look again next time
+      this.options.log?.info("leases of a dead process charged their estimate", {
+        proc: procId,
+        leases: leases.length,
+      });
+      heartbeat = {
+        key: keys.leaseProc(procId),
+        value: proc.value,
+        versionstamp: res.versionstamp,
+      };
+    }
+  }
+}
+
+/** A signed amount as a KvU64 sum operand (KV sums wrap around at 2^64). */
+function signed(n: number | bigint): bigint {
+  const v = BigInt(n);
+  return v >= 0n ? v : WRAP + v;
 }
 
 interface QuotaFigures {
@@ -873,32 +959,39 @@ function capitalized(err: AppError): AppError {
   return new AppError(err.code, err.message[0].toUpperCase() + err.message.slice(1), err.headers);
 }
 
-const counterKeys = (userId: string, now: number): Deno.KvKey[] => [
+const usedKeys = (userId: string, now: number): Deno.KvKey[] => [
   keys.tokensByDay(userId, utcDay(now)),
   keys.spendByMonth(userId, utcMonth(now)),
 ];
 
 /**
- * Reads groups of keys with as few getMany calls as KV allows (10 keys each), all in parallel,
- * never splitting a group: one user's limit entry and counters are read as one consistent
- * snapshot (a counter read before the entry it changes with could hide a settlement).
+ * Reads groups of keys in as few getMany calls as KV allows (10 keys each, all in parallel),
+ * never splitting a group, each call also reading the cache epoch: the calls saw one state of
+ * the user records when their epochs agree.
  */
-async function getGroups(
+async function readGroups(
   kv: Deno.Kv,
   groups: Deno.KvKey[][],
-): Promise<Deno.KvEntryMaybe<unknown>[]> {
+): Promise<
+  { entries: Deno.KvEntryMaybe<unknown>[]; epoch: Deno.KvEntryMaybe<unknown>; consistent: boolean }
+> {
   const calls: Deno.KvKey[][] = [];
-  let call: Deno.KvKey[] = [];
+  let call: Deno.KvKey[] = [keys.cacheEpoch()];
   for (const group of groups) {
     if (call.length + group.length > GET_MANY_MAX) {
       calls.push(call);
-      call = [];
+      call = [keys.cacheEpoch()];
     }
     call.push(...group);
   }
-  if (call.length) calls.push(call);
-  if (calls.length === 1) return await kv.getMany(calls[0]);
-  return (await Promise.all(calls.map((c) => kv.getMany(c)))).flat();
+  calls.push(call);
+  const results = await Promise.all(calls.map((c) => kv.getMany(c)));
+  const epoch = results[0][0];
+  return {
+    entries: results.flatMap((r) => r.slice(1)),
+    epoch,
+    consistent: results.every((r) => r[0].versionstamp === epoch.versionstamp),
+  };
 }
 
 /** Jittered exponential back-off so a burst of contenders does not retry in lock-step. */
@@ -915,30 +1008,23 @@ export async function limitStatus(
   userId: string,
   now: number = Date.now(),
 ): Promise<{ limits: EffectiveLimits; remaining: Remaining; user: UserRecord | null }> {
-  const [userEntry, stateEntry, tokens, spend] = await kv.getMany<
-    [UserRecord, LimitState, Deno.KvU64, Deno.KvU64]
-  >([
+  const [userEntry, rateEntry, _count, heldTokens, heldNano, tokens, spend] = await kv.getMany([
     keys.user(userId),
     keys.rate(userId),
-    keys.tokensByDay(userId, utcDay(now)),
-    keys.spendByMonth(userId, utcMonth(now)),
+    ...HELD_FIELDS.map((f) => keys.leaseHeld(userId, f)),
+    ...usedKeys(userId, now),
   ]);
-  const limits = effectiveLimits(config, userEntry.value ?? { limits: {} });
-  const view = rateView(stateEntry.value, limits, now);
-  let heldTokens = 0;
-  let heldNano = 0;
-  for (const h of Object.values(stateEntry.value?.leases ?? {})) {
-    heldTokens += h.tokens;
-    heldNano += h.nano;
-  }
+  const user = userEntry.value as UserRecord | null;
+  const limits = effectiveLimits(config, user ?? { limits: {} });
+  const view = rateView(rateEntry.value as RateState | null, limits, now);
   return {
     limits,
     remaining: remainingOf(
       limits,
       view,
-      u64(tokens.value) + heldTokens,
-      u64(spend.value) + heldNano,
+      u64(tokens.value) + u64(heldTokens.value),
+      u64(spend.value) + u64(heldNano.value),
     ),
-    user: userEntry.value,
+    user,
   };
 }
