@@ -260,3 +260,85 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a process stalled past its leases' lifetime: reaped once, then settled without counting twice", async () => {
+  const dir = await Deno.makeTempDir();
+  const glm = new FakeGlm();
+  glm.mode = "sse";
+  glm.holdAfterFirstChunk = true;
+  const apps: RunningMain[] = [];
+  const key = { value: "" };
+  const stream = (app: RunningMain) =>
+    fetch(`${app.url}/v1/chat/completions`, {
+      method: "POST",
+      headers: { authorization: `Bearer ${key.value}`, "content-type": "application/json" },
+      body: JSON.stringify({
+        model: "glm-4.6",
+        messages: [{ role: "user", content: "hi" }],
+        stream: true,
+        max_tokens: 50,
+      }),
+    });
+  const usage = async (app: RunningMain) => {
+    const res = await fetch(`${app.url}/api/usage?days=1`, {
+      headers: { authorization: `Bearer ${key.value}` },
+    });
+    assert.equal(res.status, 200);
+    const { requests, promptTokens, completionTokens } = (await res.json()).today;
+    return { requests, promptTokens, completionTokens };
+  };
+  let stopped: RunningMain | undefined;
+  try {
+    const kvPath = `${dir}/kv.sqlite3`;
+    const extra = { CONCURRENCY_LIMIT: "2", TOKEN_LIMIT_DAILY: "100000" };
+    const a = await startMain(env(kvPath, glm, extra), dir);
+    apps.push(a);
+    const b = await startMain(env(kvPath, glm, extra), dir);
+    apps.push(b);
+    key.value = await provision(a, "user_stalled");
+    const held = [await stream(a), await stream(a)];
+    for (const r of held) assert.equal(r.status, 200);
+    const readers = held.map((r) => r.body!.getReader());
+    for (const r of readers) await r.read(); // "Hel"
+
+    Deno.kill(a.pid, "SIGSTOP"); // A stalls with both slots
+    stopped = a;
+    // B's reaper takes A for dead: both requests charged their estimate (6 prompt tokens each),
+    // and A's slots are free for B.
+    const reaped = await eventually(async () => {
+      const u = await usage(b);
+      return u.requests === 2 ? u : undefined;
+    }, 45_000);
+    assert.equal(reaped.promptTokens, 12);
+    const onB = await stream(b);
+    assert.equal(onB.status, 200, "A's slots were freed");
+
+    Deno.kill(a.pid, "SIGCONT"); // A comes back and finishes its answers
+    stopped = undefined;
+    glm.release();
+    for (const r of readers) {
+      for (;;) if ((await r.read()).done) break;
+    }
+    await onB.text();
+    // A's two requests end with their metered usage, counted once; B's one as usual.
+    const final = await eventually(
+      async () => {
+        const u = await usage(b);
+        return u.promptTokens === 33 ? u : undefined;
+      },
+      10_000,
+      () => usage(b),
+    );
+    assert.deepEqual(final, { requests: 3, promptTokens: 33, completionTokens: 21 });
+    // Every slot is free again: two streams at once are admitted.
+    const again = await Promise.all([stream(b), stream(b)]);
+    assert.deepEqual(again.map((r) => r.status), [200, 200]);
+    glm.release();
+    await Promise.all(again.map((r) => r.text()));
+  } finally {
+    if (stopped) Deno.kill(stopped.pid, "SIGCONT");
+    await Promise.all(apps.map((app) => app.stop()));
+    await glm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -48,6 +48,7 @@ export async function runMainToExit(
 export interface RunningMain {
   /** Base URL, e.g. http://127.0.0.1:41234 */
   url: string;
+  pid: number;
   /** Everything printed so far, stdout and stderr. */
   output(): { stdout: string; stderr: string };
   /** SIGTERM by default; SIGKILL to simulate a crash. */
@@ -112,7 +113,7 @@ export async function startMain(
         );
       }),
     ]);
-    return { url, output: () => ({ stdout, stderr }), stop };
+    return { url, pid: child.pid, output: () => ({ stdout, stderr }), stop };
   } catch (err) {
     await stop();
     throw err;

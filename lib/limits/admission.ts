@@ -169,6 +169,8 @@ export class Lease {
   committedCompletion = 0;
   /** Reaped while this process was stalled: its reservation was given back and estimate charged. */
   lost = false;
+  /** Its settlement has been asked for (renewals leave it alone). */
+  closing = false;
   private settling: Promise<Charge> | null = null;
 
   constructor(
@@ -292,12 +294,15 @@ export class Ledger {
     );
   }
 
-  /** Lease.settle's commit. */
+  /**
+   * Lease.settle's commit. The lease stays among this process's live leases until it has
+   * landed: if a reaper took this process for dead meanwhile, the lease must be found lost.
+   */
   settle(lease: Lease, charge: Charge): Promise<Charge> {
-    this.live.delete(lease.id);
-    return new Promise((resolve, reject) =>
+    lease.closing = true;
+    return new Promise<Charge>((resolve, reject) =>
       this.push({ kind: "settle", userId: lease.user.id, lease, charge, resolve, reject })
-    );
+    ).finally(() => this.live.delete(lease.id));
   }
 
   /**
@@ -337,12 +342,7 @@ export class Ledger {
     const due = this.heartbeat.exp - now < LEASE_TTL_MS - TICK_MS;
     if (due && !this.closed && (this.queue.length || this.live.size)) {
       if (this.inFlight.size) return; // renewed once these have landed
-      this.renewing = this.renew(now)
-        .catch((err) => this.options.log?.warn("lease heartbeat failed", { error: String(err) }))
-        .finally(() => {
-          this.renewing = null;
-          this.pump();
-        });
+      this.renewNow();
       return;
     }
     while (this.queue.length && this.inFlight.size < MAX_BATCHES) {
@@ -439,6 +439,8 @@ export class Ledger {
       }
       this.epochSeen = null;
       await this.checkHeartbeat();
+      // No lease may be written under a heartbeat that is not there: write it again first.
+      if (this.heartbeat.exp === 0) await this.renewNow();
       conflicts++;
       if (conflicts >= attempts) break;
       await backoff(conflicts + 1);
@@ -743,6 +745,16 @@ export class Ledger {
     return { lease, next: decision.next };
   }
 
+  /** Renews the heartbeat now (once, whoever asks). */
+  private renewNow(): Promise<void> {
+    return this.renewing ??= this.renew(this.now())
+      .catch((err) => this.options.log?.warn("lease heartbeat failed", { error: String(err) }))
+      .finally(() => {
+        this.renewing = null;
+        this.pump();
+      });
+  }
+
   /**
    * Writes the heartbeat (first, or renewed), with the completion estimates of leases that have
    * run for a while. Runs alone: every other commit checks the heartbeat's versionstamp.
@@ -755,7 +767,7 @@ export class Ledger {
     const renewed: Array<[Lease, number]> = [];
     for (const lease of this.live.values()) {
       if (renewed.length >= BATCH_MUTATIONS - 1) break;
-      if (now - lease.record.at < RENEW_AFTER_MS || lease.lost) continue;
+      if (now - lease.record.at < RENEW_AFTER_MS || lease.lost || lease.closing) continue;
       if (lease.relayedTokens === lease.committedCompletion) continue;
       op.set(keys.lease(this.procId, lease.id), {
         ...lease.record,
@@ -784,10 +796,19 @@ export class Ledger {
     for await (const e of this.kv.list({ prefix: keys.leasesOf(this.procId) })) {
       present.add(String(e.key[2]));
     }
-    for (const lease of this.live.values()) if (!present.has(lease.id)) lease.lost = true;
-    this.options.log?.warn("leases reaped while this process was alive; re-registering", {
-      proc: this.procId,
-    });
+    let lost = 0;
+    for (const lease of this.live.values()) {
+      if (!present.has(lease.id) && !lease.lost) {
+        lease.lost = true;
+        lost++;
+      }
+    }
+    if (lost) {
+      this.options.log?.warn("this process was taken for dead; its reaped leases are settled", {
+        proc: this.procId,
+        leases: lost,
+      });
+    }
     this.heartbeat = { versionstamp: entry.versionstamp, exp: 0 };
   }
 
