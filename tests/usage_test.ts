@@ -315,3 +315,16 @@ Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage c
     await app.close();
   }
 });
+
+Deno.test("usage meter: the end event ends the answer, the same characters in generated text do not", () => {
+  const enc = new TextEncoder();
+  const meter = new UsageMeter(true);
+  meter.push(enc.encode('data: {"choices":[{"delta":{"content":"say data: [DONE] now"}}]}\n\n'));
+  assert.equal(meter.ended, false);
+  meter.push(enc.encode('data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}'));
+  assert.equal(meter.ended, false);
+  meter.push(enc.encode("\n\ndata: [DONE]\n\n"));
+  assert.equal(meter.ended, true);
+  assert.deepEqual(meter.usage(), { promptTokens: 3, completionTokens: 4 });
+  assert.ok(meter.relayedTokens() >= 4);
+});

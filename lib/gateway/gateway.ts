@@ -622,6 +622,7 @@ export function usageFrom(value: unknown): TokenUsage | null {
 }
 
 const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
+const DONE_EVENT = /(?:^|\n)data: ?\[DONE\]/;
 
 /**
  * Watches relayed bytes for `usage`, for the end of the answer and for how much was generated.
@@ -656,8 +657,9 @@ export class UsageMeter {
     }
     const piece = this.text.decode(chunk, { stream: true });
     this.relayed += estimateRelayedTokens(piece);
-    if (piece.includes("[DONE]")) this.ended = true;
     const text = this.carry + piece;
+    // The end event, not those characters inside generated text (JSON escapes newlines).
+    if (piece.includes("[DONE]") && DONE_EVENT.test(text)) this.ended = true;
     // Cheap on the hot path: one indexOf for "usage" per chunk, lines cut only where needed.
     let usageAt = text.indexOf('"usage"');
     let start = 0;
