@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { UsageMeter } from "../lib/gateway/gateway.ts";
+import { UsageMeter } from "../lib/gateway/relay.ts";
 import { utcDay } from "../lib/core/kv.ts";
 import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage/usage.ts";
 import { FakeGlm } from "./fakes/glm.ts";
