@@ -5,7 +5,7 @@ import { HTTPException } from "hono/http-exception";
 import { secureHeaders } from "hono/secure-headers";
 import { serveStatic } from "hono/deno";
 import { PROJECT_ROOT } from "../build/islands.ts";
-import { AppError, errorBody } from "../lib/core/errors.ts";
+import { AppError, errorBody, isAnthropicPath } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { adminRoutes } from "./api/admin.ts";
 import { keyRoutes } from "./api/key.ts";
@@ -14,7 +14,8 @@ import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
-import { chatCompletionsHandler, v1Routes } from "./v1.ts";
+import { gatewayHandler, v1Routes } from "./v1.ts";
+import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
 
 const KIB = 1024;
 
@@ -44,7 +45,9 @@ export function createApp(services: Services) {
   const nextId = requestIds();
   if (services.config.keyMode === "proxy") {
     // Ahead of every middleware: the gateway frames, limits and logs its own requests.
-    app.post("/v1/chat/completions", chatCompletionsHandler(services, nextId));
+    for (const protocol of PROTOCOLS) {
+      app.post(protocol.route, gatewayHandler(services, protocol, nextId));
+    }
   }
   // One middleware frames every other request: an id, an access line, and the API's headers.
   // Header writes are costly per request, so JSON answers get only what protects JSON (nosniff)
@@ -123,7 +126,11 @@ export function createApp(services: Services) {
 
   app.notFound((c) => {
     if (isApiPath(c.req.path)) {
-      return c.json(errorBody("not_found", `No such endpoint: ${c.req.method} ${c.req.path}`), 404);
+      const anthropic = isAnthropicPath(c.req.path) ? 404 : undefined;
+      return c.json(
+        errorBody("not_found", `No such endpoint: ${c.req.method} ${c.req.path}`, anthropic),
+        404,
+      );
     }
     return c.text("Not found", 404);
   });
@@ -134,9 +141,13 @@ export function createApp(services: Services) {
     if (id) c.header("x-request-id", id);
     if (isApiPath(c.req.path)) c.header("x-content-type-options", "nosniff");
     c.set("framed", true);
+    const anthropic = (status: number) => isAnthropicPath(c.req.path) ? status : undefined;
     if (err instanceof AppError) {
       for (const [name, value] of Object.entries(err.headers)) c.header(name, value);
-      return c.json(errorBody(err.code, err.message), err.status as 400);
+      return c.json(
+        errorBody(err.code, err.message, anthropic(err.status)),
+        err.status as 400,
+      );
     }
     if (err instanceof HTTPException && err.status < 500) {
       const code = err.status === 413
@@ -144,7 +155,10 @@ export function createApp(services: Services) {
         : err.status === 404
         ? "not_found"
         : "invalid_request";
-      return c.json(errorBody(code, err.message || "Bad request."), err.status);
+      return c.json(
+        errorBody(code, err.message || "Bad request.", anthropic(err.status)),
+        err.status,
+      );
     }
     log.error("unhandled error", {
       id,
@@ -152,7 +166,10 @@ export function createApp(services: Services) {
       path: c.req.path,
       error: err instanceof Error ? (err.stack ?? err.message) : String(err),
     });
-    return c.json(errorBody("internal_error", `internal error (request id ${id})`), 500);
+    return c.json(
+      errorBody("internal_error", `internal error (request id ${id})`, anthropic(500)),
+      500,
+    );
   });
 
   return app;

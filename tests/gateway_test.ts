@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { Gateway } from "../lib/gateway/gateway.ts";
 import { Ledger } from "../lib/limits/admission.ts";
+import { openaiChat } from "../lib/gateway/protocols/openai_chat.ts";
 import { userUsage } from "../lib/usage/usage.ts";
 import { createApp } from "../routes/mod.ts";
 import { FakeGlm } from "./fakes/glm.ts";
@@ -742,7 +743,8 @@ Deno.test("a change landing between the limit read and its commit is seen (no sl
     const ledger = new Ledger(kv, config, { log });
     const gateway = new Gateway({ config, kv, log, ledger });
     const call = () =>
-      gateway.chatCompletions(
+      gateway.handle(
+        openaiChat,
         new Request("http://localhost/v1/chat/completions", {
           method: "POST",
           headers: bearer(s.apiKey),

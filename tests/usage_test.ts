@@ -11,7 +11,7 @@ const DAY = 86_400_000;
 /** Feeds `text` to a meter cut at every `step` bytes (through multi-byte characters too). */
 function meterOf(text: string, sse: boolean, step: number) {
   const bytes = enc.encode(text);
-  const meter = new UsageMeter(sse);
+  const meter = new UsageMeter("openai", sse);
   for (let i = 0; i < bytes.length; i += step) meter.push(bytes.subarray(i, i + step));
   return meter.usage();
 }
@@ -54,7 +54,11 @@ Deno.test("usage meter: JSON answers, small and large", () => {
     choices: [{ message: { content: "x".repeat(1_200_000) } }],
     usage: { prompt_tokens: 7, total_tokens: 19, prompt_tokens_details: { cached_tokens: 2 } },
   });
-  assert.deepEqual(meterOf(large, false, 65_536), { promptTokens: 7, completionTokens: 12 });
+  assert.deepEqual(meterOf(large, false, 65_536), {
+    promptTokens: 7,
+    completionTokens: 12,
+    cachedTokens: 2,
+  });
   assert.equal(meterOf(`{"error":{"message":"no"}}`, false, 5), null);
   assert.equal(meterOf(`not json`, false, 5), null);
 });
@@ -318,7 +322,7 @@ Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage c
 
 Deno.test("usage meter: the end event ends the answer, the same characters in generated text do not", () => {
   const enc = new TextEncoder();
-  const meter = new UsageMeter(true);
+  const meter = new UsageMeter("openai", true);
   meter.push(enc.encode('data: {"choices":[{"delta":{"content":"say data: [DONE] now"}}]}\n\n'));
   assert.equal(meter.ended, false);
   meter.push(enc.encode('data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}'));

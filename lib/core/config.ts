@@ -1,6 +1,11 @@
 /** Configuration: one zod schema over the environment, read once at start-up (CONTRACT §2). */
 import { z } from "zod";
-import { DEFAULT_PRICING, type Pricing, pricingSchema } from "../usage/pricing.ts";
+import {
+  DEFAULT_MODEL_ALIASES,
+  DEFAULT_PRICING,
+  type Pricing,
+  pricingSchema,
+} from "../usage/pricing.ts";
 
 const intFrom = (name: string, def: number, min = 0, max = Number.MAX_SAFE_INTEGER) =>
   z.string().optional().transform((raw, ctx) => {
@@ -59,6 +64,29 @@ const envSchema = z.object({
   CLERK_API_URL: optionalString.pipe(origin("CLERK_API_URL").optional()),
   GLM_API_KEY: optionalString,
   GLM_BASE_URL: optionalString.pipe(origin("GLM_BASE_URL").optional()),
+  GLM_ANTHROPIC_BASE_URL: optionalString.pipe(origin("GLM_ANTHROPIC_BASE_URL").optional()),
+  MODEL_ALIASES: optionalString.transform((raw, ctx): Record<string, string> | undefined => {
+    if (raw === undefined) return undefined;
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch {
+      ctx.addIssue({ code: "custom", message: "MODEL_ALIASES must be valid JSON" });
+      return z.NEVER;
+    }
+    const parsed = z.record(z.string().min(1).max(200), z.string().min(1).max(200)).safeParse(
+      json,
+    );
+    if (!parsed.success) {
+      ctx.addIssue({
+        code: "custom",
+        message:
+          'MODEL_ALIASES must map model name patterns to model names ({"claude-*": "glm-4.6"})',
+      });
+      return z.NEVER;
+    }
+    return parsed.data;
+  }),
   UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
@@ -129,7 +157,9 @@ export interface Config {
     webhookSecrets: string[];
     apiUrl: string;
   };
-  glm: { apiKey?: string; baseUrl: string; timeoutMs: number };
+  glm: { apiKey?: string; baseUrl: string; anthropicBaseUrl: string; timeoutMs: number };
+  /** Model name patterns (`*` wildcards) → the model a request for them is served as. */
+  modelAliases: Record<string, string>;
   keyMode: KeyMode;
   keyEncryptionSecret?: string;
   limits: { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
@@ -186,6 +216,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   if (problems.length) throw new ConfigError(problems);
 
   const publicUrl = e.PUBLIC_URL ?? `http://localhost:${e.PORT}`;
+  const baseUrl = e.GLM_BASE_URL ?? "https://open.bigmodel.cn/api/paas/v4";
   const pricing = e.PRICING ?? DEFAULT_PRICING;
   const allowAnyModel = e.ALLOWED_MODELS.includes("*");
   const allowedModels = e.ALLOWED_MODELS.length && !allowAnyModel
@@ -210,9 +241,12 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     },
     glm: {
       apiKey: e.GLM_API_KEY,
-      baseUrl: e.GLM_BASE_URL ?? "https://open.bigmodel.cn/api/paas/v4",
+      baseUrl,
+      anthropicBaseUrl: e.GLM_ANTHROPIC_BASE_URL ??
+        baseUrl.replace(/\/api\/paas\/v4$/, "/api/anthropic"),
       timeoutMs: e.UPSTREAM_TIMEOUT_MS,
     },
+    modelAliases: e.MODEL_ALIASES ?? DEFAULT_MODEL_ALIASES,
     keyMode,
     keyEncryptionSecret: e.KEY_ENCRYPTION_SECRET,
     limits: {

@@ -53,9 +53,44 @@ export class AppError extends Error {
   }
 }
 
-export function errorBody(code: ErrorCode, message: string) {
-  return { error: { code, message } };
+/** Anthropic's error `type` for an HTTP status (what Anthropic clients read). */
+export function anthropicErrorType(status: number): string {
+  switch (status) {
+    case 400:
+      return "invalid_request_error";
+    case 401:
+      return "authentication_error";
+    case 403:
+      return "permission_error";
+    case 404:
+      return "not_found_error";
+    case 413:
+      return "request_too_large";
+    case 429:
+      return "rate_limit_error";
+    case 503:
+    case 529:
+      return "overloaded_error";
+    default:
+      return "api_error";
+  }
 }
+
+/**
+ * The contract's error body; on Anthropic routes (`/v1/messages*`) with Anthropic's `type`
+ * fields too, so Anthropic clients read Keyway's own errors natively.
+ */
+export function errorBody(code: ErrorCode, message: string, anthropicStatus?: number) {
+  if (anthropicStatus === undefined) return { error: { code, message } };
+  return {
+    type: "error",
+    error: { type: anthropicErrorType(anthropicStatus), code, message },
+  };
+}
+
+/** Whether a path is an Anthropic route, whose errors take Anthropic's shape too. */
+export const isAnthropicPath = (path: string) =>
+  path === "/v1/messages" || path.startsWith("/v1/messages/");
 
 /** Turns a zod error into an invalid_request naming the first bad field. */
 export function invalidRequest(

@@ -2,8 +2,9 @@
 
 export type Day = string; // YYYY-MM-DD (UTC)
 export type Month = string; // YYYY-MM (UTC)
-export type UsageField = "requests" | "prompt" | "completion";
-export const USAGE_FIELDS: readonly UsageField[] = ["requests", "prompt", "completion"];
+/** Counters per user, day and model; "cached" is the part of "prompt" served from cache. */
+export type UsageField = "requests" | "prompt" | "completion" | "cached";
+export const USAGE_FIELDS: readonly UsageField[] = ["requests", "prompt", "completion", "cached"];
 
 export const keys = {
   user: (userId: string) => ["users", userId] as const,

@@ -10,28 +10,29 @@
  * a JSON answer is returned, before an SSE stream's `[DONE]` event or end, and at once when the
  * client leaves or the upstream fails.
  */
-import { z } from "zod";
 import type { Config } from "../core/config.ts";
 import { concatBytes } from "../core/encoding.ts";
-import { AppError, invalidRequest } from "../core/errors.ts";
+import { AppError } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
-import { type Lease, type Ledger, type Outcome } from "../limits/admission.ts";
-import { checkUserState } from "../limits/policy.ts";
+import {
+  type Charge,
+  type Lease,
+  type Ledger,
+  limitStatus,
+  type Outcome,
+} from "../limits/admission.ts";
+import { checkUserState, rateHeaders } from "../limits/policy.ts";
 import type { Logger } from "../core/log.ts";
-import { estimatePromptTokens } from "../usage/estimate.ts";
 import { ChunkReader, erroredStream, IdleTimer, UsageMeter } from "./relay.ts";
 import type { TokenUsage } from "../usage/usage.ts";
 import type { KeyIndexValue, UserRecord } from "../identity/users.ts";
+import { ModelCatalog } from "./models.ts";
+import { bearerToken, type ParsedRequest, type Protocol } from "./protocol.ts";
+import { anthropicKey } from "./protocols/anthropic_messages.ts";
 
 export const MAX_BODY_BYTES = 1024 * 1024;
 const KEY_CACHE_MAX = 50_000;
-
-/** Only `model` and `messages` are checked; every other field passes through untouched. */
-const chatRequestSchema = z.looseObject({
-  model: z.string().min(1).max(200),
-  messages: z.array(z.unknown()).min(1),
-});
 
 /** Upstream response headers worth relaying (content-length/-encoding are the runtime's). */
 const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
@@ -45,26 +46,28 @@ interface GatewayDeps {
   ledger: Ledger;
 }
 
-interface ChatBody {
-  bytes: Uint8Array<ArrayBuffer>;
-  model: string;
-  /** Estimated prompt tokens (lib/usage/estimate.ts). */
-  promptTokens: number;
-  /** `max_tokens` or `max_completion_tokens` when the body sets one. */
-  outputCap: number | null;
-}
+/** What forward() settles: a Lease, or nothing for an endpoint that is not metered. */
+type Settlement = Pick<Lease, "user" | "model" | "headers" | "relayedTokens" | "settle">;
 
-type ParsedBody = ChatBody | AppError;
+/** count_tokens: relayed with the rate headers as they stand; nothing counted. */
+class Unmetered implements Settlement {
+  relayedTokens = 0;
+  constructor(
+    readonly user: UserRecord,
+    readonly model: string,
+    readonly headers: Record<string, string>,
+  ) {}
+  settle(): Promise<Charge> {
+    return Promise.resolve({ promptTokens: 0, completionTokens: 0, estimated: false });
+  }
+}
 
 export class Gateway {
   private readonly config: Config;
   private readonly kv: Deno.Kv;
   private readonly log: Logger;
   private readonly ledger: Ledger;
-  private readonly upstreamUrl: string;
-  private readonly upstreamHeaders: Record<string, string> | null;
-  private readonly allowed: Set<string> | null;
-  private readonly modelsJson: string;
+  readonly models: ModelCatalog;
   /**
    * Key hash → user id. Safe to keep per process: a hash belongs to one user forever, and the
    * key index entry and user record are re-read and checked atomically on every request.
@@ -81,70 +84,108 @@ export class Gateway {
     this.kv = deps.kv;
     this.log = deps.log;
     this.ledger = deps.ledger;
-    const glm = deps.config.glm;
-    this.upstreamUrl = `${glm.baseUrl}/chat/completions`;
-    this.upstreamHeaders = glm.apiKey
-      ? { authorization: `Bearer ${glm.apiKey}`, "content-type": "application/json" }
-      : null;
-    this.allowed = deps.config.allowAnyModel ? null : new Set(deps.config.allowedModels);
-    this.modelsJson = JSON.stringify({
-      object: "list",
-      data: deps.config.allowedModels.map((id) => ({ id, object: "model", owned_by: "keyway" })),
-    });
+    this.models = new ModelCatalog(deps.config);
   }
 
-  /** POST /v1/chat/completions: check, admit, forward, relay, settle. */
-  async chatCompletions(req: Request, requestId = ""): Promise<Response> {
+  /**
+   * Serves one gateway endpoint: the key (401), the body, then one admission — user state
+   * (403), model (400), request limits, concurrency and quotas (429) — and the upstream call,
+   * relayed and settled. Unmetered endpoints check the same but take no lease.
+   */
+  async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
     if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
-    const upstreamHeaders = this.upstreamHeaders;
-    if (!upstreamHeaders) {
+    const masterKey = this.config.glm.apiKey;
+    if (!masterKey) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
-    const hash = await this.keyHash(req.headers.get("authorization"));
+    const hash = await this.keyHash(protocol.apiKey(req.headers));
     // Read the body while the key is looked up; its errors are reported after the key checks.
-    const [body, userId] = await Promise.all([readChatBody(req), this.userIdFor(hash)]);
-    const output = this.config.outputReserveTokens;
-    const lease = await this.ledger.admit({
-      userId,
-      model: body instanceof AppError ? "" : body.model,
-      reserve: body instanceof AppError ? { prompt: 0, output: 0 } : {
-        prompt: body.promptTokens,
-        output: body.outputCap === null ? output : Math.min(body.outputCap, output),
-      },
-      validate: (user, headers) => {
-        const checked = this.checkKeyAndUser(hash, userId, user, headers);
-        if (body instanceof AppError) throw new AppError(body.code, body.message, headers);
-        if (this.allowed && !this.allowed.has(body.model)) {
-          throw new AppError(
-            "model_not_allowed",
-            `model: "${body.model}" is not allowed here; GET /v1/models lists the allowed models.`,
-            headers,
-          );
-        }
-        return checked;
-      },
-    });
-    if (body instanceof AppError) throw body; // unreachable: validate() threw it already
-    return await this.forward(req, body.bytes, lease, requestId, started, upstreamHeaders);
+    const [body, userId] = await Promise.all([readBody(req, protocol), this.userIdFor(hash)]);
+    /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
+    let target: string | AppError = body instanceof AppError
+      ? body
+      : this.models.resolve(body.model);
+    const validate = (user: UserRecord | null, headers: Record<string, string>) => {
+      const checked = this.checkKeyAndUser(hash, userId, user, headers);
+      if (target instanceof AppError) throw new AppError(target.code, target.message, headers);
+      return checked;
+    };
+    if (body instanceof AppError || target instanceof AppError) {
+      // Refused on the key, the user's state or the body, in that order: nothing to admit.
+      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
+      const status = await limitStatus(this.kv, this.config, userId);
+      validate(user, this.currentHeaders(status));
+      throw target; // unreachable: validate() threw
+    }
+    const parsed: ParsedRequest & { bytes: Uint8Array<ArrayBuffer> } = body;
+    target = target as string;
+    const bytes = target === parsed.model ? parsed.bytes : withModel(parsed.bytes, target);
+    let settlement: Settlement;
+    if (protocol.metered) {
+      const output = this.config.outputReserveTokens;
+      settlement = await this.ledger.admit({
+        userId,
+        model: target,
+        reserve: {
+          prompt: parsed.promptTokens,
+          output: parsed.outputCap === null ? output : Math.min(parsed.outputCap, output),
+        },
+        validate,
+      });
+    } else {
+      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
+      const status = await limitStatus(this.kv, this.config, userId);
+      const headers = this.currentHeaders(status);
+      settlement = new Unmetered(validate(user, headers), target, headers);
+    }
+    const upstreamHeaders: Record<string, string> = {
+      ...protocol.upstreamAuth(masterKey),
+      "content-type": "application/json",
+    };
+    for (const name of protocol.relayedHeaders) {
+      const value = req.headers.get(name);
+      if (value !== null) upstreamHeaders[name] = value;
+    }
+    return await this.forward(
+      req,
+      protocol,
+      bytes,
+      settlement,
+      requestId,
+      started,
+      upstreamHeaders,
+    );
   }
 
-  /** GET /v1/models: the allowed models, for any active key. */
-  async models(req: Request): Promise<Response> {
-    const hash = await this.keyHash(req.headers.get("authorization"));
+  /** Rate headers as they stand, for answers that consume nothing. */
+  private currentHeaders(status: Awaited<ReturnType<typeof limitStatus>>) {
+    return rateHeaders(status.limits, status.view, Date.now());
+  }
+
+  /**
+   * GET /v1/models (the allowed models) and GET /v1/models/{id} (one of them, an alias of one,
+   * or 404), for any active key.
+   */
+  async listModels(req: Request, id?: string): Promise<Response> {
+    const hash = await this.keyHash(anthropicKey(req.headers));
     const userId = await this.userIdFor(hash);
     const user = await this.kv.get<UserRecord>(keys.user(userId));
     this.checkKeyAndUser(hash, userId, user.value, {});
-
-    return new Response(this.modelsJson, {
-      headers: { "content-type": "application/json; charset=UTF-8" },
-    });
+    const body = id === undefined ? this.models.listJson : this.models.entryJson(id);
+    if (body === null) {
+      throw new AppError(
+        "not_found",
+        `model: "${id}" is not available here; GET /v1/models lists them.`,
+      );
+    }
+    return new Response(body, { headers: { "content-type": "application/json; charset=UTF-8" } });
   }
 
   /** The user owning a `Bearer kw_…` key (any status), or 401 invalid_api_key. */
   async authenticate(authorization: string | null | undefined): Promise<UserRecord> {
-    const hash = await this.keyHash(authorization);
+    const hash = await this.keyHash(bearerToken(authorization));
     const userId = await this.userIdFor(hash);
     const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
     if (user?.key?.hash !== hash) {
@@ -154,8 +195,7 @@ export class Gateway {
     return user;
   }
 
-  private async keyHash(authorization: string | null | undefined): Promise<string> {
-    const key = bearerKey(authorization);
+  private async keyHash(key: string | null | undefined): Promise<string> {
     if (!key || !looksLikeApiKey(key)) throw invalidKey();
     const known = this.hashByKey.get(key);
     if (known) return known;
@@ -195,11 +235,12 @@ export class Gateway {
 
   private async forward(
     req: Request,
+    protocol: Protocol,
     bytes: Uint8Array<ArrayBuffer>,
-    lease: Lease,
+    lease: Settlement,
     requestId: string,
     started: number,
-    baseHeaders: Record<string, string>,
+    upstreamRequestHeaders: Record<string, string>,
   ): Promise<Response> {
     const userId = lease.user.id;
     const model = lease.model;
@@ -237,6 +278,7 @@ export class Gateway {
       }
       this.log.info("gateway", {
         id: requestId,
+        route: protocol.route,
         userId,
         model,
         status,
@@ -257,12 +299,11 @@ export class Gateway {
       abort.abort();
     };
     req.signal.addEventListener("abort", onClientGone, { once: true });
-    const accept = req.headers.get("accept");
     let upstream: Response;
     try {
-      upstream = await fetch(this.upstreamUrl, {
+      upstream = await fetch(protocol.upstreamUrl(this.config), {
         method: "POST",
-        headers: accept ? { ...baseHeaders, accept } : baseHeaders,
+        headers: upstreamRequestHeaders,
         body: bytes,
         signal: abort.signal,
       });
@@ -324,7 +365,7 @@ export class Gateway {
     const stalled = () => timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
-    const meter = new UsageMeter(sse, ok);
+    const meter = new UsageMeter(protocol.format, sse, ok);
     const reader = new ChunkReader(source, sse ? null : upstreamHeaders.get("content-length"));
     let pending: Uint8Array | null = null;
     if (!sse) {
@@ -412,15 +453,11 @@ function invalidKey(): AppError {
   );
 }
 
-function bearerKey(authorization: string | null | undefined): string | null {
-  if (!authorization) return null;
-  const space = authorization.indexOf(" ");
-  if (space < 0 || authorization.slice(0, space).toLowerCase() !== "bearer") return null;
-  return authorization.slice(space + 1).trim();
-}
-
 /** Reads and checks the request body; a problem is returned (not thrown) to keep the order. */
-async function readChatBody(req: Request): Promise<ParsedBody> {
+async function readBody(
+  req: Request,
+  protocol: Protocol,
+): Promise<(ParsedRequest & { bytes: Uint8Array<ArrayBuffer> }) | AppError> {
   let bytes: Uint8Array<ArrayBuffer> | null;
   try {
     bytes = await readCapped(req, MAX_BODY_BYTES);
@@ -434,32 +471,16 @@ async function readChatBody(req: Request): Promise<ParsedBody> {
   } catch {
     return new AppError("invalid_request", "body: not valid JSON");
   }
-  // The schema's rules checked by hand (the hot path); zod words the refusal.
-  if (
-    typeof json === "object" && json !== null && !Array.isArray(json) &&
-    typeof (json as ChatFields).model === "string" &&
-    (json as ChatFields).model.length >= 1 && (json as ChatFields).model.length <= 200 &&
-    Array.isArray((json as ChatFields).messages) && (json as ChatFields).messages.length >= 1
-  ) {
-    return chatBody(bytes, json as ChatFields);
-  }
-  const parsed = chatRequestSchema.safeParse(json);
-  if (!parsed.success) return invalidRequest(parsed.error.issues);
-  return chatBody(bytes, parsed.data);
+  const parsed = protocol.parseBody(json);
+  return parsed instanceof AppError ? parsed : { ...parsed, bytes };
 }
 
-function chatBody(bytes: Uint8Array<ArrayBuffer>, json: ChatFields): ChatBody {
-  return {
-    bytes,
-    model: json.model,
-    promptTokens: estimatePromptTokens(json),
-    outputCap: outputCap(json.max_tokens) ?? outputCap(json.max_completion_tokens),
-  };
+/** The body with its top-level `model` replaced (an alias or a differently cased id resolved). */
+function withModel(bytes: Uint8Array<ArrayBuffer>, model: string): Uint8Array<ArrayBuffer> {
+  const json = JSON.parse(decoder.decode(bytes));
+  json.model = model;
+  return new TextEncoder().encode(JSON.stringify(json)) as Uint8Array<ArrayBuffer>;
 }
-
-/** An output cap as the upstream would take it, or null (absent or not a count). */
-const outputCap = (v: unknown) =>
-  typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : null;
 
 const tooLarge = () => new AppError("payload_too_large", "Request body is larger than 1 MiB.");
 
@@ -488,12 +509,5 @@ async function readCapped(req: Request, max: number): Promise<Uint8Array<ArrayBu
   }
   return concatBytes(chunks, size);
 }
-
-type ChatFields = {
-  model: string;
-  messages: unknown[];
-  max_tokens?: unknown;
-  max_completion_tokens?: unknown;
-};
 
 const decoder = new TextDecoder();

@@ -5,6 +5,7 @@
 import { concatBytes } from "../core/encoding.ts";
 import { estimateRelayedTokens } from "../usage/estimate.ts";
 import type { TokenUsage } from "../usage/usage.ts";
+import type { WireFormat } from "./protocol.ts";
 
 /** Bodies the relay reads at once at most (a declared length is read into one buffer up to this). */
 const MAX_READ_BYTES = 1024 * 1024;
@@ -115,48 +116,111 @@ export function erroredStream(err: unknown): ReadableStream<Uint8Array> {
 const badCount = (v: unknown) =>
   v !== undefined && !(typeof v === "number" && Number.isSafeInteger(v) && v >= 0);
 
+const count = (v: unknown): number =>
+  typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : 0;
+
 /**
  * Token usage from an OpenAI/GLM `usage` object, or null when it is not one: an object whose
  * `prompt_tokens`, `completion_tokens` and `total_tokens` are each absent or a count (checked by
- * hand — it runs once per answer on the hot path).
+ * hand — it runs once per answer on the hot path). Cached prompt tokens come from
+ * `prompt_tokens_details.cached_tokens`.
  */
 export function usageFrom(value: unknown): TokenUsage | null {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return null;
-  const { prompt_tokens, completion_tokens, total_tokens } = value as Record<string, unknown>;
+  const { prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details } = value as Record<
+    string,
+    unknown
+  >;
   if (badCount(prompt_tokens) || badCount(completion_tokens) || badCount(total_tokens)) {
     return null;
   }
   if (prompt_tokens === undefined && completion_tokens === undefined) return null;
   const prompt = (prompt_tokens as number | undefined) ?? 0;
   const total = (total_tokens as number | undefined) ?? prompt;
-  return {
+  const usage: TokenUsage = {
     promptTokens: prompt,
     completionTokens: (completion_tokens as number | undefined) ?? Math.max(0, total - prompt),
   };
+  const cached = typeof prompt_tokens_details === "object" && prompt_tokens_details !== null
+    ? Math.min(prompt, count((prompt_tokens_details as Record<string, unknown>).cached_tokens))
+    : 0;
+  if (cached) usage.cachedTokens = cached;
+  return usage;
+}
+
+/** Anthropic's usage fields, as the largest value seen of each. */
+interface AnthropicCounts {
+  input: number;
+  output: number;
+  cacheRead: number;
+  cacheCreation: number;
+  seen: boolean;
+}
+
+/** Folds an Anthropic `usage` object into `into` (the largest value of each field wins). */
+function foldAnthropic(into: AnthropicCounts, value: unknown) {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return;
+  const u = value as Record<string, unknown>;
+  into.input = Math.max(into.input, count(u.input_tokens));
+  into.output = Math.max(into.output, count(u.output_tokens));
+  into.cacheRead = Math.max(into.cacheRead, count(u.cache_read_input_tokens));
+  into.cacheCreation = Math.max(into.cacheCreation, count(u.cache_creation_input_tokens));
+  into.seen = true;
+}
+
+/**
+ * Anthropic usage as Keyway counts it: as in Anthropic's API, `input_tokens` excludes cached
+ * tokens, so prompt tokens = input + cache read + cache creation, of which cache reads are cached.
+ */
+function fromAnthropic(c: AnthropicCounts): TokenUsage | null {
+  if (!c.seen) return null;
+  const usage: TokenUsage = {
+    promptTokens: c.input + c.cacheRead + c.cacheCreation,
+    completionTokens: c.output,
+  };
+  if (c.cacheRead) usage.cachedTokens = c.cacheRead;
+  return usage;
 }
 
 const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
-const DONE_EVENT = /(?:^|\n)data: ?\[DONE\]/;
+const END_EVENT = {
+  openai: /(?:^|\n)data: ?\[DONE\]/,
+  anthropic: /(?:^|\n)(?:event: ?message_stop|data: ?\{"type": ?"message_stop")/,
+} as const;
+const END_MARK = { openai: "[DONE]", anthropic: "message_stop" } as const;
 
 /**
  * Watches relayed bytes for `usage`, for the end of the answer and for how much was generated.
- * SSE: lines are split incrementally across chunk boundaries and only the last `data:` line
- * holding a usage object is kept (parsed once, at the end); `data: [DONE]` marks the end; the
- * generated text is estimated chunk by chunk. JSON: the chunks are kept (by reference) and
- * parsed once the answer is complete.
+ * SSE: lines are split incrementally across chunk boundaries; OpenAI's format keeps the last
+ * `data:` line holding a usage object (parsed once, at the end), Anthropic's folds the usage of
+ * `message_start` and of every `message_delta` (the largest value of each field wins: GLM may
+ * report 0 input tokens at the start and the real counts at the end). `data: [DONE]` or
+ * `message_stop` marks the end; the generated text is estimated chunk by chunk. JSON: the chunks
+ * are kept (by reference) and parsed once the answer is complete.
  */
 export class UsageMeter {
   private readonly text = new TextDecoder();
   private carry = "";
   private lastUsageLine: string | null = null;
+  private readonly anthropic: AnthropicCounts = {
+    input: 0,
+    output: 0,
+    cacheRead: 0,
+    cacheCreation: 0,
+    seen: false,
+  };
   private chunks: Uint8Array[] | null = [];
   private size = 0;
   private whole: string | null = null;
   private relayed = 0;
-  /** SSE: the `[DONE]` event has been seen (what follows it is not part of the answer). */
+  /** SSE: the end event has been seen (what follows it is not part of the answer). */
   ended = false;
 
-  constructor(private readonly sse: boolean, private readonly enabled = true) {
+  constructor(
+    private readonly format: WireFormat,
+    private readonly sse: boolean,
+    private readonly enabled = true,
+  ) {
     if (!enabled) this.chunks = null;
   }
 
@@ -173,7 +237,9 @@ export class UsageMeter {
     this.relayed += estimateRelayedTokens(piece);
     const text = this.carry + piece;
     // The end event, not those characters inside generated text (JSON escapes newlines).
-    if (piece.includes("[DONE]") && DONE_EVENT.test(text)) this.ended = true;
+    if (piece.includes(END_MARK[this.format]) && END_EVENT[this.format].test(text)) {
+      this.ended = true;
+    }
     // Cheap on the hot path: one indexOf for "usage" per chunk, lines cut only where needed.
     let usageAt = text.indexOf('"usage"');
     let start = 0;
@@ -193,7 +259,15 @@ export class UsageMeter {
     const line = raw.trim();
     if (!line.startsWith("data:")) return;
     USAGE_OBJECT.lastIndex = 0;
-    if (USAGE_OBJECT.test(line)) this.lastUsageLine = line;
+    if (!USAGE_OBJECT.test(line)) return;
+    if (this.format === "openai") {
+      this.lastUsageLine = line;
+      return;
+    }
+    try {
+      const event = JSON.parse(line.slice(5));
+      foldAnthropic(this.anthropic, event?.message?.usage ?? event?.usage);
+    } catch { /* not an event of ours */ }
   }
 
   /** The JSON answer's text so far (decoded once). */
@@ -218,6 +292,7 @@ export class UsageMeter {
     if (this.sse) {
       if (this.carry.includes('"usage"')) this.consider(this.carry);
       this.carry = "";
+      if (this.format === "anthropic") return fromAnthropic(this.anthropic);
       if (!this.lastUsageLine) return null;
       try {
         return usageFrom(JSON.parse(this.lastUsageLine.slice(5)).usage);
@@ -227,19 +302,23 @@ export class UsageMeter {
     }
     const text = this.jsonText();
     if (text === null) return null;
+    let usage: unknown;
     if (this.size <= FULL_PARSE_BYTES) {
       try {
-        return usageFrom(JSON.parse(text)?.usage);
+        usage = JSON.parse(text)?.usage;
       } catch {
         return null;
       }
-    }
-    return scanUsage(text);
+    } else usage = scanUsage(text);
+    if (this.format === "openai") return usageFrom(usage);
+    const counts = { ...this.anthropic };
+    foldAnthropic(counts, usage);
+    return fromAnthropic(counts);
   }
 }
 
 /** Finds the last `"usage": {…}` object in a large JSON text and parses just that object. */
-function scanUsage(text: string): TokenUsage | null {
+function scanUsage(text: string): unknown {
   let at = -1;
   for (const m of text.matchAll(USAGE_OBJECT)) at = m.index + m[0].length - 1;
   if (at < 0) return null;
@@ -249,7 +328,7 @@ function scanUsage(text: string): TokenUsage | null {
     if (ch === "{") depth++;
     else if (ch === "}" && --depth === 0) {
       try {
-        return usageFrom(JSON.parse(text.slice(at, i + 1)));
+        return JSON.parse(text.slice(at, i + 1));
       } catch {
         return null;
       }

@@ -49,7 +49,7 @@ import type { Logger } from "../core/log.ts";
 import type { UserRecord } from "../identity/users.ts";
 import { costNanoUsd, priceOf, type Pricing } from "../usage/pricing.ts";
 import { addUsageSums, type TokenUsage, type UsageSums } from "../usage/usage.ts";
-import { decideRate, type RateState, rateView } from "./gcra.ts";
+import { decideRate, type RateState, type RateView, rateView } from "./gcra.ts";
 import {
   type EffectiveLimits,
   effectiveLimits,
@@ -126,6 +126,8 @@ export type Outcome =
 export interface Charge {
   promptTokens: number;
   completionTokens: number;
+  /** Of the prompt tokens, those the upstream served from its cache. */
+  cachedTokens?: number;
   /** True when no `usage` was metered and the charge is the estimate. */
   estimated: boolean;
 }
@@ -639,10 +641,12 @@ export class Ledger {
     const base = { userId: r.userId, model: r.model, at: now };
     if (lease.lost) {
       // Reaped already (charged its estimate as of its last renewal): only the rest.
+      const prompt = Math.max(0, c.promptTokens - r.prompt);
       addUsageSums(sums, this.pricing, {
         ...base,
-        promptTokens: Math.max(0, c.promptTokens - r.prompt),
+        promptTokens: prompt,
         completionTokens: Math.max(0, c.completionTokens - lease.committedCompletion),
+        cachedTokens: Math.min(prompt, c.cachedTokens ?? 0),
         requests: 0,
       });
       return;
@@ -653,6 +657,7 @@ export class Ledger {
       ...base,
       promptTokens: c.promptTokens,
       completionTokens: c.completionTokens,
+      cachedTokens: c.cachedTokens,
       requests: 1,
     });
   }
@@ -1028,7 +1033,9 @@ export async function limitStatus(
   config: Config,
   userId: string,
   now: number = Date.now(),
-): Promise<{ limits: EffectiveLimits; remaining: Remaining; user: UserRecord | null }> {
+): Promise<
+  { limits: EffectiveLimits; remaining: Remaining; view: RateView; user: UserRecord | null }
+> {
   const [userEntry, rateEntry, _count, heldTokens, heldNano, tokens, spend] = await kv.getMany([
     keys.user(userId),
     keys.rate(userId),
@@ -1046,6 +1053,7 @@ export async function limitStatus(
       u64(tokens.value) + u64(heldTokens.value),
       u64(spend.value) + u64(heldNano.value),
     ),
+    view,
     user,
   };
 }

@@ -325,6 +325,7 @@ function addInto(acc: UsageRow, row: UsageRow) {
   acc.requests += row.requests;
   acc.promptTokens += row.promptTokens;
   acc.completionTokens += row.completionTokens;
+  if (row.cachedTokens) acc.cachedTokens = (acc.cachedTokens ?? 0) + row.cachedTokens;
 }
 
 /** Totals of rows, priced per model with the given table. */
@@ -334,7 +335,7 @@ function totalsOf(pricing: Pricing, rows: UsageRow[]): Totals {
     promptTokens: r.promptTokens,
     completionTokens: r.completionTokens,
     totalTokens: r.promptTokens + r.completionTokens,
-    costUsd: costUsd(pricing, r.model, r.promptTokens, r.completionTokens),
+    costUsd: costUsd(pricing, r.model, r.promptTokens, r.completionTokens, r.cachedTokens),
   })));
 }
 

@@ -29,6 +29,8 @@ export interface UsageRow {
   requests: number;
   promptTokens: number;
   completionTokens: number;
+  /** Of the prompt tokens, those served from the upstream's cache (priced as cached input). */
+  cachedTokens?: number;
 }
 
 /** The meta entry of a day's summary: which version it covers and how many chunks hold it. */
@@ -46,8 +48,11 @@ export interface SummaryMeta {
   summarizedAt: string;
 }
 
-/** [userId, model, requests, promptTokens, completionTokens, costUsd] — compact to fit 64 KiB. */
-export type SummaryRow = [string, string, number, number, number, number];
+/**
+ * [userId, model, requests, promptTokens, completionTokens, costUsd, cachedTokens?] — compact to
+ * fit 64 KiB (summaries written before cached prices have no seventh element).
+ */
+export type SummaryRow = [string, string, number, number, number, number, number?];
 
 export interface SummaryChunk {
   rows: SummaryRow[];
@@ -86,6 +91,7 @@ export async function readDayCounters(
     if (field === "requests") row.requests += n;
     else if (field === "prompt") row.promptTokens += n;
     else if (field === "completion") row.completionTokens += n;
+    else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
   }
   return rows;
 }
@@ -111,8 +117,9 @@ export async function readDaySummary(
     for (const entry of entries) {
       // A concurrent newer summary may have cleaned this one up: the live counters still answer.
       if (!entry.value || !Array.isArray(entry.value.rows)) return null;
-      for (const [userId, model, requests, promptTokens, completionTokens] of entry.value.rows) {
-        rows.push({ userId, model, requests, promptTokens, completionTokens });
+      for (const row of entry.value.rows) {
+        const [userId, model, requests, promptTokens, completionTokens, , cachedTokens] = row;
+        rows.push({ userId, model, requests, promptTokens, completionTokens, cachedTokens });
       }
     }
   }
@@ -246,14 +253,18 @@ async function writeDaySummary(
   rows: UsageRow[],
   now: number,
 ): Promise<SummarizedDay> {
-  const summaryRows: SummaryRow[] = rows.map((r) => [
-    r.userId,
-    r.model,
-    r.requests,
-    r.promptTokens,
-    r.completionTokens,
-    roundUsd(costUsd(pricing, r.model, r.promptTokens, r.completionTokens)),
-  ]);
+  const summaryRows: SummaryRow[] = rows.map((r) => {
+    const row: SummaryRow = [
+      r.userId,
+      r.model,
+      r.requests,
+      r.promptTokens,
+      r.completionTokens,
+      roundUsd(costUsd(pricing, r.model, r.promptTokens, r.completionTokens, r.cachedTokens)),
+    ];
+    if (r.cachedTokens) row.push(r.cachedTokens);
+    return row;
+  });
   const chunks = chunkRows(summaryRows);
   // Chunks of one version hold the same rows whoever writes them (unless the day changed
   // meanwhile, and then the version moved on and this summary is never trusted).

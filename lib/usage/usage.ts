@@ -21,6 +21,8 @@ import { AppError } from "../core/errors.ts";
 export interface TokenUsage {
   promptTokens: number;
   completionTokens: number;
+  /** Of the prompt tokens, those the upstream served from its cache (priced as cached input). */
+  cachedTokens?: number;
 }
 
 export interface UsageEvent {
@@ -28,6 +30,8 @@ export interface UsageEvent {
   model: string;
   promptTokens: number;
   completionTokens: number;
+  /** Of the prompt tokens, those served from the upstream's cache. */
+  cachedTokens?: number;
   /** When the request happened (ms since epoch); default now. */
   at?: number;
   /** Count a request (default 1; 0 adds tokens to a request already counted). */
@@ -55,20 +59,23 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 /** Sum mutations by key (events of one user, day and model share keys). */
 export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint }>;
 
-/** Adds one event's sums to `into` (6 keys per event at most). */
+/** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? Date.now();
   const day = utcDay(at);
   const add = (key: Deno.KvKey, n: bigint) => {
-    const id = JSON.stringify(key);
+    if (n === 0n) return;
+    const id = key.join("\u0000");
     const found = into.get(id);
     if (found) found.n += n;
     else into.set(id, { key, n });
   };
+  const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);
   const values = {
     requests: big(e.requests ?? 1).value,
     prompt: big(e.promptTokens).value,
     completion: big(e.completionTokens).value,
+    cached: big(cached).value,
   };
   for (const field of USAGE_FIELDS) {
     add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
@@ -76,13 +83,13 @@ export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
   add(
     keys.spendByMonth(e.userId, utcMonth(at)),
-    costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens),
+    costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens, cached),
   );
   add(keys.usageDayVersion(day), 1n);
 }
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
-const SUMS_PER_EVENT = 6;
+const SUMS_PER_EVENT = 7;
 const MAX_BATCH = Math.floor(1000 / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
@@ -120,7 +127,8 @@ export interface UserUsage {
   byModel: ModelUsage[];
 }
 
-type Raw = { requests: number; prompt: number; completion: number };
+type Raw = { requests: number; prompt: number; completion: number; cached: number };
+const emptyRaw = (): Raw => ({ requests: 0, prompt: 0, completion: 0, cached: 0 });
 
 const DAY_MS = 86_400_000;
 
@@ -140,7 +148,8 @@ function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number)
     completionTokens: raw.completion,
     totalTokens: raw.prompt + raw.completion,
     costUsd: roundUsd(
-      cost ?? (model === null ? 0 : costUsd(pricing, model, raw.prompt, raw.completion)),
+      cost ??
+        (model === null ? 0 : costUsd(pricing, model, raw.prompt, raw.completion, raw.cached)),
     ),
   };
 }
@@ -167,8 +176,10 @@ export async function userCounters(
       const [, , , model, field] = entry.key;
       if (typeof model !== "string") continue;
       let raw = models.get(model);
-      if (!raw) models.set(model, raw = { requests: 0, prompt: 0, completion: 0 });
-      if (field === "requests" || field === "prompt" || field === "completion") {
+      if (!raw) models.set(model, raw = emptyRaw());
+      if (
+        field === "requests" || field === "prompt" || field === "completion" || field === "cached"
+      ) {
         raw[field] += u64(entry.value);
       }
     }
@@ -193,17 +204,19 @@ export async function userUsage(
   const perModel = new Map<string, Raw>();
   const list: DayUsage[] = [];
   for (let day = from; day <= today; day = nextDay(day)) {
-    const sum: Raw = { requests: 0, prompt: 0, completion: 0 };
+    const sum: Raw = emptyRaw();
     let cost = 0;
     for (const [model, raw] of counters.get(day) ?? []) {
       sum.requests += raw.requests;
       sum.prompt += raw.prompt;
       sum.completion += raw.completion;
-      cost += costUsd(pricing, model, raw.prompt, raw.completion);
-      const m = perModel.get(model) ?? { requests: 0, prompt: 0, completion: 0 };
+      sum.cached += raw.cached;
+      cost += costUsd(pricing, model, raw.prompt, raw.completion, raw.cached);
+      const m = perModel.get(model) ?? emptyRaw();
       m.requests += raw.requests;
       m.prompt += raw.prompt;
       m.completion += raw.completion;
+      m.cached += raw.cached;
       perModel.set(model, m);
     }
     list.push({ date: day, ...totals(pricing, null, sum, cost) });
@@ -227,14 +240,15 @@ export async function usageTotalsSince(
   now: number = Date.now(),
 ): Promise<UsageTotals> {
   const counters = await userCounters(kv, userId, since, utcDay(now));
-  const sum: Raw = { requests: 0, prompt: 0, completion: 0 };
+  const sum: Raw = emptyRaw();
   let cost = 0;
   for (const models of counters.values()) {
     for (const [model, raw] of models) {
       sum.requests += raw.requests;
       sum.prompt += raw.prompt;
       sum.completion += raw.completion;
-      cost += costUsd(pricing, model, raw.prompt, raw.completion);
+      sum.cached += raw.cached;
+      cost += costUsd(pricing, model, raw.prompt, raw.completion, raw.cached);
     }
   }
   return totals(pricing, null, sum, cost);
