@@ -15,6 +15,7 @@ Deno.test("key API", async (t) => {
       first = await json(res);
       assert.match(String(first.apiKey), /^kw_[A-Za-z0-9_-]{43}$/);
       assert.equal(first.baseUrl, "http://localhost:8000/v1");
+      assert.equal(first.anthropicBaseUrl, "http://localhost:8000");
       assert.equal(first.mode, "proxy");
       assert.equal(first.keyPrefix, String(first.apiKey).slice(0, 7));
       assert.equal(first.userId, "user_alice");

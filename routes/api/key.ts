@@ -17,6 +17,8 @@ export function keyRoutes(services: Services) {
     return {
       apiKey,
       baseUrl: shared ? config.glm.baseUrl : `${config.publicUrl}/v1`,
+      // Anthropic clients (Claude Code's ANTHROPIC_BASE_URL) append /v1/messages themselves.
+      anthropicBaseUrl: shared ? config.glm.anthropicBaseUrl : config.publicUrl,
       mode: config.keyMode,
       keyPrefix: apiKey.slice(0, 7),
       userId: result.user.id,

@@ -1,7 +1,13 @@
 /**
- * A fake GLM (OpenAI-compatible) upstream on loopback, speaking the real wire formats: a JSON
- * chat completion with `usage`, or an SSE stream of `chat.completion.chunk`s whose last chunk
- * carries `usage`, then `data: [DONE]`. Failure modes: 500, slow headers, a stream cut mid-way.
+ * A fake GLM upstream on loopback, speaking the real wire formats the way Z.ai does:
+ * - `/api/paas/v4/chat/completions` (OpenAI's format): a JSON chat completion with `usage`, or an
+ *   SSE stream of `chat.completion.chunk`s whose last chunk carries `usage`, then `data: [DONE]`;
+ *   a request with `tools` gets a tool call;
+ * - `/api/paas/v4/embeddings`: OpenAI's embedding list, with GLM's `usage`;
+ * - `/api/anthropic/v1/messages` (Anthropic's Messages API): JSON, or an SSE stream whose
+ *   `message_start` reports 0 input tokens and whose `message_delta` carries the real counts
+ *   (cache reads included); `/v1/messages/count_tokens` answers `{"input_tokens": n}`.
+ * Failure modes: 500, slow headers, a stream cut mid-way.
  */
 
 export type GlmMode = "json" | "sse" | "error500" | "slow_headers" | "cut";
@@ -11,6 +17,7 @@ export interface ReceivedRequest {
   authorization: string | null;
   accept: string | null;
   body: string;
+  headers: Headers;
 }
 
 interface Deferred {
@@ -90,11 +97,21 @@ export class FakeGlm {
       authorization: req.headers.get("authorization"),
       accept: req.headers.get("accept"),
       body,
+      headers: req.headers,
     });
+    const path = new URL(req.url).pathname;
     let model = "glm-4.6";
+    let parsed: Record<string, unknown> = {};
     try {
-      model = JSON.parse(body).model ?? model;
+      parsed = JSON.parse(body);
+      model = String(parsed.model ?? model);
     } catch { /* the gateway forwards valid JSON only */ }
+    if (this.mode !== "error500" && this.mode !== "slow_headers") {
+      if (path.endsWith("/embeddings")) return this.embeddings(model, parsed);
+      if (path.endsWith("/v1/messages/count_tokens")) return Response.json({ input_tokens: 42 });
+      if (path.endsWith("/v1/messages")) return this.messages(model, parsed);
+    }
+    if (this.mode === "json" && Array.isArray(parsed.tools)) return this.toolCall(model, parsed);
     switch (this.mode) {
       case "json":
         return Response.json({
@@ -107,7 +124,7 @@ export class FakeGlm {
             message: { role: "assistant", content: "Hello!" },
             finish_reason: "stop",
           }],
-          usage: this.usage,
+          usage: this.chatUsage(),
         }, { headers: { "x-request-id": "upstream-req-1" } });
       case "error500":
         return Response.json(
@@ -121,6 +138,152 @@ export class FakeGlm {
       case "cut":
         return this.stream(model, this.mode === "cut");
     }
+  }
+
+  /** Cached prompt tokens reported in usage (GLM's `prompt_tokens_details.cached_tokens`). */
+  cachedTokens = 0;
+
+  private chatUsage() {
+    return this.cachedTokens
+      ? { ...this.usage, prompt_tokens_details: { cached_tokens: this.cachedTokens } }
+      : this.usage;
+  }
+
+  private embeddings(model: string, body: Record<string, unknown>): Response {
+    const inputs = Array.isArray(body.input) ? body.input : [body.input];
+    return Response.json({
+      object: "list",
+      model,
+      data: inputs.map((_, index) => ({ object: "embedding", index, embedding: [0.1, -0.2, 0.3] })),
+      usage: {
+        prompt_tokens: 5 * inputs.length,
+        completion_tokens: 0,
+        total_tokens: 5 * inputs.length,
+      },
+    });
+  }
+
+  private toolCall(model: string, body: Record<string, unknown>): Response {
+    const tool = (body.tools as Array<{ function?: { name?: string } }>)[0]?.function?.name ?? "f";
+    return Response.json({
+      id: "chatcmpl-fake",
+      object: "chat.completion",
+      created: 1_700_000_000,
+      model,
+      choices: [{
+        index: 0,
+        message: {
+          role: "assistant",
+          content: null,
+          tool_calls: [{
+            id: "call_1",
+            type: "function",
+            function: { name: tool, arguments: '{"city":"Paris"}' },
+          }],
+        },
+        finish_reason: "tool_calls",
+      }],
+      usage: this.chatUsage(),
+    });
+  }
+
+  /** Anthropic usage for `this.usage`: input_tokens excludes the cache reads. */
+  private anthropicUsage() {
+    return {
+      input_tokens: this.usage.prompt_tokens - this.cachedTokens,
+      output_tokens: this.usage.completion_tokens,
+      cache_read_input_tokens: this.cachedTokens,
+      cache_creation_input_tokens: 0,
+    };
+  }
+
+  private messages(model: string, body: Record<string, unknown>): Response {
+    const tools = Array.isArray(body.tools) ? body.tools as Array<{ name?: string }> : null;
+    const content = tools
+      ? [{ type: "tool_use", id: "toolu_1", name: tools[0]?.name ?? "f", input: { city: "Paris" } }]
+      : [{ type: "text", text: this.sseChunks.join("") }];
+    if (body.stream !== true) {
+      return Response.json({
+        id: "msg_fake",
+        type: "message",
+        role: "assistant",
+        model,
+        content,
+        stop_reason: tools ? "tool_use" : "end_turn",
+        stop_sequence: null,
+        usage: this.anthropicUsage(),
+      }, { headers: { "request-id": "req_fake" } });
+    }
+    const enc = new TextEncoder();
+    const event = (name: string, data: Record<string, unknown>) =>
+      enc.encode(`event: ${name}\ndata: ${JSON.stringify({ type: name, ...data })}\n\n`);
+    const events: Uint8Array[] = [
+      // Z.ai reports 0 input tokens here, and the real counts in message_delta.
+      event("message_start", {
+        message: {
+          id: "msg_fake",
+          type: "message",
+          role: "assistant",
+          model,
+          content: [],
+          stop_reason: null,
+          stop_sequence: null,
+          usage: { input_tokens: 0, output_tokens: 0 },
+        },
+      }),
+      event("ping", {}),
+    ];
+    if (tools) {
+      events.push(
+        event("content_block_start", {
+          index: 0,
+          content_block: {
+            type: "tool_use",
+            id: "toolu_1",
+            name: tools[0]?.name ?? "f",
+            input: {},
+          },
+        }),
+        event("content_block_delta", {
+          index: 0,
+          delta: { type: "input_json_delta", partial_json: '{"city":' },
+        }),
+        event("content_block_delta", {
+          index: 0,
+          delta: { type: "input_json_delta", partial_json: '"Paris"}' },
+        }),
+      );
+    } else {
+      events.push(
+        event("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
+        ...this.sseChunks.map((text) =>
+          event("content_block_delta", { index: 0, delta: { type: "text_delta", text } })
+        ),
+      );
+    }
+    events.push(
+      event("content_block_stop", { index: 0 }),
+      event("message_delta", {
+        delta: { stop_reason: tools ? "tool_use" : "end_turn", stop_sequence: null },
+        usage: this.anthropicUsage(),
+      }),
+      event("message_stop", {}),
+    );
+    const hold = this.holdAfterFirstChunk ? this.hold.promise : null;
+    const closing = this.closing.promise;
+    const stream = new ReadableStream<Uint8Array>({
+      start: async (controller) => {
+        for (let i = 0; i < events.length; i++) {
+          controller.enqueue(events[i]);
+          if (i === 0 && hold) await Promise.race([hold, closing]);
+        }
+        controller.close();
+        this.streamsFinished++;
+      },
+    });
+    return new Response(stream, {
+      headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
+    });
   }
 
   private stream(model: string, cut: boolean): Response {
@@ -160,7 +323,7 @@ export class FakeGlm {
           }
           await pause();
           if (cancelled) return;
-          controller.enqueue(chunk({}, { usage: this.usage }));
+          controller.enqueue(chunk({}, { usage: this.chatUsage() }));
           controller.enqueue(enc.encode("data: [DONE]\n\n"));
           controller.close();
           this.streamsFinished++;
