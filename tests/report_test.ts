@@ -319,3 +319,28 @@ Deno.test("today's usage is always read live", async () => {
     assert.equal(report.totals.requests, 1);
   });
 });
+
+Deno.test("cached prompt tokens are priced as cached: live counters, summaries and reports agree", async () => {
+  await withKv(async (kv) => {
+    const pricing = { "glm-5.1": { input: 1.4, cachedInput: 0.26, output: 4.4 } };
+    await recordUsage(kv, pricing, {
+      userId: "user_cache",
+      model: "glm-5.1",
+      promptTokens: 1_000_000,
+      completionTokens: 1_000_000,
+      cachedTokens: 600_000,
+      at: Date.parse("2026-03-05T10:00:00Z"),
+    });
+    // 400k × $1.40 + 600k × $0.26 + 1M × $4.40 per million.
+    const expected = 5.116;
+    const range = { from: "2026-03-05", to: "2026-03-05", now: NOW };
+    const live = await buildReport(kv, pricing, range);
+    assert.deepEqual(live.sources, { summary: 0, live: 1 });
+    assert.equal(live.totals.costUsd, expected);
+    await summarizeCosts(kv, { pricing, limits: { budgetUsdMonthly: 0 } }, { now: NOW });
+    const summarized = await buildReport(kv, pricing, range);
+    assert.deepEqual(summarized.sources, { summary: 1, live: 0 });
+    assert.equal(summarized.totals.costUsd, expected);
+    assert.equal(summarized.models[0].costUsd, expected);
+  });
+});
