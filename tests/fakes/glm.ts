@@ -142,6 +142,8 @@ export class FakeGlm {
 
   /** Cached prompt tokens reported in usage (GLM's `prompt_tokens_details.cached_tokens`). */
   cachedTokens = 0;
+  /** Whether a request offering tools is answered with a call of the first one. */
+  callsTools = true;
 
   private chatUsage() {
     return this.cachedTokens
@@ -198,7 +200,9 @@ export class FakeGlm {
   }
 
   private messages(model: string, body: Record<string, unknown>): Response {
-    const tools = Array.isArray(body.tools) ? body.tools as Array<{ name?: string }> : null;
+    const tools = Array.isArray(body.tools) && this.callsTools
+      ? body.tools as Array<{ name?: string }>
+      : null;
     const content = tools
       ? [{ type: "tool_use", id: "toolu_1", name: tools[0]?.name ?? "f", input: { city: "Paris" } }]
       : [{ type: "text", text: this.sseChunks.join("") }];
