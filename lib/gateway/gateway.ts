@@ -68,6 +68,8 @@ export class Gateway {
   private readonly log: Logger;
   private readonly ledger: Ledger;
   readonly models: ModelCatalog;
+  /** The operator's key and content type, per endpoint (built once). */
+  private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
   /**
    * Key hash → user id. Safe to keep per process: a hash belongs to one user forever, and the
    * key index entry and user record are re-read and checked atomically on every request.
@@ -140,13 +142,14 @@ export class Gateway {
       const headers = this.currentHeaders(status);
       settlement = new Unmetered(validate(user, headers), target, headers);
     }
-    const upstreamHeaders: Record<string, string> = {
-      ...protocol.upstreamAuth(masterKey),
-      "content-type": "application/json",
-    };
+    let upstreamHeaders = this.upstreamHeaders.get(protocol);
+    if (!upstreamHeaders) {
+      upstreamHeaders = { ...protocol.upstreamAuth(masterKey), "content-type": "application/json" };
+      this.upstreamHeaders.set(protocol, upstreamHeaders);
+    }
     for (const name of protocol.relayedHeaders) {
       const value = req.headers.get(name);
-      if (value !== null) upstreamHeaders[name] = value;
+      if (value !== null) upstreamHeaders = { ...upstreamHeaders, [name]: value };
     }
     return await this.forward(
       req,

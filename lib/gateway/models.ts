@@ -38,8 +38,21 @@ export class ModelCatalog {
     });
   }
 
+  /** Resolutions of the names requests used (a few; bounded). */
+  private readonly resolved = new Map<string, string | AppError>();
+
   /** The model to forward as, or 400 model_not_allowed saying why. */
   resolve(requested: string): string | AppError {
+    let found = this.resolved.get(requested);
+    if (found === undefined) {
+      found = this.lookUp(requested);
+      if (this.resolved.size >= 1000) this.resolved.clear();
+      this.resolved.set(requested, found);
+    }
+    return found;
+  }
+
+  private lookUp(requested: string): string | AppError {
     const alias = this.aliases.find((a) => a.test.test(requested));
     const name = alias ? alias.target : requested;
     if (this.allowed === null) return name;
