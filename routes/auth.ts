@@ -1,14 +1,22 @@
 /** Local-mode sign-in (CONTRACT §3): an e-mail form issuing a locally signed session cookie. */
 import { Hono } from "hono";
-import { deleteCookie, setCookie } from "hono/cookie";
+import { deleteCookie, getCookie, setCookie } from "hono/cookie";
 import { z } from "zod";
 import { AppError, parseJsonBody } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./context.ts";
 
+/**
+ * Where to go after signing in: a path on this site. Printable ASCII only, so no byte a browser
+ * strips (tab, CR, LF: "/\t/evil.com" is followed as "//evil.com") and none that breaks the
+ * Location header; no backslash (read as "/") and no leading "//" (another host).
+ */
+const SAME_ORIGIN_PATH = /^\/(?![/\\])[\x21-\x5b\x5d-\x7e]*$/;
+
 const signInSchema = z.object({
   email: z.string().trim().toLowerCase().pipe(z.email({ message: "enter a valid e-mail address" })),
-  redirect: z.string().regex(/^\/[^/\\]/).optional().catch(undefined),
+  // Anything else falls back to the dashboard rather than failing a sign-in that worked.
+  redirect: z.string().max(2048).regex(SAME_ORIGIN_PATH).optional().catch(undefined),
 });
 
 export function authRoutes(services: Services) {
@@ -37,8 +45,11 @@ export function authRoutes(services: Services) {
     return c.redirect(redirect ?? "/dashboard", 303);
   });
 
-  app.post("/auth/sign-out", (c) => {
+  app.post("/auth/sign-out", async (c) => {
     assertSameOrigin(c, services);
+    // A copy of the cookie (another browser, a log, malware) must stop working too.
+    const token = getCookie(c, SESSION_COOKIE);
+    if (token) await sessions.revoke(token);
     deleteCookie(c, SESSION_COOKIE, { path: "/" });
     return c.redirect("/", 303);
   });

@@ -5,6 +5,8 @@ import type { z } from "zod";
 import { type Session, sessionTokenFrom } from "../lib/identity/sessions.ts";
 import { AppError, invalidRequest, parseJsonBody } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
+import type { Config } from "../lib/core/config.ts";
+import { isLoopbackHostname } from "./local_guard.ts";
 
 export type AppEnv = {
   Variables: {
@@ -49,19 +51,42 @@ export function requireSession(services: Services): MiddlewareHandler<AppEnv> {
   };
 }
 
-/** Rejects cross-site writes that ride on a cookie (CSRF). */
+/**
+ * Rejects cross-site writes that ride on a cookie (CSRF, CONTRACT §3). Allowed origins come from
+ * configuration only, never from the Host header: under DNS rebinding or behind a proxy the Host
+ * is whatever the attacker's page used, so an origin derived from it would always match.
+ */
 export function assertSameOrigin(c: Context<AppEnv>, services: Services) {
   if (c.req.method === "GET" || c.req.method === "HEAD") return;
   const origin = c.req.header("origin");
-  if (!origin) return; // Browsers send Origin on every cross-origin write; other clients are not CSRF.
-  const allowed = new Set([
-    new URL(services.config.publicUrl).origin,
-    new URL(c.req.url).origin,
-    ...services.config.clerk.authorizedParties,
-  ]);
-  if (!allowed.has(origin)) {
-    throw new AppError("forbidden", `Cross-origin request from ${origin} refused.`);
+  if (origin === undefined) {
+    // Browsers label every request with Sec-Fetch-Site; a client that sends neither header
+    // (curl, an SDK) is not a browser carrying a victim's cookie.
+    const site = c.req.header("sec-fetch-site");
+    if (site === undefined || site === "same-origin" || site === "none") return;
+    throw new AppError("forbidden", "Cross-site request refused: no Origin, and not same-origin.");
   }
+  if (!isAllowedOrigin(origin, c.req.url, services.config)) {
+    throw new AppError("forbidden", `Cross-origin request from ${origin.slice(0, 200)} refused.`);
+  }
+}
+
+/** PUBLIC_URL's origin and the authorized parties, per config (built once, not per request). */
+const configuredOrigins = new WeakMap<Config, Set<string>>();
+
+function isAllowedOrigin(origin: string, requestUrl: string, config: Config): boolean {
+  let fixed = configuredOrigins.get(config);
+  if (!fixed) {
+    fixed = new Set([new URL(config.publicUrl).origin, ...config.clerk.authorizedParties]);
+    configuredOrigins.set(config, fixed);
+  }
+  if (fixed.has(origin)) return true;
+  if (!config.localMode) return false;
+  // Local mode is also reached as localhost, 127.0.0.1 or [::1] on the port the request came in
+  // on; only the port is taken from the request, and the host guard vouched for its name.
+  const url = URL.parse(origin);
+  return url !== null && url.protocol === "http:" && url.origin === origin &&
+    isLoopbackHostname(url.hostname) && url.port === (URL.parse(requestUrl)?.port ?? "");
 }
 
 /** Parses a JSON body with a schema: 400 invalid_request naming the field when it does not fit. */

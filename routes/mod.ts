@@ -5,7 +5,7 @@ import { HTTPException } from "hono/http-exception";
 import { secureHeaders } from "hono/secure-headers";
 import { serveStatic } from "hono/deno";
 import { PROJECT_ROOT } from "../build/islands.ts";
-import { AppError, errorBody, isAnthropicPath } from "../lib/core/errors.ts";
+import { AppError, errorBody, isAnthropicPath, isApiPath } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { adminRoutes } from "./api/admin.ts";
 import { keyRoutes } from "./api/key.ts";
@@ -13,6 +13,7 @@ import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
+import { localHostGuard } from "./local_guard.ts";
 import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
@@ -23,19 +24,14 @@ const tooLarge = (limit: string) => () => {
   throw new AppError("payload_too_large", `Request body is larger than ${limit}.`);
 };
 
-const isApiPath = (path: string) => path.startsWith("/api/") || path.startsWith("/v1/");
-
 /**
- * Request ids: a trusted proxy's well-formed `x-request-id` is kept; otherwise a per-process
- * random prefix and a counter (unique without the cost of a UUID per request).
+ * Request ids: a per-process random prefix and a counter (unique without the cost of a UUID per
+ * request). An incoming `x-request-id` is never used: a client must not choose what the logs say.
  */
 function requestIds() {
   const prefix = crypto.randomUUID().slice(0, 8);
   let seq = 0;
-  return (incoming: string | undefined) =>
-    incoming && /^[A-Za-z0-9._:-]{1,128}$/.test(incoming)
-      ? incoming
-      : `${prefix}-${(seq++).toString(36)}`;
+  return (_incoming: string | undefined) => `${prefix}-${(seq++).toString(36)}`;
 }
 
 export function createApp(services: Services) {
@@ -43,6 +39,8 @@ export function createApp(services: Services) {
   const app = new Hono<AppEnv>();
 
   const nextId = requestIds();
+  // Ahead of everything, the gateway included: local mode answers loopback host names only.
+  if (services.config.localMode) app.use("*", localHostGuard());
   if (services.config.keyMode === "proxy") {
     // Ahead of every middleware: the gateway frames, limits and logs its own requests.
     for (const protocol of PROTOCOLS) {

@@ -33,10 +33,24 @@ const origin = (name: string) =>
       if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error();
       return url.origin + url.pathname.replace(/\/+$/, "");
     } catch {
-      ctx.addIssue({ code: "custom", message: `${name} must be an http(s) URL, got "${raw}"` });
+      // The value is not echoed: a secret pasted into the wrong variable must not reach a log.
+      ctx.addIssue({ code: "custom", message: `${name} must be an http(s) URL` });
       return z.NEVER;
     }
   });
+
+/**
+ * Shannon entropy of a text's character frequencies times its length: a floor for a human's
+ * choice (32 × "a" is 0 bits; 32 random base64 characters are ≈ 150 bits).
+ */
+export function estimatedEntropyBits(text: string): number {
+  const counts = new Map<string, number>();
+  for (const ch of text) counts.set(ch, (counts.get(ch) ?? 0) + 1);
+  const n = [...text].length;
+  let bitsPerChar = 0;
+  for (const c of counts.values()) bitsPerChar -= (c / n) * Math.log2(c / n);
+  return bitsPerChar * n;
+}
 
 const envSchema = z.object({
   PORT: intFrom("PORT", 8000, 0, 65535),
@@ -96,6 +110,10 @@ const envSchema = z.object({
   KEY_ENCRYPTION_SECRET: optionalString.refine(
     (v) => v === undefined || v.length >= 32,
     "KEY_ENCRYPTION_SECRET must be at least 32 characters",
+  ).refine(
+    (v) => v === undefined || v.length < 32 || estimatedEntropyBits(v) >= 128,
+    "KEY_ENCRYPTION_SECRET looks guessable (repeated or few distinct characters); " +
+      "use a random value such as `openssl rand -base64 48`",
   ),
   RATE_LIMIT_RPM: intFrom("RATE_LIMIT_RPM", 60, 1, 1_000_000),
   RATE_LIMIT_RPD: intFrom("RATE_LIMIT_RPD", 1000, 1, 100_000_000),
@@ -192,13 +210,18 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     }));
   }
   const e = parsed.data;
-  const production = e.DENO_DEPLOYMENT_ID !== undefined || e.APP_ENV === "production";
+  // Any spelling of production counts ("Production", "PRODUCTION", "prod"): local mode's open
+  // sign-in must never start by accident on a server.
+  const appEnv = e.APP_ENV?.toLowerCase();
+  const production = e.DENO_DEPLOYMENT_ID !== undefined || appEnv === "production" ||
+    appEnv === "prod";
   const clerkConfigured = Boolean(
     e.CLERK_PUBLISHABLE_KEY || e.CLERK_SECRET_KEY || e.CLERK_JWT_KEY,
   );
   const localMode = !clerkConfigured && !production;
   const problems: string[] = [];
-  if (production && !clerkConfigured) {
+  // A publishable key alone cannot verify a session: production needs a way to verify them.
+  if (production && !e.CLERK_JWT_KEY && !e.CLERK_SECRET_KEY) {
     problems.push(
       "CLERK_JWT_KEY or CLERK_SECRET_KEY is required in production (APP_ENV=production or on Deno Deploy)",
     );

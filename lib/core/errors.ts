@@ -88,6 +88,9 @@ export function errorBody(code: ErrorCode, message: string, anthropicStatus?: nu
   };
 }
 
+/** Whether a path's errors take the contract's JSON shape (every `/api/*` and `/v1/*` path). */
+export const isApiPath = (path: string) => path.startsWith("/api/") || path.startsWith("/v1/");
+
 /** Whether a path is an Anthropic route, whose errors take Anthropic's shape too. */
 export const isAnthropicPath = (path: string) =>
   path === "/v1/messages" || path.startsWith("/v1/messages/");

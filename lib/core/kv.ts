@@ -40,13 +40,22 @@ export const keys = {
   budgetAlert: (userId: string, month: Month, threshold: number) =>
     ["budget_alerts", userId, month, threshold] as const,
   localSecret: (name: string) => ["local_secrets", name] as const,
+  /** A signed-out local session id, kept (expireIn) until its token would have expired anyway. */
+  revokedSession: (sid: string) => ["revoked_sessions", sid] as const,
   /** Grows with every write that invalidates cached users or keys (lib/identity/cache_epoch.ts). */
   cacheEpoch: () => ["cache_epoch"] as const,
+  /** Which user an invalidating write changed, by time (ms) and a random id. */
+  cacheChange: (at: number, id: string) => ["cache_changes", at, id] as const,
+  cacheChanges: (at: number) => ["cache_changes", at] as const,
+  /** Key rotations a user made in one clock hour (a number; expires after two). */
+  keyRotations: (userId: string, hour: number) => ["key_rotations", userId, hour] as const,
 };
 
 /**
  * Opens KV at a file path, `:memory:`, or a KV Connect URL. Deno reads a KV Connect URL's token
  * from the process environment only, so a token that came from `.env` is put there first.
+ * A KV file holds e-mail addresses, key hashes and usage: it and the folder Keyway creates for it
+ * are readable by their owner only, whatever the umask and however the file came to exist.
  */
 export async function openKv(
   path: string | undefined,
@@ -55,11 +64,39 @@ export async function openKv(
   const target = path ?? "./data/keyway.sqlite3";
   if (/^https?:\/\//.test(target)) {
     if (accessToken) Deno.env.set("DENO_KV_ACCESS_TOKEN", accessToken);
-  } else if (target !== ":memory:") {
-    const dir = target.replace(/[^/\\]*$/, "");
-    if (dir) await Deno.mkdir(dir, { recursive: true });
+    return await Deno.openKv(target);
   }
-  return await Deno.openKv(target);
+  if (target === ":memory:") return await Deno.openKv(target);
+  const dir = target.replace(/[^/\\]*$/, "");
+  if (dir) await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
+  await createOwnerOnly(target);
+  const kv = await Deno.openKv(target);
+  for (const file of [target, `${target}-wal`, `${target}-shm`, `${target}-journal`]) {
+    await chmodIfExists(file, 0o600);
+  }
+  return kv;
+}
+
+/** POSIX file modes do not exist on Windows (Deno.chmod throws there); ACLs govern instead. */
+const POSIX = Deno.build.os !== "windows";
+
+/** Creates an empty file as 0600 so SQLite never writes into a world-readable one, even briefly. */
+async function createOwnerOnly(file: string) {
+  if (!POSIX) return;
+  try {
+    (await Deno.open(file, { createNew: true, write: true, mode: 0o600 })).close();
+  } catch (err) {
+    if (!(err instanceof Deno.errors.AlreadyExists)) throw err;
+  }
+}
+
+async function chmodIfExists(file: string, mode: number) {
+  if (!POSIX) return;
+  try {
+    await Deno.chmod(file, mode);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
 }
 
 /** The last day formatted (utcDay/utcMonth run several times per gateway request). */

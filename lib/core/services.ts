@@ -35,10 +35,10 @@ export async function createServices(
     await localSecret(kv, "key_encryption");
   const vault = await KeyVault.fromSecret(encryptionSecret);
   const users = new Users(kv, vault);
-  const sessions = new SessionVerifier(
-    config,
-    config.localMode ? await localSecret(kv, "session_signing") : undefined,
-  );
+  const sessions = new SessionVerifier(config, kv, {
+    localSecret: config.localMode ? await localSecret(kv, "session_signing") : undefined,
+    log,
+  });
   const clerkSync = new ClerkSync(config, kv, users, log);
   if (config.keyMode === "proxy" && config.allowAnyModel && !config.pricing["*"]) {
     log.warn(

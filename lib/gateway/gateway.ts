@@ -11,7 +11,7 @@
  * client leaves or the upstream fails.
  */
 import type { Config } from "../core/config.ts";
-import { concatBytes } from "../core/encoding.ts";
+import { concatBytes, duplicateJsonKey } from "../core/encoding.ts";
 import { AppError } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
@@ -469,10 +469,19 @@ async function readBody(
   }
   if (!bytes) return tooLarge();
   let json: unknown;
+  const text = decoder.decode(bytes);
   try {
-    json = JSON.parse(decoder.decode(bytes));
+    json = JSON.parse(text);
   } catch {
     return new AppError("invalid_request", "body: not valid JSON");
+  }
+  // What is forwarded must be what was checked (JSON.parse keeps the last of two keys).
+  const duplicate = duplicateJsonKey(text);
+  if (duplicate !== null) {
+    return new AppError(
+      "invalid_request",
+      `body: the key ${JSON.stringify(duplicate).slice(0, 100)} appears twice in one object`,
+    );
   }
   const parsed = protocol.parseBody(json);
   return parsed instanceof AppError ? parsed : { ...parsed, bytes };

@@ -1,36 +1,60 @@
 /**
  * Cross-process cache invalidation through KV. Every write that can make a cached value wrong
  * (key rotation, revocation, status or limit changes) adds 1 to one KV counter in the same
- * atomic commit; each process re-reads the counter at most every `intervalMs` and drops its
- * caches when it moved. The writing process drops its own entries at once, so only *other*
- * processes can serve a value that is at most `intervalMs` old. Deno KV's `watch` does not see
- * other processes' writes on a local file, hence the cheap poll.
+ * atomic commit, and records which user it changed (`keys.cacheChange`, kept for 10 minutes).
+ * Each process re-reads the counter at most every `intervalMs`; when it moved, it reads the
+ * changes since its last look and drops those users' cached values only (all of them when the
+ * record is gone). The writing process drops its own entry at once, so only *other* processes can
+ * serve a value that is at most `intervalMs` old. Deno KV's `watch` does not see other processes'
+ * writes on a local file, hence the cheap poll.
  */
 import { keys } from "../core/kv.ts";
 
+const CHANGE_KEEP_MS = 10 * 60_000;
+/** Clock differences between processes that the change log tolerates. */
+const SKEW_MS = 5_000;
+
 export class CacheEpoch {
-  /** Bumped locally whenever the caches are dropped; fills started before it are discarded. */
+  /** Bumped whenever caches are dropped; per user below. */
   generation = 0;
+  /** The generation of the last drop of everything. */
+  private everything = 0;
+  private readonly byUser = new Map<string, number>();
   private seen: bigint | null = null;
   private checkedAt = -Infinity;
+  private lookedAt = Date.now();
   private pending: Promise<void> | null = null;
-  private readonly listeners = new Set<() => void>();
+  private readonly listeners = new Set<(userIds: string[] | null) => void>();
 
   constructor(private readonly kv: Deno.Kv, private readonly intervalMs = 250) {}
 
-  /** Adds the counter bump to a write that invalidates cached values. */
-  bump(op: Deno.AtomicOperation): Deno.AtomicOperation {
-    return op.sum(keys.cacheEpoch(), 1n);
+  /** Adds the counter bump (and the record of whose values changed) to an invalidating write. */
+  bump(op: Deno.AtomicOperation, userId: string): Deno.AtomicOperation {
+    const at = Date.now();
+    return op.sum(keys.cacheEpoch(), 1n)
+      .set(keys.cacheChange(at, crypto.randomUUID()), userId, { expireIn: CHANGE_KEEP_MS });
   }
 
-  onChange(listener: () => void) {
+  /** `listener(null)` drops every cached value; `listener(ids)` drops those users'. */
+  onChange(listener: (userIds: string[] | null) => void) {
     this.listeners.add(listener);
   }
 
-  /** Drops every cache in this process now. */
-  invalidate() {
+  /** Drops cached values in this process now: some users', or everything. */
+  invalidate(userIds: string[] | null = null) {
     this.generation++;
-    for (const listener of this.listeners) listener();
+    if (userIds === null || this.byUser.size > 100_000) {
+      this.everything = this.generation;
+      this.byUser.clear();
+    } else {
+      for (const id of userIds) this.byUser.set(id, this.generation);
+    }
+    for (const listener of this.listeners) listener(userIds);
+  }
+
+  /** The generation a fill for this user must still see to be kept (fills racing a drop are not). */
+  generationOf(userId: string): number {
+    return Math.max(this.everything, this.byUser.get(userId) ?? 0);
   }
 
   /** Resolves once the caches reflect every write older than `intervalMs`. */
@@ -43,7 +67,24 @@ export class CacheEpoch {
     const entry = await this.kv.get<Deno.KvU64>(keys.cacheEpoch());
     this.checkedAt = performance.now();
     const value = entry.value?.value ?? 0n;
-    if (this.seen !== null && value !== this.seen) this.invalidate();
+    const since = this.lookedAt - SKEW_MS;
+    this.lookedAt = Date.now();
+    if (this.seen !== null && value !== this.seen) {
+      const changed = new Set<string>();
+      let complete = true;
+      const iter = this.kv.list<string>(
+        { start: keys.cacheChange(since, ""), end: keys.cacheChanges(Number.MAX_SAFE_INTEGER) },
+        { limit: 1000 },
+      );
+      let n = 0;
+      for await (const change of iter) {
+        n++;
+        if (typeof change.value === "string") changed.add(change.value);
+      }
+      // No record (older writers, or more than the log holds): drop everything to be safe.
+      if (changed.size === 0 || n >= 1000) complete = false;
+      this.invalidate(complete ? [...changed] : null);
+    }
     this.seen = value;
   }
 }

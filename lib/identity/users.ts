@@ -64,6 +64,9 @@ export interface KeyIndexValue {
 }
 
 const CACHE_MAX = 50_000;
+const HOUR_MS = 3_600_000;
+/** Key rotations a user may make per clock hour. */
+export const ROTATIONS_PER_HOUR = 10;
 
 export class Users {
   /**
@@ -78,7 +81,10 @@ export class Users {
     private readonly vault: KeyVault,
     readonly epoch: CacheEpoch = new CacheEpoch(kv),
   ) {
-    epoch.onChange(() => this.cache.clear());
+    epoch.onChange((userIds) => {
+      if (userIds === null) this.cache.clear();
+      else for (const id of userIds) this.cache.delete(id);
+    });
   }
 
   async get(userId: string): Promise<UserRecord | null> {
@@ -93,9 +99,9 @@ export class Users {
     await this.epoch.fresh();
     const hit = this.cache.get(userId);
     if (hit) return hit;
-    const generation = this.epoch.generation;
+    const generation = this.epoch.generationOf(userId);
     const result = await this.provisionInKv(userId, profile);
-    if (generation === this.epoch.generation) {
+    if (generation === this.epoch.generationOf(userId)) {
       if (this.cache.size >= CACHE_MAX) this.cache.delete(this.cache.keys().next().value!);
       this.cache.set(userId, { ...result, created: false });
     }
@@ -139,10 +145,27 @@ export class Users {
     }, "provision");
   }
 
-  /** Replaces the user's key; the old hash is removed in the same commit so it stops at once. */
+  /**
+   * Replaces the user's key; the old hash is removed in the same commit so it stops at once. At
+   * most ROTATIONS_PER_HOUR per user and clock hour (429 with Retry-After beyond): a stolen
+   * session cannot churn keys, or the caches of every process, without end.
+   */
   async rotate(userId: string): Promise<ProvisionResult> {
     return await retryAtomic<ProvisionResult>(async () => {
-      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const hour = Math.floor(Date.now() / HOUR_MS);
+      const [entry, rotations] = await this.kv.getMany<[UserRecord, number]>([
+        keys.user(userId),
+        keys.keyRotations(userId, hour),
+      ]);
+      const rotated = rotations.value ?? 0;
+      if (rotated >= ROTATIONS_PER_HOUR) {
+        const wait = Math.ceil(((hour + 1) * HOUR_MS - Date.now()) / 1000);
+        throw new AppError(
+          "rate_limit_exceeded",
+          `A key can be rotated ${ROTATIONS_PER_HOUR} times an hour; retry in ${wait}s.`,
+          { "retry-after": String(Math.max(1, wait)) },
+        );
+      }
       const user = entry.value;
       if (!user) throw new AppError("not_found", "No key has been provisioned for this user yet.");
       if (user.status === "deleted") {
@@ -154,13 +177,15 @@ export class Users {
       const next: UserRecord = { ...user, key, updatedAt: now };
       const op = this.kv.atomic()
         .check(entry)
+        .check(rotations)
         .check({ key: keys.keyByHash(key.hash), versionstamp: null })
         .set(keys.user(userId), next)
-        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue);
+        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue)
+        .set(keys.keyRotations(userId, hour), rotated + 1, { expireIn: 2 * HOUR_MS });
       if (user.key) op.delete(keys.keyByHash(user.key.hash));
-      const res = await this.epoch.bump(op).commit();
+      const res = await this.epoch.bump(op, userId).commit();
       return res.ok ? { user: next, apiKey, created: true } : CONFLICT;
-    }, "rotate").finally(() => this.epoch.invalidate());
+    }, "rotate").finally(() => this.epoch.invalidate([userId]));
   }
 
   /**
@@ -198,8 +223,8 @@ export class Users {
       };
       const op = this.kv.atomic().check(entry).set(keys.user(userId), tombstone);
       if (user?.key) op.delete(keys.keyByHash(user.key.hash));
-      return (await this.epoch.bump(op).commit()).ok ? undefined : CONFLICT;
-    }, "delete user").finally(() => this.epoch.invalidate());
+      return (await this.epoch.bump(op, userId).commit()).ok ? undefined : CONFLICT;
+    }, "delete user").finally(() => this.epoch.invalidate([userId]));
   }
 
   async setStatus(userId: string, status: "active" | "disabled"): Promise<UserRecord> {
@@ -272,9 +297,9 @@ export class Users {
       if (!next) return null;
       next.updatedAt = new Date().toISOString();
       const op = this.kv.atomic().check(entry).set(keys.user(userId), next);
-      const res = await this.epoch.bump(op).commit();
+      const res = await this.epoch.bump(op, userId).commit();
       return res.ok ? next : CONFLICT;
-    }, "update user").finally(() => this.epoch.invalidate());
+    }, "update user").finally(() => this.epoch.invalidate([userId]));
   }
 }
 

@@ -219,9 +219,21 @@ export function* reportCsvParts(report: Report, linesPerPart = 5000): Generator<
   if (lines.length) yield lines.join("\r\n") + "\r\n";
 }
 
-function csvField(value: string | number | null): string {
-  const text = value === null ? "" : String(value);
+/**
+ * One CSV cell. A text that a spreadsheet would read as a formula (it starts with `=`, `+`, `-`,
+ * `@`, a tab or a carriage return) is prefixed with `'` (OWASP's CSV injection advice); numbers
+ * are written as numbers.
+ */
+export function csvField(value: string | number | null): string {
+  let text = value === null ? "" : String(value);
+  if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+/** A text for a terminal: control characters (escape sequences among them) become U+FFFD. */
+export function printable(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, "\ufffd");
 }
 
 /** The report for people: aligned per-user and per-model tables with totals rows. */
@@ -248,7 +260,9 @@ export function reportTable(report: Report): string {
   out.push(
     ...renderTable(
       ["User", "E-mail", ...numberHeads],
-      report.users.map((u) => [u.userId, clip(u.email ?? "—", 40), ...numbers(u)]),
+      report.users.map((
+        u,
+      ) => [printable(u.userId), clip(printable(u.email ?? "—"), 40), ...numbers(u)]),
       [
         "Total",
         `${int(report.users.length)} user${report.users.length === 1 ? "" : "s"}`,
@@ -262,7 +276,7 @@ export function reportTable(report: Report): string {
   out.push(
     ...renderTable(
       ["Model", ...numberHeads],
-      report.models.map((m) => [m.priced ? m.model : `${m.model} *`, ...numbers(m)]),
+      report.models.map((m) => [printable(m.priced ? m.model : `${m.model} *`), ...numbers(m)]),
       ["Total", ...numbers(report.totals)],
       1,
     ),

@@ -1,0 +1,42 @@
+/**
+ * Local mode (CONTRACT §3) lets whoever reaches the server sign in as anyone, so it answers only
+ * requests addressed to this machine by a loopback name. Listening on 127.0.0.1 is not enough:
+ * a web page can point its own host name at 127.0.0.1 (DNS rebinding), and a reverse proxy in
+ * front forwards other hosts' requests; both arrive with a Host that is not a loopback name.
+ */
+import type { MiddlewareHandler } from "hono";
+import { errorBody, isAnthropicPath, isApiPath } from "../lib/core/errors.ts";
+import type { AppEnv } from "./context.ts";
+
+const LOOPBACK_HOSTNAMES = new Set(["localhost", "127.0.0.1", "[::1]"]);
+/** host[:port], the host a name or a bracketed IPv6 literal (no userinfo, path or spaces). */
+const HOST = /^(\[[0-9a-f:.]+\]|[^[\]:@/\\?#\s]+)(?::\d{1,5})?$/i;
+
+/** Whether a URL hostname (as `URL.hostname` gives it) is one of the loopback names. */
+export function isLoopbackHostname(hostname: string): boolean {
+  return LOOPBACK_HOSTNAMES.has(hostname.toLowerCase());
+}
+
+/** Whether a Host header value names this machine (any port). */
+export function isLoopbackHost(host: string): boolean {
+  const m = host.match(HOST);
+  return m !== null && isLoopbackHostname(m[1]);
+}
+
+/** 403 `forbidden` for any request whose Host is not localhost, 127.0.0.1 or [::1]. */
+export function localHostGuard(): MiddlewareHandler<AppEnv> {
+  const message =
+    "This Keyway server runs in local mode: it answers only at localhost, 127.0.0.1 or [::1].";
+  return async (c, next) => {
+    // In-process requests (app.request in tests) carry no Host header: their URL's host stands in.
+    const host = c.req.header("host") ?? new URL(c.req.url).host;
+    if (isLoopbackHost(host)) return await next();
+    c.header("x-content-type-options", "nosniff");
+    const path = c.req.path;
+    if (isApiPath(path)) {
+      const anthropic = isAnthropicPath(path) ? 403 : undefined;
+      return c.json(errorBody("forbidden", message, anthropic), 403);
+    }
+    return c.text(message, 403);
+  };
+}
