@@ -5,6 +5,7 @@ import { createLogger } from "../lib/core/log.ts";
 import { createServices, type Services } from "../lib/core/services.ts";
 import { createApp } from "../routes/mod.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
+import { FakeGlm } from "./fakes/glm.ts";
 
 export const MASTER_KEY = "glm-master-SECRET-0123456789abcdef.zzTopSecret";
 export const ENCRYPTION_SECRET = "test-encryption-secret-0123456789-abcdef";
@@ -96,4 +97,95 @@ export async function eventually<T>(
     }
     await new Promise((r) => setTimeout(r, 20));
   }
+}
+
+/** Today's usage as GET /api/usage reports it. */
+export interface TodayUsage {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  totalTokens: number;
+  costUsd: number;
+}
+
+export interface ServedGateway {
+  app: TestApp;
+  fake: FakeGlm;
+  url: string;
+  apiKey: string;
+  /** Today's usage, read through GET /api/usage with the user's own key (as a client would). */
+  today(): Promise<TodayUsage>;
+  close(): Promise<void>;
+}
+
+/**
+ * The app on a real port (hang-ups and SDKs need real connections), a fake GLM behind it, and one
+ * provisioned user.
+ */
+export async function serveGateway(
+  env: Record<string, string>,
+  userId: string,
+): Promise<ServedGateway> {
+  const fake = new FakeGlm();
+  const app = await testApp({ GLM_BASE_URL: fake.baseUrl, ...env });
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    createApp(app.services).fetch,
+  );
+  const url = `http://127.0.0.1:${server.addr.port}`;
+  const { apiKey } = await app.services.users.provision(userId);
+  return {
+    app,
+    fake,
+    url,
+    apiKey,
+    today: async () => {
+      const res = await fetch(`${url}/api/usage?days=1`, { headers: bearer(apiKey) });
+      if (res.status !== 200) throw new Error(`GET /api/usage: ${res.status}`);
+      const { requests, promptTokens, completionTokens, totalTokens, costUsd } =
+        (await res.json()).today;
+      return { requests, promptTokens, completionTokens, totalTokens, costUsd };
+    },
+    close: async () => {
+      await server.shutdown();
+      await fake.close();
+      await app.close();
+    },
+  };
+}
+
+/** The environment of a real app process (tests/subprocess.ts) in Clerk mode before a fake GLM. */
+export function processEnv(
+  kvPath: string,
+  glm: FakeGlm,
+  issuer: ClerkIssuer,
+  extra: Record<string, string> = {},
+): Record<string, string> {
+  return {
+    DENO_KV_PATH: kvPath,
+    PUBLIC_URL: PUBLIC_URL,
+    CLERK_JWT_KEY: issuer.publicKeyPem,
+    KEY_ENCRYPTION_SECRET: ENCRYPTION_SECRET,
+    GLM_API_KEY: MASTER_KEY,
+    GLM_BASE_URL: glm.baseUrl,
+    PORT: "0",
+    ...extra,
+  };
+}
+
+/** Runs `deno task report` (tasks/report.ts) as a process on a KV file. */
+export async function runReport(
+  args: string[],
+  kvPath: string,
+  env: Record<string, string> = {},
+) {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", new URL("../tasks/report.ts", import.meta.url).pathname, ...args],
+    cwd: await Deno.makeTempDir({ prefix: "keyway_report_cwd_" }),
+    env: { DENO_KV_PATH: kvPath, NO_COLOR: "1", ...env },
+    stdout: "piped",
+    stderr: "piped",
+  }).output();
+  const dec = new TextDecoder();
+  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }

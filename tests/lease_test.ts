@@ -7,61 +7,36 @@
 import assert from "node:assert/strict";
 import OpenAI from "openai";
 import { estimatePromptTokens } from "../lib/usage/estimate.ts";
-import { createApp } from "../routes/mod.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, eventually, json, type TestApp, testApp } from "./helpers.ts";
+import {
+  bearer,
+  eventually,
+  json,
+  type ServedGateway,
+  serveGateway,
+  type TodayUsage,
+} from "./helpers.ts";
 
-interface Usage {
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  totalTokens: number;
-}
-
-interface Served {
-  app: TestApp;
-  fake: FakeGlm;
-  url: string;
-  apiKey: string;
+interface Served extends ServedGateway {
   chat(body: unknown, signal?: AbortSignal): Promise<Response>;
-  /** Today's usage as GET /api/usage reports it to the key's owner. */
-  usage(): Promise<Usage>;
-  close(): Promise<void>;
+  /** Today's usage as GET /api/usage reports it to the key's owner (without the cost). */
+  usage(): Promise<Omit<TodayUsage, "costUsd">>;
 }
 
 /** The app on a real port (hang-ups need real connections), with a fake GLM behind it. */
 async function serve(env: Record<string, string> = {}): Promise<Served> {
-  const fake = new FakeGlm();
-  const app = await testApp({ GLM_BASE_URL: fake.baseUrl, ...env });
-  const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
-    createApp(app.services).fetch,
-  );
-  const url = `http://127.0.0.1:${server.addr.port}`;
-  const { apiKey } = await app.services.users.provision("user_lease");
+  const s = await serveGateway(env, "user_lease");
   return {
-    app,
-    fake,
-    url,
-    apiKey,
+    ...s,
     chat: (body, signal) =>
-      fetch(`${url}/v1/chat/completions`, {
+      fetch(`${s.url}/v1/chat/completions`, {
         method: "POST",
-        headers: { ...bearer(apiKey), "content-type": "application/json" },
+        headers: { ...bearer(s.apiKey), "content-type": "application/json" },
         body: JSON.stringify(body),
         signal,
       }),
     usage: async () => {
-      const res = await fetch(`${url}/api/usage?days=1`, { headers: bearer(apiKey) });
-      assert.equal(res.status, 200);
-      const { today } = await json<{ today: Usage & { costUsd: number } }>(res);
-      const { costUsd: _, ...rest } = today;
+      const { costUsd: _, ...rest } = await s.today();
       return rest;
-    },
-    close: async () => {
-      await server.shutdown();
-      await fake.close();
-      await app.close();
     },
   };
 }

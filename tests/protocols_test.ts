@@ -6,45 +6,19 @@
 import assert from "node:assert/strict";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
-import { createApp } from "../routes/mod.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";
+import { json, MASTER_KEY, type ServedGateway, serveGateway, type TodayUsage } from "./helpers.ts";
 
-interface Served {
-  app: TestApp;
-  fake: FakeGlm;
-  url: string;
-  apiKey: string;
-  usage(): Promise<
-    { requests: number; promptTokens: number; completionTokens: number; costUsd: number }
-  >;
-  close(): Promise<void>;
+interface Served extends ServedGateway {
+  usage(): Promise<Omit<TodayUsage, "totalTokens">>;
 }
 
 async function serve(env: Record<string, string> = {}): Promise<Served> {
-  const fake = new FakeGlm();
-  const app = await testApp({ GLM_BASE_URL: fake.baseUrl, ...env });
-  const server = Deno.serve(
-    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
-    createApp(app.services).fetch,
-  );
-  const url = `http://127.0.0.1:${server.addr.port}`;
-  const { apiKey } = await app.services.users.provision("user_protocols");
+  const s = await serveGateway(env, "user_protocols");
   return {
-    app,
-    fake,
-    url,
-    apiKey,
+    ...s,
     usage: async () => {
-      const res = await fetch(`${url}/api/usage?days=1`, { headers: bearer(apiKey) });
-      assert.equal(res.status, 200);
-      const { requests, promptTokens, completionTokens, costUsd } = (await res.json()).today;
-      return { requests, promptTokens, completionTokens, costUsd };
-    },
-    close: async () => {
-      await server.shutdown();
-      await fake.close();
-      await app.close();
+      const { totalTokens: _, ...rest } = await s.today();
+      return rest;
     },
   };
 }

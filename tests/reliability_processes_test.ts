@@ -5,25 +5,15 @@
 import assert from "node:assert/strict";
 import { keys } from "../lib/core/kv.ts";
 import type { RateState } from "../lib/limits/gcra.ts";
-import { ENCRYPTION_SECRET, eventually, MASTER_KEY, usageTotalsOf } from "./helpers.ts";
+import { eventually, processEnv, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { type RunningMain, startMain } from "./subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 
-function env(kvPath: string, glm: FakeGlm, extra: Record<string, string> = {}) {
-  return {
-    DENO_KV_PATH: kvPath,
-    PUBLIC_URL: "http://localhost:8000",
-    CLERK_JWT_KEY: issuer.publicKeyPem,
-    KEY_ENCRYPTION_SECRET: ENCRYPTION_SECRET,
-    GLM_API_KEY: MASTER_KEY,
-    GLM_BASE_URL: glm.baseUrl,
-    PORT: "0",
-    ...extra,
-  };
-}
+const env = (kvPath: string, glm: FakeGlm, extra: Record<string, string> = {}) =>
+  processEnv(kvPath, glm, issuer, extra);
 
 async function provision(app: RunningMain, userId: string): Promise<string> {
   const res = await fetch(`${app.url}/api/key`, {

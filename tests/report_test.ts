@@ -19,6 +19,7 @@ import {
   seedUsage,
   tempKvPath,
 } from "./cost_fixtures.ts";
+import { runReport as runReportTask } from "./helpers.ts";
 
 const config = { pricing: PRICING, limits: { budgetUsdMonthly: 0 } };
 
@@ -243,17 +244,8 @@ Deno.test("flags are validated with messages naming the flag", async (t) => {
   }
 });
 
-async function runReport(args: string[], kvPath: string) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", new URL("../tasks/report.ts", import.meta.url).pathname, ...args],
-    cwd: await Deno.makeTempDir({ prefix: "keyway_report_cwd_" }),
-    env: { DENO_KV_PATH: kvPath, PRICING: JSON.stringify(PRICING), NO_COLOR: "1" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
+const runReport = (args: string[], kvPath: string) =>
+  runReportTask(args, kvPath, { PRICING: JSON.stringify(PRICING) });
 
 Deno.test("deno task report as a subprocess", async (t) => {
   const { path, cleanup } = await tempKvPath();

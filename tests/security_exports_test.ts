@@ -8,7 +8,7 @@ import { CacheEpoch } from "../lib/identity/cache_epoch.ts";
 import { recordUsage } from "../lib/usage/usage.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY } from "./helpers.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY, processEnv, runReport } from "./helpers.ts";
 import { runMainToExit, startMain } from "./subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
@@ -48,18 +48,6 @@ Deno.test("configuration that would open or weaken a server is refused, without 
     await Deno.remove(dir, { recursive: true });
   }
 });
-
-async function runReport(args: string[], kvPath: string) {
-  const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", new URL("../tasks/report.ts", import.meta.url).pathname, ...args],
-    cwd: await Deno.makeTempDir({ prefix: "keyway_report_cwd_" }),
-    env: { DENO_KV_PATH: kvPath, NO_COLOR: "1" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const dec = new TextDecoder();
-  return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
-}
 
 Deno.test("deno task report: CSV cells cannot become formulas, the table prints no escapes", async (t) => {
   const dir = await Deno.makeTempDir();
@@ -111,15 +99,7 @@ Deno.test("deno task report: CSV cells cannot become formulas, the table prints 
 Deno.test("a real server: duplicate JSON keys refused, rotation throttled, request ids its own", async (t) => {
   const dir = await Deno.makeTempDir();
   const glm = new FakeGlm();
-  const app = await startMain({
-    DENO_KV_PATH: `${dir}/kv.sqlite3`,
-    PUBLIC_URL: "http://localhost:8000",
-    CLERK_JWT_KEY: issuer.publicKeyPem,
-    KEY_ENCRYPTION_SECRET: ENCRYPTION_SECRET,
-    GLM_API_KEY: MASTER_KEY,
-    GLM_BASE_URL: glm.baseUrl,
-    PORT: "0",
-  }, dir);
+  const app = await startMain(processEnv(`${dir}/kv.sqlite3`, glm, issuer), dir);
   try {
     const token = await issuer.token("user_sec", { ttlSeconds: 600 });
     const session = { authorization: `Bearer ${token}` };

@@ -52,6 +52,30 @@ export function estimatedEntropyBits(text: string): number {
   return bitsPerChar * n;
 }
 
+/** An optional JSON variable checked by `schema`; one line naming the variable when it fails. */
+function jsonFrom<S extends z.ZodType>(
+  name: string,
+  schema: S,
+  explain: (issue: z.core.$ZodIssue | undefined) => string,
+) {
+  return optionalString.transform((raw, ctx): z.infer<S> | undefined => {
+    if (raw === undefined) return undefined;
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch {
+      ctx.addIssue({ code: "custom", message: `${name} must be valid JSON` });
+      return z.NEVER;
+    }
+    const parsed = schema.safeParse(json);
+    if (!parsed.success) {
+      ctx.addIssue({ code: "custom", message: `${name} ${explain(parsed.error.issues[0])}` });
+      return z.NEVER;
+    }
+    return parsed.data;
+  });
+}
+
 const envSchema = z.object({
   PORT: intFrom("PORT", 8000, 0, 65535),
   PUBLIC_URL: optionalString.pipe(origin("PUBLIC_URL").optional()),
@@ -79,28 +103,11 @@ const envSchema = z.object({
   GLM_API_KEY: optionalString,
   GLM_BASE_URL: optionalString.pipe(origin("GLM_BASE_URL").optional()),
   GLM_ANTHROPIC_BASE_URL: optionalString.pipe(origin("GLM_ANTHROPIC_BASE_URL").optional()),
-  MODEL_ALIASES: optionalString.transform((raw, ctx): Record<string, string> | undefined => {
-    if (raw === undefined) return undefined;
-    let json: unknown;
-    try {
-      json = JSON.parse(raw);
-    } catch {
-      ctx.addIssue({ code: "custom", message: "MODEL_ALIASES must be valid JSON" });
-      return z.NEVER;
-    }
-    const parsed = z.record(z.string().min(1).max(200), z.string().min(1).max(200)).safeParse(
-      json,
-    );
-    if (!parsed.success) {
-      ctx.addIssue({
-        code: "custom",
-        message:
-          'MODEL_ALIASES must map model name patterns to model names ({"claude-*": "glm-4.6"})',
-      });
-      return z.NEVER;
-    }
-    return parsed.data;
-  }),
+  MODEL_ALIASES: jsonFrom(
+    "MODEL_ALIASES",
+    z.record(z.string().min(1).max(200), z.string().min(1).max(200)),
+    () => 'must map model name patterns to model names ({"claude-*": "glm-4.6"})',
+  ),
   UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
@@ -128,27 +135,14 @@ const envSchema = z.object({
     return n;
   }),
   ALLOWED_MODELS: csv,
-  PRICING: optionalString.transform((raw, ctx): Pricing | undefined => {
-    if (raw === undefined) return undefined;
-    let json: unknown;
-    try {
-      json = JSON.parse(raw);
-    } catch {
-      ctx.addIssue({ code: "custom", message: "PRICING must be valid JSON" });
-      return z.NEVER;
-    }
-    const parsed = pricingSchema.safeParse(json);
-    if (!parsed.success) {
-      ctx.addIssue({
-        code: "custom",
-        message: `PRICING must map model names to {"input": n, "output": n} (${
-          parsed.error.issues[0]?.path.join(".") || "root"
-        }: ${parsed.error.issues[0]?.message})`,
-      });
-      return z.NEVER;
-    }
-    return parsed.data;
-  }),
+  PRICING: jsonFrom(
+    "PRICING",
+    pricingSchema,
+    (issue) =>
+      `must map model names to {"input": n, "output": n} (${
+        issue?.path.join(".") || "root"
+      }: ${issue?.message})`,
+  ),
   COST_CRON: optionalString.refine(
     (v) => v === undefined || v.split(/\s+/).length === 5,
     "COST_CRON must be a 5-field cron expression such as '0 * * * *'",

@@ -114,18 +114,7 @@ export class FakeGlm {
     if (this.mode === "json" && Array.isArray(parsed.tools)) return this.toolCall(model, parsed);
     switch (this.mode) {
       case "json":
-        return Response.json({
-          id: "chatcmpl-fake",
-          object: "chat.completion",
-          created: 1_700_000_000,
-          model,
-          choices: [{
-            index: 0,
-            message: { role: "assistant", content: "Hello!" },
-            finish_reason: "stop",
-          }],
-          usage: this.chatUsage(),
-        }, { headers: { "x-request-id": "upstream-req-1" } });
+        return this.completion(model, { role: "assistant", content: "Hello!" }, "stop");
       case "error500":
         return Response.json(
           { error: { message: "upstream exploded", type: "server_error" } },
@@ -167,26 +156,27 @@ export class FakeGlm {
 
   private toolCall(model: string, body: Record<string, unknown>): Response {
     const tool = (body.tools as Array<{ function?: { name?: string } }>)[0]?.function?.name ?? "f";
+    return this.completion(model, {
+      role: "assistant",
+      content: null,
+      tool_calls: [{
+        id: "call_1",
+        type: "function",
+        function: { name: tool, arguments: '{"city":"Paris"}' },
+      }],
+    }, "tool_calls");
+  }
+
+  /** A whole chat completion, as GLM answers without streaming. */
+  private completion(model: string, message: unknown, finishReason: string): Response {
     return Response.json({
       id: "chatcmpl-fake",
       object: "chat.completion",
       created: 1_700_000_000,
       model,
-      choices: [{
-        index: 0,
-        message: {
-          role: "assistant",
-          content: null,
-          tool_calls: [{
-            id: "call_1",
-            type: "function",
-            function: { name: tool, arguments: '{"city":"Paris"}' },
-          }],
-        },
-        finish_reason: "tool_calls",
-      }],
+      choices: [{ index: 0, message, finish_reason: finishReason }],
       usage: this.chatUsage(),
-    });
+    }, { headers: { "x-request-id": "upstream-req-1" } });
   }
 
   /** Anthropic usage for `this.usage`: input_tokens excludes the cache reads. */
