@@ -1,6 +1,6 @@
 /** Server entry: reads the config, opens KV, builds islands, serves the app, registers the cron. */
 import { ConfigError, loadConfig, readEnv } from "./lib/core/config.ts";
-import { buildIslands } from "./build/islands.ts";
+import { buildIslands, loadBuiltIslands } from "./build/islands.ts";
 import { openKv } from "./lib/core/kv.ts";
 import { createServices, type Services } from "./lib/core/services.ts";
 import { costSummaryJob } from "./lib/reports/summary.ts";
@@ -17,11 +17,12 @@ export interface Running {
 /** Starts Keyway; used by `deno task start`, dev.ts and tests that need a real process. */
 export async function start(env: Record<string, string | undefined>): Promise<Running> {
   const config = loadConfig(env);
-  const kv = await openKv(config.kvPath, config.kvAccessToken);
+  const kv = await openKv(config.kvPath, config.kvAccessToken, { onDeploy: config.onDeploy });
   const services = await createServices(config, kv);
   const app = createApp(services);
-  await buildIslands().catch((err) =>
-    services.log.error("island build failed", { error: String(err) })
+  // On Deno Deploy the bundles come from `deno task build`; elsewhere they are built when stale.
+  await (config.onDeploy ? loadBuiltIslands() : buildIslands()).catch((err) =>
+    services.log.error("island bundles unavailable", { error: String(err) })
   );
   kv.listenQueue(async (message) => {
     if (!(await services.clerkSync.handleQueueMessage(message))) {

@@ -242,6 +242,21 @@ export async function buildIslands(options: IslandBuildOptions = {}): Promise<Bu
   }
 }
 
+/**
+ * The bundles `deno task build` made, without building (Deno Deploy: the server may not spawn
+ * processes or write files). Throws when there are none or they were built from other sources.
+ */
+export async function loadBuiltIslands(options: IslandBuildOptions = {}): Promise<IslandManifest> {
+  const manifest = await readManifest(options);
+  if (!manifest || await isStale(options)) {
+    throw new Error(
+      "the island bundles are missing or stale: run `deno task build` before deploying",
+    );
+  }
+  setAssetVersion(manifest.hash);
+  return manifest;
+}
+
 async function islandFile(dir: string, name: string): Promise<string | null> {
   for (const ext of ["tsx", "ts"]) {
     const path = join(dir, `${name}.${ext}`);

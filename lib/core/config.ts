@@ -161,6 +161,8 @@ export interface Config {
   kvAccessToken: string | undefined;
   localMode: boolean;
   production: boolean;
+  /** On Deno Deploy (DENO_DEPLOYMENT_ID): no process is spawned and no file written at run time. */
+  onDeploy: boolean;
   clerk: {
     publishableKey?: string;
     secretKey?: string;
@@ -246,6 +248,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     kvAccessToken: e.DENO_KV_ACCESS_TOKEN,
     localMode,
     production,
+    onDeploy: e.DENO_DEPLOYMENT_ID !== undefined,
     clerk: {
       publishableKey: e.CLERK_PUBLISHABLE_KEY,
       secretKey: e.CLERK_SECRET_KEY,

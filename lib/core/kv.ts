@@ -60,7 +60,10 @@ export const keys = {
 export async function openKv(
   path: string | undefined,
   accessToken?: string,
+  options: { onDeploy?: boolean } = {},
 ): Promise<Deno.Kv> {
+  // Deno Deploy's own KV: no path, no file of ours (CONTRACT §8).
+  if (path === undefined && options.onDeploy) return await Deno.openKv();
   const target = path ?? "./data/keyway.sqlite3";
   if (/^https?:\/\//.test(target)) {
     if (accessToken) Deno.env.set("DENO_KV_ACCESS_TOKEN", accessToken);
