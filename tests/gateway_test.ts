@@ -322,13 +322,13 @@ Deno.test("keys and user state", async (t) => {
       assert.equal(again.status, 200);
       await again.text();
     });
-    await t.step("deleted user (key revoked) → 401", async () => {
-      const before = s.fake.count;
+    await t.step("deleted user (key revoked) → 401, nothing counted", async () => {
+      const before = await s.usage();
       await s.app.services.users.markDeleted(s.userId);
       const res = await s.chat();
       assert.equal(res.status, 401);
       assert.equal((await errorOf(res)).code, "invalid_api_key");
-      assert.equal(s.fake.count, before);
+      assert.deepEqual(await s.usage(), before);
     });
   } finally {
     await s.close();
@@ -734,7 +734,7 @@ function kvWithHook(kv: Deno.Kv) {
   return { kv: proxy, hook };
 }
 
-Deno.test("a change landing between the limit read and its commit is seen (no slip-through)", async (t) => {
+Deno.test("a change landing while the admission commits: the upstream call, begun at once, is cancelled and the refusal answered", async (t) => {
   const s = await setup();
   try {
     const { kv, hook } = kvWithHook(s.app.kv);
@@ -749,18 +749,34 @@ Deno.test("a change landing between the limit read and its commit is seen (no sl
           headers: bearer(s.apiKey),
           body: JSON.stringify(CHAT),
         }),
-      ).then((r) => r.status, (e) => e.code);
+      ).then(async (r) => (await r.text(), r.status), (e) => e.code);
+    await t.step(
+      "an admitted request goes through (and this process remembers the user)",
+      async () => {
+        assert.equal(await call(), 200);
+        assert.equal(s.fake.count, 1);
+      },
+    );
+    // The upstream now takes its time: an optimistic call is still waiting when it is cancelled.
+    s.fake.mode = "slow_headers";
     await t.step("disable → 403", async () => {
       hook.before = () => s.app.services.users.setStatus(s.userId, "disabled");
       assert.equal(await call(), "user_disabled");
+      assert.equal(s.fake.count, 2, "the call began while the admission committed");
+      await eventually(() => s.fake.requestsAborted === 1);
       await s.app.services.users.setStatus(s.userId, "active");
     });
-    await t.step("rotation → 401", async () => {
-      hook.before = () => s.app.services.users.rotate(s.userId);
-      assert.equal(await call(), "invalid_api_key");
-    });
-    await t.step("nothing reached the upstream", () => {
-      assert.equal(s.fake.count, 0);
+    await t.step(
+      "rotation → 401; after a conflict the next call waits for the commit",
+      async () => {
+        // The disable's conflict marked the user contended: no call starts before the commit.
+        hook.before = () => s.app.services.users.rotate(s.userId);
+        assert.equal(await call(), "invalid_api_key");
+        assert.equal(s.fake.count, 2);
+      },
+    );
+    await t.step("only the admitted request counted", async () => {
+      assert.equal((await s.usage()).requests, 1);
     });
     await ledger.close();
   } finally {
@@ -812,5 +828,54 @@ Deno.test("over a real port: a client leaving before the upstream answers cancel
     await server.shutdown();
     await upstream.shutdown();
     await app.close();
+  }
+});
+
+Deno.test("another process takes the last of the allowance while this one commits: cancelled upstream, 429", async () => {
+  const dir = await Deno.makeTempDir();
+  const fake = new FakeGlm();
+  const env = {
+    GLM_BASE_URL: fake.baseUrl,
+    DENO_KV_PATH: `${dir}/kv.sqlite3`,
+    RATE_LIMIT_RPD: "3",
+  };
+  const a = await testApp(env);
+  const b = await testApp(env);
+  try {
+    const { apiKey } = await a.services.users.provision("user_race");
+    const chat = (app: TestApp) =>
+      app.request("/v1/chat/completions", {
+        method: "POST",
+        headers: { ...bearer(apiKey), "content-type": "application/json" },
+        body: JSON.stringify(CHAT),
+      });
+    const first = await chat(a); // A now remembers the user's rate entry (1 of 3 used today)
+    assert.equal(first.status, 200);
+    await first.text();
+    for (let i = 0; i < 2; i++) { // B takes the other two
+      const res = await chat(b);
+      assert.equal(res.status, 200);
+      await res.text();
+    }
+    fake.mode = "slow_headers";
+    // A decides on what it remembers (1 used: admitted, with one to spare), starts the upstream
+    // call, and its commit fails on B's writes: decided again on fresh reads, refused, and the
+    // call cancelled.
+    const third = await chat(a);
+    assert.equal(third.status, 429);
+    assert.equal(
+      (await json<{ error: { code: string } }>(third)).error.code,
+      "rate_limit_exceeded",
+    );
+    assert.equal(third.headers.get("x-should-retry"), "false");
+    assert.equal(fake.count, 4, "the call began while the admission committed");
+    await eventually(() => fake.requestsAborted === 1);
+    const usage = await userUsage(a.kv, a.services.config.pricing, "user_race", 1);
+    assert.equal(usage.today.requests, 3);
+  } finally {
+    await a.close();
+    await b.close();
+    await fake.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -46,6 +46,17 @@ interface GatewayDeps {
   ledger: Ledger;
 }
 
+/** An upstream call begun by send(): forward() relays it once the admission is durable. */
+interface UpstreamCall {
+  protocol: Protocol;
+  response: Promise<Response>;
+  abort: AbortController;
+  idle: IdleTimer;
+  state: { timedOut: boolean; clientGone: boolean };
+  /** Stops the call (its admission was refused after all). */
+  cancel(): void;
+}
+
 /** What forward() settles: a Lease, or nothing for an endpoint that is not metered. */
 type Settlement = Pick<Lease, "user" | "model" | "headers" | "relayedTokens" | "settle">;
 
@@ -124,24 +135,6 @@ export class Gateway {
     const parsed: ParsedRequest & { bytes: Uint8Array<ArrayBuffer> } = body;
     target = target as string;
     const bytes = target === parsed.model ? parsed.bytes : withModel(parsed.bytes, target);
-    let settlement: Settlement;
-    if (protocol.metered) {
-      const output = this.config.outputReserveTokens;
-      settlement = await this.ledger.admit({
-        userId,
-        model: target,
-        reserve: {
-          prompt: parsed.promptTokens,
-          output: parsed.outputCap === null ? output : Math.min(parsed.outputCap, output),
-        },
-        validate,
-      });
-    } else {
-      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
-      const status = await limitStatus(this.kv, this.config, userId);
-      const headers = this.currentHeaders(status);
-      settlement = new Unmetered(validate(user, headers), target, headers);
-    }
     let upstreamHeaders = this.upstreamHeaders.get(protocol);
     if (!upstreamHeaders) {
       upstreamHeaders = { ...protocol.upstreamAuth(masterKey), "content-type": "application/json" };
@@ -151,15 +144,49 @@ export class Gateway {
       const value = req.headers.get(name);
       if (value !== null) upstreamHeaders = { ...upstreamHeaders, [name]: value };
     }
-    return await this.forward(
-      req,
-      protocol,
-      bytes,
-      settlement,
-      requestId,
-      started,
-      upstreamHeaders,
-    );
+    const headers = upstreamHeaders;
+    /**
+     * The upstream call, started as soon as the snapshot admits the request — while the admission
+     * commit is in flight (CONTRACT §5): its latency hides behind the upstream's. Nothing of the
+     * answer is relayed, and nothing counted, before the admission is durable.
+     */
+    let call: UpstreamCall | undefined;
+    const send = () => call ??= this.send(protocol, req, bytes, headers);
+    let settlement: Settlement;
+    if (protocol.metered) {
+      const output = this.config.outputReserveTokens;
+      try {
+        settlement = await this.ledger.admit({
+          userId,
+          model: target,
+          reserve: {
+            prompt: parsed.promptTokens,
+            output: parsed.outputCap === null ? output : Math.min(parsed.outputCap, output),
+          },
+          validate,
+          onAdmitted: send,
+        });
+      } catch (err) {
+        // A change that landed before the commit (a disable, another process taking the last of
+        // the allowance) refused it after all: the call is cancelled at once, nothing counted.
+        if (call) {
+          call.cancel();
+          this.log.info("admission refused after the upstream call began; call cancelled", {
+            id: requestId,
+            userId,
+            model: target,
+            error: err instanceof AppError ? err.code : String(err),
+          });
+        }
+        throw err;
+      }
+    } else {
+      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
+      const status = await limitStatus(this.kv, this.config, userId);
+      const rate = this.currentHeaders(status);
+      settlement = new Unmetered(validate(user, rate), target, rate);
+    }
+    return await this.forward(send(), settlement, requestId, started);
   }
 
   /** Rate headers as they stand, for answers that consume nothing. */
@@ -236,26 +263,62 @@ export class Gateway {
     return checkUserState(user, headers);
   }
 
-  private async forward(
-    req: Request,
+  /**
+   * Starts the upstream call: its watchdog (UPSTREAM_TIMEOUT_MS for the headers, then for each
+   * next piece of the answer) and the cancellation when the client leaves before the headers.
+   */
+  private send(
     protocol: Protocol,
+    req: Request,
     bytes: Uint8Array<ArrayBuffer>,
+    headers: Record<string, string>,
+  ): UpstreamCall {
+    const abort = new AbortController();
+    const state = { timedOut: false, clientGone: false };
+    const idle = new IdleTimer(this.config.glm.timeoutMs, () => {
+      state.timedOut = true;
+      abort.abort();
+    });
+    // A client that leaves while the upstream is still thinking cancels the upstream call. Only
+    // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
+    // Deno's legacy behaviour of also aborting request.signal once a response has been sent.)
+    const onClientGone = () => {
+      state.clientGone = true;
+      abort.abort();
+    };
+    req.signal.addEventListener("abort", onClientGone, { once: true });
+    const response = fetch(protocol.upstreamUrl(this.config), {
+      method: "POST",
+      headers,
+      body: bytes,
+      signal: abort.signal,
+    });
+    response.catch(() => {}); // awaited by forward(), unless the admission was refused
+    const done = () => req.signal.removeEventListener("abort", onClientGone);
+    response.then(done, done);
+    return {
+      protocol,
+      response,
+      abort,
+      idle,
+      state,
+      cancel: () => {
+        idle.stop();
+        abort.abort();
+      },
+    };
+  }
+
+  private async forward(
+    call: UpstreamCall,
     lease: Settlement,
     requestId: string,
     started: number,
-    upstreamRequestHeaders: Record<string, string>,
   ): Promise<Response> {
+    const { protocol, abort, idle, state } = call;
     const userId = lease.user.id;
     const model = lease.model;
-    const abort = new AbortController();
     const timeoutMs = this.config.glm.timeoutMs;
-    // The upstream has timeoutMs to send its headers, and then timeoutMs for each next piece of
-    // the answer: a stream that stalls is cut rather than holding the client forever.
-    let timedOut = false;
-    const idle = new IdleTimer(timeoutMs, () => {
-      timedOut = true;
-      abort.abort();
-    });
     /**
      * Every way out of forward() ends here, once, before the answer's last byte: the watchdog
      * stops and the lease is settled (the usage committed). A failed settlement is logged; the
@@ -293,26 +356,13 @@ export class Gateway {
         ...(detail ? { detail } : {}),
       });
     };
-    // A client that leaves while the upstream is still thinking cancels the upstream call. Only
-    // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
-    // Deno's legacy behaviour of also aborting request.signal once a response has been sent.)
-    let clientGone = false;
-    const onClientGone = () => {
-      clientGone = true;
-      abort.abort();
-    };
-    req.signal.addEventListener("abort", onClientGone, { once: true });
     let upstream: Response;
     try {
-      upstream = await fetch(protocol.upstreamUrl(this.config), {
-        method: "POST",
-        headers: upstreamRequestHeaders,
-        body: bytes,
-        signal: abort.signal,
-      });
+      upstream = await call.response;
     } catch (err) {
+      const timedOut = state.timedOut;
       const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
-      if (clientGone) {
+      if (state.clientGone) {
         // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line). The
         // upstream had the prompt: charged its estimate.
         await end(null, 499, "cancelled", "client disconnected");
@@ -333,8 +383,6 @@ export class Gateway {
           : "The upstream could not be reached.",
         lease.headers,
       );
-    } finally {
-      req.signal.removeEventListener("abort", onClientGone);
     }
     idle.rest();
 
@@ -365,7 +413,7 @@ export class Gateway {
       await end(null, status, ended);
       return new Response(null, { status, headers });
     }
-    const stalled = () => timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
+    const stalled = () => state.timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(protocol.format, sse, ok);

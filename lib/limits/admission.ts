@@ -161,6 +161,12 @@ export interface AdmitRequest {
    * throws an AppError to refuse. `headers` are the rate headers as they stand.
    */
   validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord;
+  /**
+   * Called when a snapshot admits the request with room to spare, before the admission commit is
+   * sent (the gateway starts its upstream call then). The commit may still fail and the request
+   * be refused after all: admit() rejecting is the last word.
+   */
+  onAdmitted?: () => void;
 }
 
 /** An admitted request: holds its slot and reservation until settled. */
@@ -227,6 +233,9 @@ interface Known {
   held: Held;
 }
 
+/** After a conflict on a user, how long this process does not start calls before commits land. */
+const CONTENDED_MS = 5_000;
+
 interface Held {
   count: number;
   tokens: number;
@@ -253,6 +262,8 @@ export class Ledger {
   private readonly busy = new Set<string>();
   private idle: Array<() => void> = [];
   private readonly known = new Map<string, Known>();
+  /** Users whose commits conflicted lately (another process is busy with them): no speculation. */
+  private readonly contended = new Map<string, number>();
   /** Users seen with a quota, whose counters are read up front (a hint; never decides). */
   private readonly quotaUsers = new Set<string>();
   private readonly defaultQuota: boolean;
@@ -421,6 +432,7 @@ export class Ledger {
         for (const d of plan.deliver) d();
         return;
       }
+      for (const req of plan.admitted) req.onAdmitted?.();
       let res: Deno.KvCommitResult | Deno.KvCommitError;
       try {
         res = await commitOrConflict(plan.op);
@@ -438,6 +450,8 @@ export class Ledger {
       for (const id of userIds) {
         fresh.add(id);
         this.known.delete(id);
+        if (this.contended.size >= 10_000) this.contended.clear();
+        this.contended.set(id, now + CONTENDED_MS);
       }
       this.epochSeen = null;
       await this.checkHeartbeat();
@@ -576,6 +590,8 @@ export class Ledger {
       deliver: [] as Array<() => void>,
       /** New rate states of the users admitted. */
       rates: new Map<string, RateState>(),
+      /** The requests this plan admits surely enough to start their upstream calls now. */
+      admitted: [] as AdmitRequest[],
       /** Changes to the held sums, per user. */
       held: new Map<string, Held>(),
     };
@@ -607,10 +623,11 @@ export class Ledger {
         plan.deliver.push(() => o.reject(result));
         continue;
       }
-      const { lease, next } = result;
+      const { lease, next, sure } = result;
       rates.set(o.userId, next);
       op.set(keys.lease(this.procId, lease.id), lease.record);
       addHeld(o.userId, { count: 1, tokens: lease.record.tokens, nano: lease.record.nano });
+      if (sure) plan.admitted.push(o.req);
       plan.writes = true;
       plan.deliver.push(() => {
         this.live.set(lease.id, lease);
@@ -668,7 +685,7 @@ export class Ledger {
     snap: Snapshot,
     rate: RateState | null,
     now: number,
-  ): { lease: Lease; next: RateState } | AppError {
+  ): { lease: Lease; next: RateState; sure: boolean } | AppError {
     const user = snap.userEntry.value;
     const limits = effectiveLimits(this.config, user ?? { limits: {} });
     const decision = decideRate(rate ?? snap.rateEntry.value, limits, now);
@@ -747,7 +764,25 @@ export class Ledger {
       record,
       this,
     );
-    return { lease, next: decision.next };
+    // Sure enough to start the upstream call before the commit lands: this process wrote the
+    // user's entries last (decided on what it remembers, not on a read after a conflict or a
+    // first contact), no other process has been busy with the user lately, and one more request
+    // taking its share first would not change the answer. Near a limit, on first contact or under
+    // contention, the call waits for the commit.
+    const sure = snap.remembered && decision.after.remainingMinute >= 1 &&
+      decision.after.remainingDay >= 1 &&
+      snap.held.count + 2 <= this.config.concurrencyLimit &&
+      (this.contended.get(req.userId) ?? 0) < now &&
+      quotaRefusal(limits, now, current, {
+          usedTokens: used.tokens,
+          usedNano: used.nano,
+          heldTokens: snap.held.tokens + reserveTokens,
+          heldNano: snap.held.nano + reserveNano,
+          reserveTokens,
+          reserveNano,
+          reserveOutput: req.reserve.output,
+        }) === null;
+    return { lease, next: decision.next, sure };
   }
 
   /** Renews the heartbeat now (once, whoever asks). */

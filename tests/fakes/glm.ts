@@ -90,7 +90,11 @@ export class FakeGlm {
     await this.server.shutdown();
   }
 
+  /** Requests whose caller gave up (cancelled the call) before they were answered. */
+  requestsAborted = 0;
+
   private async handle(req: Request): Promise<Response> {
+    req.signal.addEventListener("abort", () => this.requestsAborted++, { once: true });
     const body = await req.text();
     this.requests.push({
       path: new URL(req.url).pathname,
