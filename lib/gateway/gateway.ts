@@ -1,14 +1,17 @@
 /**
- * The GLM gateway: an OpenAI-compatible proxy in front of the operator's GLM account.
+ * The GLM gateway: an OpenAI- and Anthropic-compatible proxy in front of the operator's GLM
+ * account, one Protocol module per endpoint (lib/gateway/protocols/).
  *
  * auth → admit → forward → settle. A request is checked in the contract's order — key (401) →
  * user state (403) → model (400) → request limits, concurrency, quotas (429) → upstream — and
  * admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
- * tokens. The body is forwarded as the bytes that arrived; the answer is relayed chunk by chunk
+ * tokens. The body is forwarded as the bytes that arrived (re-serialized only when an alias or
+ * another casing of the model was asked for); the answer is relayed chunk by chunk
  * while a meter watches for `usage` (JSON body or SSE `data:` lines) and estimates what was
  * relayed, and the lease is settled — its usage committed — before the answer's last byte: before
- * a JSON answer is returned, before an SSE stream's `[DONE]` event or end, and at once when the
- * client leaves or the upstream fails.
+ * a JSON answer is returned, before an SSE stream's end event (`data: [DONE]`, `message_stop`) or
+ * its end, and at once when the client leaves or the upstream fails. The upstream call may start
+ * while the admission commits (see handle()).
  */
 import type { Config } from "../core/config.ts";
 import { concatBytes, duplicateJsonKey } from "../core/encoding.ts";
@@ -248,7 +251,7 @@ export class Gateway {
   /**
    * The key must still be the user's current key. Checking the user record is enough: the key
    * index entry is only ever written in the same commit as the user's `key` (provision, rotate,
-   * delete), and the admission commit checks the user record's version.
+   * delete), and the admission commit checks the cache epoch every rotation and deletion bumps.
    */
   private checkKeyAndUser(
     hash: string,
