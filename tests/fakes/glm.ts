@@ -92,6 +92,8 @@ export class FakeGlm {
 
   /** Requests whose caller gave up (cancelled the call) before they were answered. */
   requestsAborted = 0;
+  /** How long a JSON answer takes (ms): a caller may cancel meanwhile. */
+  jsonDelayMs = 0;
 
   private async handle(req: Request): Promise<Response> {
     req.signal.addEventListener("abort", () => this.requestsAborted++, { once: true });
@@ -118,6 +120,10 @@ export class FakeGlm {
     if (this.mode === "json" && Array.isArray(parsed.tools)) return this.toolCall(model, parsed);
     switch (this.mode) {
       case "json":
+        if (this.jsonDelayMs > 0) {
+          await new Promise((r) => setTimeout(r, this.jsonDelayMs));
+          if (req.signal.aborted) return new Response(null, { status: 499 });
+        }
         return this.completion(model, { role: "assistant", content: "Hello!" }, "stop");
       case "error500":
         return Response.json(
