@@ -64,6 +64,11 @@ const CHAT_BODY = JSON.stringify({
   model: "glm-4.6",
   messages: [{ role: "user", content: "Say hello in five words." }],
 });
+const MESSAGES_BODY = JSON.stringify({
+  model: "glm-4.6",
+  max_tokens: 64,
+  messages: [{ role: "user", content: "Say hello in five words." }],
+});
 const STREAM_BODY = JSON.stringify({
   model: "glm-4.6",
   stream: true,
@@ -149,8 +154,12 @@ async function spawnApp(args: string[], env: Record<string, string>): Promise<Pr
   );
 }
 
-function luaScript(opts: { method: string; body?: string; auth: string[] }): string {
+function luaScript(
+  opts: { method: string; body?: string; auth: string[]; headers?: Record<string, string> },
+): string {
   const q = (s: string) => JSON.stringify(s); // JSON strings are valid Lua strings here
+  const extra = Object.entries(opts.headers ?? {})
+    .map(([name, value]) => `headers[${q(name)}] = ${q(value)}`).join("\n  ");
   return `
 local auth = { ${opts.auth.map(q).join(", ")} }
 local i = 0
@@ -159,6 +168,7 @@ ${opts.body ? `wrk.body = ${q(opts.body)}` : ""}
 request = function()
   i = i + 1
   local headers = { ["Content-Type"] = "application/json" }
+  ${extra}
   if #auth > 0 then headers["Authorization"] = "Bearer " .. auth[(i % #auth) + 1] end
   return wrk.format(nil, nil, headers, nil)
 end
@@ -235,6 +245,72 @@ async function ensureWrk() {
   }
 }
 
+const SCENARIO_ORDER = [
+  "bare",
+  "key",
+  "direct",
+  "passthrough",
+  "peer",
+  "proxy",
+  "proxyStream",
+  "messages",
+];
+
+/** The peer: Portkey's open-source gateway from npm, run with Node (CONTRACT §9). */
+const PEER_PACKAGE = "@portkey-ai/gateway@1.15.2";
+
+/**
+ * Installs the peer into a temp folder (never into the project) and starts it; null with the
+ * reason when Node or npm is missing or the install fails.
+ */
+async function startPeer(dir: string): Promise<{ proc: Proc } | { missing: string }> {
+  for (const tool of ["node", "npm"]) {
+    try {
+      await new Deno.Command(tool, { args: ["--version"], stdout: "null", stderr: "null" })
+        .output();
+    } catch {
+      return { missing: `${tool} is not installed` };
+    }
+  }
+  progress(`bench: installing the peer (${PEER_PACKAGE}, npm) into a temp folder…`);
+  const install = await new Deno.Command("npm", {
+    args: ["install", "--prefix", dir, "--no-audit", "--no-fund", "--silent", PEER_PACKAGE],
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  if (!install.success) {
+    return {
+      missing: `npm install ${PEER_PACKAGE} failed: ${
+        new TextDecoder().decode(install.stderr).trim().split("\n").at(-1)
+      }`,
+    };
+  }
+  const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
+  const port = probe.addr.port;
+  probe.close();
+  const child = new Deno.Command("node", {
+    args: [
+      `${dir}/node_modules/@portkey-ai/gateway/build/start-server.js`,
+      `--port=${port}`,
+      "--headless",
+    ],
+    env: { NODE_ENV: "production" },
+    stdout: "null",
+    stderr: "null",
+  }).spawn();
+  const deadline = Date.now() + 30_000;
+  while (Date.now() < deadline) {
+    try {
+      await (await fetch(`http://127.0.0.1:${port}/`)).body?.cancel();
+      return { proc: { child, port } };
+    } catch {
+      await new Promise((r) => setTimeout(r, 100));
+    }
+  }
+  child.kill("SIGKILL");
+  return { missing: "the peer did not start within 30 s" };
+}
+
 /** The app runs exactly as `deno task start` runs it (same flags), from deno.json. */
 async function startTaskArgs(root: string): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(`${root}deno.json`));
@@ -296,6 +372,7 @@ async function sseReads(url: string, key: string): Promise<number> {
 export async function runBench(opts: { seconds: number; connections: number }) {
   await ensureWrk();
   const kvDir = await Deno.makeTempDir({ prefix: "keyway-bench-" });
+  const peerDir = await Deno.makeTempDir({ prefix: "keyway-bench-peer-" });
   const procs: Proc[] = [];
   const here = new URL(".", import.meta.url).pathname;
   const script = `${here}bench_servers.ts`;
@@ -308,6 +385,9 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     procs.push(bare);
     const pass = await spawn(["run", "-A", script, "passthrough", upstreamUrl], {}, helperPort);
     procs.push(pass);
+    const peer = await startPeer(peerDir);
+    if ("proc" in peer) procs.push(peer.proc);
+    else progress(`bench: no peer row: ${peer.missing}`);
 
     const issuer = await ClerkIssuer.create();
     const app = await spawnApp(await startTaskArgs(`${here}../`), {
@@ -343,6 +423,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     const scenarios: Record<string, Result> = {};
     // Each scenario with the process under test, whose CPU time per request is measured too: it
     // shows where a ratio comes from.
+    const scenario = (name: string) => plan.find((p) => p[0] === name)!;
     const plan: Array<[string, string, string, Proc]> = [
       ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] }), bare],
       ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens }), app],
@@ -358,6 +439,19 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         luaScript({ method: "POST", body: CHAT_BODY, auth: [] }),
         pass,
       ],
+      ...("proc" in peer
+        ? [[
+          "peer",
+          `http://127.0.0.1:${peer.proc.port}/v1/chat/completions`,
+          luaScript({
+            method: "POST",
+            body: CHAT_BODY,
+            auth: ["master"],
+            headers: { "x-portkey-provider": "openai", "x-portkey-custom-host": upstreamUrl },
+          }),
+          peer.proc,
+        ] as [string, string, string, Proc]]
+        : []),
       [
         "proxy",
         `${appUrl}/v1/chat/completions`,
@@ -368,6 +462,12 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         "proxyStream",
         `${appUrl}/v1/chat/completions`,
         luaScript({ method: "POST", body: STREAM_BODY, auth: keys }),
+        app,
+      ],
+      [
+        "messages",
+        `${appUrl}/v1/messages`,
+        luaScript({ method: "POST", body: MESSAGES_BODY, auth: keys }),
         app,
       ],
     ];
@@ -385,8 +485,8 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     }
     progress(`bench: added latency — pass-through and gateway at 1 connection, ${seconds}s each`);
     const single = {
-      passthrough: await wrk(plan[3][1], seconds, 1, plan[3][2]),
-      proxy: await wrk(plan[4][1], seconds, 1, plan[4][2]),
+      passthrough: await wrk(scenario("passthrough")[1], seconds, 1, scenario("passthrough")[2]),
+      proxy: await wrk(scenario("proxy")[1], seconds, 1, scenario("proxy")[2]),
     };
     const chunks = await sseReads(`${appUrl}/v1/chat/completions`, keys[0]);
     const rss = await peakRssMb(app.child.pid);
@@ -396,13 +496,17 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       machine: await machine(),
       seconds,
       connections,
+      // CONTRACT §9: where the peer cannot run, its row is null (the reason is in `details`).
       scenarios: Object.fromEntries(
-        Object.entries(scenarios).map((
-          [k, v],
-        ) => [k, { rps: v.rps, p50Ms: v.p50Ms, p99Ms: v.p99Ms }]),
+        SCENARIO_ORDER.map((k) => {
+          const v = scenarios[k];
+          return [k, v ? { rps: v.rps, p50Ms: v.p50Ms, p99Ms: v.p99Ms } : null];
+        }),
       ),
       ratios: {
         proxyOverPassthroughRps: r3(scenarios.proxy.rps / scenarios.passthrough.rps),
+        messagesOverProxyRps: r3(scenarios.messages.rps / scenarios.proxy.rps),
+        proxyOverPeerRps: scenarios.peer ? r3(scenarios.proxy.rps / scenarios.peer.rps) : null,
         keyOverBareRps: r3(scenarios.key.rps / scenarios.bare.rps),
       },
       addedLatencyMs: {
@@ -417,6 +521,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         cpuUsPerRequest,
         singleConnection: single,
         sseReadsPerAnswer: chunks,
+        peer: "proc" in peer ? PEER_PACKAGE : `not run: ${peer.missing}`,
         users,
       },
     };
@@ -428,12 +533,17 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       } catch { /* already gone */ }
     }
     await Deno.remove(kvDir, { recursive: true }).catch(() => {});
+    await Deno.remove(peerDir, { recursive: true }).catch(() => {});
   }
 }
 
 function table(report: Awaited<ReturnType<typeof runBench>>): string {
   const rows = [["scenario", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "errors"]];
   for (const [name, r] of Object.entries(report.scenarios)) {
+    if (r === null) {
+      rows.push([name, "–", "–", "–", "–", report.details.peer]);
+      continue;
+    }
     const cpu = report.details.cpuUsPerRequest[name];
     rows.push([
       name,
@@ -457,8 +567,16 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
     "",
     `gateway / pass-through throughput  ${
       ratios.proxyOverPassthroughRps.toFixed(3)
-    }  (target ≥ 0.7)`,
+    }  (target ≥ 0.5)`,
     `/api/key / bare hello throughput   ${ratios.keyOverBareRps.toFixed(3)}  (target ≥ 0.3)`,
+    `gateway / peer throughput          ${
+      ratios.proxyOverPeerRps === null
+        ? "– (no peer: see the bench's progress lines)"
+        : `${ratios.proxyOverPeerRps.toFixed(3)}  (target ≥ 5)`
+    }`,
+    `/v1/messages / chat completions    ${
+      ratios.messagesOverProxyRps.toFixed(3)
+    }  (target within 10%)`,
     `added latency at 1 connection      p50 ${
       addedLatencyMs.p50.toFixed(3)
     } ms (target ≤ 0.2), p99 ${addedLatencyMs.p99.toFixed(3)} ms (target ≤ 1)`,

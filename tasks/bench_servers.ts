@@ -41,9 +41,24 @@ const SSE_CHUNKS = [
   "data: [DONE]\n\n",
 ].map((s) => new TextEncoder().encode(s));
 
+/** An Anthropic Messages answer, as Z.ai's Anthropic endpoint gives it. */
+const MESSAGE = JSON.stringify({
+  id: "msg_bench",
+  type: "message",
+  role: "assistant",
+  model: "glm-4.6",
+  content: [{ type: "text", text: "Hello from the fake GLM upstream." }],
+  stop_reason: "end_turn",
+  stop_sequence: null,
+  usage: { input_tokens: 12, output_tokens: 9, cache_read_input_tokens: 0 },
+});
+
 function upstream(): Deno.HttpServer<Deno.NetAddr> {
   return Deno.serve({ port: 0, hostname: "127.0.0.1", onListen: () => {} }, async (req) => {
     const body = await req.text();
+    if (new URL(req.url).pathname.endsWith("/v1/messages")) {
+      return new Response(MESSAGE, { headers: { "content-type": "application/json" } });
+    }
     if (body.includes('"stream":true')) {
       // The relay check asks for gaps between chunks, so each one must arrive on its own.
       const gapMs = body.includes('"bench_gaps":true') ? 15 : 0;
