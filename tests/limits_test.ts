@@ -283,3 +283,54 @@ Deno.test("the suite's KV wrapper refuses what KV Connect refuses", async () => 
     kv.close();
   }
 });
+
+Deno.test("Ledger: a settlement whose commit fails is retried, and counted once", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let failNext = false;
+  const flaky = new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "atomic") {
+        return () => {
+          const op = target.atomic();
+          const commit = op.commit.bind(op);
+          op.commit = () => {
+            if (!failNext) return commit();
+            failNext = false;
+            return Promise.reject(new Error("KV unreachable"));
+          };
+          return op;
+        };
+      }
+      const value = Reflect.get(target, prop);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  const config = loadConfig({ DENO_KV_PATH: ":memory:" });
+  const ledger = new Ledger(flaky, config);
+  try {
+    await seedUser(kv, "u5");
+    const lease = await ledger.admit(request("u5"));
+    failNext = true;
+    await assert.rejects(
+      lease.settle({ promptTokens: 3, completionTokens: 4 }, "complete"),
+      /KV unreachable/,
+    );
+    // Retried in the background (after a second): the slot comes back, the usage is counted once.
+    const deadline = Date.now() + 5000;
+    let held = 1n;
+    while (Date.now() < deadline) {
+      held = (await kv.get<Deno.KvU64>(keys.leaseHeld("u5", "count"))).value?.value ?? 0n;
+      if (held === 0n) break;
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    assert.equal(held, 0n);
+    let requests = 0;
+    for await (const e of kv.list<Deno.KvU64>({ prefix: ["usage_daily"] })) {
+      if (e.key[2] === "u5" && e.key[4] === "requests") requests += Number(e.value.value);
+    }
+    assert.equal(requests, 1);
+  } finally {
+    await ledger.close();
+    kv.close();
+  }
+});

@@ -84,6 +84,8 @@ const DAY_MS = 86_400_000;
 const RATE_EXPIRE_MS = 2 * DAY_MS;
 /** Keys per KV getMany call. */
 const GET_MANY_MAX = 10;
+/** Background attempts (1 s, 2 s, … apart) for a settlement whose commit failed. */
+const SETTLE_RETRIES = 10;
 /** Leases a reaper settles per commit (10 mutations each). */
 const REAP_PER_COMMIT = 80;
 /** 2^64: adding 2^64 − n to a KvU64 sum subtracts n (KV sums wrap around). */
@@ -223,7 +225,17 @@ interface Deferred<T> {
 
 type Op =
   | ({ kind: "admit"; userId: string; req: AdmitRequest } & Deferred<Lease>)
-  | ({ kind: "settle"; userId: string; lease: Lease; charge: Charge } & Deferred<Charge>);
+  | (
+    & {
+      kind: "settle";
+      userId: string;
+      lease: Lease;
+      charge: Charge;
+      /** A retried settlement checks its lease entry: an earlier attempt may have landed. */
+      guard?: Deno.KvEntryMaybe<LeaseRecord>;
+    }
+    & Deferred<Charge>
+  );
 
 /** Users' entries as this process last read or wrote them. */
 interface Known {
@@ -313,9 +325,35 @@ export class Ledger {
    */
   settle(lease: Lease, charge: Charge): Promise<Charge> {
     lease.closing = true;
-    return new Promise<Charge>((resolve, reject) =>
-      this.push({ kind: "settle", userId: lease.user.id, lease, charge, resolve, reject })
-    ).finally(() => this.live.delete(lease.id));
+    const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>
+      new Promise<Charge>((resolve, reject) =>
+        this.push({ kind: "settle", userId: lease.user.id, lease, charge, guard, resolve, reject })
+      );
+    /** A retry: only while the lease entry is there (a failed commit may have landed after all). */
+    const again = async () => {
+      const guard = await this.kv.get<LeaseRecord>(keys.lease(this.procId, lease.id));
+      if (guard.versionstamp === null) return charge;
+      return await attempt(guard);
+    };
+    const first = attempt();
+    // A settlement that failed (KV unreachable) is tried again in the background: while this
+    // process lives no reaper would free the lease's slot. The caller learns of the failure.
+    const retry = (n: number) => {
+      if (n > SETTLE_RETRIES) {
+        this.live.delete(lease.id);
+        this.options.log?.error("lease not settled; its slot stays held until this process ends", {
+          userId: lease.user.id,
+          lease: lease.id,
+        });
+        return;
+      }
+      const timer = setTimeout(() => {
+        again().then(() => this.live.delete(lease.id), () => retry(n + 1));
+      }, 1000 * n);
+      Deno.unrefTimer(timer);
+    };
+    first.then(() => this.live.delete(lease.id), () => retry(1));
+    return first;
   }
 
   /**
@@ -400,6 +438,8 @@ export class Ledger {
       const admits = op.kind === "admit";
       const addChecks = admits && !admitting.has(op.userId)
         ? (admitting.size === 0 ? 2 : 1) // the epoch with the first admission
+        : op.kind === "settle" && op.guard
+        ? 1
         : 0;
       const addMutations = admits ? 5 : 10;
       if (checks + addChecks > KV_MAX_CHECKS || mutations + addMutations > BATCH_MUTATIONS) {
@@ -611,6 +651,7 @@ export class Ledger {
     };
     for (const o of batch) {
       if (o.kind === "settle") {
+        if (o.guard) op.check(o.guard);
         this.planSettle(op, o.lease, o.charge, now, sums, addHeld);
         plan.writes = true;
         plan.deliver.push(() => o.resolve(o.charge));
