@@ -130,9 +130,8 @@ export class Gateway {
     };
     if (body instanceof AppError || target instanceof AppError) {
       // Refused on the key, the user's state or the body, in that order: nothing to admit.
-      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
       const status = await limitStatus(this.kv, this.config, userId);
-      validate(user, this.currentHeaders(status));
+      validate(status.user, this.currentHeaders(status));
       throw target; // unreachable: validate() threw
     }
     const parsed: ParsedRequest & { bytes: Uint8Array<ArrayBuffer> } = body;
@@ -184,10 +183,9 @@ export class Gateway {
         throw err;
       }
     } else {
-      const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
-      settlement = new Unmetered(validate(user, rate), target, rate);
+      settlement = new Unmetered(validate(status.user, rate), target, rate);
     }
     return await this.forward(send(), settlement, requestId, started);
   }
@@ -421,6 +419,13 @@ export class Gateway {
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(protocol.format, sse, ok);
     const reader = new ChunkReader(source, sse ? null : upstreamHeaders.get("content-length"));
+    /** The next piece of the answer, under the watchdog. */
+    const read = async () => {
+      idle.wait();
+      const chunk = await reader.read();
+      idle.rest();
+      return chunk;
+    };
     let pending: Uint8Array | null = null;
     if (!sse) {
       // A JSON answer usually arrives whole in its first read. When that read holds every byte
@@ -429,9 +434,7 @@ export class Gateway {
       // has arrived; anything else is streamed below, the first chunk included.
       let first: Uint8Array | null;
       try {
-        idle.wait();
-        first = await reader.read();
-        idle.rest();
+        first = await read();
       } catch (err) {
         await end(null, status, ok ? "cut" : "refused", stalled());
         return new Response(erroredStream(err), { status, headers });
@@ -474,9 +477,7 @@ export class Gateway {
         }
         let chunk: Uint8Array | null;
         try {
-          idle.wait();
-          chunk = await reader.read();
-          idle.rest();
+          chunk = await read();
         } catch (err) {
           await finish(ok ? "cut" : "refused", stalled());
           controller.error(err);

@@ -1,5 +1,5 @@
 /** Per-user API keys: generation, SHA-256 look-up hash, AES-GCM encryption at rest. */
-import { encodeBase64Url } from "../core/encoding.ts";
+import { decodeBase64Url, encodeBase64Url } from "../core/encoding.ts";
 
 const encoder = new TextEncoder();
 
@@ -69,9 +69,7 @@ export class KeyVault {
 }
 
 function decodeBase64UrlBytes(s: string): Uint8Array<ArrayBuffer> {
-  const b64 = s.replace(/-/g, "+").replace(/_/g, "/");
-  const bin = atob(b64 + "=".repeat((4 - b64.length % 4) % 4));
-  const out = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
-  return out;
+  const bytes = decodeBase64Url(s);
+  if (!bytes) throw new Error("unknown key ciphertext format");
+  return bytes;
 }

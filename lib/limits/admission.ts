@@ -71,8 +71,8 @@ const TICK_MS = 2_500;
 /** KV Connect's limits per atomic commit (CONTRACT §8). */
 export const KV_MAX_CHECKS = 10;
 export const KV_MAX_MUTATIONS = 1000;
-/** Mutations the operations of one batch may use. */
-const BATCH_MUTATIONS = 900;
+/** Mutations the operations of one batch may use: the per-op figures are estimates. */
+const BATCH_MUTATIONS = KV_MAX_MUTATIONS - 100;
 const MAX_OPS = 128;
 /** Batches committed at once (never two for one user). */
 const MAX_BATCHES = 2;
