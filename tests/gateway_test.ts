@@ -5,7 +5,15 @@ import { openaiChat } from "../lib/gateway/protocols/openai_chat.ts";
 import { userUsage } from "../lib/usage/usage.ts";
 import { createApp } from "../routes/mod.ts";
 import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, eventually, json, MASTER_KEY, type TestApp, testApp } from "./helpers.ts";
+import {
+  bearer,
+  eventually,
+  interceptCommits,
+  json,
+  MASTER_KEY,
+  type TestApp,
+  testApp,
+} from "./helpers.ts";
 
 interface Setup {
   app: TestApp;
@@ -713,26 +721,14 @@ Deno.test("ALLOWED_MODELS=* lets any model through", async () => {
 });
 
 /** A KV whose next atomic commit first runs `before` (to land a write between read and commit). */
+/** A KV that runs `hook.before` (once) just before its next atomic commit. */
 function kvWithHook(kv: Deno.Kv) {
   const hook = { before: null as null | (() => Promise<unknown>) };
-  const proxy = new Proxy(kv, {
-    get(target, prop) {
-      if (prop === "atomic") {
-        return () => {
-          const op = target.atomic();
-          const commit = op.commit.bind(op);
-          op.commit = async () => {
-            const before = hook.before;
-            hook.before = null;
-            if (before) await before();
-            return await commit();
-          };
-          return op;
-        };
-      }
-      const value = Reflect.get(target, prop);
-      return typeof value === "function" ? value.bind(target) : value;
-    },
+  const proxy = interceptCommits(kv, async (commit) => {
+    const before = hook.before;
+    hook.before = null;
+    if (before) await before();
+    return await commit();
   });
   return { kv: proxy, hook };
 }

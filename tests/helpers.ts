@@ -189,3 +189,26 @@ export async function runReport(
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }
+
+type Commit = () => Promise<Deno.KvCommitResult | Deno.KvCommitError>;
+
+/** A KV whose atomic commits go through `around` (which calls, delays or fails the commit). */
+export function interceptCommits(
+  kv: Deno.Kv,
+  around: (commit: Commit) => Promise<Deno.KvCommitResult | Deno.KvCommitError>,
+): Deno.Kv {
+  return new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "atomic") {
+        return () => {
+          const op = target.atomic();
+          const commit = op.commit.bind(op);
+          op.commit = () => around(commit);
+          return op;
+        };
+      }
+      const value = Reflect.get(target, prop);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+}

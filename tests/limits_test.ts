@@ -6,6 +6,7 @@ import { type AdmitRequest, Ledger, quotaRefusal } from "../lib/limits/admission
 import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
 import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
 import type { UserRecord } from "../lib/identity/users.ts";
+import { interceptCommits } from "./helpers.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
   rpm,
@@ -287,23 +288,10 @@ Deno.test("the suite's KV wrapper refuses what KV Connect refuses", async () => 
 Deno.test("Ledger: a settlement whose commit fails is retried, and counted once", async () => {
   const kv = await Deno.openKv(":memory:");
   let failNext = false;
-  const flaky = new Proxy(kv, {
-    get(target, prop) {
-      if (prop === "atomic") {
-        return () => {
-          const op = target.atomic();
-          const commit = op.commit.bind(op);
-          op.commit = () => {
-            if (!failNext) return commit();
-            failNext = false;
-            return Promise.reject(new Error("KV unreachable"));
-          };
-          return op;
-        };
-      }
-      const value = Reflect.get(target, prop);
-      return typeof value === "function" ? value.bind(target) : value;
-    },
+  const flaky = interceptCommits(kv, (commit) => {
+    if (!failNext) return commit();
+    failNext = false;
+    return Promise.reject(new Error("KV unreachable"));
   });
   const config = loadConfig({ DENO_KV_PATH: ":memory:" });
   const ledger = new Ledger(flaky, config);

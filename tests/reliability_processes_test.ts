@@ -31,6 +31,30 @@ function chat(app: RunningMain, key: string): Promise<Response> {
   });
 }
 
+/** A streamed chat request (held by the fake when it holds streams). */
+function streamChat(app: RunningMain, key: string): Promise<Response> {
+  return fetch(`${app.url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+    body: JSON.stringify({
+      model: "glm-4.6",
+      messages: [{ role: "user", content: "hi" }],
+      stream: true,
+      max_tokens: 50,
+    }),
+  });
+}
+
+/** Today's usage as GET /api/usage tells the key's owner. */
+async function todayUsage(app: RunningMain, key: string) {
+  const res = await fetch(`${app.url}/api/usage?days=1`, {
+    headers: { authorization: `Bearer ${key}` },
+  });
+  assert.equal(res.status, 200);
+  const { requests, promptTokens, completionTokens } = (await res.json()).today;
+  return { requests, promptTokens, completionTokens };
+}
+
 async function countUsage(kvPath: string, userId: string) {
   const kv = await Deno.openKv(kvPath);
   try {
@@ -157,29 +181,6 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
   glm.mode = "sse";
   glm.holdAfterFirstChunk = true; // admitted streams stay in flight until released
   const apps: RunningMain[] = [];
-  const body = JSON.stringify({
-    model: "glm-4.6",
-    messages: [{ role: "user", content: "hi" }],
-    stream: true,
-    max_tokens: 50,
-  });
-  const stream = (app: RunningMain, key: string) =>
-    fetch(`${app.url}/v1/chat/completions`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
-      body,
-    });
-  const usage = async (app: RunningMain, key: string) => {
-    const res = await fetch(`${app.url}/api/usage?days=1`, {
-      headers: { authorization: `Bearer ${key}` },
-    });
-    assert.equal(res.status, 200);
-    return (await res.json()).today as {
-      requests: number;
-      promptTokens: number;
-      completionTokens: number;
-    };
-  };
   try {
     const kvPath = `${dir}/kv.sqlite3`;
     const extra = { CONCURRENCY_LIMIT: "4", RATE_LIMIT_RPM: "1000", TOKEN_LIMIT_DAILY: "100000" };
@@ -192,8 +193,10 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
 
     // Two streams through A, then eight at once through both: exactly 4 in flight in all, at
     // least 2 of them held by A.
-    const first = [await stream(a, key), await stream(a, key)];
-    const rest = await Promise.all(Array.from({ length: 8 }, (_, i) => stream(i % 2 ? a : b, key)));
+    const first = [await streamChat(a, key), await streamChat(a, key)];
+    const rest = await Promise.all(
+      Array.from({ length: 8 }, (_, i) => streamChat(i % 2 ? a : b, key)),
+    );
     const all = [...first, ...rest];
     const admitted = all.filter((r) => r.status === 200);
     const refused = all.filter((r) => r.status === 429);
@@ -218,7 +221,7 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     // A's leases hold their slots until they expire: B admits only what is left, then all 4.
     let freed = false;
     while (performance.now() - killedAt < 60_000) {
-      const probe = await Promise.all(Array.from({ length: 4 }, () => stream(b, key)));
+      const probe = await Promise.all(Array.from({ length: 4 }, () => streamChat(b, key)));
       const ok = probe.filter((r) => r.status === 200).length;
       glm.release();
       await Promise.all(probe.map((r) => r.text()));
@@ -240,15 +243,15 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     const expected = { requests: completed + onA, promptTokens: completed * 11 + onA * 6 };
     const charged = await eventually(
       async () => {
-        const u = await usage(b, key);
+        const u = await todayUsage(b, key);
         return u.requests === expected.requests ? u : undefined;
       },
       15_000,
-      async () => ({ expected, got: await usage(b, key) }),
+      async () => ({ expected, got: await todayUsage(b, key) }),
     );
     assert.equal(charged.promptTokens, expected.promptTokens);
     await new Promise((r) => setTimeout(r, 6000)); // more than one reaper cycle
-    assert.deepEqual(await usage(b, key), charged, "not charged twice");
+    assert.deepEqual(await todayUsage(b, key), charged, "not charged twice");
   } finally {
     await Promise.all(apps.map((a) => a.stop()));
     await glm.close();
@@ -262,26 +265,7 @@ Deno.test("a process stalled past its leases' lifetime: reaped once, then settle
   glm.mode = "sse";
   glm.holdAfterFirstChunk = true;
   const apps: RunningMain[] = [];
-  const key = { value: "" };
-  const stream = (app: RunningMain) =>
-    fetch(`${app.url}/v1/chat/completions`, {
-      method: "POST",
-      headers: { authorization: `Bearer ${key.value}`, "content-type": "application/json" },
-      body: JSON.stringify({
-        model: "glm-4.6",
-        messages: [{ role: "user", content: "hi" }],
-        stream: true,
-        max_tokens: 50,
-      }),
-    });
-  const usage = async (app: RunningMain) => {
-    const res = await fetch(`${app.url}/api/usage?days=1`, {
-      headers: { authorization: `Bearer ${key.value}` },
-    });
-    assert.equal(res.status, 200);
-    const { requests, promptTokens, completionTokens } = (await res.json()).today;
-    return { requests, promptTokens, completionTokens };
-  };
+  let key = "";
   let stopped: RunningMain | undefined;
   try {
     const kvPath = `${dir}/kv.sqlite3`;
@@ -290,8 +274,8 @@ Deno.test("a process stalled past its leases' lifetime: reaped once, then settle
     apps.push(a);
     const b = await startMain(env(kvPath, glm, extra), dir);
     apps.push(b);
-    key.value = await provision(a, "user_stalled");
-    const held = [await stream(a), await stream(a)];
+    key = await provision(a, "user_stalled");
+    const held = [await streamChat(a, key), await streamChat(a, key)];
     for (const r of held) assert.equal(r.status, 200);
     const readers = held.map((r) => r.body!.getReader());
     for (const r of readers) await r.read(); // "Hel"
@@ -301,11 +285,11 @@ Deno.test("a process stalled past its leases' lifetime: reaped once, then settle
     // B's reaper takes A for dead: both requests charged their estimate (6 prompt tokens each),
     // and A's slots are free for B.
     const reaped = await eventually(async () => {
-      const u = await usage(b);
+      const u = await todayUsage(b, key);
       return u.requests === 2 ? u : undefined;
     }, 45_000);
     assert.equal(reaped.promptTokens, 12);
-    const onB = await stream(b);
+    const onB = await streamChat(b, key);
     assert.equal(onB.status, 200, "A's slots were freed");
 
     Deno.kill(a.pid, "SIGCONT"); // A comes back and finishes its answers
@@ -318,15 +302,15 @@ Deno.test("a process stalled past its leases' lifetime: reaped once, then settle
     // A's two requests end with their metered usage, counted once; B's one as usual.
     const final = await eventually(
       async () => {
-        const u = await usage(b);
+        const u = await todayUsage(b, key);
         return u.promptTokens === 33 ? u : undefined;
       },
       10_000,
-      () => usage(b),
+      () => todayUsage(b, key),
     );
     assert.deepEqual(final, { requests: 3, promptTokens: 33, completionTokens: 21 });
     // Every slot is free again: two streams at once are admitted.
-    const again = await Promise.all([stream(b), stream(b)]);
+    const again = await Promise.all([streamChat(b, key), streamChat(b, key)]);
     assert.deepEqual(again.map((r) => r.status), [200, 200]);
     glm.release();
     await Promise.all(again.map((r) => r.text()));
