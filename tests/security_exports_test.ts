@@ -89,7 +89,8 @@ Deno.test("deno task report: CSV cells cannot become formulas, the table prints 
       assert.equal(r.code, 0, r.stderr);
       // deno-lint-ignore no-control-regex
       assert.ok(!/[\u0000-\u0008\u000b-\u001f\u007f]/.test(r.stdout), "no control characters");
-      assert.ok(r.stdout.includes("\ufffd[2J"));
+      // The escapes are removed (CONTRACT §7), what they wrapped stays.
+      assert.ok(r.stdout.includes("[2J[31mred@x.test"), r.stdout);
     });
   } finally {
     await Deno.remove(dir, { recursive: true });

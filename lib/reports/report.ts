@@ -230,10 +230,10 @@ export function csvField(value: string | number | null): string {
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
 }
 
-/** A text for a terminal: control characters (escape sequences among them) become U+FFFD. */
+/** A text for a terminal: control characters (escape sequences among them) removed (§7). */
 export function printable(text: string): string {
   // deno-lint-ignore no-control-regex
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, "\ufffd");
+  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, "");
 }
 
 /** The report for people: aligned per-user and per-model tables with totals rows. */
