@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { Gateway } from "../lib/gateway/gateway.ts";
+import { UpstreamSlots } from "../lib/limits/upstream_slots.ts";
 import { Ledger } from "../lib/limits/admission.ts";
 import { openaiChat } from "../lib/gateway/protocols/openai_chat.ts";
 import { userUsage } from "../lib/usage/usage.ts";
@@ -529,7 +530,7 @@ Deno.test("large answers are relayed byte for byte and metered: a 3 MiB JSON and
 Deno.test("upstream failures", async (t) => {
   const s = await setup({ UPSTREAM_TIMEOUT_MS: "300" });
   try {
-    await t.step("500 is relayed with its status and body, recorded with zero tokens", async () => {
+    await t.step("500 is relayed with its status and body, and not counted", async () => {
       s.fake.mode = "error500";
       const res = await s.chat();
       assert.equal(res.status, 500);
@@ -539,8 +540,15 @@ Deno.test("upstream failures", async (t) => {
         (await json<{ error: { message: string } }>(res)).error.message,
         "upstream exploded",
       );
-      assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 0, completionTokens: 0 });
+      // Not the user's doing: no request, token or cost recorded, the request allowance given back.
+      assert.deepEqual(await s.usage(), { requests: 0, promptTokens: 0, completionTokens: 0 });
       assert.ok(s.app.logs.some((l) => l.includes('"level":"warn"') && l.includes('"status":500')));
+      const next = await s.chat();
+      assert.equal(
+        next.headers.get("x-ratelimit-remaining-requests"),
+        res.headers.get("x-ratelimit-remaining-requests"),
+      );
+      await next.body?.cancel();
     });
     await t.step("no response headers within the timeout → 504 upstream_timeout", async () => {
       s.fake.mode = "slow_headers";
@@ -549,7 +557,7 @@ Deno.test("upstream failures", async (t) => {
       assertRateHeaders(res);
       assert.equal((await errorOf(res)).code, "upstream_timeout");
       // The upstream had the prompt: charged its estimate ("user" + "hi" + 4 per message).
-      assert.deepEqual(await s.usage(), { requests: 2, promptTokens: 6, completionTokens: 0 });
+      assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 6, completionTokens: 0 });
     });
     await t.step("a stream cut mid-way still records the request", async () => {
       s.fake.mode = "cut";
@@ -563,7 +571,7 @@ Deno.test("upstream failures", async (t) => {
         for (;;) if ((await reader.read()).done) break;
       });
       // No usage chunk arrived: the prompt estimate and the relayed "Hel" (1 token).
-      assert.deepEqual(await s.usage(), { requests: 3, promptTokens: 12, completionTokens: 1 });
+      assert.deepEqual(await s.usage(), { requests: 2, promptTokens: 12, completionTokens: 1 });
       assert.ok(
         s.app.logs.some((l) => l.includes('"outcome":"cut"') && l.includes('"estimated":true')),
       );
@@ -579,11 +587,17 @@ Deno.test("upstream failures", async (t) => {
         const reader = res.body!.getReader();
         assert.match(new TextDecoder().decode((await reader.read()).value), /Hel/);
         const waited = performance.now();
-        await assert.rejects(async () => {
-          for (;;) if ((await reader.read()).done) break;
-        });
+        let rest = "";
+        for (;;) {
+          const { done, value } = await reader.read();
+          if (done) break;
+          rest += new TextDecoder().decode(value);
+        }
         assert.ok(performance.now() - waited >= 250, "not cut before the timeout");
-        assert.equal((await s.usage()).requests, 4);
+        // The stream ends with an error event the SDKs report, not a silent truncation.
+        const last = JSON.parse(rest.trim().replace(/^data: /, ""));
+        assert.match(last.error.message, /cut: upstream sent nothing for 300 ms/);
+        assert.equal((await s.usage()).requests, 3);
         assert.ok(
           s.app.logs.some((l) =>
             l.includes('"outcome":"cut"') && l.includes("upstream sent nothing for 300 ms")
@@ -595,17 +609,27 @@ Deno.test("upstream failures", async (t) => {
       },
     );
     await t.step(
-      "a client that stops reading is not cut: only waits for the upstream count",
+      "a client that stops reading is cut after the timeout: upstream cancelled, usage settled",
       async () => {
         // 6 MiB: more than the sockets buffer, so the relay stops reading while the client rests.
         s.fake.mode = "sse";
         s.fake.sseChunks = Array.from({ length: 400 }, () => "x".repeat(16 * 1024));
+        const cancelledBefore = s.fake.streamsCancelled;
         const res = await s.chat({ ...CHAT, stream: true });
         assert.equal(res.status, 200);
-        await new Promise((r) => setTimeout(r, 700)); // more than twice the 300 ms timeout
-        const text = await res.text();
-        assert.match(text, /data: \[DONE\]/);
-        assert.equal((await s.usage()).requests, 5);
+        // The upstream call is cancelled while the client still reads nothing.
+        await eventually(() => s.fake.streamsCancelled === cancelledBefore + 1);
+        assert.ok(
+          s.app.logs.some((l) =>
+            l.includes('"outcome":"cancelled"') && l.includes("the client read nothing for 300 ms")
+          ),
+        );
+        // What it finally reads is a cut answer, and it was charged its estimate.
+        const text = await res.text().catch(() => "");
+        assert.doesNotMatch(text, /data: \[DONE\]/);
+        const usage = await s.usage();
+        assert.equal(usage.requests, 4);
+        assert.ok(usage.completionTokens > 1000, "the relayed part is charged");
         s.fake.sseChunks = ["Hel", "lo", "!"];
       },
     );
@@ -615,7 +639,7 @@ Deno.test("upstream failures", async (t) => {
   }
 });
 
-Deno.test("unreachable upstream → 502 upstream_unavailable, recorded, warned", async () => {
+Deno.test("unreachable upstream → 502 upstream_unavailable, not counted, warned", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = listener.addr.port;
   listener.close();
@@ -625,7 +649,8 @@ Deno.test("unreachable upstream → 502 upstream_unavailable, recorded, warned",
     assert.equal(res.status, 502);
     assertRateHeaders(res);
     assert.equal((await errorOf(res)).code, "upstream_unavailable");
-    assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 0, completionTokens: 0 });
+    // It never reached the upstream: nothing counted.
+    assert.deepEqual(await s.usage(), { requests: 0, promptTokens: 0, completionTokens: 0 });
     assert.ok(s.app.logs.some((l) => l.includes("upstream_unavailable") && l.includes('"warn"')));
     assert.ok(!s.app.logs.some((l) => l.includes(MASTER_KEY)));
   } finally {
@@ -739,7 +764,8 @@ Deno.test("a change landing while the admission commits: the upstream call, begu
     const { kv, hook } = kvWithHook(s.app.kv);
     const { config, log } = s.app.services;
     const ledger = new Ledger(kv, config, { log });
-    const gateway = new Gateway({ config, kv, log, ledger });
+    const slots = new UpstreamSlots(kv, config, ledger, log);
+    const gateway = new Gateway({ config, kv, log, ledger, slots });
     const call = () =>
       gateway.handle(
         openaiChat,

@@ -76,6 +76,11 @@ function jsonFrom<S extends z.ZodType>(
   });
 }
 
+const upstreamConcurrencySchema = z.record(
+  z.string().min(1).max(200),
+  z.number().int().min(0).max(100_000),
+);
+
 const envSchema = z.object({
   PORT: intFrom("PORT", 8000, 0, 65535),
   PUBLIC_URL: optionalString.pipe(origin("PUBLIC_URL").optional()),
@@ -109,6 +114,38 @@ const envSchema = z.object({
     () => 'must map model name patterns to model names ({"claude-*": "glm-4.6"})',
   ),
   UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
+  STREAM_MAX_MS: intFrom("STREAM_MAX_MS", 600_000, 1, 86_400_000),
+  UPSTREAM_CONCURRENCY: optionalString.transform((raw, ctx): Record<string, number> => {
+    if (raw === undefined) return {};
+    if (/^\d+$/.test(raw)) {
+      const n = Number(raw);
+      if (n > 100_000) {
+        ctx.addIssue({ code: "custom", message: "UPSTREAM_CONCURRENCY must be ≤ 100000" });
+        return z.NEVER;
+      }
+      return n === 0 ? {} : { "*": n };
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(raw);
+    } catch {
+      json = undefined;
+    }
+    const parsed = upstreamConcurrencySchema.safeParse(json);
+    if (!parsed.success) {
+      ctx.addIssue({
+        code: "custom",
+        message:
+          'UPSTREAM_CONCURRENCY must be a whole number, or JSON such as {"glm-4.6": 4, "*": 2} ' +
+          "(whole numbers 0–100000; 0 = unlimited)",
+      });
+      return z.NEVER;
+    }
+    const limits: Record<string, number> = {};
+    for (const [model, n] of Object.entries(parsed.data)) limits[model.toLowerCase()] = n;
+    return limits;
+  }),
+  UPSTREAM_QUEUE_MS: intFrom("UPSTREAM_QUEUE_MS", 20_000, 0, 3_600_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(
@@ -171,7 +208,18 @@ export interface Config {
     webhookSecrets: string[];
     apiUrl: string;
   };
-  glm: { apiKey?: string; baseUrl: string; anthropicBaseUrl: string; timeoutMs: number };
+  glm: {
+    apiKey?: string;
+    baseUrl: string;
+    anthropicBaseUrl: string;
+    timeoutMs: number;
+    /** The longest one answer may take, end to end. */
+    streamMaxMs: number;
+    /** Requests in flight to GLM per model (lower-cased; `*` for the rest; 0 or absent = no cap). */
+    concurrency: Record<string, number>;
+    /** How long a request may wait for an upstream slot. */
+    queueMs: number;
+  };
   /** Model name patterns (`*` wildcards) → the model a request for them is served as. */
   modelAliases: Record<string, string>;
   keyMode: KeyMode;
@@ -265,6 +313,9 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       anthropicBaseUrl: e.GLM_ANTHROPIC_BASE_URL ??
         baseUrl.replace(/\/api\/paas\/v4$/, "/api/anthropic"),
       timeoutMs: e.UPSTREAM_TIMEOUT_MS,
+      streamMaxMs: e.STREAM_MAX_MS,
+      concurrency: e.UPSTREAM_CONCURRENCY,
+      queueMs: e.UPSTREAM_QUEUE_MS,
     },
     modelAliases: e.MODEL_ALIASES ?? DEFAULT_MODEL_ALIASES,
     keyMode,

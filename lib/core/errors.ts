@@ -16,6 +16,7 @@ export type ErrorCode =
   | "concurrency_limit_exceeded"
   | "upstream_unavailable"
   | "upstream_timeout"
+  | "upstream_busy"
   | "not_configured"
   | "internal_error";
 
@@ -35,6 +36,7 @@ const STATUS: Record<ErrorCode, number> = {
   concurrency_limit_exceeded: 429,
   upstream_unavailable: 502,
   upstream_timeout: 504,
+  upstream_busy: 503,
   not_configured: 503,
   internal_error: 500,
 };
@@ -46,10 +48,12 @@ export class AppError extends Error {
     message: string,
     /** Extra response headers, e.g. Retry-After. */
     readonly headers: Record<string, string> = {},
+    /** When the code's usual status is not the one (upstream_unavailable: 502, or 503). */
+    status?: number,
   ) {
     super(message);
     this.name = "AppError";
-    this.status = STATUS[code];
+    this.status = status ?? STATUS[code];
   }
 }
 

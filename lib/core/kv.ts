@@ -21,6 +21,20 @@ export const keys = {
   /** A ledger's heartbeat: its leases are reaped once it expires. */
   leaseProc: (procId: string) => ["lease_procs", procId] as const,
   leaseProcs: () => ["lease_procs"] as const,
+  /**
+   * Requests the user was given back (KvU64 sum): refusals that were not the user's doing. The
+   * rate entry remembers how many it has applied (lib/limits/gcra.ts).
+   */
+  rateRefunds: (userId: string) => ["rate_refunds", userId] as const,
+  /** Requests in flight to GLM for a model (KvU64 sum), across processes (UPSTREAM_CONCURRENCY). */
+  upstreamHeld: (model: string) => ["upstream_held", model] as const,
+  upstreamHelds: () => ["upstream_held"] as const,
+  /** A request waiting for an upstream slot; tickets sort by arrival. */
+  upstreamTicket: (model: string, ticket: string) => ["upstream_queue", model, ticket] as const,
+  upstreamTickets: (model: string) => ["upstream_queue", model] as const,
+  /** Upstream-slot waits per clock hour and bucket (KvU64 sums): the queue-wait percentiles. */
+  upstreamWait: (hour: number, bucket: number) => ["upstream_waits", hour, bucket] as const,
+  upstreamWaits: (hour: number) => ["upstream_waits", hour] as const,
   /** Usage counters (KvU64) per UTC day, user, model and field: reports, dashboards, quotas. */
   usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
     ["usage_daily", day, userId, model, field] as const,

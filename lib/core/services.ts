@@ -4,6 +4,7 @@ import { ClerkSync } from "../clerk/sync.ts";
 import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
+import { UpstreamSlots } from "../limits/upstream_slots.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { localSecret, Users } from "../identity/users.ts";
@@ -19,6 +20,8 @@ export interface Services {
   ledger: Ledger;
   /** The GLM gateway (built once: upstream URL, header templates, key cache). */
   gateway: Gateway;
+  /** Requests in flight to GLM per model (UPSTREAM_CONCURRENCY). */
+  slots: UpstreamSlots;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -47,7 +50,8 @@ export async function createServices(
     );
   }
   const ledger = new Ledger(kv, config, { log });
-  const gateway = new Gateway({ config, kv, log, ledger });
+  const slots = new UpstreamSlots(kv, config, ledger, log);
+  const gateway = new Gateway({ config, kv, log, ledger, slots });
   return {
     config,
     kv,
@@ -57,6 +61,10 @@ export async function createServices(
     log,
     ledger,
     gateway,
-    close: () => ledger.close(),
+    slots,
+    close: async () => {
+      slots.close();
+      await ledger.close();
+    },
   };
 }

@@ -27,7 +27,14 @@ import {
 } from "../limits/admission.ts";
 import { checkUserState, rateHeaders } from "../limits/policy.ts";
 import type { Logger } from "../core/log.ts";
-import { ChunkReader, erroredStream, IdleTimer, UsageMeter } from "./relay.ts";
+import { ChunkReader, erroredStream, IdleTimer, type Stall, UsageMeter } from "./relay.ts";
+import { ClientLeft, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import {
+  classifyRefusal,
+  needsClassifying,
+  type UpstreamAlert,
+  type UpstreamRefusal,
+} from "./upstream_errors.ts";
 import type { TokenUsage } from "../usage/usage.ts";
 import type { KeyIndexValue, UserRecord } from "../identity/users.ts";
 import { ModelCatalog } from "./models.ts";
@@ -42,12 +49,26 @@ const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
 
 export type { TokenUsage };
 
+/** Tells the operator about an upstream problem (lib/alerts: de-duplicated per type and hour). */
+export type UpstreamNotifier = (
+  alert: UpstreamAlert,
+  fields: { model: string; status: number; upstreamCode: string | null; message: string },
+) => void;
+
 interface GatewayDeps {
   config: Config;
   kv: Deno.Kv;
   log: Logger;
   ledger: Ledger;
+  slots: UpstreamSlots;
+  notify?: UpstreamNotifier;
 }
+
+/** Error bodies read to classify a refusal (GLM's are a few hundred bytes). */
+const MAX_ERROR_BODY = 64 * 1024;
+/** Throttled answers within THROTTLE_WINDOW_MS that make throttling "sustained" (an alert). */
+const THROTTLE_SUSTAINED = 5;
+const THROTTLE_WINDOW_MS = 60_000;
 
 /** An upstream call begun by send(): forward() relays it once the admission is durable. */
 interface UpstreamCall {
@@ -55,7 +76,14 @@ interface UpstreamCall {
   response: Promise<Response>;
   abort: AbortController;
   idle: IdleTimer;
-  state: { timedOut: boolean; clientGone: boolean };
+  state: {
+    timedOut: boolean;
+    clientGone: boolean;
+    /** STREAM_MAX_MS passed. */
+    overtime: boolean;
+    /** Cuts the answer being relayed (set by forward() once it relays a body). */
+    cut: ((stall: Stall) => void) | null;
+  };
   /** Stops the call (its admission was refused after all). */
   cancel(): void;
 }
@@ -81,6 +109,10 @@ export class Gateway {
   private readonly kv: Deno.Kv;
   private readonly log: Logger;
   private readonly ledger: Ledger;
+  private readonly slots: UpstreamSlots;
+  private readonly notify: UpstreamNotifier | undefined;
+  /** When this process's recent throttled answers came (sustained throttling is alerted). */
+  private throttled: number[] = [];
   readonly models: ModelCatalog;
   /** The operator's key and content type, per endpoint (built once). */
   private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
@@ -100,6 +132,8 @@ export class Gateway {
     this.kv = deps.kv;
     this.log = deps.log;
     this.ledger = deps.ledger;
+    this.slots = deps.slots;
+    this.notify = deps.notify;
     this.models = new ModelCatalog(deps.config);
   }
 
@@ -153,8 +187,11 @@ export class Gateway {
      * answer is relayed, and nothing counted, before the admission is durable.
      */
     let call: UpstreamCall | undefined;
-    const send = () => call ??= this.send(protocol, req, bytes, headers);
+    const send = () => call ??= this.send(protocol, req, bytes, headers, started);
     let settlement: Settlement;
+    // A model with an upstream cap waits for its slot after admission: no call before that.
+    const capped = protocol.metered && this.slots.capOf(target) > 0;
+    let queueMs: number | undefined;
     if (protocol.metered) {
       const output = this.config.outputReserveTokens;
       try {
@@ -166,7 +203,7 @@ export class Gateway {
             output: parsed.outputCap === null ? output : Math.min(parsed.outputCap, output),
           },
           validate,
-          onAdmitted: send,
+          onAdmitted: capped ? undefined : send,
         });
       } catch (err) {
         // A change that landed before the commit (a disable, another process taking the last of
@@ -182,12 +219,85 @@ export class Gateway {
         }
         throw err;
       }
+      if (capped) queueMs = await this.waitForSlot(settlement as Lease, req, requestId, started);
     } else {
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
       settlement = new Unmetered(validate(status.user, rate), target, rate);
     }
-    return await this.forward(send(), settlement, requestId, started);
+    return await this.forward(send(), settlement, requestId, started, queueMs);
+  }
+
+  /**
+   * Takes the lease's upstream slot (UPSTREAM_CONCURRENCY), waiting in line. A request that gets
+   * none in time, or whose client leaves meanwhile, is settled at once: not counted (the former)
+   * or with nothing used (the latter).
+   */
+  private async waitForSlot(
+    lease: Lease,
+    req: Request,
+    requestId: string,
+    started: number,
+  ): Promise<number> {
+    const outcome = (err: unknown): Outcome => err instanceof ClientLeft ? "left" : "not_served";
+    try {
+      const waited = await this.slots.acquire(lease, req.signal);
+      if (!req.signal.aborted) return waited;
+      throw new ClientLeft();
+    } catch (err) {
+      await lease.settle(null, outcome(err)).catch(() => {});
+      const status = err instanceof AppError ? err.status : 499;
+      this.log.info("gateway", {
+        id: requestId,
+        userId: lease.user.id,
+        model: lease.model,
+        status,
+        outcome: outcome(err),
+        queueMs: Math.round(performance.now() - started),
+        ms: Math.round((performance.now() - started) * 10) / 10,
+      });
+      if (err instanceof AppError) {
+        throw new AppError(err.code, err.message, { ...lease.headers, ...err.headers }, err.status);
+      }
+      throw new AppError("upstream_unavailable", "The client disconnected.", lease.headers);
+    }
+  }
+
+  /**
+   * Logs an upstream refusal for the operator (GLM's own message included) and alerts: the
+   * account's problems at once, throttling when it is sustained (THROTTLE_SUSTAINED answers
+   * within a minute in this process).
+   */
+  private upstreamRefused(
+    refusal: UpstreamRefusal,
+    model: string,
+    status: number,
+    requestId: string,
+  ) {
+    const fields = {
+      model,
+      status,
+      upstreamCode: refusal.upstreamCode,
+      message: refusal.upstreamMessage ?? `HTTP ${status}`,
+    };
+    this.log.warn("upstream refused the operator's account", {
+      id: requestId,
+      ...fields,
+      answered: refusal.error.code,
+    });
+    if (!refusal.alert || !this.notify) return;
+    if (refusal.alert === "upstream.throttled") {
+      const now = Date.now();
+      this.throttled = this.throttled.filter((t) => t > now - THROTTLE_WINDOW_MS);
+      this.throttled.push(now);
+      if (this.throttled.length < THROTTLE_SUSTAINED) return;
+      this.throttled = [];
+    }
+    try {
+      this.notify(refusal.alert, fields);
+    } catch (err) {
+      this.log.error("upstream alert failed", { error: String(err) });
+    }
   }
 
   /** Rate headers as they stand, for answers that consume nothing. */
@@ -273,13 +383,23 @@ export class Gateway {
     req: Request,
     bytes: Uint8Array<ArrayBuffer>,
     headers: Record<string, string>,
+    started: number,
   ): UpstreamCall {
     const abort = new AbortController();
-    const state = { timedOut: false, clientGone: false };
-    const idle = new IdleTimer(this.config.glm.timeoutMs, () => {
-      state.timedOut = true;
-      abort.abort();
-    });
+    const state: UpstreamCall["state"] = {
+      timedOut: false,
+      clientGone: false,
+      overtime: false,
+      cut: null,
+    };
+    const glm = this.config.glm;
+    const idle = new IdleTimer(glm.timeoutMs, glm.streamMaxMs, (stall) => {
+      if (stall === "upstream") state.timedOut = true;
+      if (stall === "deadline") state.overtime = true;
+      // While an answer is relayed, cutting it cancels the upstream call too.
+      if (state.cut) state.cut(stall);
+      else abort.abort();
+    }, started);
     // A client that leaves while the upstream is still thinking cancels the upstream call. Only
     // until the headers arrive: after that the relay's cancel() does it. (deno.json opts out of
     // Deno's legacy behaviour of also aborting request.signal once a response has been sent.)
@@ -287,7 +407,8 @@ export class Gateway {
       state.clientGone = true;
       abort.abort();
     };
-    req.signal.addEventListener("abort", onClientGone, { once: true });
+    if (req.signal.aborted) onClientGone();
+    else req.signal.addEventListener("abort", onClientGone, { once: true });
     const response = fetch(protocol.upstreamUrl(this.config), {
       method: "POST",
       headers,
@@ -315,6 +436,7 @@ export class Gateway {
     lease: Settlement,
     requestId: string,
     started: number,
+    queueMs?: number,
   ): Promise<Response> {
     const { protocol, abort, idle, state } = call;
     const userId = lease.user.id;
@@ -353,6 +475,7 @@ export class Gateway {
         promptTokens: charged?.promptTokens ?? 0,
         completionTokens: charged?.completionTokens ?? 0,
         ...(charged?.estimated ? { estimated: true } : {}),
+        ...(queueMs !== undefined ? { queueMs: Math.round(queueMs) } : {}),
         ms: Math.round((performance.now() - started) * 10) / 10,
         ...(detail ? { detail } : {}),
       });
@@ -361,7 +484,7 @@ export class Gateway {
     try {
       upstream = await call.response;
     } catch (err) {
-      const timedOut = state.timedOut;
+      const timedOut = state.timedOut || state.overtime;
       const code = timedOut ? "upstream_timeout" : "upstream_unavailable";
       if (state.clientGone) {
         // Not an upstream failure: nobody is left to answer (nginx's 499 in the log line). The
@@ -376,12 +499,15 @@ export class Gateway {
         error: code,
         detail: err instanceof Error ? err.name : "error",
       });
-      await end(null, timedOut ? 504 : 502, timedOut ? "timeout" : "unreachable");
+      // Never reached the upstream: not the user's doing, nothing counted.
+      await end(null, timedOut ? 504 : 502, timedOut ? "timeout" : "not_served");
       throw new AppError(
         code,
-        timedOut
+        state.overtime
+          ? `The upstream did not answer within STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms).`
+          : timedOut
           ? `The upstream did not answer within ${timeoutMs} ms.`
-          : "The upstream could not be reached.",
+          : "The upstream could not be reached. Nothing was counted against your limits.",
         lease.headers,
       );
     }
@@ -407,14 +533,39 @@ export class Gateway {
     if (status >= 500) {
       this.log.warn("upstream error", { id: requestId, userId, model, status });
     }
-    /** How an answer that ends without `usage` is charged: an error status generated nothing. */
-    const ended: Outcome = ok ? "complete" : "refused";
+    if (needsClassifying(status)) {
+      // The operator's account refused, or is throttled: the user gets Keyway's own answer.
+      const bytes = await readErrorBody(upstream.body, idle);
+      const refusal = classifyRefusal(status, bytes, upstreamHeaders.get("retry-after"));
+      if (refusal) {
+        await end(null, refusal.error.status, "not_served", refusal.alert ?? undefined);
+        this.upstreamRefused(refusal, model, status, requestId);
+        throw new AppError(
+          refusal.error.code,
+          refusal.error.message,
+          { ...lease.headers, ...refusal.error.headers },
+          refusal.error.status,
+        );
+      }
+      await end(null, status, "refused");
+      return new Response(bytes, { status, headers });
+    }
+    /**
+     * How an answer that ends without `usage` is charged: the user's own mistake (4xx) generated
+     * nothing; an upstream failure (5xx) is not counted at all.
+     */
+    const ended: Outcome = ok ? "complete" : status >= 500 ? "not_served" : "refused";
     const source = upstream.body;
     if (!source) {
       await end(null, status, ended);
       return new Response(null, { status, headers });
     }
-    const stalled = () => state.timedOut ? `upstream sent nothing for ${timeoutMs} ms` : undefined;
+    const stalled = () =>
+      state.overtime
+        ? `the answer took longer than STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms)`
+        : state.timedOut
+        ? `upstream sent nothing for ${timeoutMs} ms`
+        : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(protocol.format, sse, ok);
@@ -436,7 +587,7 @@ export class Gateway {
       try {
         first = await read();
       } catch (err) {
-        await end(null, status, ok ? "cut" : "refused", stalled());
+        await end(null, status, ok ? "cut" : ended, stalled());
         return new Response(erroredStream(err), { status, headers });
       }
       if (!first) {
@@ -468,8 +619,38 @@ export class Gateway {
       else if (sse) lease.relayedTokens = meter.relayedTokens();
       controller.enqueue(chunk);
     };
+    /** The stream has ended one way or another (nothing more is enqueued). */
+    let closed = false;
+    let out: ReadableStreamDefaultController<Uint8Array>;
+    // The watchdog cuts the answer where it stands: the upstream call is cancelled and the lease
+    // settled (the estimate of what was relayed). A stalled upstream or an answer past
+    // STREAM_MAX_MS ends an SSE stream with an error event its SDK reports; a client that reads
+    // nothing gets its connection closed.
+    state.cut = (stall) => {
+      abort.abort();
+      reader.cancel();
+      if (closed) return;
+      closed = true;
+      const detail = stall === "client"
+        ? `the client read nothing for ${timeoutMs} ms`
+        : stall === "deadline"
+        ? `the answer took longer than STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms)`
+        : `upstream sent nothing for ${timeoutMs} ms`;
+      finish(stall === "client" ? "cancelled" : ok ? "cut" : ended, detail).then(() => {
+        try {
+          if (stall !== "client" && sse) {
+            out.enqueue(sseError(protocol.format, `The answer was cut: ${detail}.`));
+            out.close();
+          } else out.error(new Error(detail));
+        } catch { /* the client is gone already */ }
+      });
+    };
     const body = new ReadableStream<Uint8Array>({
+      start: (controller) => {
+        out = controller;
+      },
       pull: async (controller) => {
+        if (closed) return;
         if (pending) {
           const chunk = pending;
           pending = null;
@@ -479,11 +660,15 @@ export class Gateway {
         try {
           chunk = await read();
         } catch (err) {
-          await finish(ok ? "cut" : "refused", stalled());
+          if (closed) return; // cut by the watchdog
+          closed = true;
+          await finish(ok ? "cut" : ended, stalled());
           controller.error(err);
           return;
         }
+        if (closed) return;
         if (!chunk) {
+          closed = true;
           await finish(ended);
           controller.close();
           return;
@@ -492,13 +677,48 @@ export class Gateway {
       },
       cancel: async (reason) => {
         // The client went away: stop the upstream call too, and settle at once.
+        closed = true;
         abort.abort();
         reader.cancel(reason);
-        await finish(ok ? "cancelled" : "refused");
+        await finish(ok ? "cancelled" : ended);
       },
     });
     return new Response(body, { status, headers });
   }
+}
+
+/** An SSE event that ends a cut stream in the endpoint's own error shape. */
+function sseError(format: "openai" | "anthropic", message: string): Uint8Array {
+  const text = format === "anthropic"
+    ? `event: error\ndata: ${
+      JSON.stringify({ type: "error", error: { type: "api_error", message } })
+    }\n\n`
+    : `data: ${
+      JSON.stringify({ error: { code: "upstream_timeout", type: "upstream_timeout", message } })
+    }\n\n`;
+  return new TextEncoder().encode(text);
+}
+
+/** An upstream error body, up to MAX_ERROR_BODY bytes, under the watchdog (null: none). */
+async function readErrorBody(
+  body: ReadableStream<Uint8Array> | null,
+  idle: IdleTimer,
+): Promise<Uint8Array<ArrayBuffer> | null> {
+  if (!body) return null;
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  idle.wait();
+  try {
+    for await (const chunk of body) {
+      chunks.push(chunk);
+      size += chunk.byteLength;
+      if (size >= MAX_ERROR_BODY) break;
+    }
+  } catch {
+    // Cut or stalled: classify what arrived.
+  }
+  idle.rest();
+  return concatBytes(chunks, Math.min(size, Number.MAX_SAFE_INTEGER));
 }
 
 function invalidKey(): AppError {

@@ -18,42 +18,57 @@ const MAX_SSE_LINE = 1024 * 1024;
 
 const decoder = new TextDecoder();
 
+/** What the relay was waiting for when its watchdog fired. */
+export type Stall = "upstream" | "client" | "deadline";
+
 /**
- * Calls `onIdle` when one wait for the upstream lasts `ms`: the wait for its headers, then each
- * read of its body. Time between reads (a slow client not asking for more) does not count. One
- * timer per request, re-armed only when it fires, so a read costs a clock read, not a timer.
+ * The relay's watchdog. Calls `onStall` once, when one wait lasts `ms` — for the upstream (its
+ * headers, then each read of its body) or for the client (between a chunk handed over and its
+ * next read: a client that reads nothing holds the upstream call and its slots) — or when the
+ * whole answer has taken `maxMs`. One timer per request, re-armed only when it fires, so each
+ * step costs a clock read, not a timer.
  */
 export class IdleTimer {
   private since = performance.now();
-  private waiting = true;
+  private readonly deadline: number;
+  private phase: "upstream" | "client" = "upstream";
   private timer: ReturnType<typeof setTimeout> | undefined;
 
-  constructor(private readonly ms: number, private readonly onIdle: () => void) {
-    this.arm(ms);
+  constructor(
+    private readonly ms: number,
+    maxMs: number,
+    private readonly onStall: (stall: Stall) => void,
+    started = this.since,
+  ) {
+    this.deadline = started + maxMs;
+    this.arm(Math.min(ms, this.deadline - this.since));
   }
 
   /** A read from the upstream starts: the clock runs from now. */
   wait() {
     this.since = performance.now();
-    this.waiting = true;
+    this.phase = "upstream";
   }
 
-  /** The read is over. */
+  /** A read is over: now the client's turn to ask for more. */
   rest() {
-    this.waiting = false;
+    this.since = performance.now();
+    this.phase = "client";
   }
 
   stop() {
     clearTimeout(this.timer);
+    this.timer = undefined;
   }
 
   private arm(delay: number) {
     this.timer = setTimeout(() => {
-      if (!this.waiting) return this.arm(this.ms);
-      const quiet = performance.now() - this.since;
-      if (quiet >= this.ms) this.onIdle();
-      else this.arm(this.ms - quiet);
-    }, delay);
+      const now = performance.now();
+      if (now >= this.deadline) return this.onStall("deadline");
+      const quiet = now - this.since;
+      if (quiet >= this.ms) return this.onStall(this.phase);
+      this.arm(Math.min(this.ms - quiet, this.deadline - now));
+    }, Math.max(0, delay));
   }
 }
 

@@ -48,8 +48,8 @@ import { commitOrConflict, keys, u64, utcDay, utcMonth } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import type { UserRecord } from "../identity/users.ts";
 import { costNanoUsd, priceOf, type Pricing } from "../usage/pricing.ts";
-import { addUsageSums, type TokenUsage, type UsageSums } from "../usage/usage.ts";
-import { decideRate, type RateState, type RateView, rateView } from "./gcra.ts";
+import { addSum, addUsageSums, type TokenUsage, type UsageSums } from "../usage/usage.ts";
+import { decideRate, type RateState, type RateView, rateView, withRefunds } from "./gcra.ts";
 import {
   type EffectiveLimits,
   effectiveLimits,
@@ -103,6 +103,8 @@ export interface LeaseRecord {
   completion: number;
   /** Admitted at (ms since the epoch). */
   at: number;
+  /** The model whose upstream slot it holds (UPSTREAM_CONCURRENCY), once it has one. */
+  slot?: string;
 }
 
 interface Heartbeat {
@@ -122,7 +124,15 @@ export type Outcome =
   /** The upstream could not be reached: it never saw the request. */
   | "unreachable"
   /** The upstream refused the request (an error status): nothing was generated. */
-  | "refused";
+  | "refused"
+  /** The client left before the request reached the upstream (it waited for a slot). */
+  | "left"
+  /**
+   * Not served for reasons that are not the user's (no upstream slot in time, GLM throttling,
+   * the operator's GLM account refused, an upstream 5xx, the upstream unreachable): nothing is
+   * counted, and the request allowance is given back.
+   */
+  | "not_served";
 
 /** What a request is charged. */
 export interface Charge {
@@ -132,6 +142,8 @@ export interface Charge {
   cachedTokens?: number;
   /** True when no `usage` was metered and the charge is the estimate. */
   estimated: boolean;
+  /** Not counted at all: the request allowance is given back (outcome "not_served"). */
+  spared?: boolean;
 }
 
 /**
@@ -145,8 +157,11 @@ export function chargeFor(
   promptEstimate: number,
   relayedTokens: number,
 ): Charge {
+  if (outcome === "not_served") {
+    return { promptTokens: 0, completionTokens: 0, estimated: false, spared: true };
+  }
   if (usage) return { ...usage, estimated: false };
-  if (outcome === "unreachable" || outcome === "refused") {
+  if (outcome === "unreachable" || outcome === "refused" || outcome === "left") {
     return { promptTokens: 0, completionTokens: 0, estimated: false };
   }
   return { promptTokens: promptEstimate, completionTokens: relayedTokens, estimated: true };
@@ -241,6 +256,8 @@ type Op =
 interface Known {
   userEntry: Deno.KvEntryMaybe<UserRecord>;
   rateEntry: Deno.KvEntryMaybe<RateState>;
+  /** The user's refund counter as last read. */
+  refunds: number;
   /** Held sums as of that read, plus this process's changes since. */
   held: Held;
 }
@@ -310,6 +327,15 @@ export class Ledger {
 
   private now(): number {
     return (this.options.clock ?? Date.now)();
+  }
+
+  /**
+   * The check a commit writing this process's leases outside the ledger makes (upstream slots),
+   * or null while no current heartbeat is known (the next renewal writes one).
+   */
+  heartbeatCheck(): Deno.AtomicCheck | null {
+    if (!this.heartbeat.versionstamp || this.heartbeat.exp === 0) return null;
+    return { key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp };
   }
 
   /** Admits one request (throws the refusal as an AppError). */
@@ -441,7 +467,7 @@ export class Ledger {
         : op.kind === "settle" && op.guard
         ? 1
         : 0;
-      const addMutations = admits ? 5 : 10;
+      const addMutations = admits ? 5 : 12;
       if (checks + addChecks > KV_MAX_CHECKS || mutations + addMutations > BATCH_MUTATIONS) {
         blocked.add(op.userId);
         left.push(op);
@@ -481,7 +507,7 @@ export class Ledger {
         throw err;
       }
       if (res.ok) {
-        this.rememberAfter(plan.rates, plan.held, snaps, res.versionstamp);
+        this.rememberAfter(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp);
         for (const d of plan.deliver) d();
         return;
       }
@@ -522,6 +548,7 @@ export class Ledger {
   private rememberAfter(
     rates: Map<string, RateState>,
     held: Map<string, Held>,
+    refunds: Map<string, number>,
     snaps: Map<string, Snapshot>,
     versionstamp: string,
   ) {
@@ -531,12 +558,18 @@ export class Ledger {
       this.known.set(userId, {
         userEntry: snap.userEntry,
         rateEntry: next ? { key: keys.rate(userId), value: next, versionstamp } : snap.rateEntry,
+        refunds: snap.refunds,
         held: snap.held,
       });
     }
     for (const [userId, d] of held) {
       const k = snaps.has(userId) ? undefined : this.known.get(userId);
       if (k) { for (const f of HELD_FIELDS) k.held[f] += d[f]; }
+    }
+    // Requests given back here are known at once (other processes see them on their next read).
+    for (const [userId, n] of refunds) {
+      const k = this.known.get(userId);
+      if (k) k.refunds += n;
     }
   }
 
@@ -559,7 +592,12 @@ export class Ledger {
       const r = { id, entries: !k, used: this.defaultQuota || this.quotaUsers.has(id) };
       const group: Deno.KvKey[] = [];
       if (r.entries) {
-        group.push(keys.user(id), keys.rate(id), ...HELD_FIELDS.map((f) => keys.leaseHeld(id, f)));
+        group.push(
+          keys.user(id),
+          keys.rate(id),
+          keys.rateRefunds(id),
+          ...HELD_FIELDS.map((f) => keys.leaseHeld(id, f)),
+        );
       }
       if (r.used) group.push(...usedKeys(id, now));
       if (group.length) groups.push(group);
@@ -587,12 +625,13 @@ export class Ledger {
       if (r.entries) {
         const userEntry = entries[i++] as Deno.KvEntryMaybe<UserRecord>;
         const rateEntry = entries[i++] as Deno.KvEntryMaybe<RateState>;
+        const refunds = u64(entries[i++].value);
         const held = {
           count: u64(entries[i++].value),
           tokens: u64(entries[i++].value),
           nano: u64(entries[i++].value),
         };
-        snap = { userEntry, rateEntry, held, used: null, remembered: false };
+        snap = { userEntry, rateEntry, refunds, held, used: null, remembered: false };
       } else snap = { ...k!, held: { ...k!.held }, used: null, remembered: true };
       if (r.used) snap.used = { tokens: u64(entries[i++].value), nano: u64(entries[i++].value) };
       else if (hasQuota(effectiveLimits(this.config, snap.userEntry.value ?? { limits: {} }))) {
@@ -634,6 +673,8 @@ export class Ledger {
       admitted: [] as AdmitRequest[],
       /** Changes to the held sums, per user. */
       held: new Map<string, Held>(),
+      /** Requests given back, per user. */
+      refunds: new Map<string, number>(),
     };
     op.check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp });
     if (epoch) op.check(epoch);
@@ -653,6 +694,9 @@ export class Ledger {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
         this.planSettle(op, o.lease, o.charge, now, sums, addHeld);
+        if (o.charge.spared && !o.lease.lost) {
+          plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
+        }
         plan.writes = true;
         plan.deliver.push(() => o.resolve(o.charge));
         continue;
@@ -698,7 +742,9 @@ export class Ledger {
     const r = lease.record;
     const base = { userId: r.userId, model: r.model, at: now };
     if (lease.lost) {
-      // Reaped already (charged its estimate as of its last renewal): only the rest.
+      // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
+      // only the rest.
+      if (c.spared) return;
       const prompt = Math.max(0, c.promptTokens - r.prompt);
       addUsageSums(sums, this.pricing, {
         ...base,
@@ -711,6 +757,12 @@ export class Ledger {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
+    if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
+    if (c.spared) {
+      // Not the user's doing: the request is given back to its limits, and nothing is recorded.
+      addSum(sums, keys.rateRefunds(r.userId), 1);
+      return;
+    }
     addUsageSums(sums, this.pricing, {
       ...base,
       promptTokens: c.promptTokens,
@@ -729,7 +781,8 @@ export class Ledger {
   ): { lease: Lease; next: RateState; sure: boolean } | AppError {
     const user = snap.userEntry.value;
     const limits = effectiveLimits(this.config, user ?? { limits: {} });
-    const decision = decideRate(rate ?? snap.rateEntry.value, limits, now);
+    const state = withRefunds(rate ?? snap.rateEntry.value, snap.refunds, limits);
+    const decision = decideRate(state, limits, now);
     const current = rateHeaders(limits, decision.before, now);
     let checked: UserRecord;
     try {
@@ -944,6 +997,7 @@ export class Ledger {
         h.tokens -= r.tokens;
         h.nano -= r.nano;
         held.set(r.userId, h);
+        if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
         addUsageSums(sums, this.pricing, {
           userId: r.userId,
           model: r.model,
@@ -1112,15 +1166,18 @@ export async function limitStatus(
 ): Promise<
   { limits: EffectiveLimits; remaining: Remaining; view: RateView; user: UserRecord | null }
 > {
-  const [userEntry, rateEntry, _count, heldTokens, heldNano, tokens, spend] = await kv.getMany([
-    keys.user(userId),
-    keys.rate(userId),
-    ...HELD_FIELDS.map((f) => keys.leaseHeld(userId, f)),
-    ...usedKeys(userId, now),
-  ]);
+  const [userEntry, rateEntry, refunds, _count, heldTokens, heldNano, tokens, spend] = await kv
+    .getMany([
+      keys.user(userId),
+      keys.rate(userId),
+      keys.rateRefunds(userId),
+      ...HELD_FIELDS.map((f) => keys.leaseHeld(userId, f)),
+      ...usedKeys(userId, now),
+    ]);
   const user = userEntry.value as UserRecord | null;
   const limits = effectiveLimits(config, user ?? { limits: {} });
-  const view = rateView(rateEntry.value as RateState | null, limits, now);
+  const state = withRefunds(rateEntry.value as RateState | null, u64(refunds.value), limits);
+  const view = rateView(state, limits, now);
   return {
     limits,
     remaining: remainingOf(

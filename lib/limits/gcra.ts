@@ -20,6 +20,8 @@ export interface RateState {
   tat: number;
   day: Day;
   dayCount: number;
+  /** The user's refund counter (`keys.rateRefunds`) as of this state: refunds up to it applied. */
+  refunded?: number;
 }
 
 const MINUTE_MS = 60_000;
@@ -31,6 +33,27 @@ export interface RateView {
   remainingDay: number;
   /** ms until the minute allowance is whole again. */
   minuteResetMs: number;
+}
+
+/**
+ * The state with the requests given back since it was written (refusals that were not the
+ * user's doing, lib/limits/admission.ts): each returns one request of the minute and the day.
+ * A refund counter read late only returns the allowance later; none is lost or applied twice.
+ */
+export function withRefunds(
+  state: RateState | null,
+  refunds: number,
+  limits: EffectiveLimits,
+): RateState | null {
+  if (!state) return refunds ? { tat: 0, day: "", dayCount: 0, refunded: refunds } : null;
+  const n = refunds - (state.refunded ?? 0);
+  if (n <= 0) return state;
+  return {
+    tat: state.tat - n * (MINUTE_MS / limits.rpm),
+    day: state.day,
+    dayCount: Math.max(0, state.dayCount - n),
+    refunded: refunds,
+  };
 }
 
 /** What is left of the request limits at `now`, without consuming anything. */
@@ -73,7 +96,12 @@ export function decideRate(
   const today = utcDay(now);
   const dayCount = state && state.day === today ? state.dayCount : 0;
   const allowed = before.remainingMinute >= 1 && before.remainingDay >= 1;
-  const next: RateState = { tat: base + interval, day: today, dayCount: dayCount + 1 };
+  const next: RateState = {
+    tat: base + interval,
+    day: today,
+    dayCount: dayCount + 1,
+    refunded: state?.refunded ?? 0,
+  };
   if (allowed) {
     const after = {
       remainingMinute: before.remainingMinute - 1,

@@ -59,17 +59,21 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 /** Sum mutations by key (events of one user, day and model share keys). */
 export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint }>;
 
+/** Adds `n` (may be negative) to one key's sum in `into`; zero amounts are left out. */
+export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
+  const v = BigInt(n);
+  if (v === 0n) return;
+  const id = key.join("\u0000");
+  const found = into.get(id);
+  if (found) found.n += v;
+  else into.set(id, { key, n: v });
+}
+
 /** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? Date.now();
   const day = utcDay(at);
-  const add = (key: Deno.KvKey, n: bigint) => {
-    if (n === 0n) return;
-    const id = key.join("\u0000");
-    const found = into.get(id);
-    if (found) found.n += n;
-    else into.set(id, { key, n });
-  };
+  const add = (key: Deno.KvKey, n: bigint) => addSum(into, key, n);
   const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);
   const values = {
     requests: big(e.requests ?? 1).value,
