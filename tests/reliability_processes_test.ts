@@ -3,7 +3,7 @@
  * the middle of load loses or doubles nothing beyond the requests in flight.
  */
 import assert from "node:assert/strict";
-import { keys } from "../lib/core/kv.ts";
+import { keys, u64 } from "../lib/core/kv.ts";
 import type { RateState } from "../lib/limits/gcra.ts";
 import { eventually, processEnv, usageTotalsOf } from "./helpers.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
@@ -183,7 +183,13 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
   const apps: RunningMain[] = [];
   try {
     const kvPath = `${dir}/kv.sqlite3`;
-    const extra = { CONCURRENCY_LIMIT: "4", RATE_LIMIT_RPM: "1000", TOKEN_LIMIT_DAILY: "100000" };
+    const extra = {
+      CONCURRENCY_LIMIT: "4",
+      RATE_LIMIT_RPM: "1000",
+      TOKEN_LIMIT_DAILY: "100000",
+      // The upstream slots A held die with it too, and are freed with its leases.
+      UPSTREAM_CONCURRENCY: "4",
+    };
     const [a, b] = [
       await startMain(env(kvPath, glm, extra), dir),
       await startMain(env(kvPath, glm, extra), dir),
@@ -252,6 +258,12 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     assert.equal(charged.promptTokens, expected.promptTokens);
     await new Promise((r) => setTimeout(r, 6000)); // more than one reaper cycle
     assert.deepEqual(await todayUsage(b, key), charged, "not charged twice");
+    const kv = await Deno.openKv(kvPath);
+    try {
+      assert.equal(u64((await kv.get(keys.upstreamHeld("glm-4.6"))).value), 0, "slots all free");
+    } finally {
+      kv.close();
+    }
   } finally {
     await Promise.all(apps.map((a) => a.stop()));
     await glm.close();

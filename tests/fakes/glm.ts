@@ -7,10 +7,40 @@
  * - `/api/anthropic/v1/messages` (Anthropic's Messages API): JSON, or an SSE stream whose
  *   `message_start` reports 0 input tokens and whose `message_delta` carries the real counts
  *   (cache reads included); `/v1/messages/count_tokens` answers `{"input_tokens": n}`.
- * Failure modes: 500, slow headers, a stream cut mid-way.
+ * Failure modes: 500, slow headers, a stream cut mid-way, an endless stream; GLM's account
+ * refusals with its real bodies (`{"error": {"code": "1113", "message": "…"}}`); and a per-model
+ * concurrency cap answered with `1302` (HTTP 429), as GLM limits an account's requests in flight.
  */
 
-export type GlmMode = "json" | "sse" | "error500" | "slow_headers" | "cut";
+export type GlmMode = "json" | "sse" | "error500" | "slow_headers" | "cut" | "endless";
+
+/** GLM's answers when the account, not the request, is the problem (docs.bigmodel.cn api-code). */
+export const GLM_REFUSALS = {
+  /** Balance exhausted. */
+  balance: { status: 429, code: "1113", message: "您的账户已欠费,请充值后重试" },
+  /** The master key refused. */
+  key_rejected: {
+    status: 401,
+    code: "1002",
+    message: "Authentication Token非法,请确认Authentication Token正确传递",
+  },
+  /** Too many requests in flight on the account. */
+  concurrency: {
+    status: 429,
+    code: "1302",
+    message: "您当前使用该API的并发数过高,请降低并发,或联系客服增加限额",
+  },
+  /** Too many requests per unit of time. */
+  frequency: {
+    status: 429,
+    code: "1303",
+    message: "您当前使用该API的频率过高,请降低频率,或联系客服增加限额",
+  },
+  /** The user's own mistake: relayed as-is. */
+  bad_parameter: { status: 400, code: "1214", message: "messages 参数非法。请检查文档" },
+} as const;
+
+export type GlmRefusal = keyof typeof GLM_REFUSALS;
 
 export interface ReceivedRequest {
   path: string;
@@ -92,8 +122,69 @@ export class FakeGlm {
 
   /** Requests whose caller gave up (cancelled the call) before they were answered. */
   requestsAborted = 0;
+  /** When set, every generation request is refused this way. */
+  refusal: GlmRefusal | null = null;
+  /** GLM's per-model limit of requests in flight (null: none); beyond it, `1302`. */
+  concurrencyCap: number | null = null;
+  /** Requests in flight per model now, the most seen at once, and the 1302s answered. */
+  readonly inFlight = new Map<string, number>();
+  maxInFlight = 0;
+  rejectedOverCap = 0;
   /** How long a JSON answer takes (ms): a caller may cancel meanwhile. */
   jsonDelayMs = 0;
+
+  private refuse(refusal: GlmRefusal): Response {
+    const { status, code, message } = GLM_REFUSALS[refusal];
+    return Response.json({ error: { code, message } }, { status });
+  }
+
+  /** Holds one of the model's in-flight places until the answer has been sent (or dropped). */
+  private async counted(model: string, answer: () => Promise<Response>): Promise<Response> {
+    const now = this.inFlight.get(model) ?? 0;
+    if (this.concurrencyCap !== null && now >= this.concurrencyCap) {
+      this.rejectedOverCap++;
+      return this.refuse("concurrency");
+    }
+    this.inFlight.set(model, now + 1);
+    this.maxInFlight = Math.max(this.maxInFlight, now + 1);
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      this.inFlight.set(model, (this.inFlight.get(model) ?? 1) - 1);
+    };
+    let res: Response;
+    try {
+      res = await answer();
+    } catch (err) {
+      release();
+      throw err;
+    }
+    if (!res.body || !res.headers.get("content-type")?.includes("text/event-stream")) {
+      release();
+      return res;
+    }
+    const reader = res.body.getReader();
+    const body = new ReadableStream<Uint8Array>({
+      pull: async (controller) => {
+        try {
+          const { done, value } = await reader.read();
+          if (done) {
+            release();
+            controller.close();
+          } else controller.enqueue(value);
+        } catch (err) {
+          release();
+          controller.error(err);
+        }
+      },
+      cancel: async (reason) => {
+        release();
+        await reader.cancel(reason);
+      },
+    });
+    return new Response(body, { status: res.status, headers: res.headers });
+  }
 
   private async handle(req: Request): Promise<Response> {
     req.signal.addEventListener("abort", () => this.requestsAborted++, { once: true });
@@ -112,9 +203,19 @@ export class FakeGlm {
       parsed = JSON.parse(body);
       model = String(parsed.model ?? model);
     } catch { /* the gateway forwards valid JSON only */ }
+    if (path.endsWith("/v1/messages/count_tokens")) return Response.json({ input_tokens: 42 });
+    if (this.refusal) return this.refuse(this.refusal);
+    return await this.counted(model, () => this.answer(req, path, model, parsed));
+  }
+
+  private async answer(
+    req: Request,
+    path: string,
+    model: string,
+    parsed: Record<string, unknown>,
+  ): Promise<Response> {
     if (this.mode !== "error500" && this.mode !== "slow_headers") {
       if (path.endsWith("/embeddings")) return this.embeddings(model, parsed);
-      if (path.endsWith("/v1/messages/count_tokens")) return Response.json({ input_tokens: 42 });
       if (path.endsWith("/v1/messages")) return this.messages(model, parsed);
     }
     if (this.mode === "json" && Array.isArray(parsed.tools)) return this.toolCall(model, parsed);
@@ -136,6 +237,8 @@ export class FakeGlm {
       case "sse":
       case "cut":
         return this.stream(model, this.mode === "cut");
+      case "endless":
+        return this.endless(model);
     }
   }
 
@@ -286,6 +389,47 @@ export class FakeGlm {
       },
     });
     return new Response(stream, {
+      headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
+    });
+  }
+
+  /** An answer that never ends: a chunk every `sseDelayMs` (at least 10 ms) until cancelled. */
+  private endless(model: string): Response {
+    const enc = new TextEncoder();
+    const closing = this.closing.promise;
+    let cancelled = false;
+    const body = new ReadableStream<Uint8Array>({
+      start: async (controller) => {
+        while (!cancelled) {
+          try {
+            controller.enqueue(enc.encode(`data: ${
+              JSON.stringify({
+                id: "chatcmpl-fake",
+                object: "chat.completion.chunk",
+                created: 1_700_000_000,
+                model,
+                choices: [{ index: 0, delta: { content: "more " }, finish_reason: null }],
+              })
+            }\n\n`));
+          } catch {
+            return;
+          }
+          this.chunksSent++;
+          const pause = new Promise((r) => setTimeout(r, Math.max(10, this.sseDelayMs)));
+          if (await Promise.race([pause.then(() => false), closing.then(() => true)])) {
+            try {
+              controller.close();
+            } catch { /* cancelled */ }
+            return;
+          }
+        }
+      },
+      cancel: () => {
+        cancelled = true;
+        this.streamsCancelled++;
+      },
+    });
+    return new Response(body, {
       headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
     });
   }
