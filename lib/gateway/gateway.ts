@@ -246,7 +246,7 @@ export class Gateway {
       throw new ClientLeft();
     } catch (err) {
       await lease.settle(null, outcome(err)).catch(() => {});
-      const status = err instanceof AppError ? err.status : 499;
+      const status = err instanceof AppError ? err.status : err instanceof ClientLeft ? 499 : 500;
       this.log.info("gateway", {
         id: requestId,
         userId: lease.user.id,
@@ -259,7 +259,10 @@ export class Gateway {
       if (err instanceof AppError) {
         throw new AppError(err.code, err.message, { ...lease.headers, ...err.headers }, err.status);
       }
-      throw new AppError("upstream_unavailable", "The client disconnected.", lease.headers);
+      if (err instanceof ClientLeft) {
+        throw new AppError("upstream_unavailable", "The client disconnected.", lease.headers);
+      }
+      throw err; // KV failed: 500, logged with the request id
     }
   }
 
