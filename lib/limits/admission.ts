@@ -316,7 +316,15 @@ export class Ledger {
   constructor(
     private readonly kv: Deno.Kv,
     private readonly config: Config,
-    private readonly options: { clock?: () => number; log?: Logger } = {},
+    private readonly options: {
+      clock?: () => number;
+      log?: Logger;
+      /**
+       * After a settlement that charged a user with a monthly budget has landed (budget alerts,
+       * lib/reports/budget_alerts.ts). Runs off the request's path; its errors are logged.
+       */
+      onBudgetCharged?: (userId: string, budgetUsd: number) => Promise<void>;
+    } = {},
   ) {
     this.pricing = config.pricing;
     this.defaultQuota = hasQuota(effectiveLimits(config, { limits: {} }));
@@ -698,7 +706,10 @@ export class Ledger {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
         plan.writes = true;
-        plan.deliver.push(() => o.resolve(o.charge));
+        plan.deliver.push(() => {
+          o.resolve(o.charge);
+          this.charged(o.lease, o.charge);
+        });
         continue;
       }
       const snap = snaps.get(o.userId)!;
@@ -877,6 +888,20 @@ export class Ledger {
           reserveOutput: req.reserve.output,
         }) === null;
     return { lease, next: decision.next, sure };
+  }
+
+  /** Tells the budget watcher about a settlement that cost something against a budget. */
+  private charged(lease: Lease, c: Charge) {
+    const budget = lease.limits.budgetUsdMonthly;
+    const hook = this.options.onBudgetCharged;
+    if (!hook || budget === null || budget <= 0 || c.spared) return;
+    if (c.promptTokens + c.completionTokens === 0) return;
+    hook(lease.user.id, budget).catch((err) =>
+      this.options.log?.warn("budget alert check failed", {
+        userId: lease.user.id,
+        error: String(err),
+      })
+    );
   }
 
   /** Renews the heartbeat now (once, whoever asks). */
