@@ -7,6 +7,7 @@ import { Ledger } from "../limits/admission.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { localSecret, Users } from "../identity/users.ts";
+import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
 
 export interface Services {
   config: Config;
@@ -19,6 +20,8 @@ export interface Services {
   ledger: Ledger;
   /** The GLM gateway (built once: upstream URL, header templates, key cache). */
   gateway: Gateway;
+  /** PKCE and device-code flows that hand an editor the user's key (CONTRACT §5). */
+  connect: ConnectFlows;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -26,7 +29,8 @@ export interface Services {
 export async function createServices(
   config: Config,
   kv: Deno.Kv,
-  options: { log?: Logger } = {},
+  /** `connect` shortens the flows' lifetimes and intervals in tests. */
+  options: { log?: Logger; connect?: ConnectOptions } = {},
 ): Promise<Services> {
   const log = options.log ??
     createLogger(secretsOf(config));
@@ -57,6 +61,7 @@ export async function createServices(
     log,
     ledger,
     gateway,
+    connect: new ConnectFlows(kv, options.connect),
     close: () => ledger.close(),
   };
 }
