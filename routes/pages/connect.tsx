@@ -318,8 +318,8 @@ function ApproveCard(props: {
         <dt>Sent to</dt>
         <dd>
           <code>{target.label}</code>
-          <span class="muted small">
-            {local ? " an app on this computer" : " opens the app registered for this link"}
+          <span class="connect-note muted small">
+            {local ? "An app on this computer" : "Opens the app registered for this kind of link"}
           </span>
         </dd>
       </dl>
