@@ -78,7 +78,8 @@ const CHALLENGE_RE = /^[A-Za-z0-9_-]{43}$/;
  * or control characters (browsers strip some of them, so what was checked would not be followed).
  */
 export function connectRedirect(raw: string, schemes: readonly string[]): RedirectTarget | null {
-  if (raw.length > 1024 || /[\x00-\x20\x7f\\]/.test(raw)) return null;
+  // Printable ASCII except backslash (read as "/" by browsers) and space.
+  if (raw.length > 1024 || !/^[\x21-\x5b\x5d-\x7e]+$/.test(raw)) return null;
   const url = URL.parse(raw);
   if (!url || url.username || url.password || url.hash || raw.includes("#")) return null;
   const scheme = url.protocol.slice(0, -1);
