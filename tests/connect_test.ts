@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { loadConfig } from "../lib/core/config.ts";
 import { randomToken } from "../lib/core/encoding.ts";
 import { connectRedirect, s256 } from "../lib/identity/connect.ts";
-import { json, PUBLIC_URL, type TestApp, testApp } from "./helpers.ts";
+import { clerkEnv, ClerkIssuer, json, PUBLIC_URL, type TestApp, testApp } from "./helpers.ts";
 
 const REDIRECT = "http://127.0.0.1:53123/callback";
 const KEY = /^kw_[A-Za-z0-9_-]{40,}$/;
@@ -634,6 +634,34 @@ Deno.test("connect: a disabled or deleted user gets no key", async () => {
     assert.equal(page.status, 403);
     assert.equal(page.headers.get("location"), null);
     assert.match(await page.text(), /disabled/);
+  } finally {
+    await app.close();
+  }
+});
+
+Deno.test("connect: /sign-in?redirect= comes back in Clerk mode; unsafe values are dropped", async () => {
+  const issuer = await ClerkIssuer.create();
+  const app = await testApp(clerkEnv(issuer));
+  try {
+    const { challenge } = await pkce();
+    const back = `/connect?${new URLSearchParams(connectQuery(challenge))}`;
+    const res = await app.request(`/connect?${new URLSearchParams(connectQuery(challenge))}`, {
+      redirect: "manual",
+    });
+    assert.equal(res.status, 303);
+    const signIn = await app.request(res.headers.get("location")!);
+    const html = await signIn.text();
+    // ClerkJS's mount sends the user back here (static/clerk.js reads data-redirect).
+    assert.ok(html.includes(`data-redirect="${back.replaceAll("&", "&amp;")}"`));
+    const token = await issuer.token("user_clerk_connect", { ttlSeconds: 600 });
+    const page = await app.request(back, { headers: { cookie: `__session=${token}` } });
+    assert.equal(page.status, 200);
+    assert.match(await page.text(), /wants to use your Keyway key/);
+    for (const unsafe of ["//evil.example/x", "https://evil.example/", "/\\evil.example"]) {
+      const html = await (await app.request(`/sign-in?redirect=${encodeURIComponent(unsafe)}`))
+        .text();
+      assert.ok(html.includes('data-redirect="/dashboard"'), unsafe);
+    }
   } finally {
     await app.close();
   }
