@@ -13,6 +13,13 @@ import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./cont
  */
 const SAME_ORIGIN_PATH = /^\/(?![/\\])[\x21-\x5b\x5d-\x7e]*$/;
 
+/** The path to return to after signing in, when it is a safe same-origin one. */
+export function safeRedirectPath(value: string | undefined): string | undefined {
+  return value !== undefined && value.length <= 2048 && SAME_ORIGIN_PATH.test(value)
+    ? value
+    : undefined;
+}
+
 const signInSchema = z.object({
   email: z.string().trim().toLowerCase().pipe(z.email({ message: "enter a valid e-mail address" })),
   // Anything else falls back to the dashboard rather than failing a sign-in that worked.

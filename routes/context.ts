@@ -16,6 +16,11 @@ export type AppEnv = {
     sessionVia: "bearer" | "cookie";
     /** Set by handlers whose Response already carries x-request-id and nosniff (routes/mod.ts). */
     framed: boolean;
+    /**
+     * A CSP source a page's form may also navigate to (the connect page's redirect target):
+     * added to form-action by routes/mod.ts, since browsers check redirects after a POST too.
+     */
+    formAction: string;
   };
 };
 

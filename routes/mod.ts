@@ -8,6 +8,7 @@ import { PROJECT_ROOT } from "../build/islands.ts";
 import { AppError, errorBody, isAnthropicPath, isApiPath } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { adminRoutes } from "./api/admin.ts";
+import { connectApiRoutes } from "./api/connect.ts";
 import { keyRoutes } from "./api/key.ts";
 import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
@@ -15,6 +16,7 @@ import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { localHostGuard } from "./local_guard.ts";
 import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
+import { connectPageRoutes } from "./pages/connect.tsx";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
 
@@ -80,7 +82,17 @@ export function createApp(services: Services) {
   });
   app.use("*", async (c, next) => {
     if (isApiPath(c.req.path)) return await next();
-    return await pageSecurity(c, next);
+    await pageSecurity(c, next);
+    // The connect page's form ends in a redirect to the client, which browsers check against
+    // form-action: that one target (validated, a scheme or a loopback origin) is added.
+    const target = c.get("formAction");
+    const csp = c.res.headers.get("content-security-policy");
+    if (target && csp) {
+      c.res.headers.set(
+        "content-security-policy",
+        csp.replace("form-action 'self'", `form-action 'self' ${target}`),
+      );
+    }
   });
   // Versioned URLs (?v=<source hash>) never change content, so they may be cached for a year.
   app.use(
@@ -118,8 +130,10 @@ export function createApp(services: Services) {
   app.route("/api", webhookRoutes(services));
   app.route("/api", usageRoutes(services));
   app.route("/api", adminRoutes(services));
+  app.route("/api", connectApiRoutes(services));
   app.route("/v1", v1Routes(services));
   app.route("/", authRoutes(services));
+  app.route("/", connectPageRoutes(services));
   app.route("/", pageRoutes(services));
 
   app.notFound((c) => {

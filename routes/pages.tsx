@@ -11,6 +11,7 @@ import { lastDays, UsageChart } from "../components/UsageChart.tsx";
 import AdminUsersComponent from "../islands/AdminUsers.tsx";
 import AutoProvisionComponent from "../islands/AutoProvision.tsx";
 import { type AppEnv, readSession } from "./context.ts";
+import { safeRedirectPath } from "./auth.ts";
 
 const AutoProvision = island("AutoProvision", AutoProvisionComponent);
 const AdminUsers = island("AdminUsers", AdminUsersComponent);
@@ -189,7 +190,9 @@ export function pageRoutes(services: Services) {
 
   const authPage = (mode: "sign-in" | "sign-up") => async (c: Context<AppEnv>) => {
     const { session, layout } = await shell(c, `/${mode}`);
-    if (session) return c.redirect("/dashboard", 303);
+    // Back where sign-in was asked for (the connect pages), else the dashboard.
+    const next = safeRedirectPath(c.req.query("redirect")) ?? "/dashboard";
+    if (session) return c.redirect(next, 303);
     const title = mode === "sign-in" ? "Sign in" : "Sign up";
     const error = c.req.query("error");
     return render(
@@ -218,7 +221,7 @@ export function pageRoutes(services: Services) {
                       placeholder="you@example.com"
                     />
                   </div>
-                  <input type="hidden" name="redirect" value="/dashboard" />
+                  <input type="hidden" name="redirect" value={next} />
                   <button class="btn btn-primary btn-lg" type="submit" style={{ width: "100%" }}>
                     {mode === "sign-in" ? "Sign in" : "Sign up"}
                   </button>
@@ -246,7 +249,7 @@ export function pageRoutes(services: Services) {
               data-mode={mode}
               data-sign-in-url="/sign-in"
               data-sign-up-url="/sign-up"
-              data-redirect="/dashboard"
+              data-redirect={next}
               aria-live="polite"
             >
               {clerk

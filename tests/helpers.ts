@@ -3,6 +3,7 @@ import { loadConfig } from "../lib/core/config.ts";
 import type { Logger } from "../lib/core/log.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { createServices, type Services } from "../lib/core/services.ts";
+import type { ConnectOptions } from "../lib/identity/connect.ts";
 import { createApp } from "../routes/mod.ts";
 import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
 import { FakeGlm } from "./fakes/glm.ts";
@@ -27,7 +28,11 @@ export function captureLogger(secrets: string[]): { log: Logger; lines: string[]
 }
 
 /** Builds an app in-process. `env` adds to a base environment (local mode unless Clerk is set). */
-export async function testApp(env: Record<string, string> = {}): Promise<TestApp> {
+export async function testApp(
+  env: Record<string, string> = {},
+  /** Service options, e.g. shorter connect-flow lifetimes. */
+  options: { connect?: ConnectOptions } = {},
+): Promise<TestApp> {
   const config = loadConfig({
     DENO_KV_PATH: ":memory:",
     PUBLIC_URL,
@@ -36,7 +41,7 @@ export async function testApp(env: Record<string, string> = {}): Promise<TestApp
   });
   const kv = await Deno.openKv(config.kvPath ?? ":memory:");
   const { log, lines } = captureLogger([MASTER_KEY, ENCRYPTION_SECRET]);
-  const services = await createServices(config, kv, { log });
+  const services = await createServices(config, kv, { log, ...options });
   const app = createApp(services);
   return {
     services,

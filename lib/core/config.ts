@@ -81,6 +81,27 @@ const upstreamConcurrencySchema = z.record(
   z.number().int().min(0).max(100_000),
 );
 
+/** Editors whose URI handlers can receive a connect-flow redirect (CONTRACT §2). */
+export const DEFAULT_CONNECT_SCHEMES = [
+  "vscode",
+  "vscode-insiders",
+  "vscodium",
+  "cursor",
+  "windsurf",
+];
+const WEB_SCHEMES = new Set([
+  "http",
+  "https",
+  "javascript",
+  "data",
+  "file",
+  "blob",
+  "about",
+  "ws",
+  "wss",
+  "ftp",
+]);
+
 const envSchema = z.object({
   PORT: intFrom("PORT", 8000, 0, 65535),
   PUBLIC_URL: optionalString.pipe(origin("PUBLIC_URL").optional()),
@@ -185,6 +206,22 @@ const envSchema = z.object({
     "COST_CRON must be a 5-field cron expression such as '0 * * * *'",
   ),
   ADMIN_USER_IDS: csv,
+  CONNECT_REDIRECT_SCHEMES: csv.transform((list, ctx) => {
+    if (list.length === 0) return DEFAULT_CONNECT_SCHEMES;
+    const schemes = list.map((s) => s.toLowerCase().replace(/:$/, ""));
+    // Scheme names only (RFC 3986 §3.1): a value such as "https" or "javascript" would turn the
+    // connect flow into an open redirect, so the web's own schemes are refused outright.
+    const bad = schemes.find((s) => !/^[a-z][a-z0-9+.-]{0,31}$/.test(s) || WEB_SCHEMES.has(s));
+    if (bad !== undefined) {
+      ctx.addIssue({
+        code: "custom",
+        message: "CONNECT_REDIRECT_SCHEMES must be a comma list of custom URI scheme names " +
+          "(such as vscode,cursor); http, https, javascript, data, file and blob are not allowed",
+      });
+      return z.NEVER;
+    }
+    return [...new Set(schemes)];
+  }),
   DENO_DEPLOYMENT_ID: optionalString,
   APP_ENV: optionalString,
 });
@@ -235,6 +272,8 @@ export interface Config {
   pricing: Pricing;
   costCron: string;
   adminUserIds: Set<string>;
+  /** Custom URI schemes accepted as connect-flow redirect targets (besides loopback http). */
+  connectRedirectSchemes: string[];
 }
 
 export class ConfigError extends Error {
@@ -333,6 +372,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     pricing,
     costCron: e.COST_CRON ?? "0 * * * *",
     adminUserIds: new Set(e.ADMIN_USER_IDS),
+    connectRedirectSchemes: e.CONNECT_REDIRECT_SCHEMES,
   };
 }
 

@@ -4,6 +4,11 @@ export type ErrorCode =
   | "invalid_request"
   | "invalid_signature"
   | "model_not_allowed"
+  | "invalid_grant"
+  | "authorization_pending"
+  | "slow_down"
+  | "expired_token"
+  | "access_denied"
   | "unauthorized"
   | "invalid_api_key"
   | "user_disabled"
@@ -24,6 +29,12 @@ const STATUS: Record<ErrorCode, number> = {
   invalid_request: 400,
   invalid_signature: 400,
   model_not_allowed: 400,
+  // Connect flows (CONTRACT §5): OAuth's token-endpoint errors (RFC 6749 §5.2, RFC 8628 §3.5).
+  invalid_grant: 400,
+  authorization_pending: 400,
+  slow_down: 400,
+  expired_token: 400,
+  access_denied: 400,
   unauthorized: 401,
   invalid_api_key: 401,
   user_disabled: 403,

@@ -63,6 +63,15 @@ export const keys = {
   cacheChanges: (at: number) => ["cache_changes", at] as const,
   /** Key rotations a user made in one clock hour (a number; expires after two). */
   keyRotations: (userId: string, hour: number) => ["key_rotations", userId, hour] as const,
+  /** A PKCE authorization code by its SHA-256 (expireIn): the user id and the challenge. */
+  connectCode: (codeHash: string) => ["connect_codes", codeHash] as const,
+  /** A device authorization by the SHA-256 of its device code (expireIn). */
+  deviceCode: (deviceCodeHash: string) => ["device_codes", deviceCodeHash] as const,
+  /** Normalised user code (8 letters, no dash) → the device code hash; ids only. */
+  deviceUserCode: (userCode: string) => ["device_user_codes", userCode] as const,
+  /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
+  deviceCodeMisses: (userId: string, window: number) =>
+    ["device_code_misses", userId, window] as const,
 };
 
 /**

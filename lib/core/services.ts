@@ -8,6 +8,7 @@ import { UpstreamSlots } from "../limits/upstream_slots.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { localSecret, Users } from "../identity/users.ts";
+import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
 
 export interface Services {
   config: Config;
@@ -22,6 +23,8 @@ export interface Services {
   gateway: Gateway;
   /** Requests in flight to GLM per model (UPSTREAM_CONCURRENCY). */
   slots: UpstreamSlots;
+  /** PKCE and device-code flows that hand an editor the user's key (CONTRACT §5). */
+  connect: ConnectFlows;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -29,7 +32,8 @@ export interface Services {
 export async function createServices(
   config: Config,
   kv: Deno.Kv,
-  options: { log?: Logger } = {},
+  /** `connect` shortens the flows' lifetimes and intervals in tests. */
+  options: { log?: Logger; connect?: ConnectOptions } = {},
 ): Promise<Services> {
   const log = options.log ??
     createLogger(secretsOf(config));
@@ -62,6 +66,7 @@ export async function createServices(
     ledger,
     gateway,
     slots,
+    connect: new ConnectFlows(kv, options.connect),
     close: async () => {
       slots.close();
       await ledger.close();

@@ -1,31 +1,49 @@
 /** Key API (CONTRACT §5): GET|POST /api/key, POST /api/key/rotate, /api/auth/provision-user. */
 import { type Context, Hono } from "hono";
-import { effectiveLimits } from "../../lib/limits/policy.ts";
+import { effectiveLimits, userDisabled } from "../../lib/limits/policy.ts";
+import type { Config } from "../../lib/core/config.ts";
 import type { Services } from "../../lib/core/services.ts";
-import type { ProvisionResult } from "../../lib/identity/users.ts";
+import type { Profile, ProvisionResult } from "../../lib/identity/users.ts";
 import { type AppEnv, requireSession } from "../context.ts";
+
+/** The key success body (CONTRACT §5), shared by /api/key and the connect flows. */
+export function keyBody(config: Config, result: ProvisionResult) {
+  const shared = config.keyMode === "shared";
+  const apiKey = shared ? config.glm.apiKey! : result.apiKey;
+  return {
+    apiKey,
+    baseUrl: shared ? config.glm.baseUrl : `${config.publicUrl}/v1`,
+    // Anthropic clients (Claude Code's ANTHROPIC_BASE_URL) append /v1/messages themselves.
+    anthropicBaseUrl: shared ? config.glm.anthropicBaseUrl : config.publicUrl,
+    mode: config.keyMode,
+    keyPrefix: apiKey.slice(0, 7),
+    userId: result.user.id,
+    createdAt: result.user.key?.createdAt ?? result.user.createdAt,
+    limits: effectiveLimits(config, result.user),
+  };
+}
+
+/**
+ * The caller's key, provisioning them if needed: the one path behind /api/key and the connect
+ * flows. A deleted user gets 403 user_deleted (from provisioning), a disabled one user_disabled.
+ */
+export async function issueKey(
+  services: Services,
+  userId: string,
+  profile?: Profile,
+): Promise<ProvisionResult> {
+  const result = await services.users.provision(userId, profile);
+  if (result.created) services.clerkSync.afterProvision(result.user);
+  if (result.user.status === "disabled") throw userDisabled({});
+  return result;
+}
 
 export function keyRoutes(services: Services) {
   const { config, users, clerkSync } = services;
+  const body = (result: ProvisionResult) => keyBody(config, result);
   const app = new Hono<AppEnv>();
   // Per route, not app.use("*"): a sub-app's wildcard middleware would cover all of /api/*.
   const auth = requireSession(services);
-
-  const body = (result: ProvisionResult) => {
-    const shared = config.keyMode === "shared";
-    const apiKey = shared ? config.glm.apiKey! : result.apiKey;
-    return {
-      apiKey,
-      baseUrl: shared ? config.glm.baseUrl : `${config.publicUrl}/v1`,
-      // Anthropic clients (Claude Code's ANTHROPIC_BASE_URL) append /v1/messages themselves.
-      anthropicBaseUrl: shared ? config.glm.anthropicBaseUrl : config.publicUrl,
-      mode: config.keyMode,
-      keyPrefix: apiKey.slice(0, 7),
-      userId: result.user.id,
-      createdAt: result.user.key?.createdAt ?? result.user.createdAt,
-      limits: effectiveLimits(config, result.user),
-    };
-  };
 
   /**
    * Serialized answers per cached result. Users hands out the same (never mutated) object for a
@@ -58,8 +76,7 @@ export function keyRoutes(services: Services) {
     const profile = session.email
       ? { email: session.email, firstName: null, lastName: null }
       : undefined;
-    const result = await users.provision(session.userId, profile);
-    if (result.created) clerkSync.afterProvision(result.user);
+    const result = await issueKey(services, session.userId, profile);
     return respond(c, result, result.created && method === "POST" ? 201 : 200);
   };
 
@@ -69,7 +86,7 @@ export function keyRoutes(services: Services) {
   app.post("/auth/provision-user", auth, provision("POST"));
   app.post("/key/rotate", auth, async (c) => {
     const session = c.get("session");
-    await users.provision(session.userId);
+    await issueKey(services, session.userId);
     const result = await users.rotate(session.userId);
     clerkSync.afterProvision(result.user);
     return respond(c, result, 200);

@@ -6,6 +6,7 @@ import { type Browser, type BrowserContext, chromium, type Page } from "playwrig
 import { loadConfig } from "../../lib/core/config.ts";
 import { buildIslands } from "../../build/islands.ts";
 import { createServices, type Services } from "../../lib/core/services.ts";
+import type { ConnectOptions } from "../../lib/identity/connect.ts";
 import { createApp } from "../../routes/mod.ts";
 import { captureLogger, ENCRYPTION_SECRET, MASTER_KEY, PUBLIC_URL } from "../helpers.ts";
 
@@ -31,7 +32,11 @@ export interface TestServer {
 }
 
 /** Builds the islands (when stale) and serves a fresh app on 127.0.0.1:0 with its own KV. */
-export async function startServer(env: Record<string, string> = {}): Promise<TestServer> {
+export async function startServer(
+  env: Record<string, string> = {},
+  /** Service options, e.g. shorter connect-flow lifetimes. */
+  options: { connect?: ConnectOptions } = {},
+): Promise<TestServer> {
   await buildIslands();
   const config = loadConfig({
     DENO_KV_PATH: ":memory:",
@@ -41,7 +46,7 @@ export async function startServer(env: Record<string, string> = {}): Promise<Tes
   });
   const kv = await Deno.openKv(":memory:");
   const { log, lines } = captureLogger([MASTER_KEY, ENCRYPTION_SECRET]);
-  const services = await createServices(config, kv, { log });
+  const services = await createServices(config, kv, { log, ...options });
   const app = createApp(services);
   const server = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, app.fetch);
   return {

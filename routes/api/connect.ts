@@ -1,0 +1,63 @@
+/**
+ * Connect endpoints (CONTRACT §5 "Connecting an editor"): the token exchange of the PKCE flow and
+ * the device-code flow's start and poll. No session here: the editor proves itself with the code
+ * (and its PKCE verifier) that the signed-in browser handed it.
+ */
+import { type Context, Hono } from "hono";
+import { z } from "zod";
+import type { Services } from "../../lib/core/services.ts";
+import type { ProvisionResult } from "../../lib/identity/users.ts";
+import { type AppEnv, jsonBody } from "../context.ts";
+import { issueKey, keyBody } from "./key.ts";
+
+/** A client's display name: printable, short; shown escaped on the approve pages. */
+export const clientName = z.string().trim().min(1, "must not be empty").max(
+  64,
+  "must be at most 64 characters",
+).regex(/^[^\p{Cc}\p{Cf}]+$/u, "must not contain control characters");
+
+const tokenSchema = z.object({
+  code: z.string().min(1).max(100),
+  code_verifier: z.string().min(1).max(128),
+});
+const deviceSchema = z.object({ client: clientName });
+const deviceTokenSchema = z.object({ deviceCode: z.string().min(1).max(100) });
+
+export function connectApiRoutes(services: Services) {
+  const { config, connect } = services;
+  const app = new Hono<AppEnv>();
+
+  // Token answers carry a credential: never cached (RFC 6749 §5.1).
+  const keyAnswer = (c: Context<AppEnv>, result: ProvisionResult) => {
+    c.header("cache-control", "no-store");
+    return c.json(keyBody(config, result), 200);
+  };
+
+  app.post("/connect/token", async (c) => {
+    const body = await jsonBody(c, tokenSchema);
+    const userId = await connect.redeemCode(body.code, body.code_verifier);
+    return keyAnswer(c, await issueKey(services, userId));
+  });
+
+  app.post("/connect/device", async (c) => {
+    const { client } = await jsonBody(c, deviceSchema);
+    const start = await connect.startDevice(client);
+    const verificationUri = `${config.publicUrl}/connect/device`;
+    c.header("cache-control", "no-store");
+    return c.json({
+      deviceCode: start.deviceCode,
+      userCode: start.userCode,
+      verificationUri,
+      verificationUriComplete: `${verificationUri}?code=${start.userCode}`,
+      expiresIn: start.expiresIn,
+      interval: start.interval,
+    });
+  });
+
+  app.post("/connect/device/token", async (c) => {
+    const { deviceCode } = await jsonBody(c, deviceTokenSchema);
+    const userId = await connect.pollDevice(deviceCode);
+    return keyAnswer(c, await issueKey(services, userId));
+  });
+  return app;
+}

@@ -1,0 +1,405 @@
+/**
+ * Connect pages (CONTRACT §5, §6): `/connect` approves a PKCE redirect request, `/connect/device`
+ * approves a device code. Both sign the visitor in first (and come back), say which client asks,
+ * what it gets and where it goes, and take the decision as a same-origin form POST.
+ */
+import { type Context, Hono } from "hono";
+import type { ComponentChildren } from "preact";
+import { renderToString } from "preact-render-to-string";
+import { z } from "zod";
+import { Layout } from "../../components/Layout.tsx";
+import { AppError } from "../../lib/core/errors.ts";
+import type { Services } from "../../lib/core/services.ts";
+import {
+  connectRedirect,
+  type DeviceRequest,
+  type RedirectTarget,
+  redirectWith,
+} from "../../lib/identity/connect.ts";
+import type { Session } from "../../lib/identity/sessions.ts";
+import { clientName } from "../api/connect.ts";
+import { issueKey } from "../api/key.ts";
+import { safeRedirectPath } from "../auth.ts";
+import { type AppEnv, assertSameOrigin, readSession } from "../context.ts";
+import { clerkScript } from "../pages.tsx";
+
+type Status = 200 | 400 | 403 | 429;
+
+/** The PKCE request as `/connect` receives it (query) and posts it back (form). */
+const pkceSchema = z.object({
+  client: clientName,
+  redirect_uri: z.string().min(1, "is required").max(1024),
+  code_challenge: z.string().regex(
+    /^[A-Za-z0-9_-]{43}$/,
+    "must be the base64url SHA-256 of the code verifier (43 characters)",
+  ),
+  code_challenge_method: z.literal("S256", { message: "must be S256" }),
+  state: z.string().max(512, "must be at most 512 characters").optional(),
+});
+
+const decisionSchema = pkceSchema.extend({ decision: z.enum(["approve", "cancel"]) });
+
+const deviceFormSchema = z.object({
+  code: z.string().trim().max(32, "is too long").default(""),
+  action: z.enum(["lookup", "approve", "deny"]),
+});
+
+export function connectPageRoutes(services: Services) {
+  const { config, users, connect } = services;
+  const app = new Hono<AppEnv>();
+  const clerk = clerkScript(config);
+
+  const page = async (
+    c: Context<AppEnv>,
+    session: Session | null,
+    title: string,
+    body: ComponentChildren,
+    status: Status = 200,
+  ) => {
+    const signedInAs = session
+      ? session.email ?? (await users.get(session.userId).catch(() => null))?.email ??
+        session.userId
+      : null;
+    const html = renderToString(
+      <Layout
+        title={title}
+        localMode={config.localMode}
+        signedInAs={signedInAs}
+        isAdmin={session ? config.adminUserIds.has(session.userId) : false}
+        path={c.req.path}
+        clerk={clerk}
+      >
+        <div class="connect">{body}</div>
+      </Layout>,
+    );
+    c.header("cache-control", "no-store");
+    return c.html("<!doctype html>" + html, status);
+  };
+
+  const problem = (
+    c: Context<AppEnv>,
+    session: Session | null,
+    heading: string,
+    message: string,
+    status: Status,
+  ) =>
+    page(
+      c,
+      session,
+      heading,
+      <div class="card connect-card">
+        <h1>{heading}</h1>
+        <p class="notice notice-error" role="alert">{message}</p>
+        <p class="muted small">
+          Nothing was sent to the app. Start again from your editor, or{" "}
+          <a href="/dashboard">go to your dashboard</a>.
+        </p>
+      </div>,
+      status,
+    );
+
+  /** Sign in first, then back to this page (GET) with its query. */
+  const signInFirst = (c: Context<AppEnv>, back: string) => {
+    const redirect = safeRedirectPath(back) ?? "/dashboard";
+    return c.redirect(`/sign-in?redirect=${encodeURIComponent(redirect)}`, 303);
+  };
+
+  /** A cookie write from another site is refused here as on the API (CONTRACT §3), as a page. */
+  const sameOrigin = (c: Context<AppEnv>) => {
+    try {
+      assertSameOrigin(c, services);
+      return null;
+    } catch (err) {
+      if (err instanceof AppError) return err.message;
+      throw err;
+    }
+  };
+
+  /** Validates a PKCE request; the redirect target is re-checked on every GET and POST. */
+  const pkceRequest = <S extends typeof pkceSchema>(schema: S, raw: unknown) => {
+    const parsed = schema.safeParse(raw);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      return { error: `${issue.path.map(String).join(".") || "request"}: ${issue.message}` };
+    }
+    const target = connectRedirect(parsed.data.redirect_uri, config.connectRedirectSchemes);
+    if (!target) {
+      return {
+        error: "redirect_uri: only " + config.connectRedirectSchemes.map((s) => `${s}://`)
+          .join(", ") +
+          ", http://127.0.0.1:<port>/… and http://localhost:<port>/… are allowed",
+      };
+    }
+    return { request: parsed.data as z.infer<S>, target };
+  };
+
+  app.get("/connect", async (c) => {
+    const found = await readSession(c, services);
+    const session = found?.session ?? null;
+    const checked = pkceRequest(pkceSchema, c.req.query());
+    if ("error" in checked) {
+      return problem(c, session, "This connection link is not valid", checked.error!, 400);
+    }
+    const url = new URL(c.req.url);
+    if (!session) return signInFirst(c, url.pathname + url.search);
+    const { request, target } = checked;
+    c.set("formAction", target.cspSource);
+    return page(
+      c,
+      session,
+      `Connect ${request.client}`,
+      <ApproveCard session={session} request={request} target={target} />,
+    );
+  });
+
+  app.post("/connect", async (c) => {
+    const form = Object.fromEntries(
+      Object.entries(await c.req.parseBody()).map(([k, v]) => [k, String(v)]),
+    );
+    const found = await readSession(c, services);
+    const session = found?.session ?? null;
+    const checked = pkceRequest(decisionSchema, form);
+    if ("error" in checked) {
+      return problem(c, session, "This connection request is not valid", checked.error!, 400);
+    }
+    const { request, target } = checked;
+    const { decision: _, ...query } = request;
+    if (!session) return signInFirst(c, `/connect?${new URLSearchParams(query)}`);
+    const refused = sameOrigin(c);
+    if (refused) return problem(c, session, "Request refused", refused, 403);
+    if (request.decision === "cancel") {
+      return c.redirect(
+        redirectWith(target, { error: "access_denied", state: request.state }),
+        303,
+      );
+    }
+    try {
+      await issueKey(services, session.userId, profileOf(session));
+    } catch (err) {
+      if (!(err instanceof AppError)) throw err;
+      return problem(c, session, "Your key cannot be handed out", err.message, 403);
+    }
+    const code = await connect.issueCode(session.userId, request.code_challenge, request.client);
+    return c.redirect(redirectWith(target, { code, state: request.state }), 303);
+  });
+
+  app.get("/connect/device", async (c) => {
+    const found = await readSession(c, services);
+    const url = new URL(c.req.url);
+    if (!found) return signInFirst(c, url.pathname + url.search);
+    const code = (c.req.query("code") ?? "").slice(0, 32);
+    return page(c, found.session, "Connect a device", <DeviceCodeForm code={code} />);
+  });
+
+  app.post("/connect/device", async (c) => {
+    const form = Object.fromEntries(
+      Object.entries(await c.req.parseBody()).map(([k, v]) => [k, String(v)]),
+    );
+    const found = await readSession(c, services);
+    const parsed = deviceFormSchema.safeParse(form);
+    const code = parsed.success ? parsed.data.code : "";
+    if (!found) {
+      return signInFirst(c, `/connect/device${code ? `?code=${encodeURIComponent(code)}` : ""}`);
+    }
+    const session = found.session;
+    const refused = sameOrigin(c);
+    if (refused) return problem(c, session, "Request refused", refused, 403);
+    if (!parsed.success) {
+      const issue = parsed.error.issues[0];
+      return problem(
+        c,
+        session,
+        "This request is not valid",
+        `${issue.path.join(".")}: ${issue.message}`,
+        400,
+      );
+    }
+    const { action } = parsed.data;
+    const form400 = (message: string, status: Status) =>
+      page(
+        c,
+        session,
+        "Connect a device",
+        <DeviceCodeForm code={code} error={message} />,
+        status,
+      );
+    if (code === "") return form400("Enter the code shown in your editor.", 400);
+    let request: DeviceRequest | null;
+    try {
+      request = await connect.findDevice(session.userId, code);
+    } catch (err) {
+      if (err instanceof AppError && err.code === "rate_limit_exceeded") {
+        c.header("retry-after", err.headers["retry-after"]);
+        return form400(err.message, 429);
+      }
+      throw err;
+    }
+    if (!request) {
+      return form400("That code is not valid or has expired. Check it and try again.", 400);
+    }
+    if (request.status !== "pending") {
+      return page(
+        c,
+        session,
+        "Already decided",
+        <div class="card connect-card">
+          <h1>This code was already {request.status}</h1>
+          <p class="muted">Start again from {request.client} if you need a new code.</p>
+        </div>,
+      );
+    }
+    if (action === "lookup") {
+      return page(c, session, `Connect ${request.client}`, <DeviceConfirm request={request} />);
+    }
+    if (action === "approve") {
+      try {
+        await issueKey(services, session.userId, profileOf(session));
+      } catch (err) {
+        if (!(err instanceof AppError)) throw err;
+        return problem(c, session, "Your key cannot be handed out", err.message, 403);
+      }
+    }
+    if (!(await connect.decideDevice(session.userId, code, action === "approve"))) {
+      return form400("That code is no longer waiting for approval.", 400);
+    }
+    return page(
+      c,
+      session,
+      action === "approve" ? "Connected" : "Request denied",
+      <div class="card connect-card" role="status">
+        <h1>{action === "approve" ? `${request.client} is connected` : "Request denied"}</h1>
+        <p class="muted">
+          {action === "approve"
+            ? `Go back to ${request.client}: it receives your key in a few seconds. You can close this tab.`
+            : `${request.client} gets nothing. You can close this tab.`}
+        </p>
+      </div>,
+    );
+  });
+
+  return app;
+}
+
+const profileOf = (session: Session) =>
+  session.email ? { email: session.email, firstName: null, lastName: null } : undefined;
+
+function Grants(props: { client: string }) {
+  return (
+    <>
+      <h2 class="connect-subtitle">{props.client} will get</h2>
+      <ul class="connect-grants">
+        <li>
+          <strong>Your Keyway API key</strong>{" "}
+          and base URL — the same key your dashboard shows, for this account.
+        </li>
+        <li>
+          Use of the GLM models, <strong>counted against your limits and usage</strong>.
+        </li>
+      </ul>
+    </>
+  );
+}
+
+function ApproveCard(props: {
+  session: Session;
+  request: z.infer<typeof pkceSchema>;
+  target: RedirectTarget;
+}) {
+  const { request, target } = props;
+  const local = target.url.protocol === "http:";
+  return (
+    <div class="card connect-card">
+      <span class="eyebrow">Connect an app</span>
+      <h1>
+        <span class="connect-client">{request.client}</span> wants to use your Keyway key
+      </h1>
+      <Grants client={request.client} />
+      <dl class="kv connect-target">
+        <dt>Sent to</dt>
+        <dd>
+          <code>{target.label}</code>
+          <span class="connect-note muted small">
+            {local ? "An app on this computer" : "Opens the app registered for this kind of link"}
+          </span>
+        </dd>
+      </dl>
+      <p class="muted small">
+        Approve only if you started this from {request.client}{" "}
+        just now. To cut it off later, rotate your key on the dashboard.
+      </p>
+      <form method="post" action="/connect" class="connect-actions">
+        <input type="hidden" name="client" value={request.client} />
+        <input type="hidden" name="redirect_uri" value={request.redirect_uri} />
+        <input type="hidden" name="code_challenge" value={request.code_challenge} />
+        <input type="hidden" name="code_challenge_method" value="S256" />
+        {request.state !== undefined && <input type="hidden" name="state" value={request.state} />}
+        <button class="btn btn-primary btn-lg" type="submit" name="decision" value="approve">
+          Approve
+        </button>
+        <button class="btn btn-lg" type="submit" name="decision" value="cancel">Cancel</button>
+      </form>
+    </div>
+  );
+}
+
+function DeviceCodeForm(props: { code: string; error?: string }) {
+  return (
+    <div class="card connect-card">
+      <span class="eyebrow">Connect a device</span>
+      <h1>Enter the code shown in your editor</h1>
+      <p class="muted">
+        Check that it matches what your editor or terminal shows, then continue.
+      </p>
+      {props.error && <p class="notice notice-error" role="alert">{props.error}</p>}
+      <form method="post" action="/connect/device">
+        <div class="field">
+          <label for="user-code">Code</label>
+          <input
+            id="user-code"
+            class="connect-code-input"
+            name="code"
+            type="text"
+            value={props.code}
+            required
+            maxlength={32}
+            autocomplete="off"
+            autocapitalize="characters"
+            spellcheck={false}
+            placeholder="BCDF-GHJK"
+          />
+        </div>
+        <input type="hidden" name="action" value="lookup" />
+        <button class="btn btn-primary btn-lg connect-wide" type="submit">Continue</button>
+      </form>
+    </div>
+  );
+}
+
+function DeviceConfirm(props: { request: DeviceRequest }) {
+  const { request } = props;
+  return (
+    <div class="card connect-card">
+      <span class="eyebrow">Connect a device</span>
+      <h1>
+        <span class="connect-client">{request.client}</span> wants to use your Keyway key
+      </h1>
+      <dl class="kv connect-target">
+        <dt>Code</dt>
+        <dd>
+          <code class="connect-code" data-testid="device-user-code">{request.userCode}</code>
+        </dd>
+      </dl>
+      <Grants client={request.client} />
+      <p class="muted small">
+        Approve only if this code is the one your editor shows right now.
+      </p>
+      <form method="post" action="/connect/device" class="connect-actions">
+        <input type="hidden" name="code" value={request.userCode} />
+        <button class="btn btn-primary btn-lg" type="submit" name="action" value="approve">
+          Approve
+        </button>
+        <button class="btn btn-lg" type="submit" name="action" value="deny">Deny</button>
+      </form>
+    </div>
+  );
+}
