@@ -14,7 +14,7 @@ import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { localHostGuard } from "./local_guard.ts";
-import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
+import { contentSecurityPolicy, pageRoutes } from "./pages/mod.ts";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
 
