@@ -1,6 +1,6 @@
 /** Key API (CONTRACT §5): GET|POST /api/key, POST /api/key/rotate, /api/auth/provision-user. */
 import { type Context, Hono } from "hono";
-import { effectiveLimits } from "../../lib/limits/policy.ts";
+import { checkUserState, effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { ProvisionResult } from "../../lib/identity/users.ts";
 import { type AppEnv, requireSession } from "../context.ts";
@@ -60,6 +60,8 @@ export function keyRoutes(services: Services) {
       : undefined;
     const result = await users.provision(session.userId, profile);
     if (result.created) clerkSync.afterProvision(result.user);
+    // A disabled user's key would only meet 403s at the gateway: say so here (CONTRACT §5).
+    checkUserState(result.user, {});
     return respond(c, result, result.created && method === "POST" ? 201 : 200);
   };
 
@@ -69,7 +71,7 @@ export function keyRoutes(services: Services) {
   app.post("/auth/provision-user", auth, provision("POST"));
   app.post("/key/rotate", auth, async (c) => {
     const session = c.get("session");
-    await users.provision(session.userId);
+    checkUserState((await users.provision(session.userId)).user, {});
     const result = await users.rotate(session.userId);
     clerkSync.afterProvision(result.user);
     return respond(c, result, 200);
