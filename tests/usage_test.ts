@@ -177,6 +177,7 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
         "limits",
         "remaining",
         "state",
+        "thisMonth",
         "today",
         "userId",
       ]);

@@ -273,7 +273,9 @@ export async function usageReport(
     tokensToday: usage.today.totalTokens,
     spendNanoMonth: u64(spend.value),
   }, now);
-  return { userId, limits: status.limits, remaining: status.remaining, ...usage, state };
+  // What the month's budget meter needs even when there is no budget (remaining is then null).
+  const thisMonth = { costUsd: roundUsd(u64(spend.value) / 1e9) };
+  return { userId, limits: status.limits, remaining: status.remaining, ...usage, thisMonth, state };
 }
 
 export interface UsageReport {

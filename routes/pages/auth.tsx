@@ -5,17 +5,24 @@ import { clerkScript, pageShell, render } from "./render.tsx";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
 
-export function authPageRoutes(services: Services) {
+export type AuthMode = "sign-in" | "sign-up";
+
+/** What a failed local sign-in shows again: the message (inline, by the field) and the input. */
+export interface SignInFailure {
+  error: string;
+  email: string;
+}
+
+/** Renders /sign-in or /sign-up; with a failure, the form again with the error (status 400). */
+export function authPageRenderer(services: Services) {
   const { config } = services;
-  const app = new Hono<AppEnv>();
   const shell = pageShell(services);
   const clerk = clerkScript(config);
-
-  const authPage = (mode: "sign-in" | "sign-up") => async (c: Context<AppEnv>) => {
+  return async (c: Context<AppEnv>, mode: AuthMode, failure?: SignInFailure) => {
     const { session, layout } = await shell(c, `/${mode}`);
     if (session) return c.redirect("/dashboard", 303);
     const title = mode === "sign-in" ? "Sign in" : "Sign up";
-    const error = c.req.query("error");
+    const error = failure?.error;
     return render(
       c,
       <Layout title={title} {...layout} clerk={clerk}>
@@ -29,7 +36,6 @@ export function authPageRoutes(services: Services) {
                   enter any e-mail address. No password, no e-mail is sent — this server has no
                   Clerk configuration.
                 </p>
-                {error && <p class="notice notice-error" role="alert">{error}</p>}
                 <form method="post" action="/auth/local/sign-in" style={{ marginTop: "1rem" }}>
                   <div class="field">
                     <label for="email">E-mail address</label>
@@ -39,10 +45,25 @@ export function authPageRoutes(services: Services) {
                       type="email"
                       autocomplete="email"
                       required
+                      maxLength={254}
+                      // The server wants a domain with a dot (me@localhost is refused there).
+                      pattern="[^@\s]+@[^@\s]+\.[^@\s]+"
+                      title="An e-mail address such as you@example.com"
                       placeholder="you@example.com"
+                      value={failure?.email}
+                      aria-invalid={error ? "true" : undefined}
+                      aria-describedby={error ? "email-error" : "email-hint"}
                     />
+                    {error
+                      ? (
+                        <p class="field-error" id="email-error" role="alert">
+                          {error}
+                        </p>
+                      )
+                      : <p class="hint" id="email-hint">For example you@example.com.</p>}
                   </div>
                   <input type="hidden" name="redirect" value="/dashboard" />
+                  <input type="hidden" name="from" value={mode} />
                   <button class="btn btn-primary btn-lg" type="submit" style={{ width: "100%" }}>
                     {mode === "sign-in" ? "Sign in" : "Sign up"}
                   </button>
@@ -83,10 +104,16 @@ export function authPageRoutes(services: Services) {
             </div>
           )}
       </Layout>,
+      failure ? 400 : 200,
     );
   };
-  app.get("/sign-in", authPage("sign-in"));
-  app.get("/sign-up", authPage("sign-up"));
+}
+
+export function authPageRoutes(services: Services) {
+  const app = new Hono<AppEnv>();
+  const page = authPageRenderer(services);
+  app.get("/sign-in", (c) => page(c, "sign-in"));
+  app.get("/sign-up", (c) => page(c, "sign-up"));
 
   return app;
 }

@@ -58,7 +58,7 @@ export function contentSecurityPolicy(config: Config) {
   };
 }
 
-export function render(c: Context<AppEnv>, page: VNode, status: 200 | 403 | 404 = 200) {
+export function render(c: Context<AppEnv>, page: VNode, status: 200 | 400 | 403 | 404 = 200) {
   const html = renderToString(
     <IslandCollector.Provider value={new Set()}>{page}</IslandCollector.Provider>,
   );
