@@ -748,11 +748,19 @@ function KeyAndSetup(
           <dt>Anthropic base URL</dt>
           <dd data-testid="anthropic-base-url">{anthropicBaseUrl}</dd>
           <dt>Key prefix</dt>
-          <dd>{ready ? ready.keyPrefix : <span class="skeleton">kw_xxxx</span>}</dd>
+          <dd>
+            {ready
+              ? ready.keyPrefix
+              : keyState.status === "error"
+              ? "—"
+              : <span class="skeleton">kw_xxxx</span>}
+          </dd>
           <dt>Created</dt>
           <dd>
             {ready
               ? formatDateTime(ready.createdAt)
+              : keyState.status === "error"
+              ? "—"
               : <span class="skeleton">Jan 1, 2026, 00:00 UTC</span>}
           </dd>
         </dl>
