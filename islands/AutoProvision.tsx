@@ -216,8 +216,10 @@ export default function AutoProvision(props: AutoProvisionProps) {
     : refusedCode === "user_deleted"
     ? { status: "deleted" }
     : data?.state ?? (ready ? { status: "active" } : null);
-  // Returning users (any request in the window) see usage first and the set-up folded away.
-  const returning = !!data && data.days.some((d) => d.requests > 0);
+  const refused = state?.status === "disabled" || state?.status === "deleted";
+  // Returning users (any request in the window) see usage first and the set-up folded away; so
+  // do refused users, whose key would not work anyway.
+  const returning = refused || (!!data && data.days.some((d) => d.requests > 0));
 
   const keySection = (
     <KeyAndSetup
@@ -239,6 +241,7 @@ export default function AutoProvision(props: AutoProvisionProps) {
         setRun(run + 1);
       }}
       open={!returning}
+      refused={refused}
     />
   );
   return (
@@ -651,6 +654,8 @@ function KeyAndSetup(
     rotate: () => void;
     retry: () => void;
     open: boolean;
+    /** Disabled or deleted: no set-up snippets with a key that would not work. */
+    refused: boolean;
   },
 ) {
   const { props, keyState, ready, revealed, copied, copy, notice } = p;
@@ -810,58 +815,62 @@ function KeyAndSetup(
             </div>
           )}
 
-        <h3 id="setup-title" class="setup-title">Use it</h3>
-        <p class="muted small">
-          Editors and tools built on Keyway connect without copy-paste: they open a Keyway page and
-          you approve. On a remote machine or in a terminal, open{" "}
-          <a href="/connect/device">/connect/device</a>{" "}
-          and enter the code your tool shows. Otherwise, pick your tool:
-        </p>
-        <div class="tabs" role="tablist" aria-labelledby="setup-title">
-          {shown.map((r, i) => (
-            <button
-              key={r.id}
-              type="button"
-              role="tab"
-              id={`tab-${r.id}`}
-              aria-selected={i === index}
-              aria-controls="snippet-panel"
-              tabIndex={i === index ? 0 : -1}
-              onClick={() => setTab(r.id)}
-              onKeyDown={(e) => onTabKey(e, i)}
-            >
-              {r.label}
-            </button>
-          ))}
-        </div>
-        <div id="snippet-panel" role="tabpanel" aria-labelledby={`tab-${recipe.id}`}>
-          <p class="small">{recipe.intro}</p>
-          {recipe.snippets.map((s, i) => (
-            <div class="code" key={`${recipe.id}-${i}`}>
-              <div class="code-head">
-                <span>{s.title}</span>
+        {p.refused ? null : (
+          <>
+            <h3 id="setup-title" class="setup-title">Use it</h3>
+            <p class="muted small">
+              Editors and tools built on Keyway connect without copy-paste: they open a Keyway page
+              and you approve. On a remote machine or in a terminal, open{" "}
+              <a href="/connect/device">/connect/device</a>{" "}
+              and enter the code your tool shows. Otherwise, pick your tool:
+            </p>
+            <div class="tabs" role="tablist" aria-labelledby="setup-title">
+              {shown.map((r, i) => (
                 <button
-                  class="btn btn-sm"
+                  key={r.id}
                   type="button"
-                  disabled={!ready}
-                  aria-label={`Copy ${recipe.label}: ${s.title}`}
-                  onClick={() =>
-                    copy(
-                      `${recipe.id}-${i}`,
-                      `${recipe.label} ${s.title}`,
-                      real[index].snippets[i].text,
-                    )}
+                  role="tab"
+                  id={`tab-${r.id}`}
+                  aria-selected={i === index}
+                  aria-controls="snippet-panel"
+                  tabIndex={i === index ? 0 : -1}
+                  onClick={() => setTab(r.id)}
+                  onKeyDown={(e) => onTabKey(e, i)}
                 >
-                  {copied === `${recipe.id}-${i}` ? "Copied ✓" : "Copy"}
+                  {r.label}
                 </button>
-              </div>
-              <pre
-                tabIndex={0}
-                aria-label={`${recipe.label}: ${s.title}`}
-              ><code data-testid={`snippet-${recipe.id}-${i}`} data-lang={s.lang}>{s.text}</code></pre>
+              ))}
             </div>
-          ))}
-        </div>
+            <div id="snippet-panel" role="tabpanel" aria-labelledby={`tab-${recipe.id}`}>
+              <p class="small">{recipe.intro}</p>
+              {recipe.snippets.map((s, i) => (
+                <div class="code" key={`${recipe.id}-${i}`}>
+                  <div class="code-head">
+                    <span>{s.title}</span>
+                    <button
+                      class="btn btn-sm"
+                      type="button"
+                      disabled={!ready}
+                      aria-label={`Copy ${recipe.label}: ${s.title}`}
+                      onClick={() =>
+                        copy(
+                          `${recipe.id}-${i}`,
+                          `${recipe.label} ${s.title}`,
+                          real[index].snippets[i].text,
+                        )}
+                    >
+                      {copied === `${recipe.id}-${i}` ? "Copied ✓" : "Copy"}
+                    </button>
+                  </div>
+                  <pre
+                    tabIndex={0}
+                    aria-label={`${recipe.label}: ${s.title}`}
+                  ><code data-testid={`snippet-${recipe.id}-${i}`} data-lang={s.lang}>{s.text}</code></pre>
+                </div>
+              ))}
+            </div>
+          </>
+        )}
       </section>
     </details>
   );

@@ -67,7 +67,8 @@ export default function DailyChart({ points, kind, title, testId }: DailyChartPr
     `${formatDay(p.date)}: ${format(p.value)}${unit ? ` ${unit}` : ""}${
       p.detail ? ` · ${p.detail}` : ""
     }`;
-  const max = niceMax(Math.max(0, ...points.map((p) => p.value)));
+  // Whole-number kinds get an axis of at least 2, so its middle label is a whole number too.
+  const max = niceMax(Math.max(kind === "usd" ? 0 : 2, ...points.map((p) => p.value)));
   const total = points.reduce((n, p) => n + p.value, 0);
   const current = points[selected];
   const move = (to: number, e: KeyboardEvent) => {
@@ -82,8 +83,7 @@ export default function DailyChart({ points, kind, title, testId }: DailyChartPr
       <figcaption class="dc-readout" aria-live="polite">
         {current ? say(current) : "No data"}
         <span class="muted">
-          · {format(total)}
-          {unit ? ` ${unit}` : ""} in {points.length} days
+          {` · ${format(total)}${unit ? ` ${unit}` : ""} in ${points.length} days`}
         </span>
       </figcaption>
       <div class="dc-plot">

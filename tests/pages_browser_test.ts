@@ -407,7 +407,10 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
       const state = await stateOf(page);
       assert.equal(state.status, "disabled");
       assert.match(state.text, /Your key does not work/);
-      assert.equal((await page.getByTestId("api-key").innerText()).trim(), "—");
+      assert.equal((await page.getByTestId("api-key").textContent())?.trim(), "—");
+      // The set-up is folded away and offers no snippets with a key that would not work.
+      assert.equal(await page.getByTestId("setup").getAttribute("open"), null);
+      assert.equal(await page.getByRole("tab").count(), 0);
       assert.ok(!(await page.content()).includes(apiKey), "no working-looking key");
       await inspect(page, dir, "dashboard-disabled", shots);
       // The island's POST /api/key was refused with 403 on purpose.
