@@ -33,6 +33,10 @@ async function inspect(page: Page, dir: string, name: string, shots: string[]) {
     for (const scheme of ["light", "dark"] as const) {
       await page.emulateMedia({ colorScheme: scheme });
       await assertAccessible(page, `${name} ${size} ${scheme}`);
+      const overflow = await page.evaluate(() =>
+        document.documentElement.scrollWidth - document.documentElement.clientWidth
+      );
+      assert.ok(overflow <= 0, `${name} ${size}: the page scrolls sideways by ${overflow}px`);
       const path = join(dir, `${name}-${size}-${scheme}.png`);
       await page.screenshot({ path, fullPage: true });
       shots.push(path);
