@@ -185,7 +185,9 @@ export default function AutoProvision(props: AutoProvisionProps) {
   const copy = async (what: string, label: string, text: string) => {
     const ok = await copyText(text);
     setCopied(ok ? what : null);
-    setAnnounce(ok ? `${label} copied to the clipboard.` : "");
+    // Emptied first, so copying the same thing twice is announced twice.
+    setAnnounce("");
+    if (ok) setTimeout(() => setAnnounce(`${label} copied to the clipboard.`), 50);
     if (!ok) setNotice({ kind: "error", text: "Copying failed: select the text and copy it." });
     setTimeout(() => setCopied((c) => (c === what ? null : c)), 2000);
   };
