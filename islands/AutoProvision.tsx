@@ -182,6 +182,15 @@ export default function AutoProvision(props: AutoProvisionProps) {
     if (!props.initialUsage && keyState.status !== "loading") loadUsage();
   }, [keyState.status]);
 
+  // Back from the editor: the state and usage may have changed (a quota spent, a reset).
+  useEffect(() => {
+    const refresh = () => {
+      if (document.visibilityState === "visible") loadUsage();
+    };
+    document.addEventListener("visibilitychange", refresh);
+    return () => document.removeEventListener("visibilitychange", refresh);
+  }, []);
+
   const copy = async (what: string, label: string, text: string) => {
     const ok = await copyText(text);
     setCopied(ok ? what : null);

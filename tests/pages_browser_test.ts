@@ -375,8 +375,12 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
         const { w, userId, token } = await signedIn(browser, server, `${reason}@example.com`);
         const apiKey = await keyOf(server, token);
         await server.services.users.setLimits(userId, limits);
-        assert.equal(await spendUntilRefused(server, apiKey), 429);
         const page = await openDashboard(w, server);
+        assert.equal((await stateOf(page)).status, "active");
+        assert.equal(await spendUntilRefused(server, apiKey), 429);
+        // Coming back to the tab (from the editor) refreshes the state.
+        await page.evaluate(() => document.dispatchEvent(new Event("visibilitychange")));
+        await page.locator("[data-testid=account-state][data-status=paused]").waitFor();
         const state = await stateOf(page);
         assert.equal(state.status, "paused");
         assert.match(state.text, /Paused until/);
