@@ -8,6 +8,11 @@ import { createApp } from "./routes/mod.ts";
 
 const SHUTDOWN_GRACE_MS = 10_000;
 
+/** A start-up failure a person can act on: printed as one line, no stack trace. */
+export class StartupError extends Error {
+  override name = "StartupError";
+}
+
 export interface Running {
   services: Services;
   server: Deno.HttpServer<Deno.NetAddr>;
@@ -35,12 +40,29 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
     // Cron names are per process: a second start() in one process (tests) keeps the first.
     services.log.warn("cost cron not registered", { error: String(err) });
   }
-  const server = Deno.serve({
-    port: config.port,
-    // Local mode lets anyone sign in with any e-mail: keep it on this machine.
-    hostname: config.localMode ? "127.0.0.1" : "0.0.0.0",
-    onListen: () => {},
-  }, app.fetch);
+  let server: Deno.HttpServer<Deno.NetAddr>;
+  try {
+    server = Deno.serve({
+      port: config.port,
+      // Local mode lets anyone sign in with any e-mail: keep it on this machine.
+      hostname: config.localMode ? "127.0.0.1" : "0.0.0.0",
+      onListen: () => {},
+    }, app.fetch);
+  } catch (err) {
+    await services.close();
+    if (err instanceof Deno.errors.AddrInUse) {
+      throw new StartupError(
+        `Port ${config.port} is already in use: stop what is using it, or set PORT to a free ` +
+          `port (PORT=${config.port + 1} deno task start).`,
+      );
+    }
+    if (err instanceof Deno.errors.PermissionDenied) {
+      throw new StartupError(
+        `Port ${config.port} needs privileges this process lacks: set PORT to a port above 1023.`,
+      );
+    }
+    throw err;
+  }
   const url = `http://localhost:${server.addr.port}`;
   services.log.info("keyway listening", {
     url,
@@ -49,6 +71,12 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
     keyMode: config.keyMode,
     kv: config.kvPath ?? "./data/keyway.sqlite3",
   });
+  if (config.keyMode === "proxy" && !config.glm.apiKey) {
+    // Not fatal (the pages and keys work), but every gateway request would answer 503.
+    services.log.warn(
+      "GLM_API_KEY is not set: every /v1 request answers 503 not_configured until it is",
+    );
+  }
   if (config.localMode) {
     console.log(`\n  Keyway is running in local mode: open ${url}/ and sign in with any e-mail.\n`);
   }
@@ -73,7 +101,7 @@ if (import.meta.main) {
       Deno.addSignalListener(signal, () => void stop());
     }
   } catch (err) {
-    if (err instanceof ConfigError) {
+    if (err instanceof ConfigError || err instanceof StartupError) {
       console.error(err.message);
       Deno.exit(1);
     }

@@ -1,29 +1,43 @@
-/** A labelled progress bar: how much of a limit is used. `limit` null = unlimited. */
+/**
+ * A labelled progress bar: how much of a limit is used and what is left. With no limit it says
+ * "Unlimited" in words and draws no bar (an empty bar would read as "nothing allowed").
+ */
+import { formatInt } from "../lib/core/format.ts";
+
 export interface MeterProps {
   label: string;
   used: number;
+  /** null = unlimited */
   limit: number | null;
   format?: (n: number) => string;
-  /** Data not loaded yet: same size, placeholder value. */
-  pending?: boolean;
+  /** What resets it, for people ("resets at 00:00 UTC"). */
+  note?: string;
+  testId?: string;
 }
 
-export function Meter(
-  { label, used, limit, format = (n) => n.toLocaleString("en-US"), pending = false }: MeterProps,
-) {
-  const ratio = limit ? Math.min(1, used / limit) : 0;
+export function Meter({ label, used, limit, format = formatInt, note, testId }: MeterProps) {
+  if (limit === null) {
+    return (
+      <div class="meter" data-testid={testId}>
+        <div class="meter-label">
+          <span>{label}</span>
+          <span>
+            {format(used)} used · <strong>Unlimited</strong>
+          </span>
+        </div>
+      </div>
+    );
+  }
+  const ratio = limit > 0 ? Math.min(1, used / limit) : 1;
   const pct = Math.round(ratio * 100);
   const level = ratio >= 1 ? "full" : ratio >= 0.8 ? "high" : "";
+  const left = Math.max(0, limit - used);
   return (
-    <div class="meter">
+    <div class="meter" data-testid={testId}>
       <div class="meter-label">
         <span>{label}</span>
         <span>
-          {pending
-            ? <span class="skeleton">0 of 0</span>
-            : limit === null
-            ? `${format(used)} · unlimited`
-            : `${format(used)} of ${format(limit)}`}
+          {format(used)} of {format(limit)}
         </span>
       </div>
       <div
@@ -32,14 +46,15 @@ export function Meter(
         aria-label={label}
         aria-valuemin={0}
         aria-valuemax={100}
-        aria-valuenow={limit === null ? undefined : pct}
-        aria-valuetext={limit === null ? `${format(used)} used, unlimited` : `${pct}% used`}
+        aria-valuenow={pct}
+        aria-valuetext={`${format(used)} of ${format(limit)} used, ${format(left)} left`}
       >
-        <div
-          class={`meter-fill ${level}`}
-          style={{ width: `${limit === null || pending ? 0 : pct}%` }}
-        />
+        <div class={`meter-fill ${level}`} style={{ width: `${pct}%` }} />
       </div>
+      <p class="meter-note small muted">
+        {ratio >= 1 ? <strong class="text-danger">None left</strong> : `${format(left)} left`}
+        {note ? ` · ${note}` : ""}
+      </p>
     </div>
   );
 }

@@ -1,40 +1,41 @@
-/** The operator's users table: sortable, with disable/enable and per-user limit overrides. */
+/**
+ * The operator's users list: a sortable table on wide screens, one card per user on narrow ones
+ * (the same markup, restyled), with overrides shown, disable behind a confirmation step, limits
+ * editing, and a link to each user's page.
+ */
 import { Fragment } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { api, ApiError, type AuthMode, fmtCompact, fmtInt, fmtUsd } from "./client.ts";
+import { formatDate, formatDay, formatInt, formatTokens, formatUsd } from "../lib/core/format.ts";
+import { api, ApiError, type AuthMode } from "./client.ts";
+import {
+  type AdminUser,
+  type Defaults,
+  LimitsForm,
+  type Notice,
+  overridesText,
+  StatusControl,
+} from "./UserActions.tsx";
 
 export interface AdminUsersProps {
   [key: string]: unknown;
   mode: AuthMode;
   /** The configured defaults, shown as placeholders for the overrides. */
-  defaults: { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
+  defaults: Defaults;
+  /** The signed-in operator (who cannot disable themselves). */
+  selfId: string;
 }
 
-interface Overrides {
-  rpm?: number;
-  rpd?: number;
-  tokensPerDay?: number;
-  budgetUsdMonthly?: number;
-}
+type SortKey = "user" | "status" | "createdAt" | "lastActive" | "requests" | "tokens" | "cost";
 
-interface AdminUser {
-  userId: string;
-  email: string | null;
-  status: "active" | "disabled" | "deleted";
-  createdAt: string;
-  keyPrefix: string | null;
-  limits?: Overrides;
-  usage30d: { requests: number; totalTokens: number; costUsd: number };
-}
-
-type SortKey = "user" | "status" | "keyPrefix" | "requests" | "tokens" | "cost" | "createdAt";
-
-const LIMIT_FIELDS = [
-  ["rpm", "Requests / min"],
-  ["rpd", "Requests / day"],
-  ["tokensPerDay", "Tokens / day"],
-  ["budgetUsdMonthly", "Budget USD / month"],
-] as const;
+const SORTS: [SortKey, string][] = [
+  ["cost", "Cost"],
+  ["requests", "Requests"],
+  ["tokens", "Tokens"],
+  ["lastActive", "Last active"],
+  ["createdAt", "Created"],
+  ["user", "User"],
+  ["status", "Status"],
+];
 
 function sortValue(u: AdminUser, key: SortKey): string | number {
   switch (key) {
@@ -42,26 +43,27 @@ function sortValue(u: AdminUser, key: SortKey): string | number {
       return (u.email ?? u.userId).toLowerCase();
     case "status":
       return u.status;
-    case "keyPrefix":
-      return u.keyPrefix ?? "";
+    case "createdAt":
+      return u.createdAt;
+    case "lastActive":
+      return u.lastActive ?? "";
     case "requests":
       return u.usage30d.requests;
     case "tokens":
       return u.usage30d.totalTokens;
     case "cost":
       return u.usage30d.costUsd;
-    case "createdAt":
-      return u.createdAt;
   }
 }
+
+const COLUMNS = 9;
 
 export default function AdminUsers(props: AdminUsersProps) {
   const [users, setUsers] = useState<AdminUser[] | null>(null);
   const [error, setError] = useState<string | null>(null);
   const [sort, setSort] = useState<{ key: SortKey; desc: boolean }>({ key: "cost", desc: true });
-  const [busy, setBusy] = useState<string | null>(null);
   const [editing, setEditing] = useState<string | null>(null);
-  const [notice, setNotice] = useState<{ kind: "ok" | "error"; text: string } | null>(null);
+  const [notice, setNotice] = useState<Notice>(null);
 
   const load = async () => {
     try {
@@ -80,53 +82,15 @@ export default function AdminUsers(props: AdminUsersProps) {
     load();
   }, []);
 
+  // Answers of the write endpoints carry no usage window: keep what the list had.
   const replace = (user: AdminUser) =>
     setUsers((list) =>
-      list?.map((u) => (u.userId === user.userId ? { ...u, ...user, usage30d: u.usage30d } : u)) ??
-        null
+      list?.map((u) =>
+        u.userId === user.userId
+          ? { ...u, ...user, usage30d: u.usage30d, lastActive: u.lastActive }
+          : u
+      ) ?? null
     );
-
-  const setStatus = async (u: AdminUser, action: "disable" | "enable") => {
-    setBusy(u.userId);
-    setNotice(null);
-    try {
-      const res = await api<{ user: AdminUser }>(
-        props.mode,
-        `/api/admin/users/${encodeURIComponent(u.userId)}/${action}`,
-        { method: "POST" },
-      );
-      replace(res.user);
-      setNotice({ kind: "ok", text: `${u.email ?? u.userId} ${action}d.` });
-    } catch (err) {
-      setNotice({ kind: "error", text: `Could not ${action}: ${(err as Error).message}` });
-    } finally {
-      setBusy(null);
-    }
-  };
-
-  const saveLimits = async (u: AdminUser, form: HTMLFormElement) => {
-    const body: Record<string, number | null> = {};
-    for (const [field] of LIMIT_FIELDS) {
-      const raw = (form.elements.namedItem(field) as HTMLInputElement).value.trim();
-      body[field] = raw === "" ? null : Number(raw);
-    }
-    setBusy(u.userId);
-    setNotice(null);
-    try {
-      const res = await api<{ user: AdminUser }>(
-        props.mode,
-        `/api/admin/users/${encodeURIComponent(u.userId)}/limits`,
-        { method: "PUT", body },
-      );
-      replace(res.user);
-      setEditing(null);
-      setNotice({ kind: "ok", text: `Limits saved for ${u.email ?? u.userId}.` });
-    } catch (err) {
-      setNotice({ kind: "error", text: `Limits not saved: ${(err as Error).message}` });
-    } finally {
-      setBusy(null);
-    }
-  };
 
   const sorted = users
     ? [...users].sort((a, b) => {
@@ -136,6 +100,7 @@ export default function AdminUsers(props: AdminUsersProps) {
     })
     : null;
 
+  const numeric = (key: SortKey) => key !== "user" && key !== "status";
   const header = (key: SortKey, label: string, num = false) => {
     const active = sort.key === key;
     return (
@@ -146,9 +111,9 @@ export default function AdminUsers(props: AdminUsersProps) {
       >
         <button
           type="button"
-          onClick={() => setSort({ key, desc: active ? !sort.desc : num })}
+          onClick={() => setSort({ key, desc: active ? !sort.desc : numeric(key) })}
         >
-          {label} {active ? (sort.desc ? "↓" : "↑") : ""}
+          {label} <span aria-hidden="true">{active ? (sort.desc ? "↓" : "↑") : ""}</span>
         </button>
       </th>
     );
@@ -159,23 +124,43 @@ export default function AdminUsers(props: AdminUsersProps) {
       <div class="card-head">
         <h2 id="users-title">Users</h2>
         <p class="muted small">
-          {users ? `${users.length} ${users.length === 1 ? "user" : "users"}` : "Loading…"}
+          {users
+            ? `${formatInt(users.length)} ${users.length === 1 ? "user" : "users"}`
+            : "Loading…"}
           {" · "}usage over the last 30 days
         </p>
       </div>
-      {notice && (
-        <p class={`notice ${notice.kind === "ok" ? "notice-ok" : "notice-error"}`} role="status">
-          {notice.text}
-        </p>
-      )}
+      <div class="sort-narrow">
+        <label for="users-sort">Sort by</label>
+        <select
+          id="users-sort"
+          value={`${sort.key}:${sort.desc ? "desc" : "asc"}`}
+          onChange={(e) => {
+            const [key, dir] = e.currentTarget.value.split(":");
+            setSort({ key: key as SortKey, desc: dir === "desc" });
+          }}
+        >
+          {SORTS.map(([key, label]) => (
+            <option key={key} value={`${key}:${numeric(key) ? "desc" : "asc"}`}>
+              {label}
+              {numeric(key) ? " (highest first)" : " (A–Z)"}
+            </option>
+          ))}
+        </select>
+      </div>
+      <p role="status" class={notice ? `notice notice-${notice.kind}` : "sr-only"}>
+        {notice?.text ?? ""}
+      </p>
       {error && <p class="notice notice-error" role="alert">{error}</p>}
-      <div class="table-wrap">
-        <table data-testid="users-table">
+      <div class="table-wrap users-wrap">
+        <table data-testid="users-table" class="users-table">
           <thead>
             <tr>
               {header("user", "User")}
               {header("status", "Status")}
-              {header("keyPrefix", "Key")}
+              <th scope="col">Limits</th>
+              {header("createdAt", "Created")}
+              {header("lastActive", "Last active")}
               {header("requests", "Requests", true)}
               {header("tokens", "Tokens", true)}
               {header("cost", "Cost", true)}
@@ -185,116 +170,101 @@ export default function AdminUsers(props: AdminUsersProps) {
           <tbody>
             {sorted === null && !error && [0, 1, 2].map((i) => (
               <tr key={i}>
-                <td colSpan={7}>
+                <td colSpan={COLUMNS}>
                   <span class="skeleton" style={{ width: "100%" }}>loading</span>
                 </td>
               </tr>
             ))}
             {sorted?.length === 0 && (
               <tr>
-                <td colSpan={7} class="muted">No users yet.</td>
+                <td colSpan={COLUMNS} class="muted">No users yet.</td>
               </tr>
             )}
-            {sorted?.map((u) => (
-              <Fragment key={u.userId}>
-                <tr data-user-id={u.userId}>
-                  <td>
-                    <div>{u.email ?? <span class="muted">no e-mail</span>}</div>
-                    <div class="muted small">
-                      <code>{u.userId}</code>
-                    </div>
-                  </td>
-                  <td>
-                    <span
-                      class={`status ${
-                        u.status === "active"
-                          ? "status-ok"
-                          : u.status === "disabled"
-                          ? "status-warn"
-                          : "status-danger"
-                      }`}
-                      data-testid="user-status"
-                    >
-                      {u.status}
-                    </span>
-                  </td>
-                  <td>
-                    <code>{u.keyPrefix ?? "—"}</code>
-                  </td>
-                  <td class="num">{fmtInt(u.usage30d.requests)}</td>
-                  <td class="num">{fmtCompact(u.usage30d.totalTokens)}</td>
-                  <td class="num">{fmtUsd(u.usage30d.costUsd)}</td>
-                  <td>
-                    <div class="row-actions">
-                      {u.status !== "deleted" && (
-                        <button
-                          type="button"
-                          class={`btn btn-sm ${u.status === "active" ? "btn-danger" : ""}`}
-                          disabled={busy === u.userId}
-                          onClick={() => setStatus(u, u.status === "active" ? "disable" : "enable")}
-                          aria-label={`${u.status === "active" ? "Disable" : "Enable"} ${
-                            u.email ?? u.userId
-                          }`}
-                        >
-                          {u.status === "active" ? "Disable" : "Enable"}
-                        </button>
-                      )}
-                      <button
-                        type="button"
-                        class="btn btn-sm"
-                        aria-expanded={editing === u.userId}
-                        onClick={() => setEditing(editing === u.userId ? null : u.userId)}
+            {sorted?.map((u) => {
+              const overrides = overridesText(u.limits);
+              return (
+                <Fragment key={u.userId}>
+                  <tr data-user-id={u.userId} class="user-row">
+                    <td data-label="User" class="cell-user">
+                      <a href={`/admin/users/${encodeURIComponent(u.userId)}`}>
+                        {u.email ?? u.userId}
+                      </a>
+                      <div class="muted small">
+                        <code>{u.userId}</code>
+                        {u.keyPrefix && (
+                          <>
+                            {" · "}key <code>{u.keyPrefix}…</code>
+                          </>
+                        )}
+                      </div>
+                    </td>
+                    <td data-label="Status">
+                      <span
+                        class={`status ${
+                          u.status === "active"
+                            ? "status-ok"
+                            : u.status === "disabled"
+                            ? "status-warn"
+                            : "status-danger"
+                        }`}
+                        data-testid="user-status"
                       >
-                        Limits
-                      </button>
-                    </div>
-                  </td>
-                </tr>
-                {editing === u.userId && (
-                  <tr>
-                    <td colSpan={7}>
-                      <form
-                        class="limits-form"
-                        onSubmit={(e) => {
-                          e.preventDefault();
-                          saveLimits(u, e.currentTarget);
-                        }}
-                      >
-                        {LIMIT_FIELDS.map(([field, label]) => (
-                          <div class="field" key={field}>
-                            <label for={`${u.userId}-${field}`}>{label}</label>
-                            <input
-                              id={`${u.userId}-${field}`}
-                              name={field}
-                              type="number"
-                              min={field === "rpm" || field === "rpd" ? 1 : 0}
-                              step={field === "budgetUsdMonthly" ? "0.01" : "1"}
-                              value={u.limits?.[field] ?? ""}
-                              placeholder={`default ${props.defaults[field] || "unlimited"}`}
-                            />
-                          </div>
-                        ))}
-                        <div class="row-actions" style={{ justifyContent: "flex-start" }}>
+                        {u.status}
+                      </span>
+                    </td>
+                    <td data-label="Limits" data-testid="user-limits" class="small">
+                      {overrides ?? <span class="muted">Defaults</span>}
+                    </td>
+                    <td data-label="Created" class="nowrap">{formatDate(u.createdAt)}</td>
+                    <td data-label="Last active" class="nowrap" data-testid="user-last-active">
+                      {u.lastActive ? formatDay(u.lastActive) : <span class="muted">None</span>}
+                    </td>
+                    <td data-label="Requests" class="num">{formatInt(u.usage30d.requests)}</td>
+                    <td data-label="Tokens" class="num">{formatTokens(u.usage30d.totalTokens)}</td>
+                    <td data-label="Cost" class="num">{formatUsd(u.usage30d.costUsd)}</td>
+                    <td data-label="Actions">
+                      <div class="row-actions">
+                        <StatusControl
+                          user={u}
+                          selfId={props.selfId}
+                          mode={props.mode}
+                          onChange={replace}
+                          onNotice={setNotice}
+                        />
+                        {u.status !== "deleted" && (
                           <button
-                            class="btn btn-primary btn-sm"
-                            type="submit"
-                            disabled={busy === u.userId}
+                            type="button"
+                            class="btn btn-sm"
+                            aria-expanded={editing === u.userId}
+                            aria-label={`Limits of ${u.email ?? u.userId}`}
+                            onClick={() => setEditing(editing === u.userId ? null : u.userId)}
                           >
-                            Save
+                            Limits
                           </button>
-                          <button class="btn btn-sm" type="button" onClick={() => setEditing(null)}>
-                            Cancel
-                          </button>
-                        </div>
-                        <p class="muted small" style={{ gridColumn: "1 / -1", margin: 0 }}>
-                          Empty = the default. 0 tokens or budget = unlimited.
-                        </p>
-                      </form>
+                        )}
+                      </div>
                     </td>
                   </tr>
-                )}
-              </Fragment>
-            ))}
+                  {editing === u.userId && (
+                    <tr class="edit-row">
+                      <td colSpan={COLUMNS}>
+                        <LimitsForm
+                          user={u}
+                          defaults={props.defaults}
+                          mode={props.mode}
+                          onSaved={(saved) => {
+                            replace(saved);
+                            setEditing(null);
+                          }}
+                          onCancel={() => setEditing(null)}
+                          onNotice={setNotice}
+                        />
+                      </td>
+                    </tr>
+                  )}
+                </Fragment>
+              );
+            })}
           </tbody>
         </table>
       </div>

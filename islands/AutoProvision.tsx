@@ -1,33 +1,23 @@
 /**
- * The dashboard island: provisions the caller's key on first visit (POST /api/key, idempotent,
- * retried with backoff) and shows the key, set-up snippets, limits and usage.
+ * The dashboard island: the account's true state first, then (for returning users) usage and
+ * what is left, then the key and how to use it — collapsible once the key has been used. It
+ * provisions the caller's key on first visit (POST /api/key, idempotent, retried with backoff).
+ * The server renders it with the usage it read, so nothing moves when the page comes alive.
  */
 import { useEffect, useState } from "preact/hooks";
 import { Meter } from "../components/Meter.tsx";
-import { lastDays, UsageChart } from "../components/UsageChart.tsx";
 import {
-  api,
-  ApiError,
-  type AuthMode,
-  copyText,
-  fmtCompact,
-  fmtInt,
-  fmtUsd,
-  sleep,
-} from "./client.ts";
+  formatDateTime,
+  formatInt,
+  formatLimit,
+  formatTokens,
+  formatUsd,
+  formatWait,
+} from "../lib/core/format.ts";
+import { api, ApiError, type AuthMode, copyText, sleep } from "./client.ts";
+import DailyChart, { lastDays } from "./DailyChart.tsx";
 
-export interface AutoProvisionProps {
-  [key: string]: unknown;
-  mode: AuthMode;
-  /** The gateway base URL the server expects (`PUBLIC_URL/v1`, or GLM's in shared mode). */
-  baseUrl: string;
-  /** The site origin, for the extension's fetch('/api/key') snippet. */
-  origin: string;
-  /** A model to put in the examples. */
-  model: string;
-}
-
-interface Limits {
+export interface Limits {
   rpm: number;
   rpd: number;
   tokensPerDay: number | null;
@@ -37,6 +27,7 @@ interface Limits {
 interface KeyInfo {
   apiKey: string;
   baseUrl: string;
+  anthropicBaseUrl?: string;
   mode: "proxy" | "shared";
   keyPrefix: string;
   userId: string;
@@ -52,7 +43,14 @@ interface Totals {
   costUsd: number;
 }
 
-interface Usage {
+type PauseReason = "requests_per_day" | "tokens_per_day" | "budget_monthly";
+
+export type AccountStateView =
+  | { status: "active" | "disabled" | "deleted" }
+  | { status: "paused"; reason: PauseReason; reasons: PauseReason[]; until: string };
+
+/** GET /api/usage (CONTRACT §5) with its `state`. */
+export interface UsageView {
   limits: Limits;
   remaining: {
     minute: number;
@@ -63,54 +61,77 @@ interface Usage {
   today: Totals;
   days: (Totals & { date: string })[];
   byModel: (Totals & { model: string })[];
+  /** Spend this UTC month (metered; reservations of requests in flight not included). */
+  thisMonth?: { costUsd: number };
+  state?: AccountStateView;
+}
+
+export interface AutoProvisionProps {
+  [key: string]: unknown;
+  mode: AuthMode;
+  /** The gateway base URL the server expects (`PUBLIC_URL/v1`, or GLM's in shared mode). */
+  baseUrl: string;
+  /** Where Anthropic clients point (`PUBLIC_URL`, or GLM's Anthropic endpoint in shared mode). */
+  anthropicBaseUrl: string;
+  /** A model to put in the examples. */
+  model: string;
+  /** The caller's usage as the server read it for this page (null: load it here). */
+  initialUsage: UsageView | null;
 }
 
 type KeyState =
   | { status: "loading"; attempt: number; note?: string }
   | { status: "ready"; key: KeyInfo }
-  | { status: "error"; message: string; fatal: boolean };
+  | { status: "error"; message: string; fatal: boolean; code: string };
 
 type UsageState =
   | { status: "loading" }
-  | { status: "ready"; usage: Usage }
+  | { status: "ready"; usage: UsageView }
   | { status: "unavailable"; message: string };
 
 const RETRY_DELAYS_MS = [1000, 2000, 4000, 8000];
 
 const MASK = "•".repeat(20);
 
-const TABS = [["editor", "VS Code"], ["curl", "curl"], ["fetch", "Extension API"]] as const;
-
 function masked(key: string) {
   return key.slice(0, 7) + MASK;
 }
 
-function friendly(err: unknown): { message: string; fatal: boolean } {
-  if (!(err instanceof ApiError)) return { message: "Something went wrong.", fatal: false };
+function friendly(err: unknown): { message: string; fatal: boolean; code: string } {
+  if (!(err instanceof ApiError)) {
+    return { message: "Something went wrong.", fatal: false, code: "unknown" };
+  }
+  const { code } = err;
   if (err.status === 401) {
-    return { message: "Your session has expired. Sign in again to see your key.", fatal: true };
+    return {
+      message: "Your session has expired. Sign in again to see your key.",
+      fatal: true,
+      code,
+    };
   }
-  if (err.code === "user_disabled") {
-    return { message: "Your account is disabled. Contact the operator.", fatal: true };
+  if (code === "user_disabled") {
+    return { message: "Your account is disabled. Contact the operator.", fatal: true, code };
   }
-  if (err.code === "user_deleted") {
-    return { message: "This account has been deleted.", fatal: true };
+  if (code === "user_deleted") {
+    return { message: "This account has been deleted.", fatal: true, code };
   }
   if (err.status === 0) {
-    return { message: "We could not reach the server. Check your connection.", fatal: false };
+    return { message: "We could not reach the server. Check your connection.", fatal: false, code };
   }
-  return { message: err.message, fatal: !err.retryable };
+  return { message: err.message, fatal: !err.retryable, code };
 }
 
 export default function AutoProvision(props: AutoProvisionProps) {
   const [keyState, setKeyState] = useState<KeyState>({ status: "loading", attempt: 0 });
-  const [usage, setUsage] = useState<UsageState>({ status: "loading" });
+  const [usage, setUsage] = useState<UsageState>(
+    props.initialUsage ? { status: "ready", usage: props.initialUsage } : { status: "loading" },
+  );
   const [revealed, setRevealed] = useState(false);
+  const [announce, setAnnounce] = useState("");
   const [copied, setCopied] = useState<string | null>(null);
   const [confirming, setConfirming] = useState(false);
   const [rotating, setRotating] = useState(false);
   const [notice, setNotice] = useState<{ kind: "ok" | "error"; text: string } | null>(null);
-  const [tab, setTab] = useState<"editor" | "curl" | "fetch">("editor");
   const [run, setRun] = useState(0);
 
   useEffect(() => {
@@ -147,22 +168,35 @@ export default function AutoProvision(props: AutoProvisionProps) {
 
   const loadUsage = async () => {
     try {
-      setUsage({ status: "ready", usage: await api<Usage>(props.mode, "/api/usage?days=30") });
+      setUsage({ status: "ready", usage: await api<UsageView>(props.mode, "/api/usage?days=30") });
     } catch (err) {
       const message = err instanceof ApiError && err.status === 404
         ? "Usage statistics are not available on this server yet."
         : `Usage could not be loaded: ${friendly(err).message}`;
-      setUsage({ status: "unavailable", message });
+      setUsage((u) => (u.status === "ready" ? u : { status: "unavailable", message }));
     }
   };
 
+  // Without server-rendered usage, load it once the key settled (provisioning creates the user).
   useEffect(() => {
-    if (keyState.status === "ready") loadUsage();
+    if (!props.initialUsage && keyState.status !== "loading") loadUsage();
   }, [keyState.status]);
 
-  const copy = async (what: string, text: string) => {
+  // Back from the editor: the state and usage may have changed (a quota spent, a reset).
+  useEffect(() => {
+    const refresh = () => {
+      if (document.visibilityState === "visible") loadUsage();
+    };
+    document.addEventListener("visibilitychange", refresh);
+    return () => document.removeEventListener("visibilitychange", refresh);
+  }, []);
+
+  const copy = async (what: string, label: string, text: string) => {
     const ok = await copyText(text);
     setCopied(ok ? what : null);
+    // Emptied first, so copying the same thing twice is announced twice.
+    setAnnounce("");
+    if (ok) setTimeout(() => setAnnounce(`${label} copied to the clipboard.`), 50);
     if (!ok) setNotice({ kind: "error", text: "Copying failed: select the text and copy it." });
     setTimeout(() => setCopied((c) => (c === what ? null : c)), 2000);
   };
@@ -186,224 +220,179 @@ export default function AutoProvision(props: AutoProvisionProps) {
   };
 
   const ready = keyState.status === "ready" ? keyState.key : null;
-  const baseUrl = ready?.baseUrl ?? props.baseUrl;
-  const shownKey = ready ? (revealed ? ready.apiKey : masked(ready.apiKey)) : "kw_••••" + MASK;
-  const keyFor = (real: boolean) => (real && ready ? ready.apiKey : shownKey);
+  const data = usage.status === "ready" ? usage.usage : null;
+  const refusedCode = keyState.status === "error" ? keyState.code : null;
+  const state: AccountStateView | null = refusedCode === "user_disabled"
+    ? { status: "disabled" }
+    : refusedCode === "user_deleted"
+    ? { status: "deleted" }
+    : data?.state ?? (ready ? { status: "active" } : null);
+  const refused = state?.status === "disabled" || state?.status === "deleted";
+  // Returning users (any request in the window) see usage first and the set-up folded away; so
+  // do refused users, whose key would not work anyway.
+  const returning = refused || (!!data && data.days.some((d) => d.requests > 0));
 
-  const snippets = {
-    editor: (k: string) =>
-      JSON.stringify(
-        {
-          models: [{
-            title: `${props.model} (Keyway)`,
-            provider: "openai",
-            model: props.model,
-            apiBase: baseUrl,
-            apiKey: k,
-          }],
-        },
-        null,
-        2,
-      ),
-    curl: (k: string) =>
-      [
-        `curl ${baseUrl}/chat/completions \\`,
-        `  -H "Authorization: Bearer ${k}" \\`,
-        `  -H "Content-Type: application/json" \\`,
-        `  -d '{"model": "${props.model}", "messages": [{"role": "user", "content": "Hello!"}]}'`,
-      ].join("\n"),
-    fetch: (_k: string) =>
-      [
-        `// In the extension: exchange the signed-in user's Clerk session for their key.`,
-        `const res = await fetch("${props.origin}/api/key", {`,
-        `  headers: { Authorization: \`Bearer \${clerkSessionToken}\` },`,
-        `});`,
-        `const { apiKey, baseUrl } = await res.json();`,
-        `// then call \`\${baseUrl}/chat/completions\` with Authorization: Bearer \${apiKey}`,
-      ].join("\n"),
-  };
-
+  const keySection = (
+    <KeyAndSetup
+      props={props}
+      keyState={keyState}
+      ready={ready}
+      revealed={revealed}
+      setRevealed={setRevealed}
+      copied={copied}
+      copy={copy}
+      notice={notice}
+      setNotice={setNotice}
+      confirming={confirming}
+      setConfirming={setConfirming}
+      rotating={rotating}
+      rotate={rotate}
+      retry={() => {
+        setKeyState({ status: "loading", attempt: 0 });
+        setRun(run + 1);
+      }}
+      open={!returning}
+      refused={refused}
+    />
+  );
   return (
     <div class="stack">
-      <p class="sr-only" role="status" aria-live="polite">
-        {copied ? "Copied to the clipboard." : ""}
-      </p>
-      <section class="card" aria-labelledby="key-title">
-        <div class="card-head">
-          <h2 id="key-title">Your API key</h2>
-          {ready
-            ? <span class="status status-ok">Active</span>
-            : keyState.status === "error"
-            ? <span class="status status-danger">Unavailable</span>
-            : <span class="status">Preparing…</span>}
-        </div>
-        <p class="muted small">
-          Personal to you. It works in any OpenAI-compatible tool; your usage counts against your
-          limits below.
-        </p>
-        <div class="key-row">
-          <code class="key-value" data-testid="api-key" aria-live="polite">
-            {keyState.status === "error" ? "—" : shownKey}
-          </code>
-          <button
-            class="btn"
-            type="button"
-            disabled={!ready}
-            aria-pressed={revealed}
-            onClick={() => setRevealed(!revealed)}
-          >
-            {revealed ? "Hide" : "Reveal"}
-          </button>
-          <button
-            class="btn btn-primary"
-            type="button"
-            disabled={!ready}
-            onClick={() => ready && copy("key", ready.apiKey)}
-          >
-            {copied === "key" ? "Copied ✓" : "Copy key"}
-          </button>
-        </div>
-        {keyState.status === "loading" && keyState.note && (
-          <p class="notice notice-warn" role="status" style={{ marginTop: "1rem" }}>
-            {keyState.note}
-          </p>
-        )}
-        {keyState.status === "error" && (
-          <div class="notice notice-error" role="alert" style={{ marginTop: "1rem" }}>
-            <p style={{ margin: 0 }}>
-              We could not set up your key. {keyState.message}
-            </p>
-            {keyState.fatal && keyState.message.includes("Sign in")
-              ? <a href="/sign-in">Sign in again</a>
-              : (
-                <button
-                  class="btn btn-sm"
-                  type="button"
-                  style={{ marginTop: "0.5rem" }}
-                  onClick={() => {
-                    setKeyState({ status: "loading", attempt: 0 });
-                    setRun(run + 1);
-                  }}
-                >
-                  Try again
-                </button>
-              )}
-          </div>
-        )}
-        <dl class="kv">
-          <dt>Base URL</dt>
-          <dd data-testid="base-url">{baseUrl}</dd>
-          <dt>Key prefix</dt>
-          <dd>{ready ? ready.keyPrefix : <span class="skeleton">kw_xxxx</span>}</dd>
-          <dt>Created</dt>
-          <dd>
-            {ready
-              ? new Date(ready.createdAt).toISOString().slice(0, 16).replace("T", " ") + " UTC"
-              : <span class="skeleton">0000-00-00 00:00 UTC</span>}
-          </dd>
-        </dl>
-        {notice && (
-          <p
-            class={`notice ${notice.kind === "ok" ? "notice-ok" : "notice-error"}`}
-            role="status"
-            style={{ marginTop: "1rem", marginBottom: 0 }}
-          >
-            {notice.text}
-          </p>
-        )}
-        {confirming
-          ? (
-            <div class="confirm" role="group" aria-label="Confirm key rotation">
-              <p>
-                <strong>Rotate now?</strong>{" "}
-                The current key stops working immediately, everywhere it is used.
-              </p>
-              <button class="btn" type="button" onClick={() => setConfirming(false)}>
-                Cancel
-              </button>
-              <button
-                class="btn btn-danger-solid"
-                type="button"
-                disabled={rotating}
-                onClick={rotate}
-              >
-                {rotating ? "Rotating…" : "Yes, rotate key"}
-              </button>
-            </div>
-          )
-          : (
-            <div class="confirm">
-              <p class="muted small">Leaked it, or want a fresh one?</p>
-              <button
-                class="btn btn-danger"
-                type="button"
-                disabled={!ready || ready.mode === "shared"}
-                onClick={() => {
-                  setNotice(null);
-                  setConfirming(true);
-                }}
-              >
-                Rotate key…
-              </button>
-            </div>
-          )}
-      </section>
-
-      <section class="card" aria-labelledby="setup-title">
-        <div class="card-head">
-          <h2 id="setup-title">Use it in your editor</h2>
-          <p class="muted small">No other set-up needed.</p>
-        </div>
-        <div class="tabs" role="tablist" aria-label="Set-up snippets">
-          {TABS
-            .map(([id, label]) => (
-              <button
-                key={id}
-                type="button"
-                role="tab"
-                id={`tab-${id}`}
-                aria-selected={tab === id}
-                aria-controls="snippet-panel"
-                onClick={() => setTab(id)}
-              >
-                {label}
-              </button>
-            ))}
-        </div>
-        <div id="snippet-panel" role="tabpanel" aria-labelledby={`tab-${tab}`}>
-          <p class="muted small">
-            {tab === "editor"
-              ? "Paste into your extension's config (Continue's config.json shown; any OpenAI-compatible extension takes the same base URL and key)."
-              : tab === "curl"
-              ? "Check that everything works from a terminal."
-              : "For extension authors: fetch the key with the user's Clerk session token."}
-          </p>
-          <div class="code">
-            <pre><code data-testid={`snippet-${tab}`}>{snippets[tab](keyFor(revealed))}</code></pre>
-            <button
-              class="btn btn-sm"
-              type="button"
-              disabled={!ready}
-              onClick={() => copy(tab, snippets[tab](keyFor(true)))}
-            >
-              {copied === tab ? "Copied ✓" : "Copy"}
-            </button>
-          </div>
-        </div>
-      </section>
-
-      <UsagePanel state={usage} keyLimits={ready?.limits ?? null} />
+      <p class="sr-only" role="status" aria-live="polite" data-testid="announce">{announce}</p>
+      <StateBanner state={state} usage={data} />
+      {returning ? null : keySection}
+      <UsagePanel
+        state={usage}
+        limits={data?.limits ?? ready?.limits ?? null}
+        returning={returning}
+      />
+      {returning ? keySection : null}
     </div>
   );
 }
 
-function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits | null }) {
+const REASON_TEXT: Record<PauseReason, string> = {
+  requests_per_day: "today's requests are used up",
+  tokens_per_day: "today's token quota is used up",
+  budget_monthly: "this month's budget is spent",
+};
+
+function StateBanner(
+  { state, usage }: { state: AccountStateView | null; usage: UsageView | null },
+) {
+  if (!state) {
+    return (
+      <section class="account-state" data-testid="account-state" data-status="loading">
+        <h2>
+          <span class="status">Checking your account…</span>
+        </h2>
+        <p class="muted small">One moment.</p>
+      </section>
+    );
+  }
+  if (state.status === "disabled" || state.status === "deleted") {
+    return (
+      <section
+        class="account-state account-state-danger"
+        data-testid="account-state"
+        data-status={state.status}
+        aria-labelledby="state-title"
+      >
+        <h2 id="state-title">
+          <span class="status status-danger">
+            {state.status === "disabled" ? "Disabled" : "Deleted"}
+          </span>
+          {state.status === "disabled"
+            ? "Your account is disabled"
+            : "This account has been deleted"}
+        </h2>
+        <p>
+          {state.status === "disabled"
+            ? "Your key does not work: every request is refused (403 user_disabled) until the operator enables your account again. Contact the operator of this Keyway instance."
+            : "Its keys were revoked. Usage stays on record for billing."}
+        </p>
+      </section>
+    );
+  }
+  if (state.status === "paused") {
+    const until = Date.parse(state.until);
+    return (
+      <section
+        class="account-state account-state-warn"
+        data-testid="account-state"
+        data-status="paused"
+        aria-labelledby="state-title"
+      >
+        <h2 id="state-title">
+          <span class="status status-warn">Paused</span>
+          Paused until {formatDateTime(until)}
+        </h2>
+        <p>
+          Requests are refused (429) because{" "}
+          {state.reasons.map((r) => REASON_TEXT[r]).join(", and ")}
+          . {state.reason === "budget_monthly"
+            ? "The budget resets on the 1st of the month (UTC)"
+            : "Daily limits reset at 00:00 UTC"} — in{" "}
+          {formatWait(until - Date.now())}. Your key stays the same.
+        </p>
+      </section>
+    );
+  }
+  const left = usage
+    ? [
+      `${formatInt(usage.remaining.day)} requests`,
+      usage.remaining.tokensToday === null
+        ? null
+        : `${formatTokens(usage.remaining.tokensToday)} tokens`,
+    ].filter(Boolean).join(" and ")
+    : null;
+  return (
+    <section
+      class="account-state account-state-ok"
+      data-testid="account-state"
+      data-status="active"
+      aria-labelledby="state-title"
+    >
+      <h2 id="state-title">
+        <span class="status status-ok">Active</span>
+        Your key works
+      </h2>
+      <p>
+        {left ? `${left} left today` : "Limits load below"}
+        {usage && usage.limits.budgetUsdMonthly !== null && usage.remaining.budgetUsd !== null
+          ? `, ${formatUsd(usage.remaining.budgetUsd)} of this month's budget`
+          : ""}. Daily limits reset at 00:00 UTC.
+      </p>
+    </section>
+  );
+}
+
+function UsagePanel(
+  { state, limits, returning }: {
+    state: UsageState;
+    limits: Limits | null;
+    returning: boolean;
+  },
+) {
   const usage = state.status === "ready" ? state.usage : null;
-  const limits = usage?.limits ?? keyLimits;
-  const sk = (text: string) => <span class="skeleton">{text}</span>;
-  const days = usage?.days ?? [];
-  const points = lastDays(30, new Map(days.map((d) => [d.date, d.requests])));
-  const total = days.reduce(
+  if (!usage || !limits) {
+    return (
+      <section class="card" aria-labelledby="usage-title">
+        <h2 id="usage-title">Usage</h2>
+        {state.status === "unavailable"
+          ? <p class="notice small" role="status">{state.message}</p>
+          : <p class="muted small">Loading usage…</p>}
+      </section>
+    );
+  }
+  const points = lastDays(
+    30,
+    new Map(usage.days.map((d) => [d.date, {
+      value: d.requests,
+      detail: `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
+    }])),
+    Date.parse(`${usage.days[usage.days.length - 1]?.date ?? ""}T12:00:00Z`) || Date.now(),
+  );
+  const total = usage.days.reduce(
     (t, d) => ({
       requests: t.requests + d.requests,
       totalTokens: t.totalTokens + d.totalTokens,
@@ -411,100 +400,72 @@ function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits
     }),
     { requests: 0, totalTokens: 0, costUsd: 0 },
   );
+  const spent = usage.thisMonth?.costUsd ??
+    Math.max(0, (limits.budgetUsdMonthly ?? 0) - (usage.remaining.budgetUsd ?? 0));
   return (
-    <div class="grid grid-2">
-      <section class="card" aria-labelledby="limits-title">
+    <div class="grid grid-2 usage-grid">
+      <section class="card" aria-labelledby="today-title">
         <div class="card-head">
-          <h2 id="limits-title">Limits today</h2>
-          <p class="muted small">Days reset at 00:00 UTC</p>
+          <h2 id="today-title">Today</h2>
+          <p class="muted small">UTC day</p>
         </div>
-        {state.status === "unavailable" && !usage && (
-          <p class="notice small" role="status">{state.message}</p>
-        )}
         <Meter
           label="Requests today"
-          used={usage?.today.requests ?? 0}
-          limit={limits?.rpd ?? null}
-          pending={!usage}
-        />
-        <Meter
-          label="Requests this minute"
-          used={usage ? Math.max(0, usage.limits.rpm - usage.remaining.minute) : 0}
-          limit={limits?.rpm ?? null}
-          pending={!usage}
+          used={usage.today.requests}
+          limit={limits.rpd}
+          note="resets at 00:00 UTC"
+          testId="meter-requests"
         />
         <Meter
           label="Tokens today"
-          used={usage?.today.totalTokens ?? 0}
-          limit={limits?.tokensPerDay ?? null}
-          format={fmtCompact}
-          pending={!usage}
+          used={usage.today.totalTokens}
+          limit={limits.tokensPerDay}
+          note="resets at 00:00 UTC"
+          testId="meter-tokens"
         />
-        {usage && usage.limits.budgetUsdMonthly !== null && (
-          <Meter
-            label="Spend this month"
-            used={Math.max(0, usage.limits.budgetUsdMonthly - (usage.remaining.budgetUsd ?? 0))}
-            limit={usage.limits.budgetUsdMonthly}
-            format={fmtUsd}
-          />
-        )}
-        <h3 style={{ marginTop: "1.25rem" }}>Your limits</h3>
-        <dl class="kv" style={{ marginTop: 0 }}>
-          <dt>Requests</dt>
-          <dd>
-            {limits
-              ? `${fmtInt(limits.rpm)} / minute · ${fmtInt(limits.rpd)} / day`
-              : sk("60 / minute")}
-          </dd>
-          <dt>Tokens</dt>
-          <dd>
-            {limits
-              ? (limits.tokensPerDay ? `${fmtInt(limits.tokensPerDay)} / day` : "unlimited")
-              : sk("unlimited")}
-          </dd>
-          <dt>Budget</dt>
-          <dd>
-            {limits
-              ? (limits.budgetUsdMonthly
-                ? `${fmtUsd(limits.budgetUsdMonthly)} / month`
-                : "unlimited")
-              : sk("unlimited")}
-          </dd>
-        </dl>
+        <Meter
+          label="Spend this month"
+          used={spent}
+          limit={limits.budgetUsdMonthly}
+          format={formatUsd}
+          note="resets on the 1st (UTC)"
+          testId="meter-budget"
+        />
+        <p class="muted small" style={{ margin: 0 }}>
+          Also at most {formatLimit(limits.rpm)} requests a minute; today so far:{" "}
+          {formatUsd(usage.today.costUsd)}.
+        </p>
       </section>
       <section class="card" aria-labelledby="usage-title">
         <div class="card-head">
           <h2 id="usage-title">Last 30 days</h2>
-          <p class="muted small">Requests per day</p>
+          <p class="muted small">Requests per UTC day</p>
         </div>
         <div class="stats">
           <div class="stat">
-            <span class="value" data-testid="usage-requests">
-              {usage ? fmtCompact(total.requests) : sk("0")}
-            </span>
+            <span class="value" data-testid="usage-requests">{formatInt(total.requests)}</span>
             <span class="label">requests</span>
           </div>
           <div class="stat">
-            <span class="value">{usage ? fmtCompact(total.totalTokens) : sk("0")}</span>
+            <span class="value" data-testid="usage-tokens">{formatTokens(total.totalTokens)}</span>
             <span class="label">tokens</span>
           </div>
           <div class="stat">
-            <span class="value">{usage ? fmtUsd(total.costUsd) : sk("$0.00")}</span>
+            <span class="value" data-testid="usage-cost">{formatUsd(total.costUsd)}</span>
             <span class="label">cost</span>
           </div>
         </div>
-        <UsageChart
+        <DailyChart
           points={points}
-          label="requests"
-          format={fmtCompact}
-          width={420}
-          height={150}
+          kind="requests"
+          title="Requests per day, last 30 days"
+          testId="usage-chart"
         />
         <h3 style={{ marginTop: "1rem" }}>By model</h3>
-        {usage && usage.byModel.length > 0
+        {usage.byModel.length > 0
           ? (
             <div class="table-wrap">
-              <table>
+              <table data-testid="by-model">
                 <thead>
                   <tr>
                     <th scope="col">Model</th>
@@ -519,9 +480,9 @@ function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits
                       <td>
                         <code>{m.model}</code>
                       </td>
-                      <td class="num">{fmtInt(m.requests)}</td>
-                      <td class="num">{fmtCompact(m.totalTokens)}</td>
-                      <td class="num">{fmtUsd(m.costUsd)}</td>
+                      <td class="num">{formatInt(m.requests)}</td>
+                      <td class="num">{formatTokens(m.totalTokens)}</td>
+                      <td class="num">{formatUsd(m.costUsd)}</td>
                     </tr>
                   ))}
                 </tbody>
@@ -530,10 +491,398 @@ function UsagePanel({ state, keyLimits }: { state: UsageState; keyLimits: Limits
           )
           : (
             <p class="muted small" style={{ margin: 0 }}>
-              {usage ? "No requests yet — try the curl example above." : sk("Loading usage…")}
+              {returning ? "No requests in this window." : "No requests yet: set up a tool above."}
             </p>
           )}
       </section>
     </div>
+  );
+}
+
+/** One way to use the key: a tool, what to do, and the snippets (with the real URLs). */
+interface Recipe {
+  id: string;
+  label: string;
+  intro: string;
+  snippets: { title: string; lang: "sh" | "yaml" | "json" | "text" | "python"; text: string }[];
+}
+
+export function recipes(
+  o: { baseUrl: string; anthropicBaseUrl: string; model: string; key: string },
+): Recipe[] {
+  const { baseUrl, anthropicBaseUrl, model, key } = o;
+  return [
+    {
+      id: "claude-code",
+      label: "Claude Code",
+      intro:
+        "Claude Code speaks Anthropic's API; Keyway answers it and maps Claude model names to GLM models. Set two variables before starting it, or put them in ~/.claude/settings.json.",
+      snippets: [
+        {
+          title: "Terminal",
+          lang: "sh",
+          text: [
+            `export ANTHROPIC_BASE_URL="${anthropicBaseUrl}"`,
+            `export ANTHROPIC_AUTH_TOKEN="${key}"`,
+            `claude`,
+          ].join("\n"),
+        },
+        {
+          title: "~/.claude/settings.json",
+          lang: "json",
+          text: JSON.stringify(
+            { env: { ANTHROPIC_BASE_URL: anthropicBaseUrl, ANTHROPIC_AUTH_TOKEN: key } },
+            null,
+            2,
+          ),
+        },
+      ],
+    },
+    {
+      id: "continue",
+      label: "Continue",
+      intro:
+        "Add this model entry under models: in ~/.continue/config.yaml (keep your other entries).",
+      snippets: [{
+        title: "config.yaml",
+        lang: "yaml",
+        text: [
+          "models:",
+          `  - name: ${model} (Keyway)`,
+          "    provider: openai",
+          `    model: ${model}`,
+          `    apiBase: ${baseUrl}`,
+          `    apiKey: ${key}`,
+          "    roles:",
+          "      - chat",
+          "      - edit",
+          "      - apply",
+        ].join("\n"),
+      }],
+    },
+    {
+      id: "cline",
+      label: "Cline",
+      intro:
+        'In Cline\'s settings choose the API provider "OpenAI Compatible" and fill in these fields.',
+      snippets: [{
+        title: "Cline settings",
+        lang: "text",
+        text: [
+          "API Provider: OpenAI Compatible",
+          `Base URL: ${baseUrl}`,
+          `API Key: ${key}`,
+          `Model ID: ${model}`,
+        ].join("\n"),
+      }],
+    },
+    {
+      id: "cursor",
+      label: "Cursor & others",
+      intro:
+        "Editors with OpenAI-compatible settings (Cursor: Settings → Models) take a base URL, a key and a model name. Cursor calls from its own servers, so its base URL must be reachable from the internet.",
+      snippets: [{
+        title: "OpenAI-compatible settings",
+        lang: "text",
+        text: [
+          `OpenAI Base URL: ${baseUrl}`,
+          `OpenAI API Key: ${key}`,
+          `Model: ${model}`,
+        ].join("\n"),
+      }],
+    },
+    {
+      id: "openai-sdk",
+      label: "OpenAI SDK",
+      intro: "Python (pip install openai); the JavaScript SDK takes the same baseURL and apiKey.",
+      snippets: [{
+        title: "Python",
+        lang: "python",
+        text: [
+          "from openai import OpenAI",
+          "",
+          `client = OpenAI(base_url="${baseUrl}", api_key="${key}")`,
+          "reply = client.chat.completions.create(",
+          `    model="${model}",`,
+          '    messages=[{"role": "user", "content": "Hello!"}],',
+          ")",
+          "print(reply.choices[0].message.content)",
+        ].join("\n"),
+      }],
+    },
+    {
+      id: "anthropic-sdk",
+      label: "Anthropic SDK",
+      intro: "Python (pip install anthropic): Anthropic's Messages API on the same key.",
+      snippets: [{
+        title: "Python",
+        lang: "python",
+        text: [
+          "from anthropic import Anthropic",
+          "",
+          `client = Anthropic(base_url="${anthropicBaseUrl}", api_key="${key}")`,
+          "reply = client.messages.create(",
+          `    model="${model}",`,
+          "    max_tokens=1024,",
+          '    messages=[{"role": "user", "content": "Hello!"}],',
+          ")",
+          "print(reply.content[0].text)",
+        ].join("\n"),
+      }],
+    },
+    {
+      id: "curl",
+      label: "curl",
+      intro: "Check that everything works from a terminal.",
+      snippets: [{
+        title: "Terminal",
+        lang: "sh",
+        text: [
+          `curl ${baseUrl}/chat/completions \\`,
+          `  -H "Authorization: Bearer ${key}" \\`,
+          `  -H "Content-Type: application/json" \\`,
+          `  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}]}'`,
+        ].join("\n"),
+      }],
+    },
+  ];
+}
+
+function KeyAndSetup(
+  p: {
+    props: AutoProvisionProps;
+    keyState: KeyState;
+    ready: KeyInfo | null;
+    revealed: boolean;
+    setRevealed: (v: boolean) => void;
+    copied: string | null;
+    copy: (what: string, label: string, text: string) => void;
+    notice: { kind: "ok" | "error"; text: string } | null;
+    setNotice: (n: { kind: "ok" | "error"; text: string } | null) => void;
+    confirming: boolean;
+    setConfirming: (v: boolean) => void;
+    rotating: boolean;
+    rotate: () => void;
+    retry: () => void;
+    open: boolean;
+    /** Disabled or deleted: no set-up snippets with a key that would not work. */
+    refused: boolean;
+  },
+) {
+  const { props, keyState, ready, revealed, copied, copy, notice } = p;
+  const [tab, setTab] = useState("claude-code");
+  const baseUrl = ready?.baseUrl ?? props.baseUrl;
+  const anthropicBaseUrl = ready?.anthropicBaseUrl ?? props.anthropicBaseUrl;
+  const shownKey = ready ? (revealed ? ready.apiKey : masked(ready.apiKey)) : "kw_••••" + MASK;
+  const list = (key: string) => recipes({ baseUrl, anthropicBaseUrl, model: props.model, key });
+  const shown = list(shownKey);
+  const real = list(ready?.apiKey ?? shownKey);
+  const index = Math.max(0, shown.findIndex((r) => r.id === tab));
+  const recipe = shown[index];
+  const disabled = keyState.status === "error" &&
+    (keyState.code === "user_disabled" || keyState.code === "user_deleted");
+  const onTabKey = (e: KeyboardEvent, i: number) => {
+    const to = e.key === "ArrowRight"
+      ? (i + 1) % shown.length
+      : e.key === "ArrowLeft"
+      ? (i - 1 + shown.length) % shown.length
+      : e.key === "Home"
+      ? 0
+      : e.key === "End"
+      ? shown.length - 1
+      : -1;
+    if (to < 0) return;
+    e.preventDefault();
+    setTab(shown[to].id);
+    document.getElementById(`tab-${shown[to].id}`)?.focus();
+  };
+  return (
+    <details class="card setup" open={p.open} data-testid="setup">
+      <summary>
+        <h2 id="key-title">Your API key and set-up</h2>
+        <span class="muted small">
+          {ready ? `${ready.keyPrefix}… · created ${formatDateTime(ready.createdAt)}` : ""}
+        </span>
+      </summary>
+      <section aria-labelledby="key-title" class="setup-body">
+        <p class="muted small">
+          Personal to you. It works in any OpenAI- or Anthropic-compatible tool; your usage counts
+          against your limits.
+        </p>
+        <div class="key-row">
+          <code class="key-value" data-testid="api-key">
+            {keyState.status === "error" ? "—" : shownKey}
+          </code>
+          <button
+            class="btn"
+            type="button"
+            disabled={!ready}
+            aria-pressed={revealed}
+            onClick={() => p.setRevealed(!revealed)}
+          >
+            {revealed ? "Hide" : "Reveal"}
+          </button>
+          <button
+            class="btn btn-primary"
+            type="button"
+            disabled={!ready}
+            onClick={() => ready && copy("key", "Key", ready.apiKey)}
+          >
+            {copied === "key" ? "Copied ✓" : "Copy key"}
+          </button>
+        </div>
+        {keyState.status === "loading" && keyState.note && (
+          <p class="notice notice-warn" role="status" style={{ marginTop: "1rem" }}>
+            {keyState.note}
+          </p>
+        )}
+        {keyState.status === "error" && (
+          <div class="notice notice-error" role="alert" style={{ marginTop: "1rem" }}>
+            <p style={{ margin: 0 }}>
+              {disabled ? "Your key is not shown: " : "We could not set up your key. "}
+              {keyState.message}
+            </p>
+            {disabled
+              ? null
+              : keyState.fatal && keyState.message.includes("Sign in")
+              ? <a href="/sign-in">Sign in again</a>
+              : (
+                <button
+                  class="btn btn-sm"
+                  type="button"
+                  style={{ marginTop: "0.5rem" }}
+                  onClick={p.retry}
+                >
+                  Try again
+                </button>
+              )}
+          </div>
+        )}
+        <dl class="kv">
+          <dt>Base URL</dt>
+          <dd data-testid="base-url">{baseUrl}</dd>
+          <dt>Anthropic base URL</dt>
+          <dd data-testid="anthropic-base-url">{anthropicBaseUrl}</dd>
+          <dt>Key prefix</dt>
+          <dd>
+            {ready
+              ? ready.keyPrefix
+              : keyState.status === "error"
+              ? "—"
+              : <span class="skeleton">kw_xxxx</span>}
+          </dd>
+          <dt>Created</dt>
+          <dd>
+            {ready
+              ? formatDateTime(ready.createdAt)
+              : keyState.status === "error"
+              ? "—"
+              : <span class="skeleton">Jan 1, 2026, 00:00 UTC</span>}
+          </dd>
+        </dl>
+        {notice && (
+          <p
+            class={`notice ${notice.kind === "ok" ? "notice-ok" : "notice-error"}`}
+            role="status"
+            style={{ marginTop: "1rem", marginBottom: 0 }}
+          >
+            {notice.text}
+          </p>
+        )}
+        {p.confirming
+          ? (
+            <div class="confirm" role="group" aria-label="Confirm key rotation">
+              <p>
+                <strong>Rotate now?</strong>{" "}
+                The current key stops working immediately, everywhere it is used.
+              </p>
+              <button class="btn" type="button" onClick={() => p.setConfirming(false)}>
+                Cancel
+              </button>
+              <button
+                class="btn btn-danger-solid"
+                type="button"
+                disabled={p.rotating}
+                onClick={p.rotate}
+              >
+                {p.rotating ? "Rotating…" : "Yes, rotate key"}
+              </button>
+            </div>
+          )
+          : (
+            <div class="confirm">
+              <p class="muted small">Leaked it, or want a fresh one?</p>
+              <button
+                class="btn btn-danger"
+                type="button"
+                disabled={!ready || ready.mode === "shared"}
+                onClick={() => {
+                  p.setNotice(null);
+                  p.setConfirming(true);
+                }}
+              >
+                Rotate key…
+              </button>
+            </div>
+          )}
+
+        {p.refused ? null : (
+          <>
+            <h3 id="setup-title" class="setup-title">Use it</h3>
+            <p class="muted small">
+              Editors and tools built on Keyway connect without copy-paste: they open a Keyway page
+              and you approve. On a remote machine or in a terminal, open{" "}
+              <a href="/connect/device">/connect/device</a>{" "}
+              and enter the code your tool shows. Otherwise, pick your tool:
+            </p>
+            <div class="tabs" role="tablist" aria-labelledby="setup-title">
+              {shown.map((r, i) => (
+                <button
+                  key={r.id}
+                  type="button"
+                  role="tab"
+                  id={`tab-${r.id}`}
+                  aria-selected={i === index}
+                  aria-controls="snippet-panel"
+                  tabIndex={i === index ? 0 : -1}
+                  onClick={() => setTab(r.id)}
+                  onKeyDown={(e) => onTabKey(e, i)}
+                >
+                  {r.label}
+                </button>
+              ))}
+            </div>
+            <div id="snippet-panel" role="tabpanel" aria-labelledby={`tab-${recipe.id}`}>
+              <p class="small">{recipe.intro}</p>
+              {recipe.snippets.map((s, i) => (
+                <div class="code" key={`${recipe.id}-${i}`}>
+                  <div class="code-head">
+                    <span>{s.title}</span>
+                    <button
+                      class="btn btn-sm"
+                      type="button"
+                      disabled={!ready}
+                      aria-label={`Copy ${recipe.label}: ${s.title}`}
+                      onClick={() =>
+                        copy(
+                          `${recipe.id}-${i}`,
+                          `${recipe.label} ${s.title}`,
+                          real[index].snippets[i].text,
+                        )}
+                    >
+                      {copied === `${recipe.id}-${i}` ? "Copied ✓" : "Copy"}
+                    </button>
+                  </div>
+                  <pre
+                    tabIndex={0}
+                    aria-label={`${recipe.label}: ${s.title}`}
+                  ><code data-testid={`snippet-${recipe.id}-${i}`} data-lang={s.lang}>{s.text}</code></pre>
+                </div>
+              ))}
+            </div>
+          </>
+        )}
+      </section>
+    </details>
   );
 }

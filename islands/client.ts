@@ -1,4 +1,4 @@
-/** Browser-side helpers shared by islands: authenticated API calls, clipboard, formatting. */
+/** Browser-side helpers shared by islands: authenticated API calls and the clipboard. */
 
 interface ClerkLike {
   load(): Promise<void>;
@@ -106,17 +106,3 @@ export async function copyText(text: string): Promise<boolean> {
 }
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-export const fmtInt = (n: number) => Math.round(n).toLocaleString("en-US");
-
-export function fmtUsd(n: number): string {
-  if (n === 0) return "$0.00";
-  if (Math.abs(n) < 0.01) return `$${n.toFixed(4)}`;
-  return `$${n.toLocaleString("en-US", { minimumFractionDigits: 2, maximumFractionDigits: 2 })}`;
-}
-
-export function fmtCompact(n: number): string {
-  return n >= 10_000
-    ? n.toLocaleString("en-US", { notation: "compact", maximumFractionDigits: 1 })
-    : fmtInt(n);
-}

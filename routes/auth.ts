@@ -5,6 +5,7 @@ import { z } from "zod";
 import { AppError, parseJsonBody } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./context.ts";
+import { authPageRenderer } from "./pages/auth.tsx";
 
 /**
  * Where to go after signing in: a path on this site. Printable ASCII only, so no byte a browser
@@ -21,14 +22,23 @@ export function safeRedirectPath(value: string | undefined): string | undefined 
 }
 
 const signInSchema = z.object({
-  email: z.string().trim().toLowerCase().pipe(z.email({ message: "enter a valid e-mail address" })),
+  email: z.string({ message: "enter your e-mail address" }).trim().toLowerCase().max(254, {
+    message: "an e-mail address has at most 254 characters",
+  }).pipe(z.email({ message: "enter a valid e-mail address, such as you@example.com" })),
   // Anything else falls back to the dashboard rather than failing a sign-in that worked.
   redirect: z.string().max(2048).regex(SAME_ORIGIN_PATH).optional().catch(undefined),
 });
 
+/** A JSON body that is not an object fails the schema like a missing field would. */
+const asRecord = (value: unknown): Record<string, unknown> =>
+  typeof value === "object" && value !== null && !Array.isArray(value)
+    ? value as Record<string, unknown>
+    : {};
+
 export function authRoutes(services: Services) {
   const { config, sessions } = services;
   const app = new Hono<AppEnv>();
+  const authPage = authPageRenderer(services);
 
   app.post("/auth/local/sign-in", async (c) => {
     if (!config.localMode) {
@@ -36,9 +46,24 @@ export function authRoutes(services: Services) {
     }
     assertSameOrigin(c, services);
     const type = c.req.header("content-type") ?? "";
-    const raw = type.includes("application/json")
-      ? parseJsonBody(await c.req.text())
+    const json = type.includes("application/json");
+    const raw: Record<string, unknown> = json
+      ? asRecord(parseJsonBody(await c.req.text()))
       : Object.fromEntries(Object.entries(await c.req.parseBody()).map(([k, v]) => [k, String(v)]));
+    if (!json) {
+      // A person at the form: the error goes back into the form, never a JSON page.
+      const parsed = signInSchema.safeParse(raw);
+      if (!parsed.success) {
+        const mode = raw.from === "sign-up" ? "sign-up" : "sign-in";
+        const issue = parsed.error.issues[0];
+        const message = issue?.message ?? "enter a valid e-mail address";
+        return await authPage(c, mode, {
+          error: `Check the e-mail address: ${message}.`,
+          email: String(raw.email ?? "").slice(0, 254),
+          redirect: safeRedirectPath(typeof raw.redirect === "string" ? raw.redirect : undefined),
+        });
+      }
+    }
     const { email, redirect } = parseWith(signInSchema, raw, "body");
     const { token, maxAge } = await sessions.issueLocal(email);
     setCookie(c, SESSION_COOKIE, token, {
@@ -48,7 +73,7 @@ export function authRoutes(services: Services) {
       maxAge,
       secure: new URL(config.publicUrl).protocol === "https:",
     });
-    if (type.includes("application/json")) return c.json({ ok: true });
+    if (json) return c.json({ ok: true });
     return c.redirect(redirect ?? "/dashboard", 303);
   });
 

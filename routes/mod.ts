@@ -15,7 +15,8 @@ import { webhookRoutes } from "./api/webhooks.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { localHostGuard } from "./local_guard.ts";
-import { contentSecurityPolicy, pageRoutes } from "./pages.tsx";
+import { contentSecurityPolicy, pageRoutes } from "./pages/mod.ts";
+import { notFoundPage } from "./pages/not_found.tsx";
 import { connectPageRoutes } from "./pages/connect.tsx";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
@@ -136,6 +137,7 @@ export function createApp(services: Services) {
   app.route("/", connectPageRoutes(services));
   app.route("/", pageRoutes(services));
 
+  const notFound = notFoundPage(services);
   app.notFound((c) => {
     if (isApiPath(c.req.path)) {
       const anthropic = isAnthropicPath(c.req.path) ? 404 : undefined;
@@ -144,7 +146,7 @@ export function createApp(services: Services) {
         404,
       );
     }
-    return c.text("Not found", 404);
+    return notFound(c);
   });
 
   app.onError((err, c) => {

@@ -1,5 +1,6 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
 import { configForTask, secretsOf } from "../lib/core/config.ts";
+import { formatInt, formatUsd } from "../lib/core/format.ts";
 import { openKv } from "../lib/core/kv.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
@@ -29,25 +30,24 @@ async function main(args: string[]): Promise<number> {
         progress(`summarizing ${day} (${index + 1}/${total})…`),
     });
     progress.done();
-    const usd = (n: number) => `$${n.toFixed(n >= 1 || n === 0 ? 2 : 6)}`;
     if (!result.days.length) {
       console.log(`Nothing to do: ${result.upToDate} day(s) already summarized.`);
     } else {
       for (const d of result.days) {
         console.log(
-          `${d.day}  version ${d.version}  ${d.users.toLocaleString("en-US")} users  ` +
-            `${d.requests.toLocaleString("en-US")} requests  ` +
-            `${d.totalTokens.toLocaleString("en-US")} tokens  ${usd(d.costUsd)}  ` +
+          `${d.day}  version ${d.version}  ${formatInt(d.users)} users  ` +
+            `${formatInt(d.requests)} requests  ` +
+            `${formatInt(d.totalTokens)} tokens  ${formatUsd(d.costUsd)}  ` +
             `${d.chunks} chunk(s)${d.written ? "" : "  (another run wrote it first)"}`,
         );
       }
       const users = Math.max(0, ...result.days.map((d) => d.users));
       console.log(
-        `Summarized ${result.days.length} day(s) (up to ${
-          users.toLocaleString("en-US")
-        } users a day, ` +
-          `${result.days.reduce((s, d) => s + d.requests, 0).toLocaleString("en-US")} requests, ` +
-          `${usd(result.days.reduce((s, d) => s + d.costUsd, 0))}); ${result.upToDate} already ` +
+        `Summarized ${result.days.length} day(s) (up to ${formatInt(users)} users a day, ` +
+          `${formatInt(result.days.reduce((s, d) => s + d.requests, 0))} requests, ` +
+          `${
+            formatUsd(result.days.reduce((s, d) => s + d.costUsd, 0))
+          }); ${result.upToDate} already ` +
           `current; ${result.alerts.length} budget alert(s); ${Math.round(result.ms)} ms.`,
       );
     }

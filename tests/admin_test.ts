@@ -55,6 +55,40 @@ Deno.test("operator API", async (t) => {
         totalTokens: 1_500_110,
         costUsd: 0.6 + 1.1 + (100 * 0.2 + 10 * 1.1) / 1e6,
       });
+      // The latest UTC day with usage in the window, and the limits in force.
+      assert.equal(a.lastActive, new Date(now).toISOString().slice(0, 10));
+      assert.deepEqual(a.effectiveLimits, {
+        rpm: 60,
+        rpd: 1000,
+        tokensPerDay: null,
+        budgetUsdMonthly: null,
+      });
+      assert.equal(
+        users.find((u) => u.userId === "user_boss"),
+        undefined,
+        "operators are users only once provisioned",
+      );
+    });
+
+    await t.step("an operator cannot disable themselves (403), another operator can", async () => {
+      await app.request("/api/key", { method: "POST", headers: boss });
+      const self = await app.request("/api/admin/users/user_boss/disable", {
+        method: "POST",
+        headers: boss,
+      });
+      assert.equal(self.status, 403);
+      const body = await json<{ error: { code: string; message: string } }>(self);
+      assert.equal(body.error.code, "forbidden");
+      assert.match(body.error.message, /your own account/);
+      assert.equal((await app.services.users.get("user_boss"))?.status, "active");
+      const other = bearer(await issuer.token("user_other_boss"));
+      const res = await app.request("/api/admin/users/user_boss/disable", {
+        method: "POST",
+        headers: other,
+      });
+      assert.equal(res.status, 200);
+      await res.body?.cancel();
+      await app.services.users.setStatus("user_boss", "active");
     });
 
     await t.step("disable, enable and limit overrides", async () => {

@@ -7,11 +7,16 @@ import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
 import { localUserId } from "../lib/identity/sessions.ts";
 import { recordUsage } from "../lib/usage/usage.ts";
-import { launchBrowser, startServer, type TestServer, watchedContext } from "./fakes/browser.ts";
+import {
+  launchBrowser,
+  shotsFolder,
+  startServer,
+  type TestServer,
+  watchedContext,
+} from "./fakes/browser.ts";
 import { clerkEnv, ClerkIssuer, MASTER_KEY } from "./helpers.ts";
 
 const DAY = 86_400_000;
-const SHOTS_COPY = "/tmp/keyway-shots";
 const DESKTOP = { width: 1280, height: 860 };
 const PHONE = { width: 390, height: 844 };
 const KEY = /^kw_[A-Za-z0-9_-]{40,}$/;
@@ -94,7 +99,8 @@ async function seedUsage(server: TestServer, userId: string) {
 }
 
 Deno.test("browser: pages, islands and the key flow", async (t) => {
-  const shotsDir = await Deno.makeTempDir({ prefix: "keyway-shots-" });
+  const folder = await shotsFolder();
+  const shotsDir = folder.dir;
   const shots: string[] = [];
   const browser: Browser = await launchBrowser();
   const issuer = await ClerkIssuer.create();
@@ -154,6 +160,9 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
           { timeout: 10_000 },
         );
         assert.match(await page.locator(".banner").innerText(), /Local mode/);
+        // A returning user (usage seeded): the set-up is folded away below the usage.
+        assert.equal(await page.getByTestId("setup").getAttribute("open"), null);
+        await page.getByText("Your API key and set-up").click();
         assert.equal(await page.getByTestId("base-url").innerText(), "http://localhost:8000/v1");
 
         await page.getByRole("button", { name: "Reveal" }).click();
@@ -174,7 +183,7 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
 
         // The curl snippet carries the real key once revealed.
         await page.getByRole("tab", { name: "curl" }).click();
-        assert.ok((await page.getByTestId("snippet-curl").innerText()).includes(revealed));
+        assert.ok((await page.getByTestId("snippet-curl-0").innerText()).includes(revealed));
 
         // Usage from GET /api/usage (seeded above).
         await page.getByTestId("usage-requests").filter({ hasNotText: "0" }).waitFor();
@@ -182,7 +191,7 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         const cls = await page.evaluate(() => (globalThis as unknown as { __cls: number }).__cls);
         console.log(`dashboard cumulative layout shift: ${cls.toFixed(4)}`);
         assert.ok(cls < 0.02, `layout shift ${cls} while the island loaded`);
-        await page.getByRole("tab", { name: "VS Code" }).click();
+        await page.getByRole("tab", { name: "Continue" }).click();
         await page.getByRole("button", { name: "Hide" }).click();
         await shoot(page, shotsDir, "dashboard-local", shots);
 
@@ -246,7 +255,7 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
       },
     );
 
-    await t.step("the island retries a failing key API and copes without /api/usage", async () => {
+    await t.step("the island retries a failing key API", async () => {
       const token = await issuer.token("user_retry", { ttlSeconds: 600 });
       // What the server sends before any script runs: the skeleton the island hydrates.
       const still = await watchedContext(browser, { viewport: DESKTOP, javaScriptEnabled: false });
@@ -274,12 +283,6 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         }
         await route.continue();
       });
-      await w.context.route("**/api/usage*", (route) =>
-        route.fulfill({
-          status: 404,
-          contentType: "application/json",
-          body: JSON.stringify({ error: { code: "not_found", message: "No such endpoint" } }),
-        }));
       const page = await w.newPage();
       await page.goto(`${clerk.url}/dashboard`);
       await page.getByText("Retrying in 1 s").waitFor();
@@ -292,10 +295,11 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
         { timeout: 10_000 },
       );
       assert.equal(keyCalls, 2);
-      await page.getByText("Usage statistics are not available on this server yet.").waitFor();
-      // Both failures were answered on purpose; nothing else may log an error.
-      assert.deepEqual(w.errors.filter((e) => !/status of (503|404)/.test(e)), []);
-      assert.equal(w.errors.length, 2);
+      // The usage came with the page: the island did not need GET /api/usage.
+      await page.getByTestId("usage-requests").waitFor();
+      // The failure was answered on purpose; nothing else may log an error.
+      assert.deepEqual(w.errors.filter((e) => !/status of 503/.test(e)), []);
+      assert.equal(w.errors.length, 1);
       await w.context.close();
     });
 
@@ -373,6 +377,7 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
       await page.getByRole("button", { name: "Cost" }).click(); // sort toggles without errors
       await shoot(page, shotsDir, "admin", shots);
       await row.getByRole("button", { name: /^Disable/ }).click();
+      await row.getByRole("button", { name: "Yes, disable" }).click();
       await row.getByTestId("user-status").filter({ hasText: "disabled" }).waitFor();
       assert.equal((await clerk.services.users.get("user_clerk"))?.status, "disabled");
       await row.getByRole("button", { name: /^Enable/ }).click();
@@ -398,11 +403,6 @@ Deno.test("browser: pages, islands and the key flow", async (t) => {
     await browser.close();
     await local.close();
     await clerk.close();
-    await Deno.mkdir(SHOTS_COPY, { recursive: true });
-    for (const shot of shots) {
-      await Deno.copyFile(shot, join(SHOTS_COPY, shot.slice(shotsDir.length + 1)));
-    }
-    console.log(`screenshots (${shots.length}) in ${shotsDir}, copied to ${SHOTS_COPY}:`);
-    for (const shot of shots) console.log(`  ${shot}`);
+    await folder.done(shots);
   }
 });

@@ -184,13 +184,14 @@ export async function runReport(
   kvPath: string,
   env: Record<string, string> = {},
 ) {
+  const cwd = await Deno.makeTempDir({ prefix: "keyway_report_cwd_" });
   const out = await new Deno.Command(Deno.execPath(), {
     args: ["run", "-A", new URL("../tasks/report.ts", import.meta.url).pathname, ...args],
-    cwd: await Deno.makeTempDir({ prefix: "keyway_report_cwd_" }),
+    cwd,
     env: { DENO_KV_PATH: kvPath, NO_COLOR: "1", ...env },
     stdout: "piped",
     stderr: "piped",
-  }).output();
+  }).output().finally(() => Deno.remove(cwd, { recursive: true }));
   const dec = new TextDecoder();
   return { code: out.code, stdout: dec.decode(out.stdout), stderr: dec.decode(out.stderr) };
 }

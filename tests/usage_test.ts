@@ -176,9 +176,12 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
         "days",
         "limits",
         "remaining",
+        "state",
+        "thisMonth",
         "today",
         "userId",
       ]);
+      assert.deepEqual(bySession.state, { status: "active" });
       assert.equal(bySession.userId, userId);
       assert.deepEqual(bySession.limits, {
         rpm: 10,

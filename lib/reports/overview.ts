@@ -17,6 +17,8 @@ export interface OperatorOverview {
   days: Array<UsageTotals30d & { day: string; users: number }>;
   /** Everyone over the whole window. */
   totals: UsageTotals30d;
+  /** Each user's latest UTC day with usage in the window (users without usage are absent). */
+  lastActive: Map<string, string>;
 }
 
 /** Usage of every user over the last `days` UTC days, including today. */
@@ -41,7 +43,12 @@ export async function operatorOverview(
     const day = addDays(from, i);
     byDay.set(day, { day, requests: 0, totalTokens: 0, costUsd: 0, users: 0 });
   }
+  const lastActive = new Map<string, string>();
   for (const line of report.daily) {
+    // Read from the usage counters, so the gateway's hot path gets no extra write for it.
+    if (line.requests > 0 && (lastActive.get(line.userId) ?? "") < line.date) {
+      lastActive.set(line.userId, line.date);
+    }
     const d = byDay.get(line.date);
     if (!d) continue;
     d.requests += line.requests;
@@ -50,5 +57,10 @@ export async function operatorOverview(
     d.users++;
   }
   const { requests, totalTokens, costUsd } = report.totals;
-  return { users, days: [...byDay.values()], totals: { requests, totalTokens, costUsd } };
+  return {
+    users,
+    days: [...byDay.values()],
+    totals: { requests, totalTokens, costUsd },
+    lastActive,
+  };
 }

@@ -3,6 +3,7 @@
  * else from the live day-major counters (always for today), and renders table, JSON or CSV.
  */
 import { z } from "zod";
+import { formatInt, formatUsdFixed } from "../core/format.ts";
 import { type Day, keys, u64, utcDay } from "../core/kv.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
@@ -53,7 +54,6 @@ export interface ReportQuery {
 
 const GET_MANY = 10;
 const READ_CONCURRENCY = 4;
-const NUMBER = new Intl.NumberFormat("en-US");
 const DAY_MS = 86_400_000;
 
 export function addDays(day: Day, n: number): Day {
@@ -254,7 +254,7 @@ export function reportTable(report: Report): string {
     int(t.promptTokens),
     int(t.completionTokens),
     int(t.totalTokens),
-    usd(t.costUsd, decimals),
+    formatUsdFixed(t.costUsd, decimals),
   ];
   const numberHeads = ["Requests", "Prompt", "Completion", "Total tokens", "Cost"];
   out.push(
@@ -301,29 +301,13 @@ function renderTable(head: string[], rows: string[][], total: string[], textColu
   return [line(head), rule, ...rows.map(line), rule, line(total)];
 }
 
-function int(n: number): string {
-  return NUMBER.format(n);
-}
+const int = formatInt;
 
 /** Enough decimals that the smallest non-zero cost shows about three significant digits (2–6). */
 function costDecimals(costs: number[]): number {
   const smallest = Math.min(...costs.filter((c) => c > 0));
   if (!Number.isFinite(smallest)) return 2;
   return Math.min(6, Math.max(2, Math.ceil(-Math.log10(smallest)) + 2));
-}
-
-const USD = new Map<number, Intl.NumberFormat>();
-
-function usd(n: number, decimals: number): string {
-  let format = USD.get(decimals);
-  if (!format) {
-    format = new Intl.NumberFormat("en-US", {
-      minimumFractionDigits: decimals,
-      maximumFractionDigits: decimals,
-    });
-    USD.set(decimals, format);
-  }
-  return "$" + format.format(n);
 }
 
 function clip(text: string, max: number): string {

@@ -12,6 +12,7 @@ import {
 } from "../core/kv.ts";
 import type { Config } from "../core/config.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
+import { accountState } from "../limits/account_state.ts";
 import { type Ledger, limitStatus } from "../limits/admission.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
@@ -266,11 +267,19 @@ export async function usageReport(
   days: number,
   now: number = Date.now(),
 ) {
-  const [status, usage] = await Promise.all([
+  const [status, usage, spend] = await Promise.all([
     limitStatus(kv, config, userId, now),
     userUsage(kv, config.pricing, userId, days, now),
+    kv.get<Deno.KvU64>(keys.spendByMonth(userId, utcMonth(now))),
   ]);
-  return { userId, limits: status.limits, remaining: status.remaining, ...usage };
+  const state = accountState(status.user, status.limits, {
+    requestsLeftToday: status.view.remainingDay,
+    tokensToday: usage.today.totalTokens,
+    spendNanoMonth: u64(spend.value),
+  }, now);
+  // What the month's budget meter needs even when there is no budget (remaining is then null).
+  const thisMonth = { costUsd: roundUsd(u64(spend.value) / 1e9) };
+  return { userId, limits: status.limits, remaining: status.remaining, ...usage, thisMonth, state };
 }
 
 export interface UsageReport {

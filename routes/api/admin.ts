@@ -3,6 +3,7 @@ import { type Context, Hono, type Next } from "hono";
 import { z } from "zod";
 import { operatorOverview } from "../../lib/reports/overview.ts";
 import { AppError } from "../../lib/core/errors.ts";
+import { effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
@@ -30,9 +31,14 @@ export function adminRoutes(services: Services) {
     await next();
   };
 
+  /**
+   * One user for the operator: the contract's fields, plus the overrides (`limits`), the limits
+   * in force (`effectiveLimits`) and the latest UTC day with usage in the last 30 (`lastActive`).
+   */
   const shape = (
     user: UserRecord,
     usage?: { requests: number; totalTokens: number; costUsd: number },
+    lastActive?: string,
   ) => ({
     userId: user.id,
     email: user.email,
@@ -40,13 +46,17 @@ export function adminRoutes(services: Services) {
     createdAt: user.createdAt,
     keyPrefix: user.key?.prefix ?? null,
     limits: user.limits,
+    effectiveLimits: effectiveLimits(config, user),
+    lastActive: lastActive ?? null,
     usage30d: usage ? usage : { requests: 0, totalTokens: 0, costUsd: 0 },
   });
 
   app.get("/admin/users", session, admin, async (c) => {
-    const { users: totals } = await operatorOverview(kv, config.pricing);
+    const { users: totals, lastActive } = await operatorOverview(kv, config.pricing);
     const list = [];
-    for await (const user of users.list()) list.push(shape(user, totals.get(user.id)));
+    for await (const user of users.list()) {
+      list.push(shape(user, totals.get(user.id), lastActive.get(user.id)));
+    }
     c.header("cache-control", "no-store");
     return c.json({ users: list });
   });
@@ -54,6 +64,13 @@ export function adminRoutes(services: Services) {
   for (const [action, status] of [["disable", "disabled"], ["enable", "active"]] as const) {
     app.post(`/admin/users/:id/${action}`, session, admin, async (c) => {
       const { id } = parseWith(userIdParam, c.req.param(), "id");
+      // An operator who disables themselves loses /admin and their key in one click.
+      if (action === "disable" && id === c.get("session").userId) {
+        throw new AppError(
+          "forbidden",
+          "You cannot disable your own account; ask another operator.",
+        );
+      }
       const user = await users.setStatus(id, status);
       return c.json({ user: shape(user) });
     });

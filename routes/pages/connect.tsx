@@ -21,7 +21,7 @@ import { clientName } from "../api/connect.ts";
 import { issueKey } from "../api/key.ts";
 import { safeRedirectPath } from "../auth.ts";
 import { type AppEnv, assertSameOrigin, readSession } from "../context.ts";
-import { clerkScript } from "../pages.tsx";
+import { clerkScript } from "./render.tsx";
 
 type Status = 200 | 400 | 403 | 429;
 

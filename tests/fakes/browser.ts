@@ -2,6 +2,7 @@
  * Browser-test plumbing: Debian's Chromium driven by playwright-core (never a downloaded
  * browser), a real Keyway server on a loopback port, and pages that fail on console errors.
  */
+import axe from "axe-core";
 import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core";
 import { loadConfig } from "../../lib/core/config.ts";
 import { buildIslands } from "../../build/islands.ts";
@@ -83,6 +84,59 @@ export async function watchedContext(
       });
       page.on("pageerror", (err) => errors.push(`pageerror: ${err.message} (${page.url()})`));
       return page;
+    },
+  };
+}
+
+/**
+ * Runs axe-core in the page and fails on serious or critical violations (CONTRACT §6), naming
+ * each rule and the elements it found.
+ */
+export async function assertAccessible(page: Page, label: string): Promise<void> {
+  if (!(await page.evaluate(() => "axe" in globalThis))) {
+    // Evaluated through the DevTools protocol: the page's CSP (no inline scripts) stays as served.
+    await page.evaluate(`${axe.source};\nundefined`);
+  }
+  const violations = await page.evaluate(async () => {
+    // deno-lint-ignore no-explicit-any
+    const result = await (globalThis as any).axe.run(document, {
+      resultTypes: ["violations"],
+    });
+    return (result.violations as {
+      id: string;
+      impact: string | null;
+      help: string;
+      nodes: { target: string[] }[];
+    }[]).map((v) => ({
+      id: v.id,
+      impact: v.impact,
+      help: v.help,
+      targets: v.nodes.slice(0, 5).map((n) => n.target.join(" ")),
+    }));
+  });
+  const bad = violations.filter((v) => v.impact === "serious" || v.impact === "critical");
+  if (bad.length) {
+    throw new Error(
+      `axe: ${bad.length} serious/critical violation(s) on ${label} (${page.url()}):\n` +
+        bad.map((v) => `  - ${v.id} (${v.impact}): ${v.help}\n      ${v.targets.join("\n      ")}`)
+          .join("\n"),
+    );
+  }
+}
+
+/** A folder for screenshots, removed at the end unless KEYWAY_KEEP_SHOTS=1. */
+export async function shotsFolder(): Promise<
+  { dir: string; done(shots: string[]): Promise<void> }
+> {
+  const dir = await Deno.makeTempDir({ prefix: "keyway-shots-" });
+  return {
+    dir,
+    done: async (shots) => {
+      if (Deno.env.get("KEYWAY_KEEP_SHOTS") === "1") {
+        console.log(`screenshots (${shots.length}) kept in ${dir}`);
+        return;
+      }
+      await Deno.remove(dir, { recursive: true });
     },
   };
 }

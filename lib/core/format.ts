@@ -1,0 +1,114 @@
+/**
+ * Every number and date a person reads, formatted one way (pages, islands, the report CLI):
+ * `Intl.NumberFormat("en-US")` and `Intl.DateTimeFormat` in UTC. No dependencies, so islands
+ * import it as they are. Machine-readable output (JSON, CSV) keeps raw numbers.
+ *
+ * Rules:
+ * - counts and tokens: whole numbers with separators ("16,300"); the compact form ("16.3K") only
+ *   on chart axes, where space demands it;
+ * - money: dollars and cents ("$1,234.56"); a non-zero amount below a cent is "<$0.01" (never
+ *   "$0.00", which would say it was free); aligned report columns use `formatUsdFixed`;
+ * - a limit of null is "Unlimited", in words;
+ * - dates in UTC, always labelled so.
+ */
+
+const INT = new Intl.NumberFormat("en-US", { maximumFractionDigits: 0 });
+const COMPACT = new Intl.NumberFormat("en-US", {
+  notation: "compact",
+  maximumFractionDigits: 1,
+});
+const USD = new Intl.NumberFormat("en-US", {
+  style: "currency",
+  currency: "USD",
+  minimumFractionDigits: 2,
+  maximumFractionDigits: 2,
+});
+const FIXED = new Map<number, Intl.NumberFormat>();
+
+/** A count: "3,977". */
+export function formatInt(n: number): string {
+  return INT.format(n);
+}
+
+/** Tokens: the same as counts, so neighbouring figures always agree. */
+export const formatTokens = formatInt;
+
+/** Axis labels only: "16.3K", whole numbers below 10,000. */
+export function formatCompact(n: number): string {
+  return Math.abs(n) >= 10_000 ? COMPACT.format(n) : INT.format(n);
+}
+
+/** Money for people: "$1,234.56", "<$0.01" for a non-zero amount under a cent, "$0.00". */
+export function formatUsd(n: number): string {
+  if (n > 0 && n < 0.005) return "<$0.01";
+  return USD.format(n);
+}
+
+/** Money with a fixed number of decimals, for columns that must line up (report table). */
+export function formatUsdFixed(n: number, decimals: number): string {
+  let format = FIXED.get(decimals);
+  if (!format) {
+    format = new Intl.NumberFormat("en-US", {
+      style: "currency",
+      currency: "USD",
+      minimumFractionDigits: decimals,
+      maximumFractionDigits: decimals,
+    });
+    FIXED.set(decimals, format);
+  }
+  return format.format(n);
+}
+
+/** A limit: the formatted number, or "Unlimited" when there is none. */
+export function formatLimit(limit: number | null, format: (n: number) => string = formatInt) {
+  return limit === null ? "Unlimited" : format(limit);
+}
+
+const DAY = new Intl.DateTimeFormat("en-US", { month: "short", day: "numeric", timeZone: "UTC" });
+const DATE = new Intl.DateTimeFormat("en-US", {
+  year: "numeric",
+  month: "short",
+  day: "numeric",
+  timeZone: "UTC",
+});
+const DATE_TIME = new Intl.DateTimeFormat("en-US", {
+  year: "numeric",
+  month: "short",
+  day: "numeric",
+  hour: "2-digit",
+  minute: "2-digit",
+  hourCycle: "h23",
+  timeZone: "UTC",
+});
+
+const toDate = (value: string | number | Date) =>
+  value instanceof Date ? value : new Date(
+    typeof value === "string" && /^\d{4}-\d{2}-\d{2}$/.test(value) ? `${value}T00:00:00Z` : value,
+  );
+
+/** A UTC day, short: "Nov 26". Takes "YYYY-MM-DD", an ISO time or ms. */
+export function formatDay(value: string | number | Date): string {
+  return DAY.format(toDate(value));
+}
+
+/** A UTC date: "Nov 26, 2026". */
+export function formatDate(value: string | number | Date): string {
+  return DATE.format(toDate(value));
+}
+
+/** A UTC date and time: "Nov 26, 2026, 05:45 UTC". */
+export function formatDateTime(value: string | number | Date): string {
+  return `${DATE_TIME.format(toDate(value))} UTC`;
+}
+
+/** A wait for people: "45 min", "3 h 5 min", "4 days". */
+export function formatWait(ms: number): string {
+  const minutes = Math.max(1, Math.ceil(ms / 60_000));
+  if (minutes < 60) return `${minutes} min`;
+  const hours = Math.floor(minutes / 60);
+  if (hours < 48) {
+    const rest = minutes % 60;
+    return rest ? `${hours} h ${rest} min` : `${hours} h`;
+  }
+  return `${Math.round(hours / 24)} days`;
+}

@@ -1,0 +1,282 @@
+/**
+ * Operator pages (CONTRACT §6 `/admin`): totals and cost per day over all users, the users list,
+ * and one page per user (`/admin/users/:id`) with their chart, models, key prefix, limits and
+ * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
+ */
+import { type Context, Hono } from "hono";
+import { z } from "zod";
+import { island } from "../../build/islands.ts";
+import { Layout, type LayoutProps } from "../../components/Layout.tsx";
+import { UpstreamHealth } from "../../components/UpstreamHealth.tsx";
+import AdminUsersComponent from "../../islands/AdminUsers.tsx";
+import DailyChartComponent, { lastDays } from "../../islands/DailyChart.tsx";
+import UserActionsComponent from "../../islands/UserActions.tsx";
+import {
+  formatDate,
+  formatDateTime,
+  formatDay,
+  formatInt,
+  formatTokens,
+  formatUsd,
+} from "../../lib/core/format.ts";
+import type { Session } from "../../lib/identity/sessions.ts";
+import { effectiveLimits } from "../../lib/limits/policy.ts";
+import { operatorOverview } from "../../lib/reports/overview.ts";
+import { usageReport } from "../../lib/usage/usage.ts";
+import type { Services } from "../../lib/core/services.ts";
+import type { AppEnv } from "../context.ts";
+import { notFoundPage } from "./not_found.tsx";
+import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
+
+const AdminUsers = island("AdminUsers", AdminUsersComponent);
+const DailyChart = island("DailyChart", DailyChartComponent);
+const UserActions = island("UserActions", UserActionsComponent);
+
+const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
+
+export function adminRoutes(services: Services) {
+  const { config, users } = services;
+  const app = new Hono<AppEnv>();
+  const shell = pageShell(services);
+  const clerk = clerkScript(config);
+  const authMode = authModeOf(config);
+  const notFound = notFoundPage(services);
+  const defaults = config.limits;
+
+  /** The operator's session and layout, or the page to answer instead (sign-in, 403). */
+  const operator = async (
+    c: Context<AppEnv>,
+    path: string,
+  ): Promise<
+    | { session: Session; layout: Omit<LayoutProps, "children" | "title">; page?: undefined }
+    | { page: Response }
+  > => {
+    const { session, layout } = await shell(c, path);
+    if (!session) return { page: c.redirect("/sign-in", 303) };
+    if (config.adminUserIds.has(session.userId)) return { session, layout };
+    return {
+      page: await render(
+        c,
+        <Layout title="Forbidden" {...layout}>
+          <div class="error-page">
+            <div class="code-big">403</div>
+            <h1>Operators only</h1>
+            <p class="muted">
+              Your account ({session.userId}) is not an operator of this Keyway instance.
+            </p>
+            <a class="btn btn-primary" href="/dashboard">Back to your dashboard</a>
+          </div>
+        </Layout>,
+        403,
+      ),
+    };
+  };
+
+  /** Start-up problems an operator can fix, shown on every operator page. */
+  const notices = () =>
+    config.keyMode === "proxy" && !config.glm.apiKey
+      ? (
+        <p class="notice notice-error" role="alert" data-testid="notice-no-glm-key">
+          <strong>GLM_API_KEY is not set.</strong>{" "}
+          Every gateway request is refused with 503 not_configured until you set it and restart
+          Keyway.
+        </p>
+      )
+      : null;
+
+  app.get("/admin", async (c) => {
+    const who = await operator(c, "/admin");
+    if (who.page) return who.page;
+    const now = Date.now();
+    const { days, totals } = await operatorOverview(services.kv, config.pricing, now);
+    const points = lastDays(
+      30,
+      new Map(days.map((d) => [d.day, {
+        value: d.costUsd,
+        detail: `${formatInt(d.requests)} requests · ${formatInt(d.users)} users`,
+      }])),
+      now,
+    );
+    return render(
+      c,
+      <Layout title="Admin" {...who.layout} clerk={clerk}>
+        <div class="page-head">
+          <div>
+            <h1>Operator</h1>
+            <p class="muted">Users, usage and cost of the last 30 days.</p>
+          </div>
+        </div>
+        {notices()}
+        {/* The lead adds the "Upstream health" card here (components/UpstreamHealth.tsx). */}
+        <UpstreamHealth />
+        <div class="grid stat-cards" style={{ marginBottom: "1.25rem" }}>
+          <div class="card stat">
+            <span class="value">{formatInt(totals.requests)}</span>
+            <span class="label">requests, 30 days</span>
+          </div>
+          <div class="card stat">
+            <span class="value">{formatTokens(totals.totalTokens)}</span>
+            <span class="label">tokens, 30 days</span>
+          </div>
+          <div class="card stat">
+            <span class="value" data-testid="total-cost">{formatUsd(totals.costUsd)}</span>
+            <span class="label">cost, 30 days</span>
+          </div>
+        </div>
+        <section class="card" aria-labelledby="cost-title" style={{ marginBottom: "1.25rem" }}>
+          <div class="card-head">
+            <h2 id="cost-title">Cost per day</h2>
+            <p class="muted small">USD, UTC days</p>
+          </div>
+          <DailyChart points={points} kind="usd" title="Cost per day, last 30 days" />
+        </section>
+        <AdminUsers mode={authMode} defaults={defaults} selfId={who.session.userId} />
+      </Layout>,
+    );
+  });
+
+  app.get("/admin/users/:id", async (c) => {
+    const who = await operator(c, c.req.path);
+    if (who.page) return who.page;
+    const parsed = userIdParam.safeParse(c.req.param());
+    const user = parsed.success ? await users.get(parsed.data.id) : null;
+    if (!user) return await notFound(c, "No such user");
+    const now = Date.now();
+    const usage = await usageReport(services.kv, config, user.id, 30, now);
+    const total = usage.days.reduce(
+      (t, d) => ({
+        requests: t.requests + d.requests,
+        totalTokens: t.totalTokens + d.totalTokens,
+        costUsd: t.costUsd + d.costUsd,
+      }),
+      { requests: 0, totalTokens: 0, costUsd: 0 },
+    );
+    const lastActive = usage.days.findLast((d) => d.requests > 0)?.date ?? null;
+    const points = lastDays(
+      30,
+      new Map(usage.days.map((d) => [d.date, {
+        value: d.requests,
+        detail: `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
+      }])),
+      now,
+    );
+    const name = user.email ?? user.id;
+    const state = usage.state;
+    return render(
+      c,
+      <Layout title={`${name} · Admin`} {...who.layout} clerk={clerk}>
+        <nav aria-label="Breadcrumb" class="crumbs small">
+          <a href="/admin">Operator</a> <span aria-hidden="true">›</span> {name}
+        </nav>
+        <div class="page-head">
+          <div>
+            <h1 class="break">{name}</h1>
+            <p class="muted">
+              <code>{user.id}</code>
+            </p>
+          </div>
+        </div>
+        {notices()}
+        <div class="grid grid-2" style={{ marginBottom: "1.25rem" }}>
+          <section class="card" aria-labelledby="profile-title">
+            <h2 id="profile-title">Account</h2>
+            <dl class="kv" data-testid="user-profile">
+              <dt>Status</dt>
+              <dd>
+                <span
+                  class={`status ${
+                    state.status === "active"
+                      ? "status-ok"
+                      : state.status === "paused" || state.status === "disabled"
+                      ? "status-warn"
+                      : "status-danger"
+                  }`}
+                  data-testid="user-state"
+                >
+                  {state.status === "paused"
+                    ? `paused until ${formatDateTime(state.until)}`
+                    : state.status}
+                </span>
+              </dd>
+              <dt>Key prefix</dt>
+              <dd>{user.key ? <code>{user.key.prefix}…</code> : "No key"}</dd>
+              <dt>Created</dt>
+              <dd>{formatDate(user.createdAt)}</dd>
+              <dt>Last active</dt>
+              <dd>{lastActive ? formatDay(lastActive) : "Not in the last 30 days"}</dd>
+              <dt>30 days</dt>
+              <dd>
+                {formatInt(total.requests)} requests · {formatTokens(total.totalTokens)} tokens ·
+                {" "}
+                {formatUsd(total.costUsd)}
+              </dd>
+              <dt>This month</dt>
+              <dd>{formatUsd(usage.thisMonth.costUsd)}</dd>
+            </dl>
+          </section>
+          <UserActions
+            mode={authMode}
+            selfId={who.session.userId}
+            defaults={defaults}
+            user={{
+              userId: user.id,
+              email: user.email,
+              status: user.status,
+              createdAt: user.createdAt,
+              keyPrefix: user.key?.prefix ?? null,
+              limits: user.limits,
+              effectiveLimits: effectiveLimits(config, user),
+              lastActive,
+              usage30d: total,
+            }}
+          />
+        </div>
+        <section class="card" aria-labelledby="chart-title" style={{ marginBottom: "1.25rem" }}>
+          <div class="card-head">
+            <h2 id="chart-title">Requests per day</h2>
+            <p class="muted small">Last 30 UTC days</p>
+          </div>
+          <DailyChart
+            points={points}
+            kind="requests"
+            title="Requests per day, last 30 days"
+            testId="user-chart"
+          />
+        </section>
+        <section class="card" aria-labelledby="models-title">
+          <h2 id="models-title">By model</h2>
+          {usage.byModel.length
+            ? (
+              <div class="table-wrap">
+                <table data-testid="user-models">
+                  <thead>
+                    <tr>
+                      <th scope="col">Model</th>
+                      <th scope="col" class="num">Requests</th>
+                      <th scope="col" class="num">Tokens</th>
+                      <th scope="col" class="num">Cost</th>
+                    </tr>
+                  </thead>
+                  <tbody>
+                    {usage.byModel.map((m) => (
+                      <tr key={m.model}>
+                        <td>
+                          <code>{m.model}</code>
+                        </td>
+                        <td class="num">{formatInt(m.requests)}</td>
+                        <td class="num">{formatTokens(m.totalTokens)}</td>
+                        <td class="num">{formatUsd(m.costUsd)}</td>
+                      </tr>
+                    ))}
+                  </tbody>
+                </table>
+              </div>
+            )
+            : <p class="muted">No requests in the last 30 days.</p>}
+        </section>
+      </Layout>,
+    );
+  });
+
+  return app;
+}

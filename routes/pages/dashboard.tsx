@@ -1,0 +1,55 @@
+/**
+ * The dashboard (CONTRACT §6). The AutoProvision island does the work; the page hands it the
+ * usage and account state read now, so returning users see them at once and nothing shifts.
+ */
+import { Hono } from "hono";
+import { island } from "../../build/islands.ts";
+import { Layout } from "../../components/Layout.tsx";
+import AutoProvisionComponent from "../../islands/AutoProvision.tsx";
+import { usageReport } from "../../lib/usage/usage.ts";
+import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
+import type { Services } from "../../lib/core/services.ts";
+import type { AppEnv } from "../context.ts";
+
+const AutoProvision = island("AutoProvision", AutoProvisionComponent);
+
+export function dashboardRoutes(services: Services) {
+  const { config } = services;
+  const app = new Hono<AppEnv>();
+  const shell = pageShell(services);
+  const clerk = clerkScript(config);
+  const authMode = authModeOf(config);
+
+  app.get("/dashboard", async (c) => {
+    const { session, layout } = await shell(c, "/dashboard");
+    if (!session) return c.redirect("/sign-in", 303);
+    const shared = config.keyMode === "shared";
+    // A failed read is not fatal: the island loads GET /api/usage itself.
+    const initialUsage = await usageReport(services.kv, config, session.userId, 30).catch(
+      (err) => {
+        services.log.warn("dashboard usage read failed", { error: String(err) });
+        return null;
+      },
+    );
+    return render(
+      c,
+      <Layout title="Dashboard" {...layout} clerk={clerk}>
+        <div class="page-head">
+          <div>
+            <h1>Dashboard</h1>
+            <p class="muted">Your account, what you have used, and your key.</p>
+          </div>
+        </div>
+        <AutoProvision
+          mode={authMode}
+          baseUrl={shared ? config.glm.baseUrl : `${config.publicUrl}/v1`}
+          anthropicBaseUrl={shared ? config.glm.anthropicBaseUrl : config.publicUrl}
+          initialUsage={initialUsage}
+          model={config.allowedModels[0] ?? "glm-4.6"}
+        />
+      </Layout>,
+    );
+  });
+
+  return app;
+}
