@@ -7,7 +7,7 @@ import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { island } from "../../build/islands.ts";
 import { Layout, type LayoutProps } from "../../components/Layout.tsx";
-import { UpstreamHealth } from "../../components/UpstreamHealth.tsx";
+import { type AlertLine, UpstreamHealth } from "../../components/UpstreamHealth.tsx";
 import AdminUsersComponent from "../../islands/AdminUsers.tsx";
 import DailyChartComponent, { lastDays } from "../../islands/DailyChart.tsx";
 import UserActionsComponent from "../../islands/UserActions.tsx";
@@ -72,6 +72,9 @@ export function adminRoutes(services: Services) {
     };
   };
 
+  const eventsOn = false;
+  const recentAlerts = (): Promise<AlertLine[]> => Promise.resolve([]);
+
   /** Start-up problems an operator can fix, shown on every operator page. */
   const notices = () =>
     config.keyMode === "proxy" && !config.glm.apiKey
@@ -88,7 +91,11 @@ export function adminRoutes(services: Services) {
     const who = await operator(c, "/admin");
     if (who.page) return who.page;
     const now = Date.now();
-    const { days, totals } = await operatorOverview(services.kv, config.pricing, now);
+    const [{ days, totals }, health, alerts] = await Promise.all([
+      operatorOverview(services.kv, config.pricing, now),
+      services.slots.health(now),
+      recentAlerts(),
+    ]);
     const points = lastDays(
       30,
       new Map(days.map((d) => [d.day, {
@@ -107,8 +114,12 @@ export function adminRoutes(services: Services) {
           </div>
         </div>
         {notices()}
-        {/* The lead adds the "Upstream health" card here (components/UpstreamHealth.tsx). */}
-        <UpstreamHealth />
+        <UpstreamHealth
+          health={health}
+          capped={Object.values(config.glm.concurrency).some((n) => n > 0)}
+          alerts={alerts}
+          eventsOn={eventsOn}
+        />
         <div class="grid stat-cards" style={{ marginBottom: "1.25rem" }}>
           <div class="card stat">
             <span class="value">{formatInt(totals.requests)}</span>
