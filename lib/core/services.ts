@@ -6,6 +6,7 @@ import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
+import { Events } from "../alerts/deliver.ts";
 import { localSecret, Users } from "../identity/users.ts";
 
 export interface Services {
@@ -19,6 +20,8 @@ export interface Services {
   ledger: Ledger;
   /** The GLM gateway (built once: upstream URL, header templates, key cache). */
   gateway: Gateway;
+  /** Operator events and alerts to EVENTS_WEBHOOK_URL (lib/alerts/deliver.ts). */
+  events: Events;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -34,7 +37,14 @@ export async function createServices(
   const encryptionSecret = config.keyEncryptionSecret ??
     await localSecret(kv, "key_encryption");
   const vault = await KeyVault.fromSecret(encryptionSecret);
-  const users = new Users(kv, vault);
+  const events = new Events(config, kv, log);
+  if (config.events.webhookUrl && !config.events.webhookSecret) {
+    log.warn(
+      "EVENTS_WEBHOOK_URL is set without EVENTS_WEBHOOK_SECRET: events are sent unsigned, so " +
+        "the receiver cannot tell them from forgeries",
+    );
+  }
+  const users = new Users(kv, vault, undefined, events);
   const sessions = new SessionVerifier(config, kv, {
     localSecret: config.localMode ? await localSecret(kv, "session_signing") : undefined,
     log,
@@ -48,6 +58,7 @@ export async function createServices(
   }
   const ledger = new Ledger(kv, config, { log });
   const gateway = new Gateway({ config, kv, log, ledger });
+  events.start();
   return {
     config,
     kv,
@@ -57,6 +68,9 @@ export async function createServices(
     log,
     ledger,
     gateway,
-    close: () => ledger.close(),
+    events,
+    close: async () => {
+      await Promise.all([ledger.close(), events.close()]);
+    },
   };
 }

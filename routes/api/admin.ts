@@ -54,7 +54,7 @@ export function adminRoutes(services: Services) {
   for (const [action, status] of [["disable", "disabled"], ["enable", "active"]] as const) {
     app.post(`/admin/users/:id/${action}`, session, admin, async (c) => {
       const { id } = parseWith(userIdParam, c.req.param(), "id");
-      const user = await users.setStatus(id, status);
+      const user = await users.setStatus(id, status, c.get("session").userId);
       return c.json({ user: shape(user) });
     });
   }
