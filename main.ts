@@ -35,6 +35,14 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
     // Cron names are per process: a second start() in one process (tests) keeps the first.
     services.log.warn("cost cron not registered", { error: String(err) });
   }
+  if (services.events.enabled) {
+    try {
+      // Deno Deploy freezes idle isolates (and their timers): the cron wakes delivery every minute.
+      Deno.cron("deliver-events", "* * * * *", () => services.events.flush());
+    } catch (err) {
+      services.log.warn("event delivery cron not registered", { error: String(err) });
+    }
+  }
   const server = Deno.serve({
     port: config.port,
     // Local mode lets anyone sign in with any e-mail: keep it on this machine.

@@ -5,10 +5,12 @@
  */
 import assert from "node:assert/strict";
 import { Webhook } from "svix";
-import type { Events } from "../lib/alerts/deliver.ts";
+import { Events } from "../lib/alerts/deliver.ts";
 import { ConfigError, loadConfig } from "../lib/core/config.ts";
 import { createServices, type Services } from "../lib/core/services.ts";
 import { checkBudget } from "../lib/reports/budget_alerts.ts";
+import { costSummaryJob } from "../lib/reports/summary.ts";
+import { recordUsage } from "../lib/usage/usage.ts";
 import {
   bearer,
   captureLogger,
@@ -540,5 +542,65 @@ Deno.test("events: budget thresholds at 80% and 100%, once each, across two proc
     }
     await receiver.close();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("events: the cost-summary job sends budget.threshold through the same once-only claim", async () => {
+  const receiver = new Receiver();
+  try {
+    await withApp(receiver, async (app) => {
+      const { services } = app;
+      await recordUsage(app.kv, services.config.pricing, {
+        userId: "user_big_spender",
+        model: "glm-4.6",
+        promptTokens: 1_000_000,
+        completionTokens: 1_000_000,
+      });
+      await costSummaryJob(services)();
+      await eventually(() => receiver.ofType("budget.threshold").length === 2);
+      const percents = receiver.ofType("budget.threshold").map((d) => d.body.percent).sort();
+      assert.deepEqual(percents, [100, 80]);
+      const [event] = receiver.ofType("budget.threshold");
+      assert.equal(event.body.userId, "user_big_spender");
+      assert.equal(event.body.budgetUsd, 1);
+      assert.ok(Number(event.body.spentUsd) > 1);
+      // A settlement seeing the same spend afterwards sends nothing more.
+      assert.deepEqual(
+        await checkBudget(services.events, { id: "user_big_spender" }, 5, 1),
+        [],
+      );
+      await drained(app);
+      assert.equal(receiver.ofType("budget.threshold").length, 2);
+    }, { BUDGET_USD_MONTHLY: "1" });
+  } finally {
+    await receiver.close();
+  }
+});
+
+Deno.test("events: an Events that was not started only stores; flush() sends what is due", async () => {
+  const receiver = new Receiver();
+  const kv = await Deno.openKv(":memory:");
+  try {
+    const config = loadConfig({
+      DENO_KV_PATH: ":memory:",
+      EVENTS_WEBHOOK_URL: receiver.url,
+      EVENTS_WEBHOOK_SECRET: EVENTS_SECRET,
+    });
+    // As `deno task summarize` builds it: its events wait in KV for a running server.
+    const { log } = captureLogger([]);
+    const events = new Events(config, kv, log);
+    const fields = { model: "glm-4.6", status: 429, upstreamCode: "1305", upstreamMessage: "busy" };
+    assert.equal(await events.alert("upstream.throttled", fields), true);
+    assert.equal(await outboxSize(kv), 1);
+    assert.equal(receiver.deliveries.length, 0);
+    // The minute cron's nudge (main.ts) delivers it; no timer is left behind.
+    await events.flush();
+    assert.equal(receiver.deliveries.length, 1);
+    assert.equal(receiver.deliveries[0].body.upstreamCode, "1305");
+    assert.equal(await outboxSize(kv), 0);
+    await events.close();
+  } finally {
+    kv.close();
+    await receiver.close();
   }
 });

@@ -214,6 +214,19 @@ export class Events {
     this.schedule(this.pollMs);
   }
 
+  /**
+   * Runs a delivery pass now and waits for it: a cron's nudge on hosts that freeze idle
+   * processes (Deno Deploy), where the poll's timer may not fire for a long while.
+   */
+  async flush(): Promise<void> {
+    if (!this.enabled || this.closed) return;
+    if (!this.pass) {
+      clearTimeout(this.timer);
+      this.runPass();
+    }
+    await this.pass;
+  }
+
   /** Stops the loop; deliveries in flight are cut and retried later (by any process). */
   async close(): Promise<void> {
     this.closed = true;
@@ -267,7 +280,7 @@ export class Events {
       .catch((err) => this.log.error("event delivery pass failed", { error: errorText(err) }))
       .then((more) => {
         this.pass = null;
-        if (!this.closed) this.schedule(more || this.again ? 0 : this.pollMs);
+        if (this.started && !this.closed) this.schedule(more || this.again ? 0 : this.pollMs);
       });
   }
 
