@@ -46,6 +46,11 @@ class Receiver {
   rejected = 0;
   /** Answer 503 to the first N attempts of every event. */
   failFirst = 0;
+  /** Leave the first N requests unanswered until close() (a receiver that stalls). */
+  stallFirst = 0;
+  private stalled = 0;
+  private release!: () => void;
+  private readonly released = new Promise<void>((r) => this.release = r);
   private readonly server: Deno.HttpServer<Deno.NetAddr>;
   private readonly verifier: Webhook | null;
 
@@ -63,6 +68,11 @@ class Receiver {
 
   private async handle(req: Request): Promise<Response> {
     const raw = await req.text();
+    if (this.stalled < this.stallFirst) {
+      this.stalled++;
+      await this.released;
+      return new Response("too late", { status: 503 });
+    }
     const headers = Object.fromEntries(req.headers);
     if (this.verifier) {
       try {
@@ -90,7 +100,13 @@ class Receiver {
     return this.deliveries.filter((d) => d.body.type === type);
   }
 
+  /** Stalled requests seen so far. */
+  get stalls(): number {
+    return this.stalled;
+  }
+
   async close() {
+    this.release();
     await this.server.shutdown();
   }
 }
@@ -602,5 +618,56 @@ Deno.test("events: an Events that was not started only stores; flush() sends wha
   } finally {
     kv.close();
     await receiver.close();
+  }
+});
+
+Deno.test("events: a delivery that outlives its lease is taken over by another process, once", async () => {
+  const receiver = new Receiver();
+  receiver.stallFirst = 1;
+  const dir = await Deno.makeTempDir({ prefix: "keyway_events_" });
+  const path = `${dir}/kv.sqlite3`;
+  const config = loadConfig({
+    DENO_KV_PATH: path,
+    PUBLIC_URL,
+    GLM_API_KEY: MASTER_KEY,
+    EVENTS_WEBHOOK_URL: receiver.url,
+    EVENTS_WEBHOOK_SECRET: EVENTS_SECRET,
+  });
+  const open = async () => {
+    const kv = await Deno.openKv(path);
+    const { log, lines } = captureLogger([MASTER_KEY]);
+    const services = await createServices(config, kv, { log });
+    quick(services.events);
+    return { kv, services, lines };
+  };
+  // Process A claims the event and stalls on the receiver past its lease (as if it froze or died).
+  const a = await open();
+  a.services.events.leaseMs = 300;
+  let b: Awaited<ReturnType<typeof open>> | undefined;
+  try {
+    const fields = { model: "glm-4.6", status: 401, upstreamCode: null, upstreamMessage: "no" };
+    assert.equal(await a.services.events.alert("upstream.key_rejected", fields), true);
+    await eventually(() => receiver.stalls === 1);
+    // Process B starts later and finds the expired lease.
+    b = await open();
+    await eventually(() => receiver.deliveries.length === 1, 5000);
+    assert.equal(await outboxSize(b.kv), 0);
+    // A's late failure finds its lease gone: it neither retries nor sends the event again.
+    await a.services.events.close();
+    assert.ok(
+      a.lines.some((l) => l.includes("another process has taken it over")),
+      JSON.stringify(a.lines),
+    );
+    assert.equal(await outboxSize(b.kv), 0);
+    assert.equal(receiver.deliveries.length, 1);
+    assert.equal(receiver.attempts.size, 1, "one webhook-id for the event");
+  } finally {
+    for (const p of [a, b]) {
+      if (!p) continue;
+      await p.services.close();
+      p.kv.close();
+    }
+    await receiver.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

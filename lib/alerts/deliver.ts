@@ -319,29 +319,22 @@ export class Events {
     }
     const retryInMs = Math.min(this.retryBaseMs * 2 ** (attempt.attempts - 1), this.retryMaxMs);
     const retryAt = Date.now() + retryInMs;
-    if (retryAt - event.createdAt > this.giveUpAfterMs) {
-      await this.commit(this.kv.atomic().check(lease).delete(leaseKey));
-      this.log.error("event delivery gave up", {
-        eventId: event.id,
-        type: event.type,
-        attempts: attempt.attempts,
+    const givingUp = retryAt - event.createdAt > this.giveUpAfterMs;
+    const op = this.kv.atomic().check(lease).delete(leaseKey);
+    if (!givingUp) op.set(keys.eventOutbox(retryAt, event.id), attempt);
+    const res = await this.commit(op);
+    const fields = { eventId: event.id, type: event.type, attempt: attempt.attempts };
+    if (res && !res.ok) {
+      // This attempt outlived its lease and another process took the event over.
+      this.log.warn("event delivery failed; another process has taken it over", {
+        ...fields,
         error: failure,
       });
-      return;
+    } else if (givingUp) {
+      this.log.error("event delivery gave up", { ...fields, error: failure });
+    } else {
+      this.log.warn("event delivery failed, will retry", { ...fields, retryInMs, error: failure });
     }
-    await this.commit(
-      this.kv.atomic().check(lease).delete(leaseKey).set(
-        keys.eventOutbox(retryAt, event.id),
-        attempt,
-      ),
-    );
-    this.log.warn("event delivery failed, will retry", {
-      eventId: event.id,
-      type: event.type,
-      attempt: attempt.attempts,
-      retryInMs,
-      error: failure,
-    });
   }
 
   /** One POST; null on 2xx, else what went wrong (for the log). */
