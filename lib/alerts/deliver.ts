@@ -75,6 +75,9 @@ export type LifecycleEvent = Extract<KeywayEvent, { type: LifecycleType }>;
 /** The JSON body a receiver gets. */
 export type EventBody = KeywayEvent & { at: string; message: string };
 
+/** "duplicate": already sent (here or by another process); "failed": KV refused (logged). */
+export type AlertOutcome = "sent" | "duplicate" | "failed";
+
 /** An alert as /admin lists it: the body plus its webhook-id. */
 export type RecentAlert = EventBody & { id: string };
 
@@ -163,36 +166,51 @@ export class Events {
     subject = "*",
   ): Promise<boolean> {
     const hour = Math.floor(Date.now() / HOUR_MS);
-    return await this.alertOnce(
+    const outcome = await this.alertOnce(
       keys.alertSent(type, subject, hour),
       2 * HOUR_MS,
       { type, ...fields } as KeywayEvent,
     );
+    return outcome === "sent";
   }
 
   /**
    * Sends an alert unless `claimKey` exists, and creates that key in the same commit (so it is
-   * once across processes); the claim expires after `claimForMs`.
+   * once across processes); the claim expires after `claimForMs`. Never throws: a KV failure is
+   * logged and reported as "failed", so a caller on a user's request path cannot fail because of
+   * an alert.
    */
-  async alertOnce(claimKey: Deno.KvKey, claimForMs: number, event: KeywayEvent): Promise<boolean> {
-    const sent = await retryAtomic(async () => {
-      const now = Date.now();
-      const entry = this.entryOf(this.scrubbed(event), now);
-      const body = JSON.parse(entry.body) as EventBody;
-      const op = this.kv.atomic()
-        .check({ key: claimKey, versionstamp: null })
-        .set(claimKey, { eventId: entry.id, at: now }, { expireIn: claimForMs })
-        .set(keys.alertLog(now, entry.id), { id: entry.id, ...body } satisfies RecentAlert, {
-          expireIn: DAY_MS + HOUR_MS,
-        });
-      if (this.enabled) op.set(keys.eventOutbox(now, entry.id), entry);
-      // A lock held by another process throws (retried); a failed check means already sent.
-      const res = await op.commit();
-      if (res.ok) this.log.warn(`alert ${event.type}`, { eventId: entry.id, ...event });
-      return res.ok;
-    }, `alert ${event.type}`);
-    if (sent) this.wakeSoon();
-    return sent;
+  async alertOnce(
+    claimKey: Deno.KvKey,
+    claimForMs: number,
+    event: KeywayEvent,
+  ): Promise<AlertOutcome> {
+    const clean = this.scrubbed(event);
+    let sent = false;
+    try {
+      sent = await retryAtomic(async () => {
+        const now = Date.now();
+        const entry = this.entryOf(clean, now);
+        const body = JSON.parse(entry.body) as EventBody;
+        const op = this.kv.atomic()
+          .check({ key: claimKey, versionstamp: null })
+          .set(claimKey, { eventId: entry.id, at: now }, { expireIn: claimForMs })
+          .set(keys.alertLog(now, entry.id), { id: entry.id, ...body } satisfies RecentAlert, {
+            expireIn: DAY_MS + HOUR_MS,
+          });
+        if (this.enabled) op.set(keys.eventOutbox(now, entry.id), entry);
+        // A lock held by another process throws (retried); a failed check means already sent.
+        const res = await op.commit();
+        if (res.ok) this.log.warn(`alert ${clean.type}`, { eventId: entry.id, ...clean });
+        return res.ok;
+      }, `alert ${event.type}`);
+    } catch (err) {
+      this.log.error("alert could not be stored", { type: event.type, error: errorText(err) });
+      return "failed";
+    }
+    if (!sent) return "duplicate";
+    this.wakeSoon();
+    return "sent";
   }
 
   /** Alerts of the last 24 hours, newest first. */

@@ -18,6 +18,7 @@ const seenBy = new WeakMap<Events, Set<string>>();
  * Sends budget.threshold for each threshold `spentUsd` has reached and no process has reported
  * yet for this user and month. Returns the percents this call sent. Call it after the spend is
  * committed (a settlement, the cost-summary job); a budget of 0 (unlimited) sends nothing.
+ * Never throws: a KV failure is logged, and the threshold is tried again on the next call.
  */
 export async function checkBudget(
   events: Events,
@@ -35,7 +36,7 @@ export async function checkBudget(
     if (Math.round(spentUsd * 1e6) * 100 < Math.round(budgetUsd * 1e6) * percent) continue;
     const memo = `${user.id}\u0000${month}\u0000${percent}`;
     if (seen.has(memo)) continue;
-    const fresh = await events.alertOnce(keys.budgetAlert(user.id, month, percent), CLAIM_MS, {
+    const outcome = await events.alertOnce(keys.budgetAlert(user.id, month, percent), CLAIM_MS, {
       type: "budget.threshold",
       userId: user.id,
       percent,
@@ -43,9 +44,10 @@ export async function checkBudget(
       spentUsd: Math.round(spentUsd * 1e6) / 1e6,
       month,
     });
+    if (outcome === "failed") continue; // logged; the next settlement or cron run tries again
     if (seen.size >= SEEN_MAX) seen.clear();
     seen.add(memo);
-    if (fresh) sent.push(percent);
+    if (outcome === "sent") sent.push(percent);
   }
   return sent;
 }
