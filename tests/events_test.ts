@@ -25,6 +25,7 @@ import {
   testApp,
 } from "./helpers.ts";
 import { signedDelivery, userCreated, WEBHOOK_SECRET } from "./fakes/svix.ts";
+import { type RunningMain, startMain } from "./subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 const EVENTS_SECRET = "whsec_" + btoa("keyway-events-test-secret-32-bytes!");
@@ -696,5 +697,56 @@ Deno.test("events: an alert KV refuses is logged, never thrown, and tried again 
     await events.close();
   } finally {
     kv.close();
+  }
+});
+
+Deno.test("events: two app processes racing to provision send one user.provisioned per user", async () => {
+  const receiver = new Receiver();
+  const dir = await Deno.makeTempDir({ prefix: "keyway_events_proc_" });
+  const env = {
+    DENO_KV_PATH: `${dir}/kv.sqlite3`,
+    PUBLIC_URL,
+    PORT: "0",
+    GLM_API_KEY: MASTER_KEY,
+    ...eventsEnv(receiver),
+  };
+  const processes: RunningMain[] = [];
+  try {
+    processes.push(await startMain(env, dir), await startMain(env, dir));
+    const ids = ["user_proc_a", "user_proc_b", "user_proc_c"];
+    const calls: Array<Promise<Response>> = [];
+    for (const id of ids) {
+      const token = await issuer.token(id);
+      for (const { url } of processes) {
+        for (let i = 0; i < 3; i++) {
+          calls.push(fetch(`${url}/api/key`, { method: "POST", headers: bearer(token) }));
+        }
+        calls.push(fetch(`${url}/api/webhooks/clerk`, signedDelivery(userCreated(id))));
+      }
+    }
+    for (const res of await Promise.all(calls)) {
+      assert.ok(res.status === 200 || res.status === 201, `status ${res.status}`);
+      await res.body?.cancel();
+    }
+    await eventually(() => receiver.ofType("user.provisioned").length >= 3, 10_000);
+    // Both processes poll the outbox: wait until it is empty, then count.
+    const kv = await Deno.openKv(env.DENO_KV_PATH);
+    try {
+      await drained({ kv });
+    } finally {
+      kv.close();
+    }
+    const provisioned = receiver.ofType("user.provisioned");
+    assert.deepEqual(provisioned.map((d) => d.body.userId).sort(), ids);
+    assert.equal(receiver.rejected, 0);
+    for (const p of processes) {
+      await p.stop();
+      const { stdout, stderr } = p.output();
+      assert.ok(!`${stdout}${stderr}`.includes('"level":"error"'), stderr);
+    }
+  } finally {
+    for (const p of processes) await p.stop();
+    await receiver.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });
