@@ -24,11 +24,19 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
   await (config.onDeploy ? loadBuiltIslands() : buildIslands()).catch((err) =>
     services.log.error("island bundles unavailable", { error: String(err) })
   );
-  kv.listenQueue(async (message) => {
-    if (!(await services.clerkSync.handleQueueMessage(message))) {
-      services.log.warn("unknown queue message dropped");
-    }
-  });
+  // KV Connect (a self-hosted denokv) has no queues (denoland/denokv#55): there listenQueue
+  // fails, and must not take the server down with an unhandled rejection.
+  Promise.resolve().then(() =>
+    kv.listenQueue(async (message) => {
+      if (!(await services.clerkSync.handleQueueMessage(message))) {
+        services.log.warn("unknown queue message dropped");
+      }
+    })
+  ).catch((err) =>
+    services.log.warn("KV queue unavailable: Clerk metadata sync is not retried", {
+      error: String(err),
+    })
+  );
   try {
     Deno.cron("summarize-costs", config.costCron, costSummaryJob(services));
   } catch (err) {
