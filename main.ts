@@ -29,16 +29,32 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
   await (config.onDeploy ? loadBuiltIslands() : buildIslands()).catch((err) =>
     services.log.error("island bundles unavailable", { error: String(err) })
   );
-  kv.listenQueue(async (message) => {
-    if (!(await services.clerkSync.handleQueueMessage(message))) {
-      services.log.warn("unknown queue message dropped");
-    }
-  });
+  // KV Connect (a self-hosted denokv) has no queues (denoland/denokv#55): there listenQueue
+  // fails, and must not take the server down with an unhandled rejection.
+  Promise.resolve().then(() =>
+    kv.listenQueue(async (message) => {
+      if (!(await services.clerkSync.handleQueueMessage(message))) {
+        services.log.warn("unknown queue message dropped");
+      }
+    })
+  ).catch((err) =>
+    services.log.warn("KV queue unavailable: Clerk metadata sync is not retried", {
+      error: String(err),
+    })
+  );
   try {
     Deno.cron("summarize-costs", config.costCron, costSummaryJob(services));
   } catch (err) {
     // Cron names are per process: a second start() in one process (tests) keeps the first.
     services.log.warn("cost cron not registered", { error: String(err) });
+  }
+  if (services.events.enabled) {
+    try {
+      // Deno Deploy freezes idle isolates (and their timers): the cron wakes delivery every minute.
+      Deno.cron("deliver-events", "* * * * *", () => services.events.flush());
+    } catch (err) {
+      services.log.warn("event delivery cron not registered", { error: String(err) });
+    }
   }
   let server: Deno.HttpServer<Deno.NetAddr>;
   try {

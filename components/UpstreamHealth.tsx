@@ -19,7 +19,7 @@ export interface UpstreamHealthProps {
   /** A cap is configured for some model (UPSTREAM_CONCURRENCY). */
   capped: boolean;
   alerts: AlertLine[];
-  /** EVENTS_WEBHOOK_URL is set (alerts are delivered and listed). */
+  /** EVENTS_WEBHOOK_URL is set (alerts are delivered as well as listed). */
   eventsOn: boolean;
 }
 
@@ -84,15 +84,13 @@ export function UpstreamHealth({ health, capped, alerts, eventsOn }: UpstreamHea
         </p>
       )}
       <h3 class="small" style={{ marginTop: "0.75rem" }}>Recent alerts</h3>
-      {!eventsOn
-        ? (
-          <p class="muted small">
-            Set <code>EVENTS_WEBHOOK_URL</code>{" "}
-            to have alerts (a refused key, a spent balance, sustained throttling, budgets) sent to
-            your backend; they are listed here too.
-          </p>
-        )
-        : alerts.length === 0
+      {!eventsOn && (
+        <p class="muted small">
+          Alerts are listed here and logged; set <code>EVENTS_WEBHOOK_URL</code>{" "}
+          to have them sent to your backend too.
+        </p>
+      )}
+      {alerts.length === 0
         ? <p class="muted small">No alerts in the last 24 hours.</p>
         : (
           <ul class="alert-list" data-testid="recent-alerts">

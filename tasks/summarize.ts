@@ -4,6 +4,7 @@ import { formatInt, formatUsd } from "../lib/core/format.ts";
 import { openKv } from "../lib/core/kv.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
+import { Events } from "../lib/alerts/deliver.ts";
 import { progressLine } from "./progress.ts";
 
 async function main(args: string[]): Promise<number> {
@@ -26,6 +27,8 @@ async function main(args: string[]): Promise<number> {
     const log = createLogger(secretsOf(config));
     const result = await summarizeCosts(kv, config, {
       log,
+      // Not started here: its budget.threshold events wait in KV for a running server to send.
+      events: new Events(config, kv, log),
       onProgress: ({ day, index, total }) =>
         progress(`summarizing ${day} (${index + 1}/${total})…`),
     });

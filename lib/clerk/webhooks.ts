@@ -3,7 +3,7 @@ import { Webhook } from "svix";
 import { z } from "zod";
 import type { ClerkSync } from "./sync.ts";
 import { AppError, invalidRequest, parseJsonBody } from "../core/errors.ts";
-import { keys } from "../core/kv.ts";
+import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import type { Profile, Users } from "../identity/users.ts";
 
@@ -100,13 +100,16 @@ export class ClerkWebhooks {
     // Claim the delivery id atomically: of any number of concurrent or repeated deliveries,
     // exactly one gets past this point.
     const claimKey = keys.webhookEvent(svixId);
-    const claim = await this.kv.atomic()
-      .check({ key: claimKey, versionstamp: null })
-      .set(claimKey, { type: event.type, receivedAt: new Date().toISOString() }, {
-        expireIn: EVENT_MEMORY_MS,
-      })
-      .commit();
-    if (!claim.ok) {
+    // retryAtomic retries a KV file locked by another process (it throws "database is locked");
+    // a failed check is an answer, not a conflict to retry.
+    const claimed = await retryAtomic(async () =>
+      (await this.kv.atomic()
+        .check({ key: claimKey, versionstamp: null })
+        .set(claimKey, { type: event.type, receivedAt: new Date().toISOString() }, {
+          expireIn: EVENT_MEMORY_MS,
+        })
+        .commit()).ok, "webhook claim");
+    if (!claimed) {
       this.log.info("webhook duplicate skipped", { svixId });
       return { ok: true, duplicate: true };
     }

@@ -26,11 +26,13 @@ const csv = optionalString.transform((v) =>
   v === undefined ? [] : v.split(",").map((s) => s.trim()).filter(Boolean)
 );
 
-const origin = (name: string) =>
+const origin = (name: string, keepQuery = false) =>
   z.string().transform((raw, ctx) => {
     try {
       const url = new URL(raw);
       if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error();
+      // A receiver URL may route on its query (?source=keyway); base URLs never have one.
+      if (keepQuery) return url.href;
       return url.origin + url.pathname.replace(/\/+$/, "");
     } catch {
       // The value is not echoed: a secret pasted into the wrong variable must not reach a log.
@@ -222,6 +224,11 @@ const envSchema = z.object({
     }
     return [...new Set(schemes)];
   }),
+  EVENTS_WEBHOOK_URL: optionalString.pipe(origin("EVENTS_WEBHOOK_URL", true).optional()),
+  EVENTS_WEBHOOK_SECRET: optionalString.refine(
+    (v) => v === undefined || /^whsec_[A-Za-z0-9+/]{16,}={0,2}$/.test(v),
+    "EVENTS_WEBHOOK_SECRET must look like whsec_… (a base64 secret of at least 12 bytes)",
+  ),
   DENO_DEPLOYMENT_ID: optionalString,
   APP_ENV: optionalString,
 });
@@ -274,6 +281,8 @@ export interface Config {
   adminUserIds: Set<string>;
   /** Custom URI schemes accepted as connect-flow redirect targets (besides loopback http). */
   connectRedirectSchemes: string[];
+  /** The operator's backend that receives Keyway's events (CONTRACT §7 Events); none = off. */
+  events: { webhookUrl?: string; webhookSecret?: string };
 }
 
 export class ConfigError extends Error {
@@ -373,6 +382,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     costCron: e.COST_CRON ?? "0 * * * *",
     adminUserIds: new Set(e.ADMIN_USER_IDS),
     connectRedirectSchemes: e.CONNECT_REDIRECT_SCHEMES,
+    events: { webhookUrl: e.EVENTS_WEBHOOK_URL, webhookSecret: e.EVENTS_WEBHOOK_SECRET },
   };
 }
 
@@ -384,6 +394,7 @@ export function secretsOf(config: Config): Array<string | undefined> {
     config.keyEncryptionSecret,
     config.clerk.secretKey,
     ...config.clerk.webhookSecrets,
+    config.events.webhookSecret,
   ];
 }
 

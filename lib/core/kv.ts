@@ -51,8 +51,18 @@ export const keys = {
     ["cost_summaries", day, version, chunk] as const,
   costSummaryDay: (day: Day) => ["cost_summaries", day] as const,
   costSummaryMeta: (day: Day) => ["cost_summary_meta", day] as const,
+  /** Claimed once per user, month and percent (80, 100): the budget.threshold alert was sent. */
   budgetAlert: (userId: string, month: Month, threshold: number) =>
     ["budget_alerts", userId, month, threshold] as const,
+  /** An event waiting for delivery to EVENTS_WEBHOOK_URL, keyed by when it is due (ms). */
+  eventOutbox: (dueAt: number, eventId: string) => ["event_outbox", dueAt, eventId] as const,
+  eventOutboxAll: () => ["event_outbox"] as const,
+  /** Claimed once per alert type, subject and clock hour (expires): the alert was sent. */
+  alertSent: (type: string, subject: string, hour: number) =>
+    ["alerts_sent", type, subject, hour] as const,
+  /** Alerts of the last 24 h by time (ms) and event id, for /admin. */
+  alertLog: (at: number, eventId: string) => ["alert_log", at, eventId] as const,
+  alertLogAll: () => ["alert_log"] as const,
   localSecret: (name: string) => ["local_secrets", name] as const,
   /** A signed-out local session id, kept (expireIn) until its token would have expired anyway. */
   revokedSession: (sid: string) => ["revoked_sessions", sid] as const,

@@ -5,8 +5,11 @@ import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
 import { UpstreamSlots } from "../limits/upstream_slots.ts";
+import { checkBudget } from "../reports/budget_alerts.ts";
+import { keys, u64, utcMonth } from "./kv.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
+import { Events } from "../alerts/deliver.ts";
 import { localSecret, Users } from "../identity/users.ts";
 import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
 
@@ -25,6 +28,8 @@ export interface Services {
   slots: UpstreamSlots;
   /** PKCE and device-code flows that hand an editor the user's key (CONTRACT §5). */
   connect: ConnectFlows;
+  /** Operator events and alerts to EVENTS_WEBHOOK_URL (lib/alerts/deliver.ts). */
+  events: Events;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -41,7 +46,14 @@ export async function createServices(
   const encryptionSecret = config.keyEncryptionSecret ??
     await localSecret(kv, "key_encryption");
   const vault = await KeyVault.fromSecret(encryptionSecret);
-  const users = new Users(kv, vault);
+  const events = new Events(config, kv, log);
+  if (config.events.webhookUrl && !config.events.webhookSecret) {
+    log.warn(
+      "EVENTS_WEBHOOK_URL is set without EVENTS_WEBHOOK_SECRET: events are sent unsigned, so " +
+        "the receiver cannot tell them from forgeries",
+    );
+  }
+  const users = new Users(kv, vault, undefined, events);
   const sessions = new SessionVerifier(config, kv, {
     localSecret: config.localMode ? await localSecret(kv, "session_signing") : undefined,
     log,
@@ -53,9 +65,27 @@ export async function createServices(
         "with a monthly budget cannot use them",
     );
   }
-  const ledger = new Ledger(kv, config, { log });
+  const ledger = new Ledger(kv, config, {
+    log,
+    // budget.threshold at 80 % and 100 %, once each per user and month across processes.
+    onBudgetCharged: async (userId, budgetUsd) => {
+      const month = utcMonth();
+      const spent = await kv.get(keys.spendByMonth(userId, month));
+      await checkBudget(events, { id: userId }, u64(spent.value) / 1e9, budgetUsd, month);
+    },
+  });
   const slots = new UpstreamSlots(kv, config, ledger, log);
-  const gateway = new Gateway({ config, kv, log, ledger, slots });
+  const gateway = new Gateway({
+    config,
+    kv,
+    log,
+    ledger,
+    slots,
+    notify: (alert, { model, status, upstreamCode, message }) => {
+      events.alert(alert, { model, status, upstreamCode, upstreamMessage: message });
+    },
+  });
+  events.start();
   return {
     config,
     kv,
@@ -67,9 +97,10 @@ export async function createServices(
     gateway,
     slots,
     connect: new ConnectFlows(kv, options.connect),
+    events,
     close: async () => {
       slots.close();
-      await ledger.close();
+      await Promise.all([ledger.close(), events.close()]);
     },
   };
 }

@@ -9,6 +9,7 @@ import {
   looksLikeApiKey,
 } from "./api_keys.ts";
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
+import type { Events } from "../alerts/deliver.ts";
 
 export type UserStatus = "active" | "disabled" | "deleted";
 
@@ -80,6 +81,8 @@ export class Users {
     private readonly kv: Deno.Kv,
     private readonly vault: KeyVault,
     readonly epoch: CacheEpoch = new CacheEpoch(kv),
+    /** Lifecycle events ride in the commits below, so each is sent once, when its change lands. */
+    private readonly events?: Events,
   ) {
     epoch.onChange((userIds) => {
       if (userIds === null) this.cache.clear();
@@ -135,12 +138,23 @@ export class Users {
         profileKnown: profile !== undefined,
         clerkUpdatedAt: profile?.clerkUpdatedAt ?? null,
       };
-      const res = await this.kv.atomic()
+      const op = this.kv.atomic()
         .check(entry)
         .check({ key: keys.keyByHash(key.hash), versionstamp: null })
         .set(keys.user(userId), user)
-        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue)
-        .commit();
+        .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue);
+      // Only the commit that creates the key reports it: a race of any number of callers and
+      // webhooks sends one user.provisioned.
+      this.events?.add(op, {
+        type: "user.provisioned",
+        userId,
+        email: user.email,
+        firstName: user.firstName,
+        lastName: user.lastName,
+        keyPrefix: this.events.keyMode === "proxy" ? key.prefix : null,
+        mode: this.events.keyMode,
+      });
+      const res = await op.commit();
       return res.ok ? { user, apiKey, created: true } : CONFLICT;
     }, "provision");
   }
@@ -183,6 +197,11 @@ export class Users {
         .set(keys.keyByHash(key.hash), { userId } satisfies KeyIndexValue)
         .set(keys.keyRotations(userId, hour), rotated + 1, { expireIn: 2 * HOUR_MS });
       if (user.key) op.delete(keys.keyByHash(user.key.hash));
+      this.events?.add(op, {
+        type: "key.rotated",
+        userId,
+        keyPrefix: this.events.keyMode === "proxy" ? key.prefix : null,
+      });
       const res = await this.epoch.bump(op, userId).commit();
       return res.ok ? { user: next, apiKey, created: true } : CONFLICT;
     }, "rotate").finally(() => this.epoch.invalidate([userId]));
@@ -223,16 +242,31 @@ export class Users {
       };
       const op = this.kv.atomic().check(entry).set(keys.user(userId), tombstone);
       if (user?.key) op.delete(keys.keyByHash(user.key.hash));
+      // A tombstone for an id Keyway never knew is no news to the operator's backend.
+      if (user) this.events?.add(op, { type: "user.deleted", userId });
       return (await this.epoch.bump(op, userId).commit()).ok ? undefined : CONFLICT;
     }, "delete user").finally(() => this.epoch.invalidate([userId]));
   }
 
-  async setStatus(userId: string, status: "active" | "disabled"): Promise<UserRecord> {
+  /** Disables or enables a user; `by` is the operator who did it (reported in the event). */
+  async setStatus(
+    userId: string,
+    status: "active" | "disabled",
+    by: string | null = null,
+  ): Promise<UserRecord> {
     const user = await this.update(userId, (u) => {
       if (u.status === "deleted") {
         throw new AppError("user_deleted", "This account has been deleted.");
       }
       return { ...u, status };
+    }, (op, before) => {
+      // Disabling a disabled user changes nothing, so it reports nothing.
+      if (before.status === status) return;
+      this.events?.add(op, {
+        type: status === "disabled" ? "user.disabled" : "user.enabled",
+        userId,
+        by,
+      });
     });
     if (!user) throw new AppError("not_found", `No user ${userId}.`);
     return user;
@@ -289,6 +323,8 @@ export class Users {
   private async update(
     userId: string,
     change: (user: UserRecord) => UserRecord | null,
+    /** Adds to the commit (an event) once the change is known. */
+    alongside?: (op: Deno.AtomicOperation, before: UserRecord) => void,
   ): Promise<UserRecord | null> {
     return await retryAtomic<UserRecord | null>(async () => {
       const entry = await this.kv.get<UserRecord>(keys.user(userId));
@@ -297,6 +333,7 @@ export class Users {
       if (!next) return null;
       next.updatedAt = new Date().toISOString();
       const op = this.kv.atomic().check(entry).set(keys.user(userId), next);
+      alongside?.(op, entry.value);
       const res = await this.epoch.bump(op, userId).commit();
       return res.ok ? next : CONFLICT;
     }, "update user").finally(() => this.epoch.invalidate([userId]));

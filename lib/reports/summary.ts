@@ -21,6 +21,8 @@ import {
 import type { Logger } from "../core/log.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
 import type { UserRecord } from "../identity/users.ts";
+import type { Events } from "../alerts/deliver.ts";
+import { BUDGET_THRESHOLDS, checkBudget } from "./budget_alerts.ts";
 
 /** One user's use of one model on one day. */
 export interface UsageRow {
@@ -62,7 +64,7 @@ export interface SummaryChunk {
 export const CHUNK_MAX_USERS = 300;
 /** …and stays under the 64 KiB KV value limit even with long ids and model names. */
 const CHUNK_MAX_BYTES = 56_000;
-export const BUDGET_THRESHOLDS = [80, 100] as const;
+export { BUDGET_THRESHOLDS };
 
 const KV_BATCH = 1000;
 const GET_MANY = 10;
@@ -192,6 +194,11 @@ export interface SummaryConfig {
 export interface SummarizeOptions {
   now?: number;
   log?: Logger;
+  /**
+   * Sends budget.threshold events (the app's services pass theirs). Without it the alerts are
+   * only logged; either way each is claimed once per user, month and threshold.
+   */
+  events?: Events;
   /** Called per day, for CLI progress. */
   onProgress?: (p: { day: Day; index: number; total: number }) => void;
 }
@@ -233,7 +240,9 @@ export async function summarizeCosts(
       !checked.has(`${u}\u0000${month}`)
     );
     toCheck.forEach((u) => checked.add(`${u}\u0000${month}`));
-    alerts.push(...await checkBudgets(kv, config, toCheck, month, now, options.log));
+    alerts.push(
+      ...await checkBudgets(kv, config, toCheck, month, now, options.log, options.events),
+    );
     days.push(await writeDaySummary(kv, config.pricing, day, version, rows, now));
   }
   return {
@@ -336,6 +345,7 @@ async function checkBudgets(
   month: Month,
   now: number,
   log?: Logger,
+  events?: Events,
 ): Promise<BudgetAlert[]> {
   const alerts: BudgetAlert[] = [];
   for (let i = 0; i < userIds.length; i += GET_MANY) {
@@ -351,6 +361,15 @@ async function checkBudgets(
       if (user?.status === "deleted") continue;
       const budgetUsd = user?.limits?.budgetUsdMonthly ?? config.limits.budgetUsdMonthly;
       if (!(budgetUsd > 0)) continue;
+      if (events) {
+        // The same claim the gateway's settlements make: whichever sees the spend first sends.
+        for (
+          const threshold of await checkBudget(events, { id: userId }, spendUsd, budgetUsd, month)
+        ) {
+          alerts.push({ userId, month, threshold, spendUsd: roundUsd(spendUsd), budgetUsd });
+        }
+        continue;
+      }
       for (const threshold of BUDGET_THRESHOLDS) {
         if (spendUsd < (budgetUsd * threshold) / 100) continue;
         const key = keys.budgetAlert(userId, month, threshold);
@@ -377,11 +396,14 @@ async function checkBudgets(
 
 /** The Deno.cron handler: runs the job and logs what it did (errors are logged, then rethrown). */
 export function costSummaryJob(
-  deps: { kv: Deno.Kv; config: SummaryConfig; log: Logger },
+  deps: { kv: Deno.Kv; config: SummaryConfig; log: Logger; events?: Events },
 ): () => Promise<void> {
   return async () => {
     try {
-      const result = await summarizeCosts(deps.kv, deps.config, { log: deps.log });
+      const result = await summarizeCosts(deps.kv, deps.config, {
+        log: deps.log,
+        events: deps.events,
+      });
       deps.log.info("cost summaries", {
         days: result.days.map((d) => d.day),
         upToDate: result.upToDate,

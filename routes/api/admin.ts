@@ -71,7 +71,7 @@ export function adminRoutes(services: Services) {
           "You cannot disable your own account; ask another operator.",
         );
       }
-      const user = await users.setStatus(id, status);
+      const user = await users.setStatus(id, status, c.get("session").userId);
       return c.json({ user: shape(user) });
     });
   }

@@ -72,8 +72,14 @@ export function adminRoutes(services: Services) {
     };
   };
 
-  const eventsOn = false;
-  const recentAlerts = (): Promise<AlertLine[]> => Promise.resolve([]);
+  const eventsOn = services.events.enabled;
+  const recentAlerts = async (): Promise<AlertLine[]> =>
+    (await services.events.recentAlerts(10)).map((a) => ({
+      id: a.id,
+      type: a.type,
+      at: a.at,
+      message: a.message,
+    }));
 
   /** Start-up problems an operator can fix, shown on every operator page. */
   const notices = () =>

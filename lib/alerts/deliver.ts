@@ -1,0 +1,443 @@
+/**
+ * Operator events (CONTRACT §7 Events): lifecycle events and alerts POSTed to EVENTS_WEBHOOK_URL,
+ * signed the Standard Webhooks way (svix) and retried with back-off until the receiver answers
+ * 2xx.
+ *
+ * Delivery goes through an outbox in KV, not kv.enqueue/listenQueue: queues do not exist over KV
+ * Connect (a self-hosted denokv, DENO_KV_PATH=https://…; denoland/denokv#55, #57) nor on the new
+ * Deno Deploy (denoland/docs#168), and CONTRACT §8 wants the same code on every KV. An outbox
+ * entry is a plain `set`, so it rides in the same atomic commit as the change it reports: an
+ * event exists if and only if its change landed, once. Every process polls the outbox and claims
+ * an entry with an atomic check before sending it, so several processes never send one attempt
+ * twice; a process that dies mid-delivery leaves a lease that expires and is picked up again.
+ */
+import { Webhook } from "svix";
+import type { Config, KeyMode } from "../core/config.ts";
+import { isTransientKvError, keys, retryAtomic } from "../core/kv.ts";
+import type { Logger } from "../core/log.ts";
+
+/** What an upstream alert carries (the gateway fills it from the refused upstream answer). */
+export interface UpstreamAlertFields {
+  /** The model the refused request asked for (after alias resolution). */
+  model: string;
+  /** The upstream's HTTP status. */
+  status: number;
+  /** GLM's business code (`1113`, `1302`, …), when the answer carried one. */
+  upstreamCode: string | null;
+  /** The upstream's own error text (trimmed; the master key is never echoed). */
+  upstreamMessage: string;
+}
+
+/** The fields of each event type, besides `type`, `at` and `message` (CONTRACT §7 Events). */
+export interface EventFields {
+  /** Once per user: the commit that created the user's key. Never carries the key. */
+  "user.provisioned": {
+    userId: string;
+    email: string | null;
+    firstName: string | null;
+    lastName: string | null;
+    /** The key's first characters (proxy mode); null in shared mode, where no kw_ key is used. */
+    keyPrefix: string | null;
+    mode: KeyMode;
+  };
+  "user.deleted": { userId: string };
+  /** `by`: the operator's user id when an admin made the change. */
+  "user.disabled": { userId: string; by: string | null };
+  "user.enabled": { userId: string; by: string | null };
+  "key.rotated": { userId: string; keyPrefix: string | null };
+  /** Once per user, month and percent. */
+  "budget.threshold": {
+    userId: string;
+    percent: 80 | 100;
+    budgetUsd: number;
+    spentUsd: number;
+    /** The UTC month (YYYY-MM) the spend belongs to. */
+    month: string;
+  };
+  "upstream.key_rejected": UpstreamAlertFields;
+  "upstream.balance_exhausted": UpstreamAlertFields;
+  "upstream.throttled": UpstreamAlertFields;
+}
+
+export type EventType = keyof EventFields;
+/** Sent at most once per type, subject and hour (budget.threshold: once per user and month). */
+export type AlertType =
+  | "budget.threshold"
+  | "upstream.key_rejected"
+  | "upstream.balance_exhausted"
+  | "upstream.throttled";
+export type LifecycleType = Exclude<EventType, AlertType>;
+
+/** An event before it is stamped: its type and that type's fields. */
+export type KeywayEvent = { [T in EventType]: { type: T } & EventFields[T] }[EventType];
+export type LifecycleEvent = Extract<KeywayEvent, { type: LifecycleType }>;
+
+/** The JSON body a receiver gets. */
+export type EventBody = KeywayEvent & { at: string; message: string };
+
+/** "duplicate": already sent (here or by another process); "failed": KV refused (logged). */
+export type AlertOutcome = "sent" | "duplicate" | "failed";
+
+/** An alert as /admin lists it: the body plus its webhook-id. */
+export type RecentAlert = EventBody & { id: string };
+
+/** One event waiting in the outbox; `body` is the exact JSON text that is signed and sent. */
+interface OutboxEntry {
+  id: string;
+  type: EventType;
+  body: string;
+  /** Delivery attempts started so far (a claimed attempt counts even if its process died). */
+  attempts: number;
+  /** When the event was created (ms): retries stop after giveUpAfterMs. */
+  createdAt: number;
+}
+
+const HOUR_MS = 3_600_000;
+const DAY_MS = 24 * HOUR_MS;
+/** Outbox entries one delivery pass sends at once. */
+const BATCH = 10;
+/** Longest upstream error text kept in an alert. */
+const UPSTREAM_MESSAGE_MAX = 500;
+
+/** Signs, stores and delivers operator events. With no EVENTS_WEBHOOK_URL it stores no event. */
+export class Events {
+  /** Wait before retry n is retryBaseMs × 2^(n−1), at most retryMaxMs (1 s, 2 s, 4 s … 1 h). */
+  retryBaseMs = 1_000;
+  retryMaxMs = HOUR_MS;
+  /** An event not delivered this long after it was created is dropped with an error line. */
+  giveUpAfterMs = DAY_MS;
+  /** How often each process looks for due outbox entries. */
+  pollMs = 1_000;
+  /** How long a receiver may take to answer one delivery. */
+  timeoutMs = 10_000;
+  /** How long a claimed delivery is reserved; must exceed timeoutMs (a crash frees it then). */
+  leaseMs = 60_000;
+
+  /** True when EVENTS_WEBHOOK_URL is set: events are stored and delivered. */
+  readonly enabled: boolean;
+  private readonly url: string | undefined;
+  private readonly signer: Webhook | undefined;
+  private readonly masterKey: string | undefined;
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private pass: Promise<void> | null = null;
+  private again = false;
+  private started = false;
+  private closed = false;
+  private readonly stopping = new AbortController();
+
+  constructor(
+    private readonly config: Config,
+    private readonly kv: Deno.Kv,
+    private readonly log: Logger,
+  ) {
+    this.url = config.events.webhookUrl;
+    this.enabled = this.url !== undefined;
+    const secret = config.events.webhookSecret;
+    this.signer = secret ? new Webhook(secret) : undefined;
+    this.masterKey = config.glm.apiKey;
+  }
+
+  /** Proxy or shared: what user.provisioned reports as `mode`. */
+  get keyMode(): KeyMode {
+    return this.config.keyMode;
+  }
+
+  /**
+   * Adds a lifecycle event to an atomic operation: it is delivered if and only if that commit
+   * lands (one mutation; nothing when events are off).
+   */
+  add(op: Deno.AtomicOperation, event: LifecycleEvent): Deno.AtomicOperation {
+    if (!this.enabled) return op;
+    const now = Date.now();
+    const entry = this.entryOf(event, now);
+    op.set(keys.eventOutbox(now, entry.id), entry);
+    this.wakeSoon();
+    return op;
+  }
+
+  /**
+   * Sends an alert at most once per (type, subject) and clock hour, across processes. Returns
+   * whether this call sent it. The alert is logged and kept for /admin (recentAlerts) even when
+   * no EVENTS_WEBHOOK_URL is set.
+   */
+  async alert<T extends AlertType>(
+    type: T,
+    fields: EventFields[T],
+    subject = "*",
+  ): Promise<boolean> {
+    const hour = Math.floor(Date.now() / HOUR_MS);
+    const outcome = await this.alertOnce(
+      keys.alertSent(type, subject, hour),
+      2 * HOUR_MS,
+      { type, ...fields } as KeywayEvent,
+    );
+    return outcome === "sent";
+  }
+
+  /**
+   * Sends an alert unless `claimKey` exists, and creates that key in the same commit (so it is
+   * once across processes); the claim expires after `claimForMs`. Never throws: a KV failure is
+   * logged and reported as "failed", so a caller on a user's request path cannot fail because of
+   * an alert.
+   */
+  async alertOnce(
+    claimKey: Deno.KvKey,
+    claimForMs: number,
+    event: KeywayEvent,
+  ): Promise<AlertOutcome> {
+    const clean = this.scrubbed(event);
+    let sent = false;
+    try {
+      sent = await retryAtomic(async () => {
+        const now = Date.now();
+        const entry = this.entryOf(clean, now);
+        const body = JSON.parse(entry.body) as EventBody;
+        const op = this.kv.atomic()
+          .check({ key: claimKey, versionstamp: null })
+          .set(claimKey, { eventId: entry.id, at: now }, { expireIn: claimForMs })
+          .set(keys.alertLog(now, entry.id), { id: entry.id, ...body } satisfies RecentAlert, {
+            expireIn: DAY_MS + HOUR_MS,
+          });
+        if (this.enabled) op.set(keys.eventOutbox(now, entry.id), entry);
+        // A lock held by another process throws (retried); a failed check means already sent.
+        const res = await op.commit();
+        if (res.ok) this.log.warn(`alert ${clean.type}`, { eventId: entry.id, ...clean });
+        return res.ok;
+      }, `alert ${event.type}`);
+    } catch (err) {
+      this.log.error("alert could not be stored", { type: event.type, error: errorText(err) });
+      return "failed";
+    }
+    if (!sent) return "duplicate";
+    this.wakeSoon();
+    return "sent";
+  }
+
+  /** Alerts of the last 24 hours, newest first. */
+  async recentAlerts(limit = 50): Promise<RecentAlert[]> {
+    const since = Date.now() - DAY_MS;
+    const alerts: RecentAlert[] = [];
+    const iter = this.kv.list<RecentAlert>(
+      { prefix: keys.alertLogAll(), start: keys.alertLog(since, "") },
+      { reverse: true, limit },
+    );
+    for await (const entry of iter) alerts.push(entry.value);
+    return alerts;
+  }
+
+  /** Starts this process's delivery loop (no-op when events are off). */
+  start(): void {
+    if (!this.enabled || this.closed || this.started) return;
+    this.started = true;
+    this.schedule(this.pollMs);
+  }
+
+  /**
+   * Runs a delivery pass now and waits for it: a cron's nudge on hosts that freeze idle
+   * processes (Deno Deploy), where the poll's timer may not fire for a long while.
+   */
+  async flush(): Promise<void> {
+    if (!this.enabled || this.closed) return;
+    if (!this.pass) {
+      clearTimeout(this.timer);
+      this.runPass();
+    }
+    await this.pass;
+  }
+
+  /** Stops the loop; deliveries in flight are cut and retried later (by any process). */
+  async close(): Promise<void> {
+    this.closed = true;
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.stopping.abort();
+    await this.pass;
+  }
+
+  private entryOf(event: KeywayEvent, now: number): OutboxEntry {
+    const at = new Date(now).toISOString();
+    // type, at and message first: the order a person reading the raw body expects.
+    const { type, ...fields } = event;
+    const body = { type, at, message: describe(event), ...fields };
+    return {
+      id: `evt_${crypto.randomUUID().replaceAll("-", "")}`,
+      type: event.type,
+      body: JSON.stringify(body),
+      attempts: 0,
+      createdAt: now,
+    };
+  }
+
+  /** Upstream texts are trimmed, and never carry the master key even if GLM echoed it. */
+  private scrubbed(event: KeywayEvent): KeywayEvent {
+    if (!("upstreamMessage" in event)) return event;
+    let text = event.upstreamMessage.slice(0, UPSTREAM_MESSAGE_MAX);
+    if (this.masterKey && this.masterKey.length >= 8) {
+      text = text.replaceAll(this.masterKey, "[redacted]");
+    }
+    return { ...event, upstreamMessage: text };
+  }
+
+  private schedule(ms: number) {
+    clearTimeout(this.timer);
+    this.timer = setTimeout(() => this.runPass(), ms);
+  }
+
+  /** A new event was committed (or is about to be): look soon rather than at the next poll. */
+  private wakeSoon() {
+    if (!this.started || this.closed) return;
+    if (this.pass) this.again = true;
+    else this.schedule(10);
+  }
+
+  private runPass() {
+    this.timer = undefined;
+    if (this.closed) return;
+    this.again = false;
+    this.pass = this.deliverDue()
+      .catch((err) => this.log.error("event delivery pass failed", { error: errorText(err) }))
+      .then((more) => {
+        this.pass = null;
+        if (this.started && !this.closed) this.schedule(more || this.again ? 0 : this.pollMs);
+      });
+  }
+
+  /** Sends the due outbox entries (a batch); true when there may be more due at once. */
+  private async deliverDue(): Promise<boolean> {
+    const due: Deno.KvEntry<OutboxEntry>[] = [];
+    const iter = this.kv.list<OutboxEntry>(
+      { prefix: keys.eventOutboxAll(), end: keys.eventOutbox(Date.now() + 1, "") },
+      { limit: BATCH },
+    );
+    for await (const entry of iter) due.push(entry);
+    await Promise.all(due.map((entry) => this.deliverOne(entry)));
+    return due.length === BATCH;
+  }
+
+  private async deliverOne(entry: Deno.KvEntry<OutboxEntry>): Promise<void> {
+    const event = entry.value;
+    // Claim: move the entry to a lease that falls due only if this process never finishes.
+    const attempt: OutboxEntry = { ...event, attempts: event.attempts + 1 };
+    const leaseKey = keys.eventOutbox(Date.now() + this.leaseMs, event.id);
+    const claim = await this.commit(
+      this.kv.atomic().check(entry).delete(entry.key).set(leaseKey, attempt),
+    );
+    if (!claim?.ok) return; // another process took it (or KV is busy: the next pass retries)
+    const lease = { key: leaseKey, versionstamp: claim.versionstamp };
+
+    const failure = await this.post(attempt);
+    if (failure === null) {
+      await this.commit(this.kv.atomic().check(lease).delete(leaseKey));
+      this.log.info("event delivered", {
+        eventId: event.id,
+        type: event.type,
+        attempt: attempt.attempts,
+      });
+      return;
+    }
+    const retryInMs = Math.min(this.retryBaseMs * 2 ** (attempt.attempts - 1), this.retryMaxMs);
+    const retryAt = Date.now() + retryInMs;
+    const givingUp = retryAt - event.createdAt > this.giveUpAfterMs;
+    const op = this.kv.atomic().check(lease).delete(leaseKey);
+    if (!givingUp) op.set(keys.eventOutbox(retryAt, event.id), attempt);
+    const res = await this.commit(op);
+    const fields = { eventId: event.id, type: event.type, attempt: attempt.attempts };
+    if (res && !res.ok) {
+      // This attempt outlived its lease and another process took the event over.
+      this.log.warn("event delivery failed; another process has taken it over", {
+        ...fields,
+        error: failure,
+      });
+    } else if (givingUp) {
+      this.log.error("event delivery gave up", { ...fields, error: failure });
+    } else {
+      this.log.warn("event delivery failed, will retry", { ...fields, retryInMs, error: failure });
+    }
+  }
+
+  /** One POST; null on 2xx, else what went wrong (for the log). */
+  private async post(event: OutboxEntry): Promise<string | null> {
+    const now = new Date();
+    // The id stays the same on every retry so receivers can drop repeats; the timestamp (and so
+    // the signature) is the attempt's, as receivers refuse stale timestamps.
+    const headers: Record<string, string> = {
+      "content-type": "application/json",
+      "user-agent": "Keyway-Events/1",
+      "webhook-id": event.id,
+      "webhook-timestamp": String(Math.floor(now.getTime() / 1000)),
+    };
+    if (this.signer) headers["webhook-signature"] = this.signer.sign(event.id, now, event.body);
+    const aborter = new AbortController();
+    const stop = () => aborter.abort();
+    this.stopping.signal.addEventListener("abort", stop);
+    const timer = setTimeout(stop, this.timeoutMs);
+    try {
+      const res = await fetch(this.url!, {
+        method: "POST",
+        headers,
+        body: event.body,
+        signal: aborter.signal,
+        // A redirect is not an answer: a receiver that moved must be reconfigured.
+        redirect: "manual",
+      });
+      await res.body?.cancel();
+      return res.ok ? null : `the receiver answered HTTP ${res.status}`;
+    } catch (err) {
+      if (this.closed) return "the process is shutting down";
+      if (aborter.signal.aborted) return `no answer within ${this.timeoutMs} ms`;
+      return errorText(err);
+    } finally {
+      clearTimeout(timer);
+      this.stopping.signal.removeEventListener("abort", stop);
+    }
+  }
+
+  /** Commits once; a KV lock held by another process is reported as null (the next pass retries). */
+  private async commit(
+    op: Deno.AtomicOperation,
+  ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
+    try {
+      return await op.commit();
+    } catch (err) {
+      if (isTransientKvError(err) || this.closed) return null;
+      throw err;
+    }
+  }
+}
+
+const usd = (n: number) => `$${n.toFixed(2)}`;
+
+/** The event's sentence for people (`message`). */
+function describe(event: KeywayEvent): string {
+  const by = (id: string | null) => id ? ` by operator ${id}` : "";
+  switch (event.type) {
+    case "user.provisioned":
+      return `${event.email ?? event.userId} signed up and got a key` +
+        (event.keyPrefix ? ` (${event.keyPrefix}…)` : "") + ".";
+    case "user.deleted":
+      return `User ${event.userId} was deleted: keys revoked, e-mail and names dropped.`;
+    case "user.disabled":
+      return `User ${event.userId} was disabled${by(event.by)}.`;
+    case "user.enabled":
+      return `User ${event.userId} was enabled${by(event.by)}.`;
+    case "key.rotated":
+      return `User ${event.userId} rotated their key` +
+        (event.keyPrefix ? ` (now ${event.keyPrefix}…)` : "") + "; the old one stopped working.";
+    case "budget.threshold":
+      return `User ${event.userId} has spent ${usd(event.spentUsd)} of their ` +
+        `${usd(event.budgetUsd)} budget for ${event.month} (${event.percent}%).`;
+    case "upstream.key_rejected":
+      return `GLM refused the operator's master key (HTTP ${event.status} on ${event.model}); ` +
+        `users get 503 until GLM_API_KEY is fixed.`;
+    case "upstream.balance_exhausted":
+      return `The GLM account is out of balance (code ${event.upstreamCode ?? "none"} on ` +
+        `${event.model}); users get 503 until it is topped up.`;
+    case "upstream.throttled":
+      return `GLM keeps throttling requests (HTTP ${event.status}, code ` +
+        `${event.upstreamCode ?? "none"} on ${event.model}); users get 503 upstream_busy.`;
+  }
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
