@@ -26,6 +26,7 @@ import {
 } from "./helpers.ts";
 import { signedDelivery, userCreated, WEBHOOK_SECRET } from "./fakes/svix.ts";
 import { type RunningMain, startMain } from "./subprocess.ts";
+import { FakeGlm } from "./fakes/glm.ts";
 
 const issuer = await ClerkIssuer.create();
 const EVENTS_SECRET = "whsec_" + btoa("keyway-events-test-secret-32-bytes!");
@@ -748,5 +749,83 @@ Deno.test("events: two app processes racing to provision send one user.provision
     for (const p of processes) await p.stop();
     await receiver.close();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("events: the gateway's refusals and settlements reach the operator — GLM account alerts and budget thresholds, end to end", async (t) => {
+  const receiver = new Receiver();
+  receiver.failFirst = 2; // the receiver fails twice: the alert still arrives, once
+  const glm = new FakeGlm();
+  try {
+    await withApp(receiver, async (app) => {
+      const { apiKey } = await app.services.users.provision("user_alerts");
+      // $10,000 per million tokens: an 18-token answer costs $0.18, a 13-token reservation $0.13.
+      const chat = () =>
+        app.request("/v1/chat/completions", {
+          method: "POST",
+          headers: { ...bearer(apiKey), "content-type": "application/json" },
+          body: JSON.stringify({
+            model: "glm-4.6",
+            max_tokens: 7,
+            messages: [{ role: "user", content: "hi" }],
+          }),
+        });
+      await t.step("GLM 1113 → one upstream.balance_exhausted, however many refusals", async () => {
+        glm.refusal = "balance";
+        for (let i = 0; i < 3; i++) assert.equal((await chat()).status, 503);
+        await eventually(() => receiver.ofType("upstream.balance_exhausted").length === 1, 5000);
+        const [d] = receiver.ofType("upstream.balance_exhausted");
+        assert.equal(receiver.attempts.get(d.id), 3);
+        assert.equal(d.body.upstreamCode, "1113");
+        assert.equal(d.body.model, "glm-4.6");
+      });
+      await t.step("a refused master key → one upstream.key_rejected", async () => {
+        glm.refusal = "key_rejected";
+        for (let i = 0; i < 2; i++) assert.equal((await chat()).status, 503);
+        await eventually(() => receiver.ofType("upstream.key_rejected").length === 1, 5000);
+        assert.equal(receiver.ofType("upstream.key_rejected")[0].body.status, 401);
+      });
+      await t.step("throttling is alerted once it is sustained (5 within a minute)", async () => {
+        glm.refusal = "concurrency";
+        for (let i = 0; i < 4; i++) assert.equal((await chat()).status, 503);
+        await new Promise((r) => setTimeout(r, 200));
+        assert.equal(receiver.ofType("upstream.throttled").length, 0);
+        assert.equal((await chat()).status, 503);
+        await eventually(() => receiver.ofType("upstream.throttled").length === 1, 5000);
+      });
+      await t.step(
+        "budget.threshold at 80 % and 100 %, once each, from real requests",
+        async () => {
+          glm.refusal = null;
+          const statuses = [];
+          for (let i = 0; i < 6; i++) {
+            const res = await chat();
+            await res.body?.cancel();
+            statuses.push(res.status);
+          }
+          // $0.18 each against $0.85: the 4th passes 80 %, the 5th 100 %, the 6th is refused.
+          assert.deepEqual(statuses, [200, 200, 200, 200, 200, 429]);
+          await eventually(() => receiver.ofType("budget.threshold").length === 2, 5000);
+          await drained(app);
+          const sent = receiver.ofType("budget.threshold").map((d) => d.body);
+          assert.deepEqual(sent.map((b) => b.percent).sort(), [100, 80]);
+          const eighty = sent.find((b) => b.percent === 80)!;
+          assert.equal(eighty.userId, "user_alerts");
+          assert.equal(eighty.budgetUsd, 0.85);
+          assert.equal(eighty.spentUsd, 0.72);
+          assert.equal(sent.find((b) => b.percent === 100)!.spentUsd, 0.9);
+          assert.equal(receiver.rejected, 0);
+          assert.ok(!receiver.deliveries.some((d) => d.raw.includes(apiKey)));
+        },
+      );
+    }, {
+      GLM_BASE_URL: glm.baseUrl,
+      RATE_LIMIT_RPM: "1000",
+      BUDGET_USD_MONTHLY: "0.85",
+      PRICING: JSON.stringify({ "glm-4.6": { input: 10_000, output: 10_000 } }),
+    });
+  } finally {
+    await receiver.close();
+    await glm.close();
   }
 });
