@@ -121,7 +121,10 @@ Deno.test("upstream chaos: contract errors to clients, usage consistent with del
     // Every response has ended: every request is counted, with no wait.
     assert.ok(estimated.cuts > 0 && estimated.timeouts > 0, JSON.stringify(estimated));
     const totals = await usageTotalsOf(app.kv, "user_chaos");
-    assert.equal(totals.requests, N, "every request that reached the upstream is counted once");
+    // An upstream 5xx is not the user's doing: not counted (CONTRACT §5 "Upstream refusals").
+    const failed = seen.get(503) ?? 0;
+    assert.ok(failed > 0);
+    assert.equal(totals.requests, N - failed, "every request the upstream served is counted once");
     assert.equal(totals.prompt, delivered.prompt + 6 * (estimated.cuts + estimated.timeouts));
     assert.equal(totals.completion, delivered.completion + estimated.cuts);
     // The server keeps serving afterwards.

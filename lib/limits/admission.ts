@@ -536,6 +536,9 @@ export class Ledger {
       await backoff(conflicts + 1);
     }
     if (userIds.length === 1) {
+      // Several processes busy with this one user (a loaded machine makes their commits
+      // overlap more): keep trying, with the jittered back-off, before giving up.
+      if (attempts < MAX_ATTEMPTS) return await this.commitBatch(batch, MAX_ATTEMPTS);
       throw new Error(`limits: KV commit kept conflicting after ${attempts} attempts`);
     }
     // Persistent conflicts (several processes busy with the same users): one user at a time.
