@@ -127,6 +127,7 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
   const server = await startServer({
     GLM_BASE_URL: fake.baseUrl,
     ADMIN_USER_IDS: await localUserId(OPERATOR),
+    UPSTREAM_CONCURRENCY: '{"glm-4.6": 2}',
   });
   const dir = folder.dir;
   try {
@@ -430,9 +431,35 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
       "operator: cards on a phone, overrides, confirmation, never yourself",
       async () => {
         const { w, userId: selfId, token } = await signedIn(browser, server, OPERATOR);
-        await keyOf(server, token);
+        const operatorKey = await keyOf(server, token);
+        // The Upstream card: one answer streaming (1 of 2 slots), and an alert on record.
+        fake.mode = "sse";
+        fake.holdAfterFirstChunk = true;
+        const streaming = await fetch(`${server.url}/v1/chat/completions`, {
+          method: "POST",
+          headers: { authorization: `Bearer ${operatorKey}`, "content-type": "application/json" },
+          body: JSON.stringify({
+            model: "glm-4.6",
+            stream: true,
+            messages: [{ role: "user", content: "hi" }],
+          }),
+        });
+        assert.equal(streaming.status, 200);
+        await server.services.events.alert("upstream.balance_exhausted", {
+          model: "glm-4.6",
+          status: 429,
+          upstreamCode: "1113",
+          upstreamMessage: "您的账户已欠费,请充值后重试",
+        });
         const page = await w.newPage();
         assert.equal((await page.goto(`${server.url}/admin`))?.status(), 200);
+        const upstream = page.getByTestId("upstream-health");
+        assert.match(await upstream.innerText(), /glm-4\.6\s+1 of 2\s+0/);
+        assert.match(await upstream.getByTestId("queue-wait").innerText(), /p50 ≤ 0 ms/);
+        assert.match(
+          await upstream.getByTestId("recent-alerts").innerText(),
+          /upstream\.balance_exhausted/,
+        );
         const backId = await localUserId("back@example.com");
         const row = page.locator(`tr[data-user-id="${backId}"]`);
         await row.waitFor({ timeout: 10_000 });
@@ -460,6 +487,10 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
         await row.getByRole("button", { name: "Cancel" }).click();
         assert.equal((await server.services.users.get(backId))?.status, "active");
         await inspect(page, dir, "admin", shots);
+        fake.release();
+        await streaming.text();
+        fake.holdAfterFirstChunk = false;
+        fake.mode = "json";
         // Phone: one card per user, no sideways scrolling.
         await page.setViewportSize(PHONE);
         assert.equal(await page.locator(".users-table thead").isVisible(), false);

@@ -15,6 +15,7 @@ import { Webhook } from "svix";
 import type { Config, KeyMode } from "../core/config.ts";
 import { isTransientKvError, keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
+import { formatUsd } from "../core/format.ts";
 
 /** What an upstream alert carries (the gateway fills it from the refused upstream answer). */
 export interface UpstreamAlertFields {
@@ -405,7 +406,8 @@ export class Events {
   }
 }
 
-const usd = (n: number) => `$${n.toFixed(2)}`;
+/** Dollars as the operator reads them; tiny amounts keep two significant digits ($0.000036). */
+const usd = (n: number) => n > 0 && n < 0.01 ? `$${Number(n.toPrecision(2))}` : formatUsd(n);
 
 /** The event's sentence for people (`message`). */
 function describe(event: KeywayEvent): string {
