@@ -4,6 +4,7 @@
  * provisions the caller's key on first visit (POST /api/key, idempotent, retried with backoff).
  * The server renders it with the usage it read, so nothing moves when the page comes alive.
  */
+import { ModelTable } from "../components/ModelTable.tsx";
 import { useEffect, useState } from "preact/hooks";
 import { Meter } from "../components/Meter.tsx";
 import {
@@ -463,32 +464,7 @@ function UsagePanel(
         />
         <h3 style={{ marginTop: "1rem" }}>By model</h3>
         {usage.byModel.length > 0
-          ? (
-            <div class="table-wrap">
-              <table data-testid="by-model">
-                <thead>
-                  <tr>
-                    <th scope="col">Model</th>
-                    <th scope="col" class="num">Requests</th>
-                    <th scope="col" class="num">Tokens</th>
-                    <th scope="col" class="num">Cost</th>
-                  </tr>
-                </thead>
-                <tbody>
-                  {usage.byModel.map((m) => (
-                    <tr key={m.model}>
-                      <td>
-                        <code>{m.model}</code>
-                      </td>
-                      <td class="num">{formatInt(m.requests)}</td>
-                      <td class="num">{formatTokens(m.totalTokens)}</td>
-                      <td class="num">{formatUsd(m.costUsd)}</td>
-                    </tr>
-                  ))}
-                </tbody>
-              </table>
-            </div>
-          )
+          ? <ModelTable rows={usage.byModel} testId="by-model" />
           : (
             <p class="muted small" style={{ margin: 0 }}>
               {returning ? "No requests in this window." : "No requests yet: set up a tool above."}

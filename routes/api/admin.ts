@@ -5,6 +5,7 @@ import { operatorOverview } from "../../lib/reports/overview.ts";
 import { AppError } from "../../lib/core/errors.ts";
 import { effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
+import type { Config } from "../../lib/core/config.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
 
@@ -20,6 +21,29 @@ const limitsBody = z.object({
   message: "give at least one of rpm, rpd, tokensPerDay, budgetUsdMonthly",
 });
 
+/**
+ * One user for the operator: the contract's fields, plus the overrides (`limits`), the limits
+ * in force (`effectiveLimits`) and the latest UTC day with usage in the last 30 (`lastActive`).
+ */
+export function adminUserView(
+  config: Config,
+  user: UserRecord,
+  usage?: { requests: number; totalTokens: number; costUsd: number },
+  lastActive?: string | null,
+) {
+  return {
+    userId: user.id,
+    email: user.email,
+    status: user.status,
+    createdAt: user.createdAt,
+    keyPrefix: user.key?.prefix ?? null,
+    limits: user.limits,
+    effectiveLimits: effectiveLimits(config, user),
+    lastActive: lastActive ?? null,
+    usage30d: usage ? usage : { requests: 0, totalTokens: 0, costUsd: 0 },
+  };
+}
+
 export function adminRoutes(services: Services) {
   const { config, users, kv } = services;
   const app = new Hono<AppEnv>();
@@ -31,25 +55,11 @@ export function adminRoutes(services: Services) {
     await next();
   };
 
-  /**
-   * One user for the operator: the contract's fields, plus the overrides (`limits`), the limits
-   * in force (`effectiveLimits`) and the latest UTC day with usage in the last 30 (`lastActive`).
-   */
   const shape = (
     user: UserRecord,
     usage?: { requests: number; totalTokens: number; costUsd: number },
     lastActive?: string,
-  ) => ({
-    userId: user.id,
-    email: user.email,
-    status: user.status,
-    createdAt: user.createdAt,
-    keyPrefix: user.key?.prefix ?? null,
-    limits: user.limits,
-    effectiveLimits: effectiveLimits(config, user),
-    lastActive: lastActive ?? null,
-    usage30d: usage ? usage : { requests: 0, totalTokens: 0, costUsd: 0 },
-  });
+  ) => adminUserView(config, user, usage, lastActive);
 
   app.get("/admin/users", session, admin, async (c) => {
     const { users: totals, lastActive } = await operatorOverview(kv, config.pricing);

@@ -3,6 +3,7 @@
  * and one page per user (`/admin/users/:id`) with their chart, models, key prefix, limits and
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
+import { ModelTable } from "../../components/ModelTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { island } from "../../build/islands.ts";
@@ -20,11 +21,11 @@ import {
   formatUsd,
 } from "../../lib/core/format.ts";
 import type { Session } from "../../lib/identity/sessions.ts";
-import { effectiveLimits } from "../../lib/limits/policy.ts";
 import { operatorOverview } from "../../lib/reports/overview.ts";
 import { usageReport } from "../../lib/usage/usage.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
+import { adminUserView } from "../api/admin.ts";
 import { notFoundPage } from "./not_found.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 
@@ -235,17 +236,7 @@ export function adminRoutes(services: Services) {
             mode={authMode}
             selfId={who.session.userId}
             defaults={defaults}
-            user={{
-              userId: user.id,
-              email: user.email,
-              status: user.status,
-              createdAt: user.createdAt,
-              keyPrefix: user.key?.prefix ?? null,
-              limits: user.limits,
-              effectiveLimits: effectiveLimits(config, user),
-              lastActive,
-              usage30d: total,
-            }}
+            user={adminUserView(config, user, total, lastActive)}
           />
         </div>
         <section class="card" aria-labelledby="chart-title" style={{ marginBottom: "1.25rem" }}>
@@ -263,32 +254,7 @@ export function adminRoutes(services: Services) {
         <section class="card" aria-labelledby="models-title">
           <h2 id="models-title">By model</h2>
           {usage.byModel.length
-            ? (
-              <div class="table-wrap">
-                <table data-testid="user-models">
-                  <thead>
-                    <tr>
-                      <th scope="col">Model</th>
-                      <th scope="col" class="num">Requests</th>
-                      <th scope="col" class="num">Tokens</th>
-                      <th scope="col" class="num">Cost</th>
-                    </tr>
-                  </thead>
-                  <tbody>
-                    {usage.byModel.map((m) => (
-                      <tr key={m.model}>
-                        <td>
-                          <code>{m.model}</code>
-                        </td>
-                        <td class="num">{formatInt(m.requests)}</td>
-                        <td class="num">{formatTokens(m.totalTokens)}</td>
-                        <td class="num">{formatUsd(m.costUsd)}</td>
-                      </tr>
-                    ))}
-                  </tbody>
-                </table>
-              </div>
-            )
+            ? <ModelTable rows={usage.byModel} testId="user-models" />
             : <p class="muted">No requests in the last 30 days.</p>}
         </section>
       </Layout>,
