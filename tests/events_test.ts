@@ -138,7 +138,11 @@ async function outboxSize(kv: Deno.Kv): Promise<number> {
 
 /** Waits until every stored event has been delivered (the outbox is empty). */
 async function drained(app: { kv: Deno.Kv }, timeoutMs = 5000) {
-  await eventually(async () => (await outboxSize(app.kv)) === 0, timeoutMs);
+  await eventually(async () => (await outboxSize(app.kv)) === 0, timeoutMs, async () => {
+    const left = [];
+    for await (const e of app.kv.list({ prefix: ["event_outbox"] })) left.push(e.key, e.value);
+    return left;
+  });
 }
 
 async function withApp(

@@ -328,7 +328,8 @@ export class Events {
 
     const failure = await this.post(attempt);
     if (failure === null) {
-      await this.commit(this.kv.atomic().check(lease).delete(leaseKey));
+      // Delivered: the lease must go now, or the event is sent again when it falls due.
+      await this.commitSoon(() => this.kv.atomic().check(lease).delete(leaseKey));
       this.log.info("event delivered", {
         eventId: event.id,
         type: event.type,
@@ -339,9 +340,11 @@ export class Events {
     const retryInMs = Math.min(this.retryBaseMs * 2 ** (attempt.attempts - 1), this.retryMaxMs);
     const retryAt = Date.now() + retryInMs;
     const givingUp = retryAt - event.createdAt > this.giveUpAfterMs;
-    const op = this.kv.atomic().check(lease).delete(leaseKey);
-    if (!givingUp) op.set(keys.eventOutbox(retryAt, event.id), attempt);
-    const res = await this.commit(op);
+    const res = await this.commitSoon(() => {
+      const op = this.kv.atomic().check(lease).delete(leaseKey);
+      if (!givingUp) op.set(keys.eventOutbox(retryAt, event.id), attempt);
+      return op;
+    });
     const fields = { eventId: event.id, type: event.type, attempt: attempt.attempts };
     if (res && !res.ok) {
       // This attempt outlived its lease and another process took the event over.
@@ -391,6 +394,21 @@ export class Events {
       clearTimeout(timer);
       this.stopping.signal.removeEventListener("abort", stop);
     }
+  }
+
+  /**
+   * Commits an attempt's outcome, retrying while another process holds the KV file's lock (a
+   * busy machine with several processes on one file); null if it never went through.
+   */
+  private async commitSoon(
+    build: () => Deno.AtomicOperation,
+  ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
+    for (let i = 0; i < 20; i++) {
+      const res = await this.commit(build());
+      if (res !== null || this.closed) return res;
+      await new Promise((r) => setTimeout(r, 1 + Math.random() * Math.min(5 * 2 ** i, 250)));
+    }
+    return null;
   }
 
   /** Commits once; a KV lock held by another process is reported as null (the next pass retries). */
