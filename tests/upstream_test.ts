@@ -269,6 +269,10 @@ Deno.test("100 concurrent requests over two processes against GLM's cap: no 1302
     const ok = results.filter((r) => r.status === 200);
     const busy = results.filter((r) => r.status === 503);
     assert.equal(ok.length + busy.length, 100, results.map((r) => r.status).join(","));
+    console.log(
+      `  ${ok.length} answered, ${busy.length} × 503 upstream_busy; GLM saw at most ` +
+        `${glm.maxInFlight} in flight, answered 1302 ${glm.rejectedOverCap} times`,
+    );
     assert.equal(glm.rejectedOverCap, 0, "GLM never had to answer 1302");
     assert.ok(glm.maxInFlight <= CAP, `GLM saw ${glm.maxInFlight} in flight`);
     assert.equal(glm.maxInFlight, CAP, "the slots are used");
