@@ -121,6 +121,10 @@ export function createApp(services: Services) {
     return await apiLimit(c, next);
   });
   app.use("/auth/*", bodyLimit({ maxSize: 16 * KIB, onError: tooLarge("16 KiB") }));
+  // The connect pages' approve and cancel forms (read before any session check).
+  const formLimit = bodyLimit({ maxSize: 16 * KIB, onError: tooLarge("16 KiB") });
+  app.use("/connect", formLimit);
+  app.use("/connect/*", formLimit);
 
   app.get("/health", async (c) => {
     await kv.get(["health"]);

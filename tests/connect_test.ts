@@ -666,3 +666,38 @@ Deno.test("connect: /sign-in?redirect= comes back in Clerk mode; unsafe values a
     await app.close();
   }
 });
+
+Deno.test("connect: anonymous device starts are capped per minute; the approve forms have a body limit", async (t) => {
+  const app = await testApp({}, { connect: { deviceStartsPerMinute: 3 } });
+  try {
+    await t.step("the 4th device start in a minute → 429 with Retry-After", async () => {
+      const start = () =>
+        app.request("/api/connect/device", {
+          method: "POST",
+          headers: { "content-type": "application/json" },
+          body: JSON.stringify({ client: "Keyway CLI" }),
+        });
+      const statuses = [];
+      for (let i = 0; i < 4; i++) {
+        const res = await start();
+        statuses.push(res.status);
+        if (res.status === 429) {
+          assert.equal((await res.json()).error.code, "rate_limit_exceeded");
+          assert.match(res.headers.get("retry-after") ?? "", /^\d+$/);
+        } else await res.body?.cancel();
+      }
+      assert.deepEqual(statuses, [200, 200, 200, 429]);
+    });
+    await t.step("a 20 KiB form on /connect → 413 before anything reads it", async () => {
+      const res = await app.request("/connect", {
+        method: "POST",
+        headers: { "content-type": "application/x-www-form-urlencoded" },
+        body: "client=" + "x".repeat(20 * 1024),
+      });
+      assert.equal(res.status, 413);
+      await res.body?.cancel();
+    });
+  } finally {
+    await app.close();
+  }
+});

@@ -1,12 +1,12 @@
 import assert from "node:assert/strict";
 import { loadConfig } from "../lib/core/config.ts";
 import { AppError } from "../lib/core/errors.ts";
-import { keys } from "../lib/core/kv.ts";
+import { keys, u64 } from "../lib/core/kv.ts";
 import { type AdmitRequest, Ledger, quotaRefusal } from "../lib/limits/admission.ts";
 import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
 import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
 import type { UserRecord } from "../lib/identity/users.ts";
-import { interceptCommits } from "./helpers.ts";
+import { interceptCommits, usageTotalsOf } from "./helpers.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
   rpm,
@@ -319,6 +319,43 @@ Deno.test("Ledger: a settlement whose commit fails is retried, and counted once"
     assert.equal(requests, 1);
   } finally {
     await ledger.close();
+    kv.close();
+  }
+});
+
+Deno.test("Ledger: a reaper racing a stalled process's settlement counts its lease once", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const config = loadConfig({ DENO_KV_PATH: ":memory:", CONCURRENCY_LIMIT: "3" });
+  const a = new Ledger(kv, config);
+  let raced = false;
+  let lease: Awaited<ReturnType<Ledger["admit"]>> | undefined;
+  // Process B's clock is a minute ahead: A's heartbeat looks expired to it. Right before B's
+  // first commit (after it has looked at A's heartbeat), A — which was only stalled — settles.
+  const b = new Ledger(
+    interceptCommits(kv, async (commit) => {
+      if (!raced && lease) {
+        raced = true;
+        await lease.settle({ promptTokens: 5, completionTokens: 5 }, "complete");
+      }
+      return await commit();
+    }),
+    config,
+    { clock: () => Date.now() + 60_000 },
+  );
+  try {
+    await seedUser(kv, "u9");
+    lease = await a.admit(request("u9"));
+    await b.reap();
+    assert.ok(raced);
+    await b.reap();
+    const held = await kv.get(keys.leaseHeld("u9", "count"));
+    assert.equal(u64(held.value), 0, "the slot is given back once (a KvU64 below 0 wraps)");
+    const usage = await usageTotalsOf(kv, "u9");
+    assert.equal(usage.requests, 1, "counted once");
+    assert.equal(usage.prompt, 5);
+  } finally {
+    await a.close();
+    await b.close();
     kv.close();
   }
 });

@@ -192,6 +192,26 @@ Deno.test("upstream slots in one process: arrival order, 503 upstream_busy after
         );
       },
     );
+    await t.step("tickets left by a process that died do not hold the line", async () => {
+      // 60 waiters of a dead process, their deadlines long past, still in KV.
+      const op = s.app.kv.atomic();
+      const old = String(Date.now() - 5_000).padStart(15, "0");
+      for (let i = 0; i < 60; i++) {
+        op.set(keys.upstreamTicket("glm-4.6", `${old}-dead-${String(i).padStart(8, "0")}`), {
+          deadline: Date.now() - 4_400,
+        }, { expireIn: 600_000 });
+      }
+      await op.commit();
+      const holder = await ask("holder3");
+      const waiting = ask("behind the dead");
+      await new Promise((r) => setTimeout(r, 100));
+      s.fake.release();
+      await holder.text();
+      const next = await waiting;
+      assert.equal(next.status, 200, "the live waiter gets the freed slot");
+      s.fake.release();
+      await next.text();
+    });
     const kv = s.app.kv;
     assert.equal(u64((await kv.get(keys.upstreamHeld("glm-4.6"))).value), 0, "no slot left held");
   } finally {

@@ -168,7 +168,8 @@ const envSchema = z.object({
     for (const [model, n] of Object.entries(parsed.data)) limits[model.toLowerCase()] = n;
     return limits;
   }),
-  UPSTREAM_QUEUE_MS: intFrom("UPSTREAM_QUEUE_MS", 20_000, 0, 3_600_000),
+  // At least a KV round trip: a request needs one to take a free slot.
+  UPSTREAM_QUEUE_MS: intFrom("UPSTREAM_QUEUE_MS", 20_000, 100, 3_600_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(

@@ -80,6 +80,8 @@ export const keys = {
   /** Normalised user code (8 letters, no dash) → the device code hash; ids only. */
   deviceUserCode: (userCode: string) => ["device_user_codes", userCode] as const,
   /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
+  /** Device authorizations started in one clock minute (a number; expires). */
+  deviceStarts: (minute: number) => ["device_starts", minute] as const,
   deviceCodeMisses: (userId: string, window: number) =>
     ["device_code_misses", userId, window] as const,
 };

@@ -113,6 +113,8 @@ export class Gateway {
   private readonly notify: UpstreamNotifier | undefined;
   /** When this process's recent throttled answers came (sustained throttling is alerted). */
   private throttled: number[] = [];
+  /** The clock minute of this process's last alert try of each type. */
+  private readonly alerted = new Map<UpstreamAlert, number>();
   readonly models: ModelCatalog;
   /** The operator's key and content type, per endpoint (built once). */
   private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
@@ -296,6 +298,12 @@ export class Gateway {
       if (this.throttled.length < THROTTLE_SUSTAINED) return;
       this.throttled = [];
     }
+    // Alerts go out once per type and hour anyway (lib/alerts): during an outage every refused
+    // request would otherwise try a KV commit to learn that. One try a minute per process still
+    // gets an alert out if an earlier try failed.
+    const minute = Math.floor(Date.now() / 60_000);
+    if (this.alerted.get(refusal.alert) === minute) return;
+    this.alerted.set(refusal.alert, minute);
     try {
       this.notify(refusal.alert, fields);
     } catch (err) {

@@ -17,6 +17,8 @@ export interface ConnectOptions {
   /** Wrong user codes a user may enter per window before the page refuses more. */
   missLimit?: number;
   missWindowMs?: number;
+  /** Device authorizations anyone may start per minute, all clients together (no sign-in). */
+  deviceStartsPerMinute?: number;
   /** The clock (ms). */
   now?: () => number;
 }
@@ -138,6 +140,7 @@ export class ConnectFlows {
   readonly pollIntervalS: number;
   readonly missLimit: number;
   readonly missWindowMs: number;
+  readonly deviceStartsPerMinute: number;
   private readonly now: () => number;
 
   constructor(private readonly kv: Deno.Kv, options: ConnectOptions = {}) {
@@ -146,6 +149,7 @@ export class ConnectFlows {
     this.pollIntervalS = options.pollIntervalS ?? 5;
     this.missLimit = options.missLimit ?? 5;
     this.missWindowMs = options.missWindowMs ?? 900_000;
+    this.deviceStartsPerMinute = options.deviceStartsPerMinute ?? 600;
     this.now = options.now ?? Date.now;
   }
 
@@ -194,6 +198,25 @@ export class ConnectFlows {
   // ---- Device code (RFC 8628) ----
 
   async startDevice(client: string): Promise<DeviceStart> {
+    // Starting needs no sign-in, and each start stores two records for 20 minutes: a global cap
+    // keeps an anonymous client from filling KV.
+    await retryAtomic(async () => {
+      const minute = Math.floor(this.now() / 60_000);
+      const entry = await this.kv.get<number>(keys.deviceStarts(minute));
+      const count = entry.value ?? 0;
+      if (count >= this.deviceStartsPerMinute) {
+        const wait = Math.ceil(((minute + 1) * 60_000 - this.now()) / 1000);
+        throw new AppError(
+          "rate_limit_exceeded",
+          `Too many device authorizations started this minute; retry in ${wait}s.`,
+          { "retry-after": String(Math.max(1, wait)) },
+        );
+      }
+      const res = await this.kv.atomic().check(entry)
+        .set(keys.deviceStarts(minute), count + 1, { expireIn: 120_000 })
+        .commit();
+      return res.ok ? true : CONFLICT;
+    }, "device start count");
     const deviceCode = randomToken(32);
     const deviceHash = await sha256(deviceCode);
     const expireIn = this.deviceTtlMs + EXPIRED_GRACE_MS;

@@ -298,6 +298,8 @@ export class Ledger {
   private readonly defaultQuota: boolean;
   /** This process's leases not yet settled. */
   private readonly live = new Map<string, Lease>();
+  /** Leases whose settlement never landed: left for a reaper once this process has ended. */
+  private readonly unsettled = new Set<string>();
   /** This ledger's id: its leases live under it. */
   readonly procId = crypto.randomUUID();
   private seq = 0;
@@ -375,6 +377,8 @@ export class Ledger {
     const retry = (n: number) => {
       if (n > SETTLE_RETRIES) {
         this.live.delete(lease.id);
+        // Its entry is still in KV: the heartbeat must outlive this process so a reaper frees it.
+        this.unsettled.add(lease.id);
         this.options.log?.error("lease not settled; its slot stays held until this process ends", {
           userId: lease.user.id,
           lease: lease.id,
@@ -401,7 +405,7 @@ export class Ledger {
     while (this.inFlight.size || this.queue.length || this.renewing) {
       await new Promise<void>((r) => this.idle.push(r));
     }
-    if (this.live.size === 0 && this.heartbeat.versionstamp) {
+    if (this.live.size === 0 && this.unsettled.size === 0 && this.heartbeat.versionstamp) {
       await this.kv.atomic()
         .check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp })
         .delete(keys.leaseProc(this.procId))
@@ -1003,7 +1007,19 @@ export class Ledger {
 
   private async reapProcess(proc: Deno.KvEntry<Heartbeat>, now: number) {
     const procId = String(proc.key[1]);
-    let heartbeat: Deno.KvEntryMaybe<Heartbeat> = proc;
+    // Fence first: rewriting the heartbeat makes every commit the process might still make (it
+    // checks its heartbeat) fail from now on, so nothing it settles or takes after this point can
+    // be counted again by the leases listed below. A process that comes back re-reads and finds
+    // which of its leases were reaped.
+    const fence = await commitOrConflict(
+      this.kv.atomic().check(proc).set(keys.leaseProc(procId), { exp: proc.value.exp }),
+    );
+    if (!fence.ok) return; // another reaper, or the process came back
+    let heartbeat: Deno.KvEntryMaybe<Heartbeat> = {
+      key: keys.leaseProc(procId),
+      value: proc.value,
+      versionstamp: fence.versionstamp,
+    };
     for (let round = 0; round < 1000; round++) {
       const leases: Deno.KvEntry<LeaseRecord>[] = [];
       for await (

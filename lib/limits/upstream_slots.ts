@@ -22,7 +22,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { commitOrConflict, keys, u64 } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
-import type { Lease, Ledger } from "./admission.ts";
+import type { Lease, LeaseRecord, Ledger } from "./admission.ts";
 
 /** Safety net besides kv.watch (and the pace at which expired tickets of dead owners go). */
 const POLL_MS = 250;
@@ -253,12 +253,21 @@ export class UpstreamSlots {
   ): Promise<boolean> {
     const now = Date.now();
     const held = await this.kv.get(keys.upstreamHeld(model));
-    const free = cap - u64(held.value);
+    let inFlight = u64(held.value);
+    if (inFlight > 2 ** 53) {
+      // A KvU64 that wrapped below zero (a bug's trace): take it as none rather than never again.
+      this.log?.error("upstream slots: the in-flight count wrapped below zero", { model });
+      inFlight = 0;
+    }
+    const free = cap - inFlight;
     if (free <= 0) return false;
     const line: string[] = [];
+    // Tickets of requests that arrived more than UPSTREAM_QUEUE_MS ago are past their deadline
+    // (their owner gave up or died): the line starts after them.
+    const oldest = String(Math.max(0, now - this.config.glm.queueMs + 1)).padStart(15, "0");
     for await (
       const e of this.kv.list<{ deadline: number }>(
-        { prefix: keys.upstreamTickets(model) },
+        { prefix: keys.upstreamTickets(model), start: keys.upstreamTicket(model, oldest) },
         { limit: free + 50 },
       )
     ) {
@@ -302,6 +311,11 @@ export class UpstreamSlots {
     let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
       res = await commitOrConflict(op);
+    } catch (err) {
+      // The commit may have landed (a remote KV that failed to answer): the lease entries say.
+      res = await this.landed(chosen, model).catch(() => {
+        throw err;
+      });
     } finally {
       for (const w of chosen) w.claiming = false;
     }
@@ -317,6 +331,20 @@ export class UpstreamSlots {
       w.resolve(Date.now() - w.arrived);
     }
     return true;
+  }
+
+  /** After a commit that threw: whether it landed, read back from the lease entries. */
+  private async landed(
+    chosen: Waiter[],
+    model: string,
+  ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+    const entries = await this.kv.getMany<LeaseRecord[]>(
+      chosen.slice(0, 10).map((w) => keys.lease(this.ledger.procId, w.lease.id)),
+    );
+    const first = entries[0];
+    return first?.value?.slot === model && first.versionstamp
+      ? { ok: true, versionstamp: first.versionstamp }
+      : { ok: false };
   }
 
   /** Waits for a change of the count (kv.watch), a new waiter, or POLL_MS. */
@@ -392,6 +420,7 @@ export class UpstreamSlots {
       models.push({ model, cap: this.capOf(model), inFlight: u64(e.value), waiting });
     }
     const last = Math.floor(now / WINDOW_MS);
+    await this.sweepWaits(last - 12 * 24);
     const counts = new Array(WAIT_BOUNDS_MS.length + 1).fill(0);
     for await (
       const e of this.kv.list({
@@ -410,6 +439,21 @@ export class UpstreamSlots {
       return null;
     };
     return { models, waits: { count, p50Ms: pct(0.5), p99Ms: pct(0.99) } };
+  }
+
+  /** Drops histogram windows older than `before` (a day is kept), a bounded number per call. */
+  private async sweepWaits(before: number) {
+    const op = this.kv.atomic();
+    let n = 0;
+    for await (
+      const e of this.kv.list({ start: ["upstream_waits"], end: keys.upstreamWaits(before) }, {
+        limit: 500,
+      })
+    ) {
+      op.delete(e.key);
+      n++;
+    }
+    if (n) await op.commit().catch(() => {});
   }
 
   close() {
