@@ -120,7 +120,7 @@ Deno.test("upstream slots in one process: arrival order, 503 upstream_busy after
       const waiting: Promise<Response>[] = [];
       for (const name of ["second", "third", "fourth"]) {
         waiting.push(ask(name));
-        await new Promise((r) => setTimeout(r, 20));
+        await new Promise((r) => setTimeout(r, 50));
       }
       assert.equal(s.fake.count, 1, "the others wait for the slot");
       const served = [first];
