@@ -32,9 +32,9 @@ export const keys = {
   /** A request waiting for an upstream slot; tickets sort by arrival. */
   upstreamTicket: (model: string, ticket: string) => ["upstream_queue", model, ticket] as const,
   upstreamTickets: (model: string) => ["upstream_queue", model] as const,
-  /** Upstream-slot waits per clock hour and bucket (KvU64 sums): the queue-wait percentiles. */
-  upstreamWait: (hour: number, bucket: number) => ["upstream_waits", hour, bucket] as const,
-  upstreamWaits: (hour: number) => ["upstream_waits", hour] as const,
+  /** Upstream-slot waits per 5-minute window and bucket (KvU64 sums): queue-wait percentiles. */
+  upstreamWait: (window: number, bucket: number) => ["upstream_waits", window, bucket] as const,
+  upstreamWaits: (window: number) => ["upstream_waits", window] as const,
   /** Usage counters (KvU64) per UTC day, user, model and field: reports, dashboards, quotas. */
   usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
     ["usage_daily", day, userId, model, field] as const,
@@ -79,9 +79,9 @@ export const keys = {
   deviceCode: (deviceCodeHash: string) => ["device_codes", deviceCodeHash] as const,
   /** Normalised user code (8 letters, no dash) → the device code hash; ids only. */
   deviceUserCode: (userCode: string) => ["device_user_codes", userCode] as const,
-  /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
   /** Device authorizations started in one clock minute (a number; expires). */
   deviceStarts: (minute: number) => ["device_starts", minute] as const,
+  /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
   deviceCodeMisses: (userId: string, window: number) =>
     ["device_code_misses", userId, window] as const,
 };

@@ -290,7 +290,7 @@ export class Gateway {
       ...fields,
       answered: refusal.error.code,
     });
-    if (!refusal.alert || !this.notify) return;
+    if (!this.notify) return;
     if (refusal.alert === "upstream.throttled") {
       const now = Date.now();
       this.throttled = this.throttled.filter((t) => t > now - THROTTLE_WINDOW_MS);
@@ -548,18 +548,14 @@ export class Gateway {
       // The operator's account refused, or is throttled: the user gets Keyway's own answer.
       const bytes = await readErrorBody(upstream.body, idle);
       const refusal = classifyRefusal(status, bytes, upstreamHeaders.get("retry-after"));
-      if (refusal) {
-        await end(null, refusal.error.status, "not_served", refusal.alert ?? undefined);
-        this.upstreamRefused(refusal, model, status, requestId);
-        throw new AppError(
-          refusal.error.code,
-          refusal.error.message,
-          { ...lease.headers, ...refusal.error.headers },
-          refusal.error.status,
-        );
-      }
-      await end(null, status, "refused");
-      return new Response(bytes, { status, headers });
+      await end(null, refusal.error.status, "not_served", refusal.alert);
+      this.upstreamRefused(refusal, model, status, requestId);
+      throw new AppError(
+        refusal.error.code,
+        refusal.error.message,
+        { ...lease.headers, ...refusal.error.headers },
+        refusal.error.status,
+      );
     }
     /**
      * How an answer that ends without `usage` is charged: the user's own mistake (4xx) generated
@@ -571,12 +567,15 @@ export class Gateway {
       await end(null, status, ended);
       return new Response(null, { status, headers });
     }
-    const stalled = () =>
-      state.overtime
+    /** Why the watchdog fired, as the log line and a cut stream's error event say it. */
+    const why = (stall: Stall) =>
+      stall === "client"
+        ? `the client read nothing for ${timeoutMs} ms`
+        : stall === "deadline"
         ? `the answer took longer than STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms)`
-        : state.timedOut
-        ? `upstream sent nothing for ${timeoutMs} ms`
-        : undefined;
+        : `upstream sent nothing for ${timeoutMs} ms`;
+    const stalled = () =>
+      state.overtime ? why("deadline") : state.timedOut ? why("upstream") : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(protocol.format, sse, ok);
@@ -642,11 +641,7 @@ export class Gateway {
       reader.cancel();
       if (closed) return;
       closed = true;
-      const detail = stall === "client"
-        ? `the client read nothing for ${timeoutMs} ms`
-        : stall === "deadline"
-        ? `the answer took longer than STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms)`
-        : `upstream sent nothing for ${timeoutMs} ms`;
+      const detail = why(stall);
       finish(stall === "client" ? "cancelled" : ok ? "cut" : ended, detail).then(() => {
         try {
           if (stall !== "client" && sse) {
@@ -729,7 +724,7 @@ async function readErrorBody(
     // Cut or stalled: classify what arrived.
   }
   idle.rest();
-  return concatBytes(chunks, Math.min(size, Number.MAX_SAFE_INTEGER));
+  return concatBytes(chunks, size);
 }
 
 function invalidKey(): AppError {

@@ -20,7 +20,7 @@ export interface UpstreamRefusal {
   /** What the user gets. */
   error: AppError;
   /** What the operator is told (alerts are de-duplicated per type and hour). */
-  alert: UpstreamAlert | null;
+  alert: UpstreamAlert;
   /** GLM's business code, when it sent one. */
   upstreamCode: string | null;
   /** GLM's own message, for the operator's log and alert (never the user's answer). */
@@ -49,15 +49,15 @@ export function needsClassifying(status: number): boolean {
 }
 
 /**
- * The refusal for an upstream error answer, or null when it is the user's own (relayed as-is).
- * `body` is the error body (bounded); `retryAfter` the upstream's header.
+ * The refusal for an upstream error answer whose status needsClassifying(): every such answer is
+ * the operator's account's, not the user's. `body` is the error body (bounded); `retryAfter` the
+ * upstream's header.
  */
 export function classifyRefusal(
   status: number,
   body: Uint8Array | null,
   retryAfter: string | null,
-): UpstreamRefusal | null {
-  if (!needsClassifying(status)) return null;
+): UpstreamRefusal {
   const { code, message } = errorFields(body);
   const spared = "Nothing was counted against your limits.";
   if (status === 401 || status === 403 || (code !== null && KEY_REJECTED.has(code))) {

@@ -121,8 +121,6 @@ export type Outcome =
   | "cancelled"
   /** No answer in time (the upstream may have processed the prompt). */
   | "timeout"
-  /** The upstream could not be reached: it never saw the request. */
-  | "unreachable"
   /** The upstream refused the request (an error status): nothing was generated. */
   | "refused"
   /** The client left before the request reached the upstream (it waited for a slot). */
@@ -161,7 +159,7 @@ export function chargeFor(
     return { promptTokens: 0, completionTokens: 0, estimated: false, spared: true };
   }
   if (usage) return { ...usage, estimated: false };
-  if (outcome === "unreachable" || outcome === "refused" || outcome === "left") {
+  if (outcome === "refused" || outcome === "left") {
     return { promptTokens: 0, completionTokens: 0, estimated: false };
   }
   return { promptTokens: promptEstimate, completionTokens: relayedTokens, estimated: true };

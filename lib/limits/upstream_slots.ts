@@ -333,17 +333,19 @@ export class UpstreamSlots {
     return true;
   }
 
-  /** After a commit that threw: whether it landed, read back from the lease entries. */
+  /**
+   * After a commit that threw: whether it landed, read back from one of its lease entries (the
+   * commit wrote them all or none).
+   */
   private async landed(
     chosen: Waiter[],
     model: string,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-    const entries = await this.kv.getMany<LeaseRecord[]>(
-      chosen.slice(0, 10).map((w) => keys.lease(this.ledger.procId, w.lease.id)),
+    const entry = await this.kv.get<LeaseRecord>(
+      keys.lease(this.ledger.procId, chosen[0].lease.id),
     );
-    const first = entries[0];
-    return first?.value?.slot === model && first.versionstamp
-      ? { ok: true, versionstamp: first.versionstamp }
+    return entry.value?.slot === model && entry.versionstamp
+      ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
   }
 
