@@ -4,6 +4,7 @@
  * provisions the caller's key on first visit (POST /api/key, idempotent, retried with backoff).
  * The server renders it with the usage it read, so nothing moves when the page comes alive.
  */
+import { sumUsage } from "../lib/usage/totals.ts";
 import { ModelTable } from "../components/ModelTable.tsx";
 import { useEffect, useState } from "preact/hooks";
 import { Meter } from "../components/Meter.tsx";
@@ -393,14 +394,7 @@ function UsagePanel(
     }])),
     Date.parse(`${usage.days[usage.days.length - 1]?.date ?? ""}T12:00:00Z`) || Date.now(),
   );
-  const total = usage.days.reduce(
-    (t, d) => ({
-      requests: t.requests + d.requests,
-      totalTokens: t.totalTokens + d.totalTokens,
-      costUsd: t.costUsd + d.costUsd,
-    }),
-    { requests: 0, totalTokens: 0, costUsd: 0 },
-  );
+  const total = sumUsage(usage.days);
   const spent = usage.thisMonth?.costUsd ??
     Math.max(0, (limits.budgetUsdMonthly ?? 0) - (usage.remaining.budgetUsd ?? 0));
   return (

@@ -3,12 +3,10 @@ import { utcDay } from "../core/kv.ts";
 import type { Pricing } from "../usage/pricing.ts";
 import { roundUsd } from "../usage/pricing.ts";
 import { addDays, buildReport } from "./report.ts";
+import type { WindowTotals } from "../usage/totals.ts";
 
-export interface UsageTotals30d {
-  requests: number;
-  totalTokens: number;
-  costUsd: number;
-}
+/** One user's, one day's or all users' requests, tokens and cost. */
+export type UsageTotals30d = WindowTotals;
 
 export interface OperatorOverview {
   /** Per-user totals over the window (users without usage are absent). */

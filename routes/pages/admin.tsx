@@ -3,6 +3,7 @@
  * and one page per user (`/admin/users/:id`) with their chart, models, key prefix, limits and
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
+import { sumUsage } from "../../lib/usage/totals.ts";
 import { ModelTable } from "../../components/ModelTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
@@ -161,14 +162,7 @@ export function adminRoutes(services: Services) {
     if (!user) return await notFound(c, "No such user");
     const now = Date.now();
     const usage = await usageReport(services.kv, config, user.id, 30, now);
-    const total = usage.days.reduce(
-      (t, d) => ({
-        requests: t.requests + d.requests,
-        totalTokens: t.totalTokens + d.totalTokens,
-        costUsd: t.costUsd + d.costUsd,
-      }),
-      { requests: 0, totalTokens: 0, costUsd: 0 },
-    );
+    const total = sumUsage(usage.days);
     const lastActive = usage.days.findLast((d) => d.requests > 0)?.date ?? null;
     const points = lastDays(
       30,
