@@ -197,11 +197,12 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     apps.push(a, b);
     const key = await provision(a, "user_slots");
 
-    // Two streams through A, then eight at once through both: exactly 4 in flight in all, at
-    // least 2 of them held by A.
+    // Two streams through A and one through B, then seven at once through both: exactly 4 in
+    // flight in all, at least 2 of them held by A and 1 by B (whose stream must finish after A dies).
     const first = [await streamChat(a, key), await streamChat(a, key)];
-    const rest = await Promise.all(
-      Array.from({ length: 8 }, (_, i) => streamChat(i % 2 ? a : b, key)),
+    const rest = [await streamChat(b, key)];
+    rest.push(
+      ...await Promise.all(Array.from({ length: 7 }, (_, i) => streamChat(i % 2 ? b : a, key))),
     );
     const all = [...first, ...rest];
     const admitted = all.filter((r) => r.status === 200);
@@ -213,15 +214,37 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
       assert.equal(r.headers.get("retry-after"), "1");
     }
     assert.equal(first.filter((r) => r.status === 200).length, 2);
+    assert.equal(rest[0].status, 200);
     const onB = rest.filter((r, i) => i % 2 === 0 && r.status === 200);
     const onA = admitted.length - onB.length;
-    // Everything admitted has started to stream (so the upstream processed it).
-    for (const r of admitted) await r.body!.getReader().read().then(() => {});
+    // Everything admitted has started to stream (so the upstream processed it). The reader that
+    // read the first chunk reads the rest: a body read once cannot be read again with text().
+    const readers = new Map<
+      Response,
+      { reader: ReadableStreamDefaultReader<Uint8Array>; text: string }
+    >();
+    for (const r of admitted) {
+      const reader = r.body!.getReader();
+      const { value } = await reader.read();
+      readers.set(r, { reader, text: new TextDecoder().decode(value ?? new Uint8Array()) });
+    }
+    const readRest = async (r: Response) => {
+      const { reader } = readers.get(r)!;
+      let { text } = readers.get(r)!;
+      const decoder = new TextDecoder();
+      for (let c = await reader.read(); !c.done; c = await reader.read()) {
+        text += decoder.decode(c.value, { stream: true });
+      }
+      return text;
+    };
 
     const killedAt = performance.now();
     await a.stop("SIGKILL");
     glm.release(); // B's streams finish; A's died with A
-    for (const r of onB) assert.match(await r.text(), /\[DONE\]/);
+    for (const r of onB) assert.match(await readRest(r), /\[DONE\]/);
+    for (const r of admitted) {
+      if (!onB.includes(r)) await readers.get(r)!.reader.cancel().catch(() => {});
+    }
     let completed = onB.length;
 
     // A's leases hold their slots until they expire: B admits only what is left, then all 4.
