@@ -29,31 +29,21 @@ export async function start(env: Record<string, string | undefined>): Promise<Ru
   await (config.onDeploy ? loadBuiltIslands() : buildIslands()).catch((err) =>
     services.log.error("island bundles unavailable", { error: String(err) })
   );
-  // KV Connect (a self-hosted denokv) has no queues (denoland/denokv#55): there listenQueue
-  // fails, and must not take the server down with an unhandled rejection.
-  Promise.resolve().then(() =>
-    kv.listenQueue(async (message) => {
-      if (!(await services.clerkSync.handleQueueMessage(message))) {
-        services.log.warn("unknown queue message dropped");
-      }
-    })
-  ).catch((err) =>
-    services.log.warn("KV queue unavailable: Clerk metadata sync is not retried", {
-      error: String(err),
-    })
-  );
   try {
     Deno.cron("summarize-costs", config.costCron, costSummaryJob(services));
   } catch (err) {
     // Cron names are per process: a second start() in one process (tests) keeps the first.
     services.log.warn("cost cron not registered", { error: String(err) });
   }
-  if (services.events.enabled) {
+  if (services.events.enabled || services.clerkSync.enabled) {
     try {
-      // Deno Deploy freezes idle isolates (and their timers): the cron wakes delivery every minute.
-      Deno.cron("deliver-events", "* * * * *", () => services.events.flush());
+      // Deno Deploy freezes idle isolates (and their timers): the cron wakes the outboxes (event
+      // delivery, Clerk sync) every minute.
+      Deno.cron("run-outboxes", "* * * * *", async () => {
+        await Promise.all([services.events.flush(), services.clerkSync.flush()]);
+      });
     } catch (err) {
-      services.log.warn("event delivery cron not registered", { error: String(err) });
+      services.log.warn("outbox cron not registered", { error: String(err) });
     }
   }
   let server: Deno.HttpServer<Deno.NetAddr>;

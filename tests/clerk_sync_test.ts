@@ -1,27 +1,31 @@
 import assert from "node:assert/strict";
 import { FakeClerkApi } from "./fakes/clerk_api.ts";
-import { bearer, clerkEnv, ClerkIssuer, json, type TestApp, testApp } from "./helpers.ts";
+import {
+  bearer,
+  clerkEnv,
+  ClerkIssuer,
+  eventually,
+  json,
+  type TestApp,
+  testApp,
+} from "./helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 const SECRET_KEY = "sk_test_fakeClerkSecretKey0123456789";
 
-/** An app in Clerk mode whose Backend API is the fake, with its KV queue listener running. */
+/** An app in Clerk mode whose Backend API is the fake, with short retry delays. */
 async function syncApp(fake: FakeClerkApi, extra: Record<string, string> = {}) {
   const app = await testApp(
     clerkEnv(issuer, { CLERK_SECRET_KEY: SECRET_KEY, CLERK_API_URL: fake.url, ...extra }),
   );
   const sync = app.services.clerkSync;
   sync.retryDelaysMs = [20, 20, 20];
-  sync.backoffSchedule = [20];
-  const listening = app.kv.listenQueue(async (message) => {
-    if (!(await sync.handleQueueMessage(message))) throw new Error("unexpected queue message");
-  });
+  sync.outbox.pollMs = 20;
   return {
     app,
     async close() {
       await sync.idle();
       await app.close();
-      await listening;
     },
   };
 }
@@ -94,20 +98,13 @@ Deno.test("clerk sync: metadata mirror and profile fetch", async (t) => {
       assert.equal(ghostCalls[0].status, 404);
       assert.ok(app.logs.some((l) => l.includes("clerk sync gave up") && l.includes("user_ghost")));
     });
-
-    await t.step("queue messages that are not clerk_sync are not claimed", async () => {
-      const sync = app.services.clerkSync;
-      assert.equal(await sync.handleQueueMessage({ type: "budget_alert", userId: "x" }), false);
-      assert.equal(await sync.handleQueueMessage("hello"), false);
-      assert.equal(await sync.handleQueueMessage({ type: "clerk_sync", userId: 5 }), false);
-    });
   } finally {
     await close();
     await fake.close();
   }
 });
 
-Deno.test("clerk sync: failures are retried through the KV queue until they succeed", async () => {
+Deno.test("clerk sync: failures are retried through the KV outbox until they succeed", async () => {
   const fake = FakeClerkApi.start({ secretKey: SECRET_KEY });
   const { app, close } = await syncApp(fake);
   try {
@@ -163,8 +160,43 @@ Deno.test("clerk sync: does nothing without CLERK_SECRET_KEY", async () => {
     await app.services.clerkSync.idle(100);
     const user = await app.services.users.get("user_plain");
     assert.equal(user?.profileKnown, false);
-    assert.equal(await app.services.clerkSync.handleQueueMessage({ type: "other" }), false);
+    assert.equal(app.services.clerkSync.enabled, false);
+    assert.equal(await app.services.clerkSync.outbox.pending(), 0, "no sync stored");
   } finally {
     await app.close();
+  }
+});
+
+Deno.test("clerk sync: a retry left by a process that stopped is run by another process on the same KV (no KV queue needed)", async () => {
+  const dir = await Deno.makeTempDir();
+  const fake = FakeClerkApi.start({ secretKey: SECRET_KEY });
+  const shared = { DENO_KV_PATH: `${dir}/kv.sqlite3` };
+  try {
+    fake.addUser({ id: "user_handover", email: "h@example.com", firstName: "Hal", lastName: null });
+    fake.failNext(1);
+    const a = await syncApp(fake, shared);
+    a.app.services.clerkSync.retryDelaysMs = [300];
+    const key = await provision(a.app, "user_handover");
+    await eventually(() =>
+      a.app.logs.some((l) => l.includes("clerk sync failed, will retry")) || undefined
+    );
+    await a.app.close(); // stops before the retry is due; the job stays in KV
+    assert.equal(fake.succeeded("PATCH /v1/users/user_handover/metadata").length, 0);
+
+    const b = await syncApp(fake, shared);
+    try {
+      await b.app.services.clerkSync.idle();
+      assert.equal(fake.succeeded("PATCH /v1/users/user_handover/metadata").length, 1);
+      assert.deepEqual(fake.users.get("user_handover")?.public_metadata, {
+        keyway: { provisioned: true, keyPrefix: key.keyPrefix, mode: "proxy" },
+      });
+      assert.equal((await b.app.services.users.get("user_handover"))?.email, "h@example.com");
+      assert.ok(b.app.logs.some((l) => l.includes("clerk sync succeeded on retry")));
+    } finally {
+      await b.close();
+    }
+  } finally {
+    await fake.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -116,7 +116,7 @@ class Receiver {
 
 /** Test-speed timings: the production back-off starts at 1 s and polls every second. */
 function quick(events: Events) {
-  events.pollMs = 20;
+  events.outbox.pollMs = 20;
   events.retryBaseMs = 20;
 }
 
@@ -649,7 +649,7 @@ Deno.test("events: a delivery that outlives its lease is taken over by another p
   };
   // Process A claims the event and stalls on the receiver past its lease (as if it froze or died).
   const a = await open();
-  a.services.events.leaseMs = 300;
+  a.services.events.outbox.leaseMs = 300;
   let b: Awaited<ReturnType<typeof open>> | undefined;
   try {
     const fields = { model: "glm-4.6", status: 401, upstreamCode: null, upstreamMessage: "no" };

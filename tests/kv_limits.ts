@@ -4,6 +4,9 @@
  * Deploy, self-hosted denokv) would, when it has more than 10 checks or 1000 mutations, more than
  * 800 KiB of keys and values, a value over 64 KiB or a key over 2 KiB (CONTRACT §8). Code that
  * passes the suite on a local file then runs unchanged against a remote KV.
+ *
+ * KV queues (enqueue, listenQueue) fail outright: KV Connect has none (denoland/denokv#55), so
+ * background work goes through the outbox (lib/core/outbox.ts).
  */
 export const KV_LIMITS = {
   checks: 10,
@@ -79,7 +82,6 @@ const original = {
   max: proto.max,
   set: proto.set,
   delete: proto.delete,
-  enqueue: proto.enqueue,
   commit: proto.commit,
 };
 
@@ -121,12 +123,12 @@ proto.delete = function (key: Deno.KvKey) {
   addKey(t, key);
   return original.delete.call(this, key);
 };
-proto.enqueue = function (value: unknown, options?: Parameters<typeof original.enqueue>[1]) {
-  const t = tally(this);
-  t.mutations++;
-  addValue(t, value);
-  return original.enqueue.call(this, value, options);
+const noQueues = () => {
+  throw new Error("KV queues do not exist over KV Connect (CONTRACT §8): use the outbox");
 };
+proto.enqueue = noQueues;
+Deno.Kv.prototype.enqueue = noQueues;
+Deno.Kv.prototype.listenQueue = noQueues;
 proto.commit = function () {
   const t = tallies.get(this);
   if (t) {

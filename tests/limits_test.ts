@@ -280,6 +280,9 @@ Deno.test("the suite's KV wrapper refuses what KV Connect refuses", async () => 
     for (let i = 0; i < 1001; i++) many.sum(["n", i], 1n);
     await assert.rejects(many.commit(), /1001 mutations/);
     assert.equal((await kv.get(["big"])).value, null, "nothing written");
+    assert.throws(() => kv.enqueue("job"), /KV queues do not exist over KV Connect/);
+    assert.throws(() => kv.listenQueue(() => {}), /KV queues do not exist over KV Connect/);
+    assert.throws(() => kv.atomic().enqueue("job"), /KV queues do not exist over KV Connect/);
   } finally {
     kv.close();
   }

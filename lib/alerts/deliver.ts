@@ -3,19 +3,15 @@
  * signed the Standard Webhooks way (svix) and retried with back-off until the receiver answers
  * 2xx.
  *
- * Delivery goes through an outbox in KV, not kv.enqueue/listenQueue: queues do not exist over KV
- * Connect (a self-hosted denokv, DENO_KV_PATH=https://…; denoland/denokv#55, #57) nor on the new
- * Deno Deploy (denoland/docs#168), and CONTRACT §8 wants the same code on every KV. An outbox
- * entry is a plain `set`, so it rides in the same atomic commit as the change it reports: an
- * event exists if and only if its change landed, once. Every process polls the outbox and claims
- * an entry with an atomic check before sending it, so several processes never send one attempt
- * twice; a process that dies mid-delivery leaves a lease that expires and is picked up again.
+ * Delivery goes through the KV outbox (lib/core/outbox.ts), so an event rides in the same atomic
+ * commit as the change it reports: it exists if and only if that change landed, once.
  */
 import { Webhook } from "svix";
 import type { Config, KeyMode } from "../core/config.ts";
-import { isTransientKvError, keys, retryAtomic } from "../core/kv.ts";
+import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import { formatUsd } from "../core/format.ts";
+import { type AttemptFailure, errorText, Outbox, type OutboxJob } from "../core/outbox.ts";
 
 /** What an upstream alert carries (the gateway fills it from the refused upstream answer). */
 export interface UpstreamAlertFields {
@@ -83,20 +79,13 @@ export type AlertOutcome = "sent" | "duplicate" | "failed";
 export type RecentAlert = EventBody & { id: string };
 
 /** One event waiting in the outbox; `body` is the exact JSON text that is signed and sent. */
-interface OutboxEntry {
-  id: string;
+interface EventJob {
   type: EventType;
   body: string;
-  /** Delivery attempts started so far (a claimed attempt counts even if its process died). */
-  attempts: number;
-  /** When the event was created (ms): retries stop after giveUpAfterMs. */
-  createdAt: number;
 }
 
 const HOUR_MS = 3_600_000;
 const DAY_MS = 24 * HOUR_MS;
-/** Outbox entries one delivery pass sends at once. */
-const BATCH = 10;
 /** Longest upstream error text kept in an alert. */
 const UPSTREAM_MESSAGE_MAX = 500;
 
@@ -107,24 +96,16 @@ export class Events {
   retryMaxMs = HOUR_MS;
   /** An event not delivered this long after it was created is dropped with an error line. */
   giveUpAfterMs = DAY_MS;
-  /** How often each process looks for due outbox entries. */
-  pollMs = 1_000;
-  /** How long a receiver may take to answer one delivery. */
+  /** How long a receiver may take to answer one delivery (less than the outbox's leaseMs). */
   timeoutMs = 10_000;
-  /** How long a claimed delivery is reserved; must exceed timeoutMs (a crash frees it then). */
-  leaseMs = 60_000;
+  /** Where events wait for delivery (its pollMs and leaseMs are the loop's). */
+  readonly outbox: Outbox<EventJob>;
 
   /** True when EVENTS_WEBHOOK_URL is set: events are stored and delivered. */
   readonly enabled: boolean;
   private readonly url: string | undefined;
   private readonly signer: Webhook | undefined;
   private readonly masterKey: string | undefined;
-  private timer: ReturnType<typeof setTimeout> | undefined;
-  private pass: Promise<void> | null = null;
-  private again = false;
-  private started = false;
-  private closed = false;
-  private readonly stopping = new AbortController();
 
   constructor(
     private readonly config: Config,
@@ -136,6 +117,17 @@ export class Events {
     const secret = config.events.webhookSecret;
     this.signer = secret ? new Webhook(secret) : undefined;
     this.masterKey = config.glm.apiKey;
+    this.outbox = new Outbox<EventJob>(kv, keys.eventOutboxAll()[0], {
+      name: "event delivery",
+      run: (job, signal) => this.post(job, signal),
+      retryInMs: (job) => {
+        const wait = Math.min(this.retryBaseMs * 2 ** (job.attempts - 1), this.retryMaxMs);
+        return Date.now() + wait - job.createdAt > this.giveUpAfterMs ? undefined : wait;
+      },
+      fields: (job) => ({ eventId: job.id, type: job.type }),
+      done: (job) =>
+        log.info("event delivered", { eventId: job.id, type: job.type, attempt: job.attempts }),
+    }, log);
   }
 
   /** Proxy or shared: what user.provisioned reports as `mode`. */
@@ -149,10 +141,7 @@ export class Events {
    */
   add(op: Deno.AtomicOperation, event: LifecycleEvent): Deno.AtomicOperation {
     if (!this.enabled) return op;
-    const now = Date.now();
-    const entry = this.entryOf(event, now);
-    op.set(keys.eventOutbox(now, entry.id), entry);
-    this.wakeSoon();
+    this.outbox.add(op, this.jobOf(event, Date.now()));
     return op;
   }
 
@@ -191,18 +180,18 @@ export class Events {
     try {
       sent = await retryAtomic(async () => {
         const now = Date.now();
-        const entry = this.entryOf(clean, now);
-        const body = JSON.parse(entry.body) as EventBody;
+        const job = this.jobOf(clean, now);
+        const body = JSON.parse(job.body) as EventBody;
         const op = this.kv.atomic()
           .check({ key: claimKey, versionstamp: null })
-          .set(claimKey, { eventId: entry.id, at: now }, { expireIn: claimForMs })
-          .set(keys.alertLog(now, entry.id), { id: entry.id, ...body } satisfies RecentAlert, {
+          .set(claimKey, { eventId: job.id, at: now }, { expireIn: claimForMs })
+          .set(keys.alertLog(now, job.id), { id: job.id, ...body } satisfies RecentAlert, {
             expireIn: DAY_MS + HOUR_MS,
           });
-        if (this.enabled) op.set(keys.eventOutbox(now, entry.id), entry);
+        if (this.enabled) this.outbox.add(op, job, now);
         // A lock held by another process throws (retried); a failed check means already sent.
         const res = await op.commit();
-        if (res.ok) this.log.warn(`alert ${clean.type}`, { eventId: entry.id, ...clean });
+        if (res.ok) this.log.warn(`alert ${clean.type}`, { eventId: job.id, ...clean });
         return res.ok;
       }, `alert ${event.type}`);
     } catch (err) {
@@ -210,7 +199,7 @@ export class Events {
       return "failed";
     }
     if (!sent) return "duplicate";
-    this.wakeSoon();
+    if (this.enabled) this.outbox.wake();
     return "sent";
   }
 
@@ -228,34 +217,20 @@ export class Events {
 
   /** Starts this process's delivery loop (no-op when events are off). */
   start(): void {
-    if (!this.enabled || this.closed || this.started) return;
-    this.started = true;
-    this.schedule(this.pollMs);
+    if (this.enabled) this.outbox.start();
   }
 
-  /**
-   * Runs a delivery pass now and waits for it: a cron's nudge on hosts that freeze idle
-   * processes (Deno Deploy), where the poll's timer may not fire for a long while.
-   */
+  /** Runs a delivery pass now and waits for it (the cron's nudge, see Outbox.flush). */
   async flush(): Promise<void> {
-    if (!this.enabled || this.closed) return;
-    if (!this.pass) {
-      clearTimeout(this.timer);
-      this.runPass();
-    }
-    await this.pass;
+    if (this.enabled) await this.outbox.flush();
   }
 
   /** Stops the loop; deliveries in flight are cut and retried later (by any process). */
   async close(): Promise<void> {
-    this.closed = true;
-    clearTimeout(this.timer);
-    this.timer = undefined;
-    this.stopping.abort();
-    await this.pass;
+    await this.outbox.close();
   }
 
-  private entryOf(event: KeywayEvent, now: number): OutboxEntry {
+  private jobOf(event: KeywayEvent, now: number): EventJob & { id: string } {
     const at = new Date(now).toISOString();
     // type, at and message first: the order a person reading the raw body expects.
     const { type, ...fields } = event;
@@ -264,8 +239,6 @@ export class Events {
       id: `evt_${crypto.randomUUID().replaceAll("-", "")}`,
       type: event.type,
       body: JSON.stringify(body),
-      attempts: 0,
-      createdAt: now,
     };
   }
 
@@ -279,88 +252,11 @@ export class Events {
     return { ...event, upstreamMessage: text };
   }
 
-  private schedule(ms: number) {
-    clearTimeout(this.timer);
-    this.timer = setTimeout(() => this.runPass(), ms);
-  }
-
-  /** A new event was committed (or is about to be): look soon rather than at the next poll. */
-  private wakeSoon() {
-    if (!this.started || this.closed) return;
-    if (this.pass) this.again = true;
-    else this.schedule(10);
-  }
-
-  private runPass() {
-    this.timer = undefined;
-    if (this.closed) return;
-    this.again = false;
-    this.pass = this.deliverDue()
-      .catch((err) => this.log.error("event delivery pass failed", { error: errorText(err) }))
-      .then((more) => {
-        this.pass = null;
-        if (this.started && !this.closed) this.schedule(more || this.again ? 0 : this.pollMs);
-      });
-  }
-
-  /** Sends the due outbox entries (a batch); true when there may be more due at once. */
-  private async deliverDue(): Promise<boolean> {
-    const due: Deno.KvEntry<OutboxEntry>[] = [];
-    const iter = this.kv.list<OutboxEntry>(
-      { prefix: keys.eventOutboxAll(), end: keys.eventOutbox(Date.now() + 1, "") },
-      { limit: BATCH },
-    );
-    for await (const entry of iter) due.push(entry);
-    await Promise.all(due.map((entry) => this.deliverOne(entry)));
-    return due.length === BATCH;
-  }
-
-  private async deliverOne(entry: Deno.KvEntry<OutboxEntry>): Promise<void> {
-    const event = entry.value;
-    // Claim: move the entry to a lease that falls due only if this process never finishes.
-    const attempt: OutboxEntry = { ...event, attempts: event.attempts + 1 };
-    const leaseKey = keys.eventOutbox(Date.now() + this.leaseMs, event.id);
-    const claim = await this.commit(
-      this.kv.atomic().check(entry).delete(entry.key).set(leaseKey, attempt),
-    );
-    if (!claim?.ok) return; // another process took it (or KV is busy: the next pass retries)
-    const lease = { key: leaseKey, versionstamp: claim.versionstamp };
-
-    const failure = await this.post(attempt);
-    if (failure === null) {
-      // Delivered: the lease must go now, or the event is sent again when it falls due.
-      await this.commitSoon(() => this.kv.atomic().check(lease).delete(leaseKey));
-      this.log.info("event delivered", {
-        eventId: event.id,
-        type: event.type,
-        attempt: attempt.attempts,
-      });
-      return;
-    }
-    const retryInMs = Math.min(this.retryBaseMs * 2 ** (attempt.attempts - 1), this.retryMaxMs);
-    const retryAt = Date.now() + retryInMs;
-    const givingUp = retryAt - event.createdAt > this.giveUpAfterMs;
-    const res = await this.commitSoon(() => {
-      const op = this.kv.atomic().check(lease).delete(leaseKey);
-      if (!givingUp) op.set(keys.eventOutbox(retryAt, event.id), attempt);
-      return op;
-    });
-    const fields = { eventId: event.id, type: event.type, attempt: attempt.attempts };
-    if (res && !res.ok) {
-      // This attempt outlived its lease and another process took the event over.
-      this.log.warn("event delivery failed; another process has taken it over", {
-        ...fields,
-        error: failure,
-      });
-    } else if (givingUp) {
-      this.log.error("event delivery gave up", { ...fields, error: failure });
-    } else {
-      this.log.warn("event delivery failed, will retry", { ...fields, retryInMs, error: failure });
-    }
-  }
-
   /** One POST; null on 2xx, else what went wrong (for the log). */
-  private async post(event: OutboxEntry): Promise<string | null> {
+  private async post(
+    event: OutboxJob<EventJob>,
+    stopping: AbortSignal,
+  ): Promise<AttemptFailure | null> {
     const now = new Date();
     // The id stays the same on every retry so receivers can drop repeats; the timestamp (and so
     // the signature) is the attempt's, as receivers refuse stale timestamps.
@@ -373,7 +269,7 @@ export class Events {
     if (this.signer) headers["webhook-signature"] = this.signer.sign(event.id, now, event.body);
     const aborter = new AbortController();
     const stop = () => aborter.abort();
-    this.stopping.signal.addEventListener("abort", stop);
+    stopping.addEventListener("abort", stop);
     const timer = setTimeout(stop, this.timeoutMs);
     try {
       const res = await fetch(this.url!, {
@@ -385,41 +281,14 @@ export class Events {
         redirect: "manual",
       });
       await res.body?.cancel();
-      return res.ok ? null : `the receiver answered HTTP ${res.status}`;
+      return res.ok ? null : { error: `the receiver answered HTTP ${res.status}` };
     } catch (err) {
-      if (this.closed) return "the process is shutting down";
-      if (aborter.signal.aborted) return `no answer within ${this.timeoutMs} ms`;
-      return errorText(err);
+      if (stopping.aborted) return { error: "the process is shutting down" };
+      if (aborter.signal.aborted) return { error: `no answer within ${this.timeoutMs} ms` };
+      return { error: errorText(err) };
     } finally {
       clearTimeout(timer);
-      this.stopping.signal.removeEventListener("abort", stop);
-    }
-  }
-
-  /**
-   * Commits an attempt's outcome, retrying while another process holds the KV file's lock (a
-   * busy machine with several processes on one file); null if it never went through.
-   */
-  private async commitSoon(
-    build: () => Deno.AtomicOperation,
-  ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
-    for (let i = 0; i < 20; i++) {
-      const res = await this.commit(build());
-      if (res !== null || this.closed) return res;
-      await new Promise((r) => setTimeout(r, 1 + Math.random() * Math.min(5 * 2 ** i, 250)));
-    }
-    return null;
-  }
-
-  /** Commits once; a KV lock held by another process is reported as null (the next pass retries). */
-  private async commit(
-    op: Deno.AtomicOperation,
-  ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
-    try {
-      return await op.commit();
-    } catch (err) {
-      if (isTransientKvError(err) || this.closed) return null;
-      throw err;
+      stopping.removeEventListener("abort", stop);
     }
   }
 }
@@ -456,8 +325,4 @@ function describe(event: KeywayEvent): string {
       return `GLM keeps throttling requests (HTTP ${event.status}, code ` +
         `${event.upstreamCode ?? "none"} on ${event.model}); users get 503 upstream_busy.`;
   }
-}
-
-function errorText(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
 }

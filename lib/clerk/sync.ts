@@ -1,26 +1,18 @@
 /**
  * Keeps Clerk in step with Keyway through the Backend API: mirrors the key's state into the
  * user's public_metadata and fetches e-mail and names Keyway has not seen yet. Runs in the
- * background and retries through the KV queue, so it never blocks or fails provisioning.
- * Without CLERK_SECRET_KEY it does nothing.
+ * background on the KV outbox (lib/core/outbox.ts), retried by whichever process is alive, so it
+ * never blocks or fails provisioning and works on every KV, KV Connect included. Without
+ * CLERK_SECRET_KEY it does nothing.
  */
 import { type ClerkClient, createClerkClient } from "@clerk/backend";
 import { isClerkAPIResponseError } from "@clerk/backend/errors";
-import { z } from "zod";
 import type { Config } from "../core/config.ts";
+import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
+import { type AttemptFailure, errorText, Outbox } from "../core/outbox.ts";
 import type { UserRecord, Users } from "../identity/users.ts";
 import { clerkProfile, clerkUserSchema } from "./webhooks.ts";
-
-const syncMessageSchema = z.object({
-  type: z.literal("clerk_sync"),
-  userId: z.string().min(1).max(200),
-  /** 1 for the first retry (attempt 0 runs in-process, right after provisioning). */
-  attempt: z.number().int().min(1).max(100),
-  /** Lets this process tell when its own retries are done (see idle()). */
-  id: z.string().max(100),
-});
-type SyncMessage = z.infer<typeof syncMessageSchema>;
 
 /** What Clerk's public_metadata.keyway holds; never the key itself. */
 export interface KeywayMetadata {
@@ -30,19 +22,25 @@ export interface KeywayMetadata {
   mode: Config["keyMode"];
 }
 
+/** One user to bring up to date in Clerk. */
+interface SyncJob {
+  userId: string;
+}
+
 /** Clerk answered in a way a retry cannot change (404 user gone, 401 bad secret key, 422…). */
 class PermanentSyncError extends Error {}
 
 export class ClerkSync {
   /** Wait before retry n (1-based); after the last one the sync gives up with an error line. */
   retryDelaysMs: number[] = [5_000, 30_000, 120_000, 600_000, 3_600_000];
-  /** Deno's own redelivery of a queue message whose handler threw (KV trouble, a crash). */
-  backoffSchedule: number[] = [1_000, 10_000, 60_000];
+  /** True with CLERK_SECRET_KEY: syncs are stored and run. */
+  readonly enabled: boolean;
+  /** Where syncs wait (its pollMs and leaseMs are the loop's). */
+  readonly outbox: Outbox<SyncJob>;
 
   private readonly client: ClerkClient | undefined;
-  private readonly running = new Set<Promise<void>>();
-  private readonly queued = new Set<string>();
-  private waiters: Array<() => void> = [];
+  /** Jobs this process is still storing (idle() waits for them too). */
+  private readonly adding = new Set<Promise<void>>();
 
   constructor(
     private readonly config: Config,
@@ -52,88 +50,84 @@ export class ClerkSync {
   ) {
     const { secretKey, apiUrl } = config.clerk;
     this.client = secretKey ? createClerkClient({ secretKey, apiUrl }) : undefined;
+    this.enabled = this.client !== undefined;
+    this.outbox = new Outbox<SyncJob>(kv, keys.clerkSyncOutboxAll()[0], {
+      name: "clerk sync",
+      run: (job, signal) => this.attempt(job.userId, signal),
+      retryInMs: (job) => this.retryDelaysMs[job.attempts - 1],
+      fields: (job) => ({ userId: job.userId }),
+      done: (job) => {
+        if (job.attempts > 1) {
+          log.info("clerk sync succeeded on retry", { userId: job.userId, attempt: job.attempts });
+        }
+      },
+    }, log);
   }
 
-  /** Called after a key was created: mirror metadata, fetch the profile if unknown. */
+  /** Called after a key was created or rotated: stores a sync, which runs within milliseconds. */
   afterProvision(user: UserRecord): void {
-    if (!this.client) return;
-    const work = this.attempt(user.id, 0).catch((err) => {
-      this.log.error("clerk sync could not schedule a retry", {
-        userId: user.id,
-        error: describe(err),
-      });
-    });
-    this.running.add(work);
-    work.finally(() => {
-      this.running.delete(work);
-      this.notify();
-    });
+    if (!this.enabled) return;
+    const adding = retryAtomic(async () => {
+      const op = this.kv.atomic();
+      this.outbox.add(op, { id: `sync_${crypto.randomUUID()}`, userId: user.id });
+      return (await op.commit()).ok;
+    }, "clerk sync job").then(
+      () => {},
+      (err) =>
+        this.log.error("clerk sync could not be stored", {
+          userId: user.id,
+          error: errorText(err),
+        }),
+    );
+    this.adding.add(adding);
+    adding.finally(() => this.adding.delete(adding));
   }
 
-  /** Handles queued retries (kv.listenQueue); returns false for messages it does not own. */
-  async handleQueueMessage(message: unknown): Promise<boolean> {
-    const parsed = syncMessageSchema.safeParse(message);
-    if (!parsed.success) return false;
-    const { userId, attempt, id } = parsed.data;
-    // If this throws (only when the next retry cannot be enqueued), Deno redelivers the message.
-    if (this.client) await this.attempt(userId, attempt);
-    this.queued.delete(id);
-    this.notify();
-    return true;
+  /** Starts this process's loop (no-op without CLERK_SECRET_KEY). */
+  start(): void {
+    if (this.enabled) this.outbox.start();
+  }
+
+  /** Runs due syncs now and waits for them (the cron's nudge, see Outbox.flush). */
+  async flush(): Promise<void> {
+    if (this.enabled) await this.outbox.flush();
+  }
+
+  async close(): Promise<void> {
+    await Promise.all(this.adding);
+    await this.outbox.close();
   }
 
   /**
-   * Resolves once no sync started or queued by this process is pending (tests await this
-   * instead of sleeping). Rejects after `timeoutMs`.
+   * Resolves once no sync is waiting in KV, from any process (tests await this instead of
+   * sleeping). Rejects after `timeoutMs`.
    */
   async idle(timeoutMs = 5_000): Promise<void> {
-    let timer: ReturnType<typeof setTimeout> | undefined;
-    const timeout = new Promise<never>((_, reject) => {
-      timer = setTimeout(
-        () => reject(new Error(`clerk sync still busy after ${timeoutMs} ms`)),
-        timeoutMs,
-      );
-    });
-    try {
-      while (this.running.size || this.queued.size) {
-        await Promise.race([new Promise<void>((r) => this.waiters.push(r)), timeout]);
-      }
-    } finally {
-      clearTimeout(timer);
+    const until = Date.now() + timeoutMs;
+    while (this.adding.size || (await this.outbox.pending()) > 0) {
+      if (Date.now() > until) throw new Error(`clerk sync still busy after ${timeoutMs} ms`);
+      await Promise.race([...this.adding, new Promise((r) => setTimeout(r, 10))]);
     }
   }
 
-  /** One try; on a transient failure the next try is enqueued with a growing delay. */
-  private async attempt(userId: string, attempt: number): Promise<void> {
+  /** One try: null when Clerk is up to date, else what went wrong. */
+  private async attempt(userId: string, signal: AbortSignal): Promise<AttemptFailure | null> {
+    // Clerk's client takes no signal: a shutdown stops waiting, and the lease retries the job.
+    let stop = () => {};
+    const stopped = new Promise<AttemptFailure>((resolve) => {
+      stop = () => resolve({ error: "the process is shutting down" });
+      signal.addEventListener("abort", stop, { once: true });
+    });
     try {
-      await this.sync(userId);
-      if (attempt > 0) this.log.info("clerk sync succeeded on retry", { userId, attempt });
-      return;
-    } catch (err) {
-      const delay = this.retryDelaysMs[attempt];
-      if (err instanceof PermanentSyncError || delay === undefined) {
-        this.log.error("clerk sync gave up", { userId, attempt, error: describe(err) });
-        return;
-      }
-      this.log.warn("clerk sync failed, will retry", {
-        userId,
-        attempt,
-        retryInMs: delay,
-        error: describe(err),
-      });
-      const message: SyncMessage = {
-        type: "clerk_sync",
-        userId,
-        attempt: attempt + 1,
-        id: crypto.randomUUID(),
-      };
-      this.queued.add(message.id);
-      try {
-        await this.kv.enqueue(message, { delay, backoffSchedule: this.backoffSchedule });
-      } catch (enqueueErr) {
-        this.queued.delete(message.id);
-        throw enqueueErr;
-      }
+      return await Promise.race([
+        this.sync(userId).then(
+          () => null,
+          (err) => ({ error: describe(err), permanent: err instanceof PermanentSyncError }),
+        ),
+        stopped,
+      ]);
+    } finally {
+      signal.removeEventListener("abort", stop);
     }
   }
 
@@ -163,13 +157,6 @@ export class ClerkSync {
       const after = await this.users.get(userId);
       if (!after || after.status === "deleted" || after.key?.prefix === user.key?.prefix) return;
     }
-  }
-
-  private notify() {
-    if (this.running.size || this.queued.size) return;
-    const waiters = this.waiters;
-    this.waiters = [];
-    for (const wake of waiters) wake();
   }
 }
 

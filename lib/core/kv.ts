@@ -57,6 +57,8 @@ export const keys = {
   /** An event waiting for delivery to EVENTS_WEBHOOK_URL, keyed by when it is due (ms). */
   eventOutbox: (dueAt: number, eventId: string) => ["event_outbox", dueAt, eventId] as const,
   eventOutboxAll: () => ["event_outbox"] as const,
+  /** A Clerk metadata sync waiting to run (lib/clerk/sync.ts), keyed by when it is due (ms). */
+  clerkSyncOutboxAll: () => ["clerk_sync_outbox"] as const,
   /** Claimed once per alert type, subject and clock hour (expires): the alert was sent. */
   alertSent: (type: string, subject: string, hour: number) =>
     ["alerts_sent", type, subject, hour] as const,

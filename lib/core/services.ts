@@ -86,6 +86,7 @@ export async function createServices(
     },
   });
   events.start();
+  clerkSync.start();
   return {
     config,
     kv,
@@ -100,7 +101,7 @@ export async function createServices(
     events,
     close: async () => {
       slots.close();
-      await Promise.all([ledger.close(), events.close()]);
+      await Promise.all([ledger.close(), events.close(), clerkSync.close()]);
     },
   };
 }
