@@ -238,8 +238,23 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
       return text;
     };
 
+    // Another user's request on A is admitted and waits in line for an upstream slot (all 4 are
+    // taken) when A dies: the upstream never saw it, so it is charged nothing.
+    const waitingKey = await provision(b, "user_waiting");
+    const waiting = streamChat(a, waitingKey).then(() => "answered", () => "died with A");
+    await eventually(async () => {
+      const kv = await Deno.openKv(kvPath);
+      try {
+        return u64((await kv.get(keys.leaseHeld("user_waiting", "count"))).value) === 1 ||
+          undefined;
+      } finally {
+        kv.close();
+      }
+    });
+
     const killedAt = performance.now();
     await a.stop("SIGKILL");
+    assert.equal(await waiting, "died with A");
     glm.release(); // B's streams finish; A's died with A
     for (const r of onB) assert.match(await readRest(r), /\[DONE\]/);
     for (const r of admitted) {
@@ -281,9 +296,20 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     assert.equal(charged.promptTokens, expected.promptTokens);
     await new Promise((r) => setTimeout(r, 6000)); // more than one reaper cycle
     assert.deepEqual(await todayUsage(b, key), charged, "not charged twice");
+    assert.deepEqual(
+      await todayUsage(b, waitingKey),
+      { requests: 0, promptTokens: 0, completionTokens: 0 },
+      "the request that died waiting for a slot is not charged",
+    );
     const kv = await Deno.openKv(kvPath);
     try {
       assert.equal(u64((await kv.get(keys.upstreamHeld("glm-4.6"))).value), 0, "slots all free");
+      assert.equal(u64((await kv.get(keys.leaseHeld("user_waiting", "count"))).value), 0);
+      assert.equal(
+        u64((await kv.get(keys.rateRefunds("user_waiting"))).value),
+        1,
+        "and given back to its rate limits",
+      );
     } finally {
       kv.close();
     }

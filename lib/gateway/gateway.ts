@@ -206,6 +206,7 @@ export class Gateway {
           },
           validate,
           onAdmitted: capped ? undefined : send,
+          waitsForSlot: capped,
         });
       } catch (err) {
         // A change that landed before the commit (a disable, another process taking the last of

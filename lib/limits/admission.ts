@@ -29,7 +29,8 @@
  *   its longer leases, every few seconds. Every process's reaper looks for heartbeats expired for
  *   LEASE_TTL_MS: their leases are settled with their estimate (prompt estimate + completion
  *   relayed by their last renewal) in commits that check that heartbeat, so two reapers never
- *   charge one lease twice. Every commit of a live process checks its own heartbeat: if it was
+ *   charge one lease twice. A lease still waiting for an upstream slot is charged nothing and its
+ *   request given back (the upstream never saw it). Every commit of a live process checks its own heartbeat: if it was
  *   reaped (the process stalled for longer than LEASE_TTL_MS), the process learns which of its
  *   leases are gone, and settling those later charges only what goes beyond the estimate.
  *
@@ -105,6 +106,11 @@ export interface LeaseRecord {
   at: number;
   /** The model whose upstream slot it holds (UPSTREAM_CONCURRENCY), once it has one. */
   slot?: string;
+  /**
+   * Admitted to wait for an upstream slot: until `slot` is set the upstream has not seen it, so a
+   * reaper charges it nothing and gives the request back to the user's limits.
+   */
+  waitsForSlot?: true;
 }
 
 interface Heartbeat {
@@ -182,6 +188,8 @@ export interface AdmitRequest {
    * be refused after all: admit() rejecting is the last word.
    */
   onAdmitted?: () => void;
+  /** The request waits for an upstream slot after admission (its model has a cap). */
+  waitsForSlot?: boolean;
 }
 
 /** An admitted request: holds its slot and reservation until settled. */
@@ -860,6 +868,7 @@ export class Ledger {
       completion: 0,
       at: now,
     };
+    if (req.waitsForSlot) record.waitsForSlot = true;
     const lease = new Lease(
       (this.seq++).toString(36),
       checked,
@@ -1032,6 +1041,7 @@ export class Ledger {
       }
       const sums: UsageSums = new Map();
       const held = new Map<string, Held>();
+      let spared = 0;
       for (const { key, value: r } of leases) {
         op.delete(key);
         const h = held.get(r.userId) ?? { count: 0, tokens: 0, nano: 0 };
@@ -1040,6 +1050,12 @@ export class Ledger {
         h.nano -= r.nano;
         held.set(r.userId, h);
         if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
+        if (r.waitsForSlot && !r.slot) {
+          // Died waiting in line: the upstream never saw it, so it was not the user's request.
+          addSum(sums, keys.rateRefunds(r.userId), 1);
+          spared++;
+          continue;
+        }
         addUsageSums(sums, this.pricing, {
           userId: r.userId,
           model: r.model,
@@ -1060,6 +1076,8 @@ export class Ledger {
       this.options.log?.info("leases of a dead process charged their estimate", {
         proc: procId,
         leases: leases.length,
+        // Of those, waiting for an upstream slot: not counted, given back to the user's limits.
+        notServed: spared,
       });
       heartbeat = {
         key: keys.leaseProc(procId),
