@@ -540,7 +540,12 @@ Deno.test("upstream failures", async (t) => {
         (await json<{ error: { message: string } }>(res)).error.message,
         "upstream exploded",
       );
-      // Not the user's doing: no request, token or cost recorded, the request allowance given back.
+      // Not the user's doing: no request, token or cost recorded, the request allowance given back
+      // (and the answer's headers say so: nothing else was used yet).
+      assert.equal(
+        res.headers.get("x-ratelimit-remaining-requests"),
+        res.headers.get("x-ratelimit-limit-requests"),
+      );
       assert.deepEqual(await s.usage(), { requests: 0, promptTokens: 0, completionTokens: 0 });
       assert.ok(s.app.logs.some((l) => l.includes('"level":"warn"') && l.includes('"status":500')));
       const next = await s.chat();
@@ -653,6 +658,11 @@ Deno.test("unreachable upstream → 502 upstream_unavailable, not counted, warne
     const res = await s.chat();
     assert.equal(res.status, 502);
     assertRateHeaders(res);
+    assert.equal(
+      res.headers.get("x-ratelimit-remaining-requests"),
+      res.headers.get("x-ratelimit-limit-requests"),
+      "given back, and the answer says so",
+    );
     assert.equal((await errorOf(res)).code, "upstream_unavailable");
     // It never reached the upstream: nothing counted.
     assert.deepEqual(await s.usage(), { requests: 0, promptTokens: 0, completionTokens: 0 });

@@ -44,6 +44,8 @@ Deno.test("GLM's refusals of the operator's account: Keyway's own 503, nothing c
         assert.ok(!text.includes(GLM_REFUSALS[refusal].message), text);
         assert.ok(!text.includes(GLM_REFUSALS[refusal].code), text);
         if (code === "upstream_busy") assert.match(res.headers.get("retry-after") ?? "", /^\d+$/);
+        // Given back to rpm 3, and the answer's headers say so.
+        assert.equal(res.headers.get("x-ratelimit-remaining-requests"), "3");
         // The operator's log has GLM's code and words.
         assert.ok(
           s.app.logs.some((l) =>
@@ -146,6 +148,11 @@ Deno.test("upstream slots in one process: arrival order, 503 upstream_busy after
       assert.equal(late.status, 503);
       assert.equal((await late.json()).error.code, "upstream_busy");
       assert.match(late.headers.get("retry-after") ?? "", /^\d+$/);
+      // Given back: one fewer left than the limit (the holder's), not two.
+      assert.equal(
+        Number(late.headers.get("x-ratelimit-remaining-requests")),
+        Number(holder.headers.get("x-ratelimit-remaining-requests")),
+      );
       assert.ok(waited >= 550, `waited ${waited} ms`);
       assert.ok(
         s.app.logs.some((l) => l.includes('"outcome":"not_served"') && l.includes("queueMs")),

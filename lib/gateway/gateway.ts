@@ -89,7 +89,10 @@ interface UpstreamCall {
 }
 
 /** What forward() settles: a Lease, or nothing for an endpoint that is not metered. */
-type Settlement = Pick<Lease, "user" | "model" | "headers" | "relayedTokens" | "settle">;
+type Settlement = Pick<
+  Lease,
+  "user" | "model" | "headers" | "relayedTokens" | "settle" | "giveBack"
+>;
 
 /** count_tokens: relayed with the rate headers as they stand; nothing counted. */
 class Unmetered implements Settlement {
@@ -102,6 +105,7 @@ class Unmetered implements Settlement {
   settle(): Promise<Charge> {
     return Promise.resolve({ promptTokens: 0, completionTokens: 0, estimated: false });
   }
+  giveBack(): void {}
 }
 
 export class Gateway {
@@ -528,6 +532,9 @@ export class Gateway {
     // One plain record, converted once by the Response (a Headers object would be validated
     // twice: when built and again when the Response copies it). It also carries the framing
     // headers routes/mod.ts would otherwise set one by one (see `framed` there).
+    const status = upstream.status;
+    // An upstream 5xx is not counted (outcome "not_served" below): its answer says so already.
+    if (status >= 500) lease.giveBack();
     const headers: Record<string, string> = {
       ...lease.headers,
       "x-request-id": requestId,
@@ -540,7 +547,6 @@ export class Gateway {
     }
     const upstreamId = upstreamHeaders.get("x-request-id");
     if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
-    const status = upstream.status;
     const ok = status < 400;
     if (status >= 500) {
       this.log.warn("upstream error", { id: requestId, userId, model, status });

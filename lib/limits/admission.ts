@@ -55,6 +55,7 @@ import {
   type EffectiveLimits,
   effectiveLimits,
   FINAL,
+  givenBackHeader,
   hasQuota,
   msUntilNextDay,
   msUntilNextMonth,
@@ -208,8 +209,8 @@ export class Lease {
     readonly id: string,
     readonly user: UserRecord,
     readonly limits: EffectiveLimits,
-    /** x-ratelimit-* headers for the answer. */
-    readonly headers: Record<string, string>,
+    /** x-ratelimit-* headers for the answer (a request given back shows as not taken). */
+    public headers: Record<string, string>,
     readonly remaining: Remaining,
     readonly record: LeaseRecord,
     private readonly ledger: Ledger,
@@ -232,10 +233,15 @@ export class Lease {
     outcome: Outcome,
     relayedTokens = this.relayedTokens,
   ): Promise<Charge> {
-    return this.settling ??= this.ledger.settle(
-      this,
-      chargeFor(usage, outcome, this.record.prompt, relayedTokens),
-    );
+    if (this.settling) return this.settling;
+    const charge = chargeFor(usage, outcome, this.record.prompt, relayedTokens);
+    if (charge.spared) this.giveBack();
+    return this.settling = this.ledger.settle(this, charge);
+  }
+
+  /** The answer's headers say the request is given back (its settlement will not count it). */
+  giveBack(): void {
+    this.headers = { ...this.headers, ...givenBackHeader(this.limits, this.remaining) };
   }
 }
 

@@ -82,6 +82,19 @@ export function rateHeaders(
   };
 }
 
+/**
+ * The x-ratelimit-remaining-requests header once the request was given back to the limits (not
+ * served, not counted): one more left than at admission, within both limits.
+ */
+export function givenBackHeader(
+  limits: EffectiveLimits,
+  remaining: Pick<Remaining, "minute" | "day">,
+): Record<string, string> {
+  const minute = Math.min(limits.rpm, remaining.minute + 1);
+  const day = Math.min(limits.rpd, remaining.day + 1);
+  return { "x-ratelimit-remaining-requests": String(Math.min(minute, day)) };
+}
+
 export interface Remaining {
   minute: number;
   day: number;
