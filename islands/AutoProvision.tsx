@@ -16,57 +16,21 @@ import {
   formatUsd,
   formatWait,
 } from "../lib/core/format.ts";
+import type {
+  AccountStateBody,
+  KeyBody,
+  LimitsBody,
+  PauseReasonBody,
+  UsageBody,
+} from "../lib/api_types.ts";
 import { api, ApiError, type AuthMode, copyText, sleep } from "./client.ts";
 import DailyChart, { lastDays } from "./DailyChart.tsx";
 
-export interface Limits {
-  rpm: number;
-  rpd: number;
-  tokensPerDay: number | null;
-  budgetUsdMonthly: number | null;
-}
-
-interface KeyInfo {
-  apiKey: string;
-  baseUrl: string;
-  anthropicBaseUrl?: string;
-  mode: "proxy" | "shared";
-  keyPrefix: string;
-  userId: string;
-  createdAt: string;
-  limits: Limits;
-}
-
-interface Totals {
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  totalTokens: number;
-  costUsd: number;
-}
-
-type PauseReason = "requests_per_day" | "tokens_per_day" | "budget_monthly";
-
-export type AccountStateView =
-  | { status: "active" | "disabled" | "deleted" }
-  | { status: "paused"; reason: PauseReason; reasons: PauseReason[]; until: string };
-
-/** GET /api/usage (CONTRACT §5) with its `state`. */
-export interface UsageView {
-  limits: Limits;
-  remaining: {
-    minute: number;
-    day: number;
-    tokensToday: number | null;
-    budgetUsd: number | null;
-  };
-  today: Totals;
-  days: (Totals & { date: string })[];
-  byModel: (Totals & { model: string })[];
-  /** Spend this UTC month (metered; reservations of requests in flight not included). */
-  thisMonth?: { costUsd: number };
-  state?: AccountStateView;
-}
+type Limits = LimitsBody;
+type KeyInfo = KeyBody;
+type AccountStateView = AccountStateBody;
+type UsageView = UsageBody;
+type PauseReason = PauseReasonBody;
 
 export interface AutoProvisionProps {
   [key: string]: unknown;

@@ -4,34 +4,12 @@
  */
 import { useState } from "preact/hooks";
 import { formatLimit, formatUsd } from "../lib/core/format.ts";
+import type { AdminUserBody, AdminUserChangedBody, LimitOverridesBody } from "../lib/api_types.ts";
 import { api, type AuthMode } from "./client.ts";
 
-export interface Overrides {
-  rpm?: number;
-  rpd?: number;
-  tokensPerDay?: number;
-  budgetUsdMonthly?: number;
-}
-
-export interface EffectiveLimitsView {
-  rpm: number;
-  rpd: number;
-  tokensPerDay: number | null;
-  budgetUsdMonthly: number | null;
-}
-
+export type Overrides = LimitOverridesBody;
 /** A user as GET /api/admin/users lists it. */
-export interface AdminUser {
-  userId: string;
-  email: string | null;
-  status: "active" | "disabled" | "deleted";
-  createdAt: string;
-  keyPrefix: string | null;
-  limits?: Overrides;
-  effectiveLimits?: EffectiveLimitsView;
-  lastActive?: string | null;
-  usage30d: { requests: number; totalTokens: number; costUsd: number };
-}
+export type AdminUser = AdminUserBody;
 
 export type Defaults = { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
 
@@ -79,7 +57,7 @@ export function StatusControl(
     setBusy(true);
     onNotice(null);
     try {
-      const res = await api<{ user: AdminUser }>(
+      const res = await api<AdminUserChangedBody>(
         mode,
         `/api/admin/users/${encodeURIComponent(user.userId)}/${action}`,
         { method: "POST" },
@@ -165,7 +143,7 @@ export function LimitsForm(
     setBusy(true);
     onNotice(null);
     try {
-      const res = await api<{ user: AdminUser }>(
+      const res = await api<AdminUserChangedBody>(
         mode,
         `/api/admin/users/${encodeURIComponent(user.userId)}/limits`,
         { method: "PUT", body },

@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { loadConfig } from "../lib/core/config.ts";
 import { randomToken } from "../lib/core/encoding.ts";
 import { connectRedirect, s256 } from "../lib/identity/connect.ts";
+import type { DeviceStartBody } from "../lib/api_types.ts";
 import { clerkEnv, ClerkIssuer, json, PUBLIC_URL, type TestApp, testApp } from "./helpers.ts";
 
 const REDIRECT = "http://127.0.0.1:53123/callback";
@@ -396,15 +397,6 @@ Deno.test("connect: redirect_uri allow-list", async (t) => {
     }
   });
 });
-
-interface DeviceStartBody {
-  deviceCode: string;
-  userCode: string;
-  verificationUri: string;
-  verificationUriComplete: string;
-  expiresIn: number;
-  interval: number;
-}
 
 const startDevice = async (app: TestApp, client = "Terminal") => {
   const res = await app.request("/api/connect/device", {

@@ -18,6 +18,17 @@ import {
 } from "../clients/vscode/keyway.ts";
 import { launchBrowser, startServer, type TestServer, watchedContext } from "./fakes/browser.ts";
 import { PUBLIC_URL } from "./helpers.ts";
+import type { DeviceStartBody, KeyBody } from "../lib/api_types.ts";
+import type { KeywayDeviceStart, KeywayKey } from "../clients/vscode/keyway.ts";
+
+// The drop-in client keeps its own copy of the server's shapes (it cannot import lib/): the type
+// check fails here when either side changes a field without the other.
+type Same<A, B> = [A] extends [B] ? [B] extends [A] ? true : false : false;
+const shapesInStep: [Same<KeywayKey, KeyBody>, Same<KeywayDeviceStart, DeviceStartBody>] = [
+  true,
+  true,
+];
+void shapesInStep;
 
 const EXTENSION_ID = "keyway-example.keyway-example";
 const KEY = /^kw_[A-Za-z0-9_-]{40,}$/;

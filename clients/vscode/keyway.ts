@@ -43,7 +43,23 @@ export interface KeywayKey {
   keyPrefix: string;
   userId: string;
   createdAt: string;
-  limits: Record<string, number | null>;
+  /** The limits in force (null: unlimited). */
+  limits: {
+    rpm: number;
+    rpd: number;
+    tokensPerDay: number | null;
+    budgetUsdMonthly: number | null;
+  };
+}
+
+/** Keyway's answer to a device-code start (CONTRACT §5, RFC 8628). */
+export interface KeywayDeviceStart {
+  deviceCode: string;
+  userCode: string;
+  verificationUri: string;
+  verificationUriComplete: string;
+  expiresIn: number;
+  interval: number;
 }
 
 export interface KeywayOptions {
@@ -184,14 +200,7 @@ export function createKeywayClient(api: VsCodeApi, clientOptions: KeywayClientOp
     if (!res.ok) {
       throw new KeywayError(`http_${res.status}`, "Keyway: could not start a device code.");
     }
-    const start: {
-      deviceCode: string;
-      userCode: string;
-      verificationUri: string;
-      verificationUriComplete: string;
-      expiresIn: number;
-      interval: number;
-    } = await res.json();
+    const start: KeywayDeviceStart = await res.json();
     api.window.showInformationMessage(
       `Keyway: open ${start.verificationUri} and enter the code ${start.userCode}.`,
       OPEN_BROWSER,

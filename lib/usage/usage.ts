@@ -11,6 +11,7 @@ import {
   utcMonth,
 } from "../core/kv.ts";
 import type { Config } from "../core/config.ts";
+import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
 import { accountState } from "../limits/account_state.ts";
 import { type Ledger, limitStatus } from "../limits/admission.ts";
@@ -279,7 +280,14 @@ export async function usageReport(
   }, now);
   // What the month's budget meter needs even when there is no budget (remaining is then null).
   const thisMonth = { costUsd: roundUsd(u64(spend.value) / 1e9) };
-  return { userId, limits: status.limits, remaining: status.remaining, ...usage, thisMonth, state };
+  return {
+    userId,
+    limits: status.limits,
+    remaining: status.remaining,
+    ...usage,
+    thisMonth,
+    state,
+  } satisfies UsageBody;
 }
 
 export interface UsageReport {

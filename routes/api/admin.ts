@@ -7,6 +7,7 @@ import { effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { Config } from "../../lib/core/config.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
+import type { AdminUserBody, AdminUserChangedBody, AdminUsersBody } from "../../lib/api_types.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
@@ -30,7 +31,7 @@ export function adminUserView(
   user: UserRecord,
   usage?: { requests: number; totalTokens: number; costUsd: number },
   lastActive?: string | null,
-) {
+): AdminUserBody {
   return {
     userId: user.id,
     email: user.email,
@@ -68,7 +69,7 @@ export function adminRoutes(services: Services) {
       list.push(shape(user, totals.get(user.id), lastActive.get(user.id)));
     }
     c.header("cache-control", "no-store");
-    return c.json({ users: list });
+    return c.json({ users: list } satisfies AdminUsersBody);
   });
 
   for (const [action, status] of [["disable", "disabled"], ["enable", "active"]] as const) {
@@ -82,7 +83,7 @@ export function adminRoutes(services: Services) {
         );
       }
       const user = await users.setStatus(id, status, c.get("session").userId);
-      return c.json({ user: shape(user) });
+      return c.json({ user: shape(user) } satisfies AdminUserChangedBody);
     });
   }
 
@@ -90,7 +91,7 @@ export function adminRoutes(services: Services) {
     const { id } = parseWith(userIdParam, c.req.param(), "id");
     const patch = await jsonBody(c, limitsBody);
     const user = await users.setLimits(id, patch);
-    return c.json({ user: shape(user) });
+    return c.json({ user: shape(user) } satisfies AdminUserChangedBody);
   });
   return app;
 }

@@ -7,6 +7,7 @@ import { type Context, Hono } from "hono";
 import { z } from "zod";
 import type { Services } from "../../lib/core/services.ts";
 import type { ProvisionResult } from "../../lib/identity/users.ts";
+import type { DeviceStartBody } from "../../lib/api_types.ts";
 import { type AppEnv, jsonBody } from "../context.ts";
 import { issueKey, keyBody } from "./key.ts";
 
@@ -44,14 +45,16 @@ export function connectApiRoutes(services: Services) {
     const start = await connect.startDevice(client);
     const verificationUri = `${config.publicUrl}/connect/device`;
     c.header("cache-control", "no-store");
-    return c.json({
-      deviceCode: start.deviceCode,
-      userCode: start.userCode,
-      verificationUri,
-      verificationUriComplete: `${verificationUri}?code=${start.userCode}`,
-      expiresIn: start.expiresIn,
-      interval: start.interval,
-    });
+    return c.json(
+      {
+        deviceCode: start.deviceCode,
+        userCode: start.userCode,
+        verificationUri,
+        verificationUriComplete: `${verificationUri}?code=${start.userCode}`,
+        expiresIn: start.expiresIn,
+        interval: start.interval,
+      } satisfies DeviceStartBody,
+    );
   });
 
   app.post("/connect/device/token", async (c) => {

@@ -4,10 +4,11 @@ import { effectiveLimits, userDisabled } from "../../lib/limits/policy.ts";
 import type { Config } from "../../lib/core/config.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { Profile, ProvisionResult } from "../../lib/identity/users.ts";
+import type { KeyBody } from "../../lib/api_types.ts";
 import { type AppEnv, requireSession } from "../context.ts";
 
 /** The key success body (CONTRACT §5), shared by /api/key and the connect flows. */
-export function keyBody(config: Config, result: ProvisionResult) {
+export function keyBody(config: Config, result: ProvisionResult): KeyBody {
   const shared = config.keyMode === "shared";
   const apiKey = shared ? config.glm.apiKey! : result.apiKey;
   return {

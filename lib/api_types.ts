@@ -1,0 +1,111 @@
+/**
+ * The JSON shapes of CONTRACT §5, written once. Routes build them (`satisfies`), islands read them
+ * (`import type`), so a field renamed on one side fails the type check on the other. The editor
+ * module (clients/vscode/keyway.ts) is a drop-in file that cannot import this one: a type test in
+ * tests/vscode_client_test.ts keeps its copy of these shapes in step.
+ */
+
+/** The limits in force for a user (null: unlimited). */
+export interface LimitsBody {
+  rpm: number;
+  rpd: number;
+  tokensPerDay: number | null;
+  budgetUsdMonthly: number | null;
+}
+
+/** An operator's overrides of the defaults: only the fields that are set. */
+export type LimitOverridesBody = Partial<
+  { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number }
+>;
+
+/** `/api/key*`, `/api/auth/provision-user` and the connect flows' token answers. */
+export interface KeyBody {
+  apiKey: string;
+  baseUrl: string;
+  anthropicBaseUrl: string;
+  mode: "proxy" | "shared";
+  keyPrefix: string;
+  userId: string;
+  createdAt: string;
+  limits: LimitsBody;
+}
+
+/** Usage over some span. */
+export interface UsageTotalsBody {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  totalTokens: number;
+  costUsd: number;
+}
+
+export type PauseReasonBody = "requests_per_day" | "tokens_per_day" | "budget_monthly";
+
+/** Whether the key works now, and when a paused account works again (`until`, ISO). */
+export type AccountStateBody =
+  | { status: "active" | "disabled" | "deleted" }
+  | {
+    status: "paused";
+    reason: PauseReasonBody;
+    reasons: PauseReasonBody[];
+    until: string;
+  };
+
+/** GET /api/usage. */
+export interface UsageBody {
+  userId: string;
+  limits: LimitsBody;
+  remaining: {
+    minute: number;
+    day: number;
+    tokensToday: number | null;
+    budgetUsd: number | null;
+  };
+  today: UsageTotalsBody;
+  days: (UsageTotalsBody & { date: string })[];
+  byModel: (UsageTotalsBody & { model: string })[];
+  /** Spend this UTC month (metered; reservations of requests in flight not included). */
+  thisMonth: { costUsd: number };
+  state: AccountStateBody;
+}
+
+/** POST /api/connect/device. */
+export interface DeviceStartBody {
+  deviceCode: string;
+  userCode: string;
+  verificationUri: string;
+  verificationUriComplete: string;
+  expiresIn: number;
+  interval: number;
+}
+
+/** One user as the operator sees it (GET /api/admin/users, and the user after an action). */
+export interface AdminUserBody {
+  userId: string;
+  email: string | null;
+  status: "active" | "disabled" | "deleted";
+  createdAt: string;
+  keyPrefix: string | null;
+  /** The overrides; the defaults apply to the fields not set. */
+  limits: LimitOverridesBody;
+  /** The limits in force. */
+  effectiveLimits: LimitsBody;
+  /** The latest UTC day (YYYY-MM-DD) with usage in the last 30 days. */
+  lastActive: string | null;
+  usage30d: { requests: number; totalTokens: number; costUsd: number };
+}
+
+/** GET /api/admin/users. */
+export interface AdminUsersBody {
+  users: AdminUserBody[];
+}
+
+/** POST /api/admin/users/:id/{disable,enable}, PUT /api/admin/users/:id/limits. */
+export interface AdminUserChangedBody {
+  user: AdminUserBody;
+}
+
+/** Every error (CONTRACT §4); the Anthropic endpoints add `type: "error"` and an error type. */
+export interface ErrorBody {
+  error: { code: string; message: string; type?: string };
+}
