@@ -175,7 +175,8 @@ Deno.test("clerk sync: a retry left by a process that stopped is run by another 
     fake.addUser({ id: "user_handover", email: "h@example.com", firstName: "Hal", lastName: null });
     fake.failNext(1);
     const a = await syncApp(fake, shared);
-    a.app.services.clerkSync.retryDelaysMs = [300];
+    // Long enough for A to stop first on a loaded machine; B runs it once it falls due.
+    a.app.services.clerkSync.retryDelaysMs = [1500];
     const key = await provision(a.app, "user_handover");
     await eventually(() =>
       a.app.logs.some((l) => l.includes("clerk sync failed, will retry")) || undefined
