@@ -5,6 +5,7 @@
  * (or, with --json, the contract's JSON).
  */
 import { z } from "zod";
+import { flagIssue, parseFlags, UsageError, wholeNumber } from "../lib/core/cli.ts";
 import { ClerkIssuer } from "../tests/fakes/clerk_issuer.ts";
 
 const HELP = `deno task bench [--seconds N] [--connections N] [--json]
@@ -15,35 +16,22 @@ const HELP = `deno task bench [--seconds N] [--connections N] [--json]
   --help            this text`;
 
 const flagsSchema = z.object({
-  seconds: z.coerce.number().int().min(1).max(600).default(10),
-  connections: z.coerce.number().int().min(1).max(1000).default(32),
+  seconds: wholeNumber("--seconds", 1, 600).default(10),
+  connections: wholeNumber("--connections", 1, 1000).default(32),
   json: z.boolean().default(false),
 });
 
+/** The bench's flags; null for --help. Throws UsageError naming the bad flag. */
 export function parseBenchFlags(args: string[]) {
-  const raw: Record<string, string | boolean> = {};
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
-    const m = arg.match(/^--([a-z]+)(?:=(.*))?$/);
-    if (!m) throw new Error(`unexpected argument "${arg}" (see --help)`);
-    const [, name, inline] = m;
-    if (name === "help") return null;
-    if (name === "json") {
-      raw.json = true;
-      continue;
-    }
-    if (name !== "seconds" && name !== "connections") {
-      throw new Error(`unknown flag --${name} (see --help)`);
-    }
-    const value = inline ?? args[++i];
-    if (value === undefined) throw new Error(`--${name} needs a value`);
-    raw[name] = value;
-  }
-  const parsed = flagsSchema.safeParse(raw);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    throw new Error(`--${String(issue.path[0])}: ${issue.message}`);
-  }
+  const raw = parseFlags(args, {
+    seconds: "string",
+    connections: "string",
+    json: "boolean",
+    help: "boolean",
+  });
+  if (raw.help) return null;
+  const parsed = flagsSchema.safeParse({ ...raw, json: raw.json === true });
+  if (!parsed.success) throw new UsageError(flagIssue(parsed.error.issues[0]));
   return parsed.data;
 }
 

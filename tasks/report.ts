@@ -8,8 +8,8 @@ import {
   reportCsvParts,
   reportJson,
   reportTable,
-  UsageError,
 } from "../lib/reports/report.ts";
+import { UsageError } from "../lib/core/cli.ts";
 import { progressLine } from "./progress.ts";
 
 async function main(args: string[]): Promise<number> {

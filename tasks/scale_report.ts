@@ -5,17 +5,31 @@
  *
  *   deno run -A tasks/scale_report.ts [--users 10000] [--days 30] [--keep]
  */
+import { z } from "zod";
+import { flagIssue, parseFlags, UsageError, wholeNumber } from "../lib/core/cli.ts";
 import { keys, utcDay } from "../lib/core/kv.ts";
 import { DEFAULT_PRICING } from "../lib/usage/pricing.ts";
 import { addDays, buildReport, reportCsv, reportTable } from "../lib/reports/report.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
 
-const arg = (name: string, def: number) => {
-  const i = Deno.args.indexOf(`--${name}`);
-  return i >= 0 ? Number(Deno.args[i + 1]) : def;
-};
-const USERS = arg("users", 10_000);
-const DAYS = arg("days", 30);
+const flagsSchema = z.object({
+  users: wholeNumber("--users", 1, 1_000_000).default(10_000),
+  days: wholeNumber("--days", 1, 366).default(30),
+});
+let flags;
+try {
+  const raw = parseFlags(Deno.args, { users: "string", days: "string", keep: "boolean" });
+  const parsed = flagsSchema.safeParse(raw);
+  if (!parsed.success) throw new UsageError(flagIssue(parsed.error.issues[0]));
+  flags = { ...parsed.data, keep: raw.keep === true };
+} catch (err) {
+  if (!(err instanceof UsageError)) throw err;
+  console.error(`scale_report: ${err.message}`);
+  console.error("usage: deno run -A tasks/scale_report.ts [--users 10000] [--days 30] [--keep]");
+  Deno.exit(2);
+}
+const USERS = flags.users;
+const DAYS = flags.days;
 const MODELS = ["glm-4.6", "glm-4.5-air", "glm-4-flash"];
 const now = Date.now();
 const to = utcDay(now);
@@ -125,6 +139,6 @@ try {
   console.log(`totals agree: ${JSON.stringify(fast.totals)}`);
 } finally {
   kv.close();
-  if (!Deno.args.includes("--keep")) await Deno.remove(dir, { recursive: true });
+  if (!flags.keep) await Deno.remove(dir, { recursive: true });
   else console.log(`kept ${dir}/kv.sqlite3`);
 }

@@ -1,4 +1,5 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
+import { parseFlags, UsageError } from "../lib/core/cli.ts";
 import { configForTask, secretsOf } from "../lib/core/config.ts";
 import { formatInt, formatUsd } from "../lib/core/format.ts";
 import { openKv } from "../lib/core/kv.ts";
@@ -7,17 +8,21 @@ import { summarizeCosts } from "../lib/reports/summary.ts";
 import { Events } from "../lib/alerts/deliver.ts";
 import { progressLine } from "./progress.ts";
 
+const HELP = "Usage: deno task summarize\n\nWrites daily cost summaries for every day whose " +
+  "usage changed since it was last summarized, and logs budget alerts.";
+
 async function main(args: string[]): Promise<number> {
-  if (args.includes("--help")) {
-    console.log(
-      "Usage: deno task summarize\n\nWrites daily cost summaries for every day whose " +
-        "usage changed since it was last summarized, and logs budget alerts.",
-    );
-    return 0;
-  }
-  if (args.length) {
-    console.error(`deno task summarize: unknown argument "${args[0]}" (it takes no flags)`);
+  let flags;
+  try {
+    flags = parseFlags(args, { help: "boolean" });
+  } catch (err) {
+    if (!(err instanceof UsageError)) throw err;
+    console.error(`deno task summarize: ${err.message}\n\n${HELP}`);
     return 2;
+  }
+  if (flags.help) {
+    console.log(HELP);
+    return 0;
   }
   const config = await configForTask();
   if (!config) return 1;

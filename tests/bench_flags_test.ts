@@ -14,4 +14,9 @@ Deno.test("bench flags: defaults, values and errors that name the flag", () => {
   assert.throws(() => parseBenchFlags(["--seconds"]), /--seconds needs a value/);
   assert.throws(() => parseBenchFlags(["--warp"]), /unknown flag --warp/);
   assert.throws(() => parseBenchFlags(["fast"]), /unexpected argument "fast"/);
+  assert.throws(
+    () => parseBenchFlags(["--seconds", "3", "--seconds", "4"]),
+    /--seconds given twice/,
+  );
+  assert.throws(() => parseBenchFlags(["--json=no"]), /--json takes no value/);
 });

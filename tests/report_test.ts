@@ -6,8 +6,8 @@ import {
   reportCsv,
   reportJson,
   reportTable,
-  UsageError,
 } from "../lib/reports/report.ts";
+import { UsageError } from "../lib/core/cli.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
 import { recordUsage } from "../lib/usage/usage.ts";
 import {
@@ -233,6 +233,11 @@ Deno.test("flags are validated with messages naming the flag", async (t) => {
       [["--frmo", "2026-01-01"], "--frmo"],
       [["--user"], "--user"],
       [["--to"], "--to"],
+      [["--user", "--format", "csv"], "--user needs a value"],
+      [["--from", "2026-03-01", "--from=2026-03-02"], "--from given twice"],
+      [["--help=yes"], "--help takes no value"],
+      [["march"], 'unexpected argument "march"'],
+      [["-f", "csv"], "unknown flag -f"],
     ] as [string[], string][]
   ) {
     await t.step(args.join(" "), () => {

@@ -3,6 +3,7 @@
  * else from the live day-major counters (always for today), and renders table, JSON or CSV.
  */
 import { z } from "zod";
+import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
 import { formatInt, formatUsdFixed } from "../core/format.ts";
 import { type Day, keys, u64, utcDay } from "../core/kv.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
@@ -397,11 +398,6 @@ export interface ReportFlags {
   help: boolean;
 }
 
-/** A command-line mistake: the message names the flag; the CLI exits with status 2. */
-export class UsageError extends Error {
-  override name = "UsageError";
-}
-
 export const REPORT_USAGE =
   `Usage: deno task report [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--user ID]
                         [--format table|json|csv]
@@ -425,44 +421,19 @@ const flagsSchema = z.object({
   format: z.enum(["table", "json", "csv"], { message: "--format must be table, json or csv" })
     .default("table"),
   help: z.literal(true).optional(),
-}).strict();
-
-const VALUE_FLAGS = new Set(["from", "to", "user", "format"]);
+});
 
 /** Parses and validates `deno task report` flags; throws UsageError naming the bad flag. */
 export function parseReportFlags(args: string[], now = Date.now()): ReportFlags {
-  const raw: Record<string, string | true> = {};
-  for (let i = 0; i < args.length; i++) {
-    const arg = args[i];
-    const m = arg.match(/^--([A-Za-z][\w-]*)(?:=([\s\S]*))?$/);
-    if (!m) throw new UsageError(`unexpected argument "${arg}" (flags start with --; see --help)`);
-    const [, name, inline] = m;
-    if (name !== "help" && !VALUE_FLAGS.has(name)) {
-      throw new UsageError(`unknown flag --${name} (see --help)`);
-    }
-    if (name in raw) throw new UsageError(`--${name} given twice`);
-    if (!VALUE_FLAGS.has(name)) {
-      if (inline !== undefined) throw new UsageError(`--${name} takes no value`);
-      raw[name] = true;
-      continue;
-    }
-    const value = inline ?? args[++i];
-    if (value === undefined || (inline === undefined && value.startsWith("--"))) {
-      throw new UsageError(`--${name} needs a value`);
-    }
-    raw[name] = value;
-  }
+  const raw = parseFlags(args, {
+    from: "string",
+    to: "string",
+    user: "string",
+    format: "string",
+    help: "boolean",
+  });
   const parsed = flagsSchema.safeParse(raw);
-  if (!parsed.success) {
-    const issue = parsed.error.issues[0];
-    if (issue.code === "unrecognized_keys") {
-      throw new UsageError(`unknown flag --${issue.keys[0]} (see --help)`);
-    }
-    const flag = `--${String(issue.path[0] ?? "")}`;
-    throw new UsageError(
-      issue.message.includes(flag) ? issue.message : `${flag}: ${issue.message}`,
-    );
-  }
+  if (!parsed.success) throw new UsageError(flagIssue(parsed.error.issues[0]));
   const f = parsed.data;
   const to = f.to ?? utcDay(now);
   const from = f.from ?? addDays(to, -29);
