@@ -7,10 +7,11 @@
  */
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError, wholeNumber } from "../lib/core/cli.ts";
-import { keys, utcDay } from "../lib/core/kv.ts";
+import { keys } from "../lib/core/kv.ts";
 import { DEFAULT_PRICING } from "../lib/usage/pricing.ts";
-import { addDays, buildReport, reportCsv, reportTable } from "../lib/reports/report.ts";
+import { buildReport, reportCsv, reportTable } from "../lib/reports/report.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
+import { addDays, utcDay } from "../lib/core/utc.ts";
 
 const flagsSchema = z.object({
   users: wholeNumber("--users", 1, 1_000_000).default(10_000),

@@ -1,7 +1,6 @@
 /** Deno KV: opening the store and every key builder (one place for the key design). */
+import type { Day, Month } from "./utc.ts";
 
-export type Day = string; // YYYY-MM-DD (UTC)
-export type Month = string; // YYYY-MM (UTC)
 /** Counters per user, day and model; "cached" is the part of "prompt" served from cache. */
 export type UsageField = "requests" | "prompt" | "completion" | "cached";
 export const USAGE_FIELDS: readonly UsageField[] = ["requests", "prompt", "completion", "cached"];
@@ -137,24 +136,6 @@ async function chmodIfExists(file: string, mode: number) {
   } catch (err) {
     if (!(err instanceof Deno.errors.NotFound)) throw err;
   }
-}
-
-/** The last day formatted (utcDay/utcMonth run several times per gateway request). */
-let memoDayNumber = NaN;
-let memoDay = "";
-
-/** UTC date of a timestamp as YYYY-MM-DD. */
-export function utcDay(ms: number = Date.now()): Day {
-  const n = Math.floor(ms / 86_400_000);
-  if (n !== memoDayNumber) {
-    memoDay = new Date(ms).toISOString().slice(0, 10);
-    memoDayNumber = n;
-  }
-  return memoDay;
-}
-
-export function utcMonth(ms: number = Date.now()): Month {
-  return utcDay(ms).slice(0, 7);
 }
 
 /** Reads a KvU64 (or absent) entry value as a number. */

@@ -6,12 +6,13 @@ import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
 import { UpstreamSlots } from "../limits/upstream_slots.ts";
 import { checkBudget } from "../reports/budget_alerts.ts";
-import { keys, u64, utcMonth } from "./kv.ts";
+import { keys, u64 } from "./kv.ts";
 import { KeyVault } from "../identity/api_keys.ts";
 import { createLogger, type Logger } from "./log.ts";
 import { Events } from "../alerts/deliver.ts";
 import { localSecret, Users } from "../identity/users.ts";
 import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
+import { utcMonth } from "./utc.ts";
 
 export interface Services {
   config: Config;

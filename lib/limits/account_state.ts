@@ -7,7 +7,8 @@
  * flight refuse only for seconds, so they are not a state worth a banner.
  */
 import type { UserRecord } from "../identity/users.ts";
-import { type EffectiveLimits, msUntilNextDay, msUntilNextMonth } from "./policy.ts";
+import { type EffectiveLimits } from "./policy.ts";
+import { msUntilNextDay, msUntilNextMonth } from "../core/utc.ts";
 
 export type PauseReason = "requests_per_day" | "tokens_per_day" | "budget_monthly";
 

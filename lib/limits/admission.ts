@@ -45,7 +45,7 @@
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
-import { commitOrConflict, keys, u64, utcDay, utcMonth } from "../core/kv.ts";
+import { commitOrConflict, keys, u64 } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import type { UserRecord } from "../identity/users.ts";
 import { costNanoUsd, priceOf, type Pricing } from "../usage/pricing.ts";
@@ -57,12 +57,11 @@ import {
   FINAL,
   givenBackHeader,
   hasQuota,
-  msUntilNextDay,
-  msUntilNextMonth,
   rateHeaders,
   type Remaining,
   remainingOf,
 } from "./policy.ts";
+import { DAY_MS, msUntilNextDay, msUntilNextMonth, utcDay, utcMonth } from "../core/utc.ts";
 
 /** A process whose heartbeat is this old is dead: its slots are freed, its estimates charged. */
 export const LEASE_TTL_MS = 20_000;
@@ -81,7 +80,6 @@ const MAX_BATCHES = 2;
 /** Batch attempts before a conflicting batch goes on one user at a time. */
 const BATCH_ATTEMPTS = 3;
 const MAX_ATTEMPTS = 100;
-const DAY_MS = 86_400_000;
 /** The rate entry is worthless after a day without requests; KV drops idle users' entries. */
 const RATE_EXPIRE_MS = 2 * DAY_MS;
 /** Keys per KV getMany call. */

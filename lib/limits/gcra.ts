@@ -10,9 +10,8 @@
  *   restarts at 00:00 UTC).
  * Pure functions: lib/limits/admission.ts reads and writes the state atomically.
  */
-import { type Day, utcDay } from "../core/kv.ts";
 import type { EffectiveLimits } from "./policy.ts";
-import { msUntilNextDay } from "./policy.ts";
+import { type Day, msUntilNextDay, utcDay } from "../core/utc.ts";
 
 /** The request-limit part of a user's limit state (lib/limits/admission.ts adds the leases). */
 export interface RateState {

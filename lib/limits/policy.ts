@@ -17,6 +17,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { RateView } from "./gcra.ts";
+import { msUntilNextDay } from "../core/utc.ts";
 
 export interface EffectiveLimits {
   rpm: number;
@@ -41,17 +42,6 @@ export function effectiveLimits(config: Config, user: Pick<UserRecord, "limits">
 
 export const hasQuota = (l: EffectiveLimits) =>
   l.tokensPerDay !== null || l.budgetUsdMonthly !== null;
-
-const DAY_MS = 86_400_000;
-
-export function msUntilNextDay(now: number): number {
-  return DAY_MS - (now % DAY_MS);
-}
-
-export function msUntilNextMonth(now: number): number {
-  const d = new Date(now);
-  return Date.UTC(d.getUTCFullYear(), d.getUTCMonth() + 1, 1) - now;
-}
 
 /** OpenAI-style duration: "850ms", "12s", "1.5s", "1m30s", "5h3m0s". */
 export function formatDuration(ms: number): string {

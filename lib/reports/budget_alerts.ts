@@ -3,7 +3,8 @@
  * and 100 % of their monthly budget, once each per user and month across every process.
  */
 import type { Events } from "../alerts/deliver.ts";
-import { keys, type Month, utcMonth } from "../core/kv.ts";
+import { keys } from "../core/kv.ts";
+import { type Month, utcMonth } from "../core/utc.ts";
 
 export const BUDGET_THRESHOLDS = [80, 100] as const;
 export type BudgetPercent = typeof BUDGET_THRESHOLDS[number];

@@ -1,9 +1,9 @@
 /** Operator views over all users, built on the cost report (summaries where current). */
-import { utcDay } from "../core/kv.ts";
 import type { Pricing } from "../usage/pricing.ts";
 import { roundUsd } from "../usage/pricing.ts";
-import { addDays, buildReport } from "./report.ts";
+import { buildReport } from "./report.ts";
 import type { WindowTotals } from "../usage/totals.ts";
+import { addDays, utcDay } from "../core/utc.ts";
 
 /** One user's, one day's or all users' requests, tokens and cost. */
 export type UsageTotals30d = WindowTotals;

@@ -5,10 +5,11 @@
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
 import { formatInt, formatUsdFixed } from "../core/format.ts";
-import { type Day, keys, u64, utcDay } from "../core/kv.ts";
+import { keys, u64 } from "../core/kv.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
 import type { UserRecord } from "../identity/users.ts";
+import { addDays, type Day, DAY_MS, isDay, utcDay } from "../core/utc.ts";
 
 export interface Totals {
   requests: number;
@@ -55,18 +56,6 @@ export interface ReportQuery {
 
 const GET_MANY = 10;
 const READ_CONCURRENCY = 4;
-const DAY_MS = 86_400_000;
-
-export function addDays(day: Day, n: number): Day {
-  return utcDay(Date.parse(`${day}T00:00:00Z`) + n * DAY_MS);
-}
-
-/** True for a real calendar date written YYYY-MM-DD (2026-02-30 is not). */
-export function isDay(value: string): boolean {
-  if (!/^\d{4}-\d{2}-\d{2}$/.test(value)) return false;
-  const ms = Date.parse(`${value}T00:00:00Z`);
-  return Number.isFinite(ms) && utcDay(ms) === value;
-}
 
 /** Builds the report over [from, to] (inclusive UTC days), reading only days that had usage. */
 export async function buildReport(

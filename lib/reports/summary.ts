@@ -9,20 +9,13 @@
  * back to the live counters, and the next run summarizes the day again.
  */
 import type { Config } from "../core/config.ts";
-import {
-  CONFLICT,
-  type Day,
-  isTransientKvError,
-  keys,
-  type Month,
-  retryAtomic,
-  u64,
-} from "../core/kv.ts";
+import { CONFLICT, isTransientKvError, keys, retryAtomic, u64 } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { Events } from "../alerts/deliver.ts";
 import { BUDGET_THRESHOLDS, checkBudget } from "./budget_alerts.ts";
+import type { Day, Month } from "../core/utc.ts";
 
 /** One user's use of one model on one day. */
 export interface UsageRow {

@@ -1,15 +1,5 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
-import {
-  commitOrConflict,
-  CONFLICT,
-  type Day,
-  keys,
-  retryAtomic,
-  u64,
-  USAGE_FIELDS,
-  utcDay,
-  utcMonth,
-} from "../core/kv.ts";
+import { commitOrConflict, CONFLICT, keys, retryAtomic, u64, USAGE_FIELDS } from "../core/kv.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
@@ -18,6 +8,7 @@ import { type Ledger, limitStatus } from "../limits/admission.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
 import { AppError } from "../core/errors.ts";
+import { type Day, DAY_MS, utcDay, utcMonth } from "../core/utc.ts";
 
 /** Tokens an answer used, as the upstream metered them. */
 export interface TokenUsage {
@@ -135,8 +126,6 @@ export interface UserUsage {
 
 type Raw = { requests: number; prompt: number; completion: number; cached: number };
 const emptyRaw = (): Raw => ({ requests: 0, prompt: 0, completion: 0, cached: 0 });
-
-const DAY_MS = 86_400_000;
 
 /** The UTC day `n` days before the day of `now` (0 = today). */
 export function dayBefore(now: number, n: number): Day {
