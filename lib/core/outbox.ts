@@ -172,9 +172,10 @@ export class Outbox<T extends object> {
       failure = { error: this.closed ? "the process is shutting down" : errorText(err) };
     }
     if (failure === null) {
+      // Said before the lease goes: whoever sees the outbox empty sees the line too.
+      this.worker.done?.(job);
       // Done: the lease must go now, or the job runs again when it falls due.
       await this.commitSoon(() => this.kv.atomic().check(lease).delete(leaseKey));
-      this.worker.done?.(job);
       return;
     }
     const retryInMs = failure.permanent ? undefined : this.worker.retryInMs(job);
