@@ -108,6 +108,7 @@ export class ClerkSync {
       if (Date.now() > until) throw new Error(`clerk sync still busy after ${timeoutMs} ms`);
       await Promise.race([...this.adding, new Promise((r) => setTimeout(r, 10))]);
     }
+    await this.outbox.passDone(); // its last outcome's log line
   }
 
   /** One try: null when Clerk is up to date, else what went wrong. */

@@ -86,6 +86,11 @@ export class Outbox<T extends object> {
     return n;
   }
 
+  /** Resolves when this process's pass in progress, if any, is over (its log lines written). */
+  async passDone(): Promise<void> {
+    await this.pass;
+  }
+
   /** Starts this process's loop. */
   start(): void {
     if (this.closed || this.started) return;
