@@ -649,6 +649,63 @@ Deno.test("upstream failures", async (t) => {
   }
 });
 
+Deno.test("a disable or a limit change holds for every request after it, for users with quotas too", async (t) => {
+  // With a quota, each admission reads the user's counters, and a refusal read fresh must not
+  // leave the user record remembered from before the change in use for the next request.
+  const s = await setup({ TOKEN_LIMIT_DAILY: "1000000" });
+  const statuses = async (n: number) => {
+    const got: number[] = [];
+    for (let i = 0; i < n; i++) {
+      const res = await s.chat();
+      got.push(res.status);
+      await res.body?.cancel();
+    }
+    return got;
+  };
+  try {
+    await t.step("disabled: 403 every time, not just the first", async () => {
+      assert.deepEqual(await statuses(2), [200, 200]);
+      await s.app.services.users.setStatus(s.userId, "disabled");
+      assert.deepEqual(await statuses(4), [403, 403, 403, 403]);
+      await s.app.services.users.setStatus(s.userId, "active");
+      assert.deepEqual(await statuses(2), [200, 200]);
+    });
+    await t.step("rpd lowered below today's count: 429 every time", async () => {
+      await s.app.services.users.setLimits(s.userId, { rpd: 1 });
+      assert.deepEqual(await statuses(3), [429, 429, 429]);
+      await s.app.services.users.setLimits(s.userId, { rpd: null });
+    });
+    await t.step("a budget spent: 429 every time", async () => {
+      assert.deepEqual(await statuses(1), [200]);
+      await s.app.services.users.setLimits(s.userId, { budgetUsdMonthly: 0.000001 });
+      assert.deepEqual(await statuses(3), [429, 429, 429]);
+    });
+  } finally {
+    await s.close();
+  }
+});
+
+Deno.test("a disable holds after another user's request has seen the change first", async () => {
+  // Without quotas nothing is read per request: the commit's check of the cache epoch finds the
+  // change. Here another user's request meets the moved epoch first; the disabled user's record,
+  // remembered from before, must not then pass as current.
+  const s = await setup();
+  try {
+    const other = await s.app.services.users.provision("user_other");
+    const ok = async (key?: string) => {
+      const res = await s.chat(CHAT, key ? { key } : undefined);
+      await res.body?.cancel();
+      return res.status;
+    };
+    assert.deepEqual([await ok(), await ok(other.apiKey)], [200, 200]);
+    await s.app.services.users.setStatus(s.userId, "disabled");
+    assert.equal(await ok(other.apiKey), 200);
+    assert.deepEqual([await ok(), await ok(), await ok()], [403, 403, 403]);
+  } finally {
+    await s.close();
+  }
+});
+
 Deno.test("unreachable upstream → 502 upstream_unavailable, not counted, warned", async () => {
   const listener = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = listener.addr.port;

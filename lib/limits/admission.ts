@@ -264,6 +264,11 @@ type Op =
 
 /** Users' entries as this process last read or wrote them. */
 interface Known {
+  /**
+   * The cache epoch's versionstamp the user record was valid under. Every disable, limit change
+   * and rotation moves the epoch: a record known under another epoch is read again.
+   */
+  epoch: string | null;
   userEntry: Deno.KvEntryMaybe<UserRecord>;
   rateEntry: Deno.KvEntryMaybe<RateState>;
   /** The user's refund counter as last read. */
@@ -529,7 +534,9 @@ export class Ledger {
         throw err;
       }
       if (res.ok) {
-        this.rememberAfter(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp);
+        // The commit checked `epoch`: what it read and wrote is known valid under it.
+        const under = epoch?.versionstamp ?? null;
+        this.rememberAfter(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp, under);
         for (const d of plan.deliver) d();
         return;
       }
@@ -576,11 +583,13 @@ export class Ledger {
     refunds: Map<string, number>,
     snaps: Map<string, Snapshot>,
     versionstamp: string,
+    epoch: string | null,
   ) {
     for (const [userId, snap] of snaps) {
       const next = rates.get(userId);
       if (this.known.size >= 100_000 && !this.known.has(userId)) this.known.clear();
       this.known.set(userId, {
+        epoch,
         userEntry: snap.userEntry,
         rateEntry: next ? { key: keys.rate(userId), value: next, versionstamp } : snap.rateEntry,
         refunds: snap.refunds,
@@ -611,10 +620,15 @@ export class Ledger {
     const snaps = new Map<string, Snapshot>();
     if (!admitting.length) return { snaps, epoch: null };
     const groups: Deno.KvKey[][] = [];
-    const reads: Array<{ id: string; entries: boolean; used: boolean }> = [];
+    const reads: Array<{ id: string; k: Known | undefined; entries: boolean; used: boolean }> = [];
     for (const id of admitting) {
-      const k = fresh.has(id) || !this.epochSeen ? undefined : this.known.get(id);
-      const r = { id, entries: !k, used: this.defaultQuota || this.quotaUsers.has(id) };
+      // Remembered entries count only under the epoch they were known under (a disable or limit
+      // change since then moved it), and that epoch is checked again: read with the counters, or
+      // by the commit.
+      const seen = this.epochSeen;
+      const known = fresh.has(id) || !seen ? undefined : this.known.get(id);
+      const k = known?.epoch === seen?.versionstamp ? known : undefined;
+      const r = { id, k, entries: !k, used: this.defaultQuota || this.quotaUsers.has(id) };
       const group: Deno.KvKey[] = [];
       if (r.entries) {
         group.push(
@@ -645,7 +659,7 @@ export class Ledger {
     const missing: string[] = [];
     let i = 0;
     for (const r of reads) {
-      const k = this.known.get(r.id);
+      const k = r.k;
       let snap: Snapshot;
       if (r.entries) {
         const userEntry = entries[i++] as Deno.KvEntryMaybe<UserRecord>;
@@ -656,7 +670,8 @@ export class Ledger {
           tokens: u64(entries[i++].value),
           nano: u64(entries[i++].value),
         };
-        snap = { userEntry, rateEntry, refunds, held, used: null, remembered: false };
+        const under = epoch?.versionstamp ?? null;
+        snap = { epoch: under, userEntry, rateEntry, refunds, held, used: null, remembered: false };
       } else snap = { ...k!, held: { ...k!.held }, used: null, remembered: true };
       if (r.used) snap.used = { tokens: u64(entries[i++].value), nano: u64(entries[i++].value) };
       else if (hasQuota(effectiveLimits(this.config, snap.userEntry.value ?? { limits: {} }))) {
