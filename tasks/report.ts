@@ -1,6 +1,6 @@
 /** `deno task report`: usage and cost over UTC days as a table, JSON or CSV (CONTRACT §7). */
 import { configForTask } from "../lib/core/config.ts";
-import { openKv } from "../lib/core/kv.ts";
+import { KvMissingError, openKv } from "../lib/core/kv.ts";
 import {
   buildReport,
   parseReportFlags,
@@ -27,7 +27,14 @@ async function main(args: string[]): Promise<number> {
   }
   const config = await configForTask();
   if (!config) return 1;
-  const kv = await openKv(config.kvPath, config.kvAccessToken);
+  let kv: Deno.Kv;
+  try {
+    kv = await openKv(config.kvPath, config.kvAccessToken, { mustExist: true });
+  } catch (err) {
+    if (!(err instanceof KvMissingError)) throw err;
+    console.error(`deno task report: ${err.message}`);
+    return 1;
+  }
   const progress = progressLine();
   try {
     const report = await buildReport(kv, config.pricing, {

@@ -2,7 +2,7 @@
 import { parseFlags, UsageError } from "../lib/core/cli.ts";
 import { configForTask, secretsOf } from "../lib/core/config.ts";
 import { formatInt, formatUsd } from "../lib/core/format.ts";
-import { openKv } from "../lib/core/kv.ts";
+import { KvMissingError, openKv } from "../lib/core/kv.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
 import { Events } from "../lib/alerts/deliver.ts";
@@ -26,7 +26,14 @@ async function main(args: string[]): Promise<number> {
   }
   const config = await configForTask();
   if (!config) return 1;
-  const kv = await openKv(config.kvPath, config.kvAccessToken);
+  let kv: Deno.Kv;
+  try {
+    kv = await openKv(config.kvPath, config.kvAccessToken, { mustExist: true });
+  } catch (err) {
+    if (!(err instanceof KvMissingError)) throw err;
+    console.error(`deno task summarize: ${err.message}`);
+    return 1;
+  }
   const progress = progressLine();
   try {
     const log = createLogger(secretsOf(config));

@@ -190,3 +190,10 @@ Deno.test("a KV Connect URL needs its access token", () => {
   });
   assert.equal(config.kvAccessToken, "token-0123456789");
 });
+
+Deno.test("DENO_KV_PATH: a URL other than http(s) is refused, naming the variable", () => {
+  for (const path of ["ftp://kv.example.com/db", "file:///tmp/kv.sqlite3"]) {
+    assert.throws(() => loadConfig({ DENO_KV_PATH: path }), /DENO_KV_PATH must be a file path/);
+  }
+  assert.equal(loadConfig({ DENO_KV_PATH: "./data/k.sqlite3" }).kvPath, "./data/k.sqlite3");
+});

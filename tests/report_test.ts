@@ -295,6 +295,17 @@ Deno.test("deno task report as a subprocess", async (t) => {
       assert.equal(r.code, 0);
       assert.match(r.stdout, /--format/);
     });
+    await t.step(
+      "a DENO_KV_PATH with no KV file: exit 1, said, and no empty KV created",
+      async () => {
+        const missing = `${path}.missing/kv.sqlite3`;
+        const r = await runReport([], missing);
+        assert.equal(r.code, 1, r.stderr);
+        assert.match(r.stderr, /no KV file at .*kv\.sqlite3 \(DENO_KV_PATH\)/);
+        assert.equal(r.stdout, "");
+        await assert.rejects(Deno.stat(missing), Deno.errors.NotFound);
+      },
+    );
   } finally {
     await cleanup();
   }

@@ -322,6 +322,12 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
   if (!localMode && !e.KEY_ENCRYPTION_SECRET) {
     problems.push("KEY_ENCRYPTION_SECRET is required outside local mode (at least 32 characters)");
   }
+  const kvScheme = e.DENO_KV_PATH?.match(/^([A-Za-z][A-Za-z0-9+.-]*):\/\//)?.[1];
+  if (kvScheme && !/^https?$/i.test(kvScheme)) {
+    problems.push(
+      `DENO_KV_PATH must be a file path, :memory: or an https:// KV Connect URL (not ${kvScheme}://)`,
+    );
+  }
   if (e.DENO_KV_PATH && /^https?:\/\//.test(e.DENO_KV_PATH) && !e.DENO_KV_ACCESS_TOKEN) {
     problems.push("DENO_KV_ACCESS_TOKEN is required when DENO_KV_PATH is a KV Connect URL");
   }

@@ -96,7 +96,8 @@ export const keys = {
 export async function openKv(
   path: string | undefined,
   accessToken?: string,
-  options: { onDeploy?: boolean } = {},
+  /** `mustExist`: a task that reads the server's data refuses to create an empty KV file. */
+  options: { onDeploy?: boolean; mustExist?: boolean } = {},
 ): Promise<Deno.Kv> {
   // Deno Deploy's own KV: no path, no file of ours (CONTRACT §8).
   if (path === undefined && options.onDeploy) return await Deno.openKv();
@@ -106,6 +107,7 @@ export async function openKv(
     return await Deno.openKv(target);
   }
   if (target === ":memory:") return await Deno.openKv(target);
+  if (options.mustExist && !(await exists(target))) throw new KvMissingError(target);
   const dir = target.replace(/[^/\\]*$/, "");
   if (dir) await Deno.mkdir(dir, { recursive: true, mode: 0o700 });
   await createOwnerOnly(target);
@@ -135,6 +137,27 @@ async function chmodIfExists(file: string, mode: number) {
     await Deno.chmod(file, mode);
   } catch (err) {
     if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
+}
+
+/** openKv({ mustExist }) found no KV file where DENO_KV_PATH (or the default) points. */
+export class KvMissingError extends Error {
+  override name = "KvMissingError";
+  constructor(readonly path: string) {
+    super(
+      `no KV file at ${path} (DENO_KV_PATH): point DENO_KV_PATH at the server's KV, or start ` +
+        "the server once to create it",
+    );
+  }
+}
+
+async function exists(path: string): Promise<boolean> {
+  try {
+    await Deno.stat(path);
+    return true;
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return false;
+    throw err;
   }
 }
 
