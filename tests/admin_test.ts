@@ -53,7 +53,7 @@ Deno.test("operator API", async (t) => {
       assert.deepEqual(a.usage30d, {
         requests: 2,
         totalTokens: 1_500_110,
-        costUsd: 0.6 + 1.1 + (100 * 0.2 + 10 * 1.1) / 1e6,
+        costUsd: 1.700031, // 0.6 + 1.1 + (100 × 0.2 + 10 × 1.1) / 1e6, rounded to the nano-dollar
       });
       // The latest UTC day with usage in the window, and the limits in force.
       assert.equal(a.lastActive, new Date(now).toISOString().slice(0, 10));
@@ -98,6 +98,15 @@ Deno.test("operator API", async (t) => {
       });
       assert.equal(res.status, 200);
       assert.equal((await app.services.users.get("user_alice"))?.status, "disabled");
+      // The changed user as the list shows them: their usage too, not zeros.
+      const changed = (await json<{ user: Record<string, unknown> }>(res)).user;
+      assert.equal(changed.status, "disabled");
+      assert.deepEqual(changed.usage30d, {
+        requests: 2,
+        totalTokens: 1_500_110,
+        costUsd: 1.700031,
+      });
+      assert.equal(changed.lastActive, new Date(now).toISOString().slice(0, 10));
       res = await app.request("/api/admin/users/user_alice/enable", {
         method: "POST",
         headers: boss,

@@ -7,7 +7,15 @@ import { effectiveLimits } from "../../lib/limits/policy.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { Config } from "../../lib/core/config.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
-import type { AdminUserBody, AdminUserChangedBody, AdminUsersBody } from "../../lib/api_types.ts";
+import type {
+  AdminUserBody,
+  AdminUserChangedBody,
+  AdminUsersBody,
+  UsageBody,
+} from "../../lib/api_types.ts";
+import { usageReport } from "../../lib/usage/usage.ts";
+import { sumUsage } from "../../lib/usage/totals.ts";
+import { roundUsd } from "../../lib/usage/pricing.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
@@ -41,8 +49,30 @@ export function adminUserView(
     limits: user.limits,
     effectiveLimits: effectiveLimits(config, user),
     lastActive: lastActive ?? null,
-    usage30d: usage ? usage : { requests: 0, totalTokens: 0, costUsd: 0 },
+    // Sums of floats: rounded, so no 1.7000309999999998 reaches the JSON.
+    usage30d: usage
+      ? {
+        requests: usage.requests,
+        totalTokens: usage.totalTokens,
+        costUsd: roundUsd(usage.costUsd),
+      }
+      : { requests: 0, totalTokens: 0, costUsd: 0 },
   };
+}
+
+/**
+ * One user for the operator with their last 30 UTC days read (the per-user page, and the answer
+ * to an operator's change); `usage` is the report it was read from.
+ */
+export async function adminUserRead(
+  kv: Deno.Kv,
+  config: Config,
+  user: UserRecord,
+  now = Date.now(),
+): Promise<{ view: AdminUserBody; usage: UsageBody }> {
+  const usage = await usageReport(kv, config, user.id, 30, now);
+  const lastActive = usage.days.findLast((d) => d.requests > 0)?.date ?? null;
+  return { view: adminUserView(config, user, sumUsage(usage.days), lastActive), usage };
 }
 
 export function adminRoutes(services: Services) {
@@ -61,6 +91,9 @@ export function adminRoutes(services: Services) {
     usage?: { requests: number; totalTokens: number; costUsd: number },
     lastActive?: string,
   ) => adminUserView(config, user, usage, lastActive);
+  /** The user after an operator's change, with their usage as the list shows it. */
+  const changed = async (c: Context<AppEnv>, user: UserRecord) =>
+    c.json({ user: (await adminUserRead(kv, config, user)).view } satisfies AdminUserChangedBody);
 
   app.get("/admin/users", session, admin, async (c) => {
     const { users: totals, lastActive } = await operatorOverview(kv, config.pricing);
@@ -82,16 +115,14 @@ export function adminRoutes(services: Services) {
           "You cannot disable your own account; ask another operator.",
         );
       }
-      const user = await users.setStatus(id, status, c.get("session").userId);
-      return c.json({ user: shape(user) } satisfies AdminUserChangedBody);
+      return await changed(c, await users.setStatus(id, status, c.get("session").userId));
     });
   }
 
   app.put("/admin/users/:id/limits", session, admin, async (c) => {
     const { id } = parseWith(userIdParam, c.req.param(), "id");
     const patch = await jsonBody(c, limitsBody);
-    const user = await users.setLimits(id, patch);
-    return c.json({ user: shape(user) } satisfies AdminUserChangedBody);
+    return await changed(c, await users.setLimits(id, patch));
   });
   return app;
 }

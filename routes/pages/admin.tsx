@@ -3,7 +3,6 @@
  * and one page per user (`/admin/users/:id`) with their chart, models, key prefix, limits and
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
-import { sumUsage } from "../../lib/usage/totals.ts";
 import { ModelTable } from "../../components/ModelTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
@@ -23,10 +22,9 @@ import {
 } from "../../lib/core/format.ts";
 import type { Session } from "../../lib/identity/sessions.ts";
 import { operatorOverview } from "../../lib/reports/overview.ts";
-import { usageReport } from "../../lib/usage/usage.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
-import { adminUserView } from "../api/admin.ts";
+import { adminUserRead } from "../api/admin.ts";
 import { notFoundPage } from "./not_found.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 
@@ -161,9 +159,8 @@ export function adminRoutes(services: Services) {
     const user = parsed.success ? await users.get(parsed.data.id) : null;
     if (!user) return await notFound(c, "No such user");
     const now = Date.now();
-    const usage = await usageReport(services.kv, config, user.id, 30, now);
-    const total = sumUsage(usage.days);
-    const lastActive = usage.days.findLast((d) => d.requests > 0)?.date ?? null;
+    const { view, usage } = await adminUserRead(services.kv, config, user, now);
+    const { usage30d: total, lastActive } = view;
     const points = lastDays(
       30,
       new Map(usage.days.map((d) => [d.date, {
@@ -230,7 +227,7 @@ export function adminRoutes(services: Services) {
             mode={authMode}
             selfId={who.session.userId}
             defaults={defaults}
-            user={adminUserView(config, user, total, lastActive)}
+            user={view}
           />
         </div>
         <section class="card" aria-labelledby="chart-title" style={{ marginBottom: "1.25rem" }}>
