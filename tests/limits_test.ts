@@ -44,6 +44,26 @@ Deno.test("GCRA: a fresh allowance of rpm admits exactly rpm, then one per inter
   assert.equal(rateView(state, limits(5), NOON + 600_000).remainingMinute, 5);
 });
 
+Deno.test("GCRA: an operator's rpm change applies at once, the requests already made still count", () => {
+  const after = (rpm: number, n: number) => {
+    let state: RateState | null = null;
+    for (let i = 0; i < n; i++) state = decideRate(state, limits(rpm), NOON).next;
+    return state;
+  };
+  // Raised from 2 to 60 after 2 requests: 58 left now, not the 3 the old pace refilled.
+  const slow = after(2, 2);
+  assert.equal(rateView(slow, limits(60), NOON + 1_000).remainingMinute, 58);
+  assert.equal(decideRate(slow, limits(60), NOON + 1_000).after.remainingMinute, 57);
+  // Lowered from 60 to 10 after 30 requests: none left, and a full minute to wait at most.
+  const busy = after(60, 30);
+  const lowered = decideRate(busy, limits(10), NOON);
+  assert.equal(lowered.allowed, false);
+  assert.ok(lowered.retryAfter <= 6, `retry after ${lowered.retryAfter} s`);
+  assert.equal(rateView(busy, limits(10), NOON + 60_000).remainingMinute, 10);
+  // The same rpm: nothing changes.
+  assert.equal(rateView(after(5, 5), limits(5), NOON).remainingMinute, 0);
+});
+
 Deno.test("day counter: exact, and starts over at 00:00 UTC", () => {
   let state: RateState | null = null;
   const lim = limits(1000, 3);

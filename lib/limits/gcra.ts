@@ -21,6 +21,8 @@ export interface RateState {
   dayCount: number;
   /** The user's refund counter (`keys.rateRefunds`) as of this state: refunds up to it applied. */
   refunded?: number;
+  /** The rpm `tat` was counted in (absent in states written before it was kept). */
+  rpm?: number;
 }
 
 const MINUTE_MS = 60_000;
@@ -48,15 +50,33 @@ export function withRefunds(
   const n = refunds - (state.refunded ?? 0);
   if (n <= 0) return state;
   return {
-    tat: state.tat - n * (MINUTE_MS / limits.rpm),
-    day: state.day,
+    ...state,
+    tat: state.tat - n * (MINUTE_MS / (state.rpm ?? limits.rpm)),
     dayCount: Math.max(0, state.dayCount - n),
     refunded: refunds,
   };
 }
 
+/**
+ * The state counted in the current rpm: when an operator changes a user's rpm, the requests of
+ * the last minute stay what they were, and the allowance is the new one at once (raising rpm
+ * from 2 to 60 after 2 requests leaves 58, not what the old pace would have refilled by now;
+ * lowering it below what was used leaves a full minute to wait at most).
+ */
+function inCurrentRpm(state: RateState | null, limits: EffectiveLimits, now: number) {
+  if (!state?.rpm || state.rpm === limits.rpm || state.tat <= now) return state;
+  // Lowered below what was used: at most a minute's worth is owed (as a window would count it).
+  const used = Math.min((state.tat - now) / (MINUTE_MS / state.rpm), limits.rpm);
+  return { ...state, tat: now + used * (MINUTE_MS / limits.rpm), rpm: limits.rpm };
+}
+
 /** What is left of the request limits at `now`, without consuming anything. */
-export function rateView(state: RateState | null, limits: EffectiveLimits, now: number): RateView {
+export function rateView(
+  stored: RateState | null,
+  limits: EffectiveLimits,
+  now: number,
+): RateView {
+  const state = inCurrentRpm(stored, limits, now);
   const interval = MINUTE_MS / limits.rpm;
   const base = state ? Math.max(state.tat, now) : now;
   const remainingMinute = Math.max(
@@ -85,10 +105,11 @@ export interface RateDecision {
 
 /** GCRA + day counter decision for one request at `now`. */
 export function decideRate(
-  state: RateState | null,
+  stored: RateState | null,
   limits: EffectiveLimits,
   now: number,
 ): RateDecision {
+  const state = inCurrentRpm(stored, limits, now);
   const before = rateView(state, limits, now);
   const interval = MINUTE_MS / limits.rpm;
   const base = state ? Math.max(state.tat, now) : now;
@@ -100,6 +121,7 @@ export function decideRate(
     day: today,
     dayCount: dayCount + 1,
     refunded: state?.refunded ?? 0,
+    rpm: limits.rpm,
   };
   if (allowed) {
     const after = {
