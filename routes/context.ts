@@ -47,7 +47,12 @@ export function requireSession(services: Services): MiddlewareHandler<AppEnv> {
   return async (c, next) => {
     const found = await readSession(c, services);
     if (!found) {
-      throw new AppError("unauthorized", "Sign in first: a valid Clerk session token is required.");
+      throw new AppError(
+        "unauthorized",
+        services.config.localMode
+          ? "Sign in first: a valid session is required (sign in at /sign-in)."
+          : "Sign in first: a valid Clerk session token is required.",
+      );
     }
     if (found.via === "cookie") assertSameOrigin(c, services);
     c.set("session", found.session);

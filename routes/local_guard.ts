@@ -24,7 +24,10 @@ export function isLoopbackHost(host: string): boolean {
 }
 
 /** 403 `forbidden` for any request whose Host is not localhost, 127.0.0.1 or [::1]. */
-export function localHostGuard(): MiddlewareHandler<AppEnv> {
+export function localHostGuard(
+  /** The app's request ids: the refusal carries one like every other answer. */
+  nextId: (incoming: string | undefined) => string,
+): MiddlewareHandler<AppEnv> {
   const message =
     "This Keyway server runs in local mode: it answers only at localhost, 127.0.0.1 or [::1].";
   return async (c, next) => {
@@ -32,6 +35,7 @@ export function localHostGuard(): MiddlewareHandler<AppEnv> {
     const host = c.req.header("host") ?? new URL(c.req.url).host;
     if (isLoopbackHost(host)) return await next();
     c.header("x-content-type-options", "nosniff");
+    c.header("x-request-id", nextId(undefined));
     const path = c.req.path;
     if (isApiPath(path)) {
       const anthropic = isAnthropicPath(path) ? 403 : undefined;

@@ -43,7 +43,7 @@ export function createApp(services: Services) {
 
   const nextId = requestIds();
   // Ahead of everything, the gateway included: local mode answers loopback host names only.
-  if (services.config.localMode) app.use("*", localHostGuard());
+  if (services.config.localMode) app.use("*", localHostGuard(nextId));
   if (services.config.keyMode === "proxy") {
     // Ahead of every middleware: the gateway frames, limits and logs its own requests.
     for (const protocol of PROTOCOLS) {

@@ -372,15 +372,33 @@ Deno.test("bad requests are refused before the upstream and count against nothin
     const cases: Array<[string, unknown, number, string, RegExp]> = [
       ["disallowed model", { ...CHAT, model: "gpt-4o" }, 400, "model_not_allowed", /model/],
       ["invalid JSON", "{nope", 400, "invalid_request", /JSON/],
-      ["missing model", { messages: CHAT.messages }, 400, "invalid_request", /^model/],
-      ["model too long", { ...CHAT, model: "m".repeat(201) }, 400, "invalid_request", /^model/],
-      ["empty messages", { model: "glm-4.6", messages: [] }, 400, "invalid_request", /^messages/],
+      [
+        "missing model",
+        { messages: CHAT.messages },
+        400,
+        "invalid_request",
+        /^model: is required$/,
+      ],
+      [
+        "model too long",
+        { ...CHAT, model: "m".repeat(201) },
+        400,
+        "invalid_request",
+        /^model: must be at most 200 characters long$/,
+      ],
+      [
+        "empty messages",
+        { model: "glm-4.6", messages: [] },
+        400,
+        "invalid_request",
+        /^messages: must have at least 1 item$/,
+      ],
       [
         "messages not an array",
         { model: "glm-4.6", messages: "hi" },
         400,
         "invalid_request",
-        /^messages/,
+        /^messages: must be an array$/,
       ],
       ["not an object", [1, 2], 400, "invalid_request", /body|expected object/],
       [

@@ -144,6 +144,11 @@ Deno.test("security (local mode process): Host guard, sign-out, sign-in redirect
         assert.equal(key.status, 403, `/api/key via ${host}`);
         assert.match(key.headers.get("content-type") ?? "", /application\/json/);
         assert.equal(errorCode(key.body), "forbidden");
+        assert.match(
+          key.headers.get("x-request-id") ?? "",
+          /^[0-9a-f]{8}-/,
+          "an id like any answer",
+        );
       }
       const gateway = await rawRequest(server, "evil.example", "POST", "/v1/chat/completions", {
         ...json,

@@ -112,12 +112,55 @@ export const isAnthropicPath = (path: string) =>
 
 /** Turns a zod error into an invalid_request naming the first bad field. */
 export function invalidRequest(
-  issues: ReadonlyArray<{ path: PropertyKey[]; message: string }>,
+  issues: ReadonlyArray<SchemaIssue>,
   what = "body",
 ): AppError {
   const first = issues[0];
   const field = first?.path.map(String).join(".") || what;
-  return new AppError("invalid_request", `${field}: ${first?.message ?? "invalid"}`);
+  return new AppError("invalid_request", `${field}: ${first ? sayIssue(first) : "invalid"}`);
+}
+
+/** A schema problem as zod reports it (the fields read here, when present). */
+export interface SchemaIssue {
+  path: PropertyKey[];
+  message: string;
+  code?: string;
+  expected?: string;
+  origin?: string;
+  minimum?: number | bigint;
+  maximum?: number | bigint;
+  values?: readonly unknown[];
+}
+
+const KIND: Record<string, string> = {
+  string: "a string",
+  number: "a number",
+  int: "a whole number",
+  boolean: "true or false",
+  array: "an array",
+  object: "an object",
+};
+
+/** A zod issue in words a person reads ("is required", "must be a string"), not zod's. */
+export function sayIssue(issue: SchemaIssue): string {
+  const { code, expected, origin } = issue;
+  if (code === "invalid_type") {
+    if (/received undefined$/.test(issue.message)) return "is required";
+    return `must be ${KIND[expected ?? ""] ?? expected}`;
+  }
+  if (code === "too_small" || code === "too_big") {
+    const bound = code === "too_small" ? issue.minimum : issue.maximum;
+    const side = code === "too_small" ? "at least" : "at most";
+    if (origin === "string") {
+      return `must be ${side} ${bound} character${bound === 1 ? "" : "s"} long`;
+    }
+    if (origin === "array") return `must have ${side} ${bound} item${bound === 1 ? "" : "s"}`;
+    if (origin === "number" || origin === "int") return `must be ${side} ${bound}`;
+  }
+  if (code === "invalid_value" && issue.values?.length) {
+    return `must be one of ${issue.values.map((v) => JSON.stringify(v)).join(", ")}`;
+  }
+  return issue.message;
 }
 
 /** JSON.parse for request bodies: 400 invalid_request instead of a SyntaxError. */

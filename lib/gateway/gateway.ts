@@ -737,7 +737,8 @@ async function readErrorBody(
 function invalidKey(): AppError {
   return new AppError(
     "invalid_api_key",
-    "Invalid API key: send your Keyway key as 'Authorization: Bearer kw_…'.",
+    "Invalid API key: send your Keyway key as 'Authorization: Bearer kw_…' (or, from an " +
+      "Anthropic client, 'x-api-key: kw_…').",
   );
 }
 

@@ -6,10 +6,11 @@ import { reportUsage, usageReport } from "../../lib/usage/usage.ts";
 import type { Services } from "../../lib/core/services.ts";
 import { type AppEnv, jsonBody, parseWith, readSession, requireSession } from "../context.ts";
 
+const DAYS = "must be a whole number from 1 to 90";
 const querySchema = z.object({
-  days: z.string().regex(/^\d+$/, "must be a whole number from 1 to 90").optional()
+  days: z.string().regex(/^\d+$/, DAYS).optional()
     .transform((v) => (v === undefined ? 30 : Number(v)))
-    .pipe(z.number().int().min(1).max(90)),
+    .pipe(z.number().int().min(1, DAYS).max(90, DAYS)),
 });
 
 const reportSchema = z.object({
