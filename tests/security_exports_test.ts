@@ -173,3 +173,29 @@ Deno.test("an invalidating write drops only that user's cached values in other p
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a process away longer than the change log is kept drops everything, not just the changes still logged", async () => {
+  const dir = await Deno.makeTempDir();
+  const a = await Deno.openKv(`${dir}/kv.sqlite3`);
+  const b = await Deno.openKv(`${dir}/kv.sqlite3`);
+  try {
+    // Records kept 400 ms here (10 minutes in the product).
+    const writer = new CacheEpoch(a, 0, 400);
+    const reader = new CacheEpoch(b, 0, 400);
+    const dropped: Array<string[] | null> = [];
+    reader.onChange((ids) => dropped.push(ids));
+    await reader.fresh();
+    // While the reader is away: a user is disabled, its record is gone (expired), and another
+    // user's change is still in the log.
+    await writer.bump(a.atomic(), "user_disabled_meanwhile").commit();
+    for await (const e of a.list({ prefix: ["cache_changes"] })) await a.delete(e.key);
+    await new Promise((r) => setTimeout(r, 300));
+    await writer.bump(a.atomic(), "user_profile_updated").commit();
+    await reader.fresh();
+    assert.deepEqual(dropped, [null], "everything dropped: the log cannot say who else changed");
+  } finally {
+    a.close();
+    b.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -4,9 +4,10 @@
  * atomic commit, and records which user it changed (`keys.cacheChange`, kept for 10 minutes).
  * Each process re-reads the counter at most every `intervalMs`; when it moved, it reads the
  * changes since its last look and drops those users' cached values only (all of them when the
- * record is gone). The writing process drops its own entry at once, so only *other* processes can
- * serve a value that is at most `intervalMs` old. Deno KV's `watch` does not see other processes'
- * writes on a local file, hence the cheap poll.
+ * record is gone, or when this process last looked longer ago than the records are kept). The
+ * writing process drops its own entry at once, so only *other* processes can serve a value that
+ * is at most `intervalMs` old. Deno KV's `watch` does not see other processes' writes on a local
+ * file, hence the cheap poll.
  */
 import { keys } from "../core/kv.ts";
 
@@ -26,13 +27,18 @@ export class CacheEpoch {
   private pending: Promise<void> | null = null;
   private readonly listeners = new Set<(userIds: string[] | null) => void>();
 
-  constructor(private readonly kv: Deno.Kv, private readonly intervalMs = 250) {}
+  constructor(
+    private readonly kv: Deno.Kv,
+    private readonly intervalMs = 250,
+    /** How long change records are kept (and so how long a process can be away and catch up). */
+    private readonly keepMs = CHANGE_KEEP_MS,
+  ) {}
 
   /** Adds the counter bump (and the record of whose values changed) to an invalidating write. */
   bump(op: Deno.AtomicOperation, userId: string): Deno.AtomicOperation {
     const at = Date.now();
     return op.sum(keys.cacheEpoch(), 1n)
-      .set(keys.cacheChange(at, crypto.randomUUID()), userId, { expireIn: CHANGE_KEEP_MS });
+      .set(keys.cacheChange(at, crypto.randomUUID()), userId, { expireIn: this.keepMs });
   }
 
   /** `listener(null)` drops every cached value; `listener(ids)` drops those users'. */
@@ -64,12 +70,18 @@ export class CacheEpoch {
   }
 
   private async poll() {
+    const started = performance.now();
     const entry = await this.kv.get<Deno.KvU64>(keys.cacheEpoch());
-    this.checkedAt = performance.now();
     const value = entry.value?.value ?? 0n;
     const since = this.lookedAt - SKEW_MS;
+    // Away longer than the records are kept (no /api/key call here for a while): the log may
+    // have lost changes made meanwhile, so it cannot say whose values are still right.
+    const margin = Math.min(2 * SKEW_MS, this.keepMs / 2);
+    const away = Date.now() - this.lookedAt > this.keepMs - margin;
     this.lookedAt = Date.now();
-    if (this.seen !== null && value !== this.seen) {
+    if (this.seen !== null && value !== this.seen && away) {
+      this.invalidate(null);
+    } else if (this.seen !== null && value !== this.seen) {
       const changed = new Set<string>();
       let complete = true;
       const iter = this.kv.list<string>(
@@ -86,5 +98,7 @@ export class CacheEpoch {
       this.invalidate(complete ? [...changed] : null);
     }
     this.seen = value;
+    // Only now: a caller that finds the check recent must also find its drops done.
+    this.checkedAt = started;
   }
 }
