@@ -308,6 +308,61 @@ Deno.test("the suite's KV wrapper refuses what KV Connect refuses", async () => 
   }
 });
 
+Deno.test("Ledger: an admission whose commit landed but whose answer was lost gives its slot and request back", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let loseNextAnswer = false;
+  const flaky = interceptCommits(kv, async (commit) => {
+    const res = await commit();
+    if (!loseNextAnswer) return res;
+    loseNextAnswer = false;
+    throw new Error("connection reset"); // landed, but the caller never hears so
+  });
+  const config = loadConfig({ DENO_KV_PATH: ":memory:" });
+  const ledger = new Ledger(flaky, config);
+  try {
+    await seedUser(kv, "u6", { rpm: 2 });
+    await ledger.admit(request("u6")).then((l) => l.settle(null, "complete"));
+    loseNextAnswer = true;
+    await assert.rejects(ledger.admit(request("u6")), /connection reset/);
+    // Its lease entry was written, holding a slot: it is found and given back.
+    const deadline = Date.now() + 5000;
+    let held = 1n;
+    while (Date.now() < deadline) {
+      held = (await kv.get<Deno.KvU64>(keys.leaseHeld("u6", "count"))).value?.value ?? 0n;
+      if (held === 0n) break;
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(held, 0n, "the slot is free again");
+    let leases = 0;
+    for await (const _ of kv.list({ prefix: ["leases"] })) leases++;
+    assert.equal(leases, 0);
+    // Not counted: one request recorded, and rpm 2 still has room for one more.
+    assert.equal((await usageTotalsOf(kv, "u6")).requests, 1);
+    const next = await ledger.admit(request("u6"));
+    await next.settle(null, "complete");
+  } finally {
+    await ledger.close();
+    kv.close();
+  }
+});
+
+Deno.test("Ledger: a held sum that wrapped below zero does not refuse the user for good", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const ledger = new Ledger(kv, loadConfig({ DENO_KV_PATH: ":memory:", CONCURRENCY_LIMIT: "2" }));
+  try {
+    await seedUser(kv, "u7");
+    // One more subtraction than additions, as a lease given back twice would leave it.
+    await kv.atomic().sum(keys.leaseHeld("u7", "count"), (1n << 64n) - 1n).commit();
+    // Read as 18446744073709551615 requests in flight, it refused every request from then on.
+    const a = await ledger.admit(request("u7"));
+    const b = await ledger.admit(request("u7"));
+    await Promise.all([a.settle(null, "complete"), b.settle(null, "complete")]);
+  } finally {
+    await ledger.close();
+    kv.close();
+  }
+});
+
 Deno.test("Ledger: a settlement whose commit fails is retried, and counted once", async () => {
   const kv = await Deno.openKv(":memory:");
   let failNext = false;

@@ -170,6 +170,16 @@ export function chargeFor(
   return { promptTokens: promptEstimate, completionTokens: relayedTokens, estimated: true };
 }
 
+/**
+ * A held sum as read. Held sums go up and down; one that went below zero (a bug, or a lease
+ * given back twice) wraps around in KvU64, and would then refuse the user for good: it counts
+ * as nothing held instead.
+ */
+function heldSum(value: unknown): number {
+  if (value instanceof Deno.KvU64 && value.value >= 1n << 63n) return 0;
+  return u64(value);
+}
+
 export interface AdmitRequest {
   userId: string;
   /** The model as priced and recorded. */
@@ -374,7 +384,7 @@ export class Ledger {
    * Lease.settle's commit. The lease stays among this process's live leases until it has
    * landed: if a reaper took this process for dead meanwhile, the lease must be found lost.
    */
-  settle(lease: Lease, charge: Charge): Promise<Charge> {
+  settle(lease: Lease, charge: Charge, landedUnknown = false): Promise<Charge> {
     lease.closing = true;
     const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>
       new Promise<Charge>((resolve, reject) =>
@@ -386,7 +396,8 @@ export class Ledger {
       if (guard.versionstamp === null) return charge;
       return await attempt(guard);
     };
-    const first = attempt();
+    // Unsure whether the lease was ever written: only a guarded settlement, if it is there.
+    const first = landedUnknown ? again() : attempt();
     // A settlement that failed (KV unreachable) is tried again in the background: while this
     // process lives no reaper would free the lease's slot. The caller learns of the failure.
     const retry = (n: number) => {
@@ -407,6 +418,26 @@ export class Ledger {
     };
     first.then(() => this.live.delete(lease.id), () => retry(1));
     return first;
+  }
+
+  /**
+   * A lease whose admission commit threw: it may have landed. Kept live (the heartbeat with it)
+   * until a guarded settlement gives it back, request allowance included, or finds no entry.
+   */
+  private giveBackIfLanded(lease: Lease) {
+    this.live.set(lease.id, lease);
+    this.settle(lease, chargeFor(null, "not_served", lease.record.prompt, 0), true).catch(() => {});
+  }
+
+  /** Marks lost those of `leases` whose entries a reaper has deleted. */
+  private async markReaped(leases: Lease[]) {
+    for (let i = 0; i < leases.length; i += 10) {
+      const part = leases.slice(i, i + 10);
+      const entries = await this.kv.getMany(part.map((l) => keys.lease(this.procId, l.id)));
+      part.forEach((lease, n) => {
+        if (entries[n].versionstamp === null) lease.lost = true;
+      });
+    }
   }
 
   /**
@@ -514,9 +545,13 @@ export class Ledger {
     const fresh = new Set<string>();
     let conflicts = 0;
     while (true) {
+      // A heartbeat a reaper has touched (exp 0) is written again first: no lease may be
+      // committed under the reaper's fence, where its next round would reap it unseen.
+      if (this.heartbeat.exp === 0) await this.renewNow();
       const now = this.now();
       const { snaps, epoch } = await this.snapshots(batch, now, fresh);
       const plan = this.plan(batch, snaps, epoch, now);
+      const heartbeatPlanned = this.heartbeat.versionstamp;
       if (plan.stale.size) {
         for (const id of plan.stale) fresh.add(id);
         continue;
@@ -531,12 +566,20 @@ export class Ledger {
         res = await commitOrConflict(plan.op);
       } catch (err) {
         for (const id of userIds) this.known.delete(id);
+        // The commit may have landed all the same (KV Connect's answer lost): its leases would
+        // then hold slots and reservations that no request will settle. Each is given back if
+        // its entry is there, through the guarded settle path.
+        for (const lease of plan.leases) this.giveBackIfLanded(lease);
         throw err;
       }
       if (res.ok) {
         // The commit checked `epoch`: what it read and wrote is known valid under it.
         const under = epoch?.versionstamp ?? null;
         this.rememberAfter(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp, under);
+        // A reaper took this process for dead while the commit was in flight (the heartbeat was
+        // read again meanwhile): the new leases are not yet among the live ones it marked lost,
+        // so look for them now.
+        if (this.heartbeat.versionstamp !== heartbeatPlanned) await this.markReaped(plan.leases);
         for (const d of plan.deliver) d();
         return;
       }
@@ -666,9 +709,9 @@ export class Ledger {
         const rateEntry = entries[i++] as Deno.KvEntryMaybe<RateState>;
         const refunds = u64(entries[i++].value);
         const held = {
-          count: u64(entries[i++].value),
-          tokens: u64(entries[i++].value),
-          nano: u64(entries[i++].value),
+          count: heldSum(entries[i++].value),
+          tokens: heldSum(entries[i++].value),
+          nano: heldSum(entries[i++].value),
         };
         const under = epoch?.versionstamp ?? null;
         snap = { epoch: under, userEntry, rateEntry, refunds, held, used: null, remembered: false };
@@ -715,6 +758,8 @@ export class Ledger {
       held: new Map<string, Held>(),
       /** Requests given back, per user. */
       refunds: new Map<string, number>(),
+      /** The leases this plan writes. */
+      leases: [] as Lease[],
     };
     op.check({ key: keys.leaseProc(this.procId), versionstamp: this.heartbeat.versionstamp });
     if (epoch) op.check(epoch);
@@ -752,6 +797,7 @@ export class Ledger {
         continue;
       }
       const { lease, next, sure } = result;
+      plan.leases.push(lease);
       rates.set(o.userId, next);
       op.set(keys.lease(this.procId, lease.id), lease.record);
       addHeld(o.userId, { count: 1, tokens: lease.record.tokens, nano: lease.record.nano });
