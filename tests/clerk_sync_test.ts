@@ -201,3 +201,26 @@ Deno.test("clerk sync: a retry left by a process that stopped is run by another 
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("clerk sync: a Backend API call that never answers is given up on and tried again", async () => {
+  const fake = FakeClerkApi.start({ secretKey: SECRET_KEY });
+  const { app, close } = await syncApp(fake);
+  try {
+    app.services.clerkSync.timeoutMs = 200;
+    fake.addUser({ id: "user_hang", email: "hang@example.com" });
+    fake.hangNext(1);
+    const key = await provision(app, "user_hang");
+    await app.services.clerkSync.idle();
+    assert.deepEqual(fake.users.get("user_hang")?.public_metadata, {
+      keyway: { provisioned: true, keyPrefix: key.keyPrefix, mode: "proxy" },
+    });
+    assert.ok(
+      app.logs.some((l) =>
+        l.includes("clerk sync failed, will retry") && l.includes("did not answer within 200 ms")
+      ),
+    );
+  } finally {
+    await close();
+    await fake.close();
+  }
+});

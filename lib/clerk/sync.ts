@@ -33,6 +33,8 @@ class PermanentSyncError extends Error {}
 export class ClerkSync {
   /** Wait before retry n (1-based); after the last one the sync gives up with an error line. */
   retryDelaysMs: number[] = [5_000, 30_000, 120_000, 600_000, 3_600_000];
+  /** How long one try may wait for Clerk (one hung call must not hold the loop). */
+  timeoutMs = 15_000;
   /** True with CLERK_SECRET_KEY: syncs are stored and run. */
   readonly enabled: boolean;
   /** Where syncs wait (its pollMs and leaseMs are the loop's). */
@@ -113,11 +115,17 @@ export class ClerkSync {
 
   /** One try: null when Clerk is up to date, else what went wrong. */
   private async attempt(userId: string, signal: AbortSignal): Promise<AttemptFailure | null> {
-    // Clerk's client takes no signal: a shutdown stops waiting, and the lease retries the job.
+    // Clerk's client takes no signal: a shutdown or a hung call stops the wait, and the job is
+    // tried again (syncs are idempotent, so a late answer to this try does no harm).
     let stop = () => {};
+    let timer: ReturnType<typeof setTimeout> | undefined;
     const stopped = new Promise<AttemptFailure>((resolve) => {
       stop = () => resolve({ error: "the process is shutting down" });
       signal.addEventListener("abort", stop, { once: true });
+      timer = setTimeout(
+        () => resolve({ error: `Clerk did not answer within ${this.timeoutMs} ms` }),
+        this.timeoutMs,
+      );
     });
     try {
       return await Promise.race([
@@ -128,6 +136,7 @@ export class ClerkSync {
         stopped,
       ]);
     } finally {
+      clearTimeout(timer);
       signal.removeEventListener("abort", stop);
     }
   }

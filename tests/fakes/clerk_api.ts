@@ -28,6 +28,9 @@ export class FakeClerkApi {
   readonly users = new Map<string, Json>();
   readonly calls: RecordedCall[] = [];
   private failures = 0;
+  private hangs = 0;
+  /** Answers held back by hangNext(), released (503) on close. */
+  private readonly hung: Array<() => void> = [];
 
   private constructor(
     private readonly server: Deno.HttpServer<Deno.NetAddr>,
@@ -54,6 +57,11 @@ export class FakeClerkApi {
   /** The next `n` requests get a 500 (after the auth check), to exercise retries. */
   failNext(n: number) {
     this.failures = n;
+  }
+
+  /** The next `n` requests get no answer at all (until close), like a Backend API that hangs. */
+  hangNext(n: number) {
+    this.hangs = n;
   }
 
   addUser(input: FakeUserInput): Json {
@@ -120,6 +128,7 @@ export class FakeClerkApi {
   }
 
   async close() {
+    for (const release of this.hung.splice(0)) release();
     await this.server.shutdown();
   }
 
@@ -143,6 +152,12 @@ export class FakeClerkApi {
       status: 0,
     };
     this.calls.push(call);
+    if (this.hangs > 0) {
+      this.hangs--;
+      await new Promise<void>((r) => this.hung.push(r));
+      call.status = 503;
+      return clerkError(503, "service_unavailable", "released at close");
+    }
     const res = this.route(req.method, url.pathname, call.authorization, body);
     call.status = res.status;
     return res;
