@@ -211,6 +211,11 @@ export class Lease {
   lost = false;
   /** Its settlement has been asked for (renewals leave it alone). */
   closing = false;
+  /**
+   * Its entry in KV may not be what this process holds (a slot commit that threw, and whose
+   * read-back failed too): its settlement reads the entry first and frees what that says.
+   */
+  uncertain = false;
   private settling: Promise<Charge> | null = null;
 
   constructor(
@@ -244,7 +249,7 @@ export class Lease {
     if (this.settling) return this.settling;
     const charge = chargeFor(usage, outcome, this.record.prompt, relayedTokens);
     if (charge.spared) this.giveBack();
-    return this.settling = this.ledger.settle(this, charge);
+    return this.settling = this.ledger.settle(this, charge, this.uncertain);
   }
 
   /** The answer's headers say the request is given back (its settlement will not count it). */
@@ -778,7 +783,7 @@ export class Ledger {
     for (const o of batch) {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
-        this.planSettle(op, o.lease, o.charge, now, sums, addHeld);
+        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value?.slot);
         if (o.charge.spared && !o.lease.lost) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
@@ -827,8 +832,11 @@ export class Ledger {
     now: number,
     sums: UsageSums,
     addHeld: (userId: string, d: Held) => void,
+    /** The upstream slot the lease's entry in KV records, when it was read (a guarded retry). */
+    slotInKv?: string,
   ) {
     const r = lease.record;
+    const slot = slotInKv ?? r.slot;
     const base = { userId: r.userId, model: r.model, at: now };
     if (lease.lost) {
       // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
@@ -846,7 +854,7 @@ export class Ledger {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
+    if (slot) addSum(sums, keys.upstreamHeld(slot), -1);
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
       addSum(sums, keys.rateRefunds(r.userId), 1);

@@ -314,6 +314,9 @@ export class UpstreamSlots {
     } catch (err) {
       // The commit may have landed (a remote KV that failed to answer): the lease entries say.
       res = await this.landed(chosen, model).catch(() => {
+        // Not even the read-back answered: their settlements read their entries to free a slot
+        // only if this commit gave them one.
+        for (const w of chosen) w.lease.uncertain = true;
         throw err;
       });
     } finally {
