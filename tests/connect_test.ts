@@ -631,6 +631,53 @@ Deno.test("connect: a disabled or deleted user gets no key", async () => {
   }
 });
 
+Deno.test("connect: a rotation or disable on another process counts at once for the editor's key", async () => {
+  const dir = await Deno.makeTempDir();
+  const env = { DENO_KV_PATH: `${dir}/kv.sqlite3` };
+  const a = await testApp(env);
+  const b = await testApp(env);
+  try {
+    const token = await signIn(b, "two@example.com");
+    const session = { cookie: `__session=${token}` };
+    const before = await json<{ apiKey: string }>(
+      await b.request("/api/key", { headers: session }),
+    );
+    const { verifier, challenge } = await pkce();
+    const code = await approve(b, token, challenge);
+    // Rotated through the other process a moment before the editor exchanges its code on B,
+    // whose cache still holds the old key for up to 250 ms.
+    const rotated = await a.request("/api/key/rotate", {
+      method: "POST",
+      headers: { ...session, origin: PUBLIC_URL },
+    });
+    assert.equal(rotated.status, 200);
+    const fresh = (await json<{ apiKey: string }>(rotated)).apiKey;
+    assert.notEqual(fresh, before.apiKey);
+    const res = await exchange(b, code, verifier);
+    assert.equal(res.status, 200);
+    assert.equal(
+      (await json<{ apiKey: string }>(res)).apiKey,
+      fresh,
+      "the current key, not the revoked one",
+    );
+
+    // Disabled through A: approving on B at once is refused, no code handed out.
+    const user = await json<{ userId: string }>(await a.request("/api/key", { headers: session }));
+    await b.request("/api/key", { headers: session }); // B remembers the active user
+    await a.services.users.setStatus(user.userId, "disabled");
+    const page = await b.request(
+      "/connect",
+      formPost(token, { ...connectQuery((await pkce()).challenge), decision: "approve" }),
+    );
+    assert.equal(page.status, 403);
+    assert.equal(page.headers.get("location"), null);
+  } finally {
+    await a.close();
+    await b.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("connect: /sign-in?redirect= comes back in Clerk mode; unsafe values are dropped", async () => {
   const issuer = await ClerkIssuer.create();
   const app = await testApp(clerkEnv(issuer));

@@ -98,9 +98,14 @@ export class Users {
    * Creates the user and their key if needed, in one atomic commit; concurrent callers all get
    * the one key that won. Deleted users stay deleted (user_deleted).
    */
-  async provision(userId: string, profile?: Profile): Promise<ProvisionResult> {
+  async provision(
+    userId: string,
+    profile?: Profile,
+    /** `fresh`: read KV, not this process's cache (a key handed to an editor must be current). */
+    options: { fresh?: boolean } = {},
+  ): Promise<ProvisionResult> {
     await this.epoch.fresh();
-    const hit = this.cache.get(userId);
+    const hit = options.fresh ? undefined : this.cache.get(userId);
     if (hit) return hit;
     const generation = this.epoch.generationOf(userId);
     const result = await this.provisionInKv(userId, profile);

@@ -37,7 +37,7 @@ export function connectApiRoutes(services: Services) {
   app.post("/connect/token", async (c) => {
     const body = await jsonBody(c, tokenSchema);
     const userId = await connect.redeemCode(body.code, body.code_verifier);
-    return keyAnswer(c, await issueKey(services, userId));
+    return keyAnswer(c, await issueKey(services, userId, undefined, { fresh: true }));
   });
 
   app.post("/connect/device", async (c) => {
@@ -60,7 +60,7 @@ export function connectApiRoutes(services: Services) {
   app.post("/connect/device/token", async (c) => {
     const { deviceCode } = await jsonBody(c, deviceTokenSchema);
     const userId = await connect.pollDevice(deviceCode);
-    return keyAnswer(c, await issueKey(services, userId));
+    return keyAnswer(c, await issueKey(services, userId, undefined, { fresh: true }));
   });
   return app;
 }

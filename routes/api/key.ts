@@ -32,8 +32,10 @@ export async function issueKey(
   services: Services,
   userId: string,
   profile?: Profile,
+  /** Read KV, not the cache: another process's rotation or disable of a moment ago counts. */
+  options: { fresh?: boolean } = {},
 ): Promise<ProvisionResult> {
-  const result = await services.users.provision(userId, profile);
+  const result = await services.users.provision(userId, profile, options);
   if (result.created) services.clerkSync.afterProvision(result.user);
   if (result.user.status === "disabled") throw userDisabled({});
   return result;

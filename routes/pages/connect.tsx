@@ -174,7 +174,7 @@ export function connectPageRoutes(services: Services) {
       );
     }
     try {
-      await issueKey(services, session.userId, profileOf(session));
+      await issueKey(services, session.userId, profileOf(session), { fresh: true });
     } catch (err) {
       if (!(err instanceof AppError)) throw err;
       return problem(c, session, "Your key cannot be handed out", err.message, 403);
@@ -253,7 +253,7 @@ export function connectPageRoutes(services: Services) {
     }
     if (action === "approve") {
       try {
-        await issueKey(services, session.userId, profileOf(session));
+        await issueKey(services, session.userId, profileOf(session), { fresh: true });
       } catch (err) {
         if (!(err instanceof AppError)) throw err;
         return problem(c, session, "Your key cannot be handed out", err.message, 403);
