@@ -96,10 +96,14 @@ if (import.meta.main) {
     // stream that outlives the grace period is cut.
     const stop = async () => {
       running.services.log.info("shutting down");
-      await Promise.race([
-        running.server.shutdown(),
-        new Promise((r) => setTimeout(r, SHUTDOWN_GRACE_MS)),
-      ]);
+      const sleep = (ms: number) => new Promise<"late">((r) => setTimeout(() => r("late"), ms));
+      const closed = running.server.shutdown();
+      if (await Promise.race([closed, sleep(SHUTDOWN_GRACE_MS)]) === "late") {
+        // Past the grace period: answers still streaming end with an error event and are
+        // settled here, rather than left for another process's reaper half a minute later.
+        await running.services.gateway.shutdown();
+        await Promise.race([closed, sleep(2_000)]);
+      }
       await running.services.close();
       Deno.exit(0);
     };

@@ -330,3 +330,51 @@ Deno.test("100 concurrent requests over two processes against GLM's cap: no 1302
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("a shutdown past its grace period: a streamed answer ends with an error event and is charged once, a call still waiting for GLM answers 503 and counts nothing", async () => {
+  const s = await serveGateway({}, "user_shutdown");
+  try {
+    s.fake.mode = "sse";
+    s.fake.holdAfterFirstChunk = true;
+    const streaming = await post(s.url, s.apiKey, { ...CHAT, stream: true });
+    assert.equal(streaming.status, 200);
+    const reader = streaming.body!.getReader();
+    await reader.read(); // the answer has begun
+    s.fake.mode = "slow_headers";
+    const waiting = post(s.url, s.apiKey);
+    await eventually(() => s.fake.count === 2 || undefined); // GLM has the second request
+
+    await s.app.services.gateway.shutdown();
+
+    let rest = "";
+    const decoder = new TextDecoder();
+    for (let c = await reader.read(); !c.done; c = await reader.read()) {
+      rest += decoder.decode(c.value, { stream: true });
+    }
+    const event = JSON.parse(rest.trim().replace(/^data: /, ""));
+    assert.equal(event.error.code, "upstream_unavailable");
+    assert.match(event.error.message, /the server is restarting/);
+    const refused = await waiting;
+    assert.equal(refused.status, 503);
+    assert.equal(refused.headers.get("retry-after"), "1");
+    assert.equal((await refused.json()).error.code, "upstream_unavailable");
+    // The cut answer is charged what it had used (its prompt estimate; usage came in no chunk);
+    // the one GLM had not answered counts nothing. Nothing is left held.
+    const today = await s.today();
+    assert.equal(today.requests, 1);
+    assert.ok(today.promptTokens > 0);
+    const kv = s.app.kv;
+    assert.equal(
+      u64(
+        (await kv.get(keys.leaseHeld(
+          (await s.app.services.users.resolveKey(s.apiKey))!.id,
+          "count",
+        ))).value,
+      ),
+      0,
+    );
+  } finally {
+    s.fake.release();
+    await s.close();
+  }
+});

@@ -83,6 +83,8 @@ interface UpstreamCall {
     overtime: boolean;
     /** Cuts the answer being relayed (set by forward() once it relays a body). */
     cut: ((stall: Stall) => void) | null;
+    /** Cut because the server is stopping (Gateway.shutdown). */
+    shuttingDown: boolean;
   };
   /** Stops the call (its admission was refused after all). */
   cancel(): void;
@@ -127,6 +129,8 @@ export class Gateway {
    * key index entry and user record are re-read and checked atomically on every request.
    */
   private readonly userIdByHash = new Map<string, string>();
+  /** Upstream calls whose answers are not settled yet (what shutdown() cuts). */
+  private readonly calls = new Set<UpstreamCall>();
   /**
    * API key → its SHA-256 (hashing is the costliest CPU step of the hot path). The process can
    * decrypt every key anyway (KeyVault), so remembering them adds no exposure; bounded.
@@ -407,6 +411,7 @@ export class Gateway {
       clientGone: false,
       overtime: false,
       cut: null,
+      shuttingDown: false,
     };
     const glm = this.config.glm;
     const idle = new IdleTimer(glm.timeoutMs, glm.streamMaxMs, (stall) => {
@@ -434,7 +439,7 @@ export class Gateway {
     response.catch(() => {}); // awaited by forward(), unless the admission was refused
     const done = () => req.signal.removeEventListener("abort", onClientGone);
     response.then(done, done);
-    return {
+    const call: UpstreamCall = {
       protocol,
       response,
       abort,
@@ -443,8 +448,26 @@ export class Gateway {
       cancel: () => {
         idle.stop();
         abort.abort();
+        this.calls.delete(call);
       },
     };
+    this.calls.add(call);
+    return call;
+  }
+
+  /**
+   * Cuts every call in flight (a shutdown past its grace period): a streamed answer ends with
+   * an error event and is charged what it had used, like an answer cut for time; a call still
+   * waiting for the upstream's headers answers 503 and counts nothing. Resolves once their
+   * settlements are done, or after `waitMs`.
+   */
+  async shutdown(waitMs = 5_000): Promise<void> {
+    for (const call of this.calls) {
+      call.state.shuttingDown = true;
+      call.idle.fire("shutdown");
+    }
+    const until = Date.now() + waitMs;
+    while (this.calls.size && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
   }
 
   private async forward(
@@ -495,6 +518,7 @@ export class Gateway {
         ms: Math.round((performance.now() - started) * 10) / 10,
         ...(detail ? { detail } : {}),
       });
+      this.calls.delete(call);
     };
     let upstream: Response;
     try {
@@ -507,6 +531,17 @@ export class Gateway {
         // upstream had the prompt: charged its estimate.
         await end(null, 499, "cancelled", "client disconnected");
         throw new AppError(code, "The client disconnected.", lease.headers);
+      }
+      if (state.shuttingDown) {
+        // The server is stopping: not the user's doing, nothing counted; another instance (or
+        // this one, restarted) takes the retry.
+        await end(null, 503, "not_served", "the server is restarting");
+        throw new AppError(
+          "upstream_unavailable",
+          "The server is restarting. Nothing was counted; retry in a moment.",
+          { ...lease.headers, "retry-after": "1" },
+          503,
+        );
       }
       this.log.warn("upstream failed", {
         id: requestId,
@@ -580,6 +615,8 @@ export class Gateway {
         ? `the client read nothing for ${timeoutMs} ms`
         : stall === "deadline"
         ? `the answer took longer than STREAM_MAX_MS (${this.config.glm.streamMaxMs} ms)`
+        : stall === "shutdown"
+        ? "the server is restarting"
         : `upstream sent nothing for ${timeoutMs} ms`;
     const stalled = () =>
       state.overtime ? why("deadline") : state.timedOut ? why("upstream") : undefined;
@@ -652,7 +689,8 @@ export class Gateway {
       finish(stall === "client" ? "cancelled" : ok ? "cut" : ended, detail).then(() => {
         try {
           if (stall !== "client" && sse) {
-            out.enqueue(sseError(protocol.format, `The answer was cut: ${detail}.`));
+            const code = stall === "shutdown" ? "upstream_unavailable" : "upstream_timeout";
+            out.enqueue(sseError(protocol.format, code, `The answer was cut: ${detail}.`));
             out.close();
           } else out.error(new Error(detail));
         } catch { /* the client is gone already */ }
@@ -701,14 +739,12 @@ export class Gateway {
 }
 
 /** An SSE event that ends a cut stream in the endpoint's own error shape. */
-function sseError(format: "openai" | "anthropic", message: string): Uint8Array {
+function sseError(format: "openai" | "anthropic", code: string, message: string): Uint8Array {
   const text = format === "anthropic"
     ? `event: error\ndata: ${
       JSON.stringify({ type: "error", error: { type: "api_error", message } })
     }\n\n`
-    : `data: ${
-      JSON.stringify({ error: { code: "upstream_timeout", type: "upstream_timeout", message } })
-    }\n\n`;
+    : `data: ${JSON.stringify({ error: { code, type: code, message } })}\n\n`;
   return new TextEncoder().encode(text);
 }
 

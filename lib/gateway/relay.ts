@@ -19,7 +19,8 @@ const MAX_SSE_LINE = 1024 * 1024;
 const decoder = new TextDecoder();
 
 /** What the relay was waiting for when its watchdog fired. */
-export type Stall = "upstream" | "client" | "deadline";
+/** Why an answer is cut: a silent upstream or client, STREAM_MAX_MS, or the server stopping. */
+export type Stall = "upstream" | "client" | "deadline" | "shutdown";
 
 /**
  * The relay's watchdog. Calls `onStall` once, when one wait lasts `ms` — for the upstream (its
@@ -59,6 +60,12 @@ export class IdleTimer {
   stop() {
     clearTimeout(this.timer);
     this.timer = undefined;
+  }
+
+  /** Fires now, as if the wait had run out (the server is shutting down). */
+  fire(stall: Stall) {
+    this.stop();
+    this.onStall(stall);
   }
 
   private arm(delay: number) {
