@@ -1,6 +1,5 @@
 /** `deno task report`: usage and cost over UTC days as a table, JSON or CSV (CONTRACT §7). */
-import { configForTask } from "../lib/core/config.ts";
-import { KvMissingError, openKv } from "../lib/core/kv.ts";
+import { serverKv } from "./server_kv.ts";
 import {
   buildReport,
   parseReportFlags,
@@ -25,16 +24,9 @@ async function main(args: string[]): Promise<number> {
     console.log(REPORT_USAGE);
     return 0;
   }
-  const config = await configForTask();
-  if (!config) return 1;
-  let kv: Deno.Kv;
-  try {
-    kv = await openKv(config.kvPath, config.kvAccessToken, { mustExist: true });
-  } catch (err) {
-    if (!(err instanceof KvMissingError)) throw err;
-    console.error(`deno task report: ${err.message}`);
-    return 1;
-  }
+  const opened = await serverKv("report");
+  if (!opened) return 1;
+  const { config, kv } = opened;
   const progress = progressLine();
   try {
     const report = await buildReport(kv, config.pricing, {

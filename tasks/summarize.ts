@@ -1,8 +1,8 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
 import { parseFlags, UsageError } from "../lib/core/cli.ts";
-import { configForTask, secretsOf } from "../lib/core/config.ts";
+import { secretsOf } from "../lib/core/config.ts";
 import { formatInt, formatUsd } from "../lib/core/format.ts";
-import { KvMissingError, openKv } from "../lib/core/kv.ts";
+import { serverKv } from "./server_kv.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { summarizeCosts } from "../lib/reports/summary.ts";
 import { Events } from "../lib/alerts/deliver.ts";
@@ -24,16 +24,9 @@ async function main(args: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  const config = await configForTask();
-  if (!config) return 1;
-  let kv: Deno.Kv;
-  try {
-    kv = await openKv(config.kvPath, config.kvAccessToken, { mustExist: true });
-  } catch (err) {
-    if (!(err instanceof KvMissingError)) throw err;
-    console.error(`deno task summarize: ${err.message}`);
-    return 1;
-  }
+  const opened = await serverKv("summarize");
+  if (!opened) return 1;
+  const { config, kv } = opened;
   const progress = progressLine();
   try {
     const log = createLogger(secretsOf(config));
