@@ -378,3 +378,29 @@ Deno.test("a shutdown past its grace period: a streamed answer ends with an erro
     await s.close();
   }
 });
+
+Deno.test("an Anthropic stream the client hangs up on after message_start is charged its estimate, not 0", async () => {
+  const s = await serveGateway({}, "user_hangup");
+  try {
+    s.fake.mode = "sse";
+    s.fake.holdAfterFirstChunk = true; // message_start, with GLM's 0 input tokens, then a pause
+    const res = await post(s.url, s.apiKey, {
+      model: "glm-4.6",
+      max_tokens: 100,
+      stream: true,
+      messages: [{ role: "user", content: "Tell me a long story about a lighthouse keeper." }],
+    }, "/v1/messages");
+    assert.equal(res.status, 200);
+    const reader = res.body!.getReader();
+    assert.match(new TextDecoder().decode((await reader.read()).value), /message_start/);
+    await reader.cancel(); // Claude Code's Esc
+    const today = await eventually(async () => {
+      const t = await s.today();
+      return t.requests === 1 ? t : undefined;
+    });
+    assert.ok(today.promptTokens > 0, `charged ${today.promptTokens} prompt tokens`);
+  } finally {
+    s.fake.release();
+    await s.close();
+  }
+});

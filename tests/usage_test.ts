@@ -44,6 +44,35 @@ Deno.test("usage meter: SSE usage found across any chunk boundaries", () => {
   assert.equal(meterOf(`data: {"choices":[]}\n\ndata: [DONE]\n\n`, true, 4), null);
 });
 
+Deno.test("usage meter: an Anthropic stream cut before message_delta is not read as 0 tokens", () => {
+  const event = (type: string, data: unknown) =>
+    `event: ${type}\ndata: ${JSON.stringify({ type, ...data as object })}\n\n`;
+  const start = (input: number) =>
+    event("message_start", {
+      message: { id: "m", usage: { input_tokens: input, output_tokens: 1 } },
+    });
+  const delta = event("content_block_delta", {
+    index: 0,
+    delta: { type: "text_delta", text: "a fairly long piece of generated text ".repeat(4) },
+  });
+  const anthropicMeter = (text: string) => {
+    const meter = new UsageMeter("anthropic", true);
+    meter.push(enc.encode(text));
+    return meter;
+  };
+  // GLM: 0 input tokens at the start. Cut there, it is the estimate's to charge (null), not 0.
+  assert.equal(anthropicMeter(start(0) + delta + delta).usage(), null);
+  // Real input counts at the start: kept, and what was relayed counts as generated.
+  const partial = anthropicMeter(start(50) + delta + delta);
+  assert.equal(partial.usage()?.promptTokens, 50);
+  assert.ok(partial.usage()!.completionTokens > 1, "not message_start's 1 output token");
+  // With the message_delta: exactly its counts.
+  const done = anthropicMeter(
+    start(0) + delta + event("message_delta", { usage: { input_tokens: 40, output_tokens: 7 } }),
+  );
+  assert.deepEqual(done.usage(), { promptTokens: 40, completionTokens: 7 });
+});
+
 Deno.test("usage meter: JSON answers, small and large", () => {
   const small = JSON.stringify({
     choices: [{ message: { content: 'say "usage": {"prompt_tokens": 999}' } }],

@@ -237,6 +237,8 @@ export class UsageMeter {
   private relayed = 0;
   /** SSE: the end event has been seen (what follows it is not part of the answer). */
   ended = false;
+  /** Anthropic SSE: a `message_delta` has brought the answer's counts (not just the start's). */
+  private anthropicFinal = false;
 
   constructor(
     private readonly format: WireFormat,
@@ -289,6 +291,7 @@ export class UsageMeter {
     try {
       const event = JSON.parse(line.slice(5));
       foldAnthropic(this.anthropic, event?.message?.usage ?? event?.usage);
+      if (event?.type === "message_delta") this.anthropicFinal = true;
     } catch { /* not an event of ours */ }
   }
 
@@ -314,7 +317,15 @@ export class UsageMeter {
     if (this.sse) {
       if (this.carry.includes('"usage"')) this.consider(this.carry);
       this.carry = "";
-      if (this.format === "anthropic") return fromAnthropic(this.anthropic);
+      if (this.format === "anthropic") {
+        const usage = fromAnthropic(this.anthropic);
+        if (!usage || this.anthropicFinal) return usage;
+        // Cut before any message_delta: message_start's counts are not the answer's (GLM reports
+        // 0 input tokens there, and 0 or 1 output). With no input count the estimate charges it;
+        // otherwise what was relayed counts as generated.
+        if (usage.promptTokens === 0) return null;
+        return { ...usage, completionTokens: Math.max(usage.completionTokens, this.relayed) };
+      }
       if (!this.lastUsageLine) return null;
       try {
         return usageFrom(JSON.parse(this.lastUsageLine.slice(5)).usage);
