@@ -493,6 +493,42 @@ Deno.test("every gateway answer carries its request id and nosniff, refusals inc
   }
 });
 
+Deno.test("a compressed JSON answer is metered from its usage, not estimated", async () => {
+  const usage = { prompt_tokens: 1234, completion_tokens: 567, total_tokens: 1801 };
+  const body = JSON.stringify({
+    id: "gz",
+    choices: [{ index: 0, message: { role: "assistant", content: "squeezed ".repeat(1000) } }],
+    usage,
+  });
+  const gzipped = new Uint8Array(
+    await new Response(
+      new Blob([body]).stream().pipeThrough(new CompressionStream("gzip")),
+    ).arrayBuffer(),
+  );
+  // As a proxy in front of GLM might answer: gzip, with the compressed length declared.
+  const upstream = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () =>
+      new Response(gzipped, {
+        headers: {
+          "content-type": "application/json",
+          "content-encoding": "gzip",
+          "content-length": String(gzipped.length),
+        },
+      }),
+  );
+  const s = await setup({ GLM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}` });
+  try {
+    const res = await s.chat();
+    assert.equal(res.status, 200);
+    assert.equal(await res.text(), body, "relayed decompressed, whole");
+    assert.deepEqual(await s.usage(), { requests: 1, promptTokens: 1234, completionTokens: 567 });
+  } finally {
+    await s.close();
+    await upstream.shutdown();
+  }
+});
+
 Deno.test("large answers are relayed byte for byte and metered: a 3 MiB JSON and a 2,000-event stream", async (t) => {
   const usage = { prompt_tokens: 5, completion_tokens: 4000, total_tokens: 4005 };
   const text = "Grüße, 世界! ".repeat(200_000); // multi-byte characters across read boundaries

@@ -623,7 +623,11 @@ export class Gateway {
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
     const meter = new UsageMeter(protocol.format, sse, ok);
-    const reader = new ChunkReader(source, sse ? null : upstreamHeaders.get("content-length"));
+    // A compressed answer arrives decompressed: its content-length is not the length read.
+    const declared = sse || upstreamHeaders.has("content-encoding")
+      ? null
+      : upstreamHeaders.get("content-length");
+    const reader = new ChunkReader(source, declared);
     /** The next piece of the answer, under the watchdog. */
     const read = async () => {
       idle.wait();
@@ -648,7 +652,7 @@ export class Gateway {
         await end(null, status, ended);
         return new Response(null, { status, headers });
       }
-      if (reader.complete && !upstreamHeaders.has("content-encoding")) {
+      if (reader.complete) {
         reader.cancel(); // at its end already: frees the upstream connection
         meter.push(first);
         await end(meter.usage(), status, ended);
