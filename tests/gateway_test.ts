@@ -493,6 +493,36 @@ Deno.test("every gateway answer carries its request id and nosniff, refusals inc
   }
 });
 
+Deno.test("an upstream redirect is not followed: the master key stays, 502, nothing counted", async () => {
+  const elsewhere: Array<Record<string, string>> = [];
+  const other = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {
+    elsewhere.push(Object.fromEntries(req.headers));
+    return Response.json({ usage: { prompt_tokens: 1, completion_tokens: 1 } });
+  });
+  const upstream = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    () =>
+      new Response(null, {
+        status: 307,
+        headers: { location: `http://127.0.0.1:${other.addr.port}/steal?k=1` },
+      }),
+  );
+  const s = await setup({ GLM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}` });
+  try {
+    const res = await s.chat();
+    assert.equal(res.status, 502);
+    assert.equal((await errorOf(res)).code, "upstream_unavailable");
+    assert.equal(elsewhere.length, 0, "the redirect was not followed");
+    assert.deepEqual(await s.usage(), { requests: 0, promptTokens: 0, completionTokens: 0 });
+    assert.ok(s.app.logs.some((l) => l.includes("upstream redirected")));
+    assert.ok(!s.app.logs.some((l) => l.includes("k=1")), "no query string in the log");
+  } finally {
+    await s.close();
+    await upstream.shutdown();
+    await other.shutdown();
+  }
+});
+
 Deno.test("a compressed JSON answer is metered from its usage, not estimated", async () => {
   const usage = { prompt_tokens: 1234, completion_tokens: 567, total_tokens: 1801 };
   const body = JSON.stringify({

@@ -435,6 +435,8 @@ export class Gateway {
       headers,
       body: bytes,
       signal: abort.signal,
+      // Never followed: the master key must not go to another origin (see forward()).
+      redirect: "manual",
     });
     response.catch(() => {}); // awaited by forward(), unless the admission was refused
     const done = () => req.signal.removeEventListener("abort", onClientGone);
@@ -568,6 +570,23 @@ export class Gateway {
     // twice: when built and again when the Response copies it). It also carries the framing
     // headers routes/mod.ts would otherwise set one by one (see `framed` there).
     const status = upstream.status;
+    if (status >= 300 && status < 400) {
+      // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front of
+      // it is wrong. Not followed (the master key stays here), not counted.
+      await upstream.body?.cancel();
+      this.log.warn("upstream redirected; not followed", {
+        id: requestId,
+        model,
+        status,
+        location: upstreamRedirectTarget(upstream.headers.get("location")),
+      });
+      await end(null, 502, "not_served", "upstream redirected");
+      throw new AppError(
+        "upstream_unavailable",
+        "The upstream could not be reached. Nothing was counted against your limits.",
+        lease.headers,
+      );
+    }
     // An upstream 5xx is not counted (outcome "not_served" below): its answer says so already.
     if (status >= 500) lease.giveBack();
     const headers: Record<string, string> = {
@@ -739,6 +758,17 @@ export class Gateway {
       },
     });
     return new Response(body, { status, headers });
+  }
+}
+
+/** Where a redirect pointed, for the operator's log: its origin and path, never its query. */
+function upstreamRedirectTarget(location: string | null): string | null {
+  if (!location) return null;
+  try {
+    const url = new URL(location, "http://relative.invalid");
+    return url.origin === "http://relative.invalid" ? url.pathname : `${url.origin}${url.pathname}`;
+  } catch {
+    return "(not a URL)";
   }
 }
 
