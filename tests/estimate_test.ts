@@ -55,6 +55,40 @@ Deno.test("prompt estimate: message strings and per-message tokens, not the mode
   };
   // An inline image is a fixed amount, not 50,000 characters of base64.
   assert.ok(estimatePromptTokens(image) < 2000);
+  // The same as Claude Code sends a screenshot (bare base64 in an Anthropic image block), and as
+  // bare base64 in image_url: also the fixed amount.
+  const png = btoa(String.fromCharCode(...crypto.getRandomValues(new Uint8Array(60_000))));
+  const anthropic = {
+    model: "glm-4.6v",
+    max_tokens: 100,
+    messages: [{
+      role: "user",
+      content: [
+        { type: "image", source: { type: "base64", media_type: "image/png", data: png } },
+        { type: "text", text: "What is on the screen?" },
+      ],
+    }],
+  };
+  assert.ok(estimatePromptTokens(anthropic) < 2000, `${estimatePromptTokens(anthropic)}`);
+  const bare = {
+    ...image,
+    messages: [{ role: "user", content: [{ type: "image_url", image_url: { url: png } }] }],
+  };
+  assert.ok(estimatePromptTokens(bare) < 2000);
+  // A PDF counts by its size (≈ 1,500 tokens a 75 KB page), not as text and not as one image.
+  const pdf = {
+    model: "glm-4.6",
+    max_tokens: 100,
+    messages: [{
+      role: "user",
+      content: [{
+        type: "document",
+        source: { type: "base64", media_type: "application/pdf", data: png.repeat(5) },
+      }],
+    }],
+  };
+  const pdfTokens = estimatePromptTokens(pdf);
+  assert.ok(pdfTokens > 5000 && pdfTokens < 7000, `${pdfTokens}`); // 300 KB: four pages
 });
 
 Deno.test("relayed estimate: generated strings in SSE chunks and JSON answers", () => {

@@ -78,10 +78,16 @@ export function estimatePromptTokens(body: unknown): number {
   let tokens = 0;
   const walk = (v: unknown, depth: number) => {
     if (typeof v === "string") {
-      tokens += v.length > 64 && v.startsWith("data:") ? PER_IMAGE : estimateTextTokens(v);
+      tokens += isInlineBinary(v) ? PER_IMAGE : estimateTextTokens(v);
     } else if (Array.isArray(v)) {
       for (const item of v) walk(item, depth + 1);
     } else if (typeof v === "object" && v !== null && depth < 64) {
+      const document = base64Document(v);
+      if (document !== null) {
+        // An Anthropic PDF block: its pages, by size (≈ 1,500 tokens for a 75 KB page).
+        tokens += Math.max(PER_IMAGE, Math.ceil((document.length * 0.75) / PDF_BYTES_PER_TOKEN));
+        return;
+      }
       for (const key in v) walk((v as Record<string, unknown>)[key], depth + 1);
     }
   };
@@ -91,6 +97,29 @@ export function estimatePromptTokens(body: unknown): number {
   } else walk(body, 0);
   if (Array.isArray(b?.messages)) tokens += PER_MESSAGE * b.messages.length;
   return tokens;
+}
+
+/** PDF bytes per estimated token (a 75 KB page ≈ 1,500 tokens of text and page image). */
+const PDF_BYTES_PER_TOKEN = 50;
+/** Base64 text, line breaks allowed: what an inline image or file is sent as. */
+const BASE64 = /^[A-Za-z0-9+/\r\n]+={0,2}$/;
+
+/**
+ * An inline image or file: a `data:` URL (OpenAI's image_url), or a long run of bare base64
+ * (Anthropic's `source.data`, which GLM also takes in image_url). Text this long always has
+ * spaces or punctuation base64 has not.
+ */
+function isInlineBinary(v: string): boolean {
+  if (v.length <= 64) return false;
+  if (v.startsWith("data:")) return true;
+  return v.length >= 1024 && BASE64.test(v);
+}
+
+/** The base64 data of an Anthropic `document` block, or null for anything else. */
+function base64Document(v: object): string | null {
+  const block = v as { type?: unknown; source?: { type?: unknown; data?: unknown } };
+  if (block.type !== "document" || block.source?.type !== "base64") return null;
+  return typeof block.source.data === "string" ? block.source.data : null;
 }
 
 /** Fields of streamed and whole answers that carry generated text (OpenAI, GLM, Anthropic). */
