@@ -44,6 +44,11 @@ Deno.test("GLM's refusals of the operator's account: Keyway's own 503, nothing c
         assert.ok(!text.includes(GLM_REFUSALS[refusal].message), text);
         assert.ok(!text.includes(GLM_REFUSALS[refusal].code), text);
         if (code === "upstream_busy") assert.match(res.headers.get("retry-after") ?? "", /^\d+$/);
+        // The account's refusals need the operator: SDKs are told not to retry them at once.
+        assert.equal(
+          res.headers.get("x-should-retry"),
+          code === "upstream_unavailable" ? "false" : null,
+        );
         // Given back to rpm 3, and the answer's headers say so.
         assert.equal(res.headers.get("x-ratelimit-remaining-requests"), "3");
         // The operator's log has GLM's code and words.

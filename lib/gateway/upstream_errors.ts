@@ -60,13 +60,16 @@ export function classifyRefusal(
 ): UpstreamRefusal {
   const { code, message } = errorFields(body);
   const spared = "Nothing was counted against your limits.";
+  // The operator must act (a new key, a top-up): an SDK retrying in seconds only repeats the
+  // refusal against GLM (CONTRACT §4's x-should-retry).
+  const noRetry = { "x-should-retry": "false" };
   if (status === 401 || status === 403 || (code !== null && KEY_REJECTED.has(code))) {
     return {
       error: new AppError(
         "upstream_unavailable",
         "The service's upstream account refused this request (its operator has been told). " +
           `Please try again later. ${spared}`,
-        {},
+        noRetry,
         503,
       ),
       alert: "upstream.key_rejected",
@@ -80,7 +83,7 @@ export function classifyRefusal(
         "upstream_unavailable",
         "The service's upstream account cannot serve requests right now (its operator has been " +
           `told). Please try again later. ${spared}`,
-        {},
+        noRetry,
         503,
       ),
       alert: "upstream.balance_exhausted",
