@@ -493,6 +493,29 @@ Deno.test("every gateway answer carries its request id and nosniff, refusals inc
   }
 });
 
+Deno.test("an upstream error body that echoes the master key reaches the user without it", async () => {
+  const upstream = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    (req) =>
+      Response.json(
+        { error: { code: "1214", message: `bad request for ${req.headers.get("authorization")}` } },
+        { status: 400 },
+      ),
+  );
+  const s = await setup({ GLM_BASE_URL: `http://127.0.0.1:${upstream.addr.port}` });
+  try {
+    const res = await s.chat();
+    assert.equal(res.status, 400);
+    const text = await res.text();
+    assert.ok(!text.includes(MASTER_KEY), text);
+    assert.match(JSON.parse(text).error.message, /\[redacted\]/);
+    assert.equal(JSON.parse(text).error.code, "1214", "the rest relayed as GLM sent it");
+  } finally {
+    await s.close();
+    await upstream.shutdown();
+  }
+});
+
 Deno.test("an upstream redirect is not followed: the master key stays, 502, nothing counted", async () => {
   const elsewhere: Array<Record<string, string>> = [];
   const other = Deno.serve({ hostname: "127.0.0.1", port: 0, onListen: () => {} }, (req) => {

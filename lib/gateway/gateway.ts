@@ -457,6 +457,15 @@ export class Gateway {
     return call;
   }
 
+  /** An upstream error body with any copy of GLM_API_KEY replaced (it reaches users). */
+  private withoutMasterKey(bytes: Uint8Array<ArrayBuffer> | null): Uint8Array<ArrayBuffer> | null {
+    const key = this.config.glm.apiKey;
+    if (!bytes || !key || key.length < 8) return bytes;
+    const text = new TextDecoder().decode(bytes);
+    if (!text.includes(key)) return bytes;
+    return new TextEncoder().encode(text.replaceAll(key, "[redacted]"));
+  }
+
   /**
    * Cuts every call in flight (a shutdown past its grace period): a streamed answer ends with
    * an error event and is charged what it had used, like an answer cut for time; a call still
@@ -627,6 +636,13 @@ export class Gateway {
     if (!source) {
       await end(null, status, ended);
       return new Response(null, { status, headers });
+    }
+    if (!ok) {
+      // An error answer is small: read whole (up to 64 KiB), and the master key taken out should
+      // the upstream ever echo it.
+      const bytes = await readErrorBody(source, idle);
+      await end(null, status, ended);
+      return new Response(this.withoutMasterKey(bytes), { status, headers });
     }
     /** Why the watchdog fired, as the log line and a cut stream's error event say it. */
     const why = (stall: Stall) =>
