@@ -157,6 +157,8 @@ export function createApp(services: Services) {
     // Routes mounted ahead of the framing middleware get their id and nosniff here.
     const id = c.get("requestId");
     if (id) c.header("x-request-id", id);
+    // The Anthropic SDK reads its request id from `request-id` (error.requestID, _request_id).
+    if (id && isAnthropicPath(c.req.path)) c.header("request-id", id);
     if (isApiPath(c.req.path)) c.header("x-content-type-options", "nosniff");
     c.set("framed", true);
     const anthropic = (status: number) => isAnthropicPath(c.req.path) ? status : undefined;

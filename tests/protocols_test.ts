@@ -42,6 +42,8 @@ Deno.test("Anthropic SDK (Claude Code's protocol): messages, streaming, tools, c
         });
         assert.equal(message.content[0].type, "text");
         assert.equal((message.content[0] as { text: string }).text, "Hello!");
+        // The SDK's request id is Keyway's (what the operator finds in the log).
+        assert.match(message._request_id ?? "", /^[0-9a-f]{8}-/);
         const sent = s.fake.requests.at(-1)!;
         assert.equal(sent.path, "/api/anthropic/v1/messages");
         assert.equal(JSON.parse(sent.body).model, "glm-5.1");
@@ -126,6 +128,7 @@ Deno.test("Anthropic SDK (Claude Code's protocol): messages, streaming, tools, c
         wrong.messages.create({ model: "glm-4.6", max_tokens: 8, messages: [] }),
         (err: unknown) =>
           err instanceof Anthropic.AuthenticationError &&
+          /^[0-9a-f]{8}-/.test(err.requestID ?? "") &&
           (err.error as { error: { type: string; code: string } }).error.type ===
             "authentication_error" &&
           (err.error as { error: { code: string } }).error.code === "invalid_api_key",

@@ -608,8 +608,10 @@ export class Gateway {
       const value = upstreamHeaders.get(name);
       if (value !== null) headers[name] = value;
     }
-    const upstreamId = upstreamHeaders.get("x-request-id");
+    const upstreamId = upstreamHeaders.get("x-request-id") ?? upstreamHeaders.get("request-id");
     if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
+    // Where the Anthropic SDK looks for it (_request_id, error.requestID).
+    if (protocol.format === "anthropic") headers["request-id"] = requestId;
     const ok = status < 400;
     if (status >= 500) {
       this.log.warn("upstream error", { id: requestId, userId, model, status });
