@@ -285,3 +285,25 @@ Deno.test("bad input on the new endpoints: a 4xx in the route's error shape, not
     await s.close();
   }
 });
+
+Deno.test("an aliased model is replaced in place: every other byte as the client sent it", async () => {
+  const s = await serve();
+  try {
+    const body = '{"model":"claude-sonnet-4-5-20250929","max_tokens":16,' +
+      '"metadata":{"user_id":"\\u00e9"},"temperature":1.0,"top_k":12345678901234567890,' +
+      '"messages":[{"role":"user","content":"hi"}]}';
+    const res = await fetch(`${s.url}/v1/messages`, {
+      method: "POST",
+      headers: { "x-api-key": s.apiKey, "content-type": "application/json" },
+      body,
+    });
+    assert.equal(res.status, 200);
+    await res.body?.cancel();
+    assert.equal(
+      s.fake.requests.at(-1)!.body,
+      body.replace("claude-sonnet-4-5-20250929", "glm-5.1"),
+    );
+  } finally {
+    await s.close();
+  }
+});

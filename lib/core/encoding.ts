@@ -30,13 +30,29 @@ export function concatBytes(chunks: Uint8Array[], size: number): Uint8Array<Arra
   return whole;
 }
 
+/** Where a string of a JSON text is, and what it is (see walkJsonStrings). */
+interface JsonString {
+  /** Index of its opening quote. */
+  start: number;
+  /** Index of its closing quote. */
+  end: number;
+  /** An object key (else a value, or an array element). */
+  key: boolean;
+  /** Nesting depth: 1 in the top-level object or array. */
+  depth: number;
+  /** The object it is in (numbered in opening order; -1 in an array or at the top). */
+  object: number;
+  /** The text between its quotes, escapes as written. */
+  raw: string;
+}
+
 /**
- * The first key that appears twice in one object of a valid JSON text, or null. JSON.parse keeps
- * the last of duplicates while other parsers keep the first: a body is only forwarded when what
- * was checked is all there is. One pass; strings are skipped with indexOf.
+ * Walks the strings of a valid JSON text in order; `visit` returning true stops the walk. One
+ * pass; strings are skipped with indexOf.
  */
-export function duplicateJsonKey(text: string): string | null {
-  const stack: Array<Set<string> | null> = []; // a Set per open object, null per open array
+function walkJsonStrings(text: string, visit: (s: JsonString) => boolean | void): void {
+  const stack: number[] = []; // the object's number per open object, -1 per open array
+  let objects = 0;
   let expectKey = false;
   let i = 0;
   while (i < text.length) {
@@ -44,39 +60,80 @@ export function duplicateJsonKey(text: string): string | null {
     if (c === 0x22) {
       // A string: find its closing quote (one not escaped by an odd run of backslashes).
       let end = i;
-      let escaped = false;
       for (;;) {
         end = text.indexOf('"', end + 1);
-        if (end < 0) return null; // not valid JSON; the caller parsed it already
+        if (end < 0) return; // not valid JSON; the caller parsed it already
         let slashes = 0;
         for (let j = end - 1; text.charCodeAt(j) === 0x5c; j--) slashes++;
         if (slashes % 2 === 0) break;
-        escaped = true;
       }
-      const top = stack[stack.length - 1];
-      if (expectKey && top) {
-        const raw = text.slice(i + 1, end);
-        const key = escaped || raw.includes("\\") ? JSON.parse(`"${raw}"`) as string : raw;
-        if (top.has(key)) return key;
-        top.add(key);
-        expectKey = false;
-      }
+      const object = stack.length ? stack[stack.length - 1] : -1;
+      const key = expectKey && object >= 0;
+      const raw = text.slice(i + 1, end);
+      if (visit({ start: i, end, key, depth: stack.length, object, raw })) return;
+      if (key) expectKey = false;
       i = end + 1;
       continue;
     }
     if (c === 0x7b) {
-      stack.push(new Set());
+      stack.push(objects++);
       expectKey = true;
     } else if (c === 0x5b) {
-      stack.push(null);
+      stack.push(-1);
       expectKey = false;
     } else if (c === 0x7d || c === 0x5d) {
       stack.pop();
       expectKey = false;
     } else if (c === 0x2c) {
-      expectKey = stack[stack.length - 1] != null;
+      expectKey = (stack[stack.length - 1] ?? -1) >= 0;
     }
     i++;
   }
-  return null;
+}
+
+/** A JSON string's text between its quotes as the string it stands for. */
+function unescapeJson(raw: string): string {
+  return raw.includes("\\") ? JSON.parse(`"${raw}"`) as string : raw;
+}
+
+/**
+ * The first key that appears twice in one object of a valid JSON text, or null. JSON.parse keeps
+ * the last of duplicates while other parsers keep the first: a body is only forwarded when what
+ * was checked is all there is.
+ */
+export function duplicateJsonKey(text: string): string | null {
+  const keys = new Map<number, Set<string>>(); // per object
+  let found: string | null = null;
+  walkJsonStrings(text, ({ key, object, raw }) => {
+    if (!key) return;
+    const name = unescapeJson(raw);
+    let set = keys.get(object);
+    if (!set) keys.set(object, set = new Set());
+    if (set.has(name)) {
+      found = name;
+      return true;
+    }
+    set.add(name);
+  });
+  return found;
+}
+
+/**
+ * The text with the string value of the top-level object's `key` replaced, everything else byte
+ * for byte as it was (numbers beyond 2^53, escapes, spacing); null when there is no such value.
+ */
+export function withTopLevelString(text: string, key: string, value: string): string | null {
+  let after = false;
+  let out: string | null = null;
+  walkJsonStrings(text, (s) => {
+    if (s.depth !== 1) return;
+    if (s.key) {
+      after = unescapeJson(s.raw) === key;
+      return;
+    }
+    if (!after) return;
+    out = text.slice(0, s.start) + JSON.stringify(value) + text.slice(s.end + 1);
+    return true;
+  });
+  return out;
 }

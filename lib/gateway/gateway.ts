@@ -14,7 +14,7 @@
  * while the admission commits (see handle()).
  */
 import type { Config } from "../core/config.ts";
-import { concatBytes, duplicateJsonKey } from "../core/encoding.ts";
+import { concatBytes, duplicateJsonKey, withTopLevelString } from "../core/encoding.ts";
 import { AppError } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
@@ -861,11 +861,14 @@ async function readBody(
   return parsed instanceof AppError ? parsed : { ...parsed, bytes };
 }
 
-/** The body with its top-level `model` replaced (an alias or a differently cased id resolved). */
+/**
+ * The body with its top-level `model` replaced (an alias or a differently cased id resolved),
+ * every other byte as the client sent it (a `seed` beyond 2^53, `1.0`, `\u00e9` stay as written).
+ */
 function withModel(bytes: Uint8Array<ArrayBuffer>, model: string): Uint8Array<ArrayBuffer> {
-  const json = JSON.parse(decoder.decode(bytes));
-  json.model = model;
-  return new TextEncoder().encode(JSON.stringify(json)) as Uint8Array<ArrayBuffer>;
+  const text = withTopLevelString(decoder.decode(bytes), "model", model);
+  if (text === null) throw new Error("withModel: the body has no top-level model string");
+  return new TextEncoder().encode(text) as Uint8Array<ArrayBuffer>;
 }
 
 const tooLarge = () => new AppError("payload_too_large", "Request body is larger than 1 MiB.");
