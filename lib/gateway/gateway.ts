@@ -575,9 +575,6 @@ export class Gateway {
     }
     idle.rest();
 
-    // One plain record, converted once by the Response (a Headers object would be validated
-    // twice: when built and again when the Response copies it). It also carries the framing
-    // headers routes/mod.ts would otherwise set one by one (see `framed` there).
     const status = upstream.status;
     if (status >= 300 && status < 400) {
       // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front of
@@ -598,6 +595,9 @@ export class Gateway {
     }
     // An upstream 5xx is not counted (outcome "not_served" below): its answer says so already.
     if (status >= 500) lease.giveBack();
+    // One plain record, converted once by the Response (a Headers object would be validated
+    // twice: when built and again when the Response copies it). It also carries the framing
+    // headers routes/mod.ts would otherwise set one by one (see `framed` there).
     const headers: Record<string, string> = {
       ...lease.headers,
       "x-request-id": requestId,
