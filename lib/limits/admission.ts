@@ -29,10 +29,11 @@
  *   its longer leases, every few seconds. Every process's reaper looks for heartbeats expired for
  *   LEASE_TTL_MS: their leases are settled with their estimate (prompt estimate + completion
  *   relayed by their last renewal) in commits that check that heartbeat, so two reapers never
- *   charge one lease twice. A lease still waiting for an upstream slot is charged nothing and its
- *   request given back (the upstream never saw it). Every commit of a live process checks its own heartbeat: if it was
- *   reaped (the process stalled for longer than LEASE_TTL_MS), the process learns which of its
- *   leases are gone, and settling those later charges only what goes beyond the estimate.
+ *   charge one lease twice. A lease still waiting for an upstream slot is charged nothing and
+ *   its request given back (the upstream never saw it). Every commit of a live process checks
+ *   its own heartbeat: if it was reaped (the process stalled for longer than LEASE_TTL_MS), the
+ *   process learns which of its leases are gone, and settling those later charges only what goes
+ *   beyond the estimate.
  *
  * ## Group commit
  * Operations that arrive while commits are in flight go together into the next one, in arrival
