@@ -412,6 +412,27 @@ Deno.test("Upstream slots: a slot commit that landed with its answer and read-ba
   }
 });
 
+Deno.test("Ledger: a request given back after midnight does not come off the new day's count", async () => {
+  const kv = await Deno.openKv(":memory:");
+  let now = Date.UTC(2026, 10, 25, 23, 59, 59, 500);
+  const ledger = new Ledger(kv, loadConfig({ DENO_KV_PATH: ":memory:", RATE_LIMIT_RPD: "2" }), {
+    clock: () => now,
+  });
+  try {
+    await seedUser(kv, "u10");
+    const late = await ledger.admit(request("u10")); // waits for a slot across midnight
+    now += 1_000; // 00:00:00.5, the next UTC day
+    const first = await ledger.admit(request("u10"));
+    await late.settle(null, "not_served"); // given back, but it was yesterday's request
+    const second = await ledger.admit(request("u10"));
+    await assert.rejects(ledger.admit(request("u10")), /Daily request limit of 2/);
+    await Promise.all([first, second].map((l) => l.settle(null, "complete")));
+  } finally {
+    await ledger.close();
+    kv.close();
+  }
+});
+
 Deno.test("Ledger: a settlement whose commit fails is retried, and counted once", async () => {
   const kv = await Deno.openKv(":memory:");
   let failNext = false;

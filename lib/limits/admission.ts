@@ -172,6 +172,15 @@ export function chargeFor(
 }
 
 /**
+ * Whether a request not served is given back to the request limits: only on the UTC day it was
+ * admitted. Given back after midnight it would come off the new day's count, which it was never
+ * part of (and the minute it took is long over).
+ */
+function refundable(r: LeaseRecord, now: number): boolean {
+  return utcDay(r.at) === utcDay(now);
+}
+
+/**
  * A held sum as read. Held sums go up and down; one that went below zero (a bug, or a lease
  * given back twice) wraps around in KvU64, and would then refuse the user for good: it counts
  * as nothing held instead.
@@ -785,7 +794,7 @@ export class Ledger {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
         this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value?.slot);
-        if (o.charge.spared && !o.lease.lost) {
+        if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
         plan.writes = true;
@@ -858,7 +867,7 @@ export class Ledger {
     if (slot) addSum(sums, keys.upstreamHeld(slot), -1);
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
-      addSum(sums, keys.rateRefunds(r.userId), 1);
+      if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);
       return;
     }
     addUsageSums(sums, this.pricing, {
@@ -1126,7 +1135,7 @@ export class Ledger {
         if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
         if (r.waitsForSlot && !r.slot) {
           // Died waiting in line: the upstream never saw it, so it was not the user's request.
-          addSum(sums, keys.rateRefunds(r.userId), 1);
+          if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);
           spared++;
           continue;
         }
