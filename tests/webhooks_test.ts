@@ -299,6 +299,24 @@ Deno.test("webhooks: events, duplicates and deletion", async (t) => {
       },
     );
 
+    await t.step(
+      "a user.updated that arrives before its user.created: the newer profile stays",
+      async () => {
+        const at = (updatedAt: number, email: string) => ({
+          ...clerkUser("user_early", email, null, null),
+          updated_at: updatedAt,
+        });
+        await expectOk(await deliver(app, event("user.updated", at(2_000, "new@example.com"))));
+        const early = await app.services.users.get("user_early");
+        assert.equal(early?.email, "new@example.com", "provisioned from the update");
+        assert.ok(early?.key, "with a key, as user.created would");
+        await expectOk(await deliver(app, event("user.created", at(1_000, "old@example.com"))));
+        const user = await app.services.users.get("user_early");
+        assert.equal(user?.email, "new@example.com");
+        assert.equal(user?.key?.prefix, early?.key?.prefix, "one key");
+      },
+    );
+
     await t.step("20 concurrent deliveries of one id: exactly one is applied", async () => {
       const payload = event("user.created", clerkUser("user_burst", "b@example.com", "B", null));
       const results = await Promise.all(

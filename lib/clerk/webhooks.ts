@@ -147,29 +147,44 @@ export class ClerkWebhooks {
     );
   }
 
+  /** Provisions a user Clerk reports (user.created, or a user.updated that came first). */
+  private async created(
+    clerkUser: ClerkUserJson,
+    svixId: string,
+    type: string,
+  ): Promise<WebhookOutcome> {
+    const userId = clerkUser.id;
+    const profile = clerkProfile(clerkUser);
+    try {
+      const result = await this.users.provision(userId, profile);
+      // A session may have provisioned the user first, without a profile.
+      if (!result.created) await this.users.updateProfile(userId, profile);
+      else this.clerkSync.afterProvision(result.user);
+    } catch (err) {
+      if (!(err instanceof AppError && err.code === "user_deleted")) throw err;
+      // Acknowledge (an error would make Svix retry for days) but never resurrect the user.
+      this.log.info(`webhook ${type} for a deleted user acknowledged`, { svixId, userId });
+      return { ok: true };
+    }
+    this.log.info("webhook applied", { svixId, type, userId });
+    return { ok: true };
+  }
+
   private async apply(event: ClerkEvent, svixId: string): Promise<WebhookOutcome> {
     switch (event.type) {
-      case "user.created": {
+      case "user.created":
+        return await this.created(event.user, svixId, event.type);
+      case "user.updated": {
         const userId = event.user.id;
-        const profile = clerkProfile(event.user);
-        try {
-          const result = await this.users.provision(userId, profile);
-          // A session may have provisioned the user first, without a profile.
-          if (!result.created) await this.users.updateProfile(userId, profile);
-          else this.clerkSync.afterProvision(result.user);
-        } catch (err) {
-          if (!(err instanceof AppError && err.code === "user_deleted")) throw err;
-          // Acknowledge (an error would make Svix retry for days) but never resurrect the user.
-          this.log.info("webhook user.created for a deleted user acknowledged", { svixId, userId });
-          return { ok: true };
+        const updated = await this.users.updateProfile(userId, clerkProfile(event.user));
+        // Before its user.created (Svix does not promise order, and a user.created that failed is
+        // retried later): handled as that, or this newer profile would be lost for good.
+        if (updated === null && (await this.users.get(userId)) === null) {
+          return await this.created(event.user, svixId, event.type);
         }
         this.log.info("webhook applied", { svixId, type: event.type, userId });
         return { ok: true };
       }
-      case "user.updated":
-        await this.users.updateProfile(event.user.id, clerkProfile(event.user));
-        this.log.info("webhook applied", { svixId, type: event.type, userId: event.user.id });
-        return { ok: true };
       case "user.deleted":
         await this.users.markDeleted(event.userId);
         this.log.info("webhook applied", { svixId, type: event.type, userId: event.userId });
