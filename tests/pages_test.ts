@@ -130,6 +130,15 @@ Deno.test("operator pages: /admin/users/:id for operators, 404 for unknown users
       assert.match(html, /data-island="DailyChart"/);
       assert.match(html, /Requests \/ day: 5/);
     });
+    await t.step("signed out: sign in first, then back to the same page", async () => {
+      for (const path of ["/admin", `/admin/users/${user.userId}`]) {
+        const res = await admin.request(path, { redirect: "manual" });
+        assert.equal(res.status, 303);
+        const location = new URL(res.headers.get("location")!, "http://localhost");
+        assert.equal(location.pathname, "/sign-in");
+        assert.equal(location.searchParams.get("redirect"), path);
+      }
+    });
     await t.step("an unknown user: the 404 page", async () => {
       const res = await page("/admin/users/user_nobody", opSession.token);
       assert.equal(res.status, 404);
@@ -139,11 +148,6 @@ Deno.test("operator pages: /admin/users/:id for operators, 404 for unknown users
       const res = await page(`/admin/users/${user.userId}`, user.token);
       assert.equal(res.status, 403);
       assert.ok(!(await res.text()).includes("ann@example.com</h1>"));
-    });
-    await t.step("signed out: to the sign-in page", async () => {
-      const res = await admin.request(`/admin/users/${user.userId}`);
-      assert.equal(res.status, 303);
-      assert.equal(res.headers.get("location"), "/sign-in");
     });
   } finally {
     await admin.close();

@@ -52,7 +52,10 @@ export function adminRoutes(services: Services) {
     | { page: Response }
   > => {
     const { session, layout } = await shell(c, path);
-    if (!session) return { page: c.redirect("/sign-in", 303) };
+    // Back here after signing in (an operator's bookmark outlives a 60 s Clerk session token).
+    if (!session) {
+      return { page: c.redirect(`/sign-in?redirect=${encodeURIComponent(path)}`, 303) };
+    }
     if (config.adminUserIds.has(session.userId)) return { session, layout };
     return {
       page: await render(
