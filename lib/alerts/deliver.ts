@@ -11,6 +11,7 @@ import type { Config, KeyMode } from "../core/config.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import { formatUsd } from "../core/format.ts";
+import type { UserRecord } from "../identity/users.ts";
 import { type AttemptFailure, errorText, Outbox, type OutboxJob } from "../core/outbox.ts";
 
 /** What an upstream alert carries (the gateway fills it from the refused upstream answer). */
@@ -98,6 +99,8 @@ export class Events {
   giveUpAfterMs = DAY_MS;
   /** How long a receiver may take to answer one delivery (less than the outbox's leaseMs). */
   timeoutMs = 10_000;
+  /** How long a user.provisioned without an e-mail waits for the profile (see add()). */
+  profileWaitMs = 5_000;
   /** Where events wait for delivery (its pollMs and leaseMs are the loop's). */
   readonly outbox: Outbox<EventJob>;
 
@@ -106,6 +109,8 @@ export class Events {
   private readonly url: string | undefined;
   private readonly signer: Webhook | undefined;
   private readonly masterKey: string | undefined;
+  /** Local mode: sessions carry the e-mail, so no provisioned user waits for a profile. */
+  private readonly localMode: boolean;
 
   constructor(
     private readonly config: Config,
@@ -117,9 +122,10 @@ export class Events {
     const secret = config.events.webhookSecret;
     this.signer = secret ? new Webhook(secret) : undefined;
     this.masterKey = config.glm.apiKey;
+    this.localMode = config.localMode;
     this.outbox = new Outbox<EventJob>(kv, keys.eventOutboxAll()[0], {
       name: "event delivery",
-      run: (job, signal) => this.post(job, signal),
+      run: async (job, signal) => this.post(await this.completed(job), signal),
       retryInMs: (job) => {
         const wait = Math.min(this.retryBaseMs * 2 ** (job.attempts - 1), this.retryMaxMs);
         return Date.now() + wait - job.createdAt > this.giveUpAfterMs ? undefined : wait;
@@ -141,7 +147,12 @@ export class Events {
    */
   add(op: Deno.AtomicOperation, event: LifecycleEvent): Deno.AtomicOperation {
     if (!this.enabled) return op;
-    this.outbox.add(op, this.jobOf(event, Date.now()));
+    const now = Date.now();
+    // A user provisioned by their first dashboard visit, before Clerk's user.created: the e-mail
+    // and names arrive a moment later (that webhook, or the Clerk sync). The event waits for them
+    // and is completed from the user's record when it is sent.
+    const waits = event.type === "user.provisioned" && event.email === null && !this.localMode;
+    this.outbox.add(op, this.jobOf(event, now), waits ? now + this.profileWaitMs : now);
     return op;
   }
 
@@ -240,6 +251,21 @@ export class Events {
       type: event.type,
       body: JSON.stringify(body),
     };
+  }
+
+  /**
+   * A user.provisioned sent without an e-mail, completed from the user's record when it is known
+   * by now (the webhook or the Clerk sync brought it). Other events as they are.
+   */
+  private async completed(job: OutboxJob<EventJob>): Promise<OutboxJob<EventJob>> {
+    if (job.type !== "user.provisioned") return job;
+    const body = JSON.parse(job.body) as EventBody & { type: "user.provisioned" };
+    if (body.email !== null) return job;
+    const user = (await this.kv.get<UserRecord>(keys.user(body.userId))).value;
+    if (!user?.email || user.status === "deleted") return job;
+    const full = { ...body, email: user.email, firstName: user.firstName, lastName: user.lastName };
+    full.message = describe(full);
+    return { ...job, body: JSON.stringify(full) };
   }
 
   /** Upstream texts are trimmed, and never carry the master key even if GLM echoed it. */
