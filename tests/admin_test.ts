@@ -153,6 +153,25 @@ Deno.test("operator API", async (t) => {
       assert.equal(res.status, 404);
       assert.equal((await json<{ error: { code: string } }>(res)).error.code, "not_found");
     });
+
+    await t.step("a deleted user: enable and limit changes are refused alike, 403", async () => {
+      await app.services.users.markDeleted("user_gone");
+      for (
+        const [method, path, body] of [
+          ["POST", "/api/admin/users/user_gone/enable", undefined],
+          ["PUT", "/api/admin/users/user_gone/limits", JSON.stringify({ rpm: 5 })],
+        ] as const
+      ) {
+        const res = await app.request(path, {
+          method,
+          headers: { ...boss, "content-type": "application/json" },
+          body,
+        });
+        assert.equal(res.status, 403, path);
+        assert.equal((await json<{ error: { code: string } }>(res)).error.code, "user_deleted");
+      }
+      assert.deepEqual((await app.services.users.get("user_gone"))?.limits, {});
+    });
   } finally {
     await app.close();
   }

@@ -283,6 +283,10 @@ export class Users {
     patch: { [K in keyof LimitOverrides]?: number | null },
   ): Promise<UserRecord> {
     const user = await this.update(userId, (u) => {
+      // As for enable: a deleted account has nothing left to limit.
+      if (u.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.");
+      }
       const limits: LimitOverrides = { ...u.limits };
       for (
         const [name, value] of Object.entries(patch) as [keyof LimitOverrides, number | null][]
