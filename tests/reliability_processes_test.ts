@@ -382,3 +382,46 @@ Deno.test("a process stalled past its leases' lifetime: reaped once, then settle
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("SIGTERM with an answer still streaming after the grace period: it ends with an error event and is charged before the process exits", async () => {
+  const dir = await Deno.makeTempDir();
+  const glm = new FakeGlm();
+  glm.mode = "sse";
+  glm.holdAfterFirstChunk = true; // the answer never finishes on its own
+  try {
+    const kvPath = `${dir}/kv.sqlite3`;
+    const app = await startMain(env(kvPath, glm), dir);
+    const key = await provision(app, "user_sigterm");
+    const res = await streamChat(app, key);
+    assert.equal(res.status, 200);
+    const reader = res.body!.getReader();
+    await reader.read(); // "Hel"
+    const stopped = app.stop("SIGTERM");
+    let rest = "";
+    const decoder = new TextDecoder();
+    for (let c = await reader.read(); !c.done; c = await reader.read()) {
+      rest += decoder.decode(c.value, { stream: true });
+    }
+    await stopped;
+    // Past the 10 s grace: an error event the SDKs report, not a dropped connection.
+    assert.match(rest, /"code":"upstream_unavailable"/);
+    assert.match(rest, /the server is restarting/);
+    // Settled by the process itself before it exited: charged once, nothing left held.
+    const usage = await countUsage(kvPath, "user_sigterm");
+    assert.equal(usage.requests, 1);
+    assert.ok(usage.prompt > 0);
+    const kv = await Deno.openKv(kvPath);
+    try {
+      assert.equal(u64((await kv.get(keys.leaseHeld("user_sigterm", "count"))).value), 0);
+      let leases = 0;
+      for await (const _ of kv.list({ prefix: ["leases"] })) leases++;
+      assert.equal(leases, 0, "no lease left for a reaper");
+    } finally {
+      kv.close();
+    }
+  } finally {
+    glm.release();
+    await glm.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
