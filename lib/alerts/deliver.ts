@@ -9,7 +9,7 @@
 import { Webhook } from "svix";
 import type { Config, KeyMode } from "../core/config.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
-import type { Logger } from "../core/log.ts";
+import { type Logger, redacted } from "../core/log.ts";
 import { formatUsd } from "../core/format.ts";
 import type { UserRecord } from "../identity/users.ts";
 import { type AttemptFailure, errorText, Outbox, type OutboxJob } from "../core/outbox.ts";
@@ -271,10 +271,7 @@ export class Events {
   /** Upstream texts are trimmed, and never carry the master key even if GLM echoed it. */
   private scrubbed(event: KeywayEvent): KeywayEvent {
     if (!("upstreamMessage" in event)) return event;
-    let text = event.upstreamMessage.slice(0, UPSTREAM_MESSAGE_MAX);
-    if (this.masterKey && this.masterKey.length >= 8) {
-      text = text.replaceAll(this.masterKey, "[redacted]");
-    }
+    const text = redacted(event.upstreamMessage.slice(0, UPSTREAM_MESSAGE_MAX), this.masterKey);
     return { ...event, upstreamMessage: text };
   }
 

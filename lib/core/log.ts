@@ -18,18 +18,23 @@ export interface LoggerOptions {
   sink?: LogSink;
 }
 
+/** `text` with every copy of `secret` replaced by "[redacted]" (secrets under 8 characters are
+ * not looked for: they would match ordinary text). */
+export function redacted(text: string, secret: string | undefined): string {
+  if (!secret || secret.length < 8 || !text.includes(secret)) return text;
+  return text.replaceAll(secret, "[redacted]");
+}
+
 export function createLogger(
   secrets: Array<string | undefined>,
   options: LoggerOptions = {},
 ): Logger {
-  const redact = secrets.filter((s): s is string => typeof s === "string" && s.length >= 8);
+  const redact = secrets.filter((s): s is string => typeof s === "string");
   const sink = options.sink ?? defaultSink();
   const write = (level: LogLevel, msg: string, fields?: LogFields) => {
     if (options.quiet && level === "info") return;
     let line = JSON.stringify({ ts: new Date().toISOString(), level, msg, ...fields });
-    for (const secret of redact) {
-      if (line.includes(secret)) line = line.replaceAll(secret, "[redacted]");
-    }
+    for (const secret of redact) line = redacted(line, secret);
     sink(level, line);
   };
   return {

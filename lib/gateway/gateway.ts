@@ -26,7 +26,7 @@ import {
   type Outcome,
 } from "../limits/admission.ts";
 import { checkUserState, rateHeaders } from "../limits/policy.ts";
-import type { Logger } from "../core/log.ts";
+import { type Logger, redacted } from "../core/log.ts";
 import { ChunkReader, erroredStream, IdleTimer, type Stall, UsageMeter } from "./relay.ts";
 import { ClientLeft, type UpstreamSlots } from "../limits/upstream_slots.ts";
 import {
@@ -459,11 +459,10 @@ export class Gateway {
 
   /** An upstream error body with any copy of GLM_API_KEY replaced (it reaches users). */
   private withoutMasterKey(bytes: Uint8Array<ArrayBuffer> | null): Uint8Array<ArrayBuffer> | null {
-    const key = this.config.glm.apiKey;
-    if (!bytes || !key || key.length < 8) return bytes;
-    const text = new TextDecoder().decode(bytes);
-    if (!text.includes(key)) return bytes;
-    return new TextEncoder().encode(text.replaceAll(key, "[redacted]"));
+    if (!bytes) return bytes;
+    const text = decoder.decode(bytes);
+    const clean = redacted(text, this.config.glm.apiKey);
+    return clean === text ? bytes : new TextEncoder().encode(clean);
   }
 
   /**
