@@ -628,22 +628,18 @@ export class Gateway {
         refusal.error.status,
       );
     }
-    /**
-     * How an answer that ends without `usage` is charged: the user's own mistake (4xx) generated
-     * nothing; an upstream failure (5xx) is not counted at all.
-     */
-    const ended: Outcome = ok ? "complete" : status >= 500 ? "not_served" : "refused";
     const source = upstream.body;
-    if (!source) {
-      await end(null, status, ended);
-      return new Response(null, { status, headers });
-    }
     if (!ok) {
-      // An error answer is small: read whole (up to 64 KiB), and the master key taken out should
-      // the upstream ever echo it.
-      const bytes = await readErrorBody(source, idle);
-      await end(null, status, ended);
+      // The user's own mistake (4xx) generated nothing; an upstream failure (5xx) is not counted
+      // at all. An error answer is small: read whole (up to 64 KiB), and the master key taken
+      // out should the upstream ever echo it.
+      const bytes = source ? await readErrorBody(source, idle) : null;
+      await end(null, status, status >= 500 ? "not_served" : "refused");
       return new Response(this.withoutMasterKey(bytes), { status, headers });
+    }
+    if (!source) {
+      await end(null, status, "complete");
+      return new Response(null, { status, headers });
     }
     /** Why the watchdog fired, as the log line and a cut stream's error event say it. */
     const why = (stall: Stall) =>
@@ -658,7 +654,7 @@ export class Gateway {
       state.overtime ? why("deadline") : state.timedOut ? why("upstream") : undefined;
     const contentType = headers["content-type"] ?? "";
     const sse = contentType.includes("text/event-stream");
-    const meter = new UsageMeter(protocol.format, sse, ok);
+    const meter = new UsageMeter(protocol.format, sse);
     // A compressed answer arrives decompressed: its content-length is not the length read.
     const declared = sse || upstreamHeaders.has("content-encoding")
       ? null
@@ -681,17 +677,17 @@ export class Gateway {
       try {
         first = await read();
       } catch (err) {
-        await end(null, status, ok ? "cut" : ended, stalled());
+        await end(null, status, "cut", stalled());
         return new Response(erroredStream(err), { status, headers });
       }
       if (!first) {
-        await end(null, status, ended);
+        await end(null, status, "complete");
         return new Response(null, { status, headers });
       }
       if (reader.complete) {
         reader.cancel(); // at its end already: frees the upstream connection
         meter.push(first);
-        await end(meter.usage(), status, ended);
+        await end(meter.usage(), status, "complete");
         return new Response(first as Uint8Array<ArrayBuffer>, { status, headers });
       }
       pending = first;
@@ -709,7 +705,7 @@ export class Gateway {
       chunk: Uint8Array,
     ) => {
       meter.push(chunk);
-      if (meter.ended || reader.complete) await finish(ended);
+      if (meter.ended || reader.complete) await finish("complete");
       else if (sse) lease.relayedTokens = meter.relayedTokens();
       controller.enqueue(chunk);
     };
@@ -726,7 +722,7 @@ export class Gateway {
       if (closed) return;
       closed = true;
       const detail = why(stall);
-      finish(stall === "client" ? "cancelled" : ok ? "cut" : ended, detail).then(() => {
+      finish(stall === "client" ? "cancelled" : "cut", detail).then(() => {
         try {
           if (stall !== "client" && sse) {
             const code = stall === "shutdown" ? "upstream_unavailable" : "upstream_timeout";
@@ -753,14 +749,14 @@ export class Gateway {
         } catch (err) {
           if (closed) return; // cut by the watchdog
           closed = true;
-          await finish(ok ? "cut" : ended, stalled());
+          await finish("cut", stalled());
           controller.error(err);
           return;
         }
         if (closed) return;
         if (!chunk) {
           closed = true;
-          await finish(ended);
+          await finish("complete");
           controller.close();
           return;
         }
@@ -771,7 +767,7 @@ export class Gateway {
         closed = true;
         abort.abort();
         reader.cancel(reason);
-        await finish(ok ? "cancelled" : ended);
+        await finish("cancelled");
       },
     });
     return new Response(body, { status, headers });

@@ -240,16 +240,9 @@ export class UsageMeter {
   /** Anthropic SSE: a `message_delta` has brought the answer's counts (not just the start's). */
   private anthropicFinal = false;
 
-  constructor(
-    private readonly format: WireFormat,
-    private readonly sse: boolean,
-    private readonly enabled = true,
-  ) {
-    if (!enabled) this.chunks = null;
-  }
+  constructor(private readonly format: WireFormat, private readonly sse: boolean) {}
 
   push(chunk: Uint8Array) {
-    if (!this.enabled) return;
     if (!this.sse) {
       if (!this.chunks) return;
       this.size += chunk.byteLength;
@@ -313,7 +306,6 @@ export class UsageMeter {
 
   /** The usage seen so far (complete answers and streams cut mid-way alike). */
   usage(): TokenUsage | null {
-    if (!this.enabled) return null;
     if (this.sse) {
       if (this.carry.includes('"usage"')) this.consider(this.carry);
       this.carry = "";
