@@ -222,8 +222,8 @@ export class Lease {
   /** Its settlement has been asked for (renewals leave it alone). */
   closing = false;
   /**
-   * Its entry in KV may not be what this process holds (a slot commit that threw, and whose
-   * read-back failed too): its settlement reads the entry first and frees what that says.
+   * Its entry in KV may not be what this process holds, or may not exist (a commit that threw
+   * and may have landed): its settlement reads the entry first and frees what that says.
    */
   uncertain = false;
   private settling: Promise<Charge> | null = null;
@@ -259,7 +259,7 @@ export class Lease {
     if (this.settling) return this.settling;
     const charge = chargeFor(usage, outcome, this.record.prompt, relayedTokens);
     if (charge.spared) this.giveBack();
-    return this.settling = this.ledger.settle(this, charge, this.uncertain);
+    return this.settling = this.ledger.settle(this, charge);
   }
 
   /** The answer's headers say the request is given back (its settlement will not count it). */
@@ -399,7 +399,7 @@ export class Ledger {
    * Lease.settle's commit. The lease stays among this process's live leases until it has
    * landed: if a reaper took this process for dead meanwhile, the lease must be found lost.
    */
-  settle(lease: Lease, charge: Charge, landedUnknown = false): Promise<Charge> {
+  settle(lease: Lease, charge: Charge): Promise<Charge> {
     lease.closing = true;
     const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>
       new Promise<Charge>((resolve, reject) =>
@@ -411,8 +411,9 @@ export class Ledger {
       if (guard.versionstamp === null) return charge;
       return await attempt(guard);
     };
-    // Unsure whether the lease was ever written: only a guarded settlement, if it is there.
-    const first = landedUnknown ? again() : attempt();
+    // Unsure what the lease's entry holds, or whether it was ever written: only a guarded
+    // settlement, if it is there.
+    const first = lease.uncertain ? again() : attempt();
     // A settlement that failed (KV unreachable) is tried again in the background: while this
     // process lives no reaper would free the lease's slot. The caller learns of the failure.
     const retry = (n: number) => {
@@ -441,7 +442,8 @@ export class Ledger {
    */
   private giveBackIfLanded(lease: Lease) {
     this.live.set(lease.id, lease);
-    this.settle(lease, chargeFor(null, "not_served", lease.record.prompt, 0), true).catch(() => {});
+    lease.uncertain = true;
+    lease.settle(null, "not_served", 0).catch(() => {});
   }
 
   /** Marks lost those of `leases` whose entries a reaper has deleted. */
