@@ -4,32 +4,20 @@ import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
 import { accountState } from "../limits/account_state.ts";
-import { type Ledger, limitStatus } from "../limits/admission.ts";
+import type { Ledger } from "../limits/admission.ts";
+import { limitStatus } from "../limits/status.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
 import { AppError } from "../core/errors.ts";
+import { addUsageSums, type UsageEvent } from "./record.ts";
+export {
+  addSum,
+  addUsageSums,
+  type TokenUsage,
+  type UsageEvent,
+  type UsageSums,
+} from "./record.ts";
 import { type Day, DAY_MS, utcDay, utcMonth } from "../core/utc.ts";
-
-/** Tokens an answer used, as the upstream metered them. */
-export interface TokenUsage {
-  promptTokens: number;
-  completionTokens: number;
-  /** Of the prompt tokens, those the upstream served from its cache (priced as cached input). */
-  cachedTokens?: number;
-}
-
-export interface UsageEvent {
-  userId: string;
-  model: string;
-  promptTokens: number;
-  completionTokens: number;
-  /** Of the prompt tokens, those served from the upstream's cache. */
-  cachedTokens?: number;
-  /** When the request happened (ms since epoch); default now. */
-  at?: number;
-  /** Count a request (default 1; 0 adds tokens to a request already counted). */
-  requests?: number;
-}
 
 export interface UsageTotals {
   requests: number;
@@ -39,50 +27,12 @@ export interface UsageTotals {
   costUsd: number;
 }
 
-const big = (n: number) => new Deno.KvU64(BigInt(Math.max(0, Math.floor(n))));
-
 /**
  * Records usage directly, outside any lease: imports and fixtures. It bypasses the limit entry,
  * so limits decided meanwhile may not see it; the gateway and POST /api/usage settle leases.
  */
 export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent): Promise<void> {
   await commitUsage(kv, pricing, [e]);
-}
-
-/** Sum mutations by key (events of one user, day and model share keys). */
-export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint }>;
-
-/** Adds `n` (may be negative) to one key's sum in `into`; zero amounts are left out. */
-export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
-  const v = BigInt(n);
-  if (v === 0n) return;
-  const id = key.join("\u0000");
-  const found = into.get(id);
-  if (found) found.n += v;
-  else into.set(id, { key, n: v });
-}
-
-/** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
-export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
-  const at = e.at ?? Date.now();
-  const day = utcDay(at);
-  const add = (key: Deno.KvKey, n: bigint) => addSum(into, key, n);
-  const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);
-  const values = {
-    requests: big(e.requests ?? 1).value,
-    prompt: big(e.promptTokens).value,
-    completion: big(e.completionTokens).value,
-    cached: big(cached).value,
-  };
-  for (const field of USAGE_FIELDS) {
-    add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
-  }
-  add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
-  add(
-    keys.spendByMonth(e.userId, utcMonth(at)),
-    costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens, cached),
-  );
-  add(keys.usageDayVersion(day), 1n);
 }
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
