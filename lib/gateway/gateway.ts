@@ -18,13 +18,8 @@ import { concatBytes, duplicateJsonKey, withTopLevelString } from "../core/encod
 import { AppError } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
-import {
-  type Charge,
-  type Lease,
-  type Ledger,
-  limitStatus,
-  type Outcome,
-} from "../limits/admission.ts";
+import type { Charge, Lease, Ledger, Outcome } from "../limits/admission.ts";
+import { limitStatus } from "../limits/status.ts";
 import { checkUserState, rateHeaders } from "../limits/policy.ts";
 import { type Logger, redacted } from "../core/log.ts";
 import { ChunkReader, erroredStream, IdleTimer, type Stall, UsageMeter } from "./relay.ts";
@@ -93,12 +88,11 @@ interface UpstreamCall {
 /** What forward() settles: a Lease, or nothing for an endpoint that is not metered. */
 type Settlement = Pick<
   Lease,
-  "user" | "model" | "headers" | "relayedTokens" | "settle" | "giveBack"
+  "user" | "model" | "headers" | "relayed" | "settle" | "giveBack"
 >;
 
 /** count_tokens: relayed with the rate headers as they stand; nothing counted. */
 class Unmetered implements Settlement {
-  relayedTokens = 0;
   constructor(
     readonly user: UserRecord,
     readonly model: string,
@@ -107,6 +101,7 @@ class Unmetered implements Settlement {
   settle(): Promise<Charge> {
     return Promise.resolve({ promptTokens: 0, completionTokens: 0, estimated: false });
   }
+  relayed(): void {}
   giveBack(): void {}
 }
 
@@ -696,7 +691,7 @@ export class Gateway {
     const finish = (outcome: Outcome, detail?: string) => {
       if (finished) return finished;
       const usage = meter.usage();
-      if (!usage) lease.relayedTokens = meter.relayedTokens();
+      if (!usage) lease.relayed(meter.relayedTokens());
       return finished = end(usage, status, outcome, detail);
     };
     /** Relays a chunk; the one that ends the answer waits for the settlement first. */
@@ -706,7 +701,7 @@ export class Gateway {
     ) => {
       meter.push(chunk);
       if (meter.ended || reader.complete) await finish("complete");
-      else if (sse) lease.relayedTokens = meter.relayedTokens();
+      else if (sse) lease.relayed(meter.relayedTokens());
       controller.enqueue(chunk);
     };
     /** The stream has ended one way or another (nothing more is enqueued). */

@@ -1,16 +1,16 @@
 /**
  * The account's true state for people (dashboard, operator pages): what the gateway would do
  * with the next request. It follows the gateway's own rules (lib/limits/policy.ts and
- * quotaRefusal in lib/limits/admission.ts): a disabled or deleted user is refused (403); a user
+ * quotaRefusal there): a disabled or deleted user is refused (403); a user
  * whose day's requests, day's tokens or month's budget are used up is refused until it resets
  * (429, x-should-retry: false). The requests-per-minute limit and reservations of requests in
  * flight refuse only for seconds, so they are not a state worth a banner.
  */
 import type { UserRecord } from "../identity/users.ts";
-import { type EffectiveLimits } from "./policy.ts";
+import { type EffectiveLimits, type SpentLimit, spentLimits } from "./policy.ts";
 import { msUntilNextDay, msUntilNextMonth } from "../core/utc.ts";
 
-export type PauseReason = "requests_per_day" | "tokens_per_day" | "budget_monthly";
+export type PauseReason = SpentLimit;
 
 export type AccountState =
   | { status: "active" }
@@ -44,18 +44,12 @@ export function accountState(
 ): AccountState {
   if (user?.status === "disabled") return { status: "disabled" };
   if (user?.status === "deleted") return { status: "deleted" };
-  const paused: { reason: PauseReason; at: number }[] = [];
+  // The gateway's own check (policy.ts): what is used up refuses until its reset.
   const nextDay = now + msUntilNextDay(now);
-  if (used.requestsLeftToday <= 0) paused.push({ reason: "requests_per_day", at: nextDay });
-  if (limits.tokensPerDay !== null && used.tokensToday >= limits.tokensPerDay) {
-    paused.push({ reason: "tokens_per_day", at: nextDay });
-  }
-  if (
-    limits.budgetUsdMonthly !== null &&
-    used.spendNanoMonth >= Math.round(limits.budgetUsdMonthly * 1e9)
-  ) {
-    paused.push({ reason: "budget_monthly", at: now + msUntilNextMonth(now) });
-  }
+  const paused = spentLimits(limits, used).map((reason) => ({
+    reason,
+    at: reason === "budget_monthly" ? now + msUntilNextMonth(now) : nextDay,
+  }));
   if (!paused.length) return { status: "active" };
   const longest = paused.reduce((a, b) => (b.at > a.at ? b : a));
   return {

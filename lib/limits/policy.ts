@@ -17,7 +17,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { RateView } from "./gcra.ts";
-import { msUntilNextDay } from "../core/utc.ts";
+import { msUntilNextDay, msUntilNextMonth } from "../core/utc.ts";
 
 export interface EffectiveLimits {
   rpm: number;
@@ -130,4 +130,145 @@ export function checkUserState(user: UserRecord, headers: Record<string, string>
   if (user.status === "disabled") throw userDisabled(headers);
   if (user.status === "deleted") throw userDeleted(headers);
   return user;
+}
+
+/** What a user has used up now, in the gateway's order of checks (limits spent until a reset). */
+export type SpentLimit = "requests_per_day" | "tokens_per_day" | "budget_monthly";
+
+/**
+ * The limits used up: the day's requests, the day's tokens, the month's budget. The one check
+ * behind the gateway's refusals that "nothing but the reset helps" and the account's paused state
+ * (lib/limits/account_state.ts).
+ */
+export function spentLimits(
+  limits: EffectiveLimits,
+  used: { requestsLeftToday: number; tokensToday: number; spendNanoMonth: number },
+): SpentLimit[] {
+  const spent: SpentLimit[] = [];
+  if (used.requestsLeftToday <= 0) spent.push("requests_per_day");
+  if (limits.tokensPerDay !== null && used.tokensToday >= limits.tokensPerDay) {
+    spent.push("tokens_per_day");
+  }
+  if (
+    limits.budgetUsdMonthly !== null &&
+    used.spendNanoMonth >= Math.round(limits.budgetUsdMonthly * 1e9)
+  ) spent.push("budget_monthly");
+  return spent;
+}
+
+/** The per-minute or per-day request limit's refusal. */
+export function rateRefusal(
+  limits: EffectiveLimits,
+  dayLimit: boolean,
+  retryAfter: number,
+  headers: Record<string, string>,
+): AppError {
+  return new AppError(
+    "rate_limit_exceeded",
+    dayLimit
+      ? `Daily request limit of ${limits.rpd} reached; it resets at 00:00 UTC.`
+      : `Rate limit of ${limits.rpm} requests per minute reached; retry in ${retryAfter}s.`,
+    { ...headers, "retry-after": String(retryAfter), ...(dayLimit ? FINAL : {}) },
+  );
+}
+
+/** CONCURRENCY_LIMIT's refusal. */
+export function concurrencyRefusal(limit: number, headers: Record<string, string>): AppError {
+  return new AppError(
+    "concurrency_limit_exceeded",
+    `${limit} requests of this account are in flight already; ` +
+      "retry when one of them has finished.",
+    { ...headers, "retry-after": "1" },
+  );
+}
+
+/** A model without a price, for a user with a budget. */
+export function unpricedRefusal(model: string, headers: Record<string, string>): AppError {
+  return new AppError(
+    "model_not_allowed",
+    `model: "${model}" has no price, and this account has a monthly budget; ` +
+      "the operator must add a price for it (PRICING) before it can be used here.",
+    headers,
+  );
+}
+
+export interface QuotaFigures {
+  usedTokens: number;
+  usedNano: number;
+  heldTokens: number;
+  heldNano: number;
+  reserveTokens: number;
+  reserveNano: number;
+  reserveOutput: number;
+}
+
+/**
+ * The quota refusal, or null when the reservation fits. A reservation that does not fit what is
+ * left of the quota is refused until the quota resets (x-should-retry: false); one that only does
+ * not fit beside the reservations of requests in flight may fit in a moment (Retry-After: 1).
+ * A request reserving nothing (shared mode's reports) is refused once the quota is reached.
+ */
+export function quotaRefusal(
+  limits: EffectiveLimits,
+  now: number,
+  headers: Record<string, string>,
+  f: QuotaFigures,
+): AppError | null {
+  const check = (
+    limit: number,
+    used: number,
+    held: number,
+    reserve: number,
+    words: { whole: string; resets: string; retryAfterMs: number; unit: (n: number) => string },
+  ): AppError | null => {
+    if (used + reserve <= limit && used < limit) {
+      if (used + held + reserve <= limit && used + held < limit) return null;
+      return new AppError(
+        "quota_exceeded",
+        `${words.unit(held)} of ${words.whole} are reserved by requests in flight; ` +
+          "retry when they have finished.",
+        { ...headers, "retry-after": "1" },
+      );
+    }
+    const after = {
+      ...headers,
+      "retry-after": String(Math.ceil(words.retryAfterMs / 1000)),
+      ...FINAL,
+    };
+    if (used >= limit) {
+      return new AppError("quota_exceeded", `${words.whole} is used up; ${words.resets}.`, after);
+    }
+    return new AppError(
+      "quota_exceeded",
+      `This request reserves ${words.unit(reserve)} (its prompt and up to ${f.reserveOutput} ` +
+        `output tokens) but ${words.unit(limit - used)} of ${words.whole} are left; ` +
+        `lower max_tokens, or wait: ${words.resets}.`,
+      after,
+    );
+  };
+  if (limits.tokensPerDay !== null) {
+    const limit = limits.tokensPerDay;
+    const refused = check(limit, f.usedTokens, f.heldTokens, f.reserveTokens, {
+      whole: `the daily token quota of ${limit} tokens`,
+      resets: "it resets at 00:00 UTC",
+      retryAfterMs: msUntilNextDay(now),
+      unit: (n) => `${n} tokens`,
+    });
+    if (refused) return capitalized(refused);
+  }
+  if (limits.budgetUsdMonthly !== null) {
+    const budget = limits.budgetUsdMonthly;
+    const refused = check(Math.round(budget * 1e9), f.usedNano, f.heldNano, f.reserveNano, {
+      whole: `the monthly budget of $${budget}`,
+      resets: "it resets on the 1st (UTC)",
+      retryAfterMs: msUntilNextMonth(now),
+      unit: (n) => `$${(n / 1e9).toFixed(6).replace(/\.?0+$/, "")}`,
+    });
+    if (refused) return capitalized(refused);
+  }
+  return null;
+}
+
+function capitalized(err: AppError): AppError {
+  return new AppError(err.code, err.message[0].toUpperCase() + err.message.slice(1), err.headers);
 }

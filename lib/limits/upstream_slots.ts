@@ -22,7 +22,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { commitOrConflict, keys, u64 } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
-import type { Lease, LeaseRecord, Ledger } from "./admission.ts";
+import type { Lease, Ledger } from "./admission.ts";
 
 /** Safety net besides kv.watch (and the pace at which expired tickets of dead owners go). */
 const POLL_MS = 250;
@@ -294,7 +294,7 @@ export class UpstreamSlots {
     }
     chosen = chosen.filter((w) => !w.done);
     if (!chosen.length) return true;
-    const heartbeat = this.ledger.heartbeatCheck();
+    const heartbeat = this.ledger.slotCheck();
     if (!heartbeat) return false;
     const op = this.kv.atomic()
       .check(held)
@@ -303,7 +303,7 @@ export class UpstreamSlots {
     const waits: number[] = [];
     for (const w of chosen) {
       w.claiming = true;
-      op.set(keys.lease(this.ledger.procId, w.lease.id), { ...w.lease.record, slot: model });
+      this.ledger.attachSlot(op, w.lease, model);
       if (w.ticketed) op.delete(keys.upstreamTicket(model, w.ticket));
       waits.push(now - w.arrived);
     }
@@ -316,7 +316,7 @@ export class UpstreamSlots {
       res = await this.landed(chosen, model).catch(() => {
         // Not even the read-back answered: their settlements read their entries to free a slot
         // only if this commit gave them one.
-        for (const w of chosen) w.lease.uncertain = true;
+        for (const w of chosen) this.ledger.slotUnsure(w.lease);
         throw err;
       });
     } finally {
@@ -327,7 +327,7 @@ export class UpstreamSlots {
       return false;
     }
     for (const w of chosen) {
-      w.lease.record.slot = model;
+      this.ledger.slotAttached(w.lease, model);
       w.done = true;
       w.cleanup?.();
       q.waiters = q.waiters.filter((x) => x !== w);
@@ -344,10 +344,8 @@ export class UpstreamSlots {
     chosen: Waiter[],
     model: string,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-    const entry = await this.kv.get<LeaseRecord>(
-      keys.lease(this.ledger.procId, chosen[0].lease.id),
-    );
-    return entry.value?.slot === model && entry.versionstamp
+    const entry = await this.ledger.slotInKv(chosen[0].lease);
+    return entry.slot === model && entry.versionstamp
       ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
   }
