@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
-import { UsageMeter } from "../lib/gateway/relay.ts";
+import { openaiChat } from "../lib/gateway/protocols/openai_chat.ts";
+import { anthropicMessages } from "../lib/gateway/protocols/anthropic_messages.ts";
 import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage/usage.ts";
 import { FakeGlm } from "./fakes/glm.ts";
 import { bearer, json, MASTER_KEY, testApp } from "./helpers.ts";
@@ -11,7 +12,7 @@ const DAY = 86_400_000;
 /** Feeds `text` to a meter cut at every `step` bytes (through multi-byte characters too). */
 function meterOf(text: string, sse: boolean, step: number) {
   const bytes = enc.encode(text);
-  const meter = new UsageMeter("openai", sse);
+  const meter = openaiChat.meter(sse);
   for (let i = 0; i < bytes.length; i += step) meter.push(bytes.subarray(i, i + step));
   return meter.usage();
 }
@@ -56,7 +57,7 @@ Deno.test("usage meter: an Anthropic stream cut before message_delta is not read
     delta: { type: "text_delta", text: "a fairly long piece of generated text ".repeat(4) },
   });
   const anthropicMeter = (text: string) => {
-    const meter = new UsageMeter("anthropic", true);
+    const meter = anthropicMessages.meter(true);
     meter.push(enc.encode(text));
     return meter;
   };
@@ -354,7 +355,7 @@ Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage c
 
 Deno.test("usage meter: the end event ends the answer, the same characters in generated text do not", () => {
   const enc = new TextEncoder();
-  const meter = new UsageMeter("openai", true);
+  const meter = openaiChat.meter(true);
   meter.push(enc.encode('data: {"choices":[{"delta":{"content":"say data: [DONE] now"}}]}\n\n'));
   assert.equal(meter.ended, false);
   meter.push(enc.encode('data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4}}'));

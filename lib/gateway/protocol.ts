@@ -5,9 +5,7 @@
  */
 import type { Config } from "../core/config.ts";
 import type { AppError } from "../core/errors.ts";
-
-/** Whose wire format an endpoint speaks: its answers' usage, its end event, its error shape. */
-export type WireFormat = "openai" | "anthropic";
+import type { UsageMeter } from "./meter.ts";
 
 /** What the gateway needs from a request body. */
 export interface ParsedRequest {
@@ -22,7 +20,6 @@ export interface ParsedRequest {
 export interface Protocol {
   /** The route, as logs name it. */
   readonly route: string;
-  readonly format: WireFormat;
   /** Counted against the limits and metered; count_tokens is neither. */
   readonly metered: boolean;
   /** Request headers relayed upstream (the operator's key replaces the caller's). */
@@ -34,6 +31,12 @@ export interface Protocol {
   apiKey(headers: Headers): string | null;
   /** Checks the parsed body; a refusal names the field. */
   parseBody(json: unknown): ParsedRequest | AppError;
+  /** A meter for one answer: where this format puts its usage and its end event. */
+  meter(sse: boolean): UsageMeter;
+  /** The SSE event that ends a cut stream, in this format's error shape. */
+  streamError(code: string, message: string): Uint8Array;
+  /** Headers this format's answers carry besides Keyway's own. */
+  answerHeaders(requestId: string): Record<string, string>;
 }
 
 /** The token of `Authorization: Bearer <token>`, or null. */

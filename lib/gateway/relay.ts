@@ -1,24 +1,19 @@
 /**
- * The relay's parts: reading the upstream's body chunk by chunk, the watchdog on its silences,
- * and the meter that finds `usage`, the end of an SSE answer and how much was generated.
+ * The relay: an upstream answer relayed to the client chunk by chunk (relayAnswer), settled before
+ * its last byte; its parts: reading the upstream's body, and the watchdog on its silences. The
+ * meter (meter.ts, one per protocol) finds `usage`, the end of an SSE answer and what was generated.
  */
 import { concatBytes } from "../core/encoding.ts";
-import { estimateRelayedTokens } from "../usage/estimate.ts";
-import type { TokenUsage } from "../usage/usage.ts";
-import type { WireFormat } from "./protocol.ts";
+import type { Outcome } from "../limits/admission.ts";
+import type { Exchange, StopReason } from "./exchange.ts";
+import type { RequestEnd, Settlement } from "./exits.ts";
+import type { Protocol } from "./protocol.ts";
 
 /** Bodies the relay reads at once at most (a declared length is read into one buffer up to this). */
 const MAX_READ_BYTES = 1024 * 1024;
-/** JSON answers up to this size are parsed whole for `usage`; larger ones are scanned. */
-const FULL_PARSE_BYTES = 1024 * 1024;
-/** JSON answers larger than this are relayed without metering tokens. */
-const MAX_METERED_JSON_BYTES = 16 * 1024 * 1024;
-/** An SSE line longer than this cannot be a usage chunk worth keeping. */
-const MAX_SSE_LINE = 1024 * 1024;
+/** Error bodies read whole, to classify or to relay (GLM's are a few hundred bytes). */
+const MAX_ERROR_BODY = 64 * 1024;
 
-const decoder = new TextDecoder();
-
-/** What the relay was waiting for when its watchdog fired. */
 /** Why an answer is cut: a silent upstream or client, STREAM_MAX_MS, or the server stopping. */
 export type Stall = "upstream" | "client" | "deadline" | "shutdown";
 
@@ -134,230 +129,189 @@ export function erroredStream(err: unknown): ReadableStream<Uint8Array> {
   return new ReadableStream({ start: (controller) => controller.error(err) });
 }
 
-/** A count as `z.number().int().min(0).optional()` allows it: absent or a non-negative safe integer. */
-const badCount = (v: unknown) =>
-  v !== undefined && !(typeof v === "number" && Number.isSafeInteger(v) && v >= 0);
-
-const count = (v: unknown): number =>
-  typeof v === "number" && Number.isSafeInteger(v) && v >= 0 ? v : 0;
-
-/**
- * Token usage from an OpenAI/GLM `usage` object, or null when it is not one: an object whose
- * `prompt_tokens`, `completion_tokens` and `total_tokens` are each absent or a count (checked by
- * hand — it runs once per answer on the hot path). Cached prompt tokens come from
- * `prompt_tokens_details.cached_tokens`.
- */
-export function usageFrom(value: unknown): TokenUsage | null {
-  if (typeof value !== "object" || value === null || Array.isArray(value)) return null;
-  const { prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details } = value as Record<
-    string,
-    unknown
-  >;
-  if (badCount(prompt_tokens) || badCount(completion_tokens) || badCount(total_tokens)) {
-    return null;
+/** An upstream error body, up to MAX_ERROR_BODY bytes, under the watchdog (null: none). */
+export async function readErrorBody(
+  body: ReadableStream<Uint8Array> | null,
+  idle: IdleTimer,
+): Promise<Uint8Array<ArrayBuffer> | null> {
+  if (!body) return null;
+  const chunks: Uint8Array[] = [];
+  let size = 0;
+  idle.wait();
+  try {
+    for await (const chunk of body) {
+      chunks.push(chunk);
+      size += chunk.byteLength;
+      if (size >= MAX_ERROR_BODY) break;
+    }
+  } catch {
+    // Cut or stalled: classify what arrived.
   }
-  if (prompt_tokens === undefined && completion_tokens === undefined) return null;
-  const prompt = (prompt_tokens as number | undefined) ?? 0;
-  const total = (total_tokens as number | undefined) ?? prompt;
-  const usage: TokenUsage = {
-    promptTokens: prompt,
-    completionTokens: (completion_tokens as number | undefined) ?? Math.max(0, total - prompt),
-  };
-  const cached = typeof prompt_tokens_details === "object" && prompt_tokens_details !== null
-    ? Math.min(prompt, count((prompt_tokens_details as Record<string, unknown>).cached_tokens))
-    : 0;
-  if (cached) usage.cachedTokens = cached;
-  return usage;
+  idle.rest();
+  return concatBytes(chunks, size);
 }
 
-/** Anthropic's usage fields, as the largest value seen of each. */
-interface AnthropicCounts {
-  input: number;
-  output: number;
-  cacheRead: number;
-  cacheCreation: number;
-  seen: boolean;
-}
-
-/** Folds an Anthropic `usage` object into `into` (the largest value of each field wins). */
-function foldAnthropic(into: AnthropicCounts, value: unknown) {
-  if (typeof value !== "object" || value === null || Array.isArray(value)) return;
-  const u = value as Record<string, unknown>;
-  into.input = Math.max(into.input, count(u.input_tokens));
-  into.output = Math.max(into.output, count(u.output_tokens));
-  into.cacheRead = Math.max(into.cacheRead, count(u.cache_read_input_tokens));
-  into.cacheCreation = Math.max(into.cacheCreation, count(u.cache_creation_input_tokens));
-  into.seen = true;
+export interface RelayContext {
+  protocol: Protocol;
+  exchange: Exchange;
+  end: RequestEnd;
+  lease: Settlement;
+  /** The answer's headers (rate headers, ids, the upstream's relayed headers). */
+  headers: Record<string, string>;
+  timeoutMs: number;
+  streamMaxMs: number;
+  /** An error body as it may reach the user (any copy of the master key replaced). */
+  clean(bytes: Uint8Array<ArrayBuffer> | null): Uint8Array<ArrayBuffer> | null;
 }
 
 /**
- * Anthropic usage as Keyway counts it: as in Anthropic's API, `input_tokens` excludes cached
- * tokens, so prompt tokens = input + cache read + cache creation, of which cache reads are cached.
+ * Relays an upstream answer that is not a refusal: an error answer whole (the user's own mistake
+ * generated nothing; an upstream 5xx is not counted at all), a JSON answer as bytes when it came
+ * whole, anything else as a stream. The lease is settled (end.settle) before the last byte.
  */
-function fromAnthropic(c: AnthropicCounts): TokenUsage | null {
-  if (!c.seen) return null;
-  const usage: TokenUsage = {
-    promptTokens: c.input + c.cacheRead + c.cacheCreation,
-    completionTokens: c.output,
-  };
-  if (c.cacheRead) usage.cachedTokens = c.cacheRead;
-  return usage;
-}
-
-const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
-const END_EVENT = {
-  openai: /(?:^|\n)data: ?\[DONE\]/,
-  anthropic: /(?:^|\n)(?:event: ?message_stop|data: ?\{"type": ?"message_stop")/,
-} as const;
-const END_MARK = { openai: "[DONE]", anthropic: "message_stop" } as const;
-
-/**
- * Watches relayed bytes for `usage`, for the end of the answer and for how much was generated.
- * SSE: lines are split incrementally across chunk boundaries; OpenAI's format keeps the last
- * `data:` line holding a usage object (parsed once, at the end), Anthropic's folds the usage of
- * `message_start` and of every `message_delta` (the largest value of each field wins: GLM may
- * report 0 input tokens at the start and the real counts at the end). `data: [DONE]` or
- * `message_stop` marks the end; the generated text is estimated chunk by chunk. JSON: the chunks
- * are kept (by reference) and parsed once the answer is complete.
- */
-export class UsageMeter {
-  private readonly text = new TextDecoder();
-  private carry = "";
-  private lastUsageLine: string | null = null;
-  private readonly anthropic: AnthropicCounts = {
-    input: 0,
-    output: 0,
-    cacheRead: 0,
-    cacheCreation: 0,
-    seen: false,
-  };
-  private chunks: Uint8Array[] | null = [];
-  private size = 0;
-  private whole: string | null = null;
-  private relayed = 0;
-  /** SSE: the end event has been seen (what follows it is not part of the answer). */
-  ended = false;
-  /** Anthropic SSE: a `message_delta` has brought the answer's counts (not just the start's). */
-  private anthropicFinal = false;
-
-  constructor(private readonly format: WireFormat, private readonly sse: boolean) {}
-
-  push(chunk: Uint8Array) {
-    if (!this.sse) {
-      if (!this.chunks) return;
-      this.size += chunk.byteLength;
-      if (this.size > MAX_METERED_JSON_BYTES) this.chunks = null;
-      else this.chunks.push(chunk);
-      return;
-    }
-    const piece = this.text.decode(chunk, { stream: true });
-    this.relayed += estimateRelayedTokens(piece);
-    const text = this.carry + piece;
-    // The end event, not those characters inside generated text (JSON escapes newlines).
-    if (piece.includes(END_MARK[this.format]) && END_EVENT[this.format].test(text)) {
-      this.ended = true;
-    }
-    // Cheap on the hot path: one indexOf for "usage" per chunk, lines cut only where needed.
-    let usageAt = text.indexOf('"usage"');
-    let start = 0;
-    let nl: number;
-    while ((nl = text.indexOf("\n", start)) !== -1) {
-      if (usageAt !== -1 && usageAt < nl) {
-        this.consider(text.slice(start, nl));
-        usageAt = text.indexOf('"usage"', nl + 1);
-      }
-      start = nl + 1;
-    }
-    this.carry = start === 0 ? text : text.slice(start);
-    if (this.carry.length > MAX_SSE_LINE) this.carry = "";
+export async function relayAnswer(upstream: Response, ctx: RelayContext): Promise<Response> {
+  const { protocol, exchange, end, lease, headers } = ctx;
+  const status = upstream.status;
+  const idle = exchange.idle;
+  const source = upstream.body;
+  if (status >= 400) {
+    const bytes = source ? await readErrorBody(source, idle) : null;
+    await end.settle(null, status, status >= 500 ? "not_served" : "refused");
+    return new Response(ctx.clean(bytes), { status, headers });
   }
-
-  private consider(raw: string) {
-    const line = raw.trim();
-    if (!line.startsWith("data:")) return;
-    USAGE_OBJECT.lastIndex = 0;
-    if (!USAGE_OBJECT.test(line)) return;
-    if (this.format === "openai") {
-      this.lastUsageLine = line;
-      return;
-    }
+  if (!source) {
+    await end.settle(null, status, "complete");
+    return new Response(null, { status, headers });
+  }
+  /** Why the watchdog fired, as the log line and a cut stream's error event say it. */
+  const why = (stop: StopReason) =>
+    stop === "client"
+      ? `the client read nothing for ${ctx.timeoutMs} ms`
+      : stop === "deadline"
+      ? `the answer took longer than STREAM_MAX_MS (${ctx.streamMaxMs} ms)`
+      : stop === "shutdown"
+      ? "the server is restarting"
+      : `upstream sent nothing for ${ctx.timeoutMs} ms`;
+  const stalled = () => {
+    const stop = exchange.stopped;
+    return stop === "deadline" || stop === "upstream" ? why(stop) : undefined;
+  };
+  const contentType = headers["content-type"] ?? "";
+  const sse = contentType.includes("text/event-stream");
+  const meter = protocol.meter(sse);
+  // A compressed answer arrives decompressed: its content-length is not the length read.
+  const declared = sse || upstream.headers.has("content-encoding")
+    ? null
+    : upstream.headers.get("content-length");
+  const reader = new ChunkReader(source, declared);
+  /** The next piece of the answer, under the watchdog. */
+  const read = async () => {
+    idle.wait();
+    const chunk = await reader.read();
+    idle.rest();
+    return chunk;
+  };
+  let pending: Uint8Array | null = null;
+  if (!sse) {
+    // A JSON answer usually arrives whole in its first read. When that read holds every byte
+    // the upstream declared, relay it as bytes: the runtime then answers natively instead of
+    // pumping a JS stream (≈ a third of the relay's cost). Nothing waits for more data than
+    // has arrived; anything else is streamed below, the first chunk included.
+    let first: Uint8Array | null;
     try {
-      const event = JSON.parse(line.slice(5));
-      foldAnthropic(this.anthropic, event?.message?.usage ?? event?.usage);
-      if (event?.type === "message_delta") this.anthropicFinal = true;
-    } catch { /* not an event of ours */ }
-  }
-
-  /** The JSON answer's text so far (decoded once). */
-  private jsonText(): string | null {
-    if (this.whole === null && this.chunks) {
-      this.whole = decoder.decode(concatBytes(this.chunks, this.size));
-      this.chunks = null;
+      first = await read();
+    } catch (err) {
+      await end.settle(null, status, "cut", stalled());
+      return new Response(erroredStream(err), { status, headers });
     }
-    return this.whole;
-  }
-
-  /** Completion tokens estimated from the generated text relayed so far. */
-  relayedTokens(): number {
-    if (this.sse) return this.relayed;
-    const text = this.jsonText();
-    return text === null ? 0 : estimateRelayedTokens(text);
-  }
-
-  /** The usage seen so far (complete answers and streams cut mid-way alike). */
-  usage(): TokenUsage | null {
-    if (this.sse) {
-      if (this.carry.includes('"usage"')) this.consider(this.carry);
-      this.carry = "";
-      if (this.format === "anthropic") {
-        const usage = fromAnthropic(this.anthropic);
-        if (!usage || this.anthropicFinal) return usage;
-        // Cut before any message_delta: message_start's counts are not the answer's (GLM reports
-        // 0 input tokens there, and 0 or 1 output). With no input count the estimate charges it;
-        // otherwise what was relayed counts as generated.
-        if (usage.promptTokens === 0) return null;
-        return { ...usage, completionTokens: Math.max(usage.completionTokens, this.relayed) };
-      }
-      if (!this.lastUsageLine) return null;
-      try {
-        return usageFrom(JSON.parse(this.lastUsageLine.slice(5)).usage);
-      } catch {
-        return null;
-      }
+    if (!first) {
+      await end.settle(null, status, "complete");
+      return new Response(null, { status, headers });
     }
-    const text = this.jsonText();
-    if (text === null) return null;
-    let usage: unknown;
-    if (this.size <= FULL_PARSE_BYTES) {
-      try {
-        usage = JSON.parse(text)?.usage;
-      } catch {
-        return null;
-      }
-    } else usage = scanUsage(text);
-    if (this.format === "openai") return usageFrom(usage);
-    const counts = { ...this.anthropic };
-    foldAnthropic(counts, usage);
-    return fromAnthropic(counts);
-  }
-}
-
-/** Finds the last `"usage": {…}` object in a large JSON text and parses just that object. */
-function scanUsage(text: string): unknown {
-  let at = -1;
-  for (const m of text.matchAll(USAGE_OBJECT)) at = m.index + m[0].length - 1;
-  if (at < 0) return null;
-  let depth = 0;
-  for (let i = at; i < text.length && i < at + 4096; i++) {
-    const ch = text[i];
-    if (ch === "{") depth++;
-    else if (ch === "}" && --depth === 0) {
-      try {
-        return JSON.parse(text.slice(at, i + 1));
-      } catch {
-        return null;
-      }
+    if (reader.complete) {
+      reader.cancel(); // at its end already: frees the upstream connection
+      meter.push(first);
+      await end.settle(meter.usage(), status, "complete");
+      return new Response(first as Uint8Array<ArrayBuffer>, { status, headers });
     }
+    pending = first;
   }
-  return null;
+  const finish = (outcome: Outcome, detail?: string) => {
+    if (end.done) return end.settle(null, status, outcome);
+    const usage = meter.usage();
+    if (!usage) lease.relayed(meter.relayedTokens());
+    return end.settle(usage, status, outcome, detail);
+  };
+  /** Relays a chunk; the one that ends the answer waits for the settlement first. */
+  const relay = async (
+    controller: ReadableStreamDefaultController<Uint8Array>,
+    chunk: Uint8Array,
+  ) => {
+    meter.push(chunk);
+    if (meter.ended || reader.complete) await finish("complete");
+    else if (sse) lease.relayed(meter.relayedTokens());
+    controller.enqueue(chunk);
+  };
+  /** The stream has ended one way or another (nothing more is enqueued). */
+  let closed = false;
+  let out: ReadableStreamDefaultController<Uint8Array>;
+  // A stop cuts the answer where it stands: the upstream call is cancelled and the lease settled
+  // (the estimate of what was relayed). A stalled upstream or an answer past STREAM_MAX_MS ends
+  // an SSE stream with an error event its SDK reports; a client that reads nothing gets its
+  // connection closed.
+  exchange.relaying((stop) => {
+    exchange.abortUpstream();
+    reader.cancel();
+    if (closed) return;
+    closed = true;
+    const detail = why(stop);
+    finish(stop === "client" ? "cancelled" : "cut", detail).then(() => {
+      try {
+        if (stop !== "client" && sse) {
+          const code = stop === "shutdown" ? "upstream_unavailable" : "upstream_timeout";
+          out.enqueue(protocol.streamError(code, `The answer was cut: ${detail}.`));
+          out.close();
+        } else out.error(new Error(detail));
+      } catch { /* the client is gone already */ }
+    });
+  });
+  const body = new ReadableStream<Uint8Array>({
+    start: (controller) => {
+      out = controller;
+    },
+    pull: async (controller) => {
+      if (closed) return;
+      if (pending) {
+        const chunk = pending;
+        pending = null;
+        return await relay(controller, chunk);
+      }
+      let chunk: Uint8Array | null;
+      try {
+        chunk = await read();
+      } catch (err) {
+        if (closed) return; // cut by the watchdog
+        closed = true;
+        await finish("cut", stalled());
+        controller.error(err);
+        return;
+      }
+      if (closed) return;
+      if (!chunk) {
+        closed = true;
+        await finish("complete");
+        controller.close();
+        return;
+      }
+      await relay(controller, chunk);
+    },
+    cancel: async (reason) => {
+      // The client went away: stop the upstream call too, and settle at once.
+      closed = true;
+      exchange.abortUpstream();
+      reader.cancel(reason);
+      await finish("cancelled");
+    },
+  });
+  return new Response(body, { status, headers });
 }

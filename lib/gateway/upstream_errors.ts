@@ -9,7 +9,9 @@
  * `{"error": {"code": "1113", "message": "…"}}` (docs.bigmodel.cn/cn/api/api-code). Its
  * Anthropic-compatible endpoint uses the same statuses.
  */
+import { type Clock, systemClock } from "../core/clock.ts";
 import { AppError } from "../core/errors.ts";
+import type { Logger } from "../core/log.ts";
 
 export type UpstreamAlert =
   | "upstream.key_rejected"
@@ -130,4 +132,65 @@ function retryAfterSeconds(value: string | null): number | null {
     : Math.ceil((Date.parse(value) - Date.now()) / 1000);
   if (!Number.isFinite(n)) return null;
   return Math.min(300, Math.max(1, n));
+}
+
+/** Tells the operator about an upstream problem (lib/alerts: de-duplicated per type and hour). */
+export type UpstreamNotifier = (
+  alert: UpstreamAlert,
+  fields: { model: string; status: number; upstreamCode: string | null; message: string },
+) => void;
+
+/** Throttled answers within THROTTLE_WINDOW_MS that make throttling "sustained" (an alert). */
+const THROTTLE_SUSTAINED = 5;
+const THROTTLE_WINDOW_MS = 60_000;
+
+/**
+ * Logs an upstream refusal for the operator (GLM's own message included) and alerts: the
+ * account's problems at once, throttling when it is sustained (THROTTLE_SUSTAINED answers
+ * within a minute in this process).
+ */
+export class RefusalAlerts {
+  /** When this process's recent throttled answers came. */
+  private throttled: number[] = [];
+  /** The clock minute of this process's last alert try of each type. */
+  private readonly alerted = new Map<UpstreamAlert, number>();
+
+  constructor(
+    private readonly log: Logger,
+    private readonly notify: UpstreamNotifier | undefined,
+    private readonly clock: Clock = systemClock,
+  ) {}
+
+  refused(refusal: UpstreamRefusal, model: string, status: number, requestId: string) {
+    const fields = {
+      model,
+      status,
+      upstreamCode: refusal.upstreamCode,
+      message: refusal.upstreamMessage ?? `HTTP ${status}`,
+    };
+    this.log.warn("upstream refused the operator's account", {
+      id: requestId,
+      ...fields,
+      answered: refusal.error.code,
+    });
+    if (!this.notify) return;
+    const now = this.clock();
+    if (refusal.alert === "upstream.throttled") {
+      this.throttled = this.throttled.filter((t) => t > now - THROTTLE_WINDOW_MS);
+      this.throttled.push(now);
+      if (this.throttled.length < THROTTLE_SUSTAINED) return;
+      this.throttled = [];
+    }
+    // Alerts go out once per type and hour anyway (lib/alerts): during an outage every refused
+    // request would otherwise try a KV commit to learn that. One try a minute per process still
+    // gets an alert out if an earlier try failed.
+    const minute = Math.floor(now / 60_000);
+    if (this.alerted.get(refusal.alert) === minute) return;
+    this.alerted.set(refusal.alert, minute);
+    try {
+      this.notify(refusal.alert, fields);
+    } catch (err) {
+      this.log.error("upstream alert failed", { error: String(err) });
+    }
+  }
 }

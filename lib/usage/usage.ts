@@ -1,5 +1,5 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
-import { commitOrConflict, CONFLICT, keys, retryAtomic, u64, USAGE_FIELDS } from "../core/kv.ts";
+import { commitOrConflict, CONFLICT, keys, retryAtomic, u64 } from "../core/kv.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";

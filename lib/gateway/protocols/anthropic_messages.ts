@@ -6,6 +6,7 @@
 import { z } from "zod";
 import { invalidRequest } from "../../core/errors.ts";
 import { estimatePromptTokens } from "../../usage/estimate.ts";
+import { AnthropicMeter, anthropicStreamError } from "./anthropic_usage.ts";
 import { bearerToken, isObject, outputCap, type Protocol } from "../protocol.ts";
 
 const schema = z.looseObject({
@@ -22,11 +23,14 @@ const RELAYED = ["accept", "anthropic-version", "anthropic-beta"] as const;
 
 export const anthropicMessages: Protocol = {
   route: "/v1/messages",
-  format: "anthropic",
   metered: true,
   relayedHeaders: RELAYED,
   upstreamUrl: (config) => `${config.glm.anthropicBaseUrl}/v1/messages`,
   upstreamAuth: (key) => ({ "x-api-key": key, authorization: `Bearer ${key}` }),
+  meter: (sse) => new AnthropicMeter(sse),
+  streamError: anthropicStreamError,
+  // Where the Anthropic SDK looks for it (_request_id, error.requestID).
+  answerHeaders: (requestId) => ({ "request-id": requestId }),
   apiKey: anthropicKey,
   parseBody(json) {
     if (
@@ -55,11 +59,14 @@ const countSchema = z.looseObject({
 /** POST /v1/messages/count_tokens: relayed, not metered, not counted against limits. */
 export const anthropicCountTokens: Protocol = {
   route: "/v1/messages/count_tokens",
-  format: "anthropic",
   metered: false,
   relayedHeaders: RELAYED,
   upstreamUrl: (config) => `${config.glm.anthropicBaseUrl}/v1/messages/count_tokens`,
   upstreamAuth: (key) => ({ "x-api-key": key, authorization: `Bearer ${key}` }),
+  meter: (sse) => new AnthropicMeter(sse),
+  streamError: anthropicStreamError,
+  // Where the Anthropic SDK looks for it (_request_id, error.requestID).
+  answerHeaders: (requestId) => ({ "request-id": requestId }),
   apiKey: anthropicKey,
   parseBody(json) {
     const parsed = countSchema.safeParse(json);

@@ -2,6 +2,7 @@
 import { z } from "zod";
 import { invalidRequest } from "../../core/errors.ts";
 import { estimatePromptTokens } from "../../usage/estimate.ts";
+import { OpenAiMeter, openaiStreamError } from "./openai_usage.ts";
 import { bearerToken, isObject, outputCap, type Protocol } from "../protocol.ts";
 
 /** Only `model` and `messages` are checked; every other field passes through untouched. */
@@ -12,11 +13,13 @@ const schema = z.looseObject({
 
 export const openaiChat: Protocol = {
   route: "/v1/chat/completions",
-  format: "openai",
   metered: true,
   relayedHeaders: ["accept"],
   upstreamUrl: (config) => `${config.glm.baseUrl}/chat/completions`,
   upstreamAuth: (key) => ({ authorization: `Bearer ${key}` }),
+  meter: (sse) => new OpenAiMeter(sse),
+  streamError: openaiStreamError,
+  answerHeaders: () => ({}),
   apiKey: (headers) => bearerToken(headers.get("authorization")),
   parseBody(json) {
     // The schema's rules checked by hand (the hot path); zod words the refusal.

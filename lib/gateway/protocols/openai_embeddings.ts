@@ -2,6 +2,7 @@
 import { z } from "zod";
 import { invalidRequest } from "../../core/errors.ts";
 import { estimatePromptTokens } from "../../usage/estimate.ts";
+import { OpenAiMeter, openaiStreamError } from "./openai_usage.ts";
 import { bearerToken, type Protocol } from "../protocol.ts";
 
 const schema = z.looseObject({
@@ -16,11 +17,13 @@ const schema = z.looseObject({
 
 export const openaiEmbeddings: Protocol = {
   route: "/v1/embeddings",
-  format: "openai",
   metered: true,
   relayedHeaders: ["accept"],
   upstreamUrl: (config) => `${config.glm.baseUrl}/embeddings`,
   upstreamAuth: (key) => ({ authorization: `Bearer ${key}` }),
+  meter: (sse) => new OpenAiMeter(sse),
+  streamError: openaiStreamError,
+  answerHeaders: () => ({}),
   apiKey: (headers) => bearerToken(headers.get("authorization")),
   parseBody(json) {
     const parsed = schema.safeParse(json);

@@ -1,0 +1,79 @@
+/**
+ * One upstream call: sent once, watched by one watchdog (UPSTREAM_TIMEOUT_MS for the headers,
+ * then for each next piece of the answer; STREAM_MAX_MS end to end), cancelled when the client
+ * leaves before the headers. Why it stopped early is one reason, set once, whoever noticed first.
+ */
+import { IdleTimer, type Stall } from "./relay.ts";
+
+/** Why a call stopped before its answer ended: a watchdog stall, or the client leaving. */
+export type StopReason = Stall | "client_left";
+
+export interface ExchangeOptions {
+  url: string;
+  headers: Record<string, string>;
+  body: Uint8Array<ArrayBuffer>;
+  /** The client's request: its hang-up before the answer's headers cancels the call. */
+  client: AbortSignal;
+  timeoutMs: number;
+  streamMaxMs: number;
+  /** performance.now() when the request arrived (STREAM_MAX_MS counts from there). */
+  started: number;
+}
+
+export class Exchange {
+  readonly response: Promise<Response>;
+  readonly idle: IdleTimer;
+  private readonly abort = new AbortController();
+  private reason: StopReason | null = null;
+  /** The relay's cut, once it relays a body (a stop then ends the answer being relayed). */
+  private cut: ((reason: StopReason) => void) | null = null;
+
+  constructor(o: ExchangeOptions) {
+    this.idle = new IdleTimer(o.timeoutMs, o.streamMaxMs, (stall) => this.stop(stall), o.started);
+    // Only until the headers arrive: after that the relay's cancel() notices the client leaving.
+    // (deno.json opts out of Deno's legacy behaviour of also aborting request.signal once a
+    // response has been sent.)
+    const onClientGone = () => this.stop("client_left");
+    if (o.client.aborted) onClientGone();
+    else o.client.addEventListener("abort", onClientGone, { once: true });
+    this.response = fetch(o.url, {
+      method: "POST",
+      headers: o.headers,
+      body: o.body,
+      signal: this.abort.signal,
+      // Never followed: the master key must not go to another origin.
+      redirect: "manual",
+    });
+    this.response.catch(() => {}); // awaited by the gateway, unless the admission was refused
+    const done = () => o.client.removeEventListener("abort", onClientGone);
+    this.response.then(done, done);
+  }
+
+  /** Why the call stopped early, or null. */
+  get stopped(): StopReason | null {
+    return this.reason;
+  }
+
+  /** Stops the call for a reason (the first reason is the one kept). */
+  stop(reason: StopReason) {
+    this.reason ??= reason;
+    if (this.cut) this.cut(reason);
+    else this.abort.abort();
+  }
+
+  /** The relay takes over stops: `cut` ends the answer being relayed. */
+  relaying(cut: (reason: StopReason) => void) {
+    this.cut = cut;
+  }
+
+  /** Aborts the upstream call (the relay's cut, or a client gone mid-answer). */
+  abortUpstream() {
+    this.abort.abort();
+  }
+
+  /** Stops the call without a reason to report (its admission was refused after all). */
+  cancel() {
+    this.idle.stop();
+    this.abort.abort();
+  }
+}

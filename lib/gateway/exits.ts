@@ -1,0 +1,172 @@
+/**
+ * Every way a gateway request ends, in one place. The table maps each cause that ends a request
+ * before its answer is relayed to what the client gets (status, code, message), what the request
+ * is charged (its Outcome, lib/limits/admission.ts chargeFor) and what the log line says; the
+ * relay's own endings (complete, cut, cancelled, an upstream error relayed) settle through the
+ * same RequestEnd. RequestEnd settles the lease and logs the request once, whoever calls first.
+ */
+import type { Config } from "../core/config.ts";
+import { AppError, type ErrorCode } from "../core/errors.ts";
+import type { Logger } from "../core/log.ts";
+import type { Charge, Lease, Outcome } from "../limits/admission.ts";
+import type { TokenUsage } from "../usage/record.ts";
+
+export type Exit =
+  /** The client left while the upstream was thinking: it had the prompt (charged the estimate). */
+  | "client_left"
+  /** The client left while its request waited for an upstream slot: never sent, nothing used. */
+  | "left_waiting"
+  /** The server is stopping: not the user's doing, nothing counted. */
+  | "shutdown"
+  /** No headers within UPSTREAM_TIMEOUT_MS (the upstream may have processed the prompt). */
+  | "timeout"
+  /** No headers within STREAM_MAX_MS. */
+  | "deadline"
+  /** The upstream could not be reached: never got the request, nothing counted. */
+  | "unreachable"
+  /** The upstream redirected (GLM_BASE_URL is wrong): not followed, nothing counted. */
+  | "redirected";
+
+interface ExitRule {
+  /** The status in the log line (499: nobody is left to answer, as nginx logs it). */
+  status: number;
+  outcome: Outcome;
+  code: ErrorCode;
+  /** The answer's status when it is not the code's usual one. */
+  answerStatus?: number;
+  retryAfter?: string;
+  message(config: Config): string;
+  /** What the log line's detail says. */
+  detail?: string;
+}
+
+const NOT_REACHED = "The upstream could not be reached. Nothing was counted against your limits.";
+
+export const EXITS: Record<Exit, ExitRule> = {
+  client_left: {
+    status: 499,
+    outcome: "cancelled",
+    code: "upstream_unavailable",
+    message: () => "The client disconnected.",
+    detail: "client disconnected",
+  },
+  left_waiting: {
+    status: 499,
+    outcome: "left",
+    code: "upstream_unavailable",
+    message: () => "The client disconnected.",
+  },
+  shutdown: {
+    status: 503,
+    outcome: "not_served",
+    code: "upstream_unavailable",
+    answerStatus: 503,
+    retryAfter: "1",
+    message: () => "The server is restarting. Nothing was counted; retry in a moment.",
+    detail: "the server is restarting",
+  },
+  timeout: {
+    status: 504,
+    outcome: "timeout",
+    code: "upstream_timeout",
+    message: (c) => `The upstream did not answer within ${c.glm.timeoutMs} ms.`,
+  },
+  deadline: {
+    status: 504,
+    outcome: "timeout",
+    code: "upstream_timeout",
+    message: (c) => `The upstream did not answer within STREAM_MAX_MS (${c.glm.streamMaxMs} ms).`,
+  },
+  unreachable: {
+    status: 502,
+    outcome: "not_served",
+    code: "upstream_unavailable",
+    message: () => NOT_REACHED,
+  },
+  redirected: {
+    status: 502,
+    outcome: "not_served",
+    code: "upstream_unavailable",
+    message: () => NOT_REACHED,
+    detail: "upstream redirected",
+  },
+};
+
+/** What forward() settles: a Lease, or nothing for an endpoint that is not metered. */
+export type Settlement = Pick<
+  Lease,
+  "user" | "model" | "headers" | "relayed" | "settle" | "giveBack"
+>;
+
+/** The request's fields in its log line. */
+export interface EndFields {
+  id: string;
+  route: string;
+  started: number;
+  queueMs?: number;
+}
+
+/**
+ * A request's one ending: its lease settled (the usage committed) and its log line written,
+ * once; later calls get the first call's promise. A failed settlement is logged; the lease then
+ * expires and is charged its estimate.
+ */
+export class RequestEnd {
+  private ended: Promise<void> | null = null;
+
+  constructor(
+    private readonly lease: Settlement,
+    private readonly log: Logger,
+    private readonly fields: EndFields,
+    /** Runs first, whatever the ending (the watchdog stops, the call is forgotten). */
+    private readonly onEnd: () => void = () => {},
+  ) {}
+
+  get done(): boolean {
+    return this.ended !== null;
+  }
+
+  settle(usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) {
+    return this.ended ??= this.run(usage, status, outcome, detail);
+  }
+
+  /** Ends by a cause of the table; resolves to the error the client gets. */
+  async exit(exit: Exit, config: Config): Promise<AppError> {
+    const rule = EXITS[exit];
+    await this.settle(null, rule.status, rule.outcome, rule.detail);
+    const headers = rule.retryAfter
+      ? { ...this.lease.headers, "retry-after": rule.retryAfter }
+      : this.lease.headers;
+    return new AppError(rule.code, rule.message(config), headers, rule.answerStatus);
+  }
+
+  private async run(usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) {
+    this.onEnd();
+    const { id, route, started, queueMs } = this.fields;
+    let charged: Charge | undefined;
+    try {
+      charged = await this.lease.settle(usage, outcome);
+    } catch (err) {
+      this.log.error("usage not recorded now; the lease will be charged its estimate", {
+        id,
+        userId: this.lease.user.id,
+        model: this.lease.model,
+        error: err instanceof Error ? err.message : String(err),
+      });
+    }
+    this.log.info("gateway", {
+      id,
+      route,
+      userId: this.lease.user.id,
+      model: this.lease.model,
+      status,
+      outcome,
+      promptTokens: charged?.promptTokens ?? 0,
+      completionTokens: charged?.completionTokens ?? 0,
+      ...(charged?.estimated ? { estimated: true } : {}),
+      ...(queueMs !== undefined ? { queueMs: Math.round(queueMs) } : {}),
+      ms: Math.round((performance.now() - started) * 10) / 10,
+      ...(detail ? { detail } : {}),
+    });
+  }
+}
