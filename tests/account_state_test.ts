@@ -4,8 +4,8 @@
  */
 import assert from "node:assert/strict";
 import { accountState } from "../lib/limits/account_state.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./helpers.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 

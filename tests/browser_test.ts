@@ -13,8 +13,8 @@ import {
   startServer,
   type TestServer,
   watchedContext,
-} from "./fakes/browser.ts";
-import { clerkEnv, ClerkIssuer, MASTER_KEY } from "./helpers.ts";
+} from "./support/browser.ts";
+import { clerkEnv, ClerkIssuer, MASTER_KEY } from "./support/helpers.ts";
 
 const DAY = 86_400_000;
 const DESKTOP = { width: 1280, height: 860 };

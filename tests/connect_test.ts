@@ -8,7 +8,14 @@ import { loadConfig } from "../lib/core/config.ts";
 import { randomToken } from "../lib/core/encoding.ts";
 import { connectRedirect, s256 } from "../lib/identity/connect.ts";
 import type { DeviceStartBody } from "../lib/api_types.ts";
-import { clerkEnv, ClerkIssuer, json, PUBLIC_URL, type TestApp, testApp } from "./helpers.ts";
+import {
+  clerkEnv,
+  ClerkIssuer,
+  json,
+  PUBLIC_URL,
+  type TestApp,
+  testApp,
+} from "./support/helpers.ts";
 
 const REDIRECT = "http://127.0.0.1:53123/callback";
 const KEY = /^kw_[A-Za-z0-9_-]{40,}$/;

@@ -6,9 +6,9 @@
  */
 import assert from "node:assert/strict";
 import { buildIslands } from "../build/islands.ts";
-import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY } from "./helpers.ts";
+import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY } from "./support/helpers.ts";
 
 const ROOT = new URL("../", import.meta.url).pathname;
 

@@ -14,7 +14,7 @@ import {
 
 const tokenizer = new Tiktoken(o200k);
 const fixture = (name: string) =>
-  Deno.readTextFileSync(new URL(`./fixtures/estimate/${name}`, import.meta.url));
+  Deno.readTextFileSync(new URL(`./support/fixtures/estimate/${name}`, import.meta.url));
 
 Deno.test("estimate vs o200k_base: within −5% … +20% on English, Chinese and code", async (t) => {
   for (

@@ -23,10 +23,10 @@ import {
   PUBLIC_URL,
   type TestApp,
   testApp,
-} from "./helpers.ts";
-import { signedDelivery, userCreated, WEBHOOK_SECRET } from "./fakes/svix.ts";
-import { type RunningMain, startMain } from "./subprocess.ts";
-import { FakeGlm } from "./fakes/glm.ts";
+} from "./support/helpers.ts";
+import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../testing/fakes/svix.ts";
+import { type RunningMain, startMain } from "./support/subprocess.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
 
 const issuer = await ClerkIssuer.create();
 const EVENTS_SECRET = "whsec_" + btoa("keyway-events-test-secret-32-bytes!");

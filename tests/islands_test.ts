@@ -15,7 +15,7 @@ import {
   sourceFiles,
   sourceHash,
 } from "../build/islands.ts";
-import { launchBrowser } from "./fakes/browser.ts";
+import { launchBrowser } from "./support/browser.ts";
 
 const PROJECT = new URL("..", import.meta.url).pathname;
 

@@ -14,7 +14,7 @@ import {
   type ServedGateway,
   serveGateway,
   type TodayUsage,
-} from "./helpers.ts";
+} from "./support/helpers.ts";
 
 interface Served extends ServedGateway {
   chat(body: unknown, signal?: AbortSignal): Promise<Response>;

@@ -7,7 +7,7 @@ import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
 import { UpstreamSlots } from "../lib/limits/upstream_slots.ts";
 import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
 import type { UserRecord } from "../lib/identity/users.ts";
-import { interceptCommits, usageTotalsOf } from "./helpers.ts";
+import { interceptCommits, usageTotalsOf } from "./support/helpers.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
   rpm,
@@ -266,7 +266,7 @@ Deno.test("Ledger: a busy batch of 40 users stays within 10 checks per commit", 
   try {
     const users = Array.from({ length: 40 }, (_, i) => `many${i}`);
     for (const id of users) await seedUser(kv, id);
-    // tests/kv_limits.ts fails any commit over KV Connect's limits, so this would throw.
+    // tests/support/kv_limits.ts fails any commit over KV Connect's limits, so this would throw.
     const results = await Promise.all(
       Array.from(
         { length: 160 },

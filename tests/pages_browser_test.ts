@@ -18,8 +18,8 @@ import {
   type TestServer,
   type Watched,
   watchedContext,
-} from "./fakes/browser.ts";
-import { FakeGlm } from "./fakes/glm.ts";
+} from "./support/browser.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
 
 const DAY = 86_400_000;
 const DESKTOP = { width: 1280, height: 800 };

@@ -15,7 +15,7 @@ import {
   formatWait,
 } from "../lib/core/format.ts";
 import { localUserId } from "../lib/identity/sessions.ts";
-import { json, testApp } from "./helpers.ts";
+import { json, testApp } from "./support/helpers.ts";
 
 const LOCAL = { origin: "http://localhost:8000" };
 

@@ -6,7 +6,13 @@
 import assert from "node:assert/strict";
 import Anthropic from "@anthropic-ai/sdk";
 import OpenAI from "openai";
-import { json, MASTER_KEY, type ServedGateway, serveGateway, type TodayUsage } from "./helpers.ts";
+import {
+  json,
+  MASTER_KEY,
+  type ServedGateway,
+  serveGateway,
+  type TodayUsage,
+} from "./support/helpers.ts";
 
 interface Served extends ServedGateway {
   usage(): Promise<Omit<TodayUsage, "totalTokens">>;

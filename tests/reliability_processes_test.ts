@@ -5,10 +5,10 @@
 import assert from "node:assert/strict";
 import { keys, u64 } from "../lib/core/kv.ts";
 import type { RateState } from "../lib/limits/gcra.ts";
-import { eventually, processEnv, usageTotalsOf } from "./helpers.ts";
-import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { type RunningMain, startMain } from "./subprocess.ts";
+import { eventually, processEnv, usageTotalsOf } from "./support/helpers.ts";
+import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
+import { type RunningMain, startMain } from "./support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 

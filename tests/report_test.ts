@@ -18,8 +18,8 @@ import {
   PRICING_WITH_FALLBACK,
   seedUsage,
   tempKvPath,
-} from "./cost_fixtures.ts";
-import { runReport as runReportTask } from "./helpers.ts";
+} from "./support/cost_fixtures.ts";
+import { runReport as runReportTask } from "./support/helpers.ts";
 
 const config = { pricing: PRICING, limits: { budgetUsdMonthly: 0 } };
 

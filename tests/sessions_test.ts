@@ -1,6 +1,13 @@
 import assert from "node:assert/strict";
-import { FakeClerkApi } from "./fakes/clerk_api.ts";
-import { bearer, clerkEnv, ClerkIssuer, ENCRYPTION_SECRET, json, testApp } from "./helpers.ts";
+import { FakeClerkApi } from "../testing/fakes/clerk_api.ts";
+import {
+  bearer,
+  clerkEnv,
+  ClerkIssuer,
+  ENCRYPTION_SECRET,
+  json,
+  testApp,
+} from "./support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 // Same kid as the real issuer, different key pair: only the signature tells them apart.

@@ -21,7 +21,7 @@ import {
   seedUsage,
   seedUsers,
   tempKvPath,
-} from "./cost_fixtures.ts";
+} from "./support/cost_fixtures.ts";
 
 /** Keeps log lines as the JSON the real logger writes (level, msg, fields). */
 function captureLogger(): { log: Logger; lines: string[] } {

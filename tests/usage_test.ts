@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
 import { UsageMeter } from "../lib/gateway/relay.ts";
 import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage/usage.ts";
-import { FakeGlm } from "./fakes/glm.ts";
-import { bearer, json, MASTER_KEY, testApp } from "./helpers.ts";
+import { FakeGlm } from "../testing/fakes/glm.ts";
+import { bearer, json, MASTER_KEY, testApp } from "./support/helpers.ts";
 import { utcDay } from "../lib/core/utc.ts";
 
 const enc = new TextEncoder();

@@ -16,8 +16,8 @@ import {
   KeywayError,
   type VsCodeApi,
 } from "../clients/vscode/keyway.ts";
-import { launchBrowser, startServer, type TestServer, watchedContext } from "./fakes/browser.ts";
-import { PUBLIC_URL } from "./helpers.ts";
+import { launchBrowser, startServer, type TestServer, watchedContext } from "./support/browser.ts";
+import { PUBLIC_URL } from "./support/helpers.ts";
 import type { DeviceStartBody, KeyBody } from "../lib/api_types.ts";
 import type { KeywayDeviceStart, KeywayKey } from "../clients/vscode/keyway.ts";
 

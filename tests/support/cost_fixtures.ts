@@ -1,8 +1,8 @@
 /** Seeded usage for the report and summary tests, with its hand-computed expectations. */
-import { keys } from "../lib/core/kv.ts";
-import type { Pricing } from "../lib/usage/pricing.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
-import type { UserRecord } from "../lib/identity/users.ts";
+import { keys } from "../../lib/core/kv.ts";
+import type { Pricing } from "../../lib/usage/pricing.ts";
+import { recordUsage } from "../../lib/usage/usage.ts";
+import type { UserRecord } from "../../lib/identity/users.ts";
 
 /** "Now" of the fixture: 2026-03-10 is today (open), 03-07…03-09 are closed days. */
 export const NOW = Date.parse("2026-03-10T12:00:00Z");

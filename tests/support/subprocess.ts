@@ -1,10 +1,10 @@
 /** Runs `main.ts` as a real process for tests that need one (config failures, secrets at rest). */
 
-const ROOT = new URL("../", import.meta.url);
+const ROOT = new URL("../../", import.meta.url);
 const MAIN = new URL("main.ts", ROOT).pathname;
 const CONFIG = new URL("deno.json", ROOT).pathname;
-/** The test suite's KV Connect limits (tests/kv_limits.ts) apply in app processes too. */
-const KV_LIMITS = new URL("tests/kv_limits.ts", ROOT).pathname;
+/** The test suite's KV Connect limits (tests/support/kv_limits.ts) apply in app processes too. */
+const KV_LIMITS = new URL("tests/support/kv_limits.ts", ROOT).pathname;
 
 /** Only what Deno itself needs: the parent's environment must not leak into the app's config. */
 function baseEnv(): Record<string, string> {

@@ -1,12 +1,12 @@
 /** Test plumbing: an isolated app on its own :memory: KV, with captured logs. */
-import { loadConfig } from "../lib/core/config.ts";
-import type { Logger } from "../lib/core/log.ts";
-import { createLogger } from "../lib/core/log.ts";
-import { createServices, type Services } from "../lib/core/services.ts";
-import type { ConnectOptions } from "../lib/identity/connect.ts";
-import { createApp } from "../routes/mod.ts";
-import { ClerkIssuer } from "./fakes/clerk_issuer.ts";
-import { FakeGlm } from "./fakes/glm.ts";
+import { loadConfig } from "../../lib/core/config.ts";
+import type { Logger } from "../../lib/core/log.ts";
+import { createLogger } from "../../lib/core/log.ts";
+import { createServices, type Services } from "../../lib/core/services.ts";
+import type { ConnectOptions } from "../../lib/identity/connect.ts";
+import { createApp } from "../../routes/mod.ts";
+import { ClerkIssuer } from "../../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
 
 export const MASTER_KEY = "glm-master-SECRET-0123456789abcdef.zzTopSecret";
 export const ENCRYPTION_SECRET = "test-encryption-secret-0123456789-abcdef";
@@ -159,7 +159,7 @@ export async function serveGateway(
   };
 }
 
-/** The environment of a real app process (tests/subprocess.ts) in Clerk mode before a fake GLM. */
+/** The environment of a real app process (tests/support/subprocess.ts) in Clerk mode before a fake GLM. */
 export function processEnv(
   kvPath: string,
   glm: FakeGlm,
@@ -186,7 +186,7 @@ export async function runReport(
 ) {
   const cwd = await Deno.makeTempDir({ prefix: "keyway_report_cwd_" });
   const out = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "-A", new URL("../tasks/report.ts", import.meta.url).pathname, ...args],
+    args: ["run", "-A", new URL("../../tasks/report.ts", import.meta.url).pathname, ...args],
     cwd,
     env: { DENO_KV_PATH: kvPath, NO_COLOR: "1", ...env },
     stdout: "piped",

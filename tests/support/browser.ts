@@ -9,7 +9,7 @@ import { buildIslands } from "../../build/islands.ts";
 import { createServices, type Services } from "../../lib/core/services.ts";
 import type { ConnectOptions } from "../../lib/identity/connect.ts";
 import { createApp } from "../../routes/mod.ts";
-import { captureLogger, ENCRYPTION_SECRET, MASTER_KEY, PUBLIC_URL } from "../helpers.ts";
+import { captureLogger, ENCRYPTION_SECRET, MASTER_KEY, PUBLIC_URL } from "./helpers.ts";
 
 export const CHROMIUM = Deno.env.get("CHROMIUM_PATH") ?? "/usr/bin/chromium";
 export const CHROMIUM_ARGS = [

@@ -1,9 +1,10 @@
 /**
  * Preloaded into every test process and every app process the tests start (deno.json's test
- * task, tests/subprocess.ts): makes each KV atomic commit fail, as a remote KV (KV Connect: Deno
- * Deploy, self-hosted denokv) would, when it has more than 10 checks or 1000 mutations, more than
- * 800 KiB of keys and values, a value over 64 KiB or a key over 2 KiB (CONTRACT §8). Code that
- * passes the suite on a local file then runs unchanged against a remote KV.
+ * task, tests/support/subprocess.ts): makes each KV atomic commit fail, as a remote KV (KV
+ * Connect: Deno Deploy, self-hosted denokv) would, when it has more than 10 checks or 1000
+ * mutations, more than 800 KiB of keys and values, a value over 64 KiB or a key over 2 KiB
+ * (CONTRACT §8). Code that passes the suite on a local file then runs unchanged against a remote
+ * KV.
  *
  * KV queues (enqueue, listenQueue) fail outright: KV Connect has none (denoland/denokv#55), so
  * background work goes through the outbox (lib/core/outbox.ts).
