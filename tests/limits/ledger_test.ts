@@ -1,13 +1,13 @@
 import assert from "node:assert/strict";
-import { loadConfig } from "../lib/core/config.ts";
-import { AppError } from "../lib/core/errors.ts";
-import { keys, u64 } from "../lib/core/kv.ts";
-import { type AdmitRequest, Ledger, quotaRefusal } from "../lib/limits/admission.ts";
-import { decideRate, type RateState, rateView } from "../lib/limits/gcra.ts";
-import { UpstreamSlots } from "../lib/limits/upstream_slots.ts";
-import { type EffectiveLimits, formatDuration } from "../lib/limits/policy.ts";
-import type { UserRecord } from "../lib/identity/users.ts";
-import { interceptCommits, usageTotalsOf } from "./support/helpers.ts";
+import { loadConfig } from "../../lib/core/config.ts";
+import { AppError } from "../../lib/core/errors.ts";
+import { keys, u64 } from "../../lib/core/kv.ts";
+import { type AdmitRequest, Ledger, quotaRefusal } from "../../lib/limits/admission.ts";
+import { decideRate, type RateState, rateView } from "../../lib/limits/gcra.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { type EffectiveLimits, formatDuration } from "../../lib/limits/policy.ts";
+import type { UserRecord } from "../../lib/identity/users.ts";
+import { interceptCommits, usageTotalsOf } from "../support/helpers.ts";
 
 const limits = (rpm: number, rpd = 1000): EffectiveLimits => ({
   rpm,

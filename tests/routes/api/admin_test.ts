@@ -1,6 +1,6 @@
 import assert from "node:assert/strict";
-import { recordUsage } from "../lib/usage/usage.ts";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
+import { recordUsage } from "../../../lib/usage/usage.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "../../support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 

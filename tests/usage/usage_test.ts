@@ -1,9 +1,9 @@
 import assert from "node:assert/strict";
-import { UsageMeter } from "../lib/gateway/relay.ts";
-import { recordUsage, usageTotalsSince, userUsage } from "../lib/usage/usage.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
-import { bearer, json, MASTER_KEY, testApp } from "./support/helpers.ts";
-import { utcDay } from "../lib/core/utc.ts";
+import { UsageMeter } from "../../lib/gateway/relay.ts";
+import { recordUsage, usageTotalsSince, userUsage } from "../../lib/usage/usage.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
+import { bearer, json, MASTER_KEY, testApp } from "../support/helpers.ts";
+import { utcDay } from "../../lib/core/utc.ts";
 
 const enc = new TextEncoder();
 const DAY = 86_400_000;

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "../support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 

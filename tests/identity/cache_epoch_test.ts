@@ -1,9 +1,9 @@
 /** The per-process user cache stays correct across processes (two KV handles on one file). */
 import assert from "node:assert/strict";
-import { CacheEpoch } from "../lib/identity/cache_epoch.ts";
-import { KeyVault } from "../lib/identity/api_keys.ts";
-import { Users } from "../lib/identity/users.ts";
-import { ENCRYPTION_SECRET } from "./support/helpers.ts";
+import { CacheEpoch } from "../../lib/identity/cache_epoch.ts";
+import { KeyVault } from "../../lib/identity/api_keys.ts";
+import { Users } from "../../lib/identity/users.ts";
+import { ENCRYPTION_SECRET } from "../support/helpers.ts";
 
 Deno.test("cached keys follow rotations, status changes and deletions in another process", async (t) => {
   const dir = await Deno.makeTempDir();

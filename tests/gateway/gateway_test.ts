@@ -1,11 +1,11 @@
 import assert from "node:assert/strict";
-import { Gateway } from "../lib/gateway/gateway.ts";
-import { UpstreamSlots } from "../lib/limits/upstream_slots.ts";
-import { Ledger } from "../lib/limits/admission.ts";
-import { openaiChat } from "../lib/gateway/protocols/openai_chat.ts";
-import { userUsage } from "../lib/usage/usage.ts";
-import { createApp } from "../routes/mod.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
+import { Gateway } from "../../lib/gateway/gateway.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { Ledger } from "../../lib/limits/admission.ts";
+import { openaiChat } from "../../lib/gateway/protocols/openai_chat.ts";
+import { userUsage } from "../../lib/usage/usage.ts";
+import { createApp } from "../../routes/mod.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
 import {
   bearer,
   eventually,
@@ -14,7 +14,7 @@ import {
   MASTER_KEY,
   type TestApp,
   testApp,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 interface Setup {
   app: TestApp;

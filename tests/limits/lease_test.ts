@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import OpenAI from "openai";
-import { estimatePromptTokens } from "../lib/usage/estimate.ts";
+import { estimatePromptTokens } from "../../lib/usage/estimate.ts";
 import {
   bearer,
   eventually,
@@ -14,7 +14,7 @@ import {
   type ServedGateway,
   serveGateway,
   type TodayUsage,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 interface Served extends ServedGateway {
   chat(body: unknown, signal?: AbortSignal): Promise<Response>;

@@ -5,11 +5,11 @@
  * queue in arrival order, and answers cut when they run too long.
  */
 import assert from "node:assert/strict";
-import { keys, u64 } from "../lib/core/kv.ts";
-import { type RunningMain, startMain } from "./support/subprocess.ts";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { FakeGlm, GLM_REFUSALS, type GlmRefusal } from "../testing/fakes/glm.ts";
-import { bearer, eventually, processEnv, serveGateway } from "./support/helpers.ts";
+import { keys, u64 } from "../../lib/core/kv.ts";
+import { type RunningMain, startMain } from "../support/subprocess.ts";
+import { ClerkIssuer } from "../../testing/fakes/clerk_issuer.ts";
+import { FakeGlm, GLM_REFUSALS, type GlmRefusal } from "../../testing/fakes/glm.ts";
+import { bearer, eventually, processEnv, serveGateway } from "../support/helpers.ts";
 
 const CHAT = { model: "glm-4.6", messages: [{ role: "user", content: "hi" }] };
 

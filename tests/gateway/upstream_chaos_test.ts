@@ -5,8 +5,8 @@
  * response has ended.
  */
 import assert from "node:assert/strict";
-import { cutQuietly } from "../testing/fakes/glm.ts";
-import { testApp, usageTotalsOf } from "./support/helpers.ts";
+import { cutQuietly } from "../../testing/fakes/glm.ts";
+import { testApp, usageTotalsOf } from "../support/helpers.ts";
 
 type Behaviour = "json" | "sse" | "error" | "stall" | "cut";
 const BEHAVIOURS: Behaviour[] = ["json", "sse", "error", "stall", "cut"];

@@ -4,10 +4,10 @@
  * CSRF) and the device-code flow (every RFC 8628 state, wrong codes rate-limited).
  */
 import assert from "node:assert/strict";
-import { loadConfig } from "../lib/core/config.ts";
-import { randomToken } from "../lib/core/encoding.ts";
-import { connectRedirect, s256 } from "../lib/identity/connect.ts";
-import type { DeviceStartBody } from "../lib/api_types.ts";
+import { loadConfig } from "../../lib/core/config.ts";
+import { randomToken } from "../../lib/core/encoding.ts";
+import { connectRedirect, s256 } from "../../lib/identity/connect.ts";
+import type { DeviceStartBody } from "../../lib/api_types.ts";
 import {
   clerkEnv,
   ClerkIssuer,
@@ -15,7 +15,7 @@ import {
   PUBLIC_URL,
   type TestApp,
   testApp,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 const REDIRECT = "http://127.0.0.1:53123/callback";
 const KEY = /^kw_[A-Za-z0-9_-]{40,}$/;

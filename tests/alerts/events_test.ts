@@ -5,12 +5,12 @@
  */
 import assert from "node:assert/strict";
 import { Webhook } from "svix";
-import { Events } from "../lib/alerts/deliver.ts";
-import { ConfigError, loadConfig } from "../lib/core/config.ts";
-import { createServices, type Services } from "../lib/core/services.ts";
-import { checkBudget } from "../lib/reports/budget_alerts.ts";
-import { costSummaryJob } from "../lib/reports/summary.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
+import { Events } from "../../lib/alerts/deliver.ts";
+import { ConfigError, loadConfig } from "../../lib/core/config.ts";
+import { createServices, type Services } from "../../lib/core/services.ts";
+import { checkBudget } from "../../lib/reports/budget_alerts.ts";
+import { costSummaryJob } from "../../lib/reports/summary.ts";
+import { recordUsage } from "../../lib/usage/usage.ts";
 import {
   bearer,
   captureLogger,
@@ -23,10 +23,10 @@ import {
   PUBLIC_URL,
   type TestApp,
   testApp,
-} from "./support/helpers.ts";
-import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../testing/fakes/svix.ts";
-import { type RunningMain, startMain } from "./support/subprocess.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
+} from "../support/helpers.ts";
+import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../../testing/fakes/svix.ts";
+import { type RunningMain, startMain } from "../support/subprocess.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
 
 const issuer = await ClerkIssuer.create();
 const EVENTS_SECRET = "whsec_" + btoa("keyway-events-test-secret-32-bytes!");

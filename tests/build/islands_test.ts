@@ -14,10 +14,10 @@ import {
   serializeProps,
   sourceFiles,
   sourceHash,
-} from "../build/islands.ts";
-import { launchBrowser } from "./support/browser.ts";
+} from "../../build/islands.ts";
+import { launchBrowser } from "../support/browser.ts";
 
-const PROJECT = new URL("..", import.meta.url).pathname;
+const PROJECT = new URL("../..", import.meta.url).pathname;
 
 /** A throw-away project: one island importing a component, which imports a lib module. */
 async function fixture(): Promise<IslandBuildOptions & { root: string }> {
@@ -134,7 +134,7 @@ Deno.test("islands: staleness and a real deno bundle build", async (t) => {
 });
 
 Deno.test("islands: SSR wraps the island with escaped props and one script per page", async () => {
-  const { island } = await import("../build/islands.ts");
+  const { island } = await import("../../build/islands.ts");
   const Hello = (p: { text: string; n: number }) => h("p", { class: "hello" }, `${p.text}/${p.n}`);
   const Wrapped = island("Hello", Hello);
   const evil = `</script><script>alert("x")</script>&\u2028`;
@@ -167,7 +167,7 @@ Deno.test("islands: the built bundle hydrates in a real browser", async () => {
   let server: Deno.HttpServer<Deno.NetAddr> | undefined;
   try {
     await buildIslands(opts);
-    const { island } = await import("../build/islands.ts");
+    const { island } = await import("../../build/islands.ts");
     const Counter = (await import(join(opts.root, "islands", "Counter.tsx"))).default;
     const Wrapped = island("Counter", Counter);
     const app = new Hono();

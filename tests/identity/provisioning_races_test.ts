@@ -1,7 +1,7 @@
 /** Provisioning stays idempotent when sessions and webhooks race for the same users. */
 import assert from "node:assert/strict";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
-import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../testing/fakes/svix.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "../support/helpers.ts";
+import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../../testing/fakes/svix.ts";
 
 const issuer = await ClerkIssuer.create();
 

@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
 import { Webhook } from "svix";
-import { bearer, clerkEnv, ClerkIssuer, json, type TestApp, testApp } from "./support/helpers.ts";
-import { signedDelivery } from "../testing/fakes/svix.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, type TestApp, testApp } from "../support/helpers.ts";
+import { signedDelivery } from "../../testing/fakes/svix.ts";
 
 const issuer = await ClerkIssuer.create();
 

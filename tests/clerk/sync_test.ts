@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { FakeClerkApi } from "../testing/fakes/clerk_api.ts";
+import { FakeClerkApi } from "../../testing/fakes/clerk_api.ts";
 import {
   bearer,
   clerkEnv,
@@ -8,7 +8,7 @@ import {
   json,
   type TestApp,
   testApp,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 const SECRET_KEY = "sk_test_fakeClerkSecretKey0123456789";

@@ -3,9 +3,9 @@
  * spend each limit, and /api/key* refusing a disabled or deleted user (CONTRACT §5).
  */
 import assert from "node:assert/strict";
-import { accountState } from "../lib/limits/account_state.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
+import { accountState } from "../../lib/limits/account_state.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "../support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 

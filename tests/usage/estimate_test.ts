@@ -10,11 +10,11 @@ import {
   estimatePromptTokens,
   estimateRelayedTokens,
   estimateTextTokens,
-} from "../lib/usage/estimate.ts";
+} from "../../lib/usage/estimate.ts";
 
 const tokenizer = new Tiktoken(o200k);
 const fixture = (name: string) =>
-  Deno.readTextFileSync(new URL(`./support/fixtures/estimate/${name}`, import.meta.url));
+  Deno.readTextFileSync(new URL(`../support/fixtures/estimate/${name}`, import.meta.url));
 
 Deno.test("estimate vs o200k_base: within −5% … +20% on English, Chinese and code", async (t) => {
   for (

@@ -1,15 +1,15 @@
 import assert from "node:assert/strict";
-import { keys } from "../lib/core/kv.ts";
+import { keys } from "../../lib/core/kv.ts";
 import {
   buildReport,
   parseReportFlags,
   reportCsv,
   reportJson,
   reportTable,
-} from "../lib/reports/report.ts";
-import { UsageError } from "../lib/core/cli.ts";
-import { summarizeCosts } from "../lib/reports/summary.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
+} from "../../lib/reports/report.ts";
+import { UsageError } from "../../lib/core/cli.ts";
+import { summarizeCosts } from "../../lib/reports/summary.ts";
+import { recordUsage } from "../../lib/usage/usage.ts";
 import {
   ALICE_EMAIL,
   EXPECTED_0308_0310,
@@ -18,8 +18,8 @@ import {
   PRICING_WITH_FALLBACK,
   seedUsage,
   tempKvPath,
-} from "./support/cost_fixtures.ts";
-import { runReport as runReportTask } from "./support/helpers.ts";
+} from "../support/cost_fixtures.ts";
+import { runReport as runReportTask } from "../support/helpers.ts";
 
 const config = { pricing: PRICING, limits: { budgetUsdMonthly: 0 } };
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { duplicateJsonKey, withTopLevelString } from "../lib/core/encoding.ts";
+import { duplicateJsonKey, withTopLevelString } from "../../lib/core/encoding.ts";
 
 Deno.test("duplicateJsonKey: per object, escapes read, strings skipped", () => {
   assert.equal(duplicateJsonKey('{"a":1,"b":{"a":2},"c":[{"a":3},{"a":4}]}'), null);

@@ -13,9 +13,9 @@ import {
   formatUsd,
   formatUsdFixed,
   formatWait,
-} from "../lib/core/format.ts";
-import { localUserId } from "../lib/identity/sessions.ts";
-import { json, testApp } from "./support/helpers.ts";
+} from "../../lib/core/format.ts";
+import { localUserId } from "../../lib/identity/sessions.ts";
+import { json, testApp } from "../support/helpers.ts";
 
 const LOCAL = { origin: "http://localhost:8000" };
 

@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { FakeClerkApi } from "../testing/fakes/clerk_api.ts";
+import { FakeClerkApi } from "../../testing/fakes/clerk_api.ts";
 import {
   bearer,
   clerkEnv,
@@ -7,7 +7,7 @@ import {
   ENCRYPTION_SECRET,
   json,
   testApp,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 const issuer = await ClerkIssuer.create();
 // Same kid as the real issuer, different key pair: only the signature tells them apart.

@@ -1,8 +1,8 @@
 import assert from "node:assert/strict";
-import type { Config } from "../lib/core/config.ts";
-import { keys } from "../lib/core/kv.ts";
-import type { Logger } from "../lib/core/log.ts";
-import { buildReport, reportJson } from "../lib/reports/report.ts";
+import type { Config } from "../../lib/core/config.ts";
+import { keys } from "../../lib/core/kv.ts";
+import type { Logger } from "../../lib/core/log.ts";
+import { buildReport, reportJson } from "../../lib/reports/report.ts";
 import {
   CHUNK_MAX_USERS,
   chunkRows,
@@ -11,8 +11,8 @@ import {
   summarizeCosts,
   type SummaryChunk,
   type SummaryMeta,
-} from "../lib/reports/summary.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
+} from "../../lib/reports/summary.ts";
+import { recordUsage } from "../../lib/usage/usage.ts";
 import {
   dumpKv,
   EXPECTED_0308_0310,
@@ -21,7 +21,7 @@ import {
   seedUsage,
   seedUsers,
   tempKvPath,
-} from "./support/cost_fixtures.ts";
+} from "../support/cost_fixtures.ts";
 
 /** Keeps log lines as the JSON the real logger writes (level, msg, fields). */
 function captureLogger(): { log: Logger; lines: string[] } {
@@ -327,7 +327,7 @@ Deno.test("deno task summarize in two processes at once: same KV contents", asyn
     const cwd = await Deno.makeTempDir({ prefix: "keyway_summarize_cwd_" });
     const run = () =>
       new Deno.Command(Deno.execPath(), {
-        args: ["run", "-A", new URL("../tasks/summarize.ts", import.meta.url).pathname],
+        args: ["run", "-A", new URL("../../tasks/summarize.ts", import.meta.url).pathname],
         cwd,
         env: { DENO_KV_PATH: path, PRICING: JSON.stringify(PRICING), NO_COLOR: "1" },
         stdout: "piped",

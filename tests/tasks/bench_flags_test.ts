@@ -1,5 +1,5 @@
 import assert from "node:assert/strict";
-import { parseBenchFlags } from "../tasks/bench.ts";
+import { parseBenchFlags } from "../../tasks/bench.ts";
 
 Deno.test("bench flags: defaults, values and errors that name the flag", () => {
   assert.deepEqual(parseBenchFlags([]), { seconds: 10, connections: 32, json: false });

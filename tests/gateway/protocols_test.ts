@@ -12,7 +12,7 @@ import {
   type ServedGateway,
   serveGateway,
   type TodayUsage,
-} from "./support/helpers.ts";
+} from "../support/helpers.ts";
 
 interface Served extends ServedGateway {
   usage(): Promise<Omit<TodayUsage, "totalTokens">>;

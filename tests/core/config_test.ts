@@ -1,7 +1,7 @@
 import assert from "node:assert/strict";
-import { ConfigError, loadConfig } from "../lib/core/config.ts";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { runMainToExit } from "./support/subprocess.ts";
+import { ConfigError, loadConfig } from "../../lib/core/config.ts";
+import { ClerkIssuer } from "../../testing/fakes/clerk_issuer.ts";
+import { runMainToExit } from "../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 const GOOD_SECRET = "a-perfectly-good-encryption-secret-0123456789";
