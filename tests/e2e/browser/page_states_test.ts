@@ -8,8 +8,8 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Browser, Page } from "playwright-core";
 import { parse as parseYaml } from "yaml";
-import { localUserId } from "../lib/identity/sessions.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
+import { localUserId } from "../../../lib/identity/sessions.ts";
+import { recordUsage } from "../../../lib/usage/usage.ts";
 import {
   assertAccessible,
   launchBrowser,
@@ -18,8 +18,8 @@ import {
   type TestServer,
   type Watched,
   watchedContext,
-} from "./support/browser.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
+} from "../../support/browser.ts";
+import { FakeGlm } from "../../../testing/fakes/glm.ts";
 
 const DAY = 86_400_000;
 const DESKTOP = { width: 1280, height: 800 };

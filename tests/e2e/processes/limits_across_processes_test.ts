@@ -3,12 +3,12 @@
  * the middle of load loses or doubles nothing beyond the requests in flight.
  */
 import assert from "node:assert/strict";
-import { keys, u64 } from "../lib/core/kv.ts";
-import type { RateState } from "../lib/limits/gcra.ts";
-import { eventually, processEnv, usageTotalsOf } from "./support/helpers.ts";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
-import { type RunningMain, startMain } from "./support/subprocess.ts";
+import { keys, u64 } from "../../../lib/core/kv.ts";
+import type { RateState } from "../../../lib/limits/gcra.ts";
+import { eventually, processEnv, usageTotalsOf } from "../../support/helpers.ts";
+import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../../../testing/fakes/glm.ts";
+import { type RunningMain, startMain } from "../../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 

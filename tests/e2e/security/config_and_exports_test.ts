@@ -3,13 +3,13 @@
  * logs — each attack replayed against a real process (main.ts or the report task).
  */
 import assert from "node:assert/strict";
-import { keys } from "../lib/core/kv.ts";
-import { CacheEpoch } from "../lib/identity/cache_epoch.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY, processEnv, runReport } from "./support/helpers.ts";
-import { runMainToExit, startMain } from "./support/subprocess.ts";
+import { keys } from "../../../lib/core/kv.ts";
+import { CacheEpoch } from "../../../lib/identity/cache_epoch.ts";
+import { recordUsage } from "../../../lib/usage/usage.ts";
+import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../../../testing/fakes/glm.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY, processEnv, runReport } from "../../support/helpers.ts";
+import { runMainToExit, startMain } from "../../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 

@@ -1,6 +1,6 @@
 /** Start-up messages a person can act on (issue #15): a busy port, a missing GLM_API_KEY. */
 import assert from "node:assert/strict";
-import { runMainToExit, startMain } from "./support/subprocess.ts";
+import { runMainToExit, startMain } from "../../support/subprocess.ts";
 
 Deno.test("a busy port: one line naming PORT, exit 1, no stack trace", async () => {
   const cwd = await Deno.makeTempDir({ prefix: "keyway_startup_" });

@@ -4,10 +4,10 @@
  * Clerk sessions, JWKS fetches that junk tokens cannot multiply, and the CSRF origin rule.
  */
 import assert from "node:assert/strict";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { FakeClerkApi } from "../testing/fakes/clerk_api.ts";
-import { ENCRYPTION_SECRET } from "./support/helpers.ts";
-import { type RunningMain, startMain } from "./support/subprocess.ts";
+import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
+import { FakeClerkApi } from "../../../testing/fakes/clerk_api.ts";
+import { ENCRYPTION_SECRET } from "../../support/helpers.ts";
+import { type RunningMain, startMain } from "../../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 /** Signs with its own key under its own kid: a well-formed token Clerk never issued. */

@@ -4,8 +4,8 @@
  * normal success) may come back — never a 5xx — and the server keeps serving.
  */
 import assert from "node:assert/strict";
-import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "./support/helpers.ts";
-import { signedDelivery, WEBHOOK_SECRET } from "../testing/fakes/svix.ts";
+import { bearer, clerkEnv, ClerkIssuer, json, testApp } from "../../support/helpers.ts";
+import { signedDelivery, WEBHOOK_SECRET } from "../../../testing/fakes/svix.ts";
 
 const issuer = await ClerkIssuer.create();
 

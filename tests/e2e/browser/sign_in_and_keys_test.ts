@@ -5,16 +5,16 @@
 import assert from "node:assert/strict";
 import { join } from "node:path";
 import type { Browser, BrowserContext, Page } from "playwright-core";
-import { localUserId } from "../lib/identity/sessions.ts";
-import { recordUsage } from "../lib/usage/usage.ts";
+import { localUserId } from "../../../lib/identity/sessions.ts";
+import { recordUsage } from "../../../lib/usage/usage.ts";
 import {
   launchBrowser,
   shotsFolder,
   startServer,
   type TestServer,
   watchedContext,
-} from "./support/browser.ts";
-import { clerkEnv, ClerkIssuer, MASTER_KEY } from "./support/helpers.ts";
+} from "../../support/browser.ts";
+import { clerkEnv, ClerkIssuer, MASTER_KEY } from "../../support/helpers.ts";
 
 const DAY = 86_400_000;
 const DESKTOP = { width: 1280, height: 860 };

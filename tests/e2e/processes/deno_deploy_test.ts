@@ -5,12 +5,12 @@
  * `--deny-run` with write access to nothing but Deno's own KV location.
  */
 import assert from "node:assert/strict";
-import { buildIslands } from "../build/islands.ts";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { FakeGlm } from "../testing/fakes/glm.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY } from "./support/helpers.ts";
+import { buildIslands } from "../../../build/islands.ts";
+import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
+import { FakeGlm } from "../../../testing/fakes/glm.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY } from "../../support/helpers.ts";
 
-const ROOT = new URL("../", import.meta.url).pathname;
+const ROOT = new URL("../../../", import.meta.url).pathname;
 
 Deno.test("on Deno Deploy: runtime KV, prebuilt bundles, no process spawned, no file written", async () => {
   await buildIslands(); // what `deno task build` does before a deploy

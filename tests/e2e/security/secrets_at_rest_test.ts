@@ -5,9 +5,9 @@
  */
 import assert from "node:assert/strict";
 import { Webhook } from "svix";
-import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
-import { ENCRYPTION_SECRET, MASTER_KEY } from "./support/helpers.ts";
-import { type RunningMain, startMain } from "./support/subprocess.ts";
+import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
+import { ENCRYPTION_SECRET, MASTER_KEY } from "../../support/helpers.ts";
+import { type RunningMain, startMain } from "../../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 const WEBHOOK_SECRET = "whsec_" + btoa("keyway-secrets-test-webhook-key!");

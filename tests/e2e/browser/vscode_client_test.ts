@@ -15,11 +15,16 @@ import {
   type KeywayContext,
   KeywayError,
   type VsCodeApi,
-} from "../clients/vscode/keyway.ts";
-import { launchBrowser, startServer, type TestServer, watchedContext } from "./support/browser.ts";
-import { PUBLIC_URL } from "./support/helpers.ts";
-import type { DeviceStartBody, KeyBody } from "../lib/api_types.ts";
-import type { KeywayDeviceStart, KeywayKey } from "../clients/vscode/keyway.ts";
+} from "../../../clients/vscode/keyway.ts";
+import {
+  launchBrowser,
+  startServer,
+  type TestServer,
+  watchedContext,
+} from "../../support/browser.ts";
+import { PUBLIC_URL } from "../../support/helpers.ts";
+import type { DeviceStartBody, KeyBody } from "../../../lib/api_types.ts";
+import type { KeywayDeviceStart, KeywayKey } from "../../../clients/vscode/keyway.ts";
 
 // The drop-in client keeps its own copy of the server's shapes (it cannot import lib/): the type
 // check fails here when either side changes a field without the other.

@@ -9,10 +9,10 @@ import assert from "node:assert/strict";
 import { join } from "node:path";
 import axe from "axe-core";
 import type { Page } from "playwright-core";
-import { randomToken } from "../lib/core/encoding.ts";
-import { s256 } from "../lib/identity/connect.ts";
-import { launchBrowser, startServer, watchedContext } from "./support/browser.ts";
-import { PUBLIC_URL } from "./support/helpers.ts";
+import { randomToken } from "../../../lib/core/encoding.ts";
+import { s256 } from "../../../lib/identity/connect.ts";
+import { launchBrowser, startServer, watchedContext } from "../../support/browser.ts";
+import { PUBLIC_URL } from "../../support/helpers.ts";
 
 const DESKTOP = { width: 1280, height: 800 };
 const PHONE = { width: 390, height: 844 };
