@@ -6,6 +6,10 @@
  */
 import assert from "node:assert/strict";
 import { keys, u64 } from "../../lib/core/kv.ts";
+import { loadConfig } from "../../lib/core/config.ts";
+import { Ledger } from "../../lib/limits/admission.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { request, seedUser } from "../support/ledger_fixtures.ts";
 import { type RunningMain, startMain } from "../support/subprocess.ts";
 import { ClerkIssuer } from "../../testing/fakes/clerk_issuer.ts";
 import { FakeGlm, GLM_REFUSALS, type GlmRefusal } from "../../testing/fakes/glm.ts";
@@ -407,5 +411,53 @@ Deno.test("an Anthropic stream the client hangs up on after message_start is cha
   } finally {
     s.fake.release();
     await s.close();
+  }
+});
+
+Deno.test("Upstream slots: a slot commit that landed with its answer and read-back lost frees the slot once", async () => {
+  const kv = await Deno.openKv(":memory:");
+  const faults = { loseNextCommitAnswer: false, failGets: 0 };
+  const flaky = new Proxy(kv, {
+    get(target, prop) {
+      if (prop === "atomic") {
+        return () => {
+          const op = target.atomic();
+          const commit = op.commit.bind(op);
+          op.commit = async () => {
+            const res = await commit();
+            if (!faults.loseNextCommitAnswer) return res;
+            faults.loseNextCommitAnswer = false;
+            faults.failGets = 1; // and the read-back that follows fails too
+            throw new Error("connection reset");
+          };
+          return op;
+        };
+      }
+      if (prop === "get") {
+        return (key: Deno.KvKey) =>
+          faults.failGets-- > 0 ? Promise.reject(new Error("KV unreachable")) : target.get(key);
+      }
+      const value = Reflect.get(target, prop);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  const config = loadConfig({ DENO_KV_PATH: ":memory:", UPSTREAM_CONCURRENCY: "1" });
+  const ledger = new Ledger(flaky, config);
+  const slots = new UpstreamSlots(flaky, config, ledger);
+  try {
+    await seedUser(kv, "u8");
+    const lease = await ledger.admit(request("u8"));
+    faults.loseNextCommitAnswer = true;
+    await assert.rejects(slots.acquire(lease, new AbortController().signal), /connection reset/);
+    // The commit did land: the slot is taken in KV. The gateway settles the lease, which frees
+    // what its entry says (one slot), not what this process believed (none).
+    assert.equal(u64((await kv.get(keys.upstreamHeld("glm-4.6"))).value), 1);
+    await lease.settle(null, "not_served");
+    assert.equal(u64((await kv.get(keys.upstreamHeld("glm-4.6"))).value), 0, "freed once");
+    assert.equal(u64((await kv.get(keys.leaseHeld("u8", "count"))).value), 0);
+  } finally {
+    slots.close();
+    await ledger.close();
+    kv.close();
   }
 });
