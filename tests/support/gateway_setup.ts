@@ -76,3 +76,17 @@ export async function errorOf(res: Response) {
   assert.match(res.headers.get("content-type") ?? "", /application\/json/);
   return (await json<{ error: { code: string; message: string } }>(res)).error;
 }
+
+/** A POST to a gateway on a real port (serveGateway). */
+export function post(
+  url: string,
+  key: string,
+  body: unknown = CHAT,
+  path = "/v1/chat/completions",
+) {
+  return fetch(`${url}${path}`, {
+    method: "POST",
+    headers: { ...bearer(key), "content-type": "application/json" },
+    body: JSON.stringify(body),
+  });
+}
