@@ -2,7 +2,7 @@
  * The JSON shapes of CONTRACT §5, written once. Routes build them (`satisfies`), islands read them
  * (`import type`), so a field renamed on one side fails the type check on the other. The editor
  * module (clients/vscode/keyway.ts) is a drop-in file that cannot import this one: a type test in
- * tests/vscode_client_test.ts keeps its copy of these shapes in step.
+ * tests/e2e/browser/vscode_client_test.ts keeps its copy of these shapes in step.
  */
 
 /** The limits in force for a user (null: unlimited). */

@@ -6,7 +6,7 @@
  */
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError, wholeNumber } from "../lib/core/cli.ts";
-import { ClerkIssuer } from "../tests/fakes/clerk_issuer.ts";
+import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
 
 const HELP = `deno task bench [--seconds N] [--connections N] [--json]
 

@@ -6,8 +6,8 @@
  * space, one to two on a long or rare word, about 0.8 per Chinese or Japanese character, and about
  * one per punctuation mark in code. The estimate counts exactly that, per character class, in one
  * pass over the text. Its measured error against the o200k_base tokenizer on English prose,
- * Chinese prose and TypeScript is in the README (tests/estimate_test.ts measures it); it is meant
- * to err a little high, so a reservation rarely falls short of what a request uses.
+ * Chinese prose and TypeScript is in the README (tests/usage/estimate_test.ts measures it); it is
+ * meant to err a little high, so a reservation rarely falls short of what a request uses.
  */
 
 /** Tokens a chat template adds per message (role markers and separators). */
