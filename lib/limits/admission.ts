@@ -33,49 +33,39 @@
  * ## Group commit
  * Admissions and settlements go through a GroupCommitter (lib/limits/group_commit.ts), keyed by
  * user: a commit takes at most 10 checks (KV Connect's limit: the heartbeat, the cache epoch and
- * one per admitting user) and stays far below 1000 mutations and 800 KiB. Entries this process wrote last are not read again: an admission decided on them is
- * only written if the commit's checks prove them current, and a refusal decided on them is
- * decided again on a fresh read.
+ * one per admitting user) and stays far below 1000 mutations and 800 KiB. Entries this process
+ * wrote last are not read again (user_states.ts): an admission decided on them is only written if
+ * the commit's checks prove them current, and a refusal decided on them is decided again on a
+ * fresh read. Each admission is decided by decide.ts; what a settlement charges, by charge.ts.
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
-import { commitOrConflict, keys, u64 } from "../core/kv.ts";
-import { BoundedMap, KV_GET_MANY_MAX } from "../core/kv_ops.ts";
+import { commitOrConflict, keys } from "../core/kv.ts";
+import { KV_GET_MANY_MAX } from "../core/kv_ops.ts";
 import { type Clock, systemClock } from "../core/clock.ts";
 import type { Logger } from "../core/log.ts";
-import type { UserRecord } from "../identity/users.ts";
-import { costNanoUsd, priceOf, type Pricing } from "../usage/pricing.ts";
+import { type Pricing } from "../usage/pricing.ts";
 import { addSum, addUsageSums, type TokenUsage, type UsageSums } from "../usage/record.ts";
-import { decideRate, type RateState, withRefunds } from "./gcra.ts";
+import { type RateState } from "./gcra.ts";
+import { type Charge, chargeFor, type Outcome } from "./charge.ts";
+import { HeldLease, type Lease, type LeaseSettler } from "./lease.ts";
+import { type AdmitRequest, decideAdmission } from "./decide.ts";
 import { GroupCommitter, type GroupOp } from "./group_commit.ts";
+import { type Snapshot, UserStates } from "./user_states.ts";
 import {
   type Held,
   HELD_FIELDS,
-  heldSum,
   type LeaseRecord,
   refundable,
   signed,
   sumHeld,
-  usedKeys,
 } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
-import {
-  concurrencyRefusal,
-  type EffectiveLimits,
-  effectiveLimits,
-  givenBackHeader,
-  hasQuota,
-  quotaRefusal,
-  rateHeaders,
-  rateRefusal,
-  type Remaining,
-  remainingOf,
-  unpricedRefusal,
-} from "./policy.ts";
 import { DAY_MS } from "../core/utc.ts";
 
 export { LEASE_TTL_MS };
-export type { LeaseRecord };
+export type { AdmitRequest, Charge, Lease, LeaseRecord, Outcome };
+export { chargeFor };
 
 /** A lease's completion estimate is written at renewals once it is this old. */
 const RENEW_AFTER_MS = 5_000;
@@ -83,156 +73,6 @@ const RENEW_AFTER_MS = 5_000;
 const RATE_EXPIRE_MS = 2 * DAY_MS;
 /** Background attempts (1 s, 2 s, … apart) for a settlement whose commit failed. */
 const SETTLE_RETRIES = 10;
-/** After a conflict on a user, how long this process does not start calls before commits land. */
-const CONTENDED_MS = 5_000;
-/** Users whose entries, conflicts and quota hints this process remembers (LRU). */
-const REMEMBERED_USERS = 100_000;
-
-export type Outcome =
-  /** The answer was relayed to its end. */
-  | "complete"
-  /** The upstream stream broke or stalled mid-answer. */
-  | "cut"
-  /** The client left. */
-  | "cancelled"
-  /** No answer in time (the upstream may have processed the prompt). */
-  | "timeout"
-  /** The upstream refused the request (an error status): nothing was generated. */
-  | "refused"
-  /** The client left before the request reached the upstream (it waited for a slot). */
-  | "left"
-  /**
-   * Not served for reasons that are not the user's (no upstream slot in time, GLM throttling,
-   * the operator's GLM account refused, an upstream 5xx, the upstream unreachable): nothing is
-   * counted, and the request allowance is given back.
-   */
-  | "not_served";
-
-/** What a request is charged. */
-export interface Charge {
-  promptTokens: number;
-  completionTokens: number;
-  /** Of the prompt tokens, those the upstream served from its cache. */
-  cachedTokens?: number;
-  /** True when no `usage` was metered and the charge is the estimate. */
-  estimated: boolean;
-  /** Not counted at all: the request allowance is given back (outcome "not_served"). */
-  spared?: boolean;
-}
-
-/**
- * The charge for an answer: its metered usage when there is one; otherwise the prompt estimate
- * plus the completion estimated from what was relayed when the upstream got the request and did
- * not refuse it, and nothing when it never got it or refused it.
- */
-export function chargeFor(
-  usage: TokenUsage | null,
-  outcome: Outcome,
-  promptEstimate: number,
-  relayedTokens: number,
-): Charge {
-  if (outcome === "not_served") {
-    return { promptTokens: 0, completionTokens: 0, estimated: false, spared: true };
-  }
-  if (usage) return { ...usage, estimated: false };
-  if (outcome === "refused" || outcome === "left") {
-    return { promptTokens: 0, completionTokens: 0, estimated: false };
-  }
-  return { promptTokens: promptEstimate, completionTokens: relayedTokens, estimated: true };
-}
-
-export interface AdmitRequest {
-  userId: string;
-  /** The model as priced and recorded. */
-  model: string;
-  /** Tokens reserved against the quotas (prompt estimate and output allowance), 0 for none. */
-  reserve: { prompt: number; output: number };
-  /**
-   * The key and user-state checks (and model allow-list) on each fresh read, before the limits;
-   * throws an AppError to refuse. `headers` are the rate headers as they stand.
-   */
-  validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord;
-  /**
-   * Called when a snapshot admits the request with room to spare, before the admission commit is
-   * sent (the gateway starts its upstream call then). The commit may still fail and the request
-   * be refused after all: admit() rejecting is the last word.
-   */
-  onAdmitted?: () => void;
-  /** The request waits for an upstream slot after admission (its model has a cap). */
-  waitsForSlot?: boolean;
-}
-
-/**
- * An admitted request: holds its slot and reservation until settled. Sealed: its state is the
- * Ledger's; the gateway reports what it relayed and settles it, once.
- */
-export interface Lease {
-  readonly id: string;
-  readonly user: UserRecord;
-  readonly limits: EffectiveLimits;
-  readonly remaining: Remaining;
-  readonly model: string;
-  readonly promptEstimate: number;
-  /** x-ratelimit-* headers for the answer (a request given back shows as not taken). */
-  readonly headers: Record<string, string>;
-  /** Reaped while this process was stalled: its reservation was given back, estimate charged. */
-  readonly lost: boolean;
-  /** Completion tokens estimated from what has been relayed so far (what a reaper charges). */
-  relayed(tokens: number): void;
-  /**
-   * Replaces the reservation with what was used and frees the slot: one atomic commit. Once per
-   * lease; later calls get the first call's promise. Resolves to what was charged.
-   */
-  settle(usage: TokenUsage | null, outcome: Outcome): Promise<Charge>;
-  /** The answer's headers say the request is given back (its settlement will not count it). */
-  giveBack(): void;
-}
-
-/** The Ledger's lease: every field below is written by the Ledger alone. */
-class HeldLease implements Lease {
-  relayedTokens = 0;
-  /** The completion estimate in KV: what a reaper charges if this process dies. */
-  committedCompletion = 0;
-  lost = false;
-  /** Its settlement has been asked for (renewals leave it alone). */
-  closing = false;
-  /**
-   * Its entry in KV may not be what this process holds, or may not exist (a commit that threw
-   * and may have landed): its settlement reads the entry first and frees what that says.
-   */
-  uncertain = false;
-  settling: Promise<Charge> | null = null;
-
-  constructor(
-    readonly id: string,
-    readonly user: UserRecord,
-    readonly limits: EffectiveLimits,
-    public headers: Record<string, string>,
-    readonly remaining: Remaining,
-    readonly record: LeaseRecord,
-    private readonly ledger: Ledger,
-  ) {}
-
-  get model(): string {
-    return this.record.model;
-  }
-
-  get promptEstimate(): number {
-    return this.record.prompt;
-  }
-
-  relayed(tokens: number): void {
-    this.relayedTokens = tokens;
-  }
-
-  settle(usage: TokenUsage | null, outcome: Outcome): Promise<Charge> {
-    return this.ledger.settle(this, usage, outcome);
-  }
-
-  giveBack(): void {
-    this.headers = { ...this.headers, ...givenBackHeader(this.limits, this.remaining) };
-  }
-}
 
 interface Deferred<T> {
   resolve: (v: T) => void;
@@ -256,49 +96,21 @@ type Op =
     )
   );
 
-/** Users' entries as this process last read or wrote them. */
-interface Known {
-  /**
-   * The cache epoch's versionstamp the user record was valid under. Every disable, limit change
-   * and rotation moves the epoch: a record known under another epoch is read again.
-   */
-  epoch: string | null;
-  userEntry: Deno.KvEntryMaybe<UserRecord>;
-  rateEntry: Deno.KvEntryMaybe<RateState>;
-  /** The user's refund counter as last read. */
-  refunds: number;
-  /** Held sums as of that read, plus this process's changes since. */
-  held: Held;
-}
-
-interface Snapshot extends Known {
-  /** Charged this day and month (read for users with a quota). */
-  used: { tokens: number; nano: number } | null;
-  /** Decided on what this process remembers (not read in this attempt). */
-  remembered: boolean;
-}
-
 /**
  * The one admission path (gateway and shared mode's POST /api/usage): admits requests as Leases
  * and settles them, group-committed (group_commit.ts); its process's liveness (heartbeat,
  * reaper) is liveness.ts.
  */
-export class Ledger {
+export class Ledger implements LeaseSettler {
   private readonly committer: GroupCommitter<Op>;
   private readonly liveness: Liveness;
-  private readonly known = new BoundedMap<string, Known>(REMEMBERED_USERS);
-  /** Users whose commits conflicted lately (another process is busy with them): no speculation. */
-  private readonly contended = new BoundedMap<string, number>(REMEMBERED_USERS);
-  /** Users seen with a quota, whose counters are read up front (a hint; never decides). */
-  private readonly quotaUsers = new BoundedMap<string, true>(REMEMBERED_USERS);
-  private readonly defaultQuota: boolean;
+  /** What this process remembers of the users it admits. */
+  private readonly users: UserStates;
   /** This process's leases not yet settled. */
   private readonly live = new Map<string, HeldLease>();
   /** Leases whose settlement never landed: left for a reaper once this process has ended. */
   private readonly unsettled = new Set<string>();
   private seq = 0;
-  /** The cache epoch entry as last read (its versionstamp proves user records unchanged). */
-  private epochSeen: Deno.KvEntryMaybe<unknown> | null = null;
   readonly pricing: Pricing;
   private readonly clock: Clock;
 
@@ -317,7 +129,7 @@ export class Ledger {
   ) {
     this.pricing = config.pricing;
     this.clock = options.clock ?? systemClock;
-    this.defaultQuota = hasQuota(effectiveLimits(config, { limits: {} }));
+    this.users = new UserStates(kv, config);
     this.committer = new GroupCommitter<Op>({
       attempt: (batch) => this.attempt(batch),
       fail: (batch, err) => {
@@ -537,7 +349,8 @@ export class Ledger {
       // the reaper's fence, where its next round would reap it unseen.
       if (this.liveness.fenced) await this.liveness.renewNow();
       const now = this.clock();
-      const { snaps, epoch } = await this.snapshots(batch, now, fresh);
+      const admitting = [...new Set(batch.filter((o) => o.kind === "admit").map((o) => o.userId))];
+      const { snaps, epoch } = await this.users.snapshots(admitting, now, fresh);
       const plan = this.plan(batch, snaps, epoch, now);
       const heartbeatPlanned = this.liveness.versionstamp;
       if (plan.stale.size) {
@@ -553,7 +366,7 @@ export class Ledger {
       try {
         res = await commitOrConflict(plan.op);
       } catch (err) {
-        for (const id of userIds) this.known.delete(id);
+        this.users.forget(userIds);
         // The commit may have landed all the same (KV Connect's answer lost): its leases would
         // then hold slots and reservations that no request will settle. Each is given back if
         // its entry is there, through the guarded settle path.
@@ -563,7 +376,7 @@ export class Ledger {
       if (res.ok) {
         // The commit checked `epoch`: what it read and wrote is known valid under it.
         const under = epoch?.versionstamp ?? null;
-        this.rememberAfter(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp, under);
+        this.users.remember(plan.rates, plan.held, plan.refunds, snaps, res.versionstamp, under);
         // A reaper took this process for dead while the commit was in flight (the heartbeat was
         // read again meanwhile): the new leases are not yet among the live ones it marked lost,
         // so look for them now.
@@ -573,130 +386,12 @@ export class Ledger {
       }
       // Something changed under us (another process's admission, a rotation, a disable, our
       // heartbeat reaped…): read everything again.
-      for (const id of userIds) {
-        this.known.delete(id);
-        this.contended.set(id, now + CONTENDED_MS);
-      }
-      this.epochSeen = null;
+      this.users.conflicted(userIds, now);
       await this.liveness.checkHeartbeat();
       // No lease may be written under a heartbeat that is not there: write it again first.
       if (this.liveness.fenced) await this.liveness.renewNow();
       return false;
     }
-  }
-
-  /**
-   * What this process knows after its commit: the rate entries it wrote, the user records and
-   * held sums it read, updated with its own changes (a refusal decided on them is re-read).
-   */
-  private rememberAfter(
-    rates: Map<string, RateState>,
-    held: Map<string, Held>,
-    refunds: Map<string, number>,
-    snaps: Map<string, Snapshot>,
-    versionstamp: string,
-    epoch: string | null,
-  ) {
-    for (const [userId, snap] of snaps) {
-      const next = rates.get(userId);
-      this.known.set(userId, {
-        epoch,
-        userEntry: snap.userEntry,
-        rateEntry: next ? { key: keys.rate(userId), value: next, versionstamp } : snap.rateEntry,
-        refunds: snap.refunds,
-        held: snap.held,
-      });
-    }
-    for (const [userId, d] of held) {
-      const k = snaps.has(userId) ? undefined : this.known.get(userId);
-      if (k) { for (const f of HELD_FIELDS) k.held[f] += d[f]; }
-    }
-    // Requests given back here are known at once (other processes see them on their next read).
-    for (const [userId, n] of refunds) {
-      const k = this.known.get(userId);
-      if (k) k.refunds += n;
-    }
-  }
-
-  /** Reads what the admissions of a batch need that this process does not remember. */
-  private async snapshots(
-    batch: Op[],
-    now: number,
-    fresh: Set<string>,
-  ): Promise<{ snaps: Map<string, Snapshot>; epoch: Deno.KvEntryMaybe<unknown> | null }> {
-    const admitting = [...new Set(batch.filter((op) => op.kind === "admit").map((o) => o.userId))];
-    const snaps = new Map<string, Snapshot>();
-    if (!admitting.length) return { snaps, epoch: null };
-    const groups: Deno.KvKey[][] = [];
-    const reads: Array<{ id: string; k: Known | undefined; entries: boolean; used: boolean }> = [];
-    for (const id of admitting) {
-      // Remembered entries count only under the epoch they were known under (a disable or limit
-      // change since then moved it), and that epoch is checked again: read with the counters, or
-      // by the commit.
-      const seen = this.epochSeen;
-      const known = fresh.has(id) || !seen ? undefined : this.known.get(id);
-      const k = known?.epoch === seen?.versionstamp ? known : undefined;
-      const r = { id, k, entries: !k, used: this.defaultQuota || this.quotaUsers.has(id) };
-      const group: Deno.KvKey[] = [];
-      if (r.entries) {
-        group.push(
-          keys.user(id),
-          keys.rate(id),
-          keys.rateRefunds(id),
-          ...HELD_FIELDS.map((f) => keys.leaseHeld(id, f)),
-        );
-      }
-      if (r.used) group.push(...usedKeys(id, now));
-      if (group.length) groups.push(group);
-      reads.push(r);
-    }
-    let epoch = this.epochSeen;
-    let entries: Deno.KvEntryMaybe<unknown>[] = [];
-    if (groups.length) {
-      const got = await readGroups(this.kv, groups);
-      entries = got.entries;
-      // Every group was read with the epoch: they agree unless a change landed in between.
-      if (!got.consistent || (epoch && epoch.versionstamp !== got.epoch.versionstamp)) {
-        for (const id of admitting) fresh.add(id);
-        this.epochSeen = null;
-        return await this.snapshots(batch, now, fresh);
-      }
-      epoch = got.epoch;
-    }
-    this.epochSeen = epoch;
-    const missing: string[] = [];
-    let i = 0;
-    for (const r of reads) {
-      const k = r.k;
-      let snap: Snapshot;
-      if (r.entries) {
-        const userEntry = entries[i++] as Deno.KvEntryMaybe<UserRecord>;
-        const rateEntry = entries[i++] as Deno.KvEntryMaybe<RateState>;
-        const refunds = u64(entries[i++].value);
-        const held = {
-          count: heldSum(entries[i++].value),
-          tokens: heldSum(entries[i++].value),
-          nano: heldSum(entries[i++].value),
-        };
-        const under = epoch?.versionstamp ?? null;
-        snap = { epoch: under, userEntry, rateEntry, refunds, held, used: null, remembered: false };
-      } else snap = { ...k!, held: { ...k!.held }, used: null, remembered: true };
-      if (r.used) snap.used = { tokens: u64(entries[i++].value), nano: u64(entries[i++].value) };
-      else if (hasQuota(effectiveLimits(this.config, snap.userEntry.value ?? { limits: {} }))) {
-        missing.push(r.id);
-      }
-      snaps.set(r.id, snap);
-    }
-    if (missing.length) {
-      // The quota hint missed these users: read their counters too (a second round trip; safe,
-      // the counters only matter as a bound, see the top of the file).
-      const more = await this.kv.getMany(missing.flatMap((id) => usedKeys(id, now)));
-      missing.forEach((id, n) => {
-        snaps.get(id)!.used = { tokens: u64(more[2 * n].value), nano: u64(more[2 * n + 1].value) };
-        this.quotaUsers.set(id, true);
-      });
-    }
-    return { snaps, epoch };
   }
 
   /** Decides every operation of the batch and builds its one commit (writes nothing itself). */
@@ -754,13 +449,23 @@ export class Ledger {
         continue;
       }
       const snap = snaps.get(o.userId)!;
-      const result = this.decide(o.req, snap, rates.get(o.userId) ?? null, now);
+      const result = decideAdmission(
+        this.config,
+        this.pricing,
+        o.req,
+        snap,
+        rates.get(o.userId) ?? null,
+        now,
+        this.users.contendedAt(o.userId, now),
+      );
       if (result instanceof AppError) {
         if (snap.remembered) plan.stale.add(o.userId);
         plan.deliver.push(() => o.reject(result));
         continue;
       }
-      const { lease, next, sure } = result;
+      const { admitted: a, next, sure } = result;
+      const id = (this.seq++).toString(36);
+      const lease = new HeldLease(id, a.user, a.limits, a.headers, a.remaining, a.record, this);
       plan.leases.push(lease);
       rates.set(o.userId, next);
       op.set(keys.lease(this.procId, lease.id), lease.record);
@@ -826,98 +531,6 @@ export class Ledger {
     });
   }
 
-  /** One admission on the user's state as it stands in this batch (pure but for the lease id). */
-  private decide(
-    req: AdmitRequest,
-    snap: Snapshot,
-    rate: RateState | null,
-    now: number,
-  ): { lease: HeldLease; next: RateState; sure: boolean } | AppError {
-    const user = snap.userEntry.value;
-    const limits = effectiveLimits(this.config, user ?? { limits: {} });
-    const state = withRefunds(rate ?? snap.rateEntry.value, snap.refunds, limits);
-    const decision = decideRate(state, limits, now);
-    const current = rateHeaders(limits, decision.before, now);
-    let checked: UserRecord;
-    try {
-      checked = req.validate(user, current);
-    } catch (err) {
-      if (err instanceof AppError) return err;
-      throw err;
-    }
-    if (limits.budgetUsdMonthly !== null && !priceOf(this.pricing, req.model)) {
-      return unpricedRefusal(req.model, current);
-    }
-    if (!decision.allowed) {
-      const dayLimit = decision.before.remainingDay < 1;
-      return rateRefusal(limits, dayLimit, decision.retryAfter, current);
-    }
-    if (snap.held.count >= this.config.concurrencyLimit) {
-      return concurrencyRefusal(this.config.concurrencyLimit, current);
-    }
-    // Without a quota nothing needs reserving (and the held sums are left alone).
-    const reserveTokens = limits.tokensPerDay === null && limits.budgetUsdMonthly === null
-      ? 0
-      : req.reserve.prompt + req.reserve.output;
-    const reserveNano = limits.budgetUsdMonthly === null ? 0 : Number(
-      costNanoUsd(this.pricing, req.model, req.reserve.prompt, req.reserve.output),
-    );
-    const used = snap.used ?? { tokens: 0, nano: 0 };
-    const refusal = quotaRefusal(limits, now, current, {
-      usedTokens: used.tokens,
-      usedNano: used.nano,
-      heldTokens: snap.held.tokens,
-      heldNano: snap.held.nano,
-      reserveTokens,
-      reserveNano,
-      reserveOutput: req.reserve.output,
-    });
-    if (refusal) return refusal;
-    const record: LeaseRecord = {
-      userId: req.userId,
-      model: req.model,
-      tokens: reserveTokens,
-      nano: reserveNano,
-      prompt: req.reserve.prompt,
-      completion: 0,
-      at: now,
-    };
-    if (req.waitsForSlot) record.waitsForSlot = true;
-    const lease = new HeldLease(
-      (this.seq++).toString(36),
-      checked,
-      limits,
-      rateHeaders(limits, decision.after, now),
-      remainingOf(
-        limits,
-        decision.after,
-        used.tokens + snap.held.tokens + reserveTokens,
-        used.nano + snap.held.nano + reserveNano,
-      ),
-      record,
-      this,
-    );
-    // Sure enough to start the upstream call before the commit lands: this process wrote the
-    // user's entries last (decided on what it remembers, not on a read after a conflict or a
-    // first contact), no other process has been busy with the user lately, and one more request
-    // taking its share first would not change the answer. Near a limit, on first contact or under
-    // contention, the call waits for the commit.
-    const sure = snap.remembered && decision.after.remainingMinute >= 1 &&
-      decision.after.remainingDay >= 1 &&
-      snap.held.count + 2 <= this.config.concurrencyLimit &&
-      (this.contended.get(req.userId) ?? 0) < now &&
-      quotaRefusal(limits, now, current, {
-          usedTokens: used.tokens,
-          usedNano: used.nano,
-          heldTokens: snap.held.tokens + reserveTokens,
-          heldNano: snap.held.nano + reserveNano,
-          reserveTokens,
-          reserveNano,
-          reserveOutput: req.reserve.output,
-        }) === null;
-    return { lease, next: decision.next, sure };
-  }
-
   /** Tells the budget watcher about a settlement that cost something against a budget. */
   private charged(lease: HeldLease, c: Charge) {
     const budget = lease.limits.budgetUsdMonthly;
@@ -931,34 +544,4 @@ export class Ledger {
       })
     );
   }
-}
-
-/**
- * Reads groups of keys in as few getMany calls as KV allows (10 keys each, all in parallel),
- * never splitting a group, each call also reading the cache epoch: the calls saw one state of
- * the user records when their epochs agree.
- */
-async function readGroups(
-  kv: Deno.Kv,
-  groups: Deno.KvKey[][],
-): Promise<
-  { entries: Deno.KvEntryMaybe<unknown>[]; epoch: Deno.KvEntryMaybe<unknown>; consistent: boolean }
-> {
-  const calls: Deno.KvKey[][] = [];
-  let call: Deno.KvKey[] = [keys.cacheEpoch()];
-  for (const group of groups) {
-    if (call.length + group.length > KV_GET_MANY_MAX) {
-      calls.push(call);
-      call = [keys.cacheEpoch()];
-    }
-    call.push(...group);
-  }
-  calls.push(call);
-  const results = await Promise.all(calls.map((c) => kv.getMany(c)));
-  const epoch = results[0][0];
-  return {
-    entries: results.flatMap((r) => r.slice(1)),
-    epoch,
-    consistent: results.every((r) => r[0].versionstamp === epoch.versionstamp),
-  };
 }
