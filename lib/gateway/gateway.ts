@@ -14,7 +14,7 @@
  * while the admission commits (see handle()).
  */
 import type { Config } from "../core/config.ts";
-import { concatBytes, duplicateJsonKey, withTopLevelString } from "../core/encoding.ts";
+import { concatBytes, jsonStructureProblem, withTopLevelString } from "../core/encoding.ts";
 import { AppError } from "../core/errors.ts";
 import { hashApiKey, looksLikeApiKey } from "../identity/api_keys.ts";
 import { keys } from "../core/kv.ts";
@@ -844,14 +844,10 @@ async function readBody(
   } catch {
     return new AppError("invalid_request", "body: not valid JSON");
   }
-  // What is forwarded must be what was checked (JSON.parse keeps the last of two keys).
-  const duplicate = duplicateJsonKey(text);
-  if (duplicate !== null) {
-    return new AppError(
-      "invalid_request",
-      `body: the key ${JSON.stringify(duplicate).slice(0, 100)} appears twice in one object`,
-    );
-  }
+  // What is forwarded must be what was checked (JSON.parse keeps the last of two keys), and no
+  // later pass may be handed more than 64 levels (CONTRACT §5).
+  const problem = jsonStructureProblem(text);
+  if (problem !== null) return new AppError("invalid_request", `body: ${problem}`);
   const parsed = protocol.parseBody(json);
   return parsed instanceof AppError ? parsed : { ...parsed, bytes };
 }
