@@ -37,7 +37,7 @@ export const anthropicMessages: Protocol = {
     ) {
       return {
         model: json.model,
-        promptTokens: estimatePromptTokens(json),
+        promptTokens: estimatePromptTokens(json, this.format),
         outputCap: outputCap(json.max_tokens),
       };
     }
