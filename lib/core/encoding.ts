@@ -47,10 +47,15 @@ interface JsonString {
 }
 
 /**
- * Walks the strings of a valid JSON text in order; `visit` returning true stops the walk. One
- * pass; strings are skipped with indexOf.
+ * Walks the strings of a valid JSON text in order; `visit` returning true stops the walk, and so
+ * does nesting deeper than `maxDepth` (then it returns false). One pass, its own stack (a text of
+ * any depth is walked); strings are skipped with indexOf.
  */
-function walkJsonStrings(text: string, visit: (s: JsonString) => boolean | void): void {
+function walkJsonStrings(
+  text: string,
+  visit: (s: JsonString) => boolean | void,
+  maxDepth = Infinity,
+): boolean {
   const stack: number[] = []; // the object's number per open object, -1 per open array
   let objects = 0;
   let expectKey = false;
@@ -62,7 +67,7 @@ function walkJsonStrings(text: string, visit: (s: JsonString) => boolean | void)
       let end = i;
       for (;;) {
         end = text.indexOf('"', end + 1);
-        if (end < 0) return; // not valid JSON; the caller parsed it already
+        if (end < 0) return true; // not valid JSON; the caller parsed it already
         let slashes = 0;
         for (let j = end - 1; text.charCodeAt(j) === 0x5c; j--) slashes++;
         if (slashes % 2 === 0) break;
@@ -70,17 +75,15 @@ function walkJsonStrings(text: string, visit: (s: JsonString) => boolean | void)
       const object = stack.length ? stack[stack.length - 1] : -1;
       const key = expectKey && object >= 0;
       const raw = text.slice(i + 1, end);
-      if (visit({ start: i, end, key, depth: stack.length, object, raw })) return;
+      if (visit({ start: i, end, key, depth: stack.length, object, raw })) return true;
       if (key) expectKey = false;
       i = end + 1;
       continue;
     }
-    if (c === 0x7b) {
-      stack.push(objects++);
-      expectKey = true;
-    } else if (c === 0x5b) {
-      stack.push(-1);
-      expectKey = false;
+    if (c === 0x7b || c === 0x5b) {
+      if (stack.length >= maxDepth) return false;
+      stack.push(c === 0x7b ? objects++ : -1);
+      expectKey = c === 0x7b;
     } else if (c === 0x7d || c === 0x5d) {
       stack.pop();
       expectKey = false;
@@ -89,6 +92,7 @@ function walkJsonStrings(text: string, visit: (s: JsonString) => boolean | void)
     }
     i++;
   }
+  return true;
 }
 
 /** A JSON string's text between its quotes as the string it stands for. */
@@ -102,20 +106,41 @@ function unescapeJson(raw: string): string {
  * was checked is all there is.
  */
 export function duplicateJsonKey(text: string): string | null {
+  return firstDuplicateKey(text, Infinity).duplicate;
+}
+
+/** A request body may nest this many levels (CONTRACT §5), the body itself being the first. */
+export const MAX_BODY_DEPTH = 64;
+
+/**
+ * What makes a valid JSON body unfit to forward, for a person to read, or null: nesting deeper
+ * than `maxDepth` levels, or a key twice in one object (see duplicateJsonKey). One pass.
+ */
+export function jsonStructureProblem(text: string, maxDepth = MAX_BODY_DEPTH): string | null {
+  const { tooDeep, duplicate } = firstDuplicateKey(text, maxDepth);
+  if (tooDeep) return `nested deeper than ${maxDepth} levels`;
+  if (duplicate === null) return null;
+  return `the key ${JSON.stringify(duplicate).slice(0, 100)} appears twice in one object`;
+}
+
+function firstDuplicateKey(
+  text: string,
+  maxDepth: number,
+): { tooDeep: boolean; duplicate: string | null } {
   const keys = new Map<number, Set<string>>(); // per object
-  let found: string | null = null;
-  walkJsonStrings(text, ({ key, object, raw }) => {
+  let duplicate: string | null = null;
+  const tooDeep = !walkJsonStrings(text, ({ key, object, raw }) => {
     if (!key) return;
     const name = unescapeJson(raw);
     let set = keys.get(object);
     if (!set) keys.set(object, set = new Set());
     if (set.has(name)) {
-      found = name;
+      duplicate = name;
       return true;
     }
     set.add(name);
-  });
-  return found;
+  }, maxDepth);
+  return { tooDeep, duplicate };
 }
 
 /**

@@ -3,7 +3,7 @@
  * it), parsed, checked for duplicate keys (what is forwarded must be what was checked) and by its
  * protocol's schema; and the body with an alias resolved.
  */
-import { concatBytes, duplicateJsonKey, withTopLevelString } from "../core/encoding.ts";
+import { concatBytes, jsonStructureProblem, withTopLevelString } from "../core/encoding.ts";
 import { AppError } from "../core/errors.ts";
 import type { ParsedRequest, Protocol } from "./protocol.ts";
 
@@ -32,14 +32,10 @@ export async function readBody(
   } catch {
     return new AppError("invalid_request", "body: not valid JSON");
   }
-  // What is forwarded must be what was checked (JSON.parse keeps the last of two keys).
-  const duplicate = duplicateJsonKey(text);
-  if (duplicate !== null) {
-    return new AppError(
-      "invalid_request",
-      `body: the key ${JSON.stringify(duplicate).slice(0, 100)} appears twice in one object`,
-    );
-  }
+  // What is forwarded must be what was checked (JSON.parse keeps the last of two keys), and
+  // nothing deeper than 64 levels is walked.
+  const problem = jsonStructureProblem(text);
+  if (problem !== null) return new AppError("invalid_request", `body: ${problem}`);
   const parsed = protocol.parseBody(json);
   return parsed instanceof AppError ? parsed : { ...parsed, bytes };
 }

@@ -12,8 +12,12 @@
 
 /** Tokens a chat template adds per message (role markers and separators). */
 const PER_MESSAGE = 4;
-/** An image sent inline (data: URL) counts as this many tokens, whatever its size. */
+/** An inline image counts as this many tokens, whatever its size. */
 const PER_IMAGE = 1_600;
+/** PDF bytes per estimated token (a 75 KB page ≈ 1,500 tokens of text and page image). */
+const PDF_BYTES_PER_TOKEN = 50;
+/** Audio bytes per estimated token: ≈ 12.5 tokens a second at 25.6 kbit/s, high for most audio. */
+const AUDIO_BYTES_PER_TOKEN = 256;
 
 const isCjk = (c: number) =>
   (c >= 0x3040 && c <= 0x30ff) || // kana
@@ -31,18 +35,23 @@ const isSpace = (c: number) => c === 0x20 || c === 0x0a || c === 0x09 || c === 0
 
 /** Estimated tokens of a text. */
 export function estimateTextTokens(text: string): number {
+  return textTokens(text, false);
+}
+
+/**
+ * The estimate of a text; with `floored`, at least one token per 4 bytes of its UTF-8, which no
+ * reshaping of a text (long runs without spaces, letters of two bytes, whitespace) goes below.
+ * One pass, no allocation: it runs on every string of every request.
+ */
+function textTokens(text: string, floored: boolean): number {
   let tokens = 0;
   let word = 0; // length of the current run of word characters
   let spaces = 0; // length of the current run of whitespace
   let digits = 0;
-  const endWord = () => {
-    // Digits are split in groups of three; letters: one token up to 7, then one per 5 more.
-    if (word) tokens += digits === word ? Math.ceil(word / 3) : 1 + Math.floor((word - 1) / 6);
-    word = 0;
-    digits = 0;
-  };
+  let bytes = text.length; // of UTF-8: one per UTF-16 unit, plus what is added below
   for (let i = 0; i < text.length; i++) {
     const c = text.charCodeAt(i);
+    if (c >= 0x80) bytes += c < 0x800 ? 1 : 2; // a surrogate pair: 2 + 2
     if (isWordChar(c)) {
       if (spaces > 1) tokens += 1; // indentation and blank lines: one token per run
       spaces = 0;
@@ -50,7 +59,12 @@ export function estimateTextTokens(text: string): number {
       if (c >= 0x30 && c <= 0x39) digits++;
       continue;
     }
-    endWord();
+    if (word) {
+      // Digits are split in groups of three; letters: one token up to 7, then one per 5 more.
+      tokens += digits === word ? Math.ceil(word / 3) : 1 + Math.floor((word - 1) / 6);
+      word = 0;
+      digits = 0;
+    }
     if (isSpace(c)) {
       spaces++;
       continue;
@@ -63,63 +77,123 @@ export function estimateTextTokens(text: string): number {
       i++;
     } else tokens += c < 0x80 ? 0.75 : 1; // punctuation merges in pairs now and then
   }
-  endWord();
+  if (word) tokens += digits === word ? Math.ceil(word / 3) : 1 + Math.floor((word - 1) / 6);
   if (spaces > 1) tokens += 1;
-  return Math.ceil(tokens);
+  return Math.ceil(floored ? Math.max(tokens, bytes / 4) : tokens);
 }
 
+/** Where a value of a request body is, as far as the estimate cares (see estimatePromptTokens). */
+const TOP = 0; // the body
+const TEXT = 1; // anything else: every key and string is text
+const MESSAGES = 2; // the messages array
+const MESSAGE = 3; // a message
+const BLOCKS = 4; // a message's content array (or an Anthropic tool_result's)
+const BLOCK = 5; // one content block
+const MEDIA_URL = 6; // OpenAI's image_url object: its `url` is counted already
+const MEDIA_DATA = 7; // OpenAI's input_audio, Anthropic's source: its `data` is counted already
+
+/** The wire format whose media blocks a body may carry; both when not given. */
+export type MediaFormat = "openai" | "anthropic";
+
 /**
- * Estimated prompt tokens of a request body: every string in it but the model's name (message
- * contents, tool schemas, system prompts), an inline image as a fixed amount, and the chat
- * template's per-message tokens. Field names cost nothing: they are the wire format, not the
- * prompt.
+ * Estimated prompt tokens of a request body (CONTRACT §5: it cannot be steered by the caller).
+ * Every string counts as text, at least one token per 4 bytes, at any depth — keys too, but the
+ * field names of the envelope (the body, a message, a content block), which are the wire format,
+ * and the model's name. The exception is a media block's payload in the field its protocol defines
+ * for it — OpenAI `image_url.url` and `input_audio.data`, Anthropic `source.data` of an `image` or
+ * `document` block — which counts by kind and size; plus the chat template's per-message tokens.
+ * The walk keeps its own stack: a body of any depth is walked, none overflows it.
  */
-export function estimatePromptTokens(body: unknown): number {
+export function estimatePromptTokens(body: unknown, format?: MediaFormat): number {
+  if (typeof body === "string") return textTokens(body, true);
+  if (typeof body !== "object" || body === null) return 0;
+  const openai = format !== "anthropic";
+  const anthropic = format !== "openai";
   let tokens = 0;
-  const walk = (v: unknown, depth: number) => {
-    if (typeof v === "string") {
-      tokens += isInlineBinary(v) ? PER_IMAGE : estimateTextTokens(v);
-    } else if (Array.isArray(v)) {
-      for (const item of v) walk(item, depth + 1);
-    } else if (typeof v === "object" && v !== null && depth < 64) {
-      const document = base64Document(v);
-      if (document !== null) {
-        // An Anthropic PDF block: its pages, by size (≈ 1,500 tokens for a 75 KB page).
-        tokens += Math.max(PER_IMAGE, Math.ceil((document.length * 0.75) / PDF_BYTES_PER_TOKEN));
-        return;
+  // Containers still to walk, and where each is; strings are counted as they are met.
+  const containers: object[] = [body];
+  const places: number[] = [TOP];
+  while (containers.length) {
+    const v = containers.pop()!;
+    const place = places.pop()!;
+    if (Array.isArray(v)) {
+      const inner = place === MESSAGES ? MESSAGE : place === BLOCKS ? BLOCK : TEXT;
+      if (place === MESSAGES) tokens += PER_MESSAGE * v.length;
+      for (let i = 0; i < v.length; i++) {
+        const item = v[i];
+        if (typeof item === "string") tokens += textTokens(item, true);
+        else if (typeof item === "object" && item !== null) {
+          containers.push(item);
+          places.push(inner);
+        } // numbers, booleans: not text
       }
-      for (const key in v) walk((v as Record<string, unknown>)[key], depth + 1);
+      continue;
     }
-  };
-  const b = body as { messages?: unknown; model?: unknown };
-  if (typeof b === "object" && b !== null && !Array.isArray(b)) {
-    for (const key in b) if (key !== "model") walk((b as Record<string, unknown>)[key], 1);
-  } else walk(body, 0);
-  if (Array.isArray(b?.messages)) tokens += PER_MESSAGE * b.messages.length;
+    const object = v as Record<string, unknown>;
+    let mediaKey = ""; // the field holding this block's payload, counted here and not as text
+    let mediaPlace = TEXT;
+    if (place === BLOCK) {
+      const media = mediaTokens(object, openai, anthropic);
+      if (media > 0) {
+        tokens += media;
+        mediaKey = object.type === "image_url"
+          ? "image_url"
+          : object.type === "input_audio"
+          ? "input_audio"
+          : "source";
+        mediaPlace = mediaKey === "image_url" ? MEDIA_URL : MEDIA_DATA;
+      }
+    }
+    for (const key in object) {
+      const item = object[key];
+      let inner = TEXT;
+      if (place === TEXT) tokens += textTokens(key, true);
+      else if (place === TOP) {
+        if (key === "model") continue;
+        if (key === "messages" && Array.isArray(item)) inner = MESSAGES;
+      } else if (place === MESSAGE) {
+        if (key === "content" && Array.isArray(item)) inner = BLOCKS;
+      } else if (place === BLOCK) {
+        if (key === mediaKey) inner = mediaPlace;
+        else if (
+          anthropic && key === "content" && object.type === "tool_result" && Array.isArray(item)
+        ) inner = BLOCKS;
+      } else if (place === MEDIA_URL ? key === "url" : key === "data") continue;
+      if (typeof item === "string") tokens += textTokens(item, true);
+      else if (typeof item === "object" && item !== null) {
+        containers.push(item);
+        places.push(inner);
+      }
+    }
+  }
   return tokens;
 }
 
-/** PDF bytes per estimated token (a 75 KB page ≈ 1,500 tokens of text and page image). */
-const PDF_BYTES_PER_TOKEN = 50;
-/** Base64 text, line breaks allowed: what an inline image or file is sent as. */
-const BASE64 = /^[A-Za-z0-9+/\r\n]+={0,2}$/;
-
-/**
- * An inline image or file: a `data:` URL (OpenAI's image_url), or a long run of bare base64
- * (Anthropic's `source.data`, which GLM also takes in image_url). Text this long always has
- * spaces or punctuation base64 has not.
- */
-function isInlineBinary(v: string): boolean {
-  if (v.length <= 64) return false;
-  if (v.startsWith("data:")) return true;
-  return v.length >= 1024 && BASE64.test(v);
-}
-
-/** The base64 data of an Anthropic `document` block, or null for anything else. */
-function base64Document(v: object): string | null {
-  const block = v as { type?: unknown; source?: { type?: unknown; data?: unknown } };
-  if (block.type !== "document" || block.source?.type !== "base64") return null;
-  return typeof block.source.data === "string" ? block.source.data : null;
+/** What a content block's media payload counts (0 when it is not a media block). */
+function mediaTokens(block: Record<string, unknown>, openai: boolean, anthropic: boolean): number {
+  const type = block.type;
+  if (openai && type === "image_url") {
+    const image = block.image_url as { url?: unknown } | null | undefined;
+    return typeof image === "object" && image !== null && typeof image.url === "string"
+      ? PER_IMAGE
+      : 0;
+  }
+  if (openai && type === "input_audio") {
+    const audio = block.input_audio as { data?: unknown } | null | undefined;
+    return typeof audio === "object" && audio !== null && typeof audio.data === "string"
+      ? Math.max(1, Math.ceil((audio.data.length * 0.75) / AUDIO_BYTES_PER_TOKEN))
+      : 0;
+  }
+  if (anthropic && (type === "image" || type === "document")) {
+    const source = block.source as { type?: unknown; data?: unknown } | null | undefined;
+    if (typeof source !== "object" || source === null || source.type !== "base64") return 0;
+    if (typeof source.data !== "string") return 0;
+    // A document's pages, by size (≈ 1,500 tokens for a 75 KB page).
+    return type === "image"
+      ? PER_IMAGE
+      : Math.max(PER_IMAGE, Math.ceil((source.data.length * 0.75) / PDF_BYTES_PER_TOKEN));
+  }
+  return 0;
 }
 
 /** Fields of streamed and whole answers that carry generated text (OpenAI, GLM, Anthropic). */

@@ -41,8 +41,9 @@ Deno.test("prompt estimate: message strings and per-message tokens, not the mode
       { role: "user", content: [{ type: "text", text: "hi" }] },
     ],
   };
-  // "system" 1 + "You are terse." 4 + "user" 1 + "text" 1 + "hi" 1 + 2 × 4.
-  assert.equal(estimatePromptTokens(body), 16);
+  // "system" 2 (a token per 4 bytes at least) + "You are terse." 4 + "user" 1 + "text" 1 +
+  // "hi" 1 + 2 × 4.
+  assert.equal(estimatePromptTokens(body), 17);
   const image = {
     model: "glm-4.6v",
     messages: [{

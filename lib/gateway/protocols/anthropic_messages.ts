@@ -41,7 +41,7 @@ export const anthropicMessages: Protocol = {
     ) {
       return {
         model: json.model,
-        promptTokens: estimatePromptTokens(json),
+        promptTokens: estimatePromptTokens(json, "anthropic"),
         outputCap: outputCap(json.max_tokens),
       };
     }

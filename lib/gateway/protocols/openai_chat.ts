@@ -29,7 +29,7 @@ export const openaiChat: Protocol = {
     ) {
       return {
         model: json.model,
-        promptTokens: estimatePromptTokens(json),
+        promptTokens: estimatePromptTokens(json, "openai"),
         outputCap: outputCap(json.max_tokens) ?? outputCap(json.max_completion_tokens),
       };
     }
