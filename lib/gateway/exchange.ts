@@ -3,7 +3,68 @@
  * then for each next piece of the answer; STREAM_MAX_MS end to end), cancelled when the client
  * leaves before the headers. Why it stopped early is one reason, set once, whoever noticed first.
  */
-import { IdleTimer, type Stall } from "./relay.ts";
+
+/**
+ * Why an answer is cut: a silent upstream or client, STREAM_MAX_MS, or the server stopping.
+ */
+export type Stall = "upstream" | "client" | "deadline" | "shutdown";
+
+/**
+ * The relay's watchdog. Calls `onStall` once, when one wait lasts `ms` — for the upstream (its
+ * headers, then each read of its body) or for the client (between a chunk handed over and its
+ * next read: a client that reads nothing holds the upstream call and its slots) — or when the
+ * whole answer has taken `maxMs`. One timer per request, re-armed only when it fires, so each
+ * step costs a clock read, not a timer.
+ */
+export class IdleTimer {
+  private since = performance.now();
+  private readonly deadline: number;
+  private phase: "upstream" | "client" = "upstream";
+  private timer: ReturnType<typeof setTimeout> | undefined;
+
+  constructor(
+    private readonly ms: number,
+    maxMs: number,
+    private readonly onStall: (stall: Stall) => void,
+    started = this.since,
+  ) {
+    this.deadline = started + maxMs;
+    this.arm(Math.min(ms, this.deadline - this.since));
+  }
+
+  /** A read from the upstream starts: the clock runs from now. */
+  wait() {
+    this.since = performance.now();
+    this.phase = "upstream";
+  }
+
+  /** A read is over: now the client's turn to ask for more. */
+  rest() {
+    this.since = performance.now();
+    this.phase = "client";
+  }
+
+  stop() {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+  }
+
+  /** Fires now, as if the wait had run out (the server is shutting down). */
+  fire(stall: Stall) {
+    this.stop();
+    this.onStall(stall);
+  }
+
+  private arm(delay: number) {
+    this.timer = setTimeout(() => {
+      const now = performance.now();
+      if (now >= this.deadline) return this.onStall("deadline");
+      const quiet = now - this.since;
+      if (quiet >= this.ms) return this.onStall(this.phase);
+      this.arm(Math.min(this.ms - quiet, this.deadline - now));
+    }, Math.max(0, delay));
+  }
+}
 
 /** Why a call stopped before its answer ended: a watchdog stall, or the client leaving. */
 export type StopReason = Stall | "client_left";

@@ -10,6 +10,7 @@
  * protocol's meter watches for `usage`, and the lease is settled — its usage committed — before
  * the answer's last byte. Every way a request ends goes through one RequestEnd (exits.ts).
  */
+import { type Clock, systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { keys } from "../core/kv.ts";
@@ -54,6 +55,7 @@ interface GatewayDeps {
   ledger: Ledger;
   slots: UpstreamSlots;
   notify?: UpstreamNotifier;
+  clock?: Clock;
 }
 
 /** count_tokens: relayed with the rate headers as they stand; nothing counted. */
@@ -83,6 +85,7 @@ export class Gateway {
   private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
   /** Upstream calls whose answers are not settled yet (what shutdown() cuts). */
   private readonly calls = new Set<Exchange>();
+  private readonly clock: Clock;
 
   constructor(deps: GatewayDeps) {
     this.config = deps.config;
@@ -91,7 +94,8 @@ export class Gateway {
     this.ledger = deps.ledger;
     this.slots = deps.slots;
     this.auth = new ApiKeyAuth(deps.kv);
-    this.alerts = new RefusalAlerts(deps.log, deps.notify);
+    this.clock = deps.clock ?? systemClock;
+    this.alerts = new RefusalAlerts(deps.log, deps.notify, this.clock);
     this.models = new ModelCatalog(deps.config);
   }
 
@@ -233,7 +237,7 @@ export class Gateway {
 
   /** Rate headers as they stand, for answers that consume nothing. */
   private currentHeaders(status: LimitStatus) {
-    return rateHeaders(status.limits, status.view, Date.now());
+    return rateHeaders(status.limits, status.view, this.clock());
   }
 
   /**
@@ -297,8 +301,10 @@ export class Gateway {
    */
   async shutdown(waitMs = 5_000): Promise<void> {
     for (const call of this.calls) call.idle.fire("shutdown");
-    const until = Date.now() + waitMs;
-    while (this.calls.size && Date.now() < until) await new Promise((r) => setTimeout(r, 20));
+    const until = performance.now() + waitMs;
+    while (this.calls.size && performance.now() < until) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
   }
 
   /** Waits for the upstream's answer and relays it; every ending settles through one RequestEnd. */

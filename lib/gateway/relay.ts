@@ -1,11 +1,11 @@
 /**
  * The relay: an upstream answer relayed to the client chunk by chunk (relayAnswer), settled before
- * its last byte; its parts: reading the upstream's body, and the watchdog on its silences. The
+ * its last byte, and the reader of the upstream's body. The
  * meter (meter.ts, one per protocol) finds `usage`, the end of an SSE answer and what was generated.
  */
 import { concatBytes } from "../core/encoding.ts";
 import type { Outcome } from "../limits/admission.ts";
-import type { Exchange, StopReason } from "./exchange.ts";
+import type { Exchange, IdleTimer, StopReason } from "./exchange.ts";
 import type { RequestEnd, Settlement } from "./exits.ts";
 import type { Protocol } from "./protocol.ts";
 
@@ -13,66 +13,6 @@ import type { Protocol } from "./protocol.ts";
 const MAX_READ_BYTES = 1024 * 1024;
 /** Error bodies read whole, to classify or to relay (GLM's are a few hundred bytes). */
 const MAX_ERROR_BODY = 64 * 1024;
-
-/** Why an answer is cut: a silent upstream or client, STREAM_MAX_MS, or the server stopping. */
-export type Stall = "upstream" | "client" | "deadline" | "shutdown";
-
-/**
- * The relay's watchdog. Calls `onStall` once, when one wait lasts `ms` — for the upstream (its
- * headers, then each read of its body) or for the client (between a chunk handed over and its
- * next read: a client that reads nothing holds the upstream call and its slots) — or when the
- * whole answer has taken `maxMs`. One timer per request, re-armed only when it fires, so each
- * step costs a clock read, not a timer.
- */
-export class IdleTimer {
-  private since = performance.now();
-  private readonly deadline: number;
-  private phase: "upstream" | "client" = "upstream";
-  private timer: ReturnType<typeof setTimeout> | undefined;
-
-  constructor(
-    private readonly ms: number,
-    maxMs: number,
-    private readonly onStall: (stall: Stall) => void,
-    started = this.since,
-  ) {
-    this.deadline = started + maxMs;
-    this.arm(Math.min(ms, this.deadline - this.since));
-  }
-
-  /** A read from the upstream starts: the clock runs from now. */
-  wait() {
-    this.since = performance.now();
-    this.phase = "upstream";
-  }
-
-  /** A read is over: now the client's turn to ask for more. */
-  rest() {
-    this.since = performance.now();
-    this.phase = "client";
-  }
-
-  stop() {
-    clearTimeout(this.timer);
-    this.timer = undefined;
-  }
-
-  /** Fires now, as if the wait had run out (the server is shutting down). */
-  fire(stall: Stall) {
-    this.stop();
-    this.onStall(stall);
-  }
-
-  private arm(delay: number) {
-    this.timer = setTimeout(() => {
-      const now = performance.now();
-      if (now >= this.deadline) return this.onStall("deadline");
-      const quiet = now - this.since;
-      if (quiet >= this.ms) return this.onStall(this.phase);
-      this.arm(Math.min(this.ms - quiet, this.deadline - now));
-    }, Math.max(0, delay));
-  }
-}
 
 /** Read buffer for bodies of unknown length (SSE events are small; a busy stream fills more). */
 const STREAM_READ_BYTES = 16 * 1024;

@@ -2,6 +2,7 @@
  * What a request used and the KV sums it adds: a leaf, so the Ledger (lib/limits) and the
  * readers (lib/usage/usage.ts) both import it without importing each other.
  */
+import { systemClock } from "../core/clock.ts";
 import { keys, USAGE_FIELDS } from "../core/kv.ts";
 import { costNanoUsd, type Pricing } from "./pricing.ts";
 import { utcDay, utcMonth } from "../core/utc.ts";
@@ -44,7 +45,7 @@ export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
 
 /** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
-  const at = e.at ?? Date.now();
+  const at = e.at ?? systemClock();
   const day = utcDay(at);
   const add = (key: Deno.KvKey, n: bigint) => addSum(into, key, n);
   const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);

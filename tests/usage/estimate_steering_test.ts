@@ -10,7 +10,9 @@ import { jsonStructureProblem } from "../../lib/core/encoding.ts";
 import { estimatePromptTokens } from "../../lib/usage/estimate.ts";
 import { json, type ServedGateway, serveGateway } from "../support/helpers.ts";
 
-const english = Deno.readTextFileSync(new URL("./fixtures/estimate/english.txt", import.meta.url));
+const english = Deno.readTextFileSync(
+  new URL("../support/fixtures/estimate/english.txt", import.meta.url),
+);
 /** ~340 KB of English prose. */
 const PROSE = english.repeat(Math.ceil(340_000 / english.length));
 const utf8 = new TextEncoder();
