@@ -12,6 +12,7 @@
  * twice; a process that dies mid-attempt leaves a lease that falls due later and is picked up
  * again.
  */
+import { backoffMs } from "./kv_ops.ts";
 import { isTransientKvError } from "./kv.ts";
 import type { Logger } from "./log.ts";
 
@@ -211,10 +212,11 @@ export class Outbox<T extends object> {
   private async commitSoon(
     build: () => Deno.AtomicOperation,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
-    for (let i = 0; i < 20; i++) {
+    for (let attempt = 1; attempt <= 20; attempt++) {
+      const wait = backoffMs(attempt, { baseMs: 2.5, capMs: 250 });
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       const res = await this.commit(build());
       if (res !== null || this.closed) return res;
-      await new Promise((r) => setTimeout(r, 1 + Math.random() * Math.min(5 * 2 ** i, 250)));
     }
     return null;
   }

@@ -10,7 +10,7 @@
  */
 import type { Config } from "../core/config.ts";
 import { CONFLICT, isTransientKvError, keys, retryAtomic, u64 } from "../core/kv.ts";
-import { getManyChunked } from "../core/kv_ops.ts";
+import { getManyChunked, retry } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
 import type { UserRecord } from "../identity/users.ts";
@@ -408,15 +408,13 @@ export function costSummaryJob(
  * commitOrConflict, a lock is never reported as a failed check: here a failed null-check must
  * mean "another run got there first", or an alert would be lost.
  */
-async function commit(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-  for (let attempt = 1;; attempt++) {
-    try {
-      return await op.commit();
-    } catch (err) {
-      if (attempt >= 50 || !isTransientKvError(err)) throw err;
-      await new Promise((r) => setTimeout(r, Math.min(5 * attempt, 100) * Math.random() + 1));
-    }
-  }
+function commit(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  return retry(() => op.commit(), {
+    attempts: 50,
+    baseMs: 2.5,
+    capMs: 100,
+    shouldRetry: isTransientKvError,
+  });
 }
 
 function sum<T>(items: T[], pick: (item: T) => number): number {
