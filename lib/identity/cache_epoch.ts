@@ -10,8 +10,11 @@
  * file, hence the cheap poll.
  */
 import { keys } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 
 const CHANGE_KEEP_MS = 10 * 60_000;
+/** Users whose last drop is remembered one by one; older drops fold into `everything`. */
+const BY_USER_MAX = 100_000;
 /** Clock differences between processes that the change log tolerates. */
 const SKEW_MS = 5_000;
 
@@ -20,7 +23,7 @@ export class CacheEpoch {
   generation = 0;
   /** The generation of the last drop of everything. */
   private everything = 0;
-  private readonly byUser = new Map<string, number>();
+  private readonly byUser = new BoundedMap<string, number>(BY_USER_MAX);
   private seen: bigint | null = null;
   private checkedAt = -Infinity;
   private lookedAt = Date.now();
@@ -49,13 +52,23 @@ export class CacheEpoch {
   /** Drops cached values in this process now: some users', or everything. */
   invalidate(userIds: string[] | null = null) {
     this.generation++;
-    if (userIds === null || this.byUser.size > 100_000) {
+    if (userIds === null) {
       this.everything = this.generation;
       this.byUser.clear();
     } else {
-      for (const id of userIds) this.byUser.set(id, this.generation);
+      for (const id of userIds) this.dropped(id);
     }
     for (const listener of this.listeners) listener(userIds);
+  }
+
+  private dropped(userId: string) {
+    if (!this.byUser.has(userId) && this.byUser.size >= BY_USER_MAX) {
+      // The set below evicts the least recently used entry, the first in iteration order: its
+      // drop moves into `everything`, so a fill that raced it is still not kept.
+      const [, oldest] = this.byUser.entries().next().value!;
+      this.everything = Math.max(this.everything, oldest);
+    }
+    this.byUser.set(userId, this.generation);
   }
 
   /** The generation a fill for this user must still see to be kept (fills racing a drop are not). */

@@ -5,6 +5,7 @@ import { z } from "zod";
 import type { Config } from "../core/config.ts";
 import { decodeBase64Url } from "../core/encoding.ts";
 import { keys } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import { ClerkJwks } from "./clerk_jwks.ts";
 
@@ -50,7 +51,7 @@ const SKEW_SECONDS = 5;
 
 /** Verifies session tokens; verified claims are cached by token until they expire. */
 export class SessionVerifier {
-  private readonly cache = new Map<string, Session>();
+  private readonly cache = new BoundedMap<string, Session>(CACHE_MAX);
   private readonly localSecret?: string;
   /** Clerk's keys from the Backend API, when there is no CLERK_JWT_KEY to verify with. */
   private readonly jwks?: ClerkJwks;
@@ -79,7 +80,7 @@ export class SessionVerifier {
         ? await this.verifyLocal(token)
         : await this.verifyClerk(token);
       if (!verified) return null;
-      this.remember(token, verified);
+      this.cache.set(token, verified);
       session = verified;
     }
     // Revocations live in KV, not in the cache: a sign-out in any process ends the session here.
@@ -172,14 +173,6 @@ export class SessionVerifier {
       parsed.signedPart,
     );
     return valid ? session : null;
-  }
-
-  private remember(token: string, session: Session) {
-    if (this.cache.size >= CACHE_MAX) {
-      // Maps iterate in insertion order: drop the oldest entry.
-      this.cache.delete(this.cache.keys().next().value!);
-    }
-    this.cache.set(token, session);
   }
 }
 

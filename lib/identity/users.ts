@@ -9,6 +9,7 @@ import {
   looksLikeApiKey,
 } from "./api_keys.ts";
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 import type { Events } from "../alerts/deliver.ts";
 
 export type UserStatus = "active" | "disabled" | "deleted";
@@ -75,7 +76,7 @@ export class Users {
    * Dropped on every invalidating write (here at once, in other processes within the epoch's
    * interval — see lib/identity/cache_epoch.ts).
    */
-  private readonly cache = new Map<string, ProvisionResult>();
+  private readonly cache = new BoundedMap<string, ProvisionResult>(CACHE_MAX);
 
   constructor(
     private readonly kv: Deno.Kv,
@@ -110,7 +111,6 @@ export class Users {
     const generation = this.epoch.generationOf(userId);
     const result = await this.provisionInKv(userId, profile);
     if (generation === this.epoch.generationOf(userId)) {
-      if (this.cache.size >= CACHE_MAX) this.cache.delete(this.cache.keys().next().value!);
       this.cache.set(userId, { ...result, created: false });
     }
     return result;
