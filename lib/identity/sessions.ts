@@ -4,6 +4,7 @@ import { sign as signJwt, verify as verifyJwt } from "hono/jwt";
 import { z } from "zod";
 import type { Config } from "../core/config.ts";
 import { decodeBase64Url } from "../core/encoding.ts";
+import { sha256 } from "../core/hash.ts";
 import { keys } from "../core/kv.ts";
 import { BoundedMap } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
@@ -224,15 +225,8 @@ function isClerkIssuer(iss: string): boolean {
 
 /** Stable local user id for an e-mail: `user_local_` + 20 hex of its SHA-256. */
 export async function localUserId(email: string): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    new TextEncoder().encode(email.trim().toLowerCase()),
-  );
-  const hex = Array.from(
-    new Uint8Array(digest).slice(0, 10),
-    (b) => b.toString(16).padStart(2, "0"),
-  ).join("");
-  return `user_local_${hex}`;
+  const digest = await sha256(email.trim().toLowerCase());
+  return `user_local_${digest.subarray(0, 10).toHex()}`;
 }
 
 /** The session token from `Authorization: Bearer` or the `__session` cookie. */
