@@ -1,5 +1,6 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
 import { commitOrConflict, CONFLICT, keys, retryAtomic, u64, USAGE_FIELDS } from "../core/kv.ts";
+import { KV_MAX_MUTATIONS } from "../core/kv_ops.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
@@ -87,7 +88,7 @@ export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
 const SUMS_PER_EVENT = 7;
-const MAX_BATCH = Math.floor(1000 / SUMS_PER_EVENT);
+const MAX_BATCH = Math.floor(KV_MAX_MUTATIONS / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
 export async function commitUsage(
