@@ -11,7 +11,7 @@ import type { Config, KeyMode } from "../core/config.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import { type Logger, redacted } from "../core/log.ts";
 import { formatUsd } from "../core/format.ts";
-import type { UserRecord } from "../identity/users.ts";
+import type { UserRecord } from "../identity/user_record.ts";
 import { type AttemptFailure, errorText, Outbox, type OutboxJob } from "../core/outbox.ts";
 
 /** What an upstream alert carries (the gateway fills it from the refused upstream answer). */

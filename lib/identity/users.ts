@@ -11,58 +11,27 @@ import {
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
 import { BoundedMap } from "../core/kv_ops.ts";
 import type { Events } from "../alerts/deliver.ts";
+import type {
+  KeyIndexValue,
+  LimitOverrides,
+  Profile,
+  StoredKey,
+  UserRecord,
+} from "./user_record.ts";
 
-export type UserStatus = "active" | "disabled" | "deleted";
-
-export interface StoredKey {
-  hash: string;
-  prefix: string;
-  /** AES-GCM ciphertext of the key (KeyVault), so /api/key can hand it out again. */
-  ciphertext: string;
-  createdAt: string;
-}
-
-export interface LimitOverrides {
-  rpm?: number;
-  rpd?: number;
-  /** 0 means unlimited, as with the environment defaults. */
-  tokensPerDay?: number;
-  budgetUsdMonthly?: number;
-}
-
-export interface UserRecord {
-  id: string;
-  email: string | null;
-  firstName: string | null;
-  lastName: string | null;
-  status: UserStatus;
-  createdAt: string;
-  updatedAt: string;
-  key: StoredKey | null;
-  limits: LimitOverrides;
-  /** True once e-mail and names came from Clerk (webhook or Backend API). */
-  profileKnown: boolean;
-  /** Clerk's `updated_at` (ms) of the stored profile; absent on records from before it. */
-  clerkUpdatedAt?: number | null;
-}
-
-export interface Profile {
-  email: string | null;
-  firstName: string | null;
-  lastName: string | null;
-  /** Clerk's `updated_at` (ms) of this profile, when it came from Clerk. */
-  clerkUpdatedAt?: number | null;
-}
+export type {
+  KeyIndexValue,
+  LimitOverrides,
+  Profile,
+  StoredKey,
+  UserRecord,
+  UserStatus,
+} from "./user_record.ts";
 
 export interface ProvisionResult {
   user: UserRecord;
   apiKey: string;
   created: boolean;
-}
-
-/** Looks up a user by key hash; the hash index holds only the user id. */
-export interface KeyIndexValue {
-  userId: string;
 }
 
 const CACHE_MAX = 50_000;
