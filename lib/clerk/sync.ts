@@ -12,7 +12,7 @@ import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import { type AttemptFailure, errorText, Outbox } from "../core/outbox.ts";
 import type { UserRecord, Users } from "../identity/users.ts";
-import { clerkProfile, clerkUserSchema } from "./webhooks.ts";
+import { clerkProfile, clerkUserSchema } from "./user.ts";
 
 /** What Clerk's public_metadata.keyway holds; never the key itself. */
 export interface KeywayMetadata {
