@@ -10,6 +10,7 @@
  * file, hence the cheap poll.
  */
 import { keys } from "../core/kv.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { BoundedMap } from "../core/kv_ops.ts";
 
 const CHANGE_KEEP_MS = 10 * 60_000;
@@ -26,7 +27,7 @@ export class CacheEpoch {
   private readonly byUser = new BoundedMap<string, number>(BY_USER_MAX);
   private seen: bigint | null = null;
   private checkedAt = -Infinity;
-  private lookedAt = Date.now();
+  private lookedAt: number;
   private pending: Promise<void> | null = null;
   private readonly listeners = new Set<(userIds: string[] | null) => void>();
 
@@ -35,11 +36,15 @@ export class CacheEpoch {
     private readonly intervalMs = 250,
     /** How long change records are kept (and so how long a process can be away and catch up). */
     private readonly keepMs = CHANGE_KEEP_MS,
-  ) {}
+    /** Wall-clock time: change records are keyed by it, across processes. */
+    private readonly clock: Clock = systemClock,
+  ) {
+    this.lookedAt = clock();
+  }
 
   /** Adds the counter bump (and the record of whose values changed) to an invalidating write. */
   bump(op: Deno.AtomicOperation, userId: string): Deno.AtomicOperation {
-    const at = Date.now();
+    const at = this.clock();
     return op.sum(keys.cacheEpoch(), 1n)
       .set(keys.cacheChange(at, crypto.randomUUID()), userId, { expireIn: this.keepMs });
   }
@@ -90,8 +95,8 @@ export class CacheEpoch {
     // Away longer than the records are kept (no /api/key call here for a while): the log may
     // have lost changes made meanwhile, so it cannot say whose values are still right.
     const margin = Math.min(2 * SKEW_MS, this.keepMs / 2);
-    const away = Date.now() - this.lookedAt > this.keepMs - margin;
-    this.lookedAt = Date.now();
+    const away = this.clock() - this.lookedAt > this.keepMs - margin;
+    this.lookedAt = this.clock();
     if (this.seen !== null && value !== this.seen && away) {
       this.invalidate(null);
     } else if (this.seen !== null && value !== this.seen) {

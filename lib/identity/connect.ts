@@ -3,6 +3,7 @@
  * device codes. Records hold the user id only, never the key (it is read at exchange time), and
  * every code is stored as its SHA-256 so a KV dump hands out nothing.
  */
+import { type Clock, systemClock } from "../core/clock.ts";
 import { AppError } from "../core/errors.ts";
 import { randomToken } from "../core/encoding.ts";
 import { sha256Base64url } from "../core/hash.ts";
@@ -21,7 +22,7 @@ export interface ConnectOptions {
   /** Device authorizations anyone may start per minute, all clients together (no sign-in). */
   deviceStartsPerMinute?: number;
   /** The clock (ms). */
-  now?: () => number;
+  now?: Clock;
 }
 
 /** Where a PKCE flow may send its code, and how the approve page names it. */
@@ -137,7 +138,7 @@ export class ConnectFlows {
   readonly missLimit: number;
   readonly missWindowMs: number;
   readonly deviceStartsPerMinute: number;
-  private readonly now: () => number;
+  private readonly now: Clock;
 
   constructor(private readonly kv: Deno.Kv, options: ConnectOptions = {}) {
     this.codeTtlMs = options.codeTtlMs ?? 60_000;
@@ -146,7 +147,7 @@ export class ConnectFlows {
     this.missLimit = options.missLimit ?? 5;
     this.missWindowMs = options.missWindowMs ?? 900_000;
     this.deviceStartsPerMinute = options.deviceStartsPerMinute ?? 600;
-    this.now = options.now ?? Date.now;
+    this.now = options.now ?? systemClock;
   }
 
   // ---- PKCE ----

@@ -1,6 +1,7 @@
 /** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
 import { CacheEpoch } from "./cache_epoch.ts";
 import { AppError } from "../core/errors.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import {
   generateApiKey,
   hashApiKey,
@@ -53,6 +54,7 @@ export class Users {
     readonly epoch: CacheEpoch = new CacheEpoch(kv),
     /** Lifecycle events ride in the commits below, so each is sent once, when its change lands. */
     private readonly events?: Events,
+    private readonly clock: Clock = systemClock,
   ) {
     epoch.onChange((userIds) => {
       if (userIds === null) this.cache.clear();
@@ -96,7 +98,7 @@ export class Users {
         const apiKey = await this.vault.decrypt(existing.key.ciphertext, userId);
         return { user: existing, apiKey, created: false };
       }
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const apiKey = generateApiKey();
       const key = await this.storedKey(apiKey, userId, now);
       const user: UserRecord = existing ? { ...existing, key, updatedAt: now } : {
@@ -140,14 +142,14 @@ export class Users {
    */
   async rotate(userId: string): Promise<ProvisionResult> {
     return await retryAtomic<ProvisionResult>(async () => {
-      const hour = Math.floor(Date.now() / HOUR_MS);
+      const hour = Math.floor(this.clock() / HOUR_MS);
       const [entry, rotations] = await this.kv.getMany<[UserRecord, number]>([
         keys.user(userId),
         keys.keyRotations(userId, hour),
       ]);
       const rotated = rotations.value ?? 0;
       if (rotated >= ROTATIONS_PER_HOUR) {
-        const wait = Math.ceil(((hour + 1) * HOUR_MS - Date.now()) / 1000);
+        const wait = Math.ceil(((hour + 1) * HOUR_MS - this.clock()) / 1000);
         throw new AppError(
           "rate_limit_exceeded",
           `A key can be rotated ${ROTATIONS_PER_HOUR} times an hour; retry in ${wait}s.`,
@@ -159,7 +161,7 @@ export class Users {
       if (user.status === "deleted") {
         throw new AppError("user_deleted", "This account has been deleted.");
       }
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const apiKey = generateApiKey();
       const key = await this.storedKey(apiKey, userId, now);
       const next: UserRecord = { ...user, key, updatedAt: now };
@@ -201,7 +203,7 @@ export class Users {
       const entry = await this.kv.get<UserRecord>(keys.user(userId));
       const user = entry.value;
       if (user?.status === "deleted") return undefined;
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const tombstone: UserRecord = {
         id: userId,
         email: null,
@@ -309,7 +311,7 @@ export class Users {
       if (!entry.value) return null;
       const next = change(entry.value);
       if (!next) return null;
-      next.updatedAt = new Date().toISOString();
+      next.updatedAt = new Date(this.clock()).toISOString();
       const op = this.kv.atomic().check(entry).set(keys.user(userId), next);
       alongside?.(op, entry.value);
       const res = await this.epoch.bump(op, userId).commit();
