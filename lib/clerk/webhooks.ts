@@ -2,6 +2,7 @@
 import { Webhook } from "svix";
 import { z } from "zod";
 import type { ClerkSync } from "./sync.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { AppError, invalidRequest, parseJsonBody } from "../core/errors.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
@@ -57,6 +58,7 @@ export class ClerkWebhooks {
     private readonly users: Users,
     private readonly clerkSync: ClerkSync,
     private readonly log: Logger,
+    private readonly clock: Clock = systemClock,
   ) {
     this.verifiers = secrets.map((secret) => new Webhook(secret));
   }
@@ -79,7 +81,7 @@ export class ClerkWebhooks {
     const claimed = await retryAtomic(async () =>
       (await this.kv.atomic()
         .check({ key: claimKey, versionstamp: null })
-        .set(claimKey, { type: event.type, receivedAt: new Date().toISOString() }, {
+        .set(claimKey, { type: event.type, receivedAt: new Date(this.clock()).toISOString() }, {
           expireIn: EVENT_MEMORY_MS,
         })
         .commit()).ok, "webhook claim");
