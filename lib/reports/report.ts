@@ -4,6 +4,7 @@
  */
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
+import { systemClock } from "../core/clock.ts";
 import { formatInt, formatUsdFixed } from "../core/format.ts";
 import { keys, u64 } from "../core/kv.ts";
 import { getManyChunked } from "../core/kv_ops.ts";
@@ -63,7 +64,7 @@ export async function buildReport(
   pricing: Pricing,
   query: ReportQuery,
 ): Promise<Report> {
-  const today = utcDay(query.now ?? Date.now());
+  const today = utcDay(query.now ?? systemClock());
   // The version index has one entry per day with usage: a range read skips empty days cheaply.
   const days: { day: Day; version: number }[] = [];
   for await (
@@ -407,7 +408,7 @@ const flagsSchema = z.object({
 });
 
 /** Parses and validates `deno task report` flags; throws UsageError naming the bad flag. */
-export function parseReportFlags(args: string[], now = Date.now()): ReportFlags {
+export function parseReportFlags(args: string[], now = systemClock()): ReportFlags {
   const raw = parseFlags(args, {
     from: "string",
     to: "string",

@@ -9,6 +9,7 @@
  * back to the live counters, and the next run summarizes the day again.
  */
 import type { Config } from "../core/config.ts";
+import { systemClock } from "../core/clock.ts";
 import { CONFLICT, isTransientKvError, keys, retryAtomic, u64 } from "../core/kv.ts";
 import { getManyChunked, retry } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
@@ -204,7 +205,7 @@ export async function summarizeCosts(
   options: SummarizeOptions = {},
 ): Promise<SummarizeResult> {
   const started = performance.now();
-  const now = options.now ?? Date.now();
+  const now = options.now ?? systemClock();
   const versions: { day: Day; version: number }[] = [];
   for await (const entry of kv.list({ prefix: keys.usageDayVersions() }, { batchSize: KV_BATCH })) {
     const day = entry.key[1];

@@ -1,6 +1,7 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
 import { commitOrConflict, CONFLICT, keys, retryAtomic, u64, USAGE_FIELDS } from "../core/kv.ts";
 import { KV_MAX_MUTATIONS } from "../core/kv_ops.ts";
+import { systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
@@ -65,7 +66,7 @@ export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
 
 /** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
-  const at = e.at ?? Date.now();
+  const at = e.at ?? systemClock();
   const day = utcDay(at);
   const add = (key: Deno.KvKey, n: bigint) => addSum(into, key, n);
   const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);
@@ -192,7 +193,7 @@ export async function userUsage(
   pricing: Pricing,
   userId: string,
   days: number,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ): Promise<UserUsage> {
   const today = utcDay(now);
   const from = dayBefore(now, days - 1);
@@ -233,7 +234,7 @@ export async function usageTotalsSince(
   pricing: Pricing,
   userId: string,
   since: Day,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ): Promise<UsageTotals> {
   const counters = await userCounters(kv, userId, since, utcDay(now));
   const sum: Raw = emptyRaw();
@@ -256,7 +257,7 @@ export async function usageReport(
   config: Config,
   userId: string,
   days: number,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ) {
   const [status, usage, spend] = await Promise.all([
     limitStatus(kv, config, userId, now),
