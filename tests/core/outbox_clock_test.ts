@@ -39,7 +39,8 @@ Deno.test("Outbox: due times, claims and retries follow the injected clock", asy
 
     now += 60_000;
     await outbox.flush();
-    assert.deepEqual(ran, ["a@1000000", "a@1060000", "later@1060000"]);
+    // One pass runs its due jobs at once: their order is not the outbox's to keep.
+    assert.deepEqual(ran.toSorted(), ["a@1000000", "a@1060000", "later@1060000"]);
     assert.equal(await outbox.pending(), 0);
   } finally {
     await outbox.close();
