@@ -6,7 +6,7 @@ import { type Session, sessionTokenFrom } from "../lib/identity/sessions.ts";
 import { AppError, invalidRequest, parseJsonBody } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import type { Config } from "../lib/core/config.ts";
-import { isLoopbackHostname } from "./local_guard.ts";
+import { isLoopbackHostname } from "./loopback.ts";
 
 export type AppEnv = {
   Variables: {

@@ -7,21 +7,7 @@
 import type { MiddlewareHandler } from "hono";
 import { errorBody, isAnthropicPath, isApiPath } from "../lib/core/errors.ts";
 import type { AppEnv } from "./context.ts";
-
-const LOOPBACK_HOSTNAMES = new Set(["localhost", "127.0.0.1", "[::1]"]);
-/** host[:port], the host a name or a bracketed IPv6 literal (no userinfo, path or spaces). */
-const HOST = /^(\[[0-9a-f:.]+\]|[^[\]:@/\\?#\s]+)(?::\d{1,5})?$/i;
-
-/** Whether a URL hostname (as `URL.hostname` gives it) is one of the loopback names. */
-export function isLoopbackHostname(hostname: string): boolean {
-  return LOOPBACK_HOSTNAMES.has(hostname.toLowerCase());
-}
-
-/** Whether a Host header value names this machine (any port). */
-export function isLoopbackHost(host: string): boolean {
-  const m = host.match(HOST);
-  return m !== null && isLoopbackHostname(m[1]);
-}
+import { isLoopbackHost } from "./loopback.ts";
 
 /** 403 `forbidden` for any request whose Host is not localhost, 127.0.0.1 or [::1]. */
 export function localHostGuard(

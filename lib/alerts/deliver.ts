@@ -8,10 +8,11 @@
  */
 import { Webhook } from "svix";
 import type { Config, KeyMode } from "../core/config.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import { type Logger, redacted } from "../core/log.ts";
 import { formatUsd } from "../core/format.ts";
-import type { UserRecord } from "../identity/users.ts";
+import type { UserRecord } from "../identity/user_record.ts";
 import { type AttemptFailure, errorText, Outbox, type OutboxJob } from "../core/outbox.ts";
 
 /** What an upstream alert carries (the gateway fills it from the refused upstream answer). */
@@ -116,6 +117,7 @@ export class Events {
     private readonly config: Config,
     private readonly kv: Deno.Kv,
     private readonly log: Logger,
+    private readonly clock: Clock = systemClock,
   ) {
     this.url = config.events.webhookUrl;
     this.enabled = this.url !== undefined;
@@ -123,17 +125,23 @@ export class Events {
     this.signer = secret ? new Webhook(secret) : undefined;
     this.masterKey = config.glm.apiKey;
     this.localMode = config.localMode;
-    this.outbox = new Outbox<EventJob>(kv, keys.eventOutboxAll()[0], {
-      name: "event delivery",
-      run: async (job, signal) => this.post(await this.completed(job), signal),
-      retryInMs: (job) => {
-        const wait = Math.min(this.retryBaseMs * 2 ** (job.attempts - 1), this.retryMaxMs);
-        return Date.now() + wait - job.createdAt > this.giveUpAfterMs ? undefined : wait;
+    this.outbox = new Outbox<EventJob>(
+      kv,
+      keys.eventOutboxAll()[0],
+      {
+        name: "event delivery",
+        run: async (job, signal) => this.post(await this.completed(job), signal),
+        retryInMs: (job) => {
+          const wait = Math.min(this.retryBaseMs * 2 ** (job.attempts - 1), this.retryMaxMs);
+          return this.clock() + wait - job.createdAt > this.giveUpAfterMs ? undefined : wait;
+        },
+        fields: (job) => ({ eventId: job.id, type: job.type }),
+        done: (job) =>
+          log.info("event delivered", { eventId: job.id, type: job.type, attempt: job.attempts }),
       },
-      fields: (job) => ({ eventId: job.id, type: job.type }),
-      done: (job) =>
-        log.info("event delivered", { eventId: job.id, type: job.type, attempt: job.attempts }),
-    }, log);
+      log,
+      clock,
+    );
   }
 
   /** Proxy or shared: what user.provisioned reports as `mode`. */
@@ -147,7 +155,7 @@ export class Events {
    */
   add(op: Deno.AtomicOperation, event: LifecycleEvent): Deno.AtomicOperation {
     if (!this.enabled) return op;
-    const now = Date.now();
+    const now = this.clock();
     // A user provisioned by their first dashboard visit, before Clerk's user.created: the e-mail
     // and names arrive a moment later (that webhook, or the Clerk sync). The event waits for them
     // and is completed from the user's record when it is sent.
@@ -166,7 +174,7 @@ export class Events {
     fields: EventFields[T],
     subject = "*",
   ): Promise<boolean> {
-    const hour = Math.floor(Date.now() / HOUR_MS);
+    const hour = Math.floor(this.clock() / HOUR_MS);
     const outcome = await this.alertOnce(
       keys.alertSent(type, subject, hour),
       2 * HOUR_MS,
@@ -190,7 +198,7 @@ export class Events {
     let sent = false;
     try {
       sent = await retryAtomic(async () => {
-        const now = Date.now();
+        const now = this.clock();
         const job = this.jobOf(clean, now);
         const body = JSON.parse(job.body) as EventBody;
         const op = this.kv.atomic()
@@ -216,7 +224,7 @@ export class Events {
 
   /** Alerts of the last 24 hours, newest first. */
   async recentAlerts(limit = 50): Promise<RecentAlert[]> {
-    const since = Date.now() - DAY_MS;
+    const since = this.clock() - DAY_MS;
     const alerts: RecentAlert[] = [];
     const iter = this.kv.list<RecentAlert>(
       { prefix: keys.alertLogAll(), start: keys.alertLog(since, "") },
@@ -280,7 +288,7 @@ export class Events {
     event: OutboxJob<EventJob>,
     stopping: AbortSignal,
   ): Promise<AttemptFailure | null> {
-    const now = new Date();
+    const now = new Date(this.clock());
     // The id stays the same on every retry so receivers can drop repeats; the timestamp (and so
     // the signature) is the attempt's, as receivers refuse stale timestamps.
     const headers: Record<string, string> = {

@@ -8,11 +8,12 @@
 import { type ClerkClient, createClerkClient } from "@clerk/backend";
 import { isClerkAPIResponseError } from "@clerk/backend/errors";
 import type { Config } from "../core/config.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
 import { type AttemptFailure, errorText, Outbox } from "../core/outbox.ts";
 import type { UserRecord, Users } from "../identity/users.ts";
-import { clerkProfile, clerkUserSchema } from "./webhooks.ts";
+import { clerkProfile, clerkUserSchema } from "./user.ts";
 
 /** What Clerk's public_metadata.keyway holds; never the key itself. */
 export interface KeywayMetadata {
@@ -49,21 +50,31 @@ export class ClerkSync {
     private readonly kv: Deno.Kv,
     private readonly users: Users,
     private readonly log: Logger,
+    clock: Clock = systemClock,
   ) {
     const { secretKey, apiUrl } = config.clerk;
     this.client = secretKey ? createClerkClient({ secretKey, apiUrl }) : undefined;
     this.enabled = this.client !== undefined;
-    this.outbox = new Outbox<SyncJob>(kv, keys.clerkSyncOutboxAll()[0], {
-      name: "clerk sync",
-      run: (job, signal) => this.attempt(job.userId, signal),
-      retryInMs: (job) => this.retryDelaysMs[job.attempts - 1],
-      fields: (job) => ({ userId: job.userId }),
-      done: (job) => {
-        if (job.attempts > 1) {
-          log.info("clerk sync succeeded on retry", { userId: job.userId, attempt: job.attempts });
-        }
+    this.outbox = new Outbox<SyncJob>(
+      kv,
+      keys.clerkSyncOutboxAll()[0],
+      {
+        name: "clerk sync",
+        run: (job, signal) => this.attempt(job.userId, signal),
+        retryInMs: (job) => this.retryDelaysMs[job.attempts - 1],
+        fields: (job) => ({ userId: job.userId }),
+        done: (job) => {
+          if (job.attempts > 1) {
+            log.info("clerk sync succeeded on retry", {
+              userId: job.userId,
+              attempt: job.attempts,
+            });
+          }
+        },
       },
-    }, log);
+      log,
+      clock,
+    );
   }
 
   /** Called after a key was created or rotated: stores a sync, which runs within milliseconds. */
@@ -105,9 +116,9 @@ export class ClerkSync {
    * sleeping). Rejects after `timeoutMs`.
    */
   async idle(timeoutMs = 5_000): Promise<void> {
-    const until = Date.now() + timeoutMs;
+    const until = performance.now() + timeoutMs;
     while (this.adding.size || (await this.outbox.pending()) > 0) {
-      if (Date.now() > until) throw new Error(`clerk sync still busy after ${timeoutMs} ms`);
+      if (performance.now() > until) throw new Error(`clerk sync still busy after ${timeoutMs} ms`);
       await Promise.race([...this.adding, new Promise((r) => setTimeout(r, 10))]);
     }
     await this.outbox.passDone(); // its last outcome's log line

@@ -2,28 +2,15 @@
 import { Webhook } from "svix";
 import { z } from "zod";
 import type { ClerkSync } from "./sync.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { AppError, invalidRequest, parseJsonBody } from "../core/errors.ts";
 import { keys, retryAtomic } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
-import type { Profile, Users } from "../identity/users.ts";
+import type { Users } from "../identity/users.ts";
+import { clerkId, clerkProfile, type ClerkUserJson, clerkUserSchema } from "./user.ts";
 
 /** Svix retries a message for about three days; a week of memory covers every redelivery. */
 const EVENT_MEMORY_MS = 7 * 24 * 3600 * 1000;
-
-const clerkId = z.string().min(1).max(200);
-
-/** The part of Clerk's user object Keyway reads: webhook `data` and Backend API JSON alike. */
-export const clerkUserSchema = z.object({
-  id: clerkId,
-  email_addresses: z.array(z.object({ id: z.string(), email_address: z.string().max(320) }))
-    .nullish(),
-  primary_email_address_id: z.string().nullish(),
-  first_name: z.string().max(200).nullish(),
-  last_name: z.string().max(200).nullish(),
-  /** ms since the epoch; orders profile updates that Svix delivers out of order. */
-  updated_at: z.number().int().nonnegative().nullish(),
-});
-export type ClerkUserJson = z.infer<typeof clerkUserSchema>;
 
 const deletedUserSchema = z.object({ id: clerkId, deleted: z.boolean().optional() });
 
@@ -35,18 +22,6 @@ type ClerkEvent =
   | { type: "ignored"; eventType: string };
 
 export type WebhookOutcome = { ok: true; duplicate?: true; ignored?: true };
-
-/** E-mail (the primary address, else the first) and names from a Clerk user. */
-export function clerkProfile(user: ClerkUserJson): Profile {
-  const emails = user.email_addresses ?? [];
-  const primary = emails.find((e) => e.id === user.primary_email_address_id) ?? emails[0];
-  return {
-    email: primary?.email_address || null,
-    firstName: user.first_name || null,
-    lastName: user.last_name || null,
-    clerkUpdatedAt: user.updated_at ?? null,
-  };
-}
 
 /** Parses a verified payload; unknown event types come back as "ignored". */
 export function parseClerkEvent(rawBody: string): ClerkEvent {
@@ -83,6 +58,7 @@ export class ClerkWebhooks {
     private readonly users: Users,
     private readonly clerkSync: ClerkSync,
     private readonly log: Logger,
+    private readonly clock: Clock = systemClock,
   ) {
     this.verifiers = secrets.map((secret) => new Webhook(secret));
   }
@@ -105,7 +81,7 @@ export class ClerkWebhooks {
     const claimed = await retryAtomic(async () =>
       (await this.kv.atomic()
         .check({ key: claimKey, versionstamp: null })
-        .set(claimKey, { type: event.type, receivedAt: new Date().toISOString() }, {
+        .set(claimKey, { type: event.type, receivedAt: new Date(this.clock()).toISOString() }, {
           expireIn: EVENT_MEMORY_MS,
         })
         .commit()).ok, "webhook claim");

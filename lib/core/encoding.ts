@@ -1,18 +1,14 @@
-/** Small encoders the runtime lacks without @std (which is not reachable here). */
+/** Base64url (the runtime's, unpadded), random tokens and byte joins; JSON text walkers below. */
 
 export function encodeBase64Url(bytes: Uint8Array): string {
-  let bin = "";
-  for (let i = 0; i < bytes.length; i++) bin += String.fromCharCode(bytes[i]);
-  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+  return bytes.toBase64({ alphabet: "base64url", omitPadding: true });
 }
 
 /** Bytes of an unpadded base64url string, or null when it is not one. */
 export function decodeBase64Url(text: string): Uint8Array<ArrayBuffer> | null {
+  // fromBase64 would also take padding and skip whitespace: neither is in an unpadded token.
   if (!/^[A-Za-z0-9_-]*$/.test(text) || text.length % 4 === 1) return null;
-  const bin = atob(text.replace(/-/g, "+").replace(/_/g, "/"));
-  const bytes = new Uint8Array(bin.length);
-  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-  return bytes;
+  return Uint8Array.fromBase64(text, { alphabet: "base64url" });
 }
 
 export function randomToken(bytes = 32): string {

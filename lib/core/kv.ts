@@ -1,5 +1,6 @@
 /** Deno KV: opening the store and every key builder (one place for the key design). */
 import type { Day, Month } from "./utc.ts";
+import { retry } from "./kv_ops.ts";
 
 /** Counters per user, day and model; "cached" is the part of "prompt" served from cache. */
 export type UsageField = "requests" | "prompt" | "completion" | "cached";
@@ -188,13 +189,18 @@ export async function commitOrConflict(
   }
 }
 
+/** A read-modify-write lost to another writer (or the KV file's lock) on every attempt. */
+class KvConflictError extends Error {
+  override name = "KvConflictError";
+}
+
 /** Runs an atomic read-modify-write until it commits (attempt returns CONFLICT to go again). */
 export async function retryAtomic<T>(
   attempt: () => Promise<T | typeof CONFLICT>,
   what: string,
   maxAttempts = 100,
 ): Promise<T> {
-  for (let i = 0; i < maxAttempts; i++) {
+  return await retry(async () => {
     let result: T | typeof CONFLICT;
     try {
       result = await attempt();
@@ -203,8 +209,12 @@ export async function retryAtomic<T>(
       result = CONFLICT;
     }
     if (result !== CONFLICT) return result;
-    // Spread contenders out a little so a burst does not retry in lock-step.
-    if (i > 2) await new Promise((r) => setTimeout(r, Math.random() * Math.min(2 ** i, 50)));
-  }
-  throw new Error(`${what}: KV write kept conflicting after ${maxAttempts} attempts`);
+    throw new KvConflictError(`${what}: KV write kept conflicting after ${maxAttempts} attempts`);
+  }, {
+    attempts: maxAttempts,
+    // Waits below 2^(n−2) ms, at most 50 ms, before attempt n: contenders spread out a little.
+    baseMs: 0.5,
+    capMs: 50,
+    shouldRetry: (err) => err instanceof KvConflictError,
+  });
 }

@@ -1,4 +1,5 @@
 /** One-line structured logs; known secrets are redacted from every line before it is written. */
+import { type Clock, systemClock } from "./clock.ts";
 
 export type LogFields = Record<string, unknown>;
 export type LogLevel = "info" | "warn" | "error";
@@ -16,6 +17,8 @@ export interface LoggerOptions {
   /** Drop info lines. */
   quiet?: boolean;
   sink?: LogSink;
+  /** Where the lines' `ts` comes from. */
+  clock?: Clock;
 }
 
 /** `text` with every copy of `secret` replaced by "[redacted]" (secrets under 8 characters are
@@ -31,9 +34,10 @@ export function createLogger(
 ): Logger {
   const redact = secrets.filter((s): s is string => typeof s === "string");
   const sink = options.sink ?? defaultSink();
+  const clock = options.clock ?? systemClock;
   const write = (level: LogLevel, msg: string, fields?: LogFields) => {
     if (options.quiet && level === "info") return;
-    let line = JSON.stringify({ ts: new Date().toISOString(), level, msg, ...fields });
+    let line = JSON.stringify({ ts: new Date(clock()).toISOString(), level, msg, ...fields });
     for (const secret of redact) line = redacted(line, secret);
     sink(level, line);
   };

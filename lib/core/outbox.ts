@@ -12,6 +12,8 @@
  * twice; a process that dies mid-attempt leaves a lease that falls due later and is picked up
  * again.
  */
+import { backoffMs } from "./kv_ops.ts";
+import { type Clock, systemClock } from "./clock.ts";
 import { isTransientKvError } from "./kv.ts";
 import type { Logger } from "./log.ts";
 
@@ -66,14 +68,15 @@ export class Outbox<T extends object> {
     private readonly prefix: string,
     private readonly worker: OutboxWorker<T>,
     private readonly log: Logger,
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /**
    * Adds a new job to an atomic operation: it runs if and only if that commit lands (one
    * mutation). `dueAt` defaults to now.
    */
-  add(op: Deno.AtomicOperation, job: T & { id: string }, dueAt = Date.now()): OutboxJob<T> {
-    const stored = { ...job, attempts: 0, createdAt: Date.now() } as OutboxJob<T>;
+  add(op: Deno.AtomicOperation, job: T & { id: string }, dueAt = this.clock()): OutboxJob<T> {
+    const stored = { ...job, attempts: 0, createdAt: this.clock() } as OutboxJob<T>;
     op.set(this.key(dueAt, job.id), stored);
     this.wake();
     return stored;
@@ -152,7 +155,7 @@ export class Outbox<T extends object> {
   private async runDue(): Promise<boolean> {
     const due: Deno.KvEntry<OutboxJob<T>>[] = [];
     const iter = this.kv.list<OutboxJob<T>>(
-      { prefix: [this.prefix], end: this.key(Date.now() + 1, "") },
+      { prefix: [this.prefix], end: this.key(this.clock() + 1, "") },
       { limit: BATCH },
     );
     for await (const entry of iter) due.push(entry);
@@ -163,7 +166,7 @@ export class Outbox<T extends object> {
   private async runOne(entry: Deno.KvEntry<OutboxJob<T>>): Promise<void> {
     // Claim: move the job to a lease that falls due only if this process never finishes.
     const job: OutboxJob<T> = { ...entry.value, attempts: entry.value.attempts + 1 };
-    const leaseKey = this.key(Date.now() + this.leaseMs, job.id);
+    const leaseKey = this.key(this.clock() + this.leaseMs, job.id);
     const claim = await this.commit(
       this.kv.atomic().check(entry).delete(entry.key).set(leaseKey, job),
     );
@@ -186,7 +189,7 @@ export class Outbox<T extends object> {
     const retryInMs = failure.permanent ? undefined : this.worker.retryInMs(job);
     const res = await this.commitSoon(() => {
       const op = this.kv.atomic().check(lease).delete(leaseKey);
-      if (retryInMs !== undefined) op.set(this.key(Date.now() + retryInMs, job.id), job);
+      if (retryInMs !== undefined) op.set(this.key(this.clock() + retryInMs, job.id), job);
       return op;
     });
     const fields = { ...this.worker.fields(job), attempt: job.attempts };
@@ -211,10 +214,11 @@ export class Outbox<T extends object> {
   private async commitSoon(
     build: () => Deno.AtomicOperation,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError | null> {
-    for (let i = 0; i < 20; i++) {
+    for (let attempt = 1; attempt <= 20; attempt++) {
+      const wait = backoffMs(attempt, { baseMs: 2.5, capMs: 250 });
+      if (wait > 0) await new Promise((r) => setTimeout(r, wait));
       const res = await this.commit(build());
       if (res !== null || this.closed) return res;
-      await new Promise((r) => setTimeout(r, 1 + Math.random() * Math.min(5 * 2 ** i, 250)));
     }
     return null;
   }

@@ -13,6 +13,8 @@ import { Events } from "../alerts/deliver.ts";
 import { localSecret, Users } from "../identity/users.ts";
 import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
 import { utcMonth } from "./utc.ts";
+import { type Clock, systemClock } from "./clock.ts";
+import { CacheEpoch } from "../identity/cache_epoch.ts";
 
 export interface Services {
   config: Config;
@@ -31,6 +33,8 @@ export interface Services {
   connect: ConnectFlows;
   /** Operator events and alerts to EVENTS_WEBHOOK_URL (lib/alerts/deliver.ts). */
   events: Events;
+  /** The time every service above reads (the Gateway and UpstreamSlots read the system's). */
+  clock: Clock;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -38,28 +42,36 @@ export interface Services {
 export async function createServices(
   config: Config,
   kv: Deno.Kv,
-  /** `connect` shortens the flows' lifetimes and intervals in tests. */
-  options: { log?: Logger; connect?: ConnectOptions } = {},
+  /** `connect` shortens the flows' lifetimes and intervals in tests; `clock` fakes the time. */
+  options: { log?: Logger; connect?: ConnectOptions; clock?: Clock } = {},
 ): Promise<Services> {
+  const clock = options.clock ?? systemClock;
   const log = options.log ??
-    createLogger(secretsOf(config));
+    createLogger(secretsOf(config), { clock });
   // Local mode has no configured secret: one is generated once and kept in KV (documented).
   const encryptionSecret = config.keyEncryptionSecret ??
     await localSecret(kv, "key_encryption");
   const vault = await KeyVault.fromSecret(encryptionSecret);
-  const events = new Events(config, kv, log);
+  const events = new Events(config, kv, log, clock);
   if (config.events.webhookUrl && !config.events.webhookSecret) {
     log.warn(
       "EVENTS_WEBHOOK_URL is set without EVENTS_WEBHOOK_SECRET: events are sent unsigned, so " +
         "the receiver cannot tell them from forgeries",
     );
   }
-  const users = new Users(kv, vault, undefined, events);
+  const users = new Users(
+    kv,
+    vault,
+    new CacheEpoch(kv, undefined, undefined, clock),
+    events,
+    clock,
+  );
   const sessions = new SessionVerifier(config, kv, {
     localSecret: config.localMode ? await localSecret(kv, "session_signing") : undefined,
     log,
+    clock,
   });
-  const clerkSync = new ClerkSync(config, kv, users, log);
+  const clerkSync = new ClerkSync(config, kv, users, log, clock);
   if (config.keyMode === "proxy" && config.allowAnyModel && !config.pricing["*"]) {
     log.warn(
       'ALLOWED_MODELS=* but PRICING has no "*" entry: models without a price cost $0, and users ' +
@@ -68,9 +80,10 @@ export async function createServices(
   }
   const ledger = new Ledger(kv, config, {
     log,
+    clock,
     // budget.threshold at 80 % and 100 %, once each per user and month across processes.
     onBudgetCharged: async (userId, budgetUsd) => {
-      const month = utcMonth();
+      const month = utcMonth(clock());
       const spent = await kv.get(keys.spendByMonth(userId, month));
       await checkBudget(events, { id: userId }, u64(spent.value) / 1e9, budgetUsd, month);
     },
@@ -98,8 +111,9 @@ export async function createServices(
     ledger,
     gateway,
     slots,
-    connect: new ConnectFlows(kv, options.connect),
+    connect: new ConnectFlows(kv, { now: clock, ...options.connect }),
     events,
+    clock,
     close: async () => {
       slots.close();
       await Promise.all([ledger.close(), events.close(), clerkSync.close()]);

@@ -1,4 +1,5 @@
 /** Every UTC date helper: the days and months usage is counted in, and when they turn over. */
+import { systemClock } from "./clock.ts";
 
 export type Day = string; // YYYY-MM-DD (UTC)
 export type Month = string; // YYYY-MM (UTC)
@@ -10,7 +11,7 @@ let memoDayNumber = NaN;
 let memoDay = "";
 
 /** UTC date of a timestamp as YYYY-MM-DD. */
-export function utcDay(ms: number = Date.now()): Day {
+export function utcDay(ms: number = systemClock()): Day {
   const n = Math.floor(ms / DAY_MS);
   if (n !== memoDayNumber) {
     memoDay = new Date(ms).toISOString().slice(0, 10);
@@ -19,7 +20,7 @@ export function utcDay(ms: number = Date.now()): Day {
   return memoDay;
 }
 
-export function utcMonth(ms: number = Date.now()): Month {
+export function utcMonth(ms: number = systemClock()): Month {
   return utcDay(ms).slice(0, 7);
 }
 

@@ -5,6 +5,7 @@
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 
 interface Alias {
   pattern: string;
@@ -39,14 +40,13 @@ export class ModelCatalog {
   }
 
   /** Resolutions of the names requests used (a few; bounded). */
-  private readonly resolved = new Map<string, string | AppError>();
+  private readonly resolved = new BoundedMap<string, string | AppError>(1000);
 
   /** The model to forward as, or 400 model_not_allowed saying why. */
   resolve(requested: string): string | AppError {
     let found = this.resolved.get(requested);
     if (found === undefined) {
       found = this.lookUp(requested);
-      if (this.resolved.size >= 1000) this.resolved.clear();
       this.resolved.set(requested, found);
     }
     return found;

@@ -59,6 +59,7 @@ export function classifyRefusal(
   status: number,
   body: Uint8Array | null,
   retryAfter: string | null,
+  now: number = systemClock(),
 ): UpstreamRefusal {
   const { code, message } = errorFields(body);
   const spared = "Nothing was counted against your limits.";
@@ -94,7 +95,7 @@ export function classifyRefusal(
     };
   }
   // 429 with a throttling code, or with none we know: the account is throttled.
-  const seconds = retryAfterSeconds(retryAfter) ?? DEFAULT_RETRY_AFTER_S;
+  const seconds = retryAfterSeconds(retryAfter, now) ?? DEFAULT_RETRY_AFTER_S;
   return {
     error: new AppError(
       "upstream_busy",
@@ -125,11 +126,11 @@ function errorFields(body: Uint8Array | null): { code: string | null; message: s
 }
 
 /** A Retry-After in whole seconds (1–300), from delta-seconds or an HTTP date. */
-function retryAfterSeconds(value: string | null): number | null {
+function retryAfterSeconds(value: string | null, now: number): number | null {
   if (!value) return null;
   const n = /^\d+$/.test(value.trim())
     ? Number(value.trim())
-    : Math.ceil((Date.parse(value) - Date.now()) / 1000);
+    : Math.ceil((Date.parse(value) - now) / 1000);
   if (!Number.isFinite(n)) return null;
   return Math.min(300, Math.max(1, n));
 }

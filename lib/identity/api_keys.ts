@@ -1,5 +1,6 @@
 /** Per-user API keys: generation, SHA-256 look-up hash, AES-GCM encryption at rest. */
 import { decodeBase64Url, encodeBase64Url } from "../core/encoding.ts";
+import { sha256Base64url } from "../core/hash.ts";
 
 const encoder = new TextEncoder();
 
@@ -17,9 +18,9 @@ export function looksLikeApiKey(value: string): boolean {
   return /^kw_[A-Za-z0-9_-]{43}$/.test(value);
 }
 
-export async function hashApiKey(apiKey: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", encoder.encode(apiKey));
-  return encodeBase64Url(new Uint8Array(digest));
+/** The key's look-up hash (keys.keyByHash): its SHA-256, base64url. */
+export function hashApiKey(apiKey: string): Promise<string> {
+  return sha256Base64url(apiKey);
 }
 
 /** Encrypts and decrypts keys with an AES-256-GCM key derived (HKDF) from a secret. */

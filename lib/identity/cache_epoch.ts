@@ -10,8 +10,12 @@
  * file, hence the cheap poll.
  */
 import { keys } from "../core/kv.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 
 const CHANGE_KEEP_MS = 10 * 60_000;
+/** Users whose last drop is remembered one by one; older drops fold into `everything`. */
+const BY_USER_MAX = 100_000;
 /** Clock differences between processes that the change log tolerates. */
 const SKEW_MS = 5_000;
 
@@ -20,10 +24,10 @@ export class CacheEpoch {
   generation = 0;
   /** The generation of the last drop of everything. */
   private everything = 0;
-  private readonly byUser = new Map<string, number>();
+  private readonly byUser = new BoundedMap<string, number>(BY_USER_MAX);
   private seen: bigint | null = null;
   private checkedAt = -Infinity;
-  private lookedAt = Date.now();
+  private lookedAt: number;
   private pending: Promise<void> | null = null;
   private readonly listeners = new Set<(userIds: string[] | null) => void>();
 
@@ -32,11 +36,15 @@ export class CacheEpoch {
     private readonly intervalMs = 250,
     /** How long change records are kept (and so how long a process can be away and catch up). */
     private readonly keepMs = CHANGE_KEEP_MS,
-  ) {}
+    /** Wall-clock time: change records are keyed by it, across processes. */
+    private readonly clock: Clock = systemClock,
+  ) {
+    this.lookedAt = clock();
+  }
 
   /** Adds the counter bump (and the record of whose values changed) to an invalidating write. */
   bump(op: Deno.AtomicOperation, userId: string): Deno.AtomicOperation {
-    const at = Date.now();
+    const at = this.clock();
     return op.sum(keys.cacheEpoch(), 1n)
       .set(keys.cacheChange(at, crypto.randomUUID()), userId, { expireIn: this.keepMs });
   }
@@ -49,13 +57,23 @@ export class CacheEpoch {
   /** Drops cached values in this process now: some users', or everything. */
   invalidate(userIds: string[] | null = null) {
     this.generation++;
-    if (userIds === null || this.byUser.size > 100_000) {
+    if (userIds === null) {
       this.everything = this.generation;
       this.byUser.clear();
     } else {
-      for (const id of userIds) this.byUser.set(id, this.generation);
+      for (const id of userIds) this.dropped(id);
     }
     for (const listener of this.listeners) listener(userIds);
+  }
+
+  private dropped(userId: string) {
+    if (!this.byUser.has(userId) && this.byUser.size >= BY_USER_MAX) {
+      // The set below evicts the least recently used entry, the first in iteration order: its
+      // drop moves into `everything`, so a fill that raced it is still not kept.
+      const [, oldest] = this.byUser.entries().next().value!;
+      this.everything = Math.max(this.everything, oldest);
+    }
+    this.byUser.set(userId, this.generation);
   }
 
   /** The generation a fill for this user must still see to be kept (fills racing a drop are not). */
@@ -77,8 +95,8 @@ export class CacheEpoch {
     // Away longer than the records are kept (no /api/key call here for a while): the log may
     // have lost changes made meanwhile, so it cannot say whose values are still right.
     const margin = Math.min(2 * SKEW_MS, this.keepMs / 2);
-    const away = Date.now() - this.lookedAt > this.keepMs - margin;
-    this.lookedAt = Date.now();
+    const away = this.clock() - this.lookedAt > this.keepMs - margin;
+    this.lookedAt = this.clock();
     if (this.seen !== null && value !== this.seen && away) {
       this.invalidate(null);
     } else if (this.seen !== null && value !== this.seen) {

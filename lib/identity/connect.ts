@@ -3,8 +3,10 @@
  * device codes. Records hold the user id only, never the key (it is read at exchange time), and
  * every code is stored as its SHA-256 so a KV dump hands out nothing.
  */
+import { type Clock, systemClock } from "../core/clock.ts";
 import { AppError } from "../core/errors.ts";
-import { encodeBase64Url, randomToken } from "../core/encoding.ts";
+import { randomToken } from "../core/encoding.ts";
+import { sha256Base64url } from "../core/hash.ts";
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
 
 export interface ConnectOptions {
@@ -20,7 +22,7 @@ export interface ConnectOptions {
   /** Device authorizations anyone may start per minute, all clients together (no sign-in). */
   deviceStartsPerMinute?: number;
   /** The clock (ms). */
-  now?: () => number;
+  now?: Clock;
 }
 
 /** Where a PKCE flow may send its code, and how the approve page names it. */
@@ -105,13 +107,8 @@ export function redirectWith(target: RedirectTarget, params: Record<string, stri
   return url.href;
 }
 
-async function sha256(text: string): Promise<string> {
-  const digest = await crypto.subtle.digest("SHA-256", new TextEncoder().encode(text));
-  return encodeBase64Url(new Uint8Array(digest));
-}
-
 /** The S256 code challenge of a PKCE verifier (RFC 7636 §4.2). */
-export const s256 = sha256;
+export const s256 = sha256Base64url;
 
 /** Upper-case, without dashes or spaces: "bcdf-ghjk" and "BCDFGHJK" are one code. */
 export function normalizeUserCode(input: string): string {
@@ -141,7 +138,7 @@ export class ConnectFlows {
   readonly missLimit: number;
   readonly missWindowMs: number;
   readonly deviceStartsPerMinute: number;
-  private readonly now: () => number;
+  private readonly now: Clock;
 
   constructor(private readonly kv: Deno.Kv, options: ConnectOptions = {}) {
     this.codeTtlMs = options.codeTtlMs ?? 60_000;
@@ -150,7 +147,7 @@ export class ConnectFlows {
     this.missLimit = options.missLimit ?? 5;
     this.missWindowMs = options.missWindowMs ?? 900_000;
     this.deviceStartsPerMinute = options.deviceStartsPerMinute ?? 600;
-    this.now = options.now ?? Date.now;
+    this.now = options.now ?? systemClock;
   }
 
   // ---- PKCE ----
@@ -159,7 +156,7 @@ export class ConnectFlows {
   async issueCode(userId: string, challenge: string, client: string): Promise<string> {
     if (!CHALLENGE_RE.test(challenge)) throw new Error("issueCode: not an S256 challenge");
     const code = randomToken(32);
-    const key = keys.connectCode(await sha256(code));
+    const key = keys.connectCode(await sha256Base64url(code));
     const record: CodeRecord = {
       userId,
       challenge,
@@ -181,7 +178,7 @@ export class ConnectFlows {
    */
   async redeemCode(code: string, verifier: string): Promise<string> {
     if (code.length > 100) throw invalidGrant();
-    const key = keys.connectCode(await sha256(code));
+    const key = keys.connectCode(await sha256Base64url(code));
     const entry = await this.kv.get<CodeRecord>(key);
     if (!entry.value) throw invalidGrant();
     const res = await this.kv.atomic().check(entry).delete(key).commit();
@@ -218,7 +215,7 @@ export class ConnectFlows {
       return res.ok ? true : CONFLICT;
     }, "device start count");
     const deviceCode = randomToken(32);
-    const deviceHash = await sha256(deviceCode);
+    const deviceHash = await sha256Base64url(deviceCode);
     const expireIn = this.deviceTtlMs + EXPIRED_GRACE_MS;
     for (let attempt = 0; attempt < 10; attempt++) {
       const userCode = randomUserCode();
@@ -312,7 +309,7 @@ export class ConnectFlows {
    */
   async pollDevice(deviceCode: string): Promise<string> {
     if (deviceCode.length > 100) throw invalidGrant();
-    const key = keys.deviceCode(await sha256(deviceCode));
+    const key = keys.deviceCode(await sha256Base64url(deviceCode));
     const outcome = await retryAtomic<
       { userId: string } | { error: "slow_down" | "pending" | "denied" | "expired" }
     >(async () => {

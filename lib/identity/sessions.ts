@@ -3,8 +3,11 @@ import { verifyToken } from "@clerk/backend";
 import { sign as signJwt, verify as verifyJwt } from "hono/jwt";
 import { z } from "zod";
 import type { Config } from "../core/config.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import { decodeBase64Url } from "../core/encoding.ts";
+import { sha256 } from "../core/hash.ts";
 import { keys } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import { ClerkJwks } from "./clerk_jwks.ts";
 
@@ -50,17 +53,19 @@ const SKEW_SECONDS = 5;
 
 /** Verifies session tokens; verified claims are cached by token until they expire. */
 export class SessionVerifier {
-  private readonly cache = new Map<string, Session>();
+  private readonly cache = new BoundedMap<string, Session>(CACHE_MAX);
   private readonly localSecret?: string;
   /** Clerk's keys from the Backend API, when there is no CLERK_JWT_KEY to verify with. */
   private readonly jwks?: ClerkJwks;
+  private readonly clock: Clock;
 
   constructor(
     private readonly config: Config,
     private readonly kv: Deno.Kv,
-    options: { localSecret?: string; log?: Logger } = {},
+    options: { localSecret?: string; log?: Logger; clock?: Clock } = {},
   ) {
     this.localSecret = options.localSecret;
+    this.clock = options.clock ?? systemClock;
     const { jwtKey, secretKey, apiUrl } = config.clerk;
     if (!config.localMode && !jwtKey && secretKey) {
       this.jwks = new ClerkJwks(apiUrl, secretKey, options.log);
@@ -70,7 +75,7 @@ export class SessionVerifier {
   async verify(token: string): Promise<Session | null> {
     if (!token || token.length > 8192) return null;
     let session = this.cache.get(token);
-    if (session && session.exp <= Date.now() / 1000) {
+    if (session && session.exp <= this.clock() / 1000) {
       this.cache.delete(token);
       session = undefined;
     }
@@ -79,7 +84,7 @@ export class SessionVerifier {
         ? await this.verifyLocal(token)
         : await this.verifyClerk(token);
       if (!verified) return null;
-      this.remember(token, verified);
+      this.cache.set(token, verified);
       session = verified;
     }
     // Revocations live in KV, not in the cache: a sign-out in any process ends the session here.
@@ -91,7 +96,7 @@ export class SessionVerifier {
   async issueLocal(email: string): Promise<{ token: string; userId: string; maxAge: number }> {
     if (!this.config.localMode || !this.localSecret) throw new Error("not in local mode");
     const userId = await localUserId(email);
-    const iat = Math.floor(Date.now() / 1000);
+    const iat = Math.floor(this.clock() / 1000);
     const token = await signJwt(
       {
         sub: userId,
@@ -115,7 +120,7 @@ export class SessionVerifier {
   async revoke(token: string): Promise<void> {
     const session = await this.verify(token);
     if (session?.sid === undefined) return;
-    const remainingMs = Math.ceil(session.exp * 1000 - Date.now());
+    const remainingMs = Math.ceil(session.exp * 1000 - this.clock());
     if (remainingMs <= 0) return;
     await this.kv.set(keys.revokedSession(session.sid), true, { expireIn: remainingMs });
     this.cache.delete(token);
@@ -150,7 +155,7 @@ export class SessionVerifier {
     const { jwtKey } = this.config.clerk;
     if (!jwtKey && !this.jwks) return null;
     // Everything that needs no key is checked first, so junk costs no key import and no fetch.
-    const parsed = readClerkToken(token, this.config.clerk.authorizedParties);
+    const parsed = readClerkToken(token, this.config.clerk.authorizedParties, this.clock());
     if (!parsed) return null;
     const session = { userId: parsed.claims.sub, exp: parsed.claims.exp };
     if (jwtKey) {
@@ -173,14 +178,6 @@ export class SessionVerifier {
     );
     return valid ? session : null;
   }
-
-  private remember(token: string, session: Session) {
-    if (this.cache.size >= CACHE_MAX) {
-      // Maps iterate in insertion order: drop the oldest entry.
-      this.cache.delete(this.cache.keys().next().value!);
-    }
-    this.cache.set(token, session);
-  }
 }
 
 /**
@@ -189,14 +186,18 @@ export class SessionVerifier {
  * authorized party, an issuer that is no https origin, or a `pending` session (unfinished session
  * tasks count as signed out, as in Clerk's own SDK).
  */
-function readClerkToken(token: string, authorizedParties: string[]): ClerkToken | null {
+function readClerkToken(
+  token: string,
+  authorizedParties: string[],
+  nowMs: number,
+): ClerkToken | null {
   const parts = token.split(".");
   if (parts.length !== 3) return null;
   const header = jsonPart(parts[0], clerkHeader);
   const claims = jsonPart(parts[1], clerkClaims);
   const signature = decodeBase64Url(parts[2]);
   if (!header || !claims || !signature?.length) return null;
-  const now = Date.now() / 1000;
+  const now = nowMs / 1000;
   if (claims.exp + SKEW_SECONDS <= now) return null;
   if (claims.nbf !== undefined && claims.nbf - SKEW_SECONDS > now) return null;
   if (claims.iat !== undefined && claims.iat - SKEW_SECONDS > now) return null;
@@ -231,15 +232,8 @@ function isClerkIssuer(iss: string): boolean {
 
 /** Stable local user id for an e-mail: `user_local_` + 20 hex of its SHA-256. */
 export async function localUserId(email: string): Promise<string> {
-  const digest = await crypto.subtle.digest(
-    "SHA-256",
-    new TextEncoder().encode(email.trim().toLowerCase()),
-  );
-  const hex = Array.from(
-    new Uint8Array(digest).slice(0, 10),
-    (b) => b.toString(16).padStart(2, "0"),
-  ).join("");
-  return `user_local_${hex}`;
+  const digest = await sha256(email.trim().toLowerCase());
+  return `user_local_${digest.subarray(0, 10).toHex()}`;
 }
 
 /** The session token from `Authorization: Bearer` or the `__session` cookie. */

@@ -1,6 +1,7 @@
 /** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
 import { CacheEpoch } from "./cache_epoch.ts";
 import { AppError } from "../core/errors.ts";
+import { type Clock, systemClock } from "../core/clock.ts";
 import {
   generateApiKey,
   hashApiKey,
@@ -9,59 +10,29 @@ import {
   looksLikeApiKey,
 } from "./api_keys.ts";
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 import type { Events } from "../alerts/deliver.ts";
+import type {
+  KeyIndexValue,
+  LimitOverrides,
+  Profile,
+  StoredKey,
+  UserRecord,
+} from "./user_record.ts";
 
-export type UserStatus = "active" | "disabled" | "deleted";
-
-export interface StoredKey {
-  hash: string;
-  prefix: string;
-  /** AES-GCM ciphertext of the key (KeyVault), so /api/key can hand it out again. */
-  ciphertext: string;
-  createdAt: string;
-}
-
-export interface LimitOverrides {
-  rpm?: number;
-  rpd?: number;
-  /** 0 means unlimited, as with the environment defaults. */
-  tokensPerDay?: number;
-  budgetUsdMonthly?: number;
-}
-
-export interface UserRecord {
-  id: string;
-  email: string | null;
-  firstName: string | null;
-  lastName: string | null;
-  status: UserStatus;
-  createdAt: string;
-  updatedAt: string;
-  key: StoredKey | null;
-  limits: LimitOverrides;
-  /** True once e-mail and names came from Clerk (webhook or Backend API). */
-  profileKnown: boolean;
-  /** Clerk's `updated_at` (ms) of the stored profile; absent on records from before it. */
-  clerkUpdatedAt?: number | null;
-}
-
-export interface Profile {
-  email: string | null;
-  firstName: string | null;
-  lastName: string | null;
-  /** Clerk's `updated_at` (ms) of this profile, when it came from Clerk. */
-  clerkUpdatedAt?: number | null;
-}
+export type {
+  KeyIndexValue,
+  LimitOverrides,
+  Profile,
+  StoredKey,
+  UserRecord,
+  UserStatus,
+} from "./user_record.ts";
 
 export interface ProvisionResult {
   user: UserRecord;
   apiKey: string;
   created: boolean;
-}
-
-/** Looks up a user by key hash; the hash index holds only the user id. */
-export interface KeyIndexValue {
-  userId: string;
 }
 
 const CACHE_MAX = 50_000;
@@ -75,7 +46,7 @@ export class Users {
    * Dropped on every invalidating write (here at once, in other processes within the epoch's
    * interval — see lib/identity/cache_epoch.ts).
    */
-  private readonly cache = new Map<string, ProvisionResult>();
+  private readonly cache = new BoundedMap<string, ProvisionResult>(CACHE_MAX);
 
   constructor(
     private readonly kv: Deno.Kv,
@@ -83,6 +54,7 @@ export class Users {
     readonly epoch: CacheEpoch = new CacheEpoch(kv),
     /** Lifecycle events ride in the commits below, so each is sent once, when its change lands. */
     private readonly events?: Events,
+    private readonly clock: Clock = systemClock,
   ) {
     epoch.onChange((userIds) => {
       if (userIds === null) this.cache.clear();
@@ -110,7 +82,6 @@ export class Users {
     const generation = this.epoch.generationOf(userId);
     const result = await this.provisionInKv(userId, profile);
     if (generation === this.epoch.generationOf(userId)) {
-      if (this.cache.size >= CACHE_MAX) this.cache.delete(this.cache.keys().next().value!);
       this.cache.set(userId, { ...result, created: false });
     }
     return result;
@@ -127,7 +98,7 @@ export class Users {
         const apiKey = await this.vault.decrypt(existing.key.ciphertext, userId);
         return { user: existing, apiKey, created: false };
       }
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const apiKey = generateApiKey();
       const key = await this.storedKey(apiKey, userId, now);
       const user: UserRecord = existing ? { ...existing, key, updatedAt: now } : {
@@ -171,14 +142,14 @@ export class Users {
    */
   async rotate(userId: string): Promise<ProvisionResult> {
     return await retryAtomic<ProvisionResult>(async () => {
-      const hour = Math.floor(Date.now() / HOUR_MS);
+      const hour = Math.floor(this.clock() / HOUR_MS);
       const [entry, rotations] = await this.kv.getMany<[UserRecord, number]>([
         keys.user(userId),
         keys.keyRotations(userId, hour),
       ]);
       const rotated = rotations.value ?? 0;
       if (rotated >= ROTATIONS_PER_HOUR) {
-        const wait = Math.ceil(((hour + 1) * HOUR_MS - Date.now()) / 1000);
+        const wait = Math.ceil(((hour + 1) * HOUR_MS - this.clock()) / 1000);
         throw new AppError(
           "rate_limit_exceeded",
           `A key can be rotated ${ROTATIONS_PER_HOUR} times an hour; retry in ${wait}s.`,
@@ -190,7 +161,7 @@ export class Users {
       if (user.status === "deleted") {
         throw new AppError("user_deleted", "This account has been deleted.");
       }
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const apiKey = generateApiKey();
       const key = await this.storedKey(apiKey, userId, now);
       const next: UserRecord = { ...user, key, updatedAt: now };
@@ -232,7 +203,7 @@ export class Users {
       const entry = await this.kv.get<UserRecord>(keys.user(userId));
       const user = entry.value;
       if (user?.status === "deleted") return undefined;
-      const now = new Date().toISOString();
+      const now = new Date(this.clock()).toISOString();
       const tombstone: UserRecord = {
         id: userId,
         email: null,
@@ -340,7 +311,7 @@ export class Users {
       if (!entry.value) return null;
       const next = change(entry.value);
       if (!next) return null;
-      next.updatedAt = new Date().toISOString();
+      next.updatedAt = new Date(this.clock()).toISOString();
       const op = this.kv.atomic().check(entry).set(keys.user(userId), next);
       alongside?.(op, entry.value);
       const res = await this.epoch.bump(op, userId).commit();

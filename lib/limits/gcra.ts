@@ -10,8 +10,13 @@
  *   restarts at 00:00 UTC).
  * Pure functions: lib/limits/admission.ts reads and writes the state atomically.
  */
-import type { EffectiveLimits } from "./policy.ts";
 import { type Day, msUntilNextDay, utcDay } from "../core/utc.ts";
+
+/** The request limits GCRA decides on (the rest of a user's limits is lib/limits/policy.ts's). */
+export interface RateLimits {
+  rpm: number;
+  rpd: number;
+}
 
 /** The request-limit part of a user's limit state (lib/limits/admission.ts adds the leases). */
 export interface RateState {
@@ -44,7 +49,7 @@ export interface RateView {
 export function withRefunds(
   state: RateState | null,
   refunds: number,
-  limits: EffectiveLimits,
+  limits: RateLimits,
 ): RateState | null {
   if (!state) return refunds ? { tat: 0, day: "", dayCount: 0, refunded: refunds } : null;
   const n = refunds - (state.refunded ?? 0);
@@ -63,7 +68,7 @@ export function withRefunds(
  * from 2 to 60 after 2 requests leaves 58, not what the old pace would have refilled by now;
  * lowering it below what was used leaves a full minute to wait at most).
  */
-function inCurrentRpm(state: RateState | null, limits: EffectiveLimits, now: number) {
+function inCurrentRpm(state: RateState | null, limits: RateLimits, now: number) {
   if (!state?.rpm || state.rpm === limits.rpm || state.tat <= now) return state;
   // Lowered below what was used: at most a minute's worth is owed (as a window would count it).
   const used = Math.min((state.tat - now) / (MINUTE_MS / state.rpm), limits.rpm);
@@ -73,7 +78,7 @@ function inCurrentRpm(state: RateState | null, limits: EffectiveLimits, now: num
 /** What is left of the request limits at `now`, without consuming anything. */
 export function rateView(
   stored: RateState | null,
-  limits: EffectiveLimits,
+  limits: RateLimits,
   now: number,
 ): RateView {
   const state = inCurrentRpm(stored, limits, now);
@@ -106,7 +111,7 @@ export interface RateDecision {
 /** GCRA + day counter decision for one request at `now`. */
 export function decideRate(
   stored: RateState | null,
-  limits: EffectiveLimits,
+  limits: RateLimits,
   now: number,
 ): RateDecision {
   const state = inCurrentRpm(stored, limits, now);

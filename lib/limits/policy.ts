@@ -16,12 +16,10 @@
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import type { UserRecord } from "../identity/users.ts";
-import type { RateView } from "./gcra.ts";
+import type { RateLimits, RateView } from "./gcra.ts";
 import { msUntilNextDay, msUntilNextMonth } from "../core/utc.ts";
 
-export interface EffectiveLimits {
-  rpm: number;
-  rpd: number;
+export interface EffectiveLimits extends RateLimits {
   /** null = unlimited */
   tokensPerDay: number | null;
   /** null = unlimited */

@@ -4,6 +4,7 @@
  */
 import type { Events } from "../alerts/deliver.ts";
 import { keys } from "../core/kv.ts";
+import { BoundedMap } from "../core/kv_ops.ts";
 import { type Month, utcMonth } from "../core/utc.ts";
 
 export const BUDGET_THRESHOLDS = [80, 100] as const;
@@ -13,7 +14,7 @@ export type BudgetPercent = typeof BUDGET_THRESHOLDS[number];
 const CLAIM_MS = 40 * 24 * 3_600_000;
 /** Claims each Events (each KV handle) has seen, so settlements past 80 % cost no KV commit. */
 const SEEN_MAX = 100_000;
-const seenBy = new WeakMap<Events, Set<string>>();
+const seenBy = new WeakMap<Events, BoundedMap<string, true>>();
 
 /**
  * Sends budget.threshold for each threshold `spentUsd` has reached and no process has reported
@@ -30,7 +31,7 @@ export async function checkBudget(
 ): Promise<BudgetPercent[]> {
   if (!(budgetUsd > 0) || !Number.isFinite(spentUsd)) return [];
   let seen = seenBy.get(events);
-  if (!seen) seenBy.set(events, seen = new Set());
+  if (!seen) seenBy.set(events, seen = new BoundedMap(SEEN_MAX));
   const sent: BudgetPercent[] = [];
   for (const percent of BUDGET_THRESHOLDS) {
     // Compared in micro-dollars so 80 % of $0.10 is reached by exactly $0.08 despite floats.
@@ -46,8 +47,7 @@ export async function checkBudget(
       month,
     });
     if (outcome === "failed") continue; // logged; the next settlement or cron run tries again
-    if (seen.size >= SEEN_MAX) seen.clear();
-    seen.add(memo);
+    seen.set(memo, true);
     if (outcome === "sent") sent.push(percent);
   }
   return sent;

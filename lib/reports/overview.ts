@@ -4,6 +4,7 @@ import { roundUsd } from "../usage/pricing.ts";
 import { buildReport } from "./report.ts";
 import type { WindowTotals } from "../usage/totals.ts";
 import { addDays, utcDay } from "../core/utc.ts";
+import { systemClock } from "../core/clock.ts";
 
 /** One user's, one day's or all users' requests, tokens and cost. */
 export type UsageTotals30d = WindowTotals;
@@ -23,7 +24,7 @@ export interface OperatorOverview {
 export async function operatorOverview(
   kv: Deno.Kv,
   pricing: Pricing,
-  now = Date.now(),
+  now = systemClock(),
   days = 30,
 ): Promise<OperatorOverview> {
   const to = utcDay(now);

@@ -4,8 +4,10 @@
  */
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
+import { systemClock } from "../core/clock.ts";
 import { formatInt, formatUsdFixed } from "../core/format.ts";
 import { keys, u64 } from "../core/kv.ts";
+import { getManyChunked } from "../core/kv_ops.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
 import type { UserRecord } from "../identity/users.ts";
@@ -54,7 +56,6 @@ export interface ReportQuery {
   onProgress?: (p: { day: Day; index: number; total: number }) => void;
 }
 
-const GET_MANY = 10;
 const READ_CONCURRENCY = 4;
 
 /** Builds the report over [from, to] (inclusive UTC days), reading only days that had usage. */
@@ -63,7 +64,7 @@ export async function buildReport(
   pricing: Pricing,
   query: ReportQuery,
 ): Promise<Report> {
-  const today = utcDay(query.now ?? Date.now());
+  const today = utcDay(query.now ?? systemClock());
   // The version index has one entry per day with usage: a range read skips empty days cheaply.
   const days: { day: Day; version: number }[] = [];
   for await (
@@ -78,13 +79,11 @@ export async function buildReport(
   const metas = new Map<Day, SummaryMeta | null>();
   if (query.userId === undefined) {
     const closed = days.filter((d) => d.day < today);
-    for (let i = 0; i < closed.length; i += GET_MANY) {
-      const batch = closed.slice(i, i + GET_MANY);
-      const entries = await kv.getMany<SummaryMeta[]>(
-        batch.map((d) => keys.costSummaryMeta(d.day)),
-      );
-      batch.forEach((d, j) => metas.set(d.day, entries[j].value));
-    }
+    const entries = await getManyChunked<SummaryMeta>(
+      kv,
+      closed.map((d) => keys.costSummaryMeta(d.day)),
+    );
+    closed.forEach((d, j) => metas.set(d.day, entries[j].value));
   }
 
   const byUserModel = new Map<string, Map<string, UsageRow>>();
@@ -366,12 +365,8 @@ async function lookUpEmails(kv: Deno.Kv, userIds: string[]): Promise<Map<string,
     }
     return emails;
   }
-  for (let i = 0; i < userIds.length; i += GET_MANY) {
-    const entries = await kv.getMany<UserRecord[]>(
-      userIds.slice(i, i + GET_MANY).map((u) => keys.user(u)),
-    );
-    for (const e of entries) if (e.value?.email) emails.set(e.value.id, e.value.email);
-  }
+  const entries = await getManyChunked<UserRecord>(kv, userIds.map((u) => keys.user(u)));
+  for (const e of entries) if (e.value?.email) emails.set(e.value.id, e.value.email);
   return emails;
 }
 
@@ -413,7 +408,7 @@ const flagsSchema = z.object({
 });
 
 /** Parses and validates `deno task report` flags; throws UsageError naming the bad flag. */
-export function parseReportFlags(args: string[], now = Date.now()): ReportFlags {
+export function parseReportFlags(args: string[], now = systemClock()): ReportFlags {
   const raw = parseFlags(args, {
     from: "string",
     to: "string",

@@ -9,7 +9,9 @@
  * back to the live counters, and the next run summarizes the day again.
  */
 import type { Config } from "../core/config.ts";
+import { systemClock } from "../core/clock.ts";
 import { CONFLICT, isTransientKvError, keys, retryAtomic, u64 } from "../core/kv.ts";
+import { getManyChunked, retry } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
 import type { UserRecord } from "../identity/users.ts";
@@ -60,7 +62,6 @@ const CHUNK_MAX_BYTES = 56_000;
 export { BUDGET_THRESHOLDS };
 
 const KV_BATCH = 1000;
-const GET_MANY = 10;
 
 /** Reads a day's live day-major counters (or one user's), one row per user and model. */
 export async function readDayCounters(
@@ -107,15 +108,12 @@ export async function readDaySummary(
   if (!m || m.version !== version) return null;
   const chunkKeys = Array.from({ length: m.chunks }, (_, i) => keys.costSummary(day, version, i));
   const rows: UsageRow[] = [];
-  for (let i = 0; i < chunkKeys.length; i += GET_MANY) {
-    const entries = await kv.getMany<SummaryChunk[]>(chunkKeys.slice(i, i + GET_MANY));
-    for (const entry of entries) {
-      // A concurrent newer summary may have cleaned this one up: the live counters still answer.
-      if (!entry.value || !Array.isArray(entry.value.rows)) return null;
-      for (const row of entry.value.rows) {
-        const [userId, model, requests, promptTokens, completionTokens, , cachedTokens] = row;
-        rows.push({ userId, model, requests, promptTokens, completionTokens, cachedTokens });
-      }
+  for (const entry of await getManyChunked<SummaryChunk>(kv, chunkKeys)) {
+    // A concurrent newer summary may have cleaned this one up: the live counters still answer.
+    if (!entry.value || !Array.isArray(entry.value.rows)) return null;
+    for (const row of entry.value.rows) {
+      const [userId, model, requests, promptTokens, completionTokens, , cachedTokens] = row;
+      rows.push({ userId, model, requests, promptTokens, completionTokens, cachedTokens });
     }
   }
   return rows;
@@ -207,20 +205,17 @@ export async function summarizeCosts(
   options: SummarizeOptions = {},
 ): Promise<SummarizeResult> {
   const started = performance.now();
-  const now = options.now ?? Date.now();
+  const now = options.now ?? systemClock();
   const versions: { day: Day; version: number }[] = [];
   for await (const entry of kv.list({ prefix: keys.usageDayVersions() }, { batchSize: KV_BATCH })) {
     const day = entry.key[1];
     if (typeof day === "string") versions.push({ day, version: u64(entry.value) });
   }
-  const stale: { day: Day; version: number }[] = [];
-  for (let i = 0; i < versions.length; i += GET_MANY) {
-    const batch = versions.slice(i, i + GET_MANY);
-    const metas = await kv.getMany<SummaryMeta[]>(batch.map((v) => keys.costSummaryMeta(v.day)));
-    batch.forEach((v, j) => {
-      if ((metas[j].value?.version ?? -1) < v.version) stale.push(v);
-    });
-  }
+  const metas = await getManyChunked<SummaryMeta>(
+    kv,
+    versions.map((v) => keys.costSummaryMeta(v.day)),
+  );
+  const stale = versions.filter((v, j) => (metas[j].value?.version ?? -1) < v.version);
   const days: SummarizedDay[] = [];
   const alerts: BudgetAlert[] = [];
   const checked = new Set<string>();
@@ -341,47 +336,46 @@ async function checkBudgets(
   events?: Events,
 ): Promise<BudgetAlert[]> {
   const alerts: BudgetAlert[] = [];
-  for (let i = 0; i < userIds.length; i += GET_MANY) {
-    const batch = userIds.slice(i, i + GET_MANY);
-    const spends = await kv.getMany<Deno.KvU64[]>(batch.map((u) => keys.spendByMonth(u, month)));
-    const spenders = batch
-      .map((userId, j) => ({ userId, spendUsd: u64(spends[j].value) / 1e9 }))
-      .filter((s) => s.spendUsd > 0);
-    if (!spenders.length) continue;
-    const records = await kv.getMany<UserRecord[]>(spenders.map((s) => keys.user(s.userId)));
-    for (const [j, { userId, spendUsd }] of spenders.entries()) {
-      const user = records[j].value;
-      if (user?.status === "deleted") continue;
-      const budgetUsd = user?.limits?.budgetUsdMonthly ?? config.limits.budgetUsdMonthly;
-      if (!(budgetUsd > 0)) continue;
-      if (events) {
-        // The same claim the gateway's settlements make: whichever sees the spend first sends.
-        for (
-          const threshold of await checkBudget(events, { id: userId }, spendUsd, budgetUsd, month)
-        ) {
-          alerts.push({ userId, month, threshold, spendUsd: roundUsd(spendUsd), budgetUsd });
-        }
-        continue;
+  const spends = await getManyChunked<Deno.KvU64>(
+    kv,
+    userIds.map((u) => keys.spendByMonth(u, month)),
+  );
+  const spenders = userIds
+    .map((userId, j) => ({ userId, spendUsd: u64(spends[j].value) / 1e9 }))
+    .filter((s) => s.spendUsd > 0);
+  const records = await getManyChunked<UserRecord>(kv, spenders.map((s) => keys.user(s.userId)));
+  for (const [j, { userId, spendUsd }] of spenders.entries()) {
+    const user = records[j].value;
+    if (user?.status === "deleted") continue;
+    const budgetUsd = user?.limits?.budgetUsdMonthly ?? config.limits.budgetUsdMonthly;
+    if (!(budgetUsd > 0)) continue;
+    if (events) {
+      // The same claim the gateway's settlements make: whichever sees the spend first sends.
+      for (
+        const threshold of await checkBudget(events, { id: userId }, spendUsd, budgetUsd, month)
+      ) {
+        alerts.push({ userId, month, threshold, spendUsd: roundUsd(spendUsd), budgetUsd });
       }
-      for (const threshold of BUDGET_THRESHOLDS) {
-        if (spendUsd < (budgetUsd * threshold) / 100) continue;
-        const key = keys.budgetAlert(userId, month, threshold);
-        const alert: BudgetAlert = {
-          userId,
-          month,
-          threshold,
-          spendUsd: roundUsd(spendUsd),
-          budgetUsd,
-        };
-        const res = await commit(
-          kv.atomic()
-            .check({ key, versionstamp: null })
-            .set(key, { ...alert, at: new Date(now).toISOString() }),
-        );
-        if (!res.ok) continue; // already alerted (here or in another process)
-        alerts.push(alert);
-        log?.warn(`budget ${threshold}% reached`, { ...alert });
-      }
+      continue;
+    }
+    for (const threshold of BUDGET_THRESHOLDS) {
+      if (spendUsd < (budgetUsd * threshold) / 100) continue;
+      const key = keys.budgetAlert(userId, month, threshold);
+      const alert: BudgetAlert = {
+        userId,
+        month,
+        threshold,
+        spendUsd: roundUsd(spendUsd),
+        budgetUsd,
+      };
+      const res = await commit(
+        kv.atomic()
+          .check({ key, versionstamp: null })
+          .set(key, { ...alert, at: new Date(now).toISOString() }),
+      );
+      if (!res.ok) continue; // already alerted (here or in another process)
+      alerts.push(alert);
+      log?.warn(`budget ${threshold}% reached`, { ...alert });
     }
   }
   return alerts;
@@ -415,15 +409,13 @@ export function costSummaryJob(
  * commitOrConflict, a lock is never reported as a failed check: here a failed null-check must
  * mean "another run got there first", or an alert would be lost.
  */
-async function commit(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-  for (let attempt = 1;; attempt++) {
-    try {
-      return await op.commit();
-    } catch (err) {
-      if (attempt >= 50 || !isTransientKvError(err)) throw err;
-      await new Promise((r) => setTimeout(r, Math.min(5 * attempt, 100) * Math.random() + 1));
-    }
-  }
+function commit(op: Deno.AtomicOperation): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
+  return retry(() => op.commit(), {
+    attempts: 50,
+    baseMs: 2.5,
+    capMs: 100,
+    shouldRetry: isTransientKvError,
+  });
 }
 
 function sum<T>(items: T[], pick: (item: T) => number): number {

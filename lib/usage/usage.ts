@@ -1,5 +1,7 @@
 /** Usage metering: KV sum counters per user, UTC day and model (never conflict, never lose). */
 import { commitOrConflict, CONFLICT, keys, retryAtomic, u64 } from "../core/kv.ts";
+import { KV_MAX_MUTATIONS } from "../core/kv_ops.ts";
+import { systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
 import { checkUserState, type Remaining } from "../limits/policy.ts";
@@ -37,7 +39,7 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
 const SUMS_PER_EVENT = 7;
-const MAX_BATCH = Math.floor(1000 / SUMS_PER_EVENT);
+const MAX_BATCH = Math.floor(KV_MAX_MUTATIONS / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
 export async function commitUsage(
@@ -141,7 +143,7 @@ export async function userUsage(
   pricing: Pricing,
   userId: string,
   days: number,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ): Promise<UserUsage> {
   const today = utcDay(now);
   const from = dayBefore(now, days - 1);
@@ -182,7 +184,7 @@ export async function usageTotalsSince(
   pricing: Pricing,
   userId: string,
   since: Day,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ): Promise<UsageTotals> {
   const counters = await userCounters(kv, userId, since, utcDay(now));
   const sum: Raw = emptyRaw();
@@ -205,7 +207,7 @@ export async function usageReport(
   config: Config,
   userId: string,
   days: number,
-  now: number = Date.now(),
+  now: number = systemClock(),
 ) {
   const [status, usage, spend] = await Promise.all([
     limitStatus(kv, config, userId, now),

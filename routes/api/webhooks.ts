@@ -5,8 +5,15 @@ import { ClerkWebhooks } from "../../lib/clerk/webhooks.ts";
 import type { AppEnv } from "../context.ts";
 
 export function webhookRoutes(services: Services) {
-  const { config, kv, users, clerkSync, log } = services;
-  const webhooks = new ClerkWebhooks(config.clerk.webhookSecrets, kv, users, clerkSync, log);
+  const { config, kv, users, clerkSync, log, clock } = services;
+  const webhooks = new ClerkWebhooks(
+    config.clerk.webhookSecrets,
+    kv,
+    users,
+    clerkSync,
+    log,
+    clock,
+  );
   const app = new Hono<AppEnv>();
 
   app.post("/webhooks/clerk", async (c) => {
