@@ -6,20 +6,7 @@ import { AppError, parseJsonBody } from "../lib/core/errors.ts";
 import type { Services } from "../lib/core/services.ts";
 import { type AppEnv, assertSameOrigin, parseWith, SESSION_COOKIE } from "./context.ts";
 import { authPageRenderer } from "./pages/auth.tsx";
-
-/**
- * Where to go after signing in: a path on this site. Printable ASCII only, so no byte a browser
- * strips (tab, CR, LF: "/\t/evil.com" is followed as "//evil.com") and none that breaks the
- * Location header; no backslash (read as "/") and no leading "//" (another host).
- */
-const SAME_ORIGIN_PATH = /^\/(?![/\\])[\x21-\x5b\x5d-\x7e]*$/;
-
-/** The path to return to after signing in, when it is a safe same-origin one. */
-export function safeRedirectPath(value: string | undefined): string | undefined {
-  return value !== undefined && value.length <= 2048 && SAME_ORIGIN_PATH.test(value)
-    ? value
-    : undefined;
-}
+import { safeRedirectPath, SAME_ORIGIN_PATH } from "./redirect.ts";
 
 const signInSchema = z.object({
   email: z.string({ message: "enter your e-mail address" }).trim().toLowerCase().max(254, {

@@ -4,7 +4,7 @@ import { Layout } from "../../components/Layout.tsx";
 import { clerkScript, pageShell, render } from "./render.tsx";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
-import { safeRedirectPath } from "../auth.ts";
+import { safeRedirectPath } from "../redirect.ts";
 
 export type AuthMode = "sign-in" | "sign-up";
 

@@ -19,7 +19,7 @@ import {
 import type { Session } from "../../lib/identity/sessions.ts";
 import { clientName } from "../api/connect.ts";
 import { issueKey } from "../api/key.ts";
-import { safeRedirectPath } from "../auth.ts";
+import { safeRedirectPath } from "../redirect.ts";
 import { type AppEnv, assertSameOrigin, readSession } from "../context.ts";
 import { clerkScript } from "./render.tsx";
 
