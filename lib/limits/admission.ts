@@ -435,7 +435,7 @@ export class Ledger {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 12,
+          mutations: 13,
           userId: lease.user.id,
           lease,
           charge,
@@ -811,7 +811,10 @@ export class Ledger {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (slot) addSum(sums, keys.upstreamHeld(slot), -1);
+    if (slot) {
+      addSum(sums, keys.upstreamHeld(slot), -1);
+      addSum(sums, keys.upstreamUserHeld(slot, r.userId), -1);
+    }
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
       if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);
