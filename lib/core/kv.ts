@@ -43,6 +43,8 @@ export const keys = {
   /** An upstream slot held by a call without a lease (count_tokens), renewed while it lasts. */
   upstreamHold: (model: string, holdId: string) => ["upstream_holds", model, holdId] as const,
   upstreamHolds: (model: string) => ["upstream_holds", model] as const,
+  /** A user's count_tokens limits: the GCRA `tat` and the calls in flight (COUNT_TOKENS_RPM). */
+  countTokens: (userId: string) => ["count_tokens", userId] as const,
   /** Upstream-slot waits per 5-minute window and bucket (KvU64 sums): queue-wait percentiles. */
   upstreamWait: (window: number, bucket: number) => ["upstream_waits", window, bucket] as const,
   upstreamWaits: (window: number) => ["upstream_waits", window] as const,

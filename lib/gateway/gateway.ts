@@ -23,7 +23,8 @@ import { limitStatus } from "../limits/status.ts";
 import { checkUserState, rateHeaders } from "../limits/policy.ts";
 import { type Logger, redacted } from "../core/log.ts";
 import { ChunkReader, erroredStream, IdleTimer, type Stall, UsageMeter } from "./relay.ts";
-import { ClientLeft, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import { CountTokensLimiter } from "../limits/count_tokens.ts";
 import {
   classifyRefusal,
   needsClassifying,
@@ -91,15 +92,24 @@ type Settlement = Pick<
   "user" | "model" | "headers" | "relayed" | "settle" | "giveBack"
 >;
 
-/** count_tokens: relayed with the rate headers as they stand; nothing counted. */
+/**
+ * count_tokens: relayed with the rate headers as they stand; nothing counted. Settling ends its
+ * own limits' flight and frees its upstream slot.
+ */
 class Unmetered implements Settlement {
+  private settled: Promise<Charge> | null = null;
   constructor(
     readonly user: UserRecord,
     readonly model: string,
     readonly headers: Record<string, string>,
+    private readonly release: () => Promise<unknown>,
   ) {}
   settle(): Promise<Charge> {
-    return Promise.resolve({ promptTokens: 0, completionTokens: 0, estimated: false });
+    return this.settled ??= this.release().then(() => ({
+      promptTokens: 0,
+      completionTokens: 0,
+      estimated: false,
+    }));
   }
   relayed(): void {}
   giveBack(): void {}
@@ -111,6 +121,7 @@ export class Gateway {
   private readonly log: Logger;
   private readonly ledger: Ledger;
   private readonly slots: UpstreamSlots;
+  private readonly countTokens: CountTokensLimiter;
   private readonly notify: UpstreamNotifier | undefined;
   /** When this process's recent throttled answers came (sustained throttling is alerted). */
   private throttled: number[] = [];
@@ -138,6 +149,7 @@ export class Gateway {
     this.log = deps.log;
     this.ledger = deps.ledger;
     this.slots = deps.slots;
+    this.countTokens = new CountTokensLimiter(deps.kv, deps.config, { log: deps.log });
     this.notify = deps.notify;
     this.models = new ModelCatalog(deps.config);
   }
@@ -195,7 +207,7 @@ export class Gateway {
     const send = () => call ??= this.send(protocol, req, bytes, headers, started);
     let settlement: Settlement;
     // A model with an upstream cap waits for its slot after admission: no call before that.
-    const capped = protocol.metered && this.slots.capOf(target) > 0;
+    const capped = this.slots.capOf(target) > 0;
     let queueMs: number | undefined;
     if (protocol.metered) {
       const output = this.config.outputReserveTokens;
@@ -229,7 +241,7 @@ export class Gateway {
     } else {
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
-      settlement = new Unmetered(validate(status.user, rate), target, rate);
+      settlement = await this.unmetered(validate(status.user, rate), target, rate, capped, req);
     }
     return await this.forward(send(), settlement, requestId, started, queueMs);
   }
@@ -262,14 +274,38 @@ export class Gateway {
         queueMs: Math.round(performance.now() - started),
         ms: Math.round((performance.now() - started) * 10) / 10,
       });
-      if (err instanceof AppError) {
-        throw new AppError(err.code, err.message, { ...lease.headers, ...err.headers }, err.status);
-      }
-      if (err instanceof ClientLeft) {
-        throw new AppError("upstream_unavailable", "The client disconnected.", lease.headers);
-      }
-      throw err; // KV failed: 500, logged with the request id
+      throw slotRefusal(err, lease.headers);
     }
+  }
+
+  /**
+   * count_tokens: its own limits (COUNT_TOKENS_RPM, 2 in flight; 429), then an upstream slot
+   * when the model has a cap — it reaches GLM with the master key like any call.
+   */
+  private async unmetered(
+    user: UserRecord,
+    model: string,
+    headers: Record<string, string>,
+    capped: boolean,
+    req: Request,
+  ): Promise<Settlement> {
+    const flight = await this.countTokens.take(user.id, headers);
+    let hold: SlotHold | undefined;
+    if (capped) {
+      try {
+        hold = await this.slots.acquireHold(user.id, model, req.signal);
+        if (req.signal.aborted) throw new ClientLeft();
+      } catch (err) {
+        await Promise.all([flight.release(), hold?.release()]);
+        throw slotRefusal(err, headers);
+      }
+    }
+    return new Unmetered(
+      user,
+      model,
+      headers,
+      () => Promise.all([flight.release(), hold?.release()]),
+    );
   }
 
   /**
@@ -767,6 +803,17 @@ export class Gateway {
     });
     return new Response(body, { status, headers });
   }
+}
+
+/** A wait for an upstream slot that ended without one, as the client's answer. */
+function slotRefusal(err: unknown, headers: Record<string, string>): unknown {
+  if (err instanceof AppError) {
+    return new AppError(err.code, err.message, { ...headers, ...err.headers }, err.status);
+  }
+  if (err instanceof ClientLeft) {
+    return new AppError("upstream_unavailable", "The client disconnected.", headers);
+  }
+  return err; // KV failed: 500, logged with the request id
 }
 
 /** Where a redirect pointed, for the operator's log: its origin and path, never its query. */
