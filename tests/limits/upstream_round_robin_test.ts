@@ -3,6 +3,7 @@
  * served round-robin by user — a user's second waiting request after every other user's first.
  */
 import assert from "node:assert/strict";
+import { keys } from "../../lib/core/kv.ts";
 import { Rounds, serveOrder } from "../../lib/limits/upstream_slots.ts";
 import { bearer, eventually, serveGateway } from "../helpers.ts";
 
@@ -67,7 +68,7 @@ Deno.test("three users queue 5 requests each behind one slot: GLM sees them inte
     // Every one of them is in line (its ticket in KV) before the slot frees.
     await eventually(async () => {
       let n = 0;
-      for await (const _ of s.app.kv.list({ prefix: ["upstream_queue", "glm-4.6"] })) n++;
+      for await (const _ of s.app.kv.list({ prefix: keys.upstreamTickets("glm-4.6") })) n++;
       return n === 15;
     });
     assert.equal(s.fake.count, 1, "the others wait for the slot");
