@@ -170,6 +170,20 @@ const envSchema = z.object({
   }),
   // At least a KV round trip: a request needs one to take a free slot.
   UPSTREAM_QUEUE_MS: intFrom("UPSTREAM_QUEUE_MS", 20_000, 100, 3_600_000),
+  UPSTREAM_USER_SHARE: optionalString.transform((raw, ctx) => {
+    if (raw === undefined) return 0.5;
+    const n = Number(raw);
+    if (!Number.isFinite(n) || n <= 0 || n > 1) {
+      ctx.addIssue({
+        code: "custom",
+        message: "UPSTREAM_USER_SHARE must be a number above 0 and at most 1 (such as 0.5)",
+      });
+      return z.NEVER;
+    }
+    return n;
+  }),
+  UPSTREAM_QUEUE_MAX: intFrom("UPSTREAM_QUEUE_MAX", 1000, 1, 1_000_000),
+  COUNT_TOKENS_RPM: intFrom("COUNT_TOKENS_RPM", 120, 1, 1_000_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(
@@ -264,6 +278,10 @@ export interface Config {
     concurrency: Record<string, number>;
     /** How long a request may wait for an upstream slot. */
     queueMs: number;
+    /** The largest share of a model's slots one user may hold: ceil(share × cap), at least 1. */
+    userShare: number;
+    /** Requests that may wait for upstream slots at once, across all processes. */
+    queueMax: number;
   };
   /** Model name patterns (`*` wildcards) → the model a request for them is served as. */
   modelAliases: Record<string, string>;
@@ -274,6 +292,8 @@ export interface Config {
   concurrencyLimit: number;
   /** Output tokens a request reserves against quotas at admission (its own cap when smaller). */
   outputReserveTokens: number;
+  /** Per-user /v1/messages/count_tokens calls per minute (at most 2 in flight). */
+  countTokensRpm: number;
   /** Empty list with allowAnyModel=false never happens: defaults to the pricing table's models. */
   allowedModels: string[];
   allowAnyModel: boolean;
@@ -371,6 +391,8 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       streamMaxMs: e.STREAM_MAX_MS,
       concurrency: e.UPSTREAM_CONCURRENCY,
       queueMs: e.UPSTREAM_QUEUE_MS,
+      userShare: e.UPSTREAM_USER_SHARE,
+      queueMax: e.UPSTREAM_QUEUE_MAX,
     },
     modelAliases: e.MODEL_ALIASES ?? DEFAULT_MODEL_ALIASES,
     keyMode,
@@ -383,6 +405,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     },
     concurrencyLimit: e.CONCURRENCY_LIMIT,
     outputReserveTokens: e.OUTPUT_RESERVE_TOKENS,
+    countTokensRpm: e.COUNT_TOKENS_RPM,
     allowedModels,
     allowAnyModel,
     pricing,

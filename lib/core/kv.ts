@@ -29,9 +29,23 @@ export const keys = {
   /** Requests in flight to GLM for a model (KvU64 sum), across processes (UPSTREAM_CONCURRENCY). */
   upstreamHeld: (model: string) => ["upstream_held", model] as const,
   upstreamHelds: () => ["upstream_held"] as const,
+  /** Slots of a model one user holds (KvU64 sum), for UPSTREAM_USER_SHARE. */
+  upstreamUserHeld: (model: string, userId: string) =>
+    ["upstream_user_held", model, userId] as const,
   /** A request waiting for an upstream slot; tickets sort by arrival. */
   upstreamTicket: (model: string, ticket: string) => ["upstream_queue", model, ticket] as const,
   upstreamTickets: (model: string) => ["upstream_queue", model] as const,
+  upstreamQueue: () => ["upstream_queue"] as const,
+  /**
+   * Tickets ever written ("in") and taken away ("out"), all models (KvU64 sums): the difference
+   * is how many requests wait, for UPSTREAM_QUEUE_MAX.
+   */
+  upstreamQueueCount: (end: "in" | "out") => ["upstream_queue_counts", end] as const,
+  /** An upstream slot held by a call without a lease (count_tokens), renewed while it lasts. */
+  upstreamHold: (model: string, holdId: string) => ["upstream_holds", model, holdId] as const,
+  upstreamHolds: (model: string) => ["upstream_holds", model] as const,
+  /** A user's count_tokens limits: the GCRA `tat` and the calls in flight (COUNT_TOKENS_RPM). */
+  countTokens: (userId: string) => ["count_tokens", userId] as const,
   /** Upstream-slot waits per 5-minute window and bucket (KvU64 sums): queue-wait percentiles. */
   upstreamWait: (window: number, bucket: number) => ["upstream_waits", window, bucket] as const,
   upstreamWaits: (window: number) => ["upstream_waits", window] as const,

@@ -20,7 +20,8 @@ import type { UserRecord } from "../identity/users.ts";
 import type { Charge, Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
 import { type LimitStatus, limitStatus } from "../limits/status.ts";
-import { ClientLeft, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import { CountTokensLimiter } from "../limits/count_tokens.ts";
+import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream_slots.ts";
 import { Exchange } from "./exchange.ts";
 import { type Exit, RequestEnd, type Settlement } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";
@@ -58,15 +59,24 @@ interface GatewayDeps {
   clock?: Clock;
 }
 
-/** count_tokens: relayed with the rate headers as they stand; nothing counted. */
+/**
+ * count_tokens: relayed with the rate headers as they stand; nothing counted. Settling ends its
+ * own limits' flight and frees its upstream slot.
+ */
 class Unmetered implements Settlement {
+  private settled: Promise<Charge> | null = null;
   constructor(
     readonly user: UserRecord,
     readonly model: string,
     readonly headers: Record<string, string>,
+    private readonly release: () => Promise<unknown>,
   ) {}
   settle(): Promise<Charge> {
-    return Promise.resolve({ promptTokens: 0, completionTokens: 0, estimated: false });
+    return this.settled ??= this.release().then(() => ({
+      promptTokens: 0,
+      completionTokens: 0,
+      estimated: false,
+    }));
   }
   relayed(): void {}
   giveBack(): void {}
@@ -78,6 +88,7 @@ export class Gateway {
   private readonly log: Logger;
   private readonly ledger: Ledger;
   private readonly slots: UpstreamSlots;
+  private readonly countTokens: CountTokensLimiter;
   private readonly auth: ApiKeyAuth;
   private readonly alerts: RefusalAlerts;
   readonly models: ModelCatalog;
@@ -94,6 +105,7 @@ export class Gateway {
     this.ledger = deps.ledger;
     this.slots = deps.slots;
     this.auth = new ApiKeyAuth(deps.kv);
+    this.countTokens = new CountTokensLimiter(deps.kv, deps.config, { log: deps.log });
     this.clock = deps.clock ?? systemClock;
     this.alerts = new RefusalAlerts(deps.log, deps.notify, this.clock);
     this.models = new ModelCatalog(deps.config);
@@ -137,14 +149,15 @@ export class Gateway {
      */
     let call: Exchange | undefined;
     const send = () => call ??= this.send(protocol, req, bytes, headers, started);
+    // A model with an upstream cap waits for its slot: no call before that.
+    const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
-      const settlement = new Unmetered(validate(status.user, rate), target, rate);
+      const user = validate(status.user, rate);
+      const settlement = await this.unmetered(user, target, rate, capped, req);
       return await this.forward(send(), settlement, protocol, requestId, started);
     }
-    // A model with an upstream cap waits for its slot after admission: no call before that.
-    const capped = this.slots.capOf(target) > 0;
     const lease = await this.admit(body, target, userId, validate, capped ? undefined : send)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
@@ -228,11 +241,38 @@ export class Gateway {
       });
       if (err instanceof ClientLeft) throw await end.exit("left_waiting", this.config);
       await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
-      if (err instanceof AppError) {
-        throw new AppError(err.code, err.message, { ...lease.headers, ...err.headers }, err.status);
-      }
-      throw err; // KV failed: 500, logged with the request id
+      throw slotRefusal(err, lease.headers);
     }
+  }
+
+  /**
+   * count_tokens: its own limits (COUNT_TOKENS_RPM, 2 in flight; 429), then an upstream slot
+   * when the model has a cap — it reaches GLM with the master key like any call.
+   */
+  private async unmetered(
+    user: UserRecord,
+    model: string,
+    headers: Record<string, string>,
+    capped: boolean,
+    req: Request,
+  ): Promise<Settlement> {
+    const flight = await this.countTokens.take(user.id, headers);
+    let hold: SlotHold | undefined;
+    if (capped) {
+      try {
+        hold = await this.slots.acquireHold(user.id, model, req.signal);
+        if (req.signal.aborted) throw new ClientLeft();
+      } catch (err) {
+        await Promise.all([flight.release(), hold?.release()]);
+        throw slotRefusal(err, headers);
+      }
+    }
+    return new Unmetered(
+      user,
+      model,
+      headers,
+      () => Promise.all([flight.release(), hold?.release()]),
+    );
   }
 
   /** Rate headers as they stand, for answers that consume nothing. */
@@ -420,6 +460,17 @@ export class Gateway {
     if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
     return headers;
   }
+}
+
+/** A wait for an upstream slot that ended without one, as the client's answer. */
+function slotRefusal(err: unknown, headers: Record<string, string>): unknown {
+  if (err instanceof AppError) {
+    return new AppError(err.code, err.message, { ...headers, ...err.headers }, err.status);
+  }
+  if (err instanceof ClientLeft) {
+    return new AppError("upstream_unavailable", "The client disconnected.", headers);
+  }
+  return err; // KV failed: 500, logged with the request id
 }
 
 /** Where a redirect pointed, for the operator's log: its origin and path, never its query. */

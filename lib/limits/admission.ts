@@ -247,7 +247,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 12,
+          mutations: 13,
           userId: lease.user.id,
           lease,
           charge,
@@ -516,7 +516,10 @@ export class Ledger implements LeaseSettler {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (slot) addSum(sums, keys.upstreamHeld(slot), -1);
+    if (slot) {
+      addSum(sums, keys.upstreamHeld(slot), -1);
+      addSum(sums, keys.upstreamUserHeld(slot, r.userId), -1);
+    }
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
       if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);

@@ -246,7 +246,10 @@ export class Liveness {
         h.tokens -= r.tokens;
         h.nano -= r.nano;
         held.set(r.userId, h);
-        if (r.slot) addSum(sums, keys.upstreamHeld(r.slot), -1);
+        if (r.slot) {
+          addSum(sums, keys.upstreamHeld(r.slot), -1);
+          addSum(sums, keys.upstreamUserHeld(r.slot, r.userId), -1);
+        }
         if (r.waitsForSlot && !r.slot) {
           // Died waiting in line: the upstream never saw it, so it was not the user's request.
           if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);

@@ -1,33 +1,66 @@
 /**
- * Upstream slots (CONTRACT §2 `UPSTREAM_CONCURRENCY`, §5 "Limits are exact…"): at most N requests
- * per model in flight to GLM across all processes, so the operator's GLM account never answers
- * `1302` (too many concurrent requests). The others wait in arrival order for up to
- * `UPSTREAM_QUEUE_MS`, then get 503 `upstream_busy`.
+ * Upstream slots (CONTRACT §2 `UPSTREAM_CONCURRENCY`, `UPSTREAM_USER_SHARE`, `UPSTREAM_QUEUE_MAX`,
+ * `UPSTREAM_QUEUE_MS`; §5 "Upstream capacity is shared fairly"): at most N requests per model in
+ * flight to GLM across all processes, so the operator's GLM account never answers `1302` (too
+ * many concurrent requests); no user holds more than ceil(share × N) of them (at least 1); the
+ * others wait, served round-robin by user, for up to `UPSTREAM_QUEUE_MS`, then get 503
+ * `upstream_busy`; at most `UPSTREAM_QUEUE_MAX` wait at once, and beyond that 503 at once.
  *
  * ## State in KV
- * - `keys.upstreamHeld(model)`: a KvU64 count of the slots held. Taking slots is a commit that
- *   checks it (so the cap is exact across processes); giving one back is a sum in the Lease's
- *   settlement (lib/limits/admission.ts), which frees it at the answer's last byte or when the
- *   client leaves. A slot is recorded on its lease (`LeaseRecord.slot`), so a dead process's
- *   slots are freed by the reaper with its leases (within LEASE_TTL_MS and a reaper cycle).
- * - `keys.upstreamTicket(model, ticket)`: a request waiting. Tickets sort by arrival time, so
- *   the process that holds the oldest waiting request is the one that takes the next free slot;
- *   a ticket whose owner died stops counting at its deadline.
+ * - `keys.upstreamHeld(model)`: a KvU64 count of the slots held, and
+ *   `keys.upstreamUserHeld(model, user)`: the user's part of it. Taking slots is one commit that
+ *   checks the model's count and the count of every user it gives a slot to (so the cap and the
+ *   share are exact across processes): the model count, the process heartbeat and at most 8 users
+ *   — KV Connect's 10 checks. Giving a slot back is a sum on both in the Lease's settlement
+ *   (lib/limits/admission.ts), which frees it at the answer's last byte or when the client leaves.
+ *   A slot is recorded on its lease (`LeaseRecord.slot`: the model; the user key follows from the
+ *   lease's user), so a dead process's slots are freed by the reaper with its leases. A call
+ *   without a lease (count_tokens) holds its slot by a record of its own (slot_hold.ts).
+ * - `keys.upstreamTicket(model, ticket)`: a request waiting, `{deadline, user, round}`. Ticket
+ *   ids sort by arrival; the line is served **round-robin by user**, by round and then arrival
+ *   (serveOrder()). A ticket's round is given when it is written (Rounds): right after the
+ *   user's own waiting tickets, never before the lowest round waiting — so a user's second
+ *   waiting request comes after every other user's first, and a user who had many served does
+ *   not get ahead of one who just arrived. The commit that writes tickets checks the queue count
+ *   every other enqueue moves, so rounds are given on a line no concurrent enqueue changed.
+ *   Every process reads the same line, so the process holding the first ticket that may take a
+ *   free slot is the one that takes it; a user at their share is passed over (the tickets behind
+ *   go first). A ticket whose owner died stops counting at its deadline.
+ * - `keys.upstreamQueueCount("in" | "out")`: tickets written and taken away (KvU64 sums, all
+ *   models); in − out is how many wait. A ticket is written in a commit that checks "in", so
+ *   UPSTREAM_QUEUE_MAX is exact (a concurrent departure only makes the count look higher for a
+ *   moment). Tickets of dead owners are deleted, with their "out", by the commit of a sweep that
+ *   checks them (when the queue looks full, and every minute while requests wait).
  * - `keys.upstreamWait(window, bucket)`: a histogram of waits per five minutes (/admin).
  *
  * A process with waiters watches the count (`kv.watch`) and also looks every POLL_MS, so a slot
- * freed anywhere is taken within a round trip.
+ * freed anywhere is taken within a round trip. A waiting request holds its bytes and its place in
+ * line: no upstream connection, no timer beyond its deadline.
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { commitOrConflict, keys, u64 } from "../core/kv.ts";
+import { backoffMs, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import type { Lease, Ledger } from "./admission.ts";
+import { heldSum } from "./lease_record.ts";
+import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
+
+export { SlotHold };
 
 /** Safety net besides kv.watch (and the pace at which expired tickets of dead owners go). */
 const POLL_MS = 250;
 /** Waiters taken per commit (2 mutations each, with the histogram's sums). */
 const TAKE_PER_COMMIT = 100;
+/** Users given slots in one commit: the model count and the heartbeat take 2 of the 10 checks. */
+const USERS_PER_COMMIT = KV_MAX_CHECKS - 2;
+/** A ticket this long past its deadline belongs to an owner that died (its own timer is due). */
+const STALE_AFTER_MS = 5_000;
+/** How often a process sweeps dead owners' tickets while requests wait (and holds, when full). */
+const SWEEP_TICKETS_MS = 60_000;
+const SWEEP_HOLDS_MS = 2_000;
+/** Enqueue commits tried before giving up (each conflict is another enqueue that landed). */
+const ENQUEUE_ATTEMPTS = 100;
 /** Histogram windows (ms) and wait bucket bounds (ms); the last bucket is open-ended. */
 const WINDOW_MS = 5 * 60_000;
 export const WAIT_BOUNDS_MS = [
@@ -57,13 +90,18 @@ export class ClientLeft extends Error {
   }
 }
 
+/** What holds a slot once taken: a lease (the Ledger records it) or a hold of its own. */
+type Holder = { lease: Lease; hold?: undefined } | { hold: SlotHold; lease?: undefined };
+
 interface Waiter {
-  lease: Lease;
+  holder: Holder;
+  userId: string;
   model: string;
   ticket: string;
   arrived: number;
-  /** Its ticket is in KV (other processes see it in line). */
+  /** Its ticket is in KV (other processes see it in line), written at `stamp`. */
   ticketed: boolean;
+  stamp: string | null;
   /** Taken in a commit in flight: its timer and the client's hang-up wait for the outcome. */
   claiming: boolean;
   /** A time-out or hang-up that came while claiming: applied if the commit fails. */
@@ -83,16 +121,81 @@ interface ModelQueue {
   watching: ReadableStreamDefaultReader<unknown> | null;
 }
 
+/** A waiting request as every process sees it. */
+interface Ticket {
+  deadline: number;
+  user: string;
+  round: number;
+  /** Counted in `upstreamQueueCount("in")`: its removal counts "out". */
+  counted?: true;
+}
+
+/** A live ticket as read. */
+interface InLine {
+  ticket: string;
+  user: string;
+  round: number;
+}
+
+/** One place in line: a ticket in KV, or (first try, no ticket yet) a waiter of this process. */
+interface Place {
+  user: string;
+  round: number;
+  own?: Waiter;
+}
+
 export interface UpstreamHealth {
   models: Array<{ model: string; cap: number; inFlight: number; waiting: number }>;
   /** Waits for a slot over the last hour, all processes (bucket upper bounds, ms). */
   waits: { count: number; p50Ms: number | null; p99Ms: number | null };
 }
 
+/**
+ * The rounds of a line (its places in arrival order), and the round each user's next place
+ * takes: one after the user's own last waiting place, never below the lowest round waiting (the
+ * round being served); a user with none waiting joins that round.
+ */
+export class Rounds {
+  private readonly floor: number;
+  private readonly last = new Map<string, number>();
+
+  constructor(line: ReadonlyArray<{ user: string; round: number }>) {
+    let floor = Infinity;
+    for (const { user, round } of line) {
+      floor = Math.min(floor, round);
+      this.last.set(user, Math.max(this.last.get(user) ?? -Infinity, round));
+    }
+    this.floor = floor === Infinity ? 0 : floor;
+  }
+
+  /** The round of the user's next place (counted: the one after is one more). */
+  next(user: string): number {
+    const last = this.last.get(user);
+    const round = last === undefined ? this.floor : Math.max(this.floor, last + 1);
+    this.last.set(user, round);
+    return round;
+  }
+}
+
+/** The order a line (in arrival order) is served in: by round, arrival order within one. */
+export function serveOrder<T extends { round: number }>(line: readonly T[]): T[] {
+  return line.map((place, i) => ({ place, i }))
+    .sort((a, b) => a.place.round - b.place.round || a.i - b.i)
+    .map((x) => x.place);
+}
+
+/** The most slots of a model one user may hold: ceil(share × cap), at least 1. */
+export function userShareOf(cap: number, share: number): number {
+  // 0.7 × 10 is 7.000000000000001 in floating point: not a reason for an eighth slot.
+  return Math.max(1, Math.ceil(share * cap - 1e-9));
+}
+
 export class UpstreamSlots {
   private readonly queues = new Map<string, ModelQueue>();
   private seq = 0;
   private closed = false;
+  private lastTicketSweep = 0;
+  private readonly lastHoldSweep = new Map<string, number>();
 
   constructor(
     private readonly kv: Deno.Kv,
@@ -108,22 +211,44 @@ export class UpstreamSlots {
   }
 
   /**
-   * Takes an upstream slot for the lease's model, waiting in arrival order. Resolves to the ms
-   * waited; rejects with 503 upstream_busy after UPSTREAM_QUEUE_MS, or ClientLeft.
+   * Takes an upstream slot for the lease's model, waiting in line. Resolves to the ms waited;
+   * rejects with 503 upstream_busy after UPSTREAM_QUEUE_MS (or at once when UPSTREAM_QUEUE_MAX
+   * requests wait already), or ClientLeft.
    */
   acquire(lease: Lease, signal: AbortSignal): Promise<number> {
-    const model = lease.model.toLowerCase();
+    return this.wait({ lease }, lease.user.id, lease.model, signal);
+  }
+
+  /**
+   * Takes an upstream slot for a call without a lease (count_tokens), on the same terms; the
+   * hold's release() gives it back.
+   */
+  async acquireHold(userId: string, model: string, signal: AbortSignal): Promise<SlotHold> {
+    const hold = new SlotHold(this.kv, model.toLowerCase(), userId, this.log);
+    await this.wait({ hold }, userId, model, signal);
+    return hold;
+  }
+
+  private wait(
+    holder: Holder,
+    userId: string,
+    modelName: string,
+    signal: AbortSignal,
+  ): Promise<number> {
+    const model = modelName.toLowerCase();
     const arrived = Date.now();
     if (signal.aborted) return Promise.reject(new ClientLeft());
     return new Promise<number>((resolve, reject) => {
       const w: Waiter = {
-        lease,
+        holder,
+        userId,
         model,
         ticket: `${String(arrived).padStart(15, "0")}-${this.ledger.procId}-${
           (this.seq++).toString(36).padStart(8, "0")
         }`,
         arrived,
         ticketed: false,
+        stamp: null,
         claiming: false,
         pending: null,
         done: false,
@@ -161,13 +286,28 @@ export class UpstreamSlots {
 
   /** The refusal after a full wait. */
   private busy(): AppError {
-    const s = Math.max(1, Math.ceil(this.config.glm.queueMs / 4000));
+    const s = this.retryAfterS();
     return new AppError(
       "upstream_busy",
       `Every upstream slot for this model has been in use for ${this.config.glm.queueMs} ms; ` +
         `retry in ${s}s. Nothing was counted against your limits.`,
-      { "retry-after": String(Math.min(s, 30)) },
+      { "retry-after": String(s) },
     );
+  }
+
+  /** The refusal when UPSTREAM_QUEUE_MAX requests wait already. */
+  private queueFull(): AppError {
+    const s = this.retryAfterS();
+    return new AppError(
+      "upstream_busy",
+      `${this.config.glm.queueMax} requests are waiting for an upstream slot already; ` +
+        `retry in ${s}s. Nothing was counted against your limits.`,
+      { "retry-after": String(s) },
+    );
+  }
+
+  private retryAfterS(): number {
+    return Math.min(30, Math.max(1, Math.ceil(this.config.glm.queueMs / 4000)));
   }
 
   private queue(model: string): ModelQueue {
@@ -184,7 +324,19 @@ export class UpstreamSlots {
     w.cleanup?.();
     const q = this.queues.get(w.model);
     if (q) q.waiters = q.waiters.filter((x) => x !== w);
-    this.kv.delete(keys.upstreamTicket(w.model, w.ticket)).catch(() => {});
+    if (w.ticketed) this.dropTicket(w);
+  }
+
+  /**
+   * Deletes a ticket this process wrote, counting it out — unless a sweep took it first (the
+   * commit checks the ticket as written, so it is counted out once).
+   */
+  private dropTicket(w: Waiter) {
+    const key = keys.upstreamTicket(w.model, w.ticket);
+    w.ticketed = false;
+    this.kv.atomic().check({ key, versionstamp: w.stamp }).delete(key)
+      .sum(keys.upstreamQueueCount("out"), 1n)
+      .commit().catch(() => {});
   }
 
   private kick(q: ModelQueue) {
@@ -203,6 +355,7 @@ export class UpstreamSlots {
           if (w.done) continue;
           w.done = true;
           w.cleanup?.();
+          if (w.ticketed) this.dropTicket(w);
           w.reject(err);
         }
       })
@@ -215,35 +368,132 @@ export class UpstreamSlots {
 
   private async drain(model: string, q: ModelQueue, fresh: boolean) {
     const cap = this.capOf(model);
-    // First in line here and nobody waiting anywhere: no ticket needed (one commit fewer).
+    // First in line here: a slot free for it at once needs no ticket (one commit fewer).
     if (fresh && q.waiters.length === 1 && await this.tryTake(model, q, cap, false)) return;
     while (q.waiters.length) {
       // Every waiter has a ticket, so other processes see it in line.
       if (q.waiters.some((w) => !w.ticketed)) await this.writeTickets(model, q);
+      if (!q.waiters.length) break;
       q.kicked = false;
       const progressed = await this.tryTake(model, q, cap, true);
       if (!progressed && !q.kicked && q.waiters.length) await this.nap(model, q);
     }
   }
 
+  /**
+   * Puts this process's new waiters in line: their tickets, in commits that check the count of
+   * requests waiting (UPSTREAM_QUEUE_MAX). Those beyond it are refused at once.
+   */
   private async writeTickets(model: string, q: ModelQueue) {
-    const fresh = q.waiters.filter((w) => !w.ticketed);
-    for (let i = 0; i < fresh.length; i += TAKE_PER_COMMIT) {
-      const part = fresh.slice(i, i + TAKE_PER_COMMIT);
-      const op = this.kv.atomic();
-      for (const w of part) {
-        op.set(keys.upstreamTicket(model, w.ticket), {
-          deadline: w.arrived + this.config.glm.queueMs,
-        }, { expireIn: this.config.glm.queueMs + 60_000 });
+    const inKey = keys.upstreamQueueCount("in");
+    const outKey = keys.upstreamQueueCount("out");
+    let swept = false;
+    for (let attempt = 1;; attempt++) {
+      const fresh = q.waiters.filter((w) => !w.ticketed && !w.done);
+      if (!fresh.length) return;
+      const [counted, left] = await this.kv.getMany([inKey, outKey]);
+      const room = this.config.glm.queueMax - Math.max(0, u64(counted.value) - u64(left.value));
+      if (room < fresh.length) {
+        // Full, or so it looks: tickets of owners that died may still be counted.
+        if (!swept && await this.sweepTickets(Date.now(), 1_000)) {
+          swept = true;
+          continue;
+        }
+        for (const w of fresh.slice(Math.max(0, room))) {
+          w.done = true;
+          this.forget(w);
+          w.reject(this.queueFull());
+        }
+        if (room <= 0) return;
+      } else if (Date.now() - this.lastTicketSweep > SWEEP_TICKETS_MS) {
+        this.sweepTickets(Date.now(), SWEEP_TICKETS_MS).catch(() => {});
       }
-      await op.commit();
-      for (const w of part) w.ticketed = true;
+      const part = fresh.filter((w) => !w.done).slice(0, Math.min(room, TAKE_PER_COMMIT));
+      if (!part.length) continue;
+      // Read after the count: a ticket written since then fails this commit's check.
+      const rounds = new Rounds(await this.line(model, Date.now()));
+      const op = this.kv.atomic().check(counted).sum(inKey, BigInt(part.length));
+      for (const w of part) {
+        const ticket: Ticket = {
+          deadline: w.arrived + this.config.glm.queueMs,
+          user: w.userId,
+          round: rounds.next(w.userId),
+          counted: true,
+        };
+        op.set(keys.upstreamTicket(model, w.ticket), ticket);
+      }
+      const res = await commitOrConflict(op);
+      if (!res.ok) {
+        // Another request entered the queue meanwhile: count again.
+        if (attempt >= ENQUEUE_ATTEMPTS) {
+          throw new Error("upstream queue: enqueue kept conflicting");
+        }
+        await new Promise((r) => setTimeout(r, backoffMs(attempt)));
+        continue;
+      }
+      for (const w of part) {
+        w.ticketed = true;
+        w.stamp = res.versionstamp;
+        // Gave up while its ticket was being written: out of line again.
+        if (w.done) this.dropTicket(w);
+      }
+      attempt = 0;
     }
   }
 
   /**
+   * Deletes tickets of owners that died (past their deadline by STALE_AFTER_MS), counting out the
+   * ones that were counted in, each in a commit that checks it. At most once per `everyMs` per
+   * process; resolves to whether any was deleted.
+   */
+  private async sweepTickets(now: number, everyMs: number): Promise<boolean> {
+    if (now - this.lastTicketSweep < everyMs) return false;
+    this.lastTicketSweep = now;
+    const stale: Deno.KvEntry<Partial<Ticket>>[] = [];
+    for await (const e of this.kv.list<Partial<Ticket>>({ prefix: keys.upstreamQueue() })) {
+      if (!((e.value?.deadline ?? 0) + STALE_AFTER_MS > now)) stale.push(e);
+    }
+    let deleted = 0;
+    for (let i = 0; i < stale.length; i += KV_MAX_CHECKS) {
+      const part = stale.slice(i, i + KV_MAX_CHECKS);
+      const op = this.kv.atomic();
+      let counted = 0;
+      for (const e of part) {
+        op.check(e).delete(e.key);
+        if (e.value?.counted) counted++;
+      }
+      if (counted) op.sum(keys.upstreamQueueCount("out"), BigInt(counted));
+      const res = await commitOrConflict(op).catch(() => ({ ok: false }));
+      if (res.ok) deleted += part.length;
+    }
+    if (deleted) this.log?.info("upstream queue: tickets of dead processes removed", { deleted });
+    return deleted > 0;
+  }
+
+  /** The live tickets of a model's line, in arrival order. */
+  private async line(model: string, now: number): Promise<InLine[]> {
+    // Tickets of requests that arrived more than UPSTREAM_QUEUE_MS ago are past their deadline
+    // (their owner gave up or died): the line starts after them.
+    const oldest = String(Math.max(0, now - this.config.glm.queueMs + 1)).padStart(15, "0");
+    const line: InLine[] = [];
+    for await (
+      const e of this.kv.list<Partial<Ticket>>({
+        prefix: keys.upstreamTickets(model),
+        start: keys.upstreamTicket(model, oldest),
+      })
+    ) {
+      const t = e.value;
+      if (t && typeof t.user === "string" && (t.deadline ?? 0) > now) {
+        line.push({ ticket: String(e.key[2]), user: t.user, round: t.round ?? 0 });
+      }
+    }
+    return line;
+  }
+
+  /**
    * One attempt: reads the count and the line; takes the slots that are free for this process's
-   * waiters at the front of the line, in one commit. Returns whether anything changed.
+   * waiters among the first places of the round-robin line that may take one (users at their
+   * share passed over), in one commit. Returns whether anything changed.
    */
   private async tryTake(
     model: string,
@@ -252,7 +502,17 @@ export class UpstreamSlots {
     ticketed: boolean,
   ): Promise<boolean> {
     const now = Date.now();
-    const held = await this.kv.get(keys.upstreamHeld(model));
+    const heldKey = keys.upstreamHeld(model);
+    // The first try (no ticket) reads the line and its user's count with the model's count.
+    const local = ticketed ? [] : q.waiters.filter((w) => !w.ticketed && !w.done);
+    const ahead = [...new Set(local.map((w) => w.userId))].slice(0, KV_GET_MANY_MAX - 1);
+    const [read, listed] = await Promise.all([
+      this.kv.getMany([heldKey, ...ahead.map((u) => keys.upstreamUserHeld(model, u))]),
+      ticketed ? null : this.line(model, now),
+    ]);
+    const held = read[0];
+    const userHeld = new Map<string, Deno.KvEntryMaybe<unknown>>();
+    ahead.forEach((u, i) => userHeld.set(u, read[i + 1]));
     let inFlight = u64(held.value);
     if (inFlight > 2 ** 53) {
       // A KvU64 that wrapped below zero (a bug's trace): take it as none rather than never again.
@@ -260,32 +520,25 @@ export class UpstreamSlots {
       inFlight = 0;
     }
     const free = cap - inFlight;
-    if (free <= 0) return false;
-    const line: string[] = [];
-    // Tickets of requests that arrived more than UPSTREAM_QUEUE_MS ago are past their deadline
-    // (their owner gave up or died): the line starts after them.
-    const oldest = String(Math.max(0, now - this.config.glm.queueMs + 1)).padStart(15, "0");
-    for await (
-      const e of this.kv.list<{ deadline: number }>(
-        { prefix: keys.upstreamTickets(model), start: keys.upstreamTicket(model, oldest) },
-        { limit: free + 50 },
-      )
-    ) {
-      if (e.value.deadline > now) line.push(String(e.key[2]));
-      if (line.length >= free) break;
+    if (free <= 0) {
+      this.maybeSweepHolds(model, now);
+      return false;
     }
     const mine = new Map(q.waiters.map((w) => [w.ticket, w]));
-    let chosen: Waiter[];
-    if (!ticketed) {
-      if (line.length) return false; // others are in line first
-      chosen = q.waiters.slice(0, Math.min(free, TAKE_PER_COMMIT));
-    } else {
-      chosen = line.map((t) => mine.get(t)).filter((w): w is Waiter => w !== undefined)
-        .slice(0, TAKE_PER_COMMIT);
+    const line = listed ?? await this.line(model, now);
+    const places: Place[] = [];
+    for (const t of line) {
+      const own = mine.get(t.ticket);
+      if (own?.done) continue; // gave up: its ticket is on its way out
+      places.push({ user: t.user, round: t.round, own });
     }
+    // Not in line yet: where its ticket would go.
+    const rounds = new Rounds(line);
+    for (const w of local) places.push({ user: w.userId, round: rounds.next(w.userId), own: w });
+    let chosen = await this.pick(model, serveOrder(places), free, cap, userHeld);
     if (!chosen.length) return false;
     for (const w of chosen) {
-      if (w.lease.lost) {
+      if (w.holder.lease?.lost) {
         // Its process was taken for dead meanwhile: the lease is gone, nothing to hold a slot.
         w.done = true;
         this.forget(w);
@@ -294,29 +547,44 @@ export class UpstreamSlots {
     }
     chosen = chosen.filter((w) => !w.done);
     if (!chosen.length) return true;
-    const heartbeat = this.ledger.slotCheck();
-    if (!heartbeat) return false;
-    const op = this.kv.atomic()
-      .check(held)
-      .check(heartbeat)
-      .sum(keys.upstreamHeld(model), BigInt(chosen.length));
+    let heartbeat: Deno.AtomicCheck | null = null;
+    if (chosen.some((w) => w.holder.lease)) {
+      heartbeat = this.ledger.slotCheck();
+      if (!heartbeat) return false;
+    }
+    const op = this.kv.atomic().check(held).sum(heldKey, BigInt(chosen.length));
+    if (heartbeat) op.check(heartbeat);
+    const perUser = new Map<string, number>();
+    for (const w of chosen) perUser.set(w.userId, (perUser.get(w.userId) ?? 0) + 1);
+    for (const [user, n] of perUser) {
+      op.check(userHeld.get(user)!).sum(keys.upstreamUserHeld(model, user), BigInt(n));
+    }
     const waits: number[] = [];
+    let out = 0;
     for (const w of chosen) {
       w.claiming = true;
-      this.ledger.attachSlot(op, w.lease, model);
-      if (w.ticketed) op.delete(keys.upstreamTicket(model, w.ticket));
+      if (w.holder.lease) this.ledger.attachSlot(op, w.holder.lease, model);
+      else op.set(w.holder.hold.key, w.holder.hold.record(now) satisfies HoldRecord);
+      if (w.ticketed) {
+        op.delete(keys.upstreamTicket(model, w.ticket));
+        out++;
+      }
       waits.push(now - w.arrived);
     }
+    if (out) op.sum(keys.upstreamQueueCount("out"), BigInt(out));
     this.addWaits(op, waits, now);
     let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
       res = await commitOrConflict(op);
     } catch (err) {
-      // The commit may have landed (a remote KV that failed to answer): the lease entries say.
-      res = await this.landed(chosen, model).catch(() => {
-        // Not even the read-back answered: their settlements read their entries to free a slot
+      // The commit may have landed (a remote KV that failed to answer): the records say.
+      res = await this.landed(chosen[0], model).catch(() => {
+        // Not even the read-back answered: their releases read their records to free a slot
         // only if this commit gave them one.
-        for (const w of chosen) this.ledger.slotUnsure(w.lease);
+        for (const w of chosen) {
+          if (w.holder.lease) this.ledger.slotUnsure(w.holder.lease);
+          else w.holder.hold.unsure = true;
+        }
         throw err;
       });
     } finally {
@@ -327,7 +595,9 @@ export class UpstreamSlots {
       return false;
     }
     for (const w of chosen) {
-      this.ledger.slotAttached(w.lease, model);
+      if (w.holder.lease) this.ledger.slotAttached(w.holder.lease, model);
+      else w.holder.hold.attached(res.versionstamp);
+      w.ticketed = false; // deleted by the commit
       w.done = true;
       w.cleanup?.();
       q.waiters = q.waiters.filter((x) => x !== w);
@@ -337,17 +607,69 @@ export class UpstreamSlots {
   }
 
   /**
-   * After a commit that threw: whether it landed, read back from one of its lease entries (the
-   * commit wrote them all or none).
+   * Walks the line in the order it is served in and gives the `free` slots to the first places whose
+   * users are below their share; returns this process's waiters among them (at most
+   * USERS_PER_COMMIT users: the others' turn comes in the next commit). Reads the users' counts
+   * as it goes, ten at a time, into `userHeld`.
+   */
+  private async pick(
+    model: string,
+    order: Place[],
+    free: number,
+    cap: number,
+    userHeld: Map<string, Deno.KvEntryMaybe<unknown>>,
+  ): Promise<Waiter[]> {
+    const share = userShareOf(cap, this.config.glm.userShare);
+    const given = new Map<string, number>();
+    const users = new Set<string>();
+    const chosen: Waiter[] = [];
+    let taken = 0;
+    for (let i = 0; i < order.length && taken < free; i++) {
+      const { user, own } = order[i];
+      if (!userHeld.has(user)) {
+        const next: string[] = [];
+        for (let j = i; j < order.length && next.length < KV_GET_MANY_MAX; j++) {
+          const u = order[j].user;
+          if (!userHeld.has(u) && !next.includes(u)) next.push(u);
+        }
+        const got = await this.kv.getMany(next.map((u) => keys.upstreamUserHeld(model, u)));
+        next.forEach((u, n) => userHeld.set(u, got[n]));
+      }
+      const holds = heldSum(userHeld.get(user)!.value) + (given.get(user) ?? 0);
+      if (holds >= share) continue; // at their share: the places behind go first
+      given.set(user, (given.get(user) ?? 0) + 1);
+      taken++;
+      if (!own || chosen.length >= TAKE_PER_COMMIT) continue; // another process's turn
+      if (!users.has(user) && users.size >= USERS_PER_COMMIT) continue;
+      users.add(user);
+      chosen.push(own);
+    }
+    return chosen;
+  }
+
+  /**
+   * After a commit that threw: whether it landed, read back from one of its records (the commit
+   * wrote them all or none).
    */
   private async landed(
-    chosen: Waiter[],
+    w: Waiter,
     model: string,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
-    const entry = await this.ledger.slotInKv(chosen[0].lease);
+    if (w.holder.hold) {
+      const entry = await this.kv.get(w.holder.hold.key);
+      return entry.versionstamp ? { ok: true, versionstamp: entry.versionstamp } : { ok: false };
+    }
+    const entry = await this.ledger.slotInKv(w.holder.lease);
     return entry.slot === model && entry.versionstamp
       ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
+  }
+
+  /** Every slot is taken: frees those of holds whose process died (at most every 2 s). */
+  private maybeSweepHolds(model: string, now: number) {
+    if (now - (this.lastHoldSweep.get(model) ?? 0) < SWEEP_HOLDS_MS) return;
+    this.lastHoldSweep.set(model, now);
+    sweepHolds(this.kv, model, now).catch(() => {});
   }
 
   /** Waits for a change of the count (kv.watch), a new waiter, or POLL_MS. */
@@ -412,6 +734,7 @@ export class UpstreamSlots {
   /** In flight and waiting per model, and the queue-wait percentiles of the last hour. */
   async health(now = Date.now()): Promise<UpstreamHealth> {
     const models: UpstreamHealth["models"] = [];
+    await this.sweepTickets(now, SWEEP_TICKETS_MS);
     for await (const e of this.kv.list({ prefix: keys.upstreamHelds() })) {
       const model = String(e.key[1]);
       let waiting = 0;

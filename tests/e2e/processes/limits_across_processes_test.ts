@@ -189,6 +189,8 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
       TOKEN_LIMIT_DAILY: "100000",
       // The upstream slots A held die with it too, and are freed with its leases.
       UPSTREAM_CONCURRENCY: "4",
+      // One user holds all four (the per-user share would keep it to two).
+      UPSTREAM_USER_SHARE: "1",
     };
     const [a, b] = [
       await startMain(env(kvPath, glm, extra), dir),
