@@ -28,6 +28,7 @@ import { ModelCatalog } from "./models.ts";
 import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
 import { readErrorBody, relayAnswer } from "./relay.ts";
+import { answerWhileWaiting } from "./waiting_stream.ts";
 import {
   declaredLength,
   MAX_BODY_BYTES,
@@ -148,7 +149,8 @@ export class Gateway {
      * answer is relayed, and nothing counted, before the admission is durable.
      */
     let call: Exchange | undefined;
-    const send = () => call ??= this.send(protocol, req, bytes, headers, started);
+    const send = (client = req.signal) =>
+      call ??= this.send(protocol, client, bytes, headers, started);
     // A model with an upstream cap waits for its slot: no call before that.
     const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
@@ -158,7 +160,8 @@ export class Gateway {
       const settlement = await this.unmetered(user, target, rate, capped, req);
       return await this.forward(send(), settlement, protocol, requestId, started);
     }
-    const lease = await this.admit(body, target, userId, validate, capped ? undefined : send)
+    const onAdmitted = capped ? undefined : () => void send();
+    const lease = await this.admit(body, target, userId, validate, onAdmitted)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
         // the allowance) refused it after all: the call is cancelled at once, nothing counted.
@@ -174,10 +177,26 @@ export class Gateway {
         }
         throw err;
       });
-    const queueMs = capped
-      ? await this.waitForSlot(lease, protocol, req, requestId, started)
-      : undefined;
-    return await this.forward(send(), lease, protocol, requestId, started, queueMs);
+    if (!capped) return await this.forward(send(), lease, protocol, requestId, started);
+    // The client as the wait sees it: its request's signal, or the early answer's hang-up.
+    const left = new AbortController();
+    const client = AbortSignal.any([req.signal, left.signal]);
+    const waiting = this.waitForSlot(lease, protocol, client, requestId, started);
+    const forward = (queueMs: number) =>
+      this.forward(send(client), lease, protocol, requestId, started, queueMs);
+    if (!body.stream) return await forward(await waiting);
+    return await answerWhileWaiting({
+      protocol,
+      waiting,
+      headers: {
+        ...lease.headers,
+        "x-request-id": requestId,
+        "x-content-type-options": "nosniff",
+        ...protocol.answerHeaders(requestId),
+      },
+      leave: () => left.abort(),
+      forward,
+    });
   }
 
   private admit(
@@ -223,13 +242,13 @@ export class Gateway {
   private async waitForSlot(
     lease: Lease,
     protocol: Protocol,
-    req: Request,
+    client: AbortSignal,
     requestId: string,
     started: number,
   ): Promise<number> {
     try {
-      const waited = await this.slots.acquire(lease, req.signal);
-      if (!req.signal.aborted) return waited;
+      const waited = await this.slots.acquire(lease, client);
+      if (!client.aborted) return waited;
       throw new ClientLeft();
     } catch (err) {
       const queueMs = performance.now() - started;
@@ -307,7 +326,7 @@ export class Gateway {
   /** Starts the upstream call (exchange.ts), tracked until its answer is settled. */
   private send(
     protocol: Protocol,
-    req: Request,
+    client: AbortSignal,
     bytes: Uint8Array<ArrayBuffer>,
     headers: Record<string, string>,
     started: number,
@@ -316,7 +335,7 @@ export class Gateway {
       url: protocol.upstreamUrl(this.config),
       headers,
       body: bytes,
-      client: req.signal,
+      client,
       timeoutMs: this.config.glm.timeoutMs,
       streamMaxMs: this.config.glm.streamMaxMs,
       started,

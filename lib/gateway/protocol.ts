@@ -15,6 +15,8 @@ export interface ParsedRequest {
   promptTokens: number;
   /** The answer's output cap (`max_tokens`…) when the body sets one; 0 for no output at all. */
   outputCap: number | null;
+  /** The answer is asked for as a stream (`"stream": true`): an SSE answer. */
+  stream?: boolean;
 }
 
 export interface Protocol {

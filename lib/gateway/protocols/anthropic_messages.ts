@@ -43,6 +43,7 @@ export const anthropicMessages: Protocol = {
         model: json.model,
         promptTokens: estimatePromptTokens(json, "anthropic"),
         outputCap: outputCap(json.max_tokens),
+        stream: json.stream === true,
       };
     }
     const parsed = schema.safeParse(json);

@@ -31,6 +31,7 @@ export const openaiChat: Protocol = {
         model: json.model,
         promptTokens: estimatePromptTokens(json, "openai"),
         outputCap: outputCap(json.max_tokens) ?? outputCap(json.max_completion_tokens),
+        stream: json.stream === true,
       };
     }
     const parsed = schema.safeParse(json);
