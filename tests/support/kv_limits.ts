@@ -2,14 +2,18 @@
  * Preloaded into every test process and every app process the tests start (deno.json's test
  * task, tests/support/subprocess.ts): makes each KV atomic commit fail, as a remote KV (KV
  * Connect: Deno Deploy, self-hosted denokv) would, when it has more than 10 checks or 1000
- * mutations, more than 800 KiB of keys and values, a value over 64 KiB or a key over 2 KiB
- * (CONTRACT §8). Code that passes the suite on a local file then runs unchanged against a remote
- * KV.
+ * mutations, more than 800 KiB of keys and values, a value over 64 KiB or a key over 2 KiB; and
+ * each read it would refuse: `getMany` or `watch` of more than 10 keys, a `list` page of more than
+ * 1000 entries (CONTRACT §8). Code that passes the suite on a local file then runs unchanged
+ * against a remote KV. (Deno's own checks refuse those reads on a local file too, today; the
+ * wrapper keeps them refused, in KV Connect's words, whatever a later Deno does locally.)
  *
  * KV queues (enqueue, listenQueue) fail outright: KV Connect has none (denoland/denokv#55), so
  * background work goes through the outbox (lib/core/outbox.ts).
  */
 export const KV_LIMITS = {
+  readKeys: 10,
+  listPage: 1000,
   checks: 10,
   mutations: 1000,
   totalBytes: 800 * 1024,
@@ -130,6 +134,39 @@ const noQueues = () => {
 proto.enqueue = noQueues;
 Deno.Kv.prototype.enqueue = noQueues;
 Deno.Kv.prototype.listenQueue = noQueues;
+// Reads: what one KV Connect snapshot read or watch may ask for.
+const kvProto = Deno.Kv.prototype;
+const originalRead = { getMany: kvProto.getMany, watch: kvProto.watch, list: kvProto.list };
+const refuseRead = (what: string) => {
+  throw new TypeError(`KV Connect would refuse this read: ${what}`);
+};
+kvProto.getMany = function (this: Deno.Kv, keys: readonly Deno.KvKey[], options?: unknown) {
+  if (keys.length > KV_LIMITS.readKeys) {
+    return Promise.reject(
+      new TypeError(`KV Connect would refuse this read: getMany of ${keys.length} keys (max 10)`),
+    );
+  }
+  return originalRead.getMany.call(
+    this,
+    keys,
+    options as { consistency?: Deno.KvConsistencyLevel },
+  );
+} as typeof kvProto.getMany;
+kvProto.watch = function (this: Deno.Kv, keys: readonly Deno.KvKey[], options?: unknown) {
+  if (keys.length > KV_LIMITS.readKeys) refuseRead(`watch of ${keys.length} keys (max 10)`);
+  return originalRead.watch.call(this, keys, options as { raw?: boolean });
+} as typeof kvProto.watch;
+kvProto.list = function (
+  this: Deno.Kv,
+  selector: Deno.KvListSelector,
+  options?: Deno.KvListOptions,
+) {
+  // The page Deno asks for: batchSize, else the limit up to 500, else 100 (ext/kv/01_db.ts).
+  const page = options?.batchSize ?? Math.min(options?.limit ?? 100, 500);
+  if (page > KV_LIMITS.listPage) refuseRead(`a list page of ${page} entries (max 1000)`);
+  return originalRead.list.call(this, selector, options);
+} as typeof kvProto.list;
+
 proto.commit = function () {
   const t = tallies.get(this);
   if (t) {
