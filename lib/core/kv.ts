@@ -1,6 +1,7 @@
 /** Deno KV: opening the store and every key builder (one place for the key design). */
 import type { Day, Month } from "./utc.ts";
 import { retry } from "./kv_ops.ts";
+import { withDeadline } from "./kv_deadline.ts";
 
 /** Counters per user, day and model; "cached" is the part of "prompt" served from cache. */
 export type UsageField = "requests" | "prompt" | "completion" | "cached";
@@ -100,6 +101,8 @@ export const keys = {
   /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
   deviceCodeMisses: (userId: string, window: number) =>
     ["device_code_misses", userId, window] as const,
+  /** Read (never written) to learn whether a KV Connect server answers again (kv_deadline.ts). */
+  kvProbe: () => ["kv_probe"] as const,
 };
 
 /**
@@ -119,7 +122,8 @@ export async function openKv(
   const target = path ?? "./data/keyway.sqlite3";
   if (/^https?:\/\//.test(target)) {
     if (accessToken) Deno.env.set("DENO_KV_ACCESS_TOKEN", accessToken);
-    return await Deno.openKv(target);
+    // KV Connect retries an unreachable server for ever: give each call a deadline.
+    return withDeadline(await Deno.openKv(target), { probeKey: keys.kvProbe() });
   }
   if (target === ":memory:") return await Deno.openKv(target);
   if (options.mustExist && !(await exists(target))) throw new KvMissingError(target);
