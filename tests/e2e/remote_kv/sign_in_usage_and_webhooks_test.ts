@@ -6,6 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { bearer, processEnv } from "../../support/helpers.ts";
+import { todayUsage } from "../../support/app_clients.ts";
 import { DenoKvServer, remoteKvTest } from "../../support/denokv.ts";
 import { type RunningMain, startMain } from "../../support/subprocess.ts";
 import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
@@ -13,13 +14,6 @@ import { FakeGlm } from "../../../testing/fakes/glm.ts";
 import { signedDelivery, userCreated, WEBHOOK_SECRET } from "../../../testing/fakes/svix.ts";
 
 const issuer = await ClerkIssuer.create();
-
-async function today(app: RunningMain, key: string) {
-  const res = await fetch(`${app.url}/api/usage?days=1`, { headers: bearer(key) });
-  assert.equal(res.status, 200);
-  const { requests, promptTokens, completionTokens } = (await res.json()).today;
-  return { requests, promptTokens, completionTokens };
-}
 
 remoteKvTest(
   "remote KV: sign-in → key, answers counted at once across processes, webhooks once",
@@ -82,7 +76,7 @@ remoteKvTest(
         assert.ok(text.length > 0);
         n++;
         const other = app === a ? b : a;
-        assert.deepEqual(await today(other, apiKey), {
+        assert.deepEqual(await todayUsage(other, apiKey), {
           requests: n,
           promptTokens: 11 * n,
           completionTokens: 7 * n,
