@@ -1,12 +1,17 @@
 /**
  * `deno task bench` (CONTRACT §9): starts on loopback a fake GLM upstream, the app (temp KV,
- * test Clerk issuer), a bare hello server and a bare pass-through proxy — each in its own
- * process — drives each with wrk for a fixed time at a fixed concurrency, and prints a table
- * (or, with --json, the contract's JSON).
+ * test Clerk issuer), a bare hello server, a bare pass-through proxy and the peers (Portkey's
+ * gateway with Node, LiteLLM's proxy with Python) — each in its own process — and, where denokv
+ * is installed, the app over KV Connect against a denokv server; drives each with wrk for a
+ * fixed time at a fixed concurrency, times one durable KV commit, and prints a table (or, with
+ * --json, the contract's JSON).
  */
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError, wholeNumber } from "../lib/core/cli.ts";
 import { ClerkIssuer } from "../testing/fakes/clerk_issuer.ts";
+import { DENOKV_INSTALL, DENOKV_TOKEN, DenoKvServer, findDenokv } from "../testing/denokv.ts";
+import { LITELLM_MASTER_KEY, LITELLM_VERSION, startLitellm } from "./bench_litellm.ts";
+import { commitLatency, countingKvProxy, type KvCallCounts } from "./bench_kv.ts";
 
 const HELP = `deno task bench [--seconds N] [--connections N] [--json]
 
@@ -239,9 +244,11 @@ const SCENARIO_ORDER = [
   "direct",
   "passthrough",
   "peer",
+  "litellm",
   "proxy",
   "proxyStream",
   "messages",
+  "proxyRemoteKv",
 ];
 
 /** The peer: Portkey's open-source gateway from npm, run with Node (CONTRACT §9). */
@@ -357,11 +364,27 @@ async function sseReads(url: string, key: string): Promise<number> {
   return reads;
 }
 
+/** Provisions one user per connection through `appUrl`; their sessions and keys. */
+async function provisionUsers(issuer: ClerkIssuer, appUrl: string, users: number) {
+  const tokens: string[] = [];
+  const keys: string[] = [];
+  for (let i = 0; i < users; i++) {
+    const token = await issuer.token(`user_bench_${i}`, { ttlSeconds: 3600 });
+    const res = await fetch(`${appUrl}/api/key`, { headers: { authorization: `Bearer ${token}` } });
+    if (!res.ok) throw new Error(`provisioning failed: ${res.status} ${await res.text()}`);
+    keys.push((await res.json()).apiKey);
+    tokens.push(token);
+  }
+  return { tokens, keys };
+}
+
 export async function runBench(opts: { seconds: number; connections: number }) {
   await ensureWrk();
   const kvDir = await Deno.makeTempDir({ prefix: "keyway-bench-" });
   const peerDir = await Deno.makeTempDir({ prefix: "keyway-bench-peer-" });
   const procs: Proc[] = [];
+  let denokv: DenoKvServer | null = null;
+  let counter: ReturnType<typeof countingKvProxy> | null = null;
   const here = new URL(".", import.meta.url).pathname;
   const script = `${here}bench_servers.ts`;
   try {
@@ -373,14 +396,18 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     procs.push(bare);
     const pass = await spawn(["run", "-A", script, "passthrough", upstreamUrl], {}, helperPort);
     procs.push(pass);
+    const notRun: Record<string, string> = {};
     const peer = await startPeer(peerDir);
     if ("proc" in peer) procs.push(peer.proc);
-    else progress(`bench: no peer row: ${peer.missing}`);
+    else progress(`bench: no peer row: ${notRun.peer = peer.missing}`);
+    const litellm = await startLitellm(upstreamUrl, peerDir, progress);
+    if ("proc" in litellm) procs.push(litellm.proc);
+    else progress(`bench: no litellm row: ${notRun.litellm = litellm.missing}`);
 
     const issuer = await ClerkIssuer.create();
-    const app = await spawnApp(await startTaskArgs(`${here}../`), {
+    const appArgs = await startTaskArgs(`${here}../`);
+    const appEnv = {
       PUBLIC_URL: "http://localhost:8000",
-      DENO_KV_PATH: `${kvDir}/bench.sqlite3`,
       CLERK_JWT_KEY: issuer.publicKeyPem,
       KEY_ENCRYPTION_SECRET: "bench-encryption-secret-0123456789abcdef",
       GLM_API_KEY: "bench-master-key-0123456789",
@@ -388,23 +415,29 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       RATE_LIMIT_RPM: "1000000",
       RATE_LIMIT_RPD: "100000000",
       NO_COLOR: "1",
-    });
+    };
+    const kvFile = `${kvDir}/bench.sqlite3`;
+    const app = await spawnApp(appArgs, { ...appEnv, DENO_KV_PATH: kvFile });
     procs.push(app);
     const appUrl = `http://127.0.0.1:${app.port}`;
+    // The same app over KV Connect, against a denokv server on loopback, where denokv is installed.
+    const denokvBin = findDenokv();
+    let remoteApp: Proc | null = null;
+    if (denokvBin) {
+      progress("bench: starting denokv on loopback and the app over KV Connect…");
+      denokv = await DenoKvServer.start(denokvBin, kvDir);
+      remoteApp = await spawnApp(appArgs, { ...appEnv, ...denokv.env });
+      procs.push(remoteApp);
+    } else {
+      notRun.proxyRemoteKv = `denokv is not installed (${DENOKV_INSTALL})`;
+      progress(`bench: no proxyRemoteKv row: ${notRun.proxyRemoteKv}`);
+    }
+    const remoteUrl = remoteApp ? `http://127.0.0.1:${remoteApp.port}` : "";
 
     // One user per connection, as in real traffic: many people, each with their own key.
     const users = Math.max(1, Math.min(opts.connections, 64));
-    const tokens: string[] = [];
-    const keys: string[] = [];
-    for (let i = 0; i < users; i++) {
-      const token = await issuer.token(`user_bench_${i}`, { ttlSeconds: 3600 });
-      const res = await fetch(`${appUrl}/api/key`, {
-        headers: { authorization: `Bearer ${token}` },
-      });
-      if (!res.ok) throw new Error(`provisioning failed: ${res.status} ${await res.text()}`);
-      keys.push((await res.json()).apiKey);
-      tokens.push(token);
-    }
+    const { tokens, keys } = await provisionUsers(issuer, appUrl, users);
+    const remoteKeys = remoteApp ? (await provisionUsers(issuer, remoteUrl, users)).keys : [];
 
     const { seconds, connections } = opts;
     const warm = Math.max(1, Math.min(3, Math.round(seconds / 3)));
@@ -412,40 +445,35 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     // Each scenario with the process under test, whose CPU time per request is measured too: it
     // shows where a ratio comes from.
     const scenario = (name: string) => plan.find((p) => p[0] === name)!;
+    const chatTo = (auth: string[], headers?: Record<string, string>) =>
+      luaScript({ method: "POST", body: CHAT_BODY, auth, headers });
     const plan: Array<[string, string, string, Proc]> = [
       ["bare", `http://127.0.0.1:${bare.port}/`, luaScript({ method: "GET", auth: [] }), bare],
       ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens }), app],
-      [
-        "direct",
-        `${upstreamUrl}/chat/completions`,
-        luaScript({ method: "POST", body: CHAT_BODY, auth: ["master"] }),
-        upstream,
-      ],
-      [
-        "passthrough",
-        `http://127.0.0.1:${pass.port}/chat/completions`,
-        luaScript({ method: "POST", body: CHAT_BODY, auth: [] }),
-        pass,
-      ],
-      ...("proc" in peer
-        ? [[
-          "peer",
-          `http://127.0.0.1:${peer.proc.port}/v1/chat/completions`,
-          luaScript({
-            method: "POST",
-            body: CHAT_BODY,
-            auth: ["master"],
-            headers: { "x-portkey-provider": "openai", "x-portkey-custom-host": upstreamUrl },
-          }),
-          peer.proc,
-        ] as [string, string, string, Proc]]
-        : []),
-      [
-        "proxy",
-        `${appUrl}/v1/chat/completions`,
-        luaScript({ method: "POST", body: CHAT_BODY, auth: keys }),
-        app,
-      ],
+      ["direct", `${upstreamUrl}/chat/completions`, chatTo(["master"]), upstream],
+      ["passthrough", `http://127.0.0.1:${pass.port}/chat/completions`, chatTo([]), pass],
+    ];
+    if ("proc" in peer) {
+      plan.push([
+        "peer",
+        `http://127.0.0.1:${peer.proc.port}/v1/chat/completions`,
+        chatTo(["master"], {
+          "x-portkey-provider": "openai",
+          "x-portkey-custom-host": upstreamUrl,
+        }),
+        peer.proc,
+      ]);
+    }
+    if ("proc" in litellm) {
+      plan.push([
+        "litellm",
+        `http://127.0.0.1:${litellm.proc.port}/v1/chat/completions`,
+        chatTo([LITELLM_MASTER_KEY]),
+        litellm.proc,
+      ]);
+    }
+    plan.push(
+      ["proxy", `${appUrl}/v1/chat/completions`, chatTo(keys), app],
       [
         "proxyStream",
         `${appUrl}/v1/chat/completions`,
@@ -458,58 +486,141 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         luaScript({ method: "POST", body: MESSAGES_BODY, auth: keys }),
         app,
       ],
-    ];
+    );
+    if (remoteApp) {
+      plan.push([
+        "proxyRemoteKv",
+        `${remoteUrl}/v1/chat/completions`,
+        chatTo(remoteKeys),
+        remoteApp,
+      ]);
+    }
     const cpuUsPerRequest: Record<string, number | null> = {};
+    let denokvCpuUsPerRequest: number | null = null;
     for (const [name, url, lua, proc] of plan) {
       progress(`bench: ${name} — warm-up ${warm}s, then ${seconds}s at ${connections} connections`);
       await wrk(url, warm, connections, lua);
       const before = await cpuMs(proc.child.pid);
+      const kvBefore = name === "proxyRemoteKv" ? await cpuMs(denokv!.pid!) : null;
       scenarios[name] = await wrk(url, seconds, connections, lua);
       const after = await cpuMs(proc.child.pid);
       const { requests } = scenarios[name];
       cpuUsPerRequest[name] = before === null || after === null || !requests
         ? null
         : Math.round((after - before) * 1000 / requests);
+      if (kvBefore !== null && requests) {
+        const kvAfter = await cpuMs(denokv!.pid!);
+        if (kvAfter !== null) {
+          denokvCpuUsPerRequest = Math.round((kvAfter - kvBefore) * 1000 / requests);
+        }
+      }
     }
     progress(`bench: added latency — pass-through and gateway at 1 connection, ${seconds}s each`);
-    const single = {
+    const single: Record<string, Result> = {
       passthrough: await wrk(scenario("passthrough")[1], seconds, 1, scenario("passthrough")[2]),
       proxy: await wrk(scenario("proxy")[1], seconds, 1, scenario("proxy")[2]),
     };
+    if (remoteApp) {
+      single.proxyRemoteKv = await wrk(
+        scenario("proxyRemoteKv")[1],
+        seconds,
+        1,
+        scenario("proxyRemoteKv")[2],
+      );
+    }
     const chunks = await sseReads(`${appUrl}/v1/chat/completions`, keys[0]);
     const rss = await peakRssMb(app.child.pid);
 
+    progress("bench: one durable commit at a time on the app's KV file (and on denokv)…");
+    const localKv = await Deno.openKv(kvFile);
+    const kvCommitMs = await commitLatency(localKv).finally(() => localKv.close());
+    let remoteKv: Record<string, unknown> | null = null;
+    if (denokv && remoteApp) {
+      const kv = await denokv.open();
+      const remoteCommitMs = await commitLatency(kv).finally(() => kv.close());
+      // KV Connect calls per gateway request, counted on the wire: one more app, whose KV is a
+      // counting pass-through in front of the same denokv.
+      progress("bench: counting KV Connect calls per gateway request…");
+      counter = countingKvProxy(denokv.url);
+      const counted = await spawnApp(appArgs, {
+        ...appEnv,
+        DENO_KV_PATH: counter.url,
+        DENO_KV_ACCESS_TOKEN: DENOKV_TOKEN,
+      });
+      procs.push(counted);
+      const countedUrl = `http://127.0.0.1:${counted.port}/v1/chat/completions`;
+      const countedKeys = (await provisionUsers(issuer, `http://127.0.0.1:${counted.port}`, users))
+        .keys;
+      const perRequest: Record<string, KvCallCounts & { requests: number }> = {};
+      for (const c of [connections, 1]) {
+        await wrk(countedUrl, 1, c, chatTo(countedKeys)); // caches warm, users known
+        counter.reset();
+        const { requests } = await wrk(
+          countedUrl,
+          Math.min(seconds, 3),
+          c,
+          chatTo(countedKeys),
+        );
+        const per = (n: number) => Math.round(n / requests * 100) / 100;
+        perRequest[`at${c}Connection${c === 1 ? "" : "s"}`] = {
+          writes: per(counter.counts.writes),
+          reads: per(counter.counts.reads),
+          watches: per(counter.counts.watches),
+          requests,
+        };
+      }
+      remoteKv = {
+        kvCommitMs: remoteCommitMs,
+        kvCallsPerRequest: perRequest,
+        denokvCpuUsPerRequest,
+      };
+    }
+
     const r3 = (n: number) => Math.round(n * 1000) / 1000;
+    const ratio = (a?: Result, b?: Result) => a && b ? r3(a.rps / b.rps) : null;
     return {
       machine: await machine(),
       seconds,
       connections,
-      // CONTRACT §9: where the peer cannot run, its row is null (the reason is in `details`).
+      // CONTRACT §9: a scenario that could not run is null (the reason is in `details.notRun`).
       scenarios: Object.fromEntries(
         SCENARIO_ORDER.map((k) => {
           const v = scenarios[k];
-          return [k, v ? { rps: v.rps, p50Ms: v.p50Ms, p99Ms: v.p99Ms } : null];
+          return [
+            k,
+            v
+              ? { rps: v.rps, p50Ms: v.p50Ms, p99Ms: v.p99Ms, cpuUsPerRequest: cpuUsPerRequest[k] }
+              : null,
+          ];
         }),
       ),
       ratios: {
         proxyOverPassthroughRps: r3(scenarios.proxy.rps / scenarios.passthrough.rps),
-        messagesOverProxyRps: r3(scenarios.messages.rps / scenarios.proxy.rps),
-        proxyOverPeerRps: scenarios.peer ? r3(scenarios.proxy.rps / scenarios.peer.rps) : null,
+        proxyOverPeerRps: ratio(scenarios.proxy, scenarios.peer),
+        proxyOverLitellmRps: ratio(scenarios.proxy, scenarios.litellm),
         keyOverBareRps: r3(scenarios.key.rps / scenarios.bare.rps),
+        proxyCpuOverPassthroughCpu: cpuUsPerRequest.proxy && cpuUsPerRequest.passthrough
+          ? r3(cpuUsPerRequest.proxy / cpuUsPerRequest.passthrough)
+          : null,
+        messagesOverProxyRps: r3(scenarios.messages.rps / scenarios.proxy.rps),
+        proxyRemoteKvOverProxyRps: ratio(scenarios.proxyRemoteKv, scenarios.proxy),
       },
       addedLatencyMs: {
         p50: r3(single.proxy.p50Ms - single.passthrough.p50Ms),
         p99: r3(single.proxy.p99Ms - single.passthrough.p99Ms),
       },
+      kvCommitMs,
       peakRssMb: rss,
       // Beyond the contract's fields: what a reader needs to trust the numbers.
       details: {
         errors: Object.fromEntries(Object.entries(scenarios).map(([k, v]) => [k, v.errors])),
-        /** CPU time (µs, all threads) the process under test spent per request. */
-        cpuUsPerRequest,
         singleConnection: single,
         sseReadsPerAnswer: chunks,
-        peer: "proc" in peer ? PEER_PACKAGE : `not run: ${peer.missing}`,
+        peer: "proc" in peer ? PEER_PACKAGE : null,
+        litellm: "proc" in litellm ? `litellm[proxy]==${LITELLM_VERSION}` : null,
+        notRun,
+        /** The gateway over KV Connect (a denokv server on loopback), where denokv is installed. */
+        remoteKv,
         users,
       },
     };
@@ -520,6 +631,8 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         await p.child.status;
       } catch { /* already gone */ }
     }
+    await counter?.close();
+    await denokv?.stop("SIGTERM");
     await Deno.remove(kvDir, { recursive: true }).catch(() => {});
     await Deno.remove(peerDir, { recursive: true }).catch(() => {});
   }
@@ -529,10 +642,10 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
   const rows = [["scenario", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "errors"]];
   for (const [name, r] of Object.entries(report.scenarios)) {
     if (r === null) {
-      rows.push([name, "–", "–", "–", "–", report.details.peer]);
+      rows.push([name, "–", "–", "–", "–", `not run: ${report.details.notRun[name] ?? "?"}`]);
       continue;
     }
-    const cpu = report.details.cpuUsPerRequest[name];
+    const cpu = r.cpuUsPerRequest;
     rows.push([
       name,
       r.rps.toLocaleString("en-US"),
@@ -542,10 +655,22 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
       String(report.details.errors[name] ?? 0),
     ]);
   }
-  const widths = rows[0].map((_, i) => Math.max(...rows.map((r) => r[i].length)));
+  const widths = rows[0].map((_, i) =>
+    Math.max(...rows.filter((r) => !r[5].startsWith("not run")).map((r) => r[i].length))
+  );
   const fmt = (r: string[]) =>
     r.map((c, i) => (i === 0 ? c.padEnd(widths[i]) : c.padStart(widths[i]))).join("  ");
-  const { ratios, addedLatencyMs } = report;
+  const { ratios, addedLatencyMs, kvCommitMs } = report;
+  const remote = report.details.remoteKv as
+    | null
+    | {
+      kvCommitMs: { p50: number; p99: number };
+      kvCallsPerRequest: Record<string, { writes: number; reads: number }>;
+      denokvCpuUsPerRequest: number | null;
+    };
+  const single = report.details.singleConnection;
+  const orNone = (n: number | null, what: string, target = "") =>
+    n === null ? `– (${what})` : `${n.toFixed(3)}${target}`;
   return [
     `Keyway benchmark — ${report.machine}`,
     `${report.seconds}s per scenario, ${report.connections} connections, ${report.details.users} users`,
@@ -557,17 +682,38 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
       ratios.proxyOverPassthroughRps.toFixed(3)
     }  (target ≥ 0.5)`,
     `/api/key / bare hello throughput   ${ratios.keyOverBareRps.toFixed(3)}  (target ≥ 0.3)`,
-    `gateway / peer throughput          ${
-      ratios.proxyOverPeerRps === null
-        ? "– (no peer: see the bench's progress lines)"
-        : `${ratios.proxyOverPeerRps.toFixed(3)}  (target ≥ 5)`
+    `gateway / Portkey throughput       ${
+      orNone(ratios.proxyOverPeerRps, "no peer row", "  (target ≥ 5)")
     }`,
+    `gateway / LiteLLM throughput       ${orNone(ratios.proxyOverLitellmRps, "no litellm row")}`,
+    `gateway / pass-through CPU         ${orNone(ratios.proxyCpuOverPassthroughCpu, "no /proc")}`,
     `/v1/messages / chat completions    ${
       ratios.messagesOverProxyRps.toFixed(3)
     }  (target within 10%)`,
     `added latency at 1 connection      p50 ${
       addedLatencyMs.p50.toFixed(3)
     } ms (target ≤ 0.2), p99 ${addedLatencyMs.p99.toFixed(3)} ms (target ≤ 1)`,
+    `one durable commit, KV file        p50 ${kvCommitMs.p50.toFixed(3)} ms, p99 ${
+      kvCommitMs.p99.toFixed(3)
+    } ms`,
+    ...(remote
+      ? [
+        `one durable commit, denokv         p50 ${remote.kvCommitMs.p50.toFixed(3)} ms, p99 ${
+          remote.kvCommitMs.p99.toFixed(3)
+        } ms`,
+        `gateway over denokv / KV file      ${
+          orNone(ratios.proxyRemoteKvOverProxyRps, "")
+        } throughput; at 1 connection p50 ${single.proxyRemoteKv.p50Ms.toFixed(3)} ms vs ${
+          single.proxy.p50Ms.toFixed(3)
+        } ms`,
+        `KV Connect calls per request       ${
+          Object.entries(remote.kvCallsPerRequest).map(([k, v]) =>
+            `${k}: ${v.writes} writes, ${v.reads} reads`
+          ).join("; ")
+        }`,
+        `denokv CPU per gateway request     ${remote.denokvCpuUsPerRequest ?? "–"} µs`,
+      ]
+      : [`gateway over denokv                – (${report.details.notRun.proxyRemoteKv})`]),
     `app peak RSS                       ${report.peakRssMb} MB (target ≤ 200)`,
     `SSE answer of 7 spaced chunks      relayed in ${report.details.sseReadsPerAnswer} reads (7 = chunk by chunk)`,
   ].join("\n");

@@ -103,6 +103,8 @@ export const keys = {
     ["device_code_misses", userId, window] as const,
   /** Read (never written) to learn whether a KV Connect server answers again (kv_deadline.ts). */
   kvProbe: () => ["kv_probe"] as const,
+  /** A counter `deno task bench` commits to, to time one durable commit (a KvU64). */
+  benchCommits: () => ["bench_commits"] as const,
 };
 
 /**
