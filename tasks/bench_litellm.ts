@@ -50,7 +50,9 @@ async function pipInstall(
       buffered = lines.pop() ?? "";
       for (const line of lines.map((l) => l.trim()).filter(Boolean)) {
         last = line;
-        if (/^(Collecting|Installing collected|Successfully installed|ERROR)/.test(line)) {
+        // Its own dependencies, not theirs (those come by the hundred), and the outcome.
+        const direct = /^Collecting/.test(line) && !line.includes("->");
+        if (direct || /^(Installing collected|Successfully installed|ERROR)/.test(line)) {
           progress(`bench: pip: ${line.length > 160 ? `${line.slice(0, 157)}…` : line}`);
         }
       }
