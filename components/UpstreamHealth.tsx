@@ -5,7 +5,7 @@
  * operator's real-time view.
  */
 import { formatDateTime, formatInt } from "../lib/core/format.ts";
-import type { UpstreamHealth as Health } from "../lib/limits/upstream_slots.ts";
+import type { UpstreamHealth as Health } from "../lib/limits/upstream/slots.ts";
 
 export interface AlertLine {
   id: string;

@@ -4,7 +4,7 @@ import { ClerkSync } from "../clerk/sync.ts";
 import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
-import { UpstreamSlots } from "../limits/upstream_slots.ts";
+import { UpstreamSlots } from "../limits/upstream/slots.ts";
 import { checkBudget } from "../reports/budget_alerts.ts";
 import { keys, u64 } from "./kv.ts";
 import { KeyVault } from "../identity/api_keys.ts";

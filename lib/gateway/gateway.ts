@@ -21,7 +21,7 @@ import type { Charge, Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
 import { type LimitStatus, limitStatus } from "../limits/status.ts";
 import { CountTokensLimiter } from "../limits/count_tokens.ts";
-import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream/slots.ts";
 import { Exchange } from "./exchange.ts";
 import { type Exit, RequestEnd, type Settlement } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";

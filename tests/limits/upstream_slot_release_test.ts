@@ -7,7 +7,7 @@ import { loadConfig } from "../../lib/core/config.ts";
 import { keys, u64 } from "../../lib/core/kv.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
 import { type AdmitRequest, Ledger } from "../../lib/limits/admission.ts";
-import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream/slots.ts";
 
 const USER: UserRecord = {
   id: "u_slot",

@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { keys, u64 } from "../../lib/core/kv.ts";
 import { loadConfig } from "../../lib/core/config.ts";
 import { Ledger } from "../../lib/limits/admission.ts";
-import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream/slots.ts";
 import { request, seedUser } from "../support/ledger_fixtures.ts";
 import { bearer, eventually, serveGateway } from "../support/helpers.ts";
 import { CHAT, post } from "../support/gateway_setup.ts";

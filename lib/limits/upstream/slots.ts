@@ -37,13 +37,13 @@
  * freed anywhere is taken within a round trip. A waiting request holds its bytes and its place in
  * line: no upstream connection, no timer beyond its deadline.
  */
-import type { Config } from "../core/config.ts";
-import { AppError } from "../core/errors.ts";
-import { commitOrConflict, keys, u64 } from "../core/kv.ts";
-import { backoffMs, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../core/kv_ops.ts";
-import type { Logger } from "../core/log.ts";
-import type { Lease, Ledger } from "./admission.ts";
-import { heldSum } from "./lease_record.ts";
+import type { Config } from "../../core/config.ts";
+import { AppError } from "../../core/errors.ts";
+import { commitOrConflict, keys, u64 } from "../../core/kv.ts";
+import { backoffMs, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../../core/kv_ops.ts";
+import type { Logger } from "../../core/log.ts";
+import type { Lease, Ledger } from "../admission.ts";
+import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
 
 export { SlotHold };

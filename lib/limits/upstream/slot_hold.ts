@@ -1,15 +1,15 @@
 /**
  * An upstream slot held by a call that has no lease (count_tokens, which counts against no other
  * limit): its own small record in KV, `keys.upstreamHold(model, id)` = `{userId, exp}`, written
- * in the commit that takes the slot (lib/limits/upstream_slots.ts). Its process renews `exp`
+ * in the commit that takes the slot (lib/limits/upstream/slots.ts). Its process renews `exp`
  * while the call lasts; a record whose `exp` passed belongs to a process that died or stalled,
  * and is swept (sweepHolds) with the slot counts it held — each record is deleted by exactly one
  * commit that checks it, so a slot is never given back twice.
  */
-import { commitOrConflict, keys } from "../core/kv.ts";
-import type { Logger } from "../core/log.ts";
-import { signed } from "./lease_record.ts";
-import { KV_MAX_CHECKS } from "../core/kv_ops.ts";
+import { commitOrConflict, keys } from "../../core/kv.ts";
+import type { Logger } from "../../core/log.ts";
+import { signed } from "../lease_record.ts";
+import { KV_MAX_CHECKS } from "../../core/kv_ops.ts";
 
 /** A hold not renewed for this long is taken for dead. */
 export const HOLD_TTL_MS = 30_000;
