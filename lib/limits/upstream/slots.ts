@@ -45,6 +45,7 @@ import type { Logger } from "../../core/log.ts";
 import type { Lease, Ledger } from "../admission.ts";
 import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
+import { addWaits, type WaitPercentiles, waitPercentiles } from "./waits.ts";
 
 export { SlotHold };
 
@@ -61,27 +62,6 @@ const SWEEP_TICKETS_MS = 60_000;
 const SWEEP_HOLDS_MS = 2_000;
 /** Enqueue commits tried before giving up (each conflict is another enqueue that landed). */
 const ENQUEUE_ATTEMPTS = 100;
-/** Histogram windows (ms) and wait bucket bounds (ms); the last bucket is open-ended. */
-const WINDOW_MS = 5 * 60_000;
-export const WAIT_BOUNDS_MS = [
-  0,
-  1,
-  2,
-  5,
-  10,
-  20,
-  50,
-  100,
-  200,
-  500,
-  1000,
-  2000,
-  5000,
-  10_000,
-  20_000,
-  60_000,
-];
-
 /** The client left while its request waited for a slot. */
 export class ClientLeft extends Error {
   constructor() {
@@ -147,7 +127,7 @@ interface Place {
 export interface UpstreamHealth {
   models: Array<{ model: string; cap: number; inFlight: number; waiting: number }>;
   /** Waits for a slot over the last hour, all processes (bucket upper bounds, ms). */
-  waits: { count: number; p50Ms: number | null; p99Ms: number | null };
+  waits: WaitPercentiles;
 }
 
 /**
@@ -572,7 +552,7 @@ export class UpstreamSlots {
       waits.push(now - w.arrived);
     }
     if (out) op.sum(keys.upstreamQueueCount("out"), BigInt(out));
-    this.addWaits(op, waits, now);
+    addWaits(op, waits, now);
     let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
       res = await commitOrConflict(op);
@@ -714,23 +694,6 @@ export class UpstreamSlots {
     r?.cancel().catch(() => {});
   }
 
-  private addWaits(op: Deno.AtomicOperation, waits: number[], now: number) {
-    const window = Math.floor(now / WINDOW_MS);
-    const counts = new Map<number, number>();
-    for (const ms of waits) {
-      const b = bucketOf(ms);
-      counts.set(b, (counts.get(b) ?? 0) + 1);
-    }
-    for (const [b, n] of counts) op.sum(keys.upstreamWait(window, b), BigInt(n));
-  }
-
-  /** Waits that ended without a slot (the commit that takes slots records the others). */
-  private recordWaits(waits: number[]) {
-    const op = this.kv.atomic();
-    this.addWaits(op, waits, Date.now());
-    op.commit().catch(() => {});
-  }
-
   /** In flight and waiting per model, and the queue-wait percentiles of the last hour. */
   async health(now = Date.now()): Promise<UpstreamHealth> {
     const models: UpstreamHealth["models"] = [];
@@ -745,51 +708,19 @@ export class UpstreamSlots {
       }
       models.push({ model, cap: this.capOf(model), inFlight: u64(e.value), waiting });
     }
-    const last = Math.floor(now / WINDOW_MS);
-    await this.sweepWaits(last - 12 * 24);
-    const counts = new Array(WAIT_BOUNDS_MS.length + 1).fill(0);
-    for await (
-      const e of this.kv.list({
-        start: keys.upstreamWaits(last - 11),
-        end: keys.upstreamWaits(last + 1),
-      })
-    ) counts[Number(e.key[2])] += u64(e.value);
-    const count = counts.reduce((a, b) => a + b, 0);
-    const pct = (p: number) => {
-      if (!count) return null;
-      let seen = 0;
-      for (let b = 0; b < counts.length; b++) {
-        seen += counts[b];
-        if (seen >= p * count) return WAIT_BOUNDS_MS[b] ?? this.config.glm.queueMs;
-      }
-      return null;
-    };
-    return { models, waits: { count, p50Ms: pct(0.5), p99Ms: pct(0.99) } };
+    const waits = await waitPercentiles(this.kv, now, this.config.glm.queueMs);
+    return { models, waits };
   }
 
-  /** Drops histogram windows older than `before` (a day is kept), a bounded number per call. */
-  private async sweepWaits(before: number) {
+  /** Waits that ended without a slot (the commit that takes slots records the others). */
+  private recordWaits(waits: number[]) {
     const op = this.kv.atomic();
-    let n = 0;
-    for await (
-      const e of this.kv.list({ start: ["upstream_waits"], end: keys.upstreamWaits(before) }, {
-        limit: 500,
-      })
-    ) {
-      op.delete(e.key);
-      n++;
-    }
-    if (n) await op.commit().catch(() => {});
+    addWaits(op, waits, Date.now());
+    op.commit().catch(() => {});
   }
 
   close() {
     this.closed = true;
     for (const q of this.queues.values()) this.unwatch(q);
   }
-}
-
-/** The histogram bucket of a wait: the first bound it does not exceed. */
-export function bucketOf(ms: number): number {
-  const i = WAIT_BOUNDS_MS.findIndex((b) => ms <= b);
-  return i === -1 ? WAIT_BOUNDS_MS.length : i;
 }
