@@ -95,8 +95,17 @@ export async function createServices(
     log,
     ledger,
     slots,
-    notify: (alert, { model, status, upstreamCode, message }) => {
-      events.alert(alert, { model, status, upstreamCode, upstreamMessage: message });
+    notify: (alert, { model, status, upstreamCode, message, keyHint, keyHints }) => {
+      if (alert === "upstream.unavailable") {
+        events.alert(alert, { model, keyHints: keyHints ?? [] });
+      } else {
+        // Per pool key: a second key refused within the hour is its own alert.
+        events.alert(
+          alert,
+          { model, status, upstreamCode, upstreamMessage: message, keyHint },
+          keyHint ?? "*",
+        );
+      }
     },
   });
   events.start();

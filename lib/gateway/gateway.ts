@@ -21,7 +21,13 @@ import type { Charge, Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
 import { type LimitStatus, limitStatus } from "../limits/status.ts";
 import { CountTokensLimiter } from "../limits/count_tokens.ts";
-import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream/slots.ts";
+import {
+  ClientLeft,
+  type SlotHold,
+  type Taken,
+  type UpstreamSlots,
+} from "../limits/upstream/slots.ts";
+import type { KeyPool, PoolKey } from "../limits/upstream/pool.ts";
 import { Exchange } from "./exchange.ts";
 import { type Exit, RequestEnd, type Settlement } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";
@@ -60,6 +66,18 @@ interface GatewayDeps {
   clock?: Clock;
 }
 
+/** One request on its way upstream: what every exchange for it is built from. */
+interface Call {
+  protocol: Protocol;
+  req: Request;
+  bytes: Uint8Array<ArrayBuffer>;
+  requestId: string;
+  /** performance.now() when it arrived. */
+  started: number;
+  /** The model it is forwarded as. */
+  model: string;
+}
+
 /**
  * count_tokens: relayed with the rate headers as they stand; nothing counted. Settling ends its
  * own limits' flight and frees its upstream slot.
@@ -94,7 +112,7 @@ export class Gateway {
   private readonly alerts: RefusalAlerts;
   readonly models: ModelCatalog;
   /** The operator's key and content type, per endpoint (built once). */
-  private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
+  private readonly upstreamHeaders = new Map<string, Record<string, string>>();
   /** Upstream calls whose answers are not settled yet (what shutdown() cuts). */
   private readonly calls = new Set<Exchange>();
   private readonly clock: Clock;
@@ -120,8 +138,7 @@ export class Gateway {
   async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
     if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
-    const masterKey = this.config.glm.apiKey;
-    if (!masterKey) {
+    if (!this.pool.size && !this.config.glm.apiKeys.length) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
@@ -142,32 +159,29 @@ export class Gateway {
       throw target; // unreachable: validate() threw
     }
     const bytes = target === body.model ? body.bytes : withModel(body.bytes, target);
-    const headers = this.headersFor(protocol, masterKey, req);
-    /**
-     * The upstream call, started as soon as the snapshot admits the request — while the admission
-     * commit is in flight (CONTRACT §5): its latency hides behind the upstream's. Nothing of the
-     * answer is relayed, and nothing counted, before the admission is durable.
-     */
-    let call: Exchange | undefined;
-    const send = (client = req.signal) =>
-      call ??= this.send(protocol, client, bytes, headers, started);
-    // A model with an upstream cap waits for its slot: no call before that.
+    const call: Call = { protocol, req, bytes, requestId, started, model: target };
+    // A model with an upstream cap waits for its slot (on a pool key): no call before that.
     const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
-      const user = validate(status.user, rate);
-      const settlement = await this.unmetered(user, target, rate, capped, req);
-      return await this.forward(send(), settlement, protocol, requestId, started);
+      return await this.unmetered(call, validate(status.user, rate), rate, capped);
     }
-    const onAdmitted = capped ? undefined : () => void send();
-    const lease = await this.admit(body, target, userId, validate, onAdmitted)
+    /**
+     * Uncapped, the upstream call starts as soon as the snapshot admits the request — while the
+     * admission commit is in flight (CONTRACT §5): its latency hides behind the upstream's.
+     * Nothing of the answer is relayed, and nothing counted, before the admission is durable.
+     */
+    const key = capped ? null : await this.pool.pick();
+    let early: Exchange | undefined;
+    const onAdmitted = key ? () => void (early ??= this.send(call, key)) : undefined;
+    const lease = await this.admit(body, target, userId, validate, onAdmitted, capped)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
         // the allowance) refused it after all: the call is cancelled at once, nothing counted.
-        if (call) {
-          call.cancel();
-          this.calls.delete(call);
+        if (early) {
+          early.cancel();
+          this.calls.delete(early);
           this.log.info("admission refused after the upstream call began; call cancelled", {
             id: requestId,
             userId,
@@ -177,13 +191,27 @@ export class Gateway {
         }
         throw err;
       });
-    if (!capped) return await this.forward(send(), lease, protocol, requestId, started);
+    if (!capped) {
+      if (!key) throw await this.noKeyInService(call, lease);
+      const again = async () => {
+        const next = await this.pool.pick();
+        return next ? this.send(call, next) : null;
+      };
+      return await this.forward(early ??= this.send(call, key), lease, call, again);
+    }
+    if (!(await this.pool.inService()).length) throw await this.noKeyInService(call, lease);
     // The client as the wait sees it: its request's signal, or the early answer's hang-up.
     const left = new AbortController();
     const client = AbortSignal.any([req.signal, left.signal]);
-    const waiting = this.waitForSlot(lease, protocol, client, requestId, started);
-    const forward = (queueMs: number) =>
-      this.forward(send(client), lease, protocol, requestId, started, queueMs);
+    const waiting = this.waitForSlot(lease, call, client);
+    /** Its pool key refused: the slot goes back, and the request waits for one on another key. */
+    const again = async () => {
+      if (!(await this.pool.inService()).length) return null;
+      await this.ledger.detachSlot(lease);
+      return this.send(call, (await this.slots.acquire(lease, client)).key, client);
+    };
+    const forward = (taken: Taken) =>
+      this.forward(this.send(call, taken.key, client), lease, call, again, taken.waitedMs);
     if (!body.stream) return await forward(await waiting);
     return await answerWhileWaiting({
       protocol,
@@ -199,12 +227,26 @@ export class Gateway {
     });
   }
 
+  /**
+   * No pool key is in service (GLM refused every one): the admitted request is given back,
+   * nothing counted, and the operator alerted.
+   */
+  private async noKeyInService(call: Call, lease: Settlement): Promise<AppError> {
+    this.alerts.unavailable(call.model, this.pool.keys.map((k) => k.hint));
+    return await new RequestEnd(lease, this.log, {
+      id: call.requestId,
+      route: call.protocol.route,
+      started: call.started,
+    }).exit("no_key", this.config);
+  }
+
   private admit(
     body: RequestBody,
     model: string,
     userId: string,
     validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord,
     onAdmitted: (() => void) | undefined,
+    waitsForSlot: boolean,
   ): Promise<Lease> {
     const output = this.config.outputReserveTokens;
     return this.ledger.admit({
@@ -216,16 +258,17 @@ export class Gateway {
       },
       validate,
       onAdmitted,
-      waitsForSlot: onAdmitted === undefined,
+      waitsForSlot,
     });
   }
 
-  /** The upstream request's headers: the operator's key, and the caller's relayed headers. */
-  private headersFor(protocol: Protocol, masterKey: string, req: Request) {
-    let headers = this.upstreamHeaders.get(protocol);
+  /** The upstream request's headers: a pool key, and the caller's relayed headers. */
+  private headersFor(protocol: Protocol, key: PoolKey, req: Request) {
+    const id = `${protocol.route} ${key.id}`;
+    let headers = this.upstreamHeaders.get(id);
     if (!headers) {
-      headers = { ...protocol.upstreamAuth(masterKey), "content-type": "application/json" };
-      this.upstreamHeaders.set(protocol, headers);
+      headers = { ...protocol.upstreamAuth(key.secret), "content-type": "application/json" };
+      this.upstreamHeaders.set(id, headers);
     }
     for (const name of protocol.relayedHeaders) {
       const value = req.headers.get(name);
@@ -239,24 +282,17 @@ export class Gateway {
    * none in time, or whose client leaves meanwhile, is settled at once: not counted (the former)
    * or with nothing used (the latter).
    */
-  private async waitForSlot(
-    lease: Lease,
-    protocol: Protocol,
-    client: AbortSignal,
-    requestId: string,
-    started: number,
-  ): Promise<number> {
+  private async waitForSlot(lease: Lease, call: Call, client: AbortSignal): Promise<Taken> {
     try {
-      const waited = await this.slots.acquire(lease, client);
-      if (!client.aborted) return waited;
+      const taken = await this.slots.acquire(lease, client);
+      if (!client.aborted) return taken;
       throw new ClientLeft();
     } catch (err) {
-      const queueMs = performance.now() - started;
       const end = new RequestEnd(lease, this.log, {
-        id: requestId,
-        route: protocol.route,
-        started,
-        queueMs,
+        id: call.requestId,
+        route: call.protocol.route,
+        started: call.started,
+        queueMs: performance.now() - call.started,
       });
       if (err instanceof ClientLeft) throw await end.exit("left_waiting", this.config);
       await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
@@ -266,32 +302,48 @@ export class Gateway {
 
   /**
    * count_tokens: its own limits (COUNT_TOKENS_RPM, 2 in flight; 429), then an upstream slot
-   * when the model has a cap — it reaches GLM with the master key like any call.
+   * when the model has a cap — it reaches GLM with the operator's key like any call.
    */
   private async unmetered(
+    call: Call,
     user: UserRecord,
-    model: string,
     headers: Record<string, string>,
     capped: boolean,
-    req: Request,
-  ): Promise<Settlement> {
+  ): Promise<Response> {
     const flight = await this.countTokens.take(user.id, headers);
+    const signal = call.req.signal;
     let hold: SlotHold | undefined;
-    if (capped) {
-      try {
-        hold = await this.slots.acquireHold(user.id, model, req.signal);
-        if (req.signal.aborted) throw new ClientLeft();
-      } catch (err) {
-        await Promise.all([flight.release(), hold?.release()]);
-        throw slotRefusal(err, headers);
-      }
+    const take = async () => {
+      hold = await this.slots.acquireHold(user.id, call.model, signal);
+      if (signal.aborted) throw new ClientLeft();
+      return hold.poolKey!;
+    };
+    let key: PoolKey | null;
+    try {
+      key = capped ? await take() : await this.pool.pick();
+    } catch (err) {
+      await Promise.all([flight.release(), hold?.release()]);
+      throw slotRefusal(err, headers);
     }
-    return new Unmetered(
+    const settlement = new Unmetered(
       user,
-      model,
+      call.model,
       headers,
       () => Promise.all([flight.release(), hold?.release()]),
     );
+    if (!key) throw await this.noKeyInService(call, settlement);
+    const again = async () => {
+      if (!(await this.pool.inService()).length) return null;
+      if (!capped) return this.send(call, (await this.pool.pick())!);
+      await hold?.release();
+      return this.send(call, await take());
+    };
+    return await this.forward(this.send(call, key), settlement, call, again);
+  }
+
+  /** The GLM keys (GLM_API_KEY), shared with the upstream slots. */
+  private get pool(): KeyPool {
+    return this.slots.pool;
   }
 
   /** Rate headers as they stand, for answers that consume nothing. */
@@ -323,32 +375,30 @@ export class Gateway {
     return this.auth.user(bearerToken(authorization));
   }
 
-  /** Starts the upstream call (exchange.ts), tracked until its answer is settled. */
-  private send(
-    protocol: Protocol,
-    client: AbortSignal,
-    bytes: Uint8Array<ArrayBuffer>,
-    headers: Record<string, string>,
-    started: number,
-  ): Exchange {
-    const call = new Exchange({
-      url: protocol.upstreamUrl(this.config),
-      headers,
-      body: bytes,
+  /** Starts the upstream call on a pool key (exchange.ts), tracked until it is settled. */
+  private send(call: Call, key: PoolKey, client = call.req.signal): Exchange {
+    const exchange = new Exchange({
+      url: call.protocol.upstreamUrl(this.config),
+      headers: this.headersFor(call.protocol, key, call.req),
+      body: call.bytes,
       client,
       timeoutMs: this.config.glm.timeoutMs,
       streamMaxMs: this.config.glm.streamMaxMs,
-      started,
+      started: call.started,
+      key,
     });
-    this.calls.add(call);
-    return call;
+    this.calls.add(exchange);
+    return exchange;
   }
 
-  /** An upstream error body with any copy of GLM_API_KEY replaced (it reaches users). */
-  private withoutMasterKey(bytes: Uint8Array<ArrayBuffer> | null): Uint8Array<ArrayBuffer> | null {
+  /** An upstream error body with any copy of a pool key replaced (it reaches users). */
+  private withoutMasterKeys(
+    bytes: Uint8Array<ArrayBuffer> | null,
+  ): Uint8Array<ArrayBuffer> | null {
     if (!bytes) return bytes;
     const text = decoder.decode(bytes);
-    const clean = redacted(text, this.config.glm.apiKey);
+    let clean = text;
+    for (const key of this.config.glm.apiKeys) clean = redacted(clean, key);
     return clean === text ? bytes : new TextEncoder().encode(clean);
   }
 
@@ -366,75 +416,108 @@ export class Gateway {
     }
   }
 
-  /** Waits for the upstream's answer and relays it; every ending settles through one RequestEnd. */
+  /**
+   * Waits for the upstream's answer and relays it; every ending settles through one RequestEnd.
+   * A pool key GLM refuses (401/403, `1113`…) is left out, and the request is sent again on
+   * another (`again`): charged once, or not at all when no key is in service.
+   */
   private async forward(
-    call: Exchange,
+    first: Exchange,
     lease: Settlement,
-    protocol: Protocol,
-    requestId: string,
-    started: number,
+    call: Call,
+    again: () => Promise<Exchange | null>,
     queueMs?: number,
   ): Promise<Response> {
-    const model = lease.model;
+    const { protocol, requestId, model } = call;
+    let exchange = first;
     const end = new RequestEnd(lease, this.log, {
       id: requestId,
       route: protocol.route,
-      started,
+      started: call.started,
       queueMs,
     }, () => {
-      call.idle.stop();
-      this.calls.delete(call);
+      exchange.idle.stop();
+      this.calls.delete(exchange);
     });
-    let upstream: Response;
-    try {
-      upstream = await call.response;
-    } catch (err) {
-      const stop = call.stopped;
-      const exit: Exit = stop === "client_left"
-        ? "client_left"
-        : stop === "shutdown"
-        ? "shutdown"
-        : stop === "upstream"
-        ? "timeout"
-        : stop === "deadline"
-        ? "deadline"
-        : "unreachable";
-      if (exit === "timeout" || exit === "deadline" || exit === "unreachable") {
-        this.log.warn("upstream failed", {
+    while (true) {
+      let upstream: Response;
+      try {
+        upstream = await exchange.response;
+      } catch (err) {
+        const exit = exitOf(exchange);
+        if (exit === "timeout" || exit === "deadline" || exit === "unreachable") {
+          this.log.warn("upstream failed", {
+            id: requestId,
+            userId: lease.user.id,
+            model,
+            error: exit === "unreachable" ? "upstream_unavailable" : "upstream_timeout",
+            detail: err instanceof Error ? err.name : "error",
+          });
+        }
+        throw await end.exit(exit, this.config);
+      }
+      exchange.idle.rest();
+      const status = upstream.status;
+      if (status >= 300 && status < 400) {
+        // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front
+        // of it is wrong. Not followed (the master key stays here), not counted.
+        await upstream.body?.cancel();
+        this.log.warn("upstream redirected; not followed", {
           id: requestId,
-          userId: lease.user.id,
           model,
-          error: exit === "unreachable" ? "upstream_unavailable" : "upstream_timeout",
-          detail: err instanceof Error ? err.name : "error",
+          status,
+          location: upstreamRedirectTarget(upstream.headers.get("location")),
+        });
+        throw await end.exit("redirected", this.config);
+      }
+      // An upstream 5xx is not counted (outcome "not_served"): its answer says so already.
+      if (status >= 500) {
+        lease.giveBack();
+        this.log.warn("upstream error", { id: requestId, userId: lease.user.id, model, status });
+      }
+      if (!needsClassifying(status)) {
+        return await relayAnswer(upstream, {
+          protocol,
+          exchange,
+          end,
+          lease,
+          headers: this.answerHeaders(upstream.headers, lease, protocol, requestId),
+          timeoutMs: this.config.glm.timeoutMs,
+          streamMaxMs: this.config.glm.streamMaxMs,
+          clean: (bytes) => this.withoutMasterKeys(bytes),
         });
       }
-      throw await end.exit(exit, this.config);
-    }
-    call.idle.rest();
-    const status = upstream.status;
-    if (status >= 300 && status < 400) {
-      // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front of
-      // it is wrong. Not followed (the master key stays here), not counted.
-      await upstream.body?.cancel();
-      this.log.warn("upstream redirected; not followed", {
-        id: requestId,
-        model,
-        status,
-        location: upstreamRedirectTarget(upstream.headers.get("location")),
-      });
-      throw await end.exit("redirected", this.config);
-    }
-    // An upstream 5xx is not counted (outcome "not_served"): its answer says so already.
-    if (status >= 500) {
-      lease.giveBack();
-      this.log.warn("upstream error", { id: requestId, userId: lease.user.id, model, status });
-    }
-    if (needsClassifying(status)) {
       // The operator's account refused, or is throttled: the user gets Keyway's own answer.
-      const bytes = await readErrorBody(upstream.body, call.idle);
+      const bytes = await readErrorBody(upstream.body, exchange.idle);
       const refusal = classifyRefusal(status, bytes, upstream.headers.get("retry-after"));
+      const key = exchange.key;
+      if (refusal.alert === "upstream.throttled") {
+        this.alerts.refused(refusal, model, status, requestId, key);
+      } else {
+        // This key is refused: left out of the pool, and the request tried on another.
+        await this.pool.coolDown(key, refusal.alert.slice("upstream.".length));
+        this.alerts.refused(refusal, model, status, requestId, key);
+        exchange.idle.stop();
+        this.calls.delete(exchange);
+        let next: Exchange | null;
+        try {
+          next = await again();
+        } catch (err) {
+          await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
+          throw slotRefusal(err, lease.headers);
+        }
+        if (next) {
+          this.log.info("upstream key refused; the request goes to another pool key", {
+            id: requestId,
+            model,
+            keyHint: key.hint,
+          });
+          exchange = next;
+          continue;
+        }
+        this.alerts.unavailable(model, this.pool.keys.map((k) => k.hint));
+      }
       await end.settle(null, refusal.error.status, "not_served", refusal.alert);
-      this.alerts.refused(refusal, model, status, requestId);
       throw new AppError(
         refusal.error.code,
         refusal.error.message,
@@ -442,16 +525,6 @@ export class Gateway {
         refusal.error.status,
       );
     }
-    return await relayAnswer(upstream, {
-      protocol,
-      exchange: call,
-      end,
-      lease,
-      headers: this.answerHeaders(upstream.headers, lease, protocol, requestId),
-      timeoutMs: this.config.glm.timeoutMs,
-      streamMaxMs: this.config.glm.streamMaxMs,
-      clean: (bytes) => this.withoutMasterKey(bytes),
-    });
   }
 
   /**
@@ -479,6 +552,20 @@ export class Gateway {
     if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
     return headers;
   }
+}
+
+/** The ending of an exchange whose call failed before any answer: by why it stopped. */
+function exitOf(exchange: Exchange): Exit {
+  const stop = exchange.stopped;
+  return stop === "client_left"
+    ? "client_left"
+    : stop === "shutdown"
+    ? "shutdown"
+    : stop === "upstream"
+    ? "timeout"
+    : stop === "deadline"
+    ? "deadline"
+    : "unreachable";
 }
 
 /** A wait for an upstream slot that ended without one, as the client's answer. */

@@ -58,6 +58,7 @@ import {
   type LeaseRecord,
   refundable,
   signed,
+  slotCounters,
   sumHeld,
 } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
@@ -199,15 +200,20 @@ export class Ledger implements LeaseSettler {
     return this.liveness.currentCheck();
   }
 
-  /** Adds to `op` the lease's entry recording its upstream slot (the commit takes the slot). */
-  attachSlot(op: Deno.AtomicOperation, lease: Lease, slot: string): void {
+  /**
+   * Adds to `op` the lease's entry recording its upstream slot on pool key `keyId` (the commit
+   * takes the slot).
+   */
+  attachSlot(op: Deno.AtomicOperation, lease: Lease, slot: string, keyId?: string): void {
     const held = this.held(lease);
-    op.set(keys.lease(this.procId, held.id), { ...held.record, slot });
+    op.set(keys.lease(this.procId, held.id), { ...held.record, slot, slotKey: keyId });
   }
 
   /** The commit of attachSlot landed: the lease holds its slot (its settlement frees it). */
-  slotAttached(lease: Lease, slot: string): void {
-    this.held(lease).record.slot = slot;
+  slotAttached(lease: Lease, slot: string, keyId?: string): void {
+    const record = this.held(lease).record;
+    record.slot = slot;
+    record.slotKey = keyId;
   }
 
   /** The commit of attachSlot threw and could not be read back: its settlement reads first. */
@@ -215,10 +221,36 @@ export class Ledger implements LeaseSettler {
     this.held(lease).uncertain = true;
   }
 
+  /**
+   * Gives the lease's slot back now, the lease going on without one (its pool key was refused;
+   * it waits for a slot on another): one commit, checked on the lease's entry.
+   */
+  async detachSlot(lease: Lease): Promise<void> {
+    const held = this.held(lease);
+    const { slot, slotKey } = held.record;
+    if (!slot) return;
+    const key = keys.lease(this.procId, held.id);
+    const entry = await this.kv.get<LeaseRecord>(key);
+    if (!entry.value || entry.value.slot !== slot) return; // reaped, or never written
+    const record = { ...held.record, slot: undefined, slotKey: undefined };
+    const op = this.kv.atomic().check(entry).set(key, record);
+    for (const k of slotCounters(slot, held.user.id, slotKey)) op.sum(k, signed(-1));
+    const res = await commitOrConflict(op);
+    if (!res.ok) throw new Error("ledger: the lease's slot changed while it was given back");
+    held.record.slot = undefined;
+    held.record.slotKey = undefined;
+  }
+
   /** The upstream slot the lease's entry in KV records, and its versionstamp (read back). */
-  async slotInKv(lease: Lease): Promise<{ slot: string | null; versionstamp: string | null }> {
+  async slotInKv(
+    lease: Lease,
+  ): Promise<{ slot: string | null; keyId: string | null; versionstamp: string | null }> {
     const entry = await this.kv.get<LeaseRecord>(keys.lease(this.procId, lease.id));
-    return { slot: entry.value?.slot ?? null, versionstamp: entry.versionstamp };
+    return {
+      slot: entry.value?.slot ?? null,
+      keyId: entry.value?.slotKey ?? null,
+      versionstamp: entry.versionstamp,
+    };
   }
 
   private held(lease: Lease): HeldLease {
@@ -247,7 +279,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 13,
+          mutations: 14,
           userId: lease.user.id,
           lease,
           charge,
@@ -437,7 +469,7 @@ export class Ledger implements LeaseSettler {
     for (const o of batch) {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
-        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value?.slot);
+        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value);
         if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
@@ -494,11 +526,11 @@ export class Ledger implements LeaseSettler {
     now: number,
     sums: UsageSums,
     addHeld: (userId: string, d: Held) => void,
-    /** The upstream slot the lease's entry in KV records, when it was read (a guarded retry). */
-    slotInKv?: string,
+    /** The lease's entry in KV, when it was read (a guarded retry): the slot it records. */
+    inKv?: LeaseRecord | null,
   ) {
     const r = lease.record;
-    const slot = slotInKv ?? r.slot;
+    const { slot, slotKey } = inKv?.slot ? inKv : r;
     const base = { userId: r.userId, model: r.model, at: now };
     if (lease.lost) {
       // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
@@ -516,10 +548,7 @@ export class Ledger implements LeaseSettler {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (slot) {
-      addSum(sums, keys.upstreamHeld(slot), -1);
-      addSum(sums, keys.upstreamUserHeld(slot, r.userId), -1);
-    }
+    if (slot) { for (const k of slotCounters(slot, r.userId, slotKey)) addSum(sums, k, -1); }
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
       if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);

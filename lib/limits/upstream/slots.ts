@@ -40,12 +40,13 @@
 import type { Config } from "../../core/config.ts";
 import { AppError } from "../../core/errors.ts";
 import { commitOrConflict, keys, u64 } from "../../core/kv.ts";
-import { backoffMs, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../../core/kv_ops.ts";
+import { backoffMs, getManyChunked, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../../core/kv_ops.ts";
 import type { Logger } from "../../core/log.ts";
 import type { Lease, Ledger } from "../admission.ts";
 import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
 import { addWaits, type WaitPercentiles, waitPercentiles } from "./waits.ts";
+import { KeyPool, type PoolKey } from "./pool.ts";
 
 export { SlotHold };
 
@@ -62,6 +63,12 @@ const SWEEP_TICKETS_MS = 60_000;
 const SWEEP_HOLDS_MS = 2_000;
 /** Enqueue commits tried before giving up (each conflict is another enqueue that landed). */
 const ENQUEUE_ATTEMPTS = 100;
+/** A slot taken: how long its request waited, and the pool key it is on. */
+export interface Taken {
+  waitedMs: number;
+  key: PoolKey;
+}
+
 /** The client left while its request waited for a slot. */
 export class ClientLeft extends Error {
   constructor() {
@@ -87,7 +94,7 @@ interface Waiter {
   /** A time-out or hang-up that came while claiming: applied if the commit fails. */
   pending: (() => void) | null;
   done: boolean;
-  resolve: (waitedMs: number) => void;
+  resolve: (taken: Taken) => void;
   reject: (err: unknown) => void;
   timer?: ReturnType<typeof setTimeout>;
   cleanup?: () => void;
@@ -182,6 +189,8 @@ export class UpstreamSlots {
     private readonly config: Config,
     private readonly ledger: Ledger,
     private readonly log?: Logger,
+    /** The GLM keys whose slots these are (UPSTREAM_CONCURRENCY is per key). */
+    readonly pool: KeyPool = new KeyPool(kv, config),
   ) {}
 
   /** The cap for a model (0 = none). */
@@ -191,11 +200,11 @@ export class UpstreamSlots {
   }
 
   /**
-   * Takes an upstream slot for the lease's model, waiting in line. Resolves to the ms waited;
-   * rejects with 503 upstream_busy after UPSTREAM_QUEUE_MS (or at once when UPSTREAM_QUEUE_MAX
-   * requests wait already), or ClientLeft.
+   * Takes an upstream slot for the lease's model, waiting in line: on the pool key with the most
+   * free slots. Resolves to the ms waited and the key; rejects with 503 upstream_busy after
+   * UPSTREAM_QUEUE_MS (or at once when UPSTREAM_QUEUE_MAX requests wait already), or ClientLeft.
    */
-  acquire(lease: Lease, signal: AbortSignal): Promise<number> {
+  acquire(lease: Lease, signal: AbortSignal): Promise<Taken> {
     return this.wait({ lease }, lease.user.id, lease.model, signal);
   }
 
@@ -209,16 +218,21 @@ export class UpstreamSlots {
     return hold;
   }
 
+  /** Every pool key's slots for this model: cap per key × keys (the user share's base). */
+  private slotsOf(model: string): number {
+    return this.capOf(model) * Math.max(1, this.pool.size);
+  }
+
   private wait(
     holder: Holder,
     userId: string,
     modelName: string,
     signal: AbortSignal,
-  ): Promise<number> {
+  ): Promise<Taken> {
     const model = modelName.toLowerCase();
     const arrived = Date.now();
     if (signal.aborted) return Promise.reject(new ClientLeft());
-    return new Promise<number>((resolve, reject) => {
+    return new Promise<Taken>((resolve, reject) => {
       const w: Waiter = {
         holder,
         userId,
@@ -482,24 +496,30 @@ export class UpstreamSlots {
     ticketed: boolean,
   ): Promise<boolean> {
     const now = Date.now();
-    const heldKey = keys.upstreamHeld(model);
-    // The first try (no ticket) reads the line and its user's count with the model's count.
+    // The keys in service, and the one with the most free slots for this model.
+    const pool = await this.pool.inService();
+    if (!pool.length) return false; // every key cooling down: the gateway says so at the door
+    // The first try (no ticket) reads the line and its user's count with the keys' counts.
     const local = ticketed ? [] : q.waiters.filter((w) => !w.ticketed && !w.done);
-    const ahead = [...new Set(local.map((w) => w.userId))].slice(0, KV_GET_MANY_MAX - 1);
+    const ahead = [...new Set(local.map((w) => w.userId))].slice(0, KV_GET_MANY_MAX);
     const [read, listed] = await Promise.all([
-      this.kv.getMany([heldKey, ...ahead.map((u) => keys.upstreamUserHeld(model, u))]),
+      getManyChunked(this.kv, [
+        ...pool.map((k) => keys.upstreamKeyHeld(model, k.id)),
+        ...ahead.map((u) => keys.upstreamUserHeld(model, u)),
+      ]),
       ticketed ? null : this.line(model, now),
     ]);
-    const held = read[0];
     const userHeld = new Map<string, Deno.KvEntryMaybe<unknown>>();
-    ahead.forEach((u, i) => userHeld.set(u, read[i + 1]));
-    let inFlight = u64(held.value);
-    if (inFlight > 2 ** 53) {
-      // A KvU64 that wrapped below zero (a bug's trace): take it as none rather than never again.
-      this.log?.error("upstream slots: the in-flight count wrapped below zero", { model });
-      inFlight = 0;
-    }
-    const free = cap - inFlight;
+    ahead.forEach((u, i) => userHeld.set(u, read[pool.length + i]));
+    let best = 0;
+    let free = -Infinity;
+    pool.forEach((_key, i) => {
+      // heldSum: a count that wrapped below zero (a bug's trace) counts as none, not forever.
+      const keyFree = cap - heldSum(read[i].value);
+      if (keyFree > free) [best, free] = [i, keyFree];
+    });
+    const key = pool[best];
+    const held = read[best];
     if (free <= 0) {
       this.maybeSweepHolds(model, now);
       return false;
@@ -515,7 +535,7 @@ export class UpstreamSlots {
     // Not in line yet: where its ticket would go.
     const rounds = new Rounds(line);
     for (const w of local) places.push({ user: w.userId, round: rounds.next(w.userId), own: w });
-    let chosen = await this.pick(model, serveOrder(places), free, cap, userHeld);
+    let chosen = await this.pick(model, serveOrder(places), free, this.slotsOf(model), userHeld);
     if (!chosen.length) return false;
     for (const w of chosen) {
       if (w.holder.lease?.lost) {
@@ -532,7 +552,13 @@ export class UpstreamSlots {
       heartbeat = this.ledger.slotCheck();
       if (!heartbeat) return false;
     }
-    const op = this.kv.atomic().check(held).sum(heldKey, BigInt(chosen.length));
+    // The key's count is checked (the cap is per key, exact across processes); the model's total
+    // only counts (health, kv.watch).
+    const n = BigInt(chosen.length);
+    const op = this.kv.atomic()
+      .check(held)
+      .sum(keys.upstreamKeyHeld(model, key.id), n)
+      .sum(keys.upstreamHeld(model), n);
     if (heartbeat) op.check(heartbeat);
     const perUser = new Map<string, number>();
     for (const w of chosen) perUser.set(w.userId, (perUser.get(w.userId) ?? 0) + 1);
@@ -543,8 +569,8 @@ export class UpstreamSlots {
     let out = 0;
     for (const w of chosen) {
       w.claiming = true;
-      if (w.holder.lease) this.ledger.attachSlot(op, w.holder.lease, model);
-      else op.set(w.holder.hold.key, w.holder.hold.record(now) satisfies HoldRecord);
+      if (w.holder.lease) this.ledger.attachSlot(op, w.holder.lease, model, key.id);
+      else op.set(w.holder.hold.key, w.holder.hold.record(now, key.id) satisfies HoldRecord);
       if (w.ticketed) {
         op.delete(keys.upstreamTicket(model, w.ticket));
         out++;
@@ -558,7 +584,7 @@ export class UpstreamSlots {
       res = await commitOrConflict(op);
     } catch (err) {
       // The commit may have landed (a remote KV that failed to answer): the records say.
-      res = await this.landed(chosen[0], model).catch(() => {
+      res = await this.landed(chosen[0], model, key.id).catch(() => {
         // Not even the read-back answered: their releases read their records to free a slot
         // only if this commit gave them one.
         for (const w of chosen) {
@@ -575,13 +601,13 @@ export class UpstreamSlots {
       return false;
     }
     for (const w of chosen) {
-      if (w.holder.lease) this.ledger.slotAttached(w.holder.lease, model);
-      else w.holder.hold.attached(res.versionstamp);
+      if (w.holder.lease) this.ledger.slotAttached(w.holder.lease, model, key.id);
+      else w.holder.hold.attached(res.versionstamp, key);
       w.ticketed = false; // deleted by the commit
       w.done = true;
       w.cleanup?.();
       q.waiters = q.waiters.filter((x) => x !== w);
-      w.resolve(Date.now() - w.arrived);
+      w.resolve({ waitedMs: Date.now() - w.arrived, key });
     }
     return true;
   }
@@ -634,13 +660,14 @@ export class UpstreamSlots {
   private async landed(
     w: Waiter,
     model: string,
+    keyId: string,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
     if (w.holder.hold) {
       const entry = await this.kv.get(w.holder.hold.key);
       return entry.versionstamp ? { ok: true, versionstamp: entry.versionstamp } : { ok: false };
     }
     const entry = await this.ledger.slotInKv(w.holder.lease);
-    return entry.slot === model && entry.versionstamp
+    return entry.slot === model && entry.keyId === keyId && entry.versionstamp
       ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
   }
