@@ -53,6 +53,9 @@ import {
 export { MAX_BODY_BYTES };
 export type { UpstreamNotifier };
 
+/** The most bytes of request bodies that may wait for upstream slots in one process (CONTRACT §5). */
+const MAX_WAITING_BYTES = 256 * 1024 * 1024;
+
 /** Upstream response headers worth relaying (content-length/-encoding are the runtime's). */
 const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
 
@@ -115,6 +118,8 @@ export class Gateway {
   private readonly upstreamHeaders = new Map<string, Record<string, string>>();
   /** Upstream calls whose answers are not settled yet (what shutdown() cuts). */
   private readonly calls = new Set<Exchange>();
+  /** Bytes of the bodies of this process's requests waiting for an upstream slot. */
+  private waitingBytes = 0;
   private readonly clock: Clock;
 
   constructor(deps: GatewayDeps) {
@@ -283,10 +288,17 @@ export class Gateway {
    * or with nothing used (the latter).
    */
   private async waitForSlot(lease: Lease, call: Call, client: AbortSignal): Promise<Taken> {
+    const size = call.bytes.byteLength;
     try {
-      const taken = await this.slots.acquire(lease, client);
-      if (!client.aborted) return taken;
-      throw new ClientLeft();
+      if (this.waitingBytes + size > MAX_WAITING_BYTES) throw this.tooMuchWaiting();
+      this.waitingBytes += size;
+      try {
+        const taken = await this.slots.acquire(lease, client);
+        if (!client.aborted) return taken;
+        throw new ClientLeft();
+      } finally {
+        this.waitingBytes -= size;
+      }
     } catch (err) {
       const end = new RequestEnd(lease, this.log, {
         id: call.requestId,
@@ -339,6 +351,16 @@ export class Gateway {
       return this.send(call, await take());
     };
     return await this.forward(this.send(call, key), settlement, call, again);
+  }
+
+  /** Beyond MAX_WAITING_BYTES of bodies waiting for slots in this process: 503 at once. */
+  private tooMuchWaiting(): AppError {
+    return new AppError(
+      "upstream_busy",
+      "Too many requests are waiting for an upstream slot; retry in 5s. " +
+        "Nothing was counted against your limits.",
+      { "retry-after": "5" },
+    );
   }
 
   /** The GLM keys (GLM_API_KEY), shared with the upstream slots. */

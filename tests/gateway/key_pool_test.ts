@@ -8,6 +8,7 @@ import assert from "node:assert/strict";
 import { keys, u64 } from "../../lib/core/kv.ts";
 import { eventually, serveGateway } from "../support/helpers.ts";
 import { CHAT, post } from "../support/gateway_setup.ts";
+import { localUserId } from "../../lib/identity/sessions.ts";
 
 const KEY_A = "glm-pool-SECRET-first-0123456789.aaaa";
 const KEY_B = "glm-pool-SECRET-second-9876543210.bbbb";
@@ -81,6 +82,32 @@ for (const capped of [false, true]) {
     }
   });
 }
+
+Deno.test("/admin's upstream card shows each pool key by its last 4 characters: in service or left out", async () => {
+  const operator = await localUserId("op@example.com");
+  const s = await serveGateway(
+    { GLM_API_KEY: `${KEY_A},${KEY_B}`, ADMIN_USER_IDS: operator },
+    "user_pool_admin",
+  );
+  try {
+    s.fake.refusedKeys.set(KEY_B, "balance");
+    for (let i = 0; i < 3; i++) assert.equal((await post(s.url, s.apiKey)).status, 200);
+    const { token } = await s.app.services.sessions.issueLocal("op@example.com");
+    const res = await fetch(`${s.url}/admin`, { headers: { cookie: `__session=${token}` } });
+    assert.equal(res.status, 200);
+    const html = await res.text();
+    const card = html.slice(html.indexOf('data-testid="pool-keys"'));
+    assert.match(card, /…aaaa<\/code><\/td><td>in service/);
+    assert.match(
+      card,
+      /…bbbb<\/code><\/td><td><span class="text-warn">left out until [^<]+\(balance exhausted\)/,
+    );
+    assert.ok(!html.includes(KEY_A) && !html.includes(KEY_B), "the page holds a pool key");
+    assert.ok(!html.includes('data-testid="no-key-in-service"'));
+  } finally {
+    await s.close();
+  }
+});
 
 Deno.test("every pool key refused: 503 upstream_unavailable, nothing counted, upstream.unavailable", async () => {
   const s = await serveGateway({ GLM_API_KEY: `${KEY_A},${KEY_B}` }, "user_pool_none");

@@ -46,7 +46,7 @@ import type { Lease, Ledger } from "../admission.ts";
 import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
 import { addWaits, type WaitPercentiles, waitPercentiles } from "./waits.ts";
-import { KeyPool, type PoolKey } from "./pool.ts";
+import { KeyPool, type PoolKey, type PoolKeyStatus } from "./pool.ts";
 
 export { SlotHold };
 
@@ -133,6 +133,8 @@ interface Place {
 
 export interface UpstreamHealth {
   models: Array<{ model: string; cap: number; inFlight: number; waiting: number }>;
+  /** Each pool key (its last 4 characters only): in service or cooling down, in flight per model. */
+  keys: Array<PoolKeyStatus & { inFlight: Array<{ model: string; n: number }> }>;
   /** Waits for a slot over the last hour, all processes (bucket upper bounds, ms). */
   waits: WaitPercentiles;
 }
@@ -733,10 +735,22 @@ export class UpstreamSlots {
       ) {
         if (t.value.deadline > now) waiting++;
       }
-      models.push({ model, cap: this.capOf(model), inFlight: u64(e.value), waiting });
+      models.push({ model, cap: this.slotsOf(model), inFlight: u64(e.value), waiting });
     }
     const waits = await waitPercentiles(this.kv, now, this.config.glm.queueMs);
-    return { models, waits };
+    const inFlight = new Map<string, Array<{ model: string; n: number }>>();
+    for await (const e of this.kv.list({ prefix: keys.upstreamKeyHelds() })) {
+      const n = heldSum(e.value);
+      if (!n) continue;
+      const id = String(e.key[2]);
+      inFlight.set(id, [...(inFlight.get(id) ?? []), { model: String(e.key[1]), n }]);
+    }
+    const status = await this.pool.status();
+    const pool = this.pool.keys.map((k, i) => ({
+      ...status[i],
+      inFlight: inFlight.get(k.id) ?? [],
+    }));
+    return { models, keys: pool, waits };
   }
 
   /** Waits that ended without a slot (the commit that takes slots records the others). */
