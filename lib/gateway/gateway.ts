@@ -177,7 +177,7 @@ export class Gateway {
     /** Its pool key refused: the slot goes back, and the request waits for one on another key. */
     const again = async () => {
       if (!(await this.pool.inService()).length) return null;
-      await this.ledger.detachSlot(lease);
+      await this.ledger.slots.detach(lease);
       return this.upstream.send(call, (await this.slots.acquire(lease, client)).key, client);
     };
     const forward = (taken: Taken) =>

@@ -49,6 +49,7 @@ import { addSum, addUsageSums, type TokenUsage, type UsageSums } from "../usage/
 import { type RateState } from "./gcra.ts";
 import { type Charge, chargeFor, type Outcome } from "./charge.ts";
 import { HeldLease, type Lease, type LeaseSettler } from "./lease.ts";
+import { LeaseSlots } from "./lease_slots.ts";
 import { type AdmitRequest, decideAdmission } from "./decide.ts";
 import { GroupCommitter, type GroupOp } from "./group_commit.ts";
 import { type Snapshot, UserStates } from "./user_states.ts";
@@ -157,6 +158,11 @@ export class Ledger implements LeaseSettler {
       this.committer,
       { clock: this.clock, pricing: this.pricing, log: options.log },
     );
+    this.slots = new LeaseSlots(kv, this.liveness, (lease) => {
+      const held = this.live.get(lease.id);
+      if (!held || held !== lease) throw new Error("ledger: not a live lease of this process");
+      return held;
+    });
     this.liveness.start(() => {
       if (this.live.size) this.liveness.renewIfDue();
     });
@@ -193,71 +199,8 @@ export class Ledger implements LeaseSettler {
     this.committer.submit(op);
   }
 
-  // --- Upstream slots (lib/limits/upstream/…) attach to leases through these. ---
-
-  /** The check a commit that attaches slots makes, or null while no heartbeat is current. */
-  slotCheck(): Deno.AtomicCheck | null {
-    return this.liveness.currentCheck();
-  }
-
-  /**
-   * Adds to `op` the lease's entry recording its upstream slot on pool key `keyId` (the commit
-   * takes the slot).
-   */
-  attachSlot(op: Deno.AtomicOperation, lease: Lease, slot: string, keyId?: string): void {
-    const held = this.held(lease);
-    op.set(keys.lease(this.procId, held.id), { ...held.record, slot, slotKey: keyId });
-  }
-
-  /** The commit of attachSlot landed: the lease holds its slot (its settlement frees it). */
-  slotAttached(lease: Lease, slot: string, keyId?: string): void {
-    const record = this.held(lease).record;
-    record.slot = slot;
-    record.slotKey = keyId;
-  }
-
-  /** The commit of attachSlot threw and could not be read back: its settlement reads first. */
-  slotUnsure(lease: Lease): void {
-    this.held(lease).uncertain = true;
-  }
-
-  /**
-   * Gives the lease's slot back now, the lease going on without one (its pool key was refused;
-   * it waits for a slot on another): one commit, checked on the lease's entry.
-   */
-  async detachSlot(lease: Lease): Promise<void> {
-    const held = this.held(lease);
-    const { slot, slotKey } = held.record;
-    if (!slot) return;
-    const key = keys.lease(this.procId, held.id);
-    const entry = await this.kv.get<LeaseRecord>(key);
-    if (!entry.value || entry.value.slot !== slot) return; // reaped, or never written
-    const record = { ...held.record, slot: undefined, slotKey: undefined };
-    const op = this.kv.atomic().check(entry).set(key, record);
-    for (const k of slotCounters(slot, held.user.id, slotKey)) op.sum(k, signed(-1));
-    const res = await commitOrConflict(op);
-    if (!res.ok) throw new Error("ledger: the lease's slot changed while it was given back");
-    held.record.slot = undefined;
-    held.record.slotKey = undefined;
-  }
-
-  /** The upstream slot the lease's entry in KV records, and its versionstamp (read back). */
-  async slotInKv(
-    lease: Lease,
-  ): Promise<{ slot: string | null; keyId: string | null; versionstamp: string | null }> {
-    const entry = await this.kv.get<LeaseRecord>(keys.lease(this.procId, lease.id));
-    return {
-      slot: entry.value?.slot ?? null,
-      keyId: entry.value?.slotKey ?? null,
-      versionstamp: entry.versionstamp,
-    };
-  }
-
-  private held(lease: Lease): HeldLease {
-    const held = this.live.get(lease.id);
-    if (!held || held !== lease) throw new Error("ledger: not a live lease of this process");
-    return held;
-  }
+  /** How upstream slots (lib/limits/upstream/) attach to this process's leases. */
+  readonly slots: LeaseSlots;
 
   /**
    * Settles a lease: once; later calls get the first call's promise. The lease stays among this

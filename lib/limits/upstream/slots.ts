@@ -551,7 +551,7 @@ export class UpstreamSlots {
     if (!chosen.length) return true;
     let heartbeat: Deno.AtomicCheck | null = null;
     if (chosen.some((w) => w.holder.lease)) {
-      heartbeat = this.ledger.slotCheck();
+      heartbeat = this.ledger.slots.check();
       if (!heartbeat) return false;
     }
     // The key's count is checked (the cap is per key, exact across processes); the model's total
@@ -571,7 +571,7 @@ export class UpstreamSlots {
     let out = 0;
     for (const w of chosen) {
       w.claiming = true;
-      if (w.holder.lease) this.ledger.attachSlot(op, w.holder.lease, model, key.id);
+      if (w.holder.lease) this.ledger.slots.attach(op, w.holder.lease, model, key.id);
       else op.set(w.holder.hold.key, w.holder.hold.record(now, key.id) satisfies HoldRecord);
       if (w.ticketed) {
         op.delete(keys.upstreamTicket(model, w.ticket));
@@ -590,7 +590,7 @@ export class UpstreamSlots {
         // Not even the read-back answered: their releases read their records to free a slot
         // only if this commit gave them one.
         for (const w of chosen) {
-          if (w.holder.lease) this.ledger.slotUnsure(w.holder.lease);
+          if (w.holder.lease) this.ledger.slots.unsure(w.holder.lease);
           else w.holder.hold.unsure = true;
         }
         throw err;
@@ -603,7 +603,7 @@ export class UpstreamSlots {
       return false;
     }
     for (const w of chosen) {
-      if (w.holder.lease) this.ledger.slotAttached(w.holder.lease, model, key.id);
+      if (w.holder.lease) this.ledger.slots.attached(w.holder.lease, model, key.id);
       else w.holder.hold.attached(res.versionstamp, key);
       w.ticketed = false; // deleted by the commit
       w.done = true;
@@ -668,7 +668,7 @@ export class UpstreamSlots {
       const entry = await this.kv.get(w.holder.hold.key);
       return entry.versionstamp ? { ok: true, versionstamp: entry.versionstamp } : { ok: false };
     }
-    const entry = await this.ledger.slotInKv(w.holder.lease);
+    const entry = await this.ledger.slots.inKv(w.holder.lease);
     return entry.slot === model && entry.keyId === keyId && entry.versionstamp
       ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
