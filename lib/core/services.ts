@@ -5,6 +5,7 @@ import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
 import { UpstreamSlots } from "../limits/upstream/slots.ts";
+import { KeyPool } from "../limits/upstream/pool.ts";
 import { checkBudget } from "../reports/budget_alerts.ts";
 import { keys, u64 } from "./kv.ts";
 import { KeyVault } from "../identity/api_keys.ts";
@@ -33,7 +34,7 @@ export interface Services {
   connect: ConnectFlows;
   /** Operator events and alerts to EVENTS_WEBHOOK_URL (lib/alerts/deliver.ts). */
   events: Events;
-  /** The time every service above reads (the Gateway and UpstreamSlots read the system's). */
+  /** The time every service above reads. */
   clock: Clock;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
@@ -88,13 +89,14 @@ export async function createServices(
       await checkBudget(events, { id: userId }, u64(spent.value) / 1e9, budgetUsd, month);
     },
   });
-  const slots = new UpstreamSlots(kv, config, ledger, log);
+  const slots = new UpstreamSlots(kv, config, ledger, log, new KeyPool(kv, config, clock), clock);
   const gateway = new Gateway({
     config,
     kv,
     log,
     ledger,
     slots,
+    clock,
     notify: (alert, { model, status, upstreamCode, message, keyHint, keyHints }) => {
       if (alert === "upstream.unavailable") {
         events.alert(alert, { model, keyHints: keyHints ?? [] });

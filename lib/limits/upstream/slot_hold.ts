@@ -6,6 +6,7 @@
  * and is swept (sweepHolds) with the slot counts it held — each record is deleted by exactly one
  * commit that checks it, so a slot is never given back twice.
  */
+import { systemClock } from "../../core/clock.ts";
 import { commitOrConflict, keys } from "../../core/kv.ts";
 import type { Logger } from "../../core/log.ts";
 import { signed, slotCounters } from "../lease_record.ts";
@@ -68,7 +69,7 @@ export class SlotHold {
     try {
       const res = await commitOrConflict(
         this.kv.atomic().check({ key: this.key, versionstamp: stamp })
-          .set(this.key, this.record(Date.now())),
+          .set(this.key, this.record(systemClock())),
       );
       if (res.ok && this.stamp === stamp) this.stamp = res.versionstamp;
       else if (!res.ok && this.stamp === stamp) {

@@ -37,6 +37,7 @@
  * freed anywhere is taken within a round trip. A waiting request holds its bytes and its place in
  * line: no upstream connection, no timer beyond its deadline.
  */
+import { type Clock, systemClock } from "../../core/clock.ts";
 import type { Config } from "../../core/config.ts";
 import { AppError } from "../../core/errors.ts";
 import { commitOrConflict, keys, u64 } from "../../core/kv.ts";
@@ -193,6 +194,7 @@ export class UpstreamSlots {
     private readonly log?: Logger,
     /** The GLM keys whose slots these are (UPSTREAM_CONCURRENCY is per key). */
     readonly pool: KeyPool = new KeyPool(kv, config),
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /** The cap for a model (0 = none). */
@@ -232,7 +234,7 @@ export class UpstreamSlots {
     signal: AbortSignal,
   ): Promise<Taken> {
     const model = modelName.toLowerCase();
-    const arrived = Date.now();
+    const arrived = this.clock();
     if (signal.aborted) return Promise.reject(new ClientLeft());
     return new Promise<Taken>((resolve, reject) => {
       const w: Waiter = {
@@ -264,7 +266,7 @@ export class UpstreamSlots {
       signal.addEventListener("abort", onAbort, { once: true });
       w.timer = setTimeout(() => {
         const expire = () => {
-          this.recordWaits([Date.now() - arrived]);
+          this.recordWaits([this.clock() - arrived]);
           give(this.busy());
         };
         if (w.claiming) w.pending = expire;
@@ -391,7 +393,7 @@ export class UpstreamSlots {
       const room = this.config.glm.queueMax - Math.max(0, u64(counted.value) - u64(left.value));
       if (room < fresh.length) {
         // Full, or so it looks: tickets of owners that died may still be counted.
-        if (!swept && await this.sweepTickets(Date.now(), 1_000)) {
+        if (!swept && await this.sweepTickets(this.clock(), 1_000)) {
           swept = true;
           continue;
         }
@@ -401,13 +403,13 @@ export class UpstreamSlots {
           w.reject(this.queueFull());
         }
         if (room <= 0) return;
-      } else if (Date.now() - this.lastTicketSweep > SWEEP_TICKETS_MS) {
-        this.sweepTickets(Date.now(), SWEEP_TICKETS_MS).catch(() => {});
+      } else if (this.clock() - this.lastTicketSweep > SWEEP_TICKETS_MS) {
+        this.sweepTickets(this.clock(), SWEEP_TICKETS_MS).catch(() => {});
       }
       const part = fresh.filter((w) => !w.done).slice(0, Math.min(room, TAKE_PER_COMMIT));
       if (!part.length) continue;
       // Read after the count: a ticket written since then fails this commit's check.
-      const rounds = new Rounds(await this.line(model, Date.now()));
+      const rounds = new Rounds(await this.line(model, this.clock()));
       const op = this.kv.atomic().check(counted).sum(inKey, BigInt(part.length));
       for (const w of part) {
         const ticket: Ticket = {
@@ -497,7 +499,7 @@ export class UpstreamSlots {
     cap: number,
     ticketed: boolean,
   ): Promise<boolean> {
-    const now = Date.now();
+    const now = this.clock();
     // The keys in service, and the one with the most free slots for this model.
     const pool = await this.pool.inService();
     if (!pool.length) return false; // every key cooling down: the gateway says so at the door
@@ -609,7 +611,7 @@ export class UpstreamSlots {
       w.done = true;
       w.cleanup?.();
       q.waiters = q.waiters.filter((x) => x !== w);
-      w.resolve({ waitedMs: Date.now() - w.arrived, key });
+      w.resolve({ waitedMs: this.clock() - w.arrived, key });
     }
     return true;
   }
@@ -724,7 +726,7 @@ export class UpstreamSlots {
   }
 
   /** In flight and waiting per model, and the queue-wait percentiles of the last hour. */
-  async health(now = Date.now()): Promise<UpstreamHealth> {
+  async health(now = this.clock()): Promise<UpstreamHealth> {
     const models: UpstreamHealth["models"] = [];
     await this.sweepTickets(now, SWEEP_TICKETS_MS);
     for await (const e of this.kv.list({ prefix: keys.upstreamHelds() })) {
@@ -756,7 +758,7 @@ export class UpstreamSlots {
   /** Waits that ended without a slot (the commit that takes slots records the others). */
   private recordWaits(waits: number[]) {
     const op = this.kv.atomic();
-    addWaits(op, waits, Date.now());
+    addWaits(op, waits, this.clock());
     op.commit().catch(() => {});
   }
 
