@@ -1,11 +1,12 @@
 /**
  * The "Upstream" card at the top of /admin: the operator's GLM account as Keyway sees it — slots
- * in use and requests waiting per model (UPSTREAM_CONCURRENCY), the queue wait over the last
+ * in use and requests waiting per model (UPSTREAM_CONCURRENCY), each pool key (its last 4
+ * characters: in service or left out, in flight per model), the queue wait over the last
  * hour, and the alerts sent lately. GLM has no balance API and bills a day late, so this is the
  * operator's real-time view.
  */
 import { formatDateTime, formatInt } from "../lib/core/format.ts";
-import type { UpstreamHealth as Health } from "../lib/limits/upstream_slots.ts";
+import type { UpstreamHealth as Health } from "../lib/limits/upstream/slots.ts";
 
 export interface AlertLine {
   id: string;
@@ -28,6 +29,7 @@ const waitText = (ms: number | null) =>
 
 export function UpstreamHealth({ health, capped, alerts, eventsOn }: UpstreamHealthProps) {
   const models = health.models.filter((m) => m.inFlight > 0 || m.waiting > 0 || m.cap > 0);
+  const noneInService = health.keys.length > 0 && health.keys.every((k) => k.coolingUntil !== null);
   return (
     <section
       class="card upstream"
@@ -39,6 +41,13 @@ export function UpstreamHealth({ health, capped, alerts, eventsOn }: UpstreamHea
         <h2 id="upstream-title">Upstream (GLM account)</h2>
         <p class="muted small">now, and the last hour</p>
       </div>
+      {noneInService && (
+        <p class="notice notice-error" role="alert" data-testid="no-key-in-service">
+          <strong>No GLM key is in service.</strong> GLM refused every key of{" "}
+          <code>GLM_API_KEY</code>; every request gets 503 until one is fixed (a key is tried again
+          when its cool-down ends).
+        </p>
+      )}
       {!capped && (
         <p class="muted small">
           No <code>UPSTREAM_CONCURRENCY</code>{" "}
@@ -76,6 +85,42 @@ export function UpstreamHealth({ health, capped, alerts, eventsOn }: UpstreamHea
           </div>
         )
         : capped && <p class="muted small">Nothing in flight to GLM right now.</p>}
+      {health.keys.length > 1 && (
+        <div class="table-wrap">
+          <table data-testid="pool-keys">
+            <caption class="sr-only">The GLM keys of the pool</caption>
+            <thead>
+              <tr>
+                <th scope="col">GLM key</th>
+                <th scope="col">State</th>
+                <th scope="col">In flight</th>
+              </tr>
+            </thead>
+            <tbody>
+              {health.keys.map((k) => (
+                <tr key={k.hint}>
+                  <td>
+                    <code>…{k.hint}</code>
+                  </td>
+                  <td>
+                    {k.coolingUntil === null ? "in service" : (
+                      <span class="text-warn">
+                        left out until {formatDateTime(new Date(k.coolingUntil).toISOString())}
+                        {k.reason ? ` (${k.reason.replace("_", " ")})` : ""}
+                      </span>
+                    )}
+                  </td>
+                  <td class="small">
+                    {k.inFlight.length
+                      ? k.inFlight.map((f) => `${f.model}: ${formatInt(f.n)}`).join(", ")
+                      : "—"}
+                  </td>
+                </tr>
+              ))}
+            </tbody>
+          </table>
+        </div>
+      )}
       {capped && (
         <p class="small" data-testid="queue-wait">
           Wait for a slot, last hour: p50 {waitText(health.waits.p50Ms)}, p99{" "}

@@ -4,6 +4,7 @@
  * module (clients/vscode/keyway.ts) is a drop-in file that cannot import this one: a type test in
  * tests/e2e/browser/vscode_client_test.ts keeps its copy of these shapes in step.
  */
+import type { UsageTotals } from "./usage/totals.ts";
 
 /** The limits in force for a user (null: unlimited). */
 export interface LimitsBody {
@@ -30,14 +31,8 @@ export interface KeyBody {
   limits: LimitsBody;
 }
 
-/** Usage over some span. */
-export interface UsageTotalsBody {
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  totalTokens: number;
-  costUsd: number;
-}
+/** Usage over some span (lib/usage/totals.ts, the one totals shape). */
+export type UsageTotalsBody = UsageTotals;
 
 export type PauseReasonBody = "requests_per_day" | "tokens_per_day" | "budget_monthly";
 

@@ -25,6 +25,15 @@ export interface UpstreamAlertFields {
   upstreamCode: string | null;
   /** The upstream's own error text (trimmed; the master key is never echoed). */
   upstreamMessage: string;
+  /** The pool key GLM refused: its last 4 characters (key_rejected, balance_exhausted). */
+  keyHint?: string;
+}
+
+/** No pool key is in service: every request gets 503 until one is. */
+export interface UnavailableFields {
+  model: string;
+  /** The pool keys, each as its last 4 characters, all cooling down. */
+  keyHints: string[];
 }
 
 /** The fields of each event type, besides `type`, `at` and `message` (CONTRACT §7 Events). */
@@ -56,6 +65,7 @@ export interface EventFields {
   "upstream.key_rejected": UpstreamAlertFields;
   "upstream.balance_exhausted": UpstreamAlertFields;
   "upstream.throttled": UpstreamAlertFields;
+  "upstream.unavailable": UnavailableFields;
 }
 
 export type EventType = keyof EventFields;
@@ -64,7 +74,8 @@ export type AlertType =
   | "budget.threshold"
   | "upstream.key_rejected"
   | "upstream.balance_exhausted"
-  | "upstream.throttled";
+  | "upstream.throttled"
+  | "upstream.unavailable";
 export type LifecycleType = Exclude<EventType, AlertType>;
 
 /** An event before it is stamped: its type and that type's fields. */
@@ -109,7 +120,7 @@ export class Events {
   readonly enabled: boolean;
   private readonly url: string | undefined;
   private readonly signer: Webhook | undefined;
-  private readonly masterKey: string | undefined;
+  private readonly masterKeys: string[];
   /** Local mode: sessions carry the e-mail, so no provisioned user waits for a profile. */
   private readonly localMode: boolean;
 
@@ -123,7 +134,7 @@ export class Events {
     this.enabled = this.url !== undefined;
     const secret = config.events.webhookSecret;
     this.signer = secret ? new Webhook(secret) : undefined;
-    this.masterKey = config.glm.apiKey;
+    this.masterKeys = config.glm.apiKeys;
     this.localMode = config.localMode;
     this.outbox = new Outbox<EventJob>(
       kv,
@@ -279,7 +290,8 @@ export class Events {
   /** Upstream texts are trimmed, and never carry the master key even if GLM echoed it. */
   private scrubbed(event: KeywayEvent): KeywayEvent {
     if (!("upstreamMessage" in event)) return event;
-    const text = redacted(event.upstreamMessage.slice(0, UPSTREAM_MESSAGE_MAX), this.masterKey);
+    let text = event.upstreamMessage.slice(0, UPSTREAM_MESSAGE_MAX);
+    for (const key of this.masterKeys) text = redacted(text, key);
     return { ...event, upstreamMessage: text };
   }
 
@@ -347,13 +359,23 @@ function describe(event: KeywayEvent): string {
       return `User ${event.userId} has spent ${usd(event.spentUsd)} of their ` +
         `${usd(event.budgetUsd)} budget for ${event.month} (${event.percent}%).`;
     case "upstream.key_rejected":
-      return `GLM refused the operator's master key (HTTP ${event.status} on ${event.model}); ` +
-        `users get 503 until GLM_API_KEY is fixed.`;
+      return `GLM refused the operator's master key${hint(event.keyHint)} (HTTP ${event.status} ` +
+        `on ${event.model}); it is left out of the pool for a while, and users get 503 once ` +
+        `no key is left in service.`;
     case "upstream.balance_exhausted":
-      return `The GLM account is out of balance (code ${event.upstreamCode ?? "none"} on ` +
-        `${event.model}); users get 503 until it is topped up.`;
+      return `The GLM account${hint(event.keyHint)} is out of balance (code ` +
+        `${event.upstreamCode ?? "none"} on ${event.model}); its key is left out of the pool ` +
+        `until it is topped up, and users get 503 once no key is left in service.`;
+    case "upstream.unavailable":
+      return `No GLM key is in service (${event.keyHints.map((h) => `…${h}`).join(", ")} all ` +
+        `refused): every request on ${event.model} and other models gets 503 until one is fixed.`;
     case "upstream.throttled":
       return `GLM keeps throttling requests (HTTP ${event.status}, code ` +
         `${event.upstreamCode ?? "none"} on ${event.model}); users get 503 upstream_busy.`;
   }
+}
+
+/** " (key …abcd)" for a pool key's hint, or nothing. */
+function hint(keyHint: string | undefined): string {
+  return keyHint ? ` (key …${keyHint})` : "";
 }

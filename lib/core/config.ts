@@ -128,7 +128,11 @@ const envSchema = z.object({
       "CLERK_WEBHOOK_SECRET must be one or more space-separated whsec_… secrets",
     ),
   CLERK_API_URL: optionalString.pipe(origin("CLERK_API_URL").optional()),
-  GLM_API_KEY: optionalString,
+  GLM_API_KEY: optionalString.transform((v) => v?.split(",").map((k) => k.trim()) ?? [])
+    .refine(
+      (list) => list.every((k) => k.length > 0) && new Set(list).size === list.length,
+      "GLM_API_KEY must be one key, or several distinct keys separated by commas (a pool)",
+    ),
   GLM_BASE_URL: optionalString.pipe(origin("GLM_BASE_URL").optional()),
   GLM_ANTHROPIC_BASE_URL: optionalString.pipe(origin("GLM_ANTHROPIC_BASE_URL").optional()),
   MODEL_ALIASES: jsonFrom(
@@ -183,6 +187,7 @@ const envSchema = z.object({
     return n;
   }),
   UPSTREAM_QUEUE_MAX: intFrom("UPSTREAM_QUEUE_MAX", 1000, 1, 1_000_000),
+  UPSTREAM_KEY_COOLDOWN_MS: intFrom("UPSTREAM_KEY_COOLDOWN_MS", 300_000, 1_000, 86_400_000),
   COUNT_TOKENS_RPM: intFrom("COUNT_TOKENS_RPM", 120, 1, 1_000_000),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
@@ -268,7 +273,12 @@ export interface Config {
     apiUrl: string;
   };
   glm: {
+    /** The first pool key (shared mode hands it out). */
     apiKey?: string;
+    /** Every key of the pool (GLM_API_KEY, comma-separated); empty when none is set. */
+    apiKeys: string[];
+    /** How long a pool key GLM refused is left out. */
+    keyCooldownMs: number;
     baseUrl: string;
     anthropicBaseUrl: string;
     timeoutMs: number;
@@ -352,7 +362,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     problems.push("DENO_KV_ACCESS_TOKEN is required when DENO_KV_PATH is a KV Connect URL");
   }
   const keyMode = e.KEY_MODE ?? "proxy";
-  if (keyMode === "shared" && !e.GLM_API_KEY) {
+  if (keyMode === "shared" && !e.GLM_API_KEY.length) {
     problems.push("GLM_API_KEY is required when KEY_MODE=shared");
   }
   if (problems.length) throw new ConfigError(problems);
@@ -383,7 +393,9 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
       apiUrl: e.CLERK_API_URL ?? "https://api.clerk.com",
     },
     glm: {
-      apiKey: e.GLM_API_KEY,
+      apiKey: e.GLM_API_KEY[0],
+      apiKeys: e.GLM_API_KEY,
+      keyCooldownMs: e.UPSTREAM_KEY_COOLDOWN_MS,
       baseUrl,
       anthropicBaseUrl: e.GLM_ANTHROPIC_BASE_URL ??
         baseUrl.replace(/\/api\/paas\/v4$/, "/api/anthropic"),
@@ -419,7 +431,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
 /** Every configured secret, so the logger can redact them from any line. */
 export function secretsOf(config: Config): Array<string | undefined> {
   return [
-    config.glm.apiKey,
+    ...config.glm.apiKeys,
     config.kvAccessToken,
     config.keyEncryptionSecret,
     config.clerk.secretKey,

@@ -30,6 +30,11 @@ export const keys = {
   /** Requests in flight to GLM for a model (KvU64 sum), across processes (UPSTREAM_CONCURRENCY). */
   upstreamHeld: (model: string) => ["upstream_held", model] as const,
   upstreamHelds: () => ["upstream_held"] as const,
+  /** Slots of a model one pool key has in flight (KvU64 sum): UPSTREAM_CONCURRENCY is per key. */
+  upstreamKeyHeld: (model: string, keyId: string) => ["upstream_key_held", model, keyId] as const,
+  upstreamKeyHelds: () => ["upstream_key_held"] as const,
+  /** A pool key GLM refused, left out until the entry expires (UPSTREAM_KEY_COOLDOWN_MS). */
+  upstreamKeyCooldown: (keyId: string) => ["upstream_key_cooldown", keyId] as const,
   /** Slots of a model one user holds (KvU64 sum), for UPSTREAM_USER_SHARE. */
   upstreamUserHeld: (model: string, userId: string) =>
     ["upstream_user_held", model, userId] as const,

@@ -4,7 +4,8 @@ import { ClerkSync } from "../clerk/sync.ts";
 import { type Config, secretsOf } from "./config.ts";
 import { Gateway } from "../gateway/gateway.ts";
 import { Ledger } from "../limits/admission.ts";
-import { UpstreamSlots } from "../limits/upstream_slots.ts";
+import { UpstreamSlots } from "../limits/upstream/slots.ts";
+import { KeyPool } from "../limits/upstream/pool.ts";
 import { checkBudget } from "../reports/budget_alerts.ts";
 import { keys, u64 } from "./kv.ts";
 import { KeyVault } from "../identity/api_keys.ts";
@@ -33,7 +34,7 @@ export interface Services {
   connect: ConnectFlows;
   /** Operator events and alerts to EVENTS_WEBHOOK_URL (lib/alerts/deliver.ts). */
   events: Events;
-  /** The time every service above reads (the Gateway and UpstreamSlots read the system's). */
+  /** The time every service above reads. */
   clock: Clock;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
@@ -88,15 +89,25 @@ export async function createServices(
       await checkBudget(events, { id: userId }, u64(spent.value) / 1e9, budgetUsd, month);
     },
   });
-  const slots = new UpstreamSlots(kv, config, ledger, log);
+  const slots = new UpstreamSlots(kv, config, ledger, log, new KeyPool(kv, config, clock), clock);
   const gateway = new Gateway({
     config,
     kv,
     log,
     ledger,
     slots,
-    notify: (alert, { model, status, upstreamCode, message }) => {
-      events.alert(alert, { model, status, upstreamCode, upstreamMessage: message });
+    clock,
+    notify: (alert, { model, status, upstreamCode, message, keyHint, keyHints }) => {
+      if (alert === "upstream.unavailable") {
+        events.alert(alert, { model, keyHints: keyHints ?? [] });
+      } else {
+        // Per pool key: a second key refused within the hour is its own alert.
+        events.alert(
+          alert,
+          { model, status, upstreamCode, upstreamMessage: message, keyHint },
+          keyHint ?? "*",
+        );
+      }
     },
   });
   events.start();

@@ -3,6 +3,7 @@
  * then for each next piece of the answer; STREAM_MAX_MS end to end), cancelled when the client
  * leaves before the headers. Why it stopped early is one reason, set once, whoever noticed first.
  */
+import type { PoolKey } from "../limits/upstream/pool.ts";
 
 /**
  * Why an answer is cut: a silent upstream or client, STREAM_MAX_MS, or the server stopping.
@@ -79,10 +80,14 @@ export interface ExchangeOptions {
   streamMaxMs: number;
   /** performance.now() when the request arrived (STREAM_MAX_MS counts from there). */
   started: number;
+  /** The pool key the call is made with. */
+  key: PoolKey;
 }
 
 export class Exchange {
   readonly response: Promise<Response>;
+  /** The pool key the call is made with. */
+  readonly key: PoolKey;
   readonly idle: IdleTimer;
   private readonly abort = new AbortController();
   private reason: StopReason | null = null;
@@ -90,6 +95,7 @@ export class Exchange {
   private cut: ((reason: StopReason) => void) | null = null;
 
   constructor(o: ExchangeOptions) {
+    this.key = o.key;
     this.idle = new IdleTimer(o.timeoutMs, o.streamMaxMs, (stall) => this.stop(stall), o.started);
     // Only until the headers arrive: after that the relay's cancel() notices the client leaving.
     // (deno.json opts out of Deno's legacy behaviour of also aborting request.signal once a

@@ -25,7 +25,9 @@ export type Exit =
   /** The upstream could not be reached: never got the request, nothing counted. */
   | "unreachable"
   /** The upstream redirected (GLM_BASE_URL is wrong): not followed, nothing counted. */
-  | "redirected";
+  | "redirected"
+  /** No pool key is in service (GLM refused every one): never sent, nothing counted. */
+  | "no_key";
 
 interface ExitRule {
   /** The status in the log line (499: nobody is left to answer, as nginx logs it). */
@@ -35,6 +37,8 @@ interface ExitRule {
   /** The answer's status when it is not the code's usual one. */
   answerStatus?: number;
   retryAfter?: string;
+  /** Only the operator can fix it: `x-should-retry: false` (CONTRACT §4). */
+  noRetry?: true;
   message(config: Config): string;
   /** What the log line's detail says. */
   detail?: string;
@@ -82,6 +86,17 @@ export const EXITS: Record<Exit, ExitRule> = {
     outcome: "not_served",
     code: "upstream_unavailable",
     message: () => NOT_REACHED,
+  },
+  no_key: {
+    status: 503,
+    outcome: "not_served",
+    code: "upstream_unavailable",
+    answerStatus: 503,
+    noRetry: true,
+    message: () =>
+      "The service's upstream account refused this request (its operator has been told). " +
+      "Please try again later. Nothing was counted against your limits.",
+    detail: "no pool key in service",
   },
   redirected: {
     status: 502,
@@ -134,9 +149,11 @@ export class RequestEnd {
   async exit(exit: Exit, config: Config): Promise<AppError> {
     const rule = EXITS[exit];
     await this.settle(null, rule.status, rule.outcome, rule.detail);
-    const headers = rule.retryAfter
-      ? { ...this.lease.headers, "retry-after": rule.retryAfter }
-      : this.lease.headers;
+    const headers = {
+      ...this.lease.headers,
+      ...(rule.retryAfter ? { "retry-after": rule.retryAfter } : {}),
+      ...(rule.noRetry ? { "x-should-retry": "false" } : {}),
+    };
     return new AppError(rule.code, rule.message(config), headers, rule.answerStatus);
   }
 

@@ -14,21 +14,23 @@ import { type Clock, systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { keys } from "../core/kv.ts";
-import { type Logger, redacted } from "../core/log.ts";
+import type { Logger } from "../core/log.ts";
 import { ApiKeyAuth } from "../identity/api_key_auth.ts";
 import type { UserRecord } from "../identity/users.ts";
-import type { Charge, Lease, Ledger } from "../limits/admission.ts";
+import type { Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
 import { type LimitStatus, limitStatus } from "../limits/status.ts";
 import { CountTokensLimiter } from "../limits/count_tokens.ts";
-import { ClientLeft, type SlotHold, type UpstreamSlots } from "../limits/upstream_slots.ts";
+import { CountTokensCalls } from "./count_tokens_calls.ts";
+import { ClientLeft, type Taken, type UpstreamSlots } from "../limits/upstream/slots.ts";
+import type { KeyPool } from "../limits/upstream/pool.ts";
 import { Exchange } from "./exchange.ts";
-import { type Exit, RequestEnd, type Settlement } from "./exits.ts";
+import { RequestEnd } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";
 import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
-import { readErrorBody, relayAnswer } from "./relay.ts";
 import { answerWhileWaiting } from "./waiting_stream.ts";
+import { type Call, slotRefusal, UpstreamCalls } from "./upstream_calls.ts";
 import {
   declaredLength,
   MAX_BODY_BYTES,
@@ -37,18 +39,13 @@ import {
   tooLarge,
   withModel,
 } from "./request_body.ts";
-import {
-  classifyRefusal,
-  needsClassifying,
-  RefusalAlerts,
-  type UpstreamNotifier,
-} from "./upstream_errors.ts";
+import { RefusalAlerts, type UpstreamNotifier } from "./upstream_errors.ts";
 
 export { MAX_BODY_BYTES };
 export type { UpstreamNotifier };
 
-/** Upstream response headers worth relaying (content-length/-encoding are the runtime's). */
-const RELAYED_HEADERS = ["content-type", "cache-control", "retry-after"];
+/** The most bytes of request bodies that may wait for upstream slots in one process (CONTRACT §5). */
+const MAX_WAITING_BYTES = 256 * 1024 * 1024;
 
 interface GatewayDeps {
   config: Config;
@@ -60,43 +57,22 @@ interface GatewayDeps {
   clock?: Clock;
 }
 
-/**
- * count_tokens: relayed with the rate headers as they stand; nothing counted. Settling ends its
- * own limits' flight and frees its upstream slot.
- */
-class Unmetered implements Settlement {
-  private settled: Promise<Charge> | null = null;
-  constructor(
-    readonly user: UserRecord,
-    readonly model: string,
-    readonly headers: Record<string, string>,
-    private readonly release: () => Promise<unknown>,
-  ) {}
-  settle(): Promise<Charge> {
-    return this.settled ??= this.release().then(() => ({
-      promptTokens: 0,
-      completionTokens: 0,
-      estimated: false,
-    }));
-  }
-  relayed(): void {}
-  giveBack(): void {}
-}
-
 export class Gateway {
   private readonly config: Config;
   private readonly kv: Deno.Kv;
   private readonly log: Logger;
   private readonly ledger: Ledger;
   private readonly slots: UpstreamSlots;
-  private readonly countTokens: CountTokensLimiter;
+  private readonly countTokens: CountTokensCalls;
   private readonly auth: ApiKeyAuth;
   private readonly alerts: RefusalAlerts;
   readonly models: ModelCatalog;
   /** The operator's key and content type, per endpoint (built once). */
-  private readonly upstreamHeaders = new Map<Protocol, Record<string, string>>();
-  /** Upstream calls whose answers are not settled yet (what shutdown() cuts). */
-  private readonly calls = new Set<Exchange>();
+
+  /** The calls to GLM: sent, relayed, sent again on another key, cut at shutdown. */
+  private readonly upstream: UpstreamCalls;
+  /** Bytes of the bodies of this process's requests waiting for an upstream slot. */
+  private waitingBytes = 0;
   private readonly clock: Clock;
 
   constructor(deps: GatewayDeps) {
@@ -106,9 +82,14 @@ export class Gateway {
     this.ledger = deps.ledger;
     this.slots = deps.slots;
     this.auth = new ApiKeyAuth(deps.kv);
-    this.countTokens = new CountTokensLimiter(deps.kv, deps.config, { log: deps.log });
     this.clock = deps.clock ?? systemClock;
     this.alerts = new RefusalAlerts(deps.log, deps.notify, this.clock);
+    this.upstream = new UpstreamCalls(deps.config, deps.log, deps.slots.pool, this.alerts);
+    this.countTokens = new CountTokensCalls(
+      new CountTokensLimiter(deps.kv, deps.config, { log: deps.log }),
+      deps.slots,
+      this.upstream,
+    );
     this.models = new ModelCatalog(deps.config);
   }
 
@@ -120,8 +101,7 @@ export class Gateway {
   async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
     if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
-    const masterKey = this.config.glm.apiKey;
-    if (!masterKey) {
+    if (!this.pool.size && !this.config.glm.apiKeys.length) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
@@ -142,32 +122,29 @@ export class Gateway {
       throw target; // unreachable: validate() threw
     }
     const bytes = target === body.model ? body.bytes : withModel(body.bytes, target);
-    const headers = this.headersFor(protocol, masterKey, req);
-    /**
-     * The upstream call, started as soon as the snapshot admits the request — while the admission
-     * commit is in flight (CONTRACT §5): its latency hides behind the upstream's. Nothing of the
-     * answer is relayed, and nothing counted, before the admission is durable.
-     */
-    let call: Exchange | undefined;
-    const send = (client = req.signal) =>
-      call ??= this.send(protocol, client, bytes, headers, started);
-    // A model with an upstream cap waits for its slot: no call before that.
+    const call: Call = { protocol, req, bytes, requestId, started, model: target };
+    // A model with an upstream cap waits for its slot (on a pool key): no call before that.
     const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
       const status = await limitStatus(this.kv, this.config, userId);
       const rate = this.currentHeaders(status);
       const user = validate(status.user, rate);
-      const settlement = await this.unmetered(user, target, rate, capped, req);
-      return await this.forward(send(), settlement, protocol, requestId, started);
+      return await this.countTokens.serve(call, user, rate, capped);
     }
-    const onAdmitted = capped ? undefined : () => void send();
-    const lease = await this.admit(body, target, userId, validate, onAdmitted)
+    /**
+     * Uncapped, the upstream call starts as soon as the snapshot admits the request — while the
+     * admission commit is in flight (CONTRACT §5): its latency hides behind the upstream's.
+     * Nothing of the answer is relayed, and nothing counted, before the admission is durable.
+     */
+    const key = capped ? null : await this.pool.pick();
+    let early: Exchange | undefined;
+    const onAdmitted = key ? () => void (early ??= this.upstream.send(call, key)) : undefined;
+    const lease = await this.admit(body, target, userId, validate, onAdmitted, capped)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
         // the allowance) refused it after all: the call is cancelled at once, nothing counted.
-        if (call) {
-          call.cancel();
-          this.calls.delete(call);
+        if (early) {
+          this.upstream.cancel(early);
           this.log.info("admission refused after the upstream call began; call cancelled", {
             id: requestId,
             userId,
@@ -177,13 +154,40 @@ export class Gateway {
         }
         throw err;
       });
-    if (!capped) return await this.forward(send(), lease, protocol, requestId, started);
+    if (!capped) {
+      if (!key) throw await this.upstream.noKeyInService(call, lease);
+      const again = async () => {
+        const next = await this.pool.pick();
+        return next ? this.upstream.send(call, next) : null;
+      };
+      return await this.upstream.forward(
+        early ??= this.upstream.send(call, key),
+        lease,
+        call,
+        again,
+      );
+    }
+    if (!(await this.pool.inService()).length) {
+      throw await this.upstream.noKeyInService(call, lease);
+    }
     // The client as the wait sees it: its request's signal, or the early answer's hang-up.
     const left = new AbortController();
     const client = AbortSignal.any([req.signal, left.signal]);
-    const waiting = this.waitForSlot(lease, protocol, client, requestId, started);
-    const forward = (queueMs: number) =>
-      this.forward(send(client), lease, protocol, requestId, started, queueMs);
+    const waiting = this.waitForSlot(lease, call, client);
+    /** Its pool key refused: the slot goes back, and the request waits for one on another key. */
+    const again = async () => {
+      if (!(await this.pool.inService()).length) return null;
+      await this.ledger.slots.detach(lease);
+      return this.upstream.send(call, (await this.slots.acquire(lease, client)).key, client);
+    };
+    const forward = (taken: Taken) =>
+      this.upstream.forward(
+        this.upstream.send(call, taken.key, client),
+        lease,
+        call,
+        again,
+        taken.waitedMs,
+      );
     if (!body.stream) return await forward(await waiting);
     return await answerWhileWaiting({
       protocol,
@@ -205,6 +209,7 @@ export class Gateway {
     userId: string,
     validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord,
     onAdmitted: (() => void) | undefined,
+    waitsForSlot: boolean,
   ): Promise<Lease> {
     const output = this.config.outputReserveTokens;
     return this.ledger.admit({
@@ -216,22 +221,8 @@ export class Gateway {
       },
       validate,
       onAdmitted,
-      waitsForSlot: onAdmitted === undefined,
+      waitsForSlot,
     });
-  }
-
-  /** The upstream request's headers: the operator's key, and the caller's relayed headers. */
-  private headersFor(protocol: Protocol, masterKey: string, req: Request) {
-    let headers = this.upstreamHeaders.get(protocol);
-    if (!headers) {
-      headers = { ...protocol.upstreamAuth(masterKey), "content-type": "application/json" };
-      this.upstreamHeaders.set(protocol, headers);
-    }
-    for (const name of protocol.relayedHeaders) {
-      const value = req.headers.get(name);
-      if (value !== null) headers = { ...headers, [name]: value };
-    }
-    return headers;
   }
 
   /**
@@ -239,24 +230,24 @@ export class Gateway {
    * none in time, or whose client leaves meanwhile, is settled at once: not counted (the former)
    * or with nothing used (the latter).
    */
-  private async waitForSlot(
-    lease: Lease,
-    protocol: Protocol,
-    client: AbortSignal,
-    requestId: string,
-    started: number,
-  ): Promise<number> {
+  private async waitForSlot(lease: Lease, call: Call, client: AbortSignal): Promise<Taken> {
+    const size = call.bytes.byteLength;
     try {
-      const waited = await this.slots.acquire(lease, client);
-      if (!client.aborted) return waited;
-      throw new ClientLeft();
+      if (this.waitingBytes + size > MAX_WAITING_BYTES) throw this.tooMuchWaiting();
+      this.waitingBytes += size;
+      try {
+        const taken = await this.slots.acquire(lease, client);
+        if (!client.aborted) return taken;
+        throw new ClientLeft();
+      } finally {
+        this.waitingBytes -= size;
+      }
     } catch (err) {
-      const queueMs = performance.now() - started;
       const end = new RequestEnd(lease, this.log, {
-        id: requestId,
-        route: protocol.route,
-        started,
-        queueMs,
+        id: call.requestId,
+        route: call.protocol.route,
+        started: call.started,
+        queueMs: performance.now() - call.started,
       });
       if (err instanceof ClientLeft) throw await end.exit("left_waiting", this.config);
       await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
@@ -264,34 +255,19 @@ export class Gateway {
     }
   }
 
-  /**
-   * count_tokens: its own limits (COUNT_TOKENS_RPM, 2 in flight; 429), then an upstream slot
-   * when the model has a cap — it reaches GLM with the master key like any call.
-   */
-  private async unmetered(
-    user: UserRecord,
-    model: string,
-    headers: Record<string, string>,
-    capped: boolean,
-    req: Request,
-  ): Promise<Settlement> {
-    const flight = await this.countTokens.take(user.id, headers);
-    let hold: SlotHold | undefined;
-    if (capped) {
-      try {
-        hold = await this.slots.acquireHold(user.id, model, req.signal);
-        if (req.signal.aborted) throw new ClientLeft();
-      } catch (err) {
-        await Promise.all([flight.release(), hold?.release()]);
-        throw slotRefusal(err, headers);
-      }
-    }
-    return new Unmetered(
-      user,
-      model,
-      headers,
-      () => Promise.all([flight.release(), hold?.release()]),
+  /** Beyond MAX_WAITING_BYTES of bodies waiting for slots in this process: 503 at once. */
+  private tooMuchWaiting(): AppError {
+    return new AppError(
+      "upstream_busy",
+      "Too many requests are waiting for an upstream slot; retry in 5s. " +
+        "Nothing was counted against your limits.",
+      { "retry-after": "5" },
     );
+  }
+
+  /** The GLM keys (GLM_API_KEY), shared with the upstream slots. */
+  private get pool(): KeyPool {
+    return this.slots.pool;
   }
 
   /** Rate headers as they stand, for answers that consume nothing. */
@@ -323,184 +299,10 @@ export class Gateway {
     return this.auth.user(bearerToken(authorization));
   }
 
-  /** Starts the upstream call (exchange.ts), tracked until its answer is settled. */
-  private send(
-    protocol: Protocol,
-    client: AbortSignal,
-    bytes: Uint8Array<ArrayBuffer>,
-    headers: Record<string, string>,
-    started: number,
-  ): Exchange {
-    const call = new Exchange({
-      url: protocol.upstreamUrl(this.config),
-      headers,
-      body: bytes,
-      client,
-      timeoutMs: this.config.glm.timeoutMs,
-      streamMaxMs: this.config.glm.streamMaxMs,
-      started,
-    });
-    this.calls.add(call);
-    return call;
-  }
-
-  /** An upstream error body with any copy of GLM_API_KEY replaced (it reaches users). */
-  private withoutMasterKey(bytes: Uint8Array<ArrayBuffer> | null): Uint8Array<ArrayBuffer> | null {
-    if (!bytes) return bytes;
-    const text = decoder.decode(bytes);
-    const clean = redacted(text, this.config.glm.apiKey);
-    return clean === text ? bytes : new TextEncoder().encode(clean);
-  }
-
   /**
-   * Cuts every call in flight (a shutdown past its grace period): a streamed answer ends with
-   * an error event and is charged what it had used, like an answer cut for time; a call still
-   * waiting for the upstream's headers answers 503 and counts nothing. Resolves once their
-   * settlements are done, or after `waitMs`.
+   * Cuts every call in flight (a shutdown past its grace period): see UpstreamCalls.shutdown.
    */
-  async shutdown(waitMs = 5_000): Promise<void> {
-    for (const call of this.calls) call.idle.fire("shutdown");
-    const until = performance.now() + waitMs;
-    while (this.calls.size && performance.now() < until) {
-      await new Promise((r) => setTimeout(r, 20));
-    }
-  }
-
-  /** Waits for the upstream's answer and relays it; every ending settles through one RequestEnd. */
-  private async forward(
-    call: Exchange,
-    lease: Settlement,
-    protocol: Protocol,
-    requestId: string,
-    started: number,
-    queueMs?: number,
-  ): Promise<Response> {
-    const model = lease.model;
-    const end = new RequestEnd(lease, this.log, {
-      id: requestId,
-      route: protocol.route,
-      started,
-      queueMs,
-    }, () => {
-      call.idle.stop();
-      this.calls.delete(call);
-    });
-    let upstream: Response;
-    try {
-      upstream = await call.response;
-    } catch (err) {
-      const stop = call.stopped;
-      const exit: Exit = stop === "client_left"
-        ? "client_left"
-        : stop === "shutdown"
-        ? "shutdown"
-        : stop === "upstream"
-        ? "timeout"
-        : stop === "deadline"
-        ? "deadline"
-        : "unreachable";
-      if (exit === "timeout" || exit === "deadline" || exit === "unreachable") {
-        this.log.warn("upstream failed", {
-          id: requestId,
-          userId: lease.user.id,
-          model,
-          error: exit === "unreachable" ? "upstream_unavailable" : "upstream_timeout",
-          detail: err instanceof Error ? err.name : "error",
-        });
-      }
-      throw await end.exit(exit, this.config);
-    }
-    call.idle.rest();
-    const status = upstream.status;
-    if (status >= 300 && status < 400) {
-      // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front of
-      // it is wrong. Not followed (the master key stays here), not counted.
-      await upstream.body?.cancel();
-      this.log.warn("upstream redirected; not followed", {
-        id: requestId,
-        model,
-        status,
-        location: upstreamRedirectTarget(upstream.headers.get("location")),
-      });
-      throw await end.exit("redirected", this.config);
-    }
-    // An upstream 5xx is not counted (outcome "not_served"): its answer says so already.
-    if (status >= 500) {
-      lease.giveBack();
-      this.log.warn("upstream error", { id: requestId, userId: lease.user.id, model, status });
-    }
-    if (needsClassifying(status)) {
-      // The operator's account refused, or is throttled: the user gets Keyway's own answer.
-      const bytes = await readErrorBody(upstream.body, call.idle);
-      const refusal = classifyRefusal(status, bytes, upstream.headers.get("retry-after"));
-      await end.settle(null, refusal.error.status, "not_served", refusal.alert);
-      this.alerts.refused(refusal, model, status, requestId);
-      throw new AppError(
-        refusal.error.code,
-        refusal.error.message,
-        { ...lease.headers, ...refusal.error.headers },
-        refusal.error.status,
-      );
-    }
-    return await relayAnswer(upstream, {
-      protocol,
-      exchange: call,
-      end,
-      lease,
-      headers: this.answerHeaders(upstream.headers, lease, protocol, requestId),
-      timeoutMs: this.config.glm.timeoutMs,
-      streamMaxMs: this.config.glm.streamMaxMs,
-      clean: (bytes) => this.withoutMasterKey(bytes),
-    });
-  }
-
-  /**
-   * One plain record, converted once by the Response (a Headers object would be validated twice:
-   * when built and again when the Response copies it). It also carries the framing headers
-   * routes/mod.ts would otherwise set one by one (see `framed` there).
-   */
-  private answerHeaders(
-    upstream: Headers,
-    lease: Settlement,
-    protocol: Protocol,
-    requestId: string,
-  ): Record<string, string> {
-    const headers: Record<string, string> = {
-      ...lease.headers,
-      "x-request-id": requestId,
-      "x-content-type-options": "nosniff",
-      ...protocol.answerHeaders(requestId),
-    };
-    for (const name of RELAYED_HEADERS) {
-      const value = upstream.get(name);
-      if (value !== null) headers[name] = value;
-    }
-    const upstreamId = upstream.get("x-request-id") ?? upstream.get("request-id");
-    if (upstreamId) headers["x-upstream-request-id"] = upstreamId;
-    return headers;
+  shutdown(waitMs = 5_000): Promise<void> {
+    return this.upstream.shutdown(waitMs);
   }
 }
-
-/** A wait for an upstream slot that ended without one, as the client's answer. */
-function slotRefusal(err: unknown, headers: Record<string, string>): unknown {
-  if (err instanceof AppError) {
-    return new AppError(err.code, err.message, { ...headers, ...err.headers }, err.status);
-  }
-  if (err instanceof ClientLeft) {
-    return new AppError("upstream_unavailable", "The client disconnected.", headers);
-  }
-  return err; // KV failed: 500, logged with the request id
-}
-
-/** Where a redirect pointed, for the operator's log: its origin and path, never its query. */
-function upstreamRedirectTarget(location: string | null): string | null {
-  if (!location) return null;
-  try {
-    const url = new URL(location, "http://relative.invalid");
-    return url.origin === "http://relative.invalid" ? url.pathname : `${url.origin}${url.pathname}`;
-  } catch {
-    return "(not a URL)";
-  }
-}
-
-const decoder = new TextDecoder();

@@ -137,8 +137,17 @@ function retryAfterSeconds(value: string | null, now: number): number | null {
 
 /** Tells the operator about an upstream problem (lib/alerts: de-duplicated per type and hour). */
 export type UpstreamNotifier = (
-  alert: UpstreamAlert,
-  fields: { model: string; status: number; upstreamCode: string | null; message: string },
+  alert: UpstreamAlert | "upstream.unavailable",
+  fields: {
+    model: string;
+    status: number;
+    upstreamCode: string | null;
+    message: string;
+    /** The refused pool key's last 4 characters (key_rejected, balance_exhausted). */
+    keyHint?: string;
+    /** Every pool key's (upstream.unavailable). */
+    keyHints?: string[];
+  },
 ) => void;
 
 /** Throttled answers within THROTTLE_WINDOW_MS that make throttling "sustained" (an alert). */
@@ -153,8 +162,8 @@ const THROTTLE_WINDOW_MS = 60_000;
 export class RefusalAlerts {
   /** When this process's recent throttled answers came. */
   private throttled: number[] = [];
-  /** The clock minute of this process's last alert try of each type. */
-  private readonly alerted = new Map<UpstreamAlert, number>();
+  /** The clock minute of this process's last alert try of each type (and pool key). */
+  private readonly alerted = new Map<string, number>();
 
   constructor(
     private readonly log: Logger,
@@ -162,12 +171,19 @@ export class RefusalAlerts {
     private readonly clock: Clock = systemClock,
   ) {}
 
-  refused(refusal: UpstreamRefusal, model: string, status: number, requestId: string) {
+  refused(
+    refusal: UpstreamRefusal,
+    model: string,
+    status: number,
+    requestId: string,
+    key?: { hint: string },
+  ) {
     const fields = {
       model,
       status,
       upstreamCode: refusal.upstreamCode,
       message: refusal.upstreamMessage ?? `HTTP ${status}`,
+      ...(key && refusal.alert !== "upstream.throttled" ? { keyHint: key.hint } : {}),
     };
     this.log.warn("upstream refused the operator's account", {
       id: requestId,
@@ -185,11 +201,33 @@ export class RefusalAlerts {
     // Alerts go out once per type and hour anyway (lib/alerts): during an outage every refused
     // request would otherwise try a KV commit to learn that. One try a minute per process still
     // gets an alert out if an earlier try failed.
+    this.send(refusal.alert, fields, now);
+  }
+
+  /** No pool key is in service: every request gets 503 until one is. */
+  unavailable(model: string, keyHints: string[]) {
+    this.log.error("no GLM key is in service; requests get 503", { model, keyHints });
+    this.send("upstream.unavailable", {
+      model,
+      status: 503,
+      upstreamCode: null,
+      message: "no pool key in service",
+      keyHints,
+    }, this.clock());
+  }
+
+  private send(
+    alert: UpstreamAlert | "upstream.unavailable",
+    fields: Parameters<UpstreamNotifier>[1],
+    now: number,
+  ) {
+    if (!this.notify) return;
     const minute = Math.floor(now / 60_000);
-    if (this.alerted.get(refusal.alert) === minute) return;
-    this.alerted.set(refusal.alert, minute);
+    const id = `${alert} ${fields.keyHint ?? ""}`;
+    if (this.alerted.get(id) === minute) return;
+    this.alerted.set(id, minute);
     try {
-      this.notify(refusal.alert, fields);
+      this.notify(alert, fields);
     } catch (err) {
       this.log.error("upstream alert failed", { error: String(err) });
     }

@@ -21,28 +21,28 @@ export const HEARTBEAT_MS = 1_000;
 
 const HEARTBEAT = new TextEncoder().encode(": waiting for an upstream slot\n\n");
 
-export interface WaitingAnswer {
+export interface WaitingAnswer<T> {
   protocol: Protocol;
-  /** Resolves with the ms waited once the slot is taken; rejects with the refusal. */
-  waiting: Promise<number>;
+  /** Resolves once the slot is taken; rejects with the refusal. */
+  waiting: Promise<T>;
   /** The early answer's headers (rate headers, ids, the protocol's own). */
   headers: Record<string, string>;
   /** The client left while its answer streams: stops the wait (and the call, once begun). */
   leave(): void;
   /** The upstream call and its relay, once the slot is taken. */
-  forward(queueMs: number): Promise<Response>;
+  forward(taken: T): Promise<Response>;
 }
 
 /** The answer to a streamed request that may wait for an upstream slot (see the top). */
-export async function answerWhileWaiting(w: WaitingAnswer): Promise<Response> {
+export async function answerWhileWaiting<T>(w: WaitingAnswer<T>): Promise<Response> {
   let timer: ReturnType<typeof setTimeout> | undefined;
   const early = new Promise<null>((r) => timer = setTimeout(() => r(null), EARLY_HEADERS_MS));
-  const settled = w.waiting.then((ms) => ({ ms }), (err: unknown) => ({ err }));
+  const settled = w.waiting.then((taken) => ({ taken }), (err: unknown) => ({ err }));
   const first = await Promise.race([settled, early]);
   clearTimeout(timer);
   if (first) {
     if ("err" in first) throw first.err;
-    return await w.forward(first.ms);
+    return await w.forward(first.taken);
   }
   let source: ReadableStreamDefaultReader<Uint8Array> | null = null;
   let beat: ReturnType<typeof setInterval> | undefined;

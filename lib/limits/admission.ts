@@ -49,6 +49,7 @@ import { addSum, addUsageSums, type TokenUsage, type UsageSums } from "../usage/
 import { type RateState } from "./gcra.ts";
 import { type Charge, chargeFor, type Outcome } from "./charge.ts";
 import { HeldLease, type Lease, type LeaseSettler } from "./lease.ts";
+import { LeaseSlots } from "./lease_slots.ts";
 import { type AdmitRequest, decideAdmission } from "./decide.ts";
 import { GroupCommitter, type GroupOp } from "./group_commit.ts";
 import { type Snapshot, UserStates } from "./user_states.ts";
@@ -58,6 +59,7 @@ import {
   type LeaseRecord,
   refundable,
   signed,
+  slotCounters,
   sumHeld,
 } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
@@ -156,6 +158,11 @@ export class Ledger implements LeaseSettler {
       this.committer,
       { clock: this.clock, pricing: this.pricing, log: options.log },
     );
+    this.slots = new LeaseSlots(kv, this.liveness, (lease) => {
+      const held = this.live.get(lease.id);
+      if (!held || held !== lease) throw new Error("ledger: not a live lease of this process");
+      return held;
+    });
     this.liveness.start(() => {
       if (this.live.size) this.liveness.renewIfDue();
     });
@@ -192,40 +199,8 @@ export class Ledger implements LeaseSettler {
     this.committer.submit(op);
   }
 
-  // --- Upstream slots (lib/limits/upstream/…) attach to leases through these. ---
-
-  /** The check a commit that attaches slots makes, or null while no heartbeat is current. */
-  slotCheck(): Deno.AtomicCheck | null {
-    return this.liveness.currentCheck();
-  }
-
-  /** Adds to `op` the lease's entry recording its upstream slot (the commit takes the slot). */
-  attachSlot(op: Deno.AtomicOperation, lease: Lease, slot: string): void {
-    const held = this.held(lease);
-    op.set(keys.lease(this.procId, held.id), { ...held.record, slot });
-  }
-
-  /** The commit of attachSlot landed: the lease holds its slot (its settlement frees it). */
-  slotAttached(lease: Lease, slot: string): void {
-    this.held(lease).record.slot = slot;
-  }
-
-  /** The commit of attachSlot threw and could not be read back: its settlement reads first. */
-  slotUnsure(lease: Lease): void {
-    this.held(lease).uncertain = true;
-  }
-
-  /** The upstream slot the lease's entry in KV records, and its versionstamp (read back). */
-  async slotInKv(lease: Lease): Promise<{ slot: string | null; versionstamp: string | null }> {
-    const entry = await this.kv.get<LeaseRecord>(keys.lease(this.procId, lease.id));
-    return { slot: entry.value?.slot ?? null, versionstamp: entry.versionstamp };
-  }
-
-  private held(lease: Lease): HeldLease {
-    const held = this.live.get(lease.id);
-    if (!held || held !== lease) throw new Error("ledger: not a live lease of this process");
-    return held;
-  }
+  /** How upstream slots (lib/limits/upstream/) attach to this process's leases. */
+  readonly slots: LeaseSlots;
 
   /**
    * Settles a lease: once; later calls get the first call's promise. The lease stays among this
@@ -247,7 +222,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 13,
+          mutations: 14,
           userId: lease.user.id,
           lease,
           charge,
@@ -437,7 +412,7 @@ export class Ledger implements LeaseSettler {
     for (const o of batch) {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
-        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value?.slot);
+        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value);
         if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
@@ -494,11 +469,11 @@ export class Ledger implements LeaseSettler {
     now: number,
     sums: UsageSums,
     addHeld: (userId: string, d: Held) => void,
-    /** The upstream slot the lease's entry in KV records, when it was read (a guarded retry). */
-    slotInKv?: string,
+    /** The lease's entry in KV, when it was read (a guarded retry): the slot it records. */
+    inKv?: LeaseRecord | null,
   ) {
     const r = lease.record;
-    const slot = slotInKv ?? r.slot;
+    const { slot, slotKey } = inKv?.slot ? inKv : r;
     const base = { userId: r.userId, model: r.model, at: now };
     if (lease.lost) {
       // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
@@ -516,10 +491,7 @@ export class Ledger implements LeaseSettler {
     }
     op.delete(keys.lease(this.procId, lease.id));
     addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (slot) {
-      addSum(sums, keys.upstreamHeld(slot), -1);
-      addSum(sums, keys.upstreamUserHeld(slot, r.userId), -1);
-    }
+    if (slot) { for (const k of slotCounters(slot, r.userId, slotKey)) addSum(sums, k, -1); }
     if (c.spared) {
       // Not the user's doing: the request is given back to its limits, and nothing is recorded.
       if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);

@@ -19,6 +19,8 @@ export interface LeaseRecord {
   at: number;
   /** The model whose upstream slot it holds (UPSTREAM_CONCURRENCY), once it has one. */
   slot?: string;
+  /** The pool key (its id) that slot is on. */
+  slotKey?: string;
   /**
    * Admitted to wait for an upstream slot: until `slot` is set the upstream has not seen it, so a
    * reaper charges it nothing and gives the request back to the user's limits.
@@ -80,3 +82,13 @@ export const usedKeys = (userId: string, now: number): Deno.KvKey[] => [
   keys.tokensByDay(userId, utcDay(now)),
   keys.spendByMonth(userId, utcMonth(now)),
 ];
+
+/**
+ * The counters a slot is counted in, to give it back: the model's, its user's, and its pool
+ * key's (when it records one).
+ */
+export function slotCounters(model: string, userId: string, keyId?: string): Deno.KvKey[] {
+  const counters: Deno.KvKey[] = [keys.upstreamHeld(model), keys.upstreamUserHeld(model, userId)];
+  if (keyId) counters.push(keys.upstreamKeyHeld(model, keyId));
+  return counters;
+}

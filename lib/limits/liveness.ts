@@ -23,6 +23,7 @@ import {
   type LeaseRecord,
   refundable,
   signed,
+  slotCounters,
   sumHeld,
 } from "./lease_record.ts";
 
@@ -30,8 +31,8 @@ import {
 export const LEASE_TTL_MS = 20_000;
 /** How often the heartbeat is renewed and the reaper runs. */
 export const TICK_MS = 2_500;
-/** Leases a reaper settles per commit (10 mutations each). */
-const REAP_PER_COMMIT = 80;
+/** Leases a reaper settles per commit (up to 13 mutations each). */
+const REAP_PER_COMMIT = 70;
 /** Lease estimates one renewal writes at most. */
 const RENEW_MAX = 899;
 
@@ -247,8 +248,7 @@ export class Liveness {
         h.nano -= r.nano;
         held.set(r.userId, h);
         if (r.slot) {
-          addSum(sums, keys.upstreamHeld(r.slot), -1);
-          addSum(sums, keys.upstreamUserHeld(r.slot, r.userId), -1);
+          for (const k of slotCounters(r.slot, r.userId, r.slotKey)) addSum(sums, k, -1);
         }
         if (r.waitsForSlot && !r.slot) {
           // Died waiting in line: the upstream never saw it, so it was not the user's request.

@@ -6,16 +6,13 @@ import type { WindowTotals } from "../usage/totals.ts";
 import { addDays, utcDay } from "../core/utc.ts";
 import { systemClock } from "../core/clock.ts";
 
-/** One user's, one day's or all users' requests, tokens and cost. */
-export type UsageTotals30d = WindowTotals;
-
 export interface OperatorOverview {
   /** Per-user totals over the window (users without usage are absent). */
-  users: Map<string, UsageTotals30d>;
+  users: Map<string, WindowTotals>;
   /** One entry per UTC day of the window, oldest first, zero-filled. */
-  days: Array<UsageTotals30d & { day: string; users: number }>;
+  days: Array<WindowTotals & { day: string; users: number }>;
   /** Everyone over the whole window. */
-  totals: UsageTotals30d;
+  totals: WindowTotals;
   /** Each user's latest UTC day with usage in the window (users without usage are absent). */
   lastActive: Map<string, string>;
 }
@@ -30,14 +27,14 @@ export async function operatorOverview(
   const to = utcDay(now);
   const from = addDays(to, -(days - 1));
   const report = await buildReport(kv, pricing, { from, to, perDay: true, now });
-  const users = new Map<string, UsageTotals30d>(
+  const users = new Map<string, WindowTotals>(
     report.users.map((u) => [u.userId, {
       requests: u.requests,
       totalTokens: u.totalTokens,
       costUsd: u.costUsd,
     }]),
   );
-  const byDay = new Map<string, UsageTotals30d & { day: string; users: number }>();
+  const byDay = new Map<string, WindowTotals & { day: string; users: number }>();
   for (let i = 0; i < days; i++) {
     const day = addDays(from, i);
     byDay.set(day, { day, requests: 0, totalTokens: 0, costUsd: 0, users: 0 });

@@ -9,24 +9,18 @@ import { formatInt, formatUsdFixed } from "../core/format.ts";
 import { keys, u64 } from "../core/kv.ts";
 import { getManyChunked } from "../core/kv_ops.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
-import { readDayCounters, readDaySummary, type SummaryMeta, type UsageRow } from "./summary.ts";
+import { readDaySummary, type SummaryMeta } from "./summary.ts";
+import { readDayCounters, type UsageRow } from "../usage/read.ts";
+import type { UsageTotals } from "../usage/totals.ts";
 import type { UserRecord } from "../identity/users.ts";
 import { addDays, type Day, DAY_MS, isDay, utcDay } from "../core/utc.ts";
 
-export interface Totals {
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  totalTokens: number;
-  costUsd: number;
-}
-
-export interface UserLine extends Totals {
+export interface UserLine extends UsageTotals {
   userId: string;
   email: string | null;
 }
 
-export interface ModelLine extends Totals {
+export interface ModelLine extends UsageTotals {
   model: string;
   priced: boolean;
 }
@@ -40,7 +34,7 @@ export interface Report {
   to: Day;
   users: UserLine[];
   models: ModelLine[];
-  totals: Totals;
+  totals: UsageTotals;
   /** One line per user and day (for CSV); empty unless asked for with `perDay`. */
   daily: DayUserLine[];
   /** Where each day with usage was read from. */
@@ -148,7 +142,7 @@ export async function buildReport(
     ...totalsOf(pricing, [row]),
     priced: priceOf(pricing, row.model) !== undefined,
   }));
-  const byCost = <T extends Totals>(key: (x: T) => string) => (a: T, b: T) =>
+  const byCost = <T extends UsageTotals>(key: (x: T) => string) => (a: T, b: T) =>
     b.costUsd - a.costUsd || b.totalTokens - a.totalTokens || cmp(key(a), key(b));
   users.sort(byCost((u) => u.userId));
   models.sort(byCost((m) => m.model));
@@ -238,7 +232,7 @@ export function reportTable(report: Report): string {
     ...report.users.map((u) => u.costUsd),
     ...report.models.map((m) => m.costUsd),
   ]);
-  const numbers = (t: Totals) => [
+  const numbers = (t: UsageTotals) => [
     int(t.requests),
     int(t.promptTokens),
     int(t.completionTokens),
@@ -315,8 +309,8 @@ function addInto(acc: UsageRow, row: UsageRow) {
   if (row.cachedTokens) acc.cachedTokens = (acc.cachedTokens ?? 0) + row.cachedTokens;
 }
 
-/** Totals of rows, priced per model with the given table. */
-function totalsOf(pricing: Pricing, rows: UsageRow[]): Totals {
+/** UsageTotals of rows, priced per model with the given table. */
+function totalsOf(pricing: Pricing, rows: UsageRow[]): UsageTotals {
   return sumTotals(rows.map((r) => ({
     requests: r.requests,
     promptTokens: r.promptTokens,
@@ -326,8 +320,8 @@ function totalsOf(pricing: Pricing, rows: UsageRow[]): Totals {
   })));
 }
 
-function sumTotals(lines: Totals[]): Totals {
-  const t: Totals = {
+function sumTotals(lines: UsageTotals[]): UsageTotals {
+  const t: UsageTotals = {
     requests: 0,
     promptTokens: 0,
     completionTokens: 0,
@@ -345,7 +339,7 @@ function sumTotals(lines: Totals[]): Totals {
   return t;
 }
 
-function pickTotals(t: Totals): Totals {
+function pickTotals(t: UsageTotals): UsageTotals {
   return {
     requests: t.requests,
     promptTokens: t.promptTokens,

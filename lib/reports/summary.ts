@@ -16,19 +16,12 @@ import type { Logger } from "../core/log.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { Events } from "../alerts/deliver.ts";
+import { readDayCounters, type UsageRow } from "../usage/read.ts";
+export { readDayCounters, type UsageRow };
 import { BUDGET_THRESHOLDS, checkBudget } from "./budget_alerts.ts";
 import type { Day, Month } from "../core/utc.ts";
 
 /** One user's use of one model on one day. */
-export interface UsageRow {
-  userId: string;
-  model: string;
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  /** Of the prompt tokens, those served from the upstream's cache (priced as cached input). */
-  cachedTokens?: number;
-}
 
 /** The meta entry of a day's summary: which version it covers and how many chunks hold it. */
 export interface SummaryMeta {
@@ -62,35 +55,6 @@ const CHUNK_MAX_BYTES = 56_000;
 export { BUDGET_THRESHOLDS };
 
 const KV_BATCH = 1000;
-
-/** Reads a day's live day-major counters (or one user's), one row per user and model. */
-export async function readDayCounters(
-  kv: Deno.Kv,
-  day: Day,
-  userId?: string,
-): Promise<UsageRow[]> {
-  const prefix = userId === undefined ? keys.usageDailyDay(day) : [
-    ...keys.usageDailyDay(day),
-    userId,
-  ];
-  const rows: UsageRow[] = [];
-  let row: UsageRow | undefined;
-  // Keys sort by user, then model, then field: a row's three counters arrive together.
-  for await (const entry of kv.list({ prefix }, { batchSize: KV_BATCH })) {
-    const [, , user, model, field] = entry.key;
-    if (typeof user !== "string" || typeof model !== "string") continue;
-    if (!row || row.userId !== user || row.model !== model) {
-      row = { userId: user, model, requests: 0, promptTokens: 0, completionTokens: 0 };
-      rows.push(row);
-    }
-    const n = u64(entry.value);
-    if (field === "requests") row.requests += n;
-    else if (field === "prompt") row.promptTokens += n;
-    else if (field === "completion") row.completionTokens += n;
-    else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
-  }
-  return rows;
-}
 
 /**
  * A day's usage from its summary when the summary is complete and covers `version` exactly;

@@ -1,4 +1,13 @@
-/** Sums of usage rows, for pages (pure: islands import it). */
+/** The shapes of usage totals and their sums, for pages (pure: islands import it). */
+
+/** Requests, tokens and cost over some span: the one totals shape of the API, pages and reports. */
+export interface UsageTotals {
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  totalTokens: number;
+  costUsd: number;
+}
 
 /** Requests, tokens and cost over a window: the operator's `usage30d` shape. */
 export interface WindowTotals {

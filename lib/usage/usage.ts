@@ -12,6 +12,8 @@ import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
 import { AppError } from "../core/errors.ts";
 import { addUsageSums, type UsageEvent } from "./record.ts";
+import { readDayCounters } from "./read.ts";
+import type { UsageTotals } from "./totals.ts";
 export {
   addSum,
   addUsageSums,
@@ -21,13 +23,7 @@ export {
 } from "./record.ts";
 import { type Day, DAY_MS, utcDay, utcMonth } from "../core/utc.ts";
 
-export interface UsageTotals {
-  requests: number;
-  promptTokens: number;
-  completionTokens: number;
-  totalTokens: number;
-  costUsd: number;
-}
+export type { UsageTotals };
 
 /**
  * Records usage directly, outside any lease: imports and fixtures. It bypasses the limit entry,
@@ -103,7 +99,7 @@ function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number)
 
 /**
  * One user's counters per day and model from `from` to `to` (inclusive): one short range list
- * per day over the day-major keys (`["usage_daily", day, userId]`), never a scan of other users.
+ * per day over the day-major keys (read.ts), never a scan of other users.
  * Reads are not on the gateway's hot path; one copy of the counters keeps every request's
  * commit small.
  */
@@ -118,17 +114,13 @@ export async function userCounters(
   const out = new Map<Day, Map<string, Raw>>();
   const readDay = async (day: Day) => {
     const models = new Map<string, Raw>();
-    const iter = kv.list<Deno.KvU64>({ prefix: [...keys.usageDailyDay(day), userId] });
-    for await (const entry of iter) {
-      const [, , , model, field] = entry.key;
-      if (typeof model !== "string") continue;
-      let raw = models.get(model);
-      if (!raw) models.set(model, raw = emptyRaw());
-      if (
-        field === "requests" || field === "prompt" || field === "completion" || field === "cached"
-      ) {
-        raw[field] += u64(entry.value);
-      }
+    for (const row of await readDayCounters(kv, day, userId)) {
+      let raw = models.get(row.model);
+      if (!raw) models.set(row.model, raw = emptyRaw());
+      raw.requests += row.requests;
+      raw.prompt += row.promptTokens;
+      raw.completion += row.completionTokens;
+      raw.cached += row.cachedTokens ?? 0;
     }
     if (models.size) out.set(day, models);
   };

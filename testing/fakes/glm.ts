@@ -124,6 +124,8 @@ export class FakeGlm {
   requestsAborted = 0;
   /** When set, every generation request is refused this way. */
   refusal: GlmRefusal | null = null;
+  /** Keys (as sent: Bearer or x-api-key) whose every request is refused this way. */
+  readonly refusedKeys = new Map<string, GlmRefusal>();
   /** GLM's per-model limit of requests in flight (null: none); beyond it, `1302`. */
   concurrencyCap: number | null = null;
   /** Requests in flight per model now, the most seen at once, and the 1302s answered. */
@@ -203,6 +205,10 @@ export class FakeGlm {
       parsed = JSON.parse(body);
       model = String(parsed.model ?? model);
     } catch { /* the gateway forwards valid JSON only */ }
+    const key = req.headers.get("x-api-key") ??
+      req.headers.get("authorization")?.replace(/^Bearer /, "") ?? "";
+    const keyRefusal = this.refusedKeys.get(key);
+    if (keyRefusal) return this.refuse(keyRefusal);
     if (path.endsWith("/v1/messages/count_tokens")) return Response.json({ input_tokens: 42 });
     if (this.refusal) return this.refuse(this.refusal);
     return await this.counted(model, () => this.answer(req, path, model, parsed));

@@ -696,9 +696,13 @@ Deno.test("events: the gateway's refusals and settlements reach the operator —
             messages: [{ role: "user", content: "hi" }],
           }),
         });
+      // The one pool key is left out after a refusal (UPSTREAM_KEY_COOLDOWN_MS, here 1 s): the
+      // requests after it are refused without reaching GLM, and it is back after the cool-down.
+      const cooledDown = () => new Promise((r) => setTimeout(r, 1_100));
       await t.step("GLM 1113 → one upstream.balance_exhausted, however many refusals", async () => {
         glm.refusal = "balance";
         for (let i = 0; i < 3; i++) assert.equal((await chat()).status, 503);
+        assert.equal(glm.count, 1, "the key is left out after the first refusal");
         await eventually(() => receiver.ofType("upstream.balance_exhausted").length === 1, 5000);
         const [d] = receiver.ofType("upstream.balance_exhausted");
         assert.equal(receiver.attempts.get(d.id), 3);
@@ -706,12 +710,14 @@ Deno.test("events: the gateway's refusals and settlements reach the operator —
         assert.equal(d.body.model, "glm-4.6");
       });
       await t.step("a refused master key → one upstream.key_rejected", async () => {
+        await cooledDown();
         glm.refusal = "key_rejected";
         for (let i = 0; i < 2; i++) assert.equal((await chat()).status, 503);
         await eventually(() => receiver.ofType("upstream.key_rejected").length === 1, 5000);
         assert.equal(receiver.ofType("upstream.key_rejected")[0].body.status, 401);
       });
       await t.step("throttling is alerted once it is sustained (5 within a minute)", async () => {
+        await cooledDown();
         glm.refusal = "concurrency";
         for (let i = 0; i < 4; i++) assert.equal((await chat()).status, 503);
         await new Promise((r) => setTimeout(r, 200));
@@ -746,6 +752,7 @@ Deno.test("events: the gateway's refusals and settlements reach the operator —
       );
     }, {
       GLM_BASE_URL: glm.baseUrl,
+      UPSTREAM_KEY_COOLDOWN_MS: "1000",
       RATE_LIMIT_RPM: "1000",
       BUDGET_USD_MONTHLY: "0.85",
       PRICING: JSON.stringify({ "glm-4.6": { input: 10_000, output: 10_000 } }),

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { Gateway } from "../../lib/gateway/gateway.ts";
-import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream/slots.ts";
 import { Ledger } from "../../lib/limits/admission.ts";
 import { openaiChat } from "../../lib/gateway/protocols/openai_chat.ts";
 import { userUsage } from "../../lib/usage/usage.ts";

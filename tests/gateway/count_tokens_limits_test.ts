@@ -176,10 +176,17 @@ Deno.test("a slot held by a count_tokens call of a process that died is freed on
     UPSTREAM_QUEUE_MS: "10000",
   }, "user_hold_swept");
   try {
-    // A dead process's hold: the model's one slot, never renewed, never released.
+    // A dead process's hold: the model's one slot (on the one pool key), never renewed, never
+    // released.
+    const [{ id: keyId }] = await s.app.services.slots.pool.inService();
     await s.app.kv.atomic()
-      .set(keys.upstreamHold("glm-4.6", "dead-hold"), { userId: "user_gone", exp: Date.now() - 1 })
+      .set(keys.upstreamHold("glm-4.6", "dead-hold"), {
+        userId: "user_gone",
+        exp: Date.now() - 1,
+        keyId,
+      })
       .sum(keys.upstreamHeld("glm-4.6"), 1n)
+      .sum(keys.upstreamKeyHeld("glm-4.6", keyId), 1n)
       .sum(keys.upstreamUserHeld("glm-4.6", "user_gone"), 1n)
       .commit();
     const started = performance.now();

@@ -8,7 +8,11 @@ import { serveGateway } from "../support/helpers.ts";
 import { post } from "../support/gateway_setup.ts";
 
 Deno.test("GLM's refusals of the operator's account: Keyway's own 503, nothing counted, GLM's words kept from users", async (t) => {
-  const s = await serveGateway({ RATE_LIMIT_RPM: "3" }, "user_refusals");
+  // One pool key: a refused key is left out for UPSTREAM_KEY_COOLDOWN_MS (here the least, 1 s).
+  const s = await serveGateway(
+    { RATE_LIMIT_RPM: "3", UPSTREAM_KEY_COOLDOWN_MS: "1000" },
+    "user_refusals",
+  );
   try {
     const cases: Array<[GlmRefusal, number, string]> = [
       ["balance", 503, "upstream_unavailable"],
@@ -44,6 +48,8 @@ Deno.test("GLM's refusals of the operator's account: Keyway's own 503, nothing c
             l.includes(GLM_REFUSALS[refusal].message)
           ),
         );
+        // The only key was left out of the pool: back in service after its cool-down.
+        if (code === "upstream_unavailable") await new Promise((r) => setTimeout(r, 1_100));
       });
     }
     await t.step(
@@ -80,6 +86,7 @@ Deno.test("GLM's refusals of the operator's account: Keyway's own 503, nothing c
       assert.equal(body.type, "error");
       assert.equal(body.error.type, "overloaded_error");
       assert.equal(body.error.code, "upstream_unavailable");
+      await new Promise((r) => setTimeout(r, 1_100)); // the key's cool-down
     });
     await t.step(
       "the user's own mistake (1214) is relayed with GLM's status and body",

@@ -11,6 +11,20 @@ import { bearer, eventually, serveGateway } from "../support/helpers.ts";
 
 const LONG = "a sentence of a real conversation, long enough to matter. ".repeat(45); // 2.6 KB
 
+/** A streamed chat request with a 2.6 KB body. */
+function ask(url: string, key: string, signal?: AbortSignal): Promise<Response> {
+  return fetch(`${url}/v1/chat/completions`, {
+    method: "POST",
+    headers: { ...bearer(key), "content-type": "application/json" },
+    body: JSON.stringify({
+      model: "glm-4.6",
+      stream: true,
+      messages: [{ role: "user", content: LONG }],
+    }),
+    signal,
+  });
+}
+
 Deno.test("5 clients with 2.4 KB streamed bodies give up while waiting for a slot: none reaches GLM, none is charged", async () => {
   const s = await serveGateway(
     {
@@ -23,18 +37,7 @@ Deno.test("5 clients with 2.4 KB streamed bodies give up while waiting for a slo
   try {
     s.fake.mode = "sse";
     s.fake.holdAfterFirstChunk = true;
-    const ask = (key: string, signal?: AbortSignal) =>
-      fetch(`${s.url}/v1/chat/completions`, {
-        method: "POST",
-        headers: { ...bearer(key), "content-type": "application/json" },
-        body: JSON.stringify({
-          model: "glm-4.6",
-          stream: true,
-          messages: [{ role: "user", content: LONG }],
-        }),
-        signal,
-      });
-    const holder = await ask(s.apiKey);
+    const holder = await ask(s.url, s.apiKey);
     assert.equal(holder.status, 200);
     await eventually(() => s.fake.count === 1);
 
@@ -42,15 +45,10 @@ Deno.test("5 clients with 2.4 KB streamed bodies give up while waiting for a slo
     for (let i = 0; i < 5; i++) {
       users.push((await s.app.services.users.provision(`user_ghost_${i}`)).apiKey);
     }
+    assert.ok(new TextEncoder().encode(LONG).byteLength > 2400);
     const outcomes = await Promise.all(users.map(async (key) => {
-      const body = JSON.stringify({
-        model: "glm-4.6",
-        stream: true,
-        messages: [{ role: "user", content: LONG }],
-      });
-      assert.ok(new TextEncoder().encode(body).byteLength > 2400);
       try {
-        const res = await ask(key, AbortSignal.timeout(2_000));
+        const res = await ask(s.url, key, AbortSignal.timeout(2_000));
         await res.text();
         return `answered ${res.status}`;
       } catch (err) {
@@ -96,20 +94,10 @@ Deno.test("a streamed request that waits gets its answer through the early strea
   try {
     s.fake.mode = "sse";
     s.fake.holdAfterFirstChunk = true;
-    const ask = (key: string) =>
-      fetch(`${s.url}/v1/chat/completions`, {
-        method: "POST",
-        headers: { ...bearer(key), "content-type": "application/json" },
-        body: JSON.stringify({
-          model: "glm-4.6",
-          stream: true,
-          messages: [{ role: "user", content: LONG }],
-        }),
-      });
-    const holder = await ask(s.apiKey);
+    const holder = await ask(s.url, s.apiKey);
     await eventually(() => s.fake.count === 1);
     const other = (await s.app.services.users.provision("user_wait_other")).apiKey;
-    const waiting = await ask(other);
+    const waiting = await ask(s.url, other);
     assert.equal(waiting.status, 200);
     assert.match(waiting.headers.get("content-type") ?? "", /text\/event-stream/);
     s.fake.holdAfterFirstChunk = false;

@@ -1,5 +1,5 @@
 /**
- * The account's true state (issue #15): GET /api/usage's `state` after real gateway requests
+ * The account's true state: GET /api/usage's `state` after real gateway requests
  * spend each limit, and /api/key* refusing a disabled or deleted user (CONTRACT §5).
  */
 import assert from "node:assert/strict";

@@ -4,7 +4,7 @@
  */
 import assert from "node:assert/strict";
 import { keys } from "../../lib/core/kv.ts";
-import { Rounds, serveOrder } from "../../lib/limits/upstream_slots.ts";
+import { Rounds, serveOrder } from "../../lib/limits/upstream/slots.ts";
 import { bearer, eventually, serveGateway } from "../support/helpers.ts";
 
 /** Gives rounds to places arriving in this order on an empty line; returns the serving order. */

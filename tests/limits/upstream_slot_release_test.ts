@@ -7,7 +7,7 @@ import { loadConfig } from "../../lib/core/config.ts";
 import { keys, u64 } from "../../lib/core/kv.ts";
 import type { UserRecord } from "../../lib/identity/users.ts";
 import { type AdmitRequest, Ledger } from "../../lib/limits/admission.ts";
-import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream/slots.ts";
 
 const USER: UserRecord = {
   id: "u_slot",
@@ -30,34 +30,41 @@ const request: AdmitRequest = {
   waitsForSlot: true,
 };
 
-async function counts(kv: Deno.Kv) {
-  const [model, user] = await kv.getMany([
+/** The model's, the user's and the pool key's counts. */
+async function counts(kv: Deno.Kv, keyId: string) {
+  const [model, user, key] = await kv.getMany([
     keys.upstreamHeld("glm-4.6"),
     keys.upstreamUserHeld("glm-4.6", USER.id),
+    keys.upstreamKeyHeld("glm-4.6", keyId),
   ]);
-  return [u64(model.value), u64(user.value)];
+  return [u64(model.value), u64(user.value), u64(key.value)];
 }
 
 Deno.test("a lease's upstream slot goes back to the model and its user: when it settles, and by the reaper when its process died", async () => {
   const kv = await Deno.openKv(":memory:");
-  const config = loadConfig({ DENO_KV_PATH: ":memory:", UPSTREAM_CONCURRENCY: "2" });
+  const config = loadConfig({
+    DENO_KV_PATH: ":memory:",
+    UPSTREAM_CONCURRENCY: "2",
+    GLM_API_KEY: "glm-key-release-test-0001",
+  });
   const a = new Ledger(kv, config);
   const slots = new UpstreamSlots(kv, config, a);
+  const [{ id: keyId }] = await slots.pool.inService();
   // Another process, whose clock is a minute ahead: A's heartbeat looks expired to it.
   const b = new Ledger(kv, config, { clock: () => Date.now() + 60_000 });
   try {
     await kv.set(keys.user(USER.id), USER);
     const settled = await a.admit(request);
     await slots.acquire(settled, new AbortController().signal);
-    assert.deepEqual(await counts(kv), [1, 1]);
+    assert.deepEqual(await counts(kv, keyId), [1, 1, 1]);
     await settled.settle(null, "complete");
-    assert.deepEqual(await counts(kv), [0, 0], "settled: given back");
+    assert.deepEqual(await counts(kv, keyId), [0, 0, 0], "settled: given back");
 
     const orphan = await a.admit(request);
     await slots.acquire(orphan, new AbortController().signal);
-    assert.deepEqual(await counts(kv), [1, 1]);
+    assert.deepEqual(await counts(kv, keyId), [1, 1, 1]);
     await b.reap();
-    assert.deepEqual(await counts(kv), [0, 0], "reaped: given back");
+    assert.deepEqual(await counts(kv, keyId), [0, 0, 0], "reaped: given back");
   } finally {
     slots.close();
     await a.close();

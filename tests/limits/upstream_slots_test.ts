@@ -7,7 +7,7 @@ import assert from "node:assert/strict";
 import { keys, u64 } from "../../lib/core/kv.ts";
 import { loadConfig } from "../../lib/core/config.ts";
 import { Ledger } from "../../lib/limits/admission.ts";
-import { UpstreamSlots } from "../../lib/limits/upstream_slots.ts";
+import { UpstreamSlots } from "../../lib/limits/upstream/slots.ts";
 import { request, seedUser } from "../support/ledger_fixtures.ts";
 import { bearer, eventually, serveGateway } from "../support/helpers.ts";
 import { CHAT, post } from "../support/gateway_setup.ts";
@@ -49,7 +49,9 @@ Deno.test("upstream slots in one process: arrival order, 503 upstream_busy after
       const before = (await s.today()).requests;
       const holder = await ask("holder");
       const started = performance.now();
-      const late = await ask("late");
+      // Not streamed: a streamed request that waits is answered at once, and its wait's end is
+      // its stream's error event (tests/gateway/waiting_clients_test.ts).
+      const late = await ask("late", false);
       const waited = performance.now() - started;
       assert.equal(late.status, 503);
       assert.equal((await late.json()).error.code, "upstream_busy");
@@ -161,7 +163,11 @@ Deno.test("Upstream slots: a slot commit that landed with its answer and read-ba
       return typeof value === "function" ? value.bind(target) : value;
     },
   });
-  const config = loadConfig({ DENO_KV_PATH: ":memory:", UPSTREAM_CONCURRENCY: "1" });
+  const config = loadConfig({
+    DENO_KV_PATH: ":memory:",
+    UPSTREAM_CONCURRENCY: "1",
+    GLM_API_KEY: "glm-key-for-the-slots-0001",
+  });
   const ledger = new Ledger(flaky, config);
   const slots = new UpstreamSlots(flaky, config, ledger);
   try {

@@ -5,7 +5,7 @@
  */
 import assert from "node:assert/strict";
 import { keys, u64 } from "../../lib/core/kv.ts";
-import { userShareOf } from "../../lib/limits/upstream_slots.ts";
+import { userShareOf } from "../../lib/limits/upstream/slots.ts";
 import { bearer, eventually, serveGateway } from "../support/helpers.ts";
 
 Deno.test("userShareOf: ceil(share × slots), at least 1", () => {

@@ -1,5 +1,5 @@
 /**
- * Pages without a browser (issue #15): the 404 page and JSON 404s, inline sign-in errors, the
+ * Pages without a browser: the 404 page and JSON 404s, inline sign-in errors, the
  * per-user operator page, and the formatter every page and the report use.
  */
 import assert from "node:assert/strict";

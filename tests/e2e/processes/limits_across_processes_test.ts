@@ -243,7 +243,11 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     // Another user's request on A is admitted and waits in line for an upstream slot (all 4 are
     // taken) when A dies: the upstream never saw it, so it is charged nothing.
     const waitingKey = await provision(b, "user_waiting");
-    const waiting = streamChat(a, waitingKey).then(() => "answered", () => "died with A");
+    // (A streamed request that waits is answered at once — its headers, then its answer — so
+    // whether it was answered is its body's end, not its status.)
+    const waiting = streamChat(a, waitingKey)
+      .then((r) => r.text())
+      .then((text) => /\[DONE\]/.test(text) ? "answered" : "refused", () => "died with A");
     await eventually(async () => {
       const kv = await Deno.openKv(kvPath);
       try {
@@ -269,8 +273,14 @@ Deno.test("two processes: slots are exact across them; a SIGKILLed process's slo
     while (performance.now() - killedAt < 60_000) {
       const probe = await Promise.all(Array.from({ length: 4 }, () => streamChat(b, key)));
       const ok = probe.filter((r) => r.status === 200).length;
-      glm.release();
-      await Promise.all(probe.map((r) => r.text()));
+      // Released until every answer has ended: one that waited for a slot (answered at once, its
+      // stream starting when the slot frees) is held like the others.
+      let ended = false;
+      const bodies = Promise.all(probe.map((r) => r.text())).finally(() => ended = true);
+      while (!ended) {
+        glm.release();
+        await Promise.race([bodies, new Promise((r) => setTimeout(r, 50))]);
+      }
       completed += ok;
       if (ok === 4) {
         freed = true;

@@ -1,4 +1,4 @@
-/** Start-up messages a person can act on (issue #15): a busy port, a missing GLM_API_KEY. */
+/** Start-up messages a person can act on: a busy port, a missing GLM_API_KEY. */
 import assert from "node:assert/strict";
 import { runMainToExit, startMain } from "../../support/subprocess.ts";
 

@@ -1,5 +1,5 @@
 /**
- * Security findings of issue 14, each reproduced against a real server process: local mode's Host
+ * Security findings, each reproduced against a real server process: local mode's Host
  * guard (DNS rebinding), owner-only KV files, server-side sign-out, the sign-in redirect, pending
  * Clerk sessions, JWKS fetches that junk tokens cannot multiply, and the CSRF origin rule.
  */

@@ -37,14 +37,17 @@
  * freed anywhere is taken within a round trip. A waiting request holds its bytes and its place in
  * line: no upstream connection, no timer beyond its deadline.
  */
-import type { Config } from "../core/config.ts";
-import { AppError } from "../core/errors.ts";
-import { commitOrConflict, keys, u64 } from "../core/kv.ts";
-import { backoffMs, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../core/kv_ops.ts";
-import type { Logger } from "../core/log.ts";
-import type { Lease, Ledger } from "./admission.ts";
-import { heldSum } from "./lease_record.ts";
+import { type Clock, systemClock } from "../../core/clock.ts";
+import type { Config } from "../../core/config.ts";
+import { AppError } from "../../core/errors.ts";
+import { commitOrConflict, keys, u64 } from "../../core/kv.ts";
+import { backoffMs, getManyChunked, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../../core/kv_ops.ts";
+import type { Logger } from "../../core/log.ts";
+import type { Lease, Ledger } from "../admission.ts";
+import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
+import { addWaits, type WaitPercentiles, waitPercentiles } from "./waits.ts";
+import { KeyPool, type PoolKey, type PoolKeyStatus } from "./pool.ts";
 
 export { SlotHold };
 
@@ -61,26 +64,11 @@ const SWEEP_TICKETS_MS = 60_000;
 const SWEEP_HOLDS_MS = 2_000;
 /** Enqueue commits tried before giving up (each conflict is another enqueue that landed). */
 const ENQUEUE_ATTEMPTS = 100;
-/** Histogram windows (ms) and wait bucket bounds (ms); the last bucket is open-ended. */
-const WINDOW_MS = 5 * 60_000;
-export const WAIT_BOUNDS_MS = [
-  0,
-  1,
-  2,
-  5,
-  10,
-  20,
-  50,
-  100,
-  200,
-  500,
-  1000,
-  2000,
-  5000,
-  10_000,
-  20_000,
-  60_000,
-];
+/** A slot taken: how long its request waited, and the pool key it is on. */
+export interface Taken {
+  waitedMs: number;
+  key: PoolKey;
+}
 
 /** The client left while its request waited for a slot. */
 export class ClientLeft extends Error {
@@ -107,7 +95,7 @@ interface Waiter {
   /** A time-out or hang-up that came while claiming: applied if the commit fails. */
   pending: (() => void) | null;
   done: boolean;
-  resolve: (waitedMs: number) => void;
+  resolve: (taken: Taken) => void;
   reject: (err: unknown) => void;
   timer?: ReturnType<typeof setTimeout>;
   cleanup?: () => void;
@@ -146,8 +134,10 @@ interface Place {
 
 export interface UpstreamHealth {
   models: Array<{ model: string; cap: number; inFlight: number; waiting: number }>;
+  /** Each pool key (its last 4 characters only): in service or cooling down, in flight per model. */
+  keys: Array<PoolKeyStatus & { inFlight: Array<{ model: string; n: number }> }>;
   /** Waits for a slot over the last hour, all processes (bucket upper bounds, ms). */
-  waits: { count: number; p50Ms: number | null; p99Ms: number | null };
+  waits: WaitPercentiles;
 }
 
 /**
@@ -202,6 +192,9 @@ export class UpstreamSlots {
     private readonly config: Config,
     private readonly ledger: Ledger,
     private readonly log?: Logger,
+    /** The GLM keys whose slots these are (UPSTREAM_CONCURRENCY is per key). */
+    readonly pool: KeyPool = new KeyPool(kv, config),
+    private readonly clock: Clock = systemClock,
   ) {}
 
   /** The cap for a model (0 = none). */
@@ -211,11 +204,11 @@ export class UpstreamSlots {
   }
 
   /**
-   * Takes an upstream slot for the lease's model, waiting in line. Resolves to the ms waited;
-   * rejects with 503 upstream_busy after UPSTREAM_QUEUE_MS (or at once when UPSTREAM_QUEUE_MAX
-   * requests wait already), or ClientLeft.
+   * Takes an upstream slot for the lease's model, waiting in line: on the pool key with the most
+   * free slots. Resolves to the ms waited and the key; rejects with 503 upstream_busy after
+   * UPSTREAM_QUEUE_MS (or at once when UPSTREAM_QUEUE_MAX requests wait already), or ClientLeft.
    */
-  acquire(lease: Lease, signal: AbortSignal): Promise<number> {
+  acquire(lease: Lease, signal: AbortSignal): Promise<Taken> {
     return this.wait({ lease }, lease.user.id, lease.model, signal);
   }
 
@@ -229,16 +222,21 @@ export class UpstreamSlots {
     return hold;
   }
 
+  /** Every pool key's slots for this model: cap per key × keys (the user share's base). */
+  private slotsOf(model: string): number {
+    return this.capOf(model) * Math.max(1, this.pool.size);
+  }
+
   private wait(
     holder: Holder,
     userId: string,
     modelName: string,
     signal: AbortSignal,
-  ): Promise<number> {
+  ): Promise<Taken> {
     const model = modelName.toLowerCase();
-    const arrived = Date.now();
+    const arrived = this.clock();
     if (signal.aborted) return Promise.reject(new ClientLeft());
-    return new Promise<number>((resolve, reject) => {
+    return new Promise<Taken>((resolve, reject) => {
       const w: Waiter = {
         holder,
         userId,
@@ -268,7 +266,7 @@ export class UpstreamSlots {
       signal.addEventListener("abort", onAbort, { once: true });
       w.timer = setTimeout(() => {
         const expire = () => {
-          this.recordWaits([Date.now() - arrived]);
+          this.recordWaits([this.clock() - arrived]);
           give(this.busy());
         };
         if (w.claiming) w.pending = expire;
@@ -395,7 +393,7 @@ export class UpstreamSlots {
       const room = this.config.glm.queueMax - Math.max(0, u64(counted.value) - u64(left.value));
       if (room < fresh.length) {
         // Full, or so it looks: tickets of owners that died may still be counted.
-        if (!swept && await this.sweepTickets(Date.now(), 1_000)) {
+        if (!swept && await this.sweepTickets(this.clock(), 1_000)) {
           swept = true;
           continue;
         }
@@ -405,13 +403,13 @@ export class UpstreamSlots {
           w.reject(this.queueFull());
         }
         if (room <= 0) return;
-      } else if (Date.now() - this.lastTicketSweep > SWEEP_TICKETS_MS) {
-        this.sweepTickets(Date.now(), SWEEP_TICKETS_MS).catch(() => {});
+      } else if (this.clock() - this.lastTicketSweep > SWEEP_TICKETS_MS) {
+        this.sweepTickets(this.clock(), SWEEP_TICKETS_MS).catch(() => {});
       }
       const part = fresh.filter((w) => !w.done).slice(0, Math.min(room, TAKE_PER_COMMIT));
       if (!part.length) continue;
       // Read after the count: a ticket written since then fails this commit's check.
-      const rounds = new Rounds(await this.line(model, Date.now()));
+      const rounds = new Rounds(await this.line(model, this.clock()));
       const op = this.kv.atomic().check(counted).sum(inKey, BigInt(part.length));
       for (const w of part) {
         const ticket: Ticket = {
@@ -501,25 +499,31 @@ export class UpstreamSlots {
     cap: number,
     ticketed: boolean,
   ): Promise<boolean> {
-    const now = Date.now();
-    const heldKey = keys.upstreamHeld(model);
-    // The first try (no ticket) reads the line and its user's count with the model's count.
+    const now = this.clock();
+    // The keys in service, and the one with the most free slots for this model.
+    const pool = await this.pool.inService();
+    if (!pool.length) return false; // every key cooling down: the gateway says so at the door
+    // The first try (no ticket) reads the line and its user's count with the keys' counts.
     const local = ticketed ? [] : q.waiters.filter((w) => !w.ticketed && !w.done);
-    const ahead = [...new Set(local.map((w) => w.userId))].slice(0, KV_GET_MANY_MAX - 1);
+    const ahead = [...new Set(local.map((w) => w.userId))].slice(0, KV_GET_MANY_MAX);
     const [read, listed] = await Promise.all([
-      this.kv.getMany([heldKey, ...ahead.map((u) => keys.upstreamUserHeld(model, u))]),
+      getManyChunked(this.kv, [
+        ...pool.map((k) => keys.upstreamKeyHeld(model, k.id)),
+        ...ahead.map((u) => keys.upstreamUserHeld(model, u)),
+      ]),
       ticketed ? null : this.line(model, now),
     ]);
-    const held = read[0];
     const userHeld = new Map<string, Deno.KvEntryMaybe<unknown>>();
-    ahead.forEach((u, i) => userHeld.set(u, read[i + 1]));
-    let inFlight = u64(held.value);
-    if (inFlight > 2 ** 53) {
-      // A KvU64 that wrapped below zero (a bug's trace): take it as none rather than never again.
-      this.log?.error("upstream slots: the in-flight count wrapped below zero", { model });
-      inFlight = 0;
-    }
-    const free = cap - inFlight;
+    ahead.forEach((u, i) => userHeld.set(u, read[pool.length + i]));
+    let best = 0;
+    let free = -Infinity;
+    pool.forEach((_key, i) => {
+      // heldSum: a count that wrapped below zero (a bug's trace) counts as none, not forever.
+      const keyFree = cap - heldSum(read[i].value);
+      if (keyFree > free) [best, free] = [i, keyFree];
+    });
+    const key = pool[best];
+    const held = read[best];
     if (free <= 0) {
       this.maybeSweepHolds(model, now);
       return false;
@@ -535,7 +539,7 @@ export class UpstreamSlots {
     // Not in line yet: where its ticket would go.
     const rounds = new Rounds(line);
     for (const w of local) places.push({ user: w.userId, round: rounds.next(w.userId), own: w });
-    let chosen = await this.pick(model, serveOrder(places), free, cap, userHeld);
+    let chosen = await this.pick(model, serveOrder(places), free, this.slotsOf(model), userHeld);
     if (!chosen.length) return false;
     for (const w of chosen) {
       if (w.holder.lease?.lost) {
@@ -549,10 +553,16 @@ export class UpstreamSlots {
     if (!chosen.length) return true;
     let heartbeat: Deno.AtomicCheck | null = null;
     if (chosen.some((w) => w.holder.lease)) {
-      heartbeat = this.ledger.slotCheck();
+      heartbeat = this.ledger.slots.check();
       if (!heartbeat) return false;
     }
-    const op = this.kv.atomic().check(held).sum(heldKey, BigInt(chosen.length));
+    // The key's count is checked (the cap is per key, exact across processes); the model's total
+    // only counts (health, kv.watch).
+    const n = BigInt(chosen.length);
+    const op = this.kv.atomic()
+      .check(held)
+      .sum(keys.upstreamKeyHeld(model, key.id), n)
+      .sum(keys.upstreamHeld(model), n);
     if (heartbeat) op.check(heartbeat);
     const perUser = new Map<string, number>();
     for (const w of chosen) perUser.set(w.userId, (perUser.get(w.userId) ?? 0) + 1);
@@ -563,8 +573,8 @@ export class UpstreamSlots {
     let out = 0;
     for (const w of chosen) {
       w.claiming = true;
-      if (w.holder.lease) this.ledger.attachSlot(op, w.holder.lease, model);
-      else op.set(w.holder.hold.key, w.holder.hold.record(now) satisfies HoldRecord);
+      if (w.holder.lease) this.ledger.slots.attach(op, w.holder.lease, model, key.id);
+      else op.set(w.holder.hold.key, w.holder.hold.record(now, key.id) satisfies HoldRecord);
       if (w.ticketed) {
         op.delete(keys.upstreamTicket(model, w.ticket));
         out++;
@@ -572,17 +582,17 @@ export class UpstreamSlots {
       waits.push(now - w.arrived);
     }
     if (out) op.sum(keys.upstreamQueueCount("out"), BigInt(out));
-    this.addWaits(op, waits, now);
+    addWaits(op, waits, now);
     let res: Deno.KvCommitResult | Deno.KvCommitError;
     try {
       res = await commitOrConflict(op);
     } catch (err) {
       // The commit may have landed (a remote KV that failed to answer): the records say.
-      res = await this.landed(chosen[0], model).catch(() => {
+      res = await this.landed(chosen[0], model, key.id).catch(() => {
         // Not even the read-back answered: their releases read their records to free a slot
         // only if this commit gave them one.
         for (const w of chosen) {
-          if (w.holder.lease) this.ledger.slotUnsure(w.holder.lease);
+          if (w.holder.lease) this.ledger.slots.unsure(w.holder.lease);
           else w.holder.hold.unsure = true;
         }
         throw err;
@@ -595,13 +605,13 @@ export class UpstreamSlots {
       return false;
     }
     for (const w of chosen) {
-      if (w.holder.lease) this.ledger.slotAttached(w.holder.lease, model);
-      else w.holder.hold.attached(res.versionstamp);
+      if (w.holder.lease) this.ledger.slots.attached(w.holder.lease, model, key.id);
+      else w.holder.hold.attached(res.versionstamp, key);
       w.ticketed = false; // deleted by the commit
       w.done = true;
       w.cleanup?.();
       q.waiters = q.waiters.filter((x) => x !== w);
-      w.resolve(Date.now() - w.arrived);
+      w.resolve({ waitedMs: this.clock() - w.arrived, key });
     }
     return true;
   }
@@ -654,13 +664,14 @@ export class UpstreamSlots {
   private async landed(
     w: Waiter,
     model: string,
+    keyId: string,
   ): Promise<Deno.KvCommitResult | Deno.KvCommitError> {
     if (w.holder.hold) {
       const entry = await this.kv.get(w.holder.hold.key);
       return entry.versionstamp ? { ok: true, versionstamp: entry.versionstamp } : { ok: false };
     }
-    const entry = await this.ledger.slotInKv(w.holder.lease);
-    return entry.slot === model && entry.versionstamp
+    const entry = await this.ledger.slots.inKv(w.holder.lease);
+    return entry.slot === model && entry.keyId === keyId && entry.versionstamp
       ? { ok: true, versionstamp: entry.versionstamp }
       : { ok: false };
   }
@@ -714,25 +725,8 @@ export class UpstreamSlots {
     r?.cancel().catch(() => {});
   }
 
-  private addWaits(op: Deno.AtomicOperation, waits: number[], now: number) {
-    const window = Math.floor(now / WINDOW_MS);
-    const counts = new Map<number, number>();
-    for (const ms of waits) {
-      const b = bucketOf(ms);
-      counts.set(b, (counts.get(b) ?? 0) + 1);
-    }
-    for (const [b, n] of counts) op.sum(keys.upstreamWait(window, b), BigInt(n));
-  }
-
-  /** Waits that ended without a slot (the commit that takes slots records the others). */
-  private recordWaits(waits: number[]) {
-    const op = this.kv.atomic();
-    this.addWaits(op, waits, Date.now());
-    op.commit().catch(() => {});
-  }
-
   /** In flight and waiting per model, and the queue-wait percentiles of the last hour. */
-  async health(now = Date.now()): Promise<UpstreamHealth> {
+  async health(now = this.clock()): Promise<UpstreamHealth> {
     const models: UpstreamHealth["models"] = [];
     await this.sweepTickets(now, SWEEP_TICKETS_MS);
     for await (const e of this.kv.list({ prefix: keys.upstreamHelds() })) {
@@ -743,53 +737,33 @@ export class UpstreamSlots {
       ) {
         if (t.value.deadline > now) waiting++;
       }
-      models.push({ model, cap: this.capOf(model), inFlight: u64(e.value), waiting });
+      models.push({ model, cap: this.slotsOf(model), inFlight: u64(e.value), waiting });
     }
-    const last = Math.floor(now / WINDOW_MS);
-    await this.sweepWaits(last - 12 * 24);
-    const counts = new Array(WAIT_BOUNDS_MS.length + 1).fill(0);
-    for await (
-      const e of this.kv.list({
-        start: keys.upstreamWaits(last - 11),
-        end: keys.upstreamWaits(last + 1),
-      })
-    ) counts[Number(e.key[2])] += u64(e.value);
-    const count = counts.reduce((a, b) => a + b, 0);
-    const pct = (p: number) => {
-      if (!count) return null;
-      let seen = 0;
-      for (let b = 0; b < counts.length; b++) {
-        seen += counts[b];
-        if (seen >= p * count) return WAIT_BOUNDS_MS[b] ?? this.config.glm.queueMs;
-      }
-      return null;
-    };
-    return { models, waits: { count, p50Ms: pct(0.5), p99Ms: pct(0.99) } };
+    const waits = await waitPercentiles(this.kv, now, this.config.glm.queueMs);
+    const inFlight = new Map<string, Array<{ model: string; n: number }>>();
+    for await (const e of this.kv.list({ prefix: keys.upstreamKeyHelds() })) {
+      const n = heldSum(e.value);
+      if (!n) continue;
+      const id = String(e.key[2]);
+      inFlight.set(id, [...(inFlight.get(id) ?? []), { model: String(e.key[1]), n }]);
+    }
+    const status = await this.pool.status();
+    const pool = this.pool.keys.map((k, i) => ({
+      ...status[i],
+      inFlight: inFlight.get(k.id) ?? [],
+    }));
+    return { models, keys: pool, waits };
   }
 
-  /** Drops histogram windows older than `before` (a day is kept), a bounded number per call. */
-  private async sweepWaits(before: number) {
+  /** Waits that ended without a slot (the commit that takes slots records the others). */
+  private recordWaits(waits: number[]) {
     const op = this.kv.atomic();
-    let n = 0;
-    for await (
-      const e of this.kv.list({ start: ["upstream_waits"], end: keys.upstreamWaits(before) }, {
-        limit: 500,
-      })
-    ) {
-      op.delete(e.key);
-      n++;
-    }
-    if (n) await op.commit().catch(() => {});
+    addWaits(op, waits, this.clock());
+    op.commit().catch(() => {});
   }
 
   close() {
     this.closed = true;
     for (const q of this.queues.values()) this.unwatch(q);
   }
-}
-
-/** The histogram bucket of a wait: the first bound it does not exceed. */
-export function bucketOf(ms: number): number {
-  const i = WAIT_BOUNDS_MS.findIndex((b) => ms <= b);
-  return i === -1 ? WAIT_BOUNDS_MS.length : i;
 }

@@ -1,15 +1,17 @@
 /**
  * An upstream slot held by a call that has no lease (count_tokens, which counts against no other
  * limit): its own small record in KV, `keys.upstreamHold(model, id)` = `{userId, exp}`, written
- * in the commit that takes the slot (lib/limits/upstream_slots.ts). Its process renews `exp`
+ * in the commit that takes the slot (lib/limits/upstream/slots.ts). Its process renews `exp`
  * while the call lasts; a record whose `exp` passed belongs to a process that died or stalled,
  * and is swept (sweepHolds) with the slot counts it held — each record is deleted by exactly one
  * commit that checks it, so a slot is never given back twice.
  */
-import { commitOrConflict, keys } from "../core/kv.ts";
-import type { Logger } from "../core/log.ts";
-import { signed } from "./lease_record.ts";
-import { KV_MAX_CHECKS } from "../core/kv_ops.ts";
+import { systemClock } from "../../core/clock.ts";
+import { commitOrConflict, keys } from "../../core/kv.ts";
+import type { Logger } from "../../core/log.ts";
+import { signed, slotCounters } from "../lease_record.ts";
+import type { PoolKey } from "./pool.ts";
+import { KV_MAX_CHECKS } from "../../core/kv_ops.ts";
 
 /** A hold not renewed for this long is taken for dead. */
 export const HOLD_TTL_MS = 30_000;
@@ -19,6 +21,8 @@ const RELEASE_ATTEMPTS = 8;
 export interface HoldRecord {
   userId: string;
   exp: number;
+  /** The pool key (its id) the slot is on. */
+  keyId?: string;
 }
 
 export class SlotHold {
@@ -41,14 +45,20 @@ export class SlotHold {
     return keys.upstreamHold(this.model, this.id);
   }
 
+  /** The pool key the slot is on, once taken. */
+  poolKey: PoolKey | null = null;
+  private keyId: string | undefined;
+
   /** Its record, as the commit that takes the slot writes it. */
-  record(now: number): HoldRecord {
-    return { userId: this.userId, exp: now + HOLD_TTL_MS };
+  record(now: number, keyId = this.keyId): HoldRecord {
+    return { userId: this.userId, exp: now + HOLD_TTL_MS, keyId };
   }
 
-  /** The commit that took the slot landed at `versionstamp`: renewed until released. */
-  attached(versionstamp: string) {
+  /** The commit that took the slot (on `key`) landed at `versionstamp`: renewed until released. */
+  attached(versionstamp: string, key: PoolKey) {
     this.stamp = versionstamp;
+    this.poolKey = key;
+    this.keyId = key.id;
     this.timer = setInterval(() => this.renew(), RENEW_MS);
     Deno.unrefTimer(this.timer);
   }
@@ -59,7 +69,7 @@ export class SlotHold {
     try {
       const res = await commitOrConflict(
         this.kv.atomic().check({ key: this.key, versionstamp: stamp })
-          .set(this.key, this.record(Date.now())),
+          .set(this.key, this.record(systemClock())),
       );
       if (res.ok && this.stamp === stamp) this.stamp = res.versionstamp;
       else if (!res.ok && this.stamp === stamp) {
@@ -87,11 +97,9 @@ export class SlotHold {
         }
         const stamp = this.stamp;
         if (!stamp) return; // never taken, or swept (its counts with it)
-        const res = await commitOrConflict(
-          this.kv.atomic().check({ key: this.key, versionstamp: stamp }).delete(this.key)
-            .sum(keys.upstreamHeld(this.model), signed(-1))
-            .sum(keys.upstreamUserHeld(this.model, this.userId), signed(-1)),
-        );
+        const op = this.kv.atomic().check({ key: this.key, versionstamp: stamp }).delete(this.key);
+        for (const k of slotCounters(this.model, this.userId, this.keyId)) op.sum(k, signed(-1));
+        const res = await commitOrConflict(op);
         if (res.ok) {
           this.stamp = null;
           return;
@@ -125,14 +133,16 @@ export async function sweepHolds(kv: Deno.Kv, model: string, now: number): Promi
   for (let i = 0; i < expired.length; i += KV_MAX_CHECKS) {
     const part = expired.slice(i, i + KV_MAX_CHECKS);
     const op = kv.atomic();
-    const byUser = new Map<string, number>();
+    const counts = new Map<string, { key: Deno.KvKey; n: number }>();
     for (const e of part) {
       op.check(e).delete(e.key);
       const user = String(e.value?.userId ?? "");
-      byUser.set(user, (byUser.get(user) ?? 0) + 1);
+      for (const key of slotCounters(model, user, e.value?.keyId)) {
+        const id = JSON.stringify(key);
+        counts.set(id, { key, n: (counts.get(id)?.n ?? 0) + 1 });
+      }
     }
-    op.sum(keys.upstreamHeld(model), signed(-part.length));
-    for (const [user, n] of byUser) op.sum(keys.upstreamUserHeld(model, user), signed(-n));
+    for (const { key, n } of counts.values()) op.sum(key, signed(-n));
     const res = await commitOrConflict(op).catch(() => ({ ok: false }));
     if (res.ok) freed += part.length;
   }

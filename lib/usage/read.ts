@@ -1,0 +1,50 @@
+/**
+ * Reading the usage counters back: the one decoder of the day-major counters
+ * (`keys.usageDaily(day, user, model, field)`, KvU64 sums written by record.ts), as rows of one
+ * user and model each.
+ */
+import { keys, u64 } from "../core/kv.ts";
+import type { Day } from "../core/utc.ts";
+
+/** A list page: KV Connect's largest. */
+const KV_BATCH = 1000;
+
+/** One user's usage of one model over some span (a day's counters, or a sum of them). */
+export interface UsageRow {
+  userId: string;
+  model: string;
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  /** Of the prompt tokens, those served from the upstream's cache (priced as cached input). */
+  cachedTokens?: number;
+}
+
+/** Reads a day's live day-major counters (or one user's), one row per user and model. */
+export async function readDayCounters(
+  kv: Deno.Kv,
+  day: Day,
+  userId?: string,
+): Promise<UsageRow[]> {
+  const prefix = userId === undefined ? keys.usageDailyDay(day) : [
+    ...keys.usageDailyDay(day),
+    userId,
+  ];
+  const rows: UsageRow[] = [];
+  let row: UsageRow | undefined;
+  // Keys sort by user, then model, then field: a row's three counters arrive together.
+  for await (const entry of kv.list({ prefix }, { batchSize: KV_BATCH })) {
+    const [, , user, model, field] = entry.key;
+    if (typeof user !== "string" || typeof model !== "string") continue;
+    if (!row || row.userId !== user || row.model !== model) {
+      row = { userId: user, model, requests: 0, promptTokens: 0, completionTokens: 0 };
+      rows.push(row);
+    }
+    const n = u64(entry.value);
+    if (field === "requests") row.requests += n;
+    else if (field === "prompt") row.promptTokens += n;
+    else if (field === "completion") row.completionTokens += n;
+    else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
+  }
+  return rows;
+}
