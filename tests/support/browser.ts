@@ -2,6 +2,8 @@
  * Browser-test plumbing: Debian's Chromium driven by playwright-core (never a downloaded
  * browser), a real Keyway server on a loopback port, and pages that fail on console errors.
  */
+import assert from "node:assert/strict";
+import { join } from "node:path";
 import axe from "axe-core";
 import { type Browser, type BrowserContext, chromium, type Page } from "playwright-core";
 import { loadConfig } from "../../lib/core/config.ts";
@@ -139,4 +141,34 @@ export async function shotsFolder(): Promise<
       await Deno.remove(dir, { recursive: true });
     },
   };
+}
+
+export const DESKTOP = { width: 1280, height: 800 };
+export const PHONE = { width: 390, height: 844 };
+/** Audits and photographs the page at both sizes, light and dark; back to desktop light. */
+export async function inspect(page: Page, dir: string, name: string, shots: string[]) {
+  for (const [size, viewport] of [["desktop", DESKTOP], ["phone", PHONE]] as const) {
+    await page.setViewportSize(viewport);
+    for (const scheme of ["light", "dark"] as const) {
+      await page.emulateMedia({ colorScheme: scheme });
+      await assertAccessible(page, `${name} ${size} ${scheme}`);
+      const overflow = await page.evaluate(() =>
+        document.documentElement.scrollWidth - document.documentElement.clientWidth
+      );
+      assert.ok(overflow <= 0, `${name} ${size}: the page scrolls sideways by ${overflow}px`);
+      const path = join(dir, `${name}-${size}-${scheme}.png`);
+      await page.screenshot({ path, fullPage: true });
+      shots.push(path);
+    }
+  }
+  await page.setViewportSize(DESKTOP);
+  await page.emulateMedia({ colorScheme: "light" });
+}
+
+/** A browser context signed in (local mode) as `email`, and the user's id. */
+export async function signedIn(browser: Browser, server: TestServer, email: string) {
+  const { token, userId } = await server.services.sessions.issueLocal(email);
+  const w = await watchedContext(browser, { viewport: DESKTOP });
+  await w.context.addCookies([{ name: "__session", value: token, url: server.url }]);
+  return { w, userId, token };
 }

@@ -1,19 +1,22 @@
 /**
- * Issue #15 in a real browser: every page and every account state, at desktop 1280×800 and phone
+ * In a real browser: every page and every account state, at desktop 1280×800 and phone
  * 390×844, light and dark — each audited with axe-core (no serious or critical violations) and
  * photographed. States come about the way they do for real: quotas spent by gateway requests
  * against the fake GLM, a user disabled through the operator API.
  */
 import assert from "node:assert/strict";
-import { join } from "node:path";
-import type { Browser, Page } from "playwright-core";
+import type { Page } from "playwright-core";
 import { parse as parseYaml } from "yaml";
 import { localUserId } from "../../../lib/identity/sessions.ts";
 import { recordUsage } from "../../../lib/usage/usage.ts";
 import {
   assertAccessible,
+  DESKTOP,
+  inspect,
   launchBrowser,
+  PHONE,
   shotsFolder,
+  signedIn,
   startServer,
   type TestServer,
   type Watched,
@@ -22,37 +25,7 @@ import {
 import { FakeGlm } from "../../../testing/fakes/glm.ts";
 
 const DAY = 86_400_000;
-const DESKTOP = { width: 1280, height: 800 };
-const PHONE = { width: 390, height: 844 };
 const OPERATOR = "op@example.com";
-
-/** Audits and photographs the page at both sizes, light and dark; back to desktop light. */
-async function inspect(page: Page, dir: string, name: string, shots: string[]) {
-  for (const [size, viewport] of [["desktop", DESKTOP], ["phone", PHONE]] as const) {
-    await page.setViewportSize(viewport);
-    for (const scheme of ["light", "dark"] as const) {
-      await page.emulateMedia({ colorScheme: scheme });
-      await assertAccessible(page, `${name} ${size} ${scheme}`);
-      const overflow = await page.evaluate(() =>
-        document.documentElement.scrollWidth - document.documentElement.clientWidth
-      );
-      assert.ok(overflow <= 0, `${name} ${size}: the page scrolls sideways by ${overflow}px`);
-      const path = join(dir, `${name}-${size}-${scheme}.png`);
-      await page.screenshot({ path, fullPage: true });
-      shots.push(path);
-    }
-  }
-  await page.setViewportSize(DESKTOP);
-  await page.emulateMedia({ colorScheme: "light" });
-}
-
-/** A browser context signed in (local mode) as `email`, and the user's id. */
-async function signedIn(browser: Browser, server: TestServer, email: string) {
-  const { token, userId } = await server.services.sessions.issueLocal(email);
-  const w = await watchedContext(browser, { viewport: DESKTOP });
-  await w.context.addCookies([{ name: "__session", value: token, url: server.url }]);
-  return { w, userId, token };
-}
 
 /** Provisions `email`'s key through the API, as the dashboard does; returns the key. */
 async function keyOf(server: TestServer, token: string): Promise<string> {
