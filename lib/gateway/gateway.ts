@@ -3,8 +3,8 @@
  * account, one Protocol module per endpoint (lib/gateway/protocols/).
  *
  * auth → admit → slot → exchange → settle. A request is checked in the contract's order — key
- * (401) → user state (403) → model (400) → request limits, concurrency, quotas (429) → upstream —
- * and admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
+ * (401) → user state (403) → model (400) → request limits, concurrency, quotas (429; 403 when
+ * spent until a reset) → upstream — and admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
  * tokens. The body is forwarded as the bytes that arrived (re-serialized only when an alias or
  * another casing of the model was asked for); the answer is relayed (relay.ts) while its
  * protocol's meter watches for `usage`, and the lease is settled — its usage committed — before
@@ -95,8 +95,8 @@ export class Gateway {
 
   /**
    * Serves one gateway endpoint: the key (401), the body, then one admission — user state
-   * (403), model (400), request limits, concurrency and quotas (429) — and the upstream call,
-   * relayed and settled. Unmetered endpoints check the same but take no lease.
+   * (403), model (400), request limits, concurrency and quotas (429; 403 when spent until a reset)
+   * — and the upstream call, relayed and settled. Unmetered endpoints check the same but take no lease.
    */
   async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();

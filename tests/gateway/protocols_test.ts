@@ -158,10 +158,10 @@ Deno.test("Anthropic SDK (Claude Code's protocol): messages, streaming, tools, c
           messages: [{ role: "user", content: "hi" }],
         }),
         (err: unknown) =>
-          err instanceof Anthropic.RateLimitError &&
-          (err.error as { error: { type: string } }).error.type === "rate_limit_error",
+          err instanceof Anthropic.PermissionDeniedError &&
+          (err.error as { error: { type: string } }).error.type === "permission_error",
       );
-      // Its retries would wait 0.5 s and more (x-should-retry: false is what stops them).
+      // Its retries would wait 0.5 s and more (a 403 is final, as x-should-retry: false says).
       assert.ok(performance.now() - started < 400, "not retried");
       assert.equal(s.fake.count, sent);
     });
