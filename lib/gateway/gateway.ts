@@ -31,17 +31,9 @@ import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
 import { answerWhileWaiting } from "./waiting_stream.ts";
 import { type Call, slotRefusal, UpstreamCalls } from "./upstream_calls.ts";
-import {
-  declaredLength,
-  MAX_BODY_BYTES,
-  readBody,
-  type RequestBody,
-  tooLarge,
-  withModel,
-} from "./request_body.ts";
+import { declaredLength, readBody, type RequestBody, tooLarge, withModel } from "./request_body.ts";
 import { RefusalAlerts, type UpstreamNotifier } from "./upstream_errors.ts";
 
-export { MAX_BODY_BYTES };
 export type { UpstreamNotifier };
 
 /** The most bytes of request bodies that may wait for upstream slots in one process (CONTRACT §5). */
@@ -100,14 +92,18 @@ export class Gateway {
    */
   async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
-    if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
+    const maxBytes = this.config.maxRequestBytes;
+    if ((declaredLength(req) ?? 0) > maxBytes) throw tooLarge(maxBytes); // refused unread
     if (!this.pool.size && !this.config.glm.apiKeys.length) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
     const hash = await this.auth.hash(protocol.apiKey(req.headers));
     // Read the body while the key is looked up; its errors are reported after the key checks.
-    const [body, userId] = await Promise.all([readBody(req, protocol), this.auth.userIdFor(hash)]);
+    const [body, userId] = await Promise.all([
+      readBody(req, protocol, maxBytes),
+      this.auth.userIdFor(hash),
+    ]);
     /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
     const target = body instanceof AppError ? body : this.models.resolve(body.model);
     const validate = (user: UserRecord | null, headers: Record<string, string>) => {

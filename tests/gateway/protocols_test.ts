@@ -226,7 +226,10 @@ Deno.test("openai SDK: embeddings, tool calls, models by any casing, error class
 });
 
 Deno.test("bad input on the new endpoints: a 4xx in the route's error shape, nothing charged", async (t) => {
-  const s = await serve({ MODEL_ALIASES: JSON.stringify({ "claude-*": "glm-9-secret" }) });
+  const s = await serve({
+    MODEL_ALIASES: JSON.stringify({ "claude-*": "glm-9-secret" }),
+    MAX_REQUEST_BYTES: String(1024 * 1024),
+  });
   const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
     fetch(`${s.url}${path}`, {
       method: "POST",
