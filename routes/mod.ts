@@ -134,6 +134,9 @@ export function createApp(services: Services) {
     return c.json({ ok: true });
   });
 
+  // Claude Code probes this before every run; an empty 200 keeps it quiet (HEAD answers too).
+  app.get("/api/hello", (c) => c.body(null, 200));
+
   app.route("/api", keyRoutes(services));
   app.route("/api", webhookRoutes(services));
   app.route("/api", usageRoutes(services));
