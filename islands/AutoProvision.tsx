@@ -293,7 +293,7 @@ function StateBanner(
           Paused until {formatDateTime(until)}
         </h2>
         <p>
-          Requests are refused (429) because{" "}
+          Requests are refused (403) because{" "}
           {state.reasons.map((r) => REASON_TEXT[r]).join(", and ")}
           . {state.reason === "budget_monthly"
             ? "The budget resets on the 1st of the month (UTC)"

@@ -20,6 +20,7 @@ import { notFoundPage } from "./pages/not_found.tsx";
 import { connectPageRoutes } from "./pages/connect.tsx";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
+import { inMiB } from "../lib/gateway/request_body.ts";
 
 const KIB = 1024;
 
@@ -114,7 +115,9 @@ export function createApp(services: Services) {
     "/api/webhooks/*",
     bodyLimit({ maxSize: 256 * KIB, onError: tooLarge("256 KiB") }),
   );
-  app.use("/v1/*", bodyLimit({ maxSize: 1024 * KIB, onError: tooLarge("1 MiB") }));
+  // The gateway's POST endpoints (mounted above) limit their own bodies the same way.
+  const v1Max = services.config.maxRequestBytes;
+  app.use("/v1/*", bodyLimit({ maxSize: v1Max, onError: tooLarge(inMiB(v1Max)) }));
   const apiLimit = bodyLimit({ maxSize: 64 * KIB, onError: tooLarge("64 KiB") });
   app.use("/api/*", async (c, next) => {
     if (c.req.path.startsWith("/api/webhooks/")) return await next();
@@ -130,6 +133,9 @@ export function createApp(services: Services) {
     await kv.get(["health"]);
     return c.json({ ok: true });
   });
+
+  // Claude Code probes this before every run; an empty 200 keeps it quiet (HEAD answers too).
+  app.get("/api/hello", (c) => c.body(null, 200));
 
   app.route("/api", keyRoutes(services));
   app.route("/api", webhookRoutes(services));

@@ -27,7 +27,7 @@ export function v1Routes(services: Services) {
 /**
  * The gateway's POST endpoints, the hot path. routes/mod.ts mounts them ahead of the app-wide
  * middleware (≈ a sixth of the gateway's CPU per request): each takes its own request id, the
- * gateway limits the body (1 MiB) and logs its own line, its answers carry x-request-id and
+ * gateway limits the body (MAX_REQUEST_BYTES) and logs its own line, its answers carry x-request-id and
  * nosniff, and errors go to app.onError like everyone else's.
  */
 export function gatewayHandler(

@@ -142,6 +142,8 @@ const envSchema = z.object({
   ),
   UPSTREAM_TIMEOUT_MS: intFrom("UPSTREAM_TIMEOUT_MS", 120_000, 1, 3_600_000),
   STREAM_MAX_MS: intFrom("STREAM_MAX_MS", 600_000, 1, 86_400_000),
+  // 32 MiB, as Anthropic's API: agentic tools send long conversations with images.
+  MAX_REQUEST_BYTES: intFrom("MAX_REQUEST_BYTES", 32 * 1024 * 1024, 1024, 1024 * 1024 * 1024),
   UPSTREAM_CONCURRENCY: optionalString.transform((raw, ctx): Record<string, number> => {
     if (raw === undefined) return {};
     if (/^\d+$/.test(raw)) {
@@ -297,6 +299,8 @@ export interface Config {
   modelAliases: Record<string, string>;
   keyMode: KeyMode;
   keyEncryptionSecret?: string;
+  /** The largest /v1/* request body in bytes (MAX_REQUEST_BYTES). */
+  maxRequestBytes: number;
   limits: { rpm: number; rpd: number; tokensPerDay: number; budgetUsdMonthly: number };
   /** Per-user gateway requests in flight at once, across all processes. */
   concurrencyLimit: number;
@@ -409,6 +413,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     modelAliases: e.MODEL_ALIASES ?? DEFAULT_MODEL_ALIASES,
     keyMode,
     keyEncryptionSecret: e.KEY_ENCRYPTION_SECRET,
+    maxRequestBytes: e.MAX_REQUEST_BYTES,
     limits: {
       rpm: e.RATE_LIMIT_RPM,
       rpd: e.RATE_LIMIT_RPD,

@@ -3,8 +3,8 @@
  * account, one Protocol module per endpoint (lib/gateway/protocols/).
  *
  * auth → admit → slot → exchange → settle. A request is checked in the contract's order — key
- * (401) → user state (403) → model (400) → request limits, concurrency, quotas (429) → upstream —
- * and admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
+ * (401) → user state (403) → model (400) → request limits, concurrency, quotas (429; 403 when
+ * spent until a reset) → upstream — and admitted as a Lease (lib/limits/admission.ts) that holds a slot and reserves its estimated
  * tokens. The body is forwarded as the bytes that arrived (re-serialized only when an alias or
  * another casing of the model was asked for); the answer is relayed (relay.ts) while its
  * protocol's meter watches for `usage`, and the lease is settled — its usage committed — before
@@ -31,17 +31,9 @@ import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
 import { answerWhileWaiting } from "./waiting_stream.ts";
 import { type Call, slotRefusal, UpstreamCalls } from "./upstream_calls.ts";
-import {
-  declaredLength,
-  MAX_BODY_BYTES,
-  readBody,
-  type RequestBody,
-  tooLarge,
-  withModel,
-} from "./request_body.ts";
+import { declaredLength, readBody, type RequestBody, tooLarge, withModel } from "./request_body.ts";
 import { RefusalAlerts, type UpstreamNotifier } from "./upstream_errors.ts";
 
-export { MAX_BODY_BYTES };
 export type { UpstreamNotifier };
 
 /** The most bytes of request bodies that may wait for upstream slots in one process (CONTRACT §5). */
@@ -95,19 +87,23 @@ export class Gateway {
 
   /**
    * Serves one gateway endpoint: the key (401), the body, then one admission — user state
-   * (403), model (400), request limits, concurrency and quotas (429) — and the upstream call,
-   * relayed and settled. Unmetered endpoints check the same but take no lease.
+   * (403), model (400), request limits, concurrency and quotas (429; 403 when spent until a reset)
+   * — and the upstream call, relayed and settled. Unmetered endpoints check the same but take no lease.
    */
   async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
     const started = performance.now();
-    if ((declaredLength(req) ?? 0) > MAX_BODY_BYTES) throw tooLarge(); // refused unread
+    const maxBytes = this.config.maxRequestBytes;
+    if ((declaredLength(req) ?? 0) > maxBytes) throw tooLarge(maxBytes); // refused unread
     if (!this.pool.size && !this.config.glm.apiKeys.length) {
       this.log.warn("gateway not configured: GLM_API_KEY is not set", { id: requestId });
       throw new AppError("not_configured", "The gateway has no upstream key (GLM_API_KEY).");
     }
     const hash = await this.auth.hash(protocol.apiKey(req.headers));
     // Read the body while the key is looked up; its errors are reported after the key checks.
-    const [body, userId] = await Promise.all([readBody(req, protocol), this.auth.userIdFor(hash)]);
+    const [body, userId] = await Promise.all([
+      readBody(req, protocol, maxBytes),
+      this.auth.userIdFor(hash),
+    ]);
     /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
     const target = body instanceof AppError ? body : this.models.resolve(body.model);
     const validate = (user: UserRecord | null, headers: Record<string, string>) => {

@@ -1,30 +1,32 @@
 /**
- * A gateway request's body: read up to its limit (refused unread when the declared length is over
- * it), parsed, checked for duplicate keys (what is forwarded must be what was checked) and by its
+ * A gateway request's body: read up to its limit (MAX_REQUEST_BYTES; refused unread when the
+ * declared length is over it), parsed, checked for duplicate keys (what is forwarded must be what was checked) and by its
  * protocol's schema; and the body with an alias resolved.
  */
 import { concatBytes, jsonStructureProblem, withTopLevelString } from "../core/encoding.ts";
 import { AppError } from "../core/errors.ts";
 import type { ParsedRequest, Protocol } from "./protocol.ts";
 
-export const MAX_BODY_BYTES = 1024 * 1024;
-
 const decoder = new TextDecoder();
 
 export type RequestBody = ParsedRequest & { bytes: Uint8Array<ArrayBuffer> };
 
-/** Reads and checks the request body; a problem is returned (not thrown) to keep the order. */
+/**
+ * Reads and checks the request body, at most `maxBytes` of it; a problem is returned (not thrown)
+ * to keep the order.
+ */
 export async function readBody(
   req: Request,
   protocol: Protocol,
+  maxBytes: number,
 ): Promise<RequestBody | AppError> {
   let bytes: Uint8Array<ArrayBuffer> | null;
   try {
-    bytes = await readCapped(req, MAX_BODY_BYTES);
+    bytes = await readCapped(req, maxBytes);
   } catch {
     return new AppError("invalid_request", "body: could not be read");
   }
-  if (!bytes) return tooLarge();
+  if (!bytes) return tooLarge(maxBytes);
   let json: unknown;
   const text = decoder.decode(bytes);
   try {
@@ -50,8 +52,12 @@ export function withModel(bytes: Uint8Array<ArrayBuffer>, model: string): Uint8A
   return new TextEncoder().encode(text) as Uint8Array<ArrayBuffer>;
 }
 
-export const tooLarge = () =>
-  new AppError("payload_too_large", "Request body is larger than 1 MiB.");
+/** A body over `maxBytes`: 413, the limit said in MiB. */
+export const tooLarge = (maxBytes: number) =>
+  new AppError("payload_too_large", `Request body is larger than ${inMiB(maxBytes)}.`);
+
+/** A byte count in MiB for people: "32 MiB", "0.19 MiB". */
+export const inMiB = (bytes: number) => `${Math.round(bytes / 1024 / 1024 * 100) / 100} MiB`;
 
 /** The body length the request declares, or null when it is chunked or does not say. */
 export function declaredLength(req: Request): number | null {

@@ -3,7 +3,7 @@
  * with the next request. It follows the gateway's own rules (lib/limits/policy.ts and
  * quotaRefusal there): a disabled or deleted user is refused (403); a user
  * whose day's requests, day's tokens or month's budget are used up is refused until it resets
- * (429, x-should-retry: false). The requests-per-minute limit and reservations of requests in
+ * (403, x-should-retry: false). The requests-per-minute limit and reservations of requests in
  * flight refuse only for seconds, so they are not a state worth a banner.
  */
 import type { UserRecord } from "../identity/users.ts";

@@ -89,7 +89,7 @@ export function decideAdmission(
   }
   if (!decision.allowed) {
     const dayLimit = decision.before.remainingDay < 1;
-    return rateRefusal(limits, dayLimit, decision.retryAfter, current);
+    return rateRefusal(limits, dayLimit, decision.retryAfter, now, current);
   }
   if (snap.held.count >= config.concurrencyLimit) {
     return concurrencyRefusal(config.concurrencyLimit, current);

@@ -9,9 +9,10 @@
  * - `x-ratelimit-reset-requests`: OpenAI-style duration ("850ms", "12s", "1m30s", "5h3m0s") until
  *   that allowance is whole again: the minute bucket refilled, or 00:00 UTC when the day
  *   allowance is the smaller one.
- * 429 answers carry `Retry-After` in whole seconds (≥ 1) until a retry can succeed; refusals that
- * cannot succeed soon (the day's requests, a spent quota, a disabled or deleted user) also carry
- * `x-should-retry: false`, so SDKs do not sleep until the Retry-After.
+ * 429 answers carry `Retry-After` in whole seconds (≥ 1) until a retry can succeed. Refusals that
+ * cannot succeed soon (the day's requests, a spent quota, a disabled or deleted user) are 403,
+ * never 429 (coding tools that ignore `x-should-retry` would sleep on a 429 for hours), with
+ * `x-should-retry: false` and, for a spent limit, `Retry-After` until its reset.
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
@@ -112,6 +113,21 @@ export function remainingOf(
 /** Headers of a refusal that retrying soon cannot fix (CONTRACT §4). */
 export const FINAL = { "x-should-retry": "false" } as const;
 
+/**
+ * A spent limit's refusal (the day's requests or tokens, the month's budget): 403
+ * `quota_exceeded` (CONTRACT §4), `x-should-retry: false` and `Retry-After` in whole seconds until
+ * the reset; the message ends with when that is.
+ */
+function spentRefusal(message: string, resetMs: number, headers: Record<string, string>): AppError {
+  const retryAfter = Math.max(1, Math.ceil(resetMs / 1000));
+  return new AppError(
+    "quota_exceeded",
+    `${message} (in ${formatDuration(retryAfter * 1000)}).`,
+    { ...headers, "retry-after": String(retryAfter), ...FINAL },
+    403,
+  );
+}
+
 export function userDisabled(headers: Record<string, string>): AppError {
   return new AppError("user_disabled", "This account has been disabled.", {
     ...headers,
@@ -154,19 +170,29 @@ export function spentLimits(
   return spent;
 }
 
-/** The per-minute or per-day request limit's refusal. */
+/**
+ * The request limits' refusal: the day's requests spent is final until 00:00 UTC (403
+ * `quota_exceeded`); the per-minute limit is worth a retry in `retryAfter` seconds (429
+ * `rate_limit_exceeded`).
+ */
 export function rateRefusal(
   limits: EffectiveLimits,
   dayLimit: boolean,
   retryAfter: number,
+  now: number,
   headers: Record<string, string>,
 ): AppError {
+  if (dayLimit) {
+    return spentRefusal(
+      `Daily request limit of ${limits.rpd} requests reached; it resets at 00:00 UTC`,
+      msUntilNextDay(now),
+      headers,
+    );
+  }
   return new AppError(
     "rate_limit_exceeded",
-    dayLimit
-      ? `Daily request limit of ${limits.rpd} reached; it resets at 00:00 UTC.`
-      : `Rate limit of ${limits.rpm} requests per minute reached; retry in ${retryAfter}s.`,
-    { ...headers, "retry-after": String(retryAfter), ...(dayLimit ? FINAL : {}) },
+    `Rate limit of ${limits.rpm} requests per minute reached; retry in ${retryAfter}s.`,
+    { ...headers, "retry-after": String(retryAfter) },
   );
 }
 
@@ -202,7 +228,7 @@ export interface QuotaFigures {
 
 /**
  * The quota refusal, or null when the reservation fits. A reservation that does not fit what is
- * left of the quota is refused until the quota resets (x-should-retry: false); one that only does
+ * left of the quota is refused until the quota resets (403, x-should-retry: false); one that only does
  * not fit beside the reservations of requests in flight may fit in a moment (Retry-After: 1).
  * A request reserving nothing (shared mode's reports) is refused once the quota is reached.
  */
@@ -228,20 +254,19 @@ export function quotaRefusal(
         { ...headers, "retry-after": "1" },
       );
     }
-    const after = {
-      ...headers,
-      "retry-after": String(Math.ceil(words.retryAfterMs / 1000)),
-      ...FINAL,
-    };
     if (used >= limit) {
-      return new AppError("quota_exceeded", `${words.whole} is used up; ${words.resets}.`, after);
+      return spentRefusal(
+        `${words.whole} is used up; ${words.resets}`,
+        words.retryAfterMs,
+        headers,
+      );
     }
-    return new AppError(
-      "quota_exceeded",
+    return spentRefusal(
       `This request reserves ${words.unit(reserve)} (its prompt and up to ${f.reserveOutput} ` +
         `output tokens) but ${words.unit(limit - used)} of ${words.whole} are left; ` +
-        `lower max_tokens, or wait: ${words.resets}.`,
-      after,
+        `lower max_tokens, or wait: ${words.resets}`,
+      words.retryAfterMs,
+      headers,
     );
   };
   if (limits.tokensPerDay !== null) {
@@ -258,7 +283,7 @@ export function quotaRefusal(
     const budget = limits.budgetUsdMonthly;
     const refused = check(Math.round(budget * 1e9), f.usedNano, f.heldNano, f.reserveNano, {
       whole: `the monthly budget of $${budget}`,
-      resets: "it resets on the 1st (UTC)",
+      resets: "it resets on the 1st of next month at 00:00 UTC",
       retryAfterMs: msUntilNextMonth(now),
       unit: (n) => `$${(n / 1e9).toFixed(6).replace(/\.?0+$/, "")}`,
     });
@@ -268,5 +293,6 @@ export function quotaRefusal(
 }
 
 function capitalized(err: AppError): AppError {
-  return new AppError(err.code, err.message[0].toUpperCase() + err.message.slice(1), err.headers);
+  const message = err.message[0].toUpperCase() + err.message.slice(1);
+  return new AppError(err.code, message, err.headers, err.status);
 }

@@ -4,13 +4,12 @@ import { KV_MAX_MUTATIONS } from "../core/kv_ops.ts";
 import { systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import type { UsageBody } from "../api_types.ts";
-import { checkUserState, type Remaining } from "../limits/policy.ts";
+import { checkUserState, type Remaining, userDeleted } from "../limits/policy.ts";
 import { accountState } from "../limits/account_state.ts";
 import type { Ledger } from "../limits/admission.ts";
 import { limitStatus } from "../limits/status.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
-import { AppError } from "../core/errors.ts";
 import { addUsageSums, type UsageEvent } from "./record.ts";
 import { readDayCounters } from "./read.ts";
 import type { UsageTotals } from "./totals.ts";
@@ -248,7 +247,7 @@ export async function reportUsage(
     model: report.model,
     reserve: { prompt: 0, output: 0 },
     validate: (user, headers) => {
-      if (!user) throw new AppError("user_deleted", "This account has been deleted.", headers);
+      if (!user) throw userDeleted(headers);
       return checkUserState(user, headers);
     },
   });

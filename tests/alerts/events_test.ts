@@ -736,7 +736,7 @@ Deno.test("events: the gateway's refusals and settlements reach the operator —
             statuses.push(res.status);
           }
           // $0.18 each against $0.85: the 4th passes 80 %, the 5th 100 %, the 6th is refused.
-          assert.deepEqual(statuses, [200, 200, 200, 200, 200, 429]);
+          assert.deepEqual(statuses, [200, 200, 200, 200, 200, 403]);
           await eventually(() => receiver.ofType("budget.threshold").length === 2, 5000);
           await drained(app);
           const sent = receiver.ofType("budget.threshold").map((d) => d.body);

@@ -38,6 +38,8 @@ Deno.test("config: each bad value is one line naming its variable", async (t) =>
     [{ TOKEN_LIMIT_DAILY: "-5" }, "TOKEN_LIMIT_DAILY"],
     [{ BUDGET_USD_MONTHLY: "free" }, "BUDGET_USD_MONTHLY"],
     [{ UPSTREAM_TIMEOUT_MS: "0" }, "UPSTREAM_TIMEOUT_MS"],
+    [{ MAX_REQUEST_BYTES: "32MiB" }, "MAX_REQUEST_BYTES"],
+    [{ MAX_REQUEST_BYTES: "0" }, "MAX_REQUEST_BYTES"],
     [{ CLERK_JWT_KEY: "garbage" }, "CLERK_JWT_KEY"],
     [{ CLERK_PUBLISHABLE_KEY: "pk_nope" }, "CLERK_PUBLISHABLE_KEY"],
     [{ CLERK_SECRET_KEY: "not-a-secret-key" }, "CLERK_SECRET_KEY"],
@@ -129,6 +131,7 @@ Deno.test("config: defaults and parsing of good values", () => {
   assert.equal(local.clerk.apiUrl, "https://api.clerk.com");
   assert.deepEqual(local.clerk.authorizedParties, ["http://localhost:8000"]);
   assert.equal(local.costCron, "0 * * * *");
+  assert.equal(local.maxRequestBytes, 32 * 1024 * 1024, "MAX_REQUEST_BYTES: 32 MiB by default");
 
   const set = loadConfig({
     PORT: "9001",
@@ -138,6 +141,7 @@ Deno.test("config: defaults and parsing of good values", () => {
     CLERK_AUTHORIZED_PARTIES: "https://a.example, https://b.example",
     KEY_ENCRYPTION_SECRET: GOOD_SECRET,
     RATE_LIMIT_RPM: "5",
+    MAX_REQUEST_BYTES: "200000",
     ALLOWED_MODELS: "*",
     PRICING: '{"glm-x": {"input": 1, "output": 2}}',
   });
@@ -147,6 +151,7 @@ Deno.test("config: defaults and parsing of good values", () => {
   assert.deepEqual(set.clerk.webhookSecrets, ["whsec_abc", "whsec_def"]);
   assert.deepEqual(set.clerk.authorizedParties, ["https://a.example", "https://b.example"]);
   assert.equal(set.limits.rpm, 5);
+  assert.equal(set.maxRequestBytes, 200_000);
   assert.equal(set.allowAnyModel, true);
   assert.deepEqual(set.pricing, { "glm-x": { input: 1, output: 2 } });
 });

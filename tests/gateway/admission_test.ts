@@ -50,12 +50,12 @@ Deno.test("requests per day are exact under concurrency and override per user", 
       const results = await Promise.all(Array.from({ length: 12 }, () => s.chat()));
       assert.equal(results.filter((r) => r.status === 200).length, 7);
       assert.equal(s.fake.count, 7);
-      const limited = results.filter((r) => r.status === 429);
+      const limited = results.filter((r) => r.status === 403);
       assert.equal(limited.length, 5);
       const retry = Number(limited[0].headers.get("retry-after"));
       const untilMidnight = 86_400 - Math.floor((Date.now() % 86_400_000) / 1000);
       assert.ok(Math.abs(retry - untilMidnight) <= 2, `${retry} vs ${untilMidnight}`);
-      assert.equal((await errorOf(limited[0])).code, "rate_limit_exceeded");
+      assert.equal((await errorOf(limited[0])).code, "quota_exceeded");
       for (const r of results) await drain(r);
     });
     await t.step("a per-user override raises the day limit at once", async () => {
@@ -63,7 +63,7 @@ Deno.test("requests per day are exact under concurrency and override per user", 
       assert.equal((await s.chat()).status, 200);
       assert.equal((await s.chat()).status, 200);
       const third = await s.chat();
-      assert.equal(third.status, 429);
+      assert.equal(third.status, 403);
       await third.body?.cancel();
       assert.equal(s.fake.count, 9);
     });
@@ -88,7 +88,7 @@ Deno.test("token quota: back to back, exactly the requests whose reservations fi
       });
     }
     const refused = await s.chat({ ...CHAT, max_tokens: 8 }); // 54 ≥ 50
-    assert.equal(refused.status, 429);
+    assert.equal(refused.status, 403);
     assertRateHeaders(refused);
     const retry = Number(refused.headers.get("retry-after"));
     const untilMidnight = 86_400 - Math.floor((Date.now() % 86_400_000) / 1000);
@@ -109,7 +109,7 @@ Deno.test("token quota: a reservation that cannot fit is refused at once, saying
   try {
     // No max_tokens: OUTPUT_RESERVE_TOKENS (4096) output tokens are reserved.
     const r = await s.chat();
-    assert.equal(r.status, 429);
+    assert.equal(r.status, 403);
     assert.equal(r.headers.get("x-should-retry"), "false");
     const error = await errorOf(r);
     assert.equal(error.code, "quota_exceeded");
@@ -136,7 +136,7 @@ Deno.test("monthly budget: refused once spent, with Retry-After until next month
       await r.text();
     }
     const c = await s.chat({ ...CHAT, max_tokens: 4 });
-    assert.equal(c.status, 429);
+    assert.equal(c.status, 403);
     const now = new Date();
     const nextMonth = Date.UTC(now.getUTCFullYear(), now.getUTCMonth() + 1, 1);
     const retry = Number(c.headers.get("retry-after"));
@@ -248,15 +248,15 @@ Deno.test("a disable or a limit change holds for every request after it, for use
       await s.app.services.users.setStatus(s.userId, "active");
       assert.deepEqual(await statuses(2), [200, 200]);
     });
-    await t.step("rpd lowered below today's count: 429 every time", async () => {
+    await t.step("rpd lowered below today's count: 403 every time", async () => {
       await s.app.services.users.setLimits(s.userId, { rpd: 1 });
-      assert.deepEqual(await statuses(3), [429, 429, 429]);
+      assert.deepEqual(await statuses(3), [403, 403, 403]);
       await s.app.services.users.setLimits(s.userId, { rpd: null });
     });
-    await t.step("a budget spent: 429 every time", async () => {
+    await t.step("a budget spent: 403 every time", async () => {
       assert.deepEqual(await statuses(1), [200]);
       await s.app.services.users.setLimits(s.userId, { budgetUsdMonthly: 0.000001 });
-      assert.deepEqual(await statuses(3), [429, 429, 429]);
+      assert.deepEqual(await statuses(3), [403, 403, 403]);
     });
   } finally {
     await s.close();
@@ -348,7 +348,7 @@ Deno.test("a change landing while the admission commits: the upstream call, begu
   }
 });
 
-Deno.test("another process takes the last of the allowance while this one commits: cancelled upstream, 429", async () => {
+Deno.test("another process takes the last of the allowance while this one commits: cancelled upstream, 403", async () => {
   const dir = await Deno.makeTempDir();
   const fake = new FakeGlm();
   const env = {
@@ -379,10 +379,10 @@ Deno.test("another process takes the last of the allowance while this one commit
     // call, and its commit fails on B's writes: decided again on fresh reads, refused, and the
     // call cancelled.
     const third = await chat(a);
-    assert.equal(third.status, 429);
+    assert.equal(third.status, 403);
     assert.equal(
       (await json<{ error: { code: string } }>(third)).error.code,
-      "rate_limit_exceeded",
+      "quota_exceeded",
     );
     assert.equal(third.headers.get("x-should-retry"), "false");
     assert.equal(fake.count, 4, "the call began while the admission committed");

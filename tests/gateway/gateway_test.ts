@@ -7,7 +7,7 @@ import { bearer, json } from "../support/helpers.ts";
 import { assertRateHeaders, CHAT, drain, errorOf, setup } from "../support/gateway_setup.ts";
 
 Deno.test("bad requests are refused before the upstream and count against nothing", async (t) => {
-  const s = await setup({ RATE_LIMIT_RPM: "3" });
+  const s = await setup({ RATE_LIMIT_RPM: "3", MAX_REQUEST_BYTES: String(1024 * 1024) });
   try {
     const cases: Array<[string, unknown, number, string, RegExp]> = [
       ["disallowed model", { ...CHAT, model: "gpt-4o" }, 400, "model_not_allowed", /model/],
@@ -93,7 +93,7 @@ Deno.test("bad requests are refused before the upstream and count against nothin
 });
 
 Deno.test("every gateway answer carries its request id and nosniff, refusals included", async (t) => {
-  const s = await setup({ RATE_LIMIT_RPM: "1" });
+  const s = await setup({ RATE_LIMIT_RPM: "1", MAX_REQUEST_BYTES: String(1024 * 1024) });
   const framed = (res: Response) => {
     assert.equal(res.headers.get("x-content-type-options"), "nosniff");
     assert.match(res.headers.get("x-request-id") ?? "", /^[0-9a-f]{8}-[0-9a-z]+$/);

@@ -158,10 +158,10 @@ Deno.test("Anthropic SDK (Claude Code's protocol): messages, streaming, tools, c
           messages: [{ role: "user", content: "hi" }],
         }),
         (err: unknown) =>
-          err instanceof Anthropic.RateLimitError &&
-          (err.error as { error: { type: string } }).error.type === "rate_limit_error",
+          err instanceof Anthropic.PermissionDeniedError &&
+          (err.error as { error: { type: string } }).error.type === "permission_error",
       );
-      // Its retries would wait 0.5 s and more (x-should-retry: false is what stops them).
+      // Its retries would wait 0.5 s and more (a 403 is final, as x-should-retry: false says).
       assert.ok(performance.now() - started < 400, "not retried");
       assert.equal(s.fake.count, sent);
     });
@@ -226,7 +226,10 @@ Deno.test("openai SDK: embeddings, tool calls, models by any casing, error class
 });
 
 Deno.test("bad input on the new endpoints: a 4xx in the route's error shape, nothing charged", async (t) => {
-  const s = await serve({ MODEL_ALIASES: JSON.stringify({ "claude-*": "glm-9-secret" }) });
+  const s = await serve({
+    MODEL_ALIASES: JSON.stringify({ "claude-*": "glm-9-secret" }),
+    MAX_REQUEST_BYTES: String(1024 * 1024),
+  });
   const post = (path: string, body: unknown, headers: Record<string, string> = {}) =>
     fetch(`${s.url}${path}`, {
       method: "POST",

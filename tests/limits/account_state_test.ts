@@ -63,7 +63,7 @@ Deno.test("state: active, then paused by each limit the gateway enforces", async
     try {
       assert.deepEqual(await s.state(), { status: "active" });
       const refused = await s.spend();
-      assert.equal(refused.status, 429);
+      assert.equal(refused.status, 403);
       assert.deepEqual(await s.state(), {
         status: "paused",
         reason: "requests_per_day",
@@ -80,7 +80,7 @@ Deno.test("state: active, then paused by each limit the gateway enforces", async
     const s = await setUp({ TOKEN_LIMIT_DAILY: "36" });
     try {
       const refused = await s.spend();
-      assert.equal(refused.status, 429);
+      assert.equal(refused.status, 403);
       assert.equal((refused.body.error as Record<string, string>).code, "quota_exceeded");
       const state = await s.state();
       assert.equal(state.status, "paused");
@@ -96,7 +96,7 @@ Deno.test("state: active, then paused by each limit the gateway enforces", async
     const s = await setUp({ BUDGET_USD_MONTHLY: "0.000044" });
     try {
       const refused = await s.spend();
-      assert.equal(refused.status, 429);
+      assert.equal(refused.status, 403);
       const state = await s.state();
       assert.equal(state.status, "paused");
       assert.equal(state.reason, "budget_monthly");

@@ -74,7 +74,7 @@ Deno.test("50 simultaneous requests against a quota that fits 10 reservations: 1
     assert.equal(usage.totalTokens, 180);
     assert.ok(usage.totalTokens <= 140 + admitted.length * (18 - 14));
     const after = await s.chat(body);
-    assert.equal(after.status, 429);
+    assert.equal(after.status, 403);
     assert.equal(after.headers.get("x-should-retry"), "false");
     await after.body?.cancel();
     assert.equal(s.fake.count, 10);
@@ -165,7 +165,7 @@ Deno.test("hang-ups are charged their estimate and trip the quota", async (t) =>
     });
     await t.step("the quota has tripped: the next request is refused", async () => {
       const res = await s.chat(body);
-      assert.equal(res.status, 429);
+      assert.equal(res.status, 403);
       assert.equal((await errorOf(res)).code, "quota_exceeded");
       assert.equal(res.headers.get("x-should-retry"), "false");
       assert.equal(s.fake.count, 4);
@@ -203,8 +203,8 @@ Deno.test("openai SDK: usage counted when the answer ends, and a spent quota is 
     });
     assert.equal(second.usage?.total_tokens, 18);
     assert.equal((await s.usage()).requests, 2);
-    // 36 used: no reservation of 14 fits. The SDK would sleep until midnight before retrying a
-    // 429; x-should-retry: false makes it give up at once.
+    // 36 used: no reservation of 14 fits. A 403 is never retried (a 429 might be slept on until
+    // midnight), and the SDK names it for what it is.
     const started = performance.now();
     await assert.rejects(
       client.chat.completions.create({
@@ -212,7 +212,8 @@ Deno.test("openai SDK: usage counted when the answer ends, and a spent quota is 
         messages: [{ role: "user", content: "hi" }],
         max_tokens: 8,
       }),
-      (err: unknown) => err instanceof OpenAI.RateLimitError,
+      (err: unknown) =>
+        err instanceof OpenAI.PermissionDeniedError && /daily token quota/.test(err.message),
     );
     assert.ok(performance.now() - started < 2000);
     assert.equal(s.fake.count, 2);
@@ -256,9 +257,9 @@ Deno.test("refusals that retrying cannot fix say so; unpriced models are closed 
       assert.equal(ok.status, 200);
       await ok.text();
       const res = await s.chat(CHAT);
-      assert.equal(res.status, 429);
+      assert.equal(res.status, 403);
       assert.equal(res.headers.get("x-should-retry"), "false");
-      assert.equal((await errorOf(res)).code, "rate_limit_exceeded");
+      assert.equal((await errorOf(res)).code, "quota_exceeded");
     });
     await t.step("a disabled user: x-should-retry false", async () => {
       await s.app.services.users.setStatus("user_lease", "disabled");

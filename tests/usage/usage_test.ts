@@ -192,7 +192,7 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
   }
 });
 
-Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage counts and 429s", async (t) => {
+Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage counts and refuses", async (t) => {
   const app = await testApp({ KEY_MODE: "shared", RATE_LIMIT_RPM: "3", TOKEN_LIMIT_DAILY: "100" });
   try {
     const { token, userId } = await app.services.sessions.issueLocal("linus@example.test");
@@ -232,7 +232,7 @@ Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage c
       const anon = await app.request("/api/usage", { method: "POST", body: "{}" });
       assert.equal(anon.status, 401);
     });
-    await t.step("reports count against the limits and 429 once spent", async () => {
+    await t.step("reports count against the limits and 403 once spent", async () => {
       const first = await report({ model: "glm-4.6", promptTokens: 60, completionTokens: 10 });
       assert.equal(first.status, 200);
       assert.equal(first.headers.get("x-ratelimit-remaining-requests"), "2");
@@ -243,7 +243,8 @@ Deno.test("shared mode: no gateway, the master key handed out, POST /api/usage c
       const second = await report({ model: "glm-4.6", promptTokens: 40, completionTokens: 0 });
       assert.equal(second.status, 200); // crosses the token quota: allowed
       const third = await report({ model: "glm-4.6", promptTokens: 1, completionTokens: 1 });
-      assert.equal(third.status, 429);
+      assert.equal(third.status, 403);
+      assert.equal(third.headers.get("x-should-retry"), "false");
       assert.match(third.headers.get("retry-after") ?? "", /^\d+$/);
       assert.equal((await json<{ error: { code: string } }>(third)).error.code, "quota_exceeded");
       const usage = await userUsage(app.kv, app.services.config.pricing, userId, 1);

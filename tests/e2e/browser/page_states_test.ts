@@ -351,7 +351,7 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
         await server.services.users.setLimits(userId, limits);
         const page = await openDashboard(w, server);
         assert.equal((await stateOf(page)).status, "active");
-        assert.equal(await spendUntilRefused(server, apiKey), 429);
+        assert.equal(await spendUntilRefused(server, apiKey), 403);
         // Coming back to the tab (from the editor) refreshes the state.
         await page.evaluate(() => document.dispatchEvent(new Event("visibilitychange")));
         await page.locator("[data-testid=account-state][data-status=paused]").waitFor();
