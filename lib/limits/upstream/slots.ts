@@ -7,15 +7,17 @@
  * `upstream_busy`; at most `UPSTREAM_QUEUE_MAX` wait at once, and beyond that 503 at once.
  *
  * ## State in KV
- * - `keys.upstreamHeld(model)`: a KvU64 count of the slots held, and
- *   `keys.upstreamUserHeld(model, user)`: the user's part of it. Taking slots is one commit that
- *   checks the model's count and the count of every user it gives a slot to (so the cap and the
- *   share are exact across processes): the model count, the process heartbeat and at most 8 users
- *   — KV Connect's 10 checks. Giving a slot back is a sum on both in the Lease's settlement
- *   (lib/limits/admission.ts), which frees it at the answer's last byte or when the client leaves.
- *   A slot is recorded on its lease (`LeaseRecord.slot`: the model; the user key follows from the
- *   lease's user), so a dead process's slots are freed by the reaper with its leases. A call
- *   without a lease (count_tokens) holds its slot by a record of its own (slot_hold.ts).
+ * - `keys.upstreamKeyHeld(model, key)`: a KvU64 count of the slots held on one pool key (the cap
+ *   is per key, pool.ts); `keys.upstreamHeld(model)`: all keys together (/admin, `kv.watch`); and
+ *   `keys.upstreamUserHeld(model, user)`: the user's part. Taking slots is one commit on the key
+ *   with the most free slots that checks that key's count and the count of every user it gives a
+ *   slot to (so the cap and the share are exact across processes): the key's count, the process
+ *   heartbeat and at most 8 users — KV Connect's 10 checks. Giving a slot back is a sum on all
+ *   three in the Lease's settlement (lib/limits/admission.ts), which frees it at the answer's last
+ *   byte or when the client leaves. A slot is recorded on its lease (`LeaseRecord.slot`: the model,
+ *   `slotKey`: the pool key; the user key follows from the lease's user), so a dead process's
+ *   slots are freed by the reaper with its leases. A call without a lease (count_tokens) holds its
+ *   slot by a record of its own (slot_hold.ts).
  * - `keys.upstreamTicket(model, ticket)`: a request waiting, `{deadline, user, round}`. Ticket
  *   ids sort by arrival; the line is served **round-robin by user**, by round and then arrival
  *   (serveOrder()). A ticket's round is given when it is written (Rounds): right after the
