@@ -49,6 +49,8 @@ import type { Lease, Ledger } from "../admission.ts";
 import { heldSum } from "../lease_record.ts";
 import { type HoldRecord, SlotHold, sweepHolds } from "./slot_hold.ts";
 import { addWaits, type WaitPercentiles, waitPercentiles } from "./waits.ts";
+import { type Place, readLine, Rounds, serveOrder, sweepDeadTickets, type Ticket } from "./line.ts";
+export { Rounds, serveOrder };
 import { KeyPool, type PoolKey, type PoolKeyStatus } from "./pool.ts";
 
 export { SlotHold };
@@ -59,8 +61,6 @@ const POLL_MS = 250;
 const TAKE_PER_COMMIT = 100;
 /** Users given slots in one commit: the model count and the heartbeat take 2 of the 10 checks. */
 const USERS_PER_COMMIT = KV_MAX_CHECKS - 2;
-/** A ticket this long past its deadline belongs to an owner that died (its own timer is due). */
-const STALE_AFTER_MS = 5_000;
 /** How often a process sweeps dead owners' tickets while requests wait (and holds, when full). */
 const SWEEP_TICKETS_MS = 60_000;
 const SWEEP_HOLDS_MS = 2_000;
@@ -111,69 +111,12 @@ interface ModelQueue {
   watching: ReadableStreamDefaultReader<unknown> | null;
 }
 
-/** A waiting request as every process sees it. */
-interface Ticket {
-  deadline: number;
-  user: string;
-  round: number;
-  /** Counted in `upstreamQueueCount("in")`: its removal counts "out". */
-  counted?: true;
-}
-
-/** A live ticket as read. */
-interface InLine {
-  ticket: string;
-  user: string;
-  round: number;
-}
-
-/** One place in line: a ticket in KV, or (first try, no ticket yet) a waiter of this process. */
-interface Place {
-  user: string;
-  round: number;
-  own?: Waiter;
-}
-
 export interface UpstreamHealth {
   models: Array<{ model: string; cap: number; inFlight: number; waiting: number }>;
   /** Each pool key (its last 4 characters only): in service or cooling down, in flight per model. */
   keys: Array<PoolKeyStatus & { inFlight: Array<{ model: string; n: number }> }>;
   /** Waits for a slot over the last hour, all processes (bucket upper bounds, ms). */
   waits: WaitPercentiles;
-}
-
-/**
- * The rounds of a line (its places in arrival order), and the round each user's next place
- * takes: one after the user's own last waiting place, never below the lowest round waiting (the
- * round being served); a user with none waiting joins that round.
- */
-export class Rounds {
-  private readonly floor: number;
-  private readonly last = new Map<string, number>();
-
-  constructor(line: ReadonlyArray<{ user: string; round: number }>) {
-    let floor = Infinity;
-    for (const { user, round } of line) {
-      floor = Math.min(floor, round);
-      this.last.set(user, Math.max(this.last.get(user) ?? -Infinity, round));
-    }
-    this.floor = floor === Infinity ? 0 : floor;
-  }
-
-  /** The round of the user's next place (counted: the one after is one more). */
-  next(user: string): number {
-    const last = this.last.get(user);
-    const round = last === undefined ? this.floor : Math.max(this.floor, last + 1);
-    this.last.set(user, round);
-    return round;
-  }
-}
-
-/** The order a line (in arrival order) is served in: by round, arrival order within one. */
-export function serveOrder<T extends { round: number }>(line: readonly T[]): T[] {
-  return line.map((place, i) => ({ place, i }))
-    .sort((a, b) => a.place.round - b.place.round || a.i - b.i)
-    .map((x) => x.place);
 }
 
 /** The most slots of a model one user may hold: ceil(share × cap), at least 1. */
@@ -411,7 +354,9 @@ export class UpstreamSlots {
       const part = fresh.filter((w) => !w.done).slice(0, Math.min(room, TAKE_PER_COMMIT));
       if (!part.length) continue;
       // Read after the count: a ticket written since then fails this commit's check.
-      const rounds = new Rounds(await this.line(model, this.clock()));
+      const rounds = new Rounds(
+        await readLine(this.kv, model, this.clock(), this.config.glm.queueMs),
+      );
       const op = this.kv.atomic().check(counted).sum(inKey, BigInt(part.length));
       for (const w of part) {
         const ticket: Ticket = {
@@ -442,52 +387,15 @@ export class UpstreamSlots {
   }
 
   /**
-   * Deletes tickets of owners that died (past their deadline by STALE_AFTER_MS), counting out the
-   * ones that were counted in, each in a commit that checks it. At most once per `everyMs` per
-   * process; resolves to whether any was deleted.
+   * Deletes tickets of owners that died (line.ts), at most once per `everyMs` per process;
+   * resolves to whether any was deleted.
    */
   private async sweepTickets(now: number, everyMs: number): Promise<boolean> {
     if (now - this.lastTicketSweep < everyMs) return false;
     this.lastTicketSweep = now;
-    const stale: Deno.KvEntry<Partial<Ticket>>[] = [];
-    for await (const e of this.kv.list<Partial<Ticket>>({ prefix: keys.upstreamQueue() })) {
-      if (!((e.value?.deadline ?? 0) + STALE_AFTER_MS > now)) stale.push(e);
-    }
-    let deleted = 0;
-    for (let i = 0; i < stale.length; i += KV_MAX_CHECKS) {
-      const part = stale.slice(i, i + KV_MAX_CHECKS);
-      const op = this.kv.atomic();
-      let counted = 0;
-      for (const e of part) {
-        op.check(e).delete(e.key);
-        if (e.value?.counted) counted++;
-      }
-      if (counted) op.sum(keys.upstreamQueueCount("out"), BigInt(counted));
-      const res = await commitOrConflict(op).catch(() => ({ ok: false }));
-      if (res.ok) deleted += part.length;
-    }
+    const deleted = await sweepDeadTickets(this.kv, now);
     if (deleted) this.log?.info("upstream queue: tickets of dead processes removed", { deleted });
     return deleted > 0;
-  }
-
-  /** The live tickets of a model's line, in arrival order. */
-  private async line(model: string, now: number): Promise<InLine[]> {
-    // Tickets of requests that arrived more than UPSTREAM_QUEUE_MS ago are past their deadline
-    // (their owner gave up or died): the line starts after them.
-    const oldest = String(Math.max(0, now - this.config.glm.queueMs + 1)).padStart(15, "0");
-    const line: InLine[] = [];
-    for await (
-      const e of this.kv.list<Partial<Ticket>>({
-        prefix: keys.upstreamTickets(model),
-        start: keys.upstreamTicket(model, oldest),
-      })
-    ) {
-      const t = e.value;
-      if (t && typeof t.user === "string" && (t.deadline ?? 0) > now) {
-        line.push({ ticket: String(e.key[2]), user: t.user, round: t.round ?? 0 });
-      }
-    }
-    return line;
   }
 
   /**
@@ -513,7 +421,7 @@ export class UpstreamSlots {
         ...pool.map((k) => keys.upstreamKeyHeld(model, k.id)),
         ...ahead.map((u) => keys.upstreamUserHeld(model, u)),
       ]),
-      ticketed ? null : this.line(model, now),
+      ticketed ? null : readLine(this.kv, model, now, this.config.glm.queueMs),
     ]);
     const userHeld = new Map<string, Deno.KvEntryMaybe<unknown>>();
     ahead.forEach((u, i) => userHeld.set(u, read[pool.length + i]));
@@ -531,8 +439,8 @@ export class UpstreamSlots {
       return false;
     }
     const mine = new Map(q.waiters.map((w) => [w.ticket, w]));
-    const line = listed ?? await this.line(model, now);
-    const places: Place[] = [];
+    const line = listed ?? await readLine(this.kv, model, now, this.config.glm.queueMs);
+    const places: Place<Waiter>[] = [];
     for (const t of line) {
       const own = mine.get(t.ticket);
       if (own?.done) continue; // gave up: its ticket is on its way out
@@ -626,7 +534,7 @@ export class UpstreamSlots {
    */
   private async pick(
     model: string,
-    order: Place[],
+    order: Place<Waiter>[],
     free: number,
     cap: number,
     userHeld: Map<string, Deno.KvEntryMaybe<unknown>>,
