@@ -46,7 +46,7 @@ interface ExitRule {
 
 const NOT_REACHED = "The upstream could not be reached. Nothing was counted against your limits.";
 
-export const EXITS: Record<Exit, ExitRule> = {
+const EXITS: Record<Exit, ExitRule> = {
   client_left: {
     status: 499,
     outcome: "cancelled",

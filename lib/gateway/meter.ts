@@ -20,7 +20,7 @@ const decoder = new TextDecoder();
 const USAGE_OBJECT = /"usage"\s*:\s*\{/g;
 
 /** Whether an SSE `data:` line holds a usage object. */
-export function hasUsageObject(line: string): boolean {
+function hasUsageObject(line: string): boolean {
   USAGE_OBJECT.lastIndex = 0;
   return USAGE_OBJECT.test(line);
 }

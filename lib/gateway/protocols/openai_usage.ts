@@ -8,7 +8,7 @@ import { badCount, count, UsageMeter } from "../meter.ts";
  * hand — it runs once per answer on the hot path). Cached prompt tokens come from
  * `prompt_tokens_details.cached_tokens`.
  */
-export function usageFrom(value: unknown): TokenUsage | null {
+function usageFrom(value: unknown): TokenUsage | null {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return null;
   const { prompt_tokens, completion_tokens, total_tokens, prompt_tokens_details } = value as Record<
     string,
