@@ -332,6 +332,38 @@ function StateBanner(
   );
 }
 
+type Day = UsageBody["days"][number];
+type Measure = "requests" | "tokens" | "cost";
+/** What the 30-day chart can show; each bar's readout gives the other two. */
+const MEASURES: Record<
+  Measure,
+  {
+    label: string;
+    unit: "requests" | "tokens" | "usd";
+    pick(d: Day): number;
+    others(d: Day): string;
+  }
+> = {
+  requests: {
+    label: "Requests",
+    unit: "requests",
+    pick: (d) => d.requests,
+    others: (d) => `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
+  },
+  tokens: {
+    label: "Tokens",
+    unit: "tokens",
+    pick: (d) => d.totalTokens,
+    others: (d) => `${formatInt(d.requests)} requests · ${formatUsd(d.costUsd)}`,
+  },
+  cost: {
+    label: "Cost",
+    unit: "usd",
+    pick: (d) => d.costUsd,
+    others: (d) => `${formatInt(d.requests)} requests · ${formatTokens(d.totalTokens)} tokens`,
+  },
+};
+
 function UsagePanel(
   { state, limits, returning }: {
     state: UsageState;
@@ -339,6 +371,7 @@ function UsagePanel(
     returning: boolean;
   },
 ) {
+  const [measure, setMeasure] = useState<Measure>("requests");
   const usage = state.status === "ready" ? state.usage : null;
   if (!usage || !limits) {
     return (
@@ -350,12 +383,10 @@ function UsagePanel(
       </section>
     );
   }
+  const { pick, unit, others } = MEASURES[measure];
   const points = lastDays(
     30,
-    new Map(usage.days.map((d) => [d.date, {
-      value: d.requests,
-      detail: `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
-    }])),
+    new Map(usage.days.map((d) => [d.date, { value: pick(d), detail: others(d) }])),
     Date.parse(`${usage.days[usage.days.length - 1]?.date ?? ""}T12:00:00Z`) || Date.now(),
   );
   const total = sumUsage(usage.days);
@@ -398,7 +429,18 @@ function UsagePanel(
       <section class="card" aria-labelledby="usage-title">
         <div class="card-head">
           <h2 id="usage-title">Last 30 days</h2>
-          <p class="muted small">Requests per UTC day</p>
+          <div class="segmented" role="group" aria-label="Chart per UTC day">
+            {(Object.keys(MEASURES) as Measure[]).map((m) => (
+              <button
+                key={m}
+                type="button"
+                aria-pressed={m === measure}
+                onClick={() => setMeasure(m)}
+              >
+                {MEASURES[m].label}
+              </button>
+            ))}
+          </div>
         </div>
         <div class="stats">
           <div class="stat">
@@ -416,8 +458,8 @@ function UsagePanel(
         </div>
         <DailyChart
           points={points}
-          kind="requests"
-          title="Requests per day, last 30 days"
+          kind={unit}
+          title={`${MEASURES[measure].label} per day, last 30 days`}
           testId="usage-chart"
         />
         <h3 style={{ marginTop: "1rem" }}>By model</h3>

@@ -5,7 +5,13 @@
  * island of its own, on the server-rendered operator pages.
  */
 import { useState } from "preact/hooks";
-import { formatCompact, formatDay, formatInt, formatUsd } from "../lib/core/format.ts";
+import {
+  formatCompact,
+  formatDay,
+  formatInt,
+  formatUsd,
+  formatUsdFixed,
+} from "../lib/core/format.ts";
 
 export interface DailyPoint {
   /** YYYY-MM-DD (UTC) */
@@ -30,19 +36,38 @@ const FORMAT = {
   tokens: (n: number) => formatInt(n),
   usd: (n: number) => formatUsd(n),
 };
-const AXIS = {
-  requests: formatCompact,
-  tokens: formatCompact,
-  usd: (n: number) => (n >= 1000 ? `$${formatCompact(n)}` : formatUsd(n)),
-};
 const UNIT = { requests: "requests", tokens: "tokens", usd: "" };
 
-/** A "nice" axis maximum ≥ max: 1, 2 or 5 times a power of ten. */
-export function niceMax(max: number): number {
-  if (!(max > 0)) return 1;
-  const pow = 10 ** Math.floor(Math.log10(max));
-  for (const m of [1, 2, 5, 10]) if (m * pow >= max) return m * pow;
-  return 10 * pow;
+/**
+ * The axis: 0, a middle gridline and a top, where the middle step is 1, 2, 2.5 or 5 times a power
+ * of ten (the top twice that), so every label is exactly the value its gridline stands at. Counts
+ * get whole-number steps only (a 0–5 axis would put "2.5" in the middle): 0/1/2, 0/3/6, 0/25/50 …
+ */
+export function axisTicks(max: number, whole: boolean): { step: number; top: number } {
+  const half = max > 0 ? max / 2 : 0.5;
+  // Small counts: any whole step reads well (0/3/6), and 5 requests fill the plot rather than half.
+  if (whole && half <= 10) {
+    const step = Math.max(1, Math.ceil(half));
+    return { step, top: 2 * step };
+  }
+  const pow = 10 ** Math.floor(Math.log10(half));
+  for (const m of [1, 2, 2.5, 5, 10]) {
+    const step = m * pow;
+    if (whole && (step < 1 || !Number.isInteger(step))) continue;
+    if (step >= half * (1 - 1e-9)) return { step, top: 2 * step };
+  }
+  return { step: 10 * pow, top: 20 * pow };
+}
+
+/** An axis label that never rounds its value: "$0.025", "$2.50", "$1.5K", "7,500", "25K". */
+function axisLabel(kind: DailyChartProps["kind"], n: number): string {
+  if (kind !== "usd") return formatCompact(n);
+  if (n >= 1000) return `$${formatCompact(n)}`;
+  let decimals = 2;
+  while (decimals < 6 && Math.abs(n * 10 ** decimals - Math.round(n * 10 ** decimals)) > 1e-6) {
+    decimals++;
+  }
+  return n === 0 ? formatUsd(0) : formatUsdFixed(n, decimals);
 }
 
 /** The last `n` UTC days (oldest first) with values from `byDate` (missing = 0). */
@@ -67,8 +92,7 @@ export default function DailyChart({ points, kind, title, testId }: DailyChartPr
     `${formatDay(p.date)}: ${format(p.value)}${unit ? ` ${unit}` : ""}${
       p.detail ? ` · ${p.detail}` : ""
     }`;
-  // Whole-number kinds get an axis of at least 2, so its middle label is a whole number too.
-  const max = niceMax(Math.max(kind === "usd" ? 0 : 2, ...points.map((p) => p.value)));
+  const { step, top: max } = axisTicks(Math.max(0, ...points.map((p) => p.value)), kind !== "usd");
   const total = points.reduce((n, p) => n + p.value, 0);
   const current = points[selected];
   const move = (to: number, e: KeyboardEvent) => {
@@ -88,9 +112,9 @@ export default function DailyChart({ points, kind, title, testId }: DailyChartPr
       </figcaption>
       <div class="dc-plot">
         <div class="dc-axis" aria-hidden="true">
-          <span>{AXIS[kind](max)}</span>
-          <span>{AXIS[kind](max / 2)}</span>
-          <span>{AXIS[kind](0)}</span>
+          <span>{axisLabel(kind, max)}</span>
+          <span>{axisLabel(kind, step)}</span>
+          <span>{axisLabel(kind, 0)}</span>
         </div>
         <div class="dc-bars" role="group" aria-label={`${title}: choose a day to hear its values`}>
           {points.map((p, i) => (

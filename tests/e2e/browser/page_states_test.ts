@@ -87,6 +87,14 @@ async function openDashboard(w: Watched, server: TestServer) {
   return page;
 }
 
+/** The chart's y-axis labels, top to bottom, as numbers; checks that the middle is exact. */
+async function axisOf(page: Page, testId: string): Promise<string[]> {
+  const labels = await page.getByTestId(testId).locator(".dc-axis span").allInnerTexts();
+  assert.equal(labels.length, 3);
+  return labels;
+}
+const count = (s: string) => Number(s.replace(/[,$]/g, ""));
+
 const stateOf = async (page: Page) => {
   const box = page.getByTestId("account-state");
   return { status: await box.getAttribute("data-status"), text: await box.innerText() };
@@ -331,6 +339,41 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
           /requests · [\d,]+ tokens · \$/,
         );
         await page.setViewportSize(DESKTOP);
+        // Counts get whole-number ticks, and the middle gridline (at 50%) reads exactly half.
+        const ticks = await axisOf(page, "usage-chart");
+        assert.ok(ticks.every((t) => /^\d[\d,]*$/.test(t)), `integer ticks ${ticks}`);
+        assert.equal(count(ticks[1]) * 2, count(ticks[0]), `${ticks}`);
+        assert.equal(ticks[2], "0");
+        const tallest = Math.max(
+          ...(await page.getByTestId("usage-chart").locator(".dc-bar").evaluateAll((els) =>
+            els.map((e) =>
+              Number(/: ([\d,]+) requests/.exec(e.ariaLabel ?? "")?.[1]?.replace(/,/g, ""))
+            )
+          )),
+        );
+        assert.ok(count(ticks[0]) >= tallest, `${ticks} vs ${tallest}`);
+        // The chart switches between requests, tokens and cost.
+        const readout = page.locator(".dc-readout");
+        await page.getByRole("button", { name: "Tokens", exact: true }).click();
+        await readout.filter({
+          hasText: /^[A-Z][a-z]{2} \d+: [\d,]+ tokens · [\d,]+ requests · \$/,
+        })
+          .waitFor();
+        const tokenTicks = await axisOf(page, "usage-chart");
+        assert.ok(tokenTicks.every((t) => /^\d[\d,.]*K?$/.test(t)), `${tokenTicks}`);
+        await page.getByRole("button", { name: "Cost", exact: true }).click();
+        await readout.filter({ hasText: /: \$[\d.]+ · [\d,]+ requests · [\d,]+ tokens/ }).waitFor();
+        const costTicks = await axisOf(page, "usage-chart");
+        assert.ok(costTicks.every((t) => /^\$\d/.test(t)), `${costTicks}`);
+        assert.ok(Math.abs(count(costTicks[1]) * 2 - count(costTicks[0])) < 1e-9, `${costTicks}`);
+        assert.equal(
+          await page.getByRole("button", { name: "Cost", exact: true }).getAttribute(
+            "aria-pressed",
+          ),
+          "true",
+        );
+        await inspect(page, dir, "dashboard-returning-cost", shots);
+        await page.getByRole("button", { name: "Requests", exact: true }).click();
         await inspect(page, dir, "dashboard-returning", shots);
         await page.getByText("Your API key and set-up").click();
         await page.getByRole("button", { name: "Reveal" }).waitFor();
@@ -363,6 +406,10 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
           ? /00:00 UTC.*1st of the month/s
           : /00:00 UTC.*Daily limits reset at 00:00 UTC/s;
         assert.match(state.text, until);
+        // A handful of requests: 0/1/2, never a "3" gridline standing at 2.5.
+        const small = await axisOf(page, "usage-chart");
+        assert.ok(small.every((t) => /^\d+$/.test(t)), `integer ticks ${small}`);
+        assert.equal(count(small[1]) * 2, count(small[0]), `${small}`);
         // It is the first thing on a phone, not three screens down.
         await page.setViewportSize(PHONE);
         const box = await page.getByTestId("account-state").boundingBox();
