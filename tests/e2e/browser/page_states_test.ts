@@ -575,6 +575,78 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
       assert.deepEqual(w.errors.filter((e) => !e.includes("404")), []);
       await w.context.close();
     });
+
+    await t.step("phone: big figures are never cut, ids never broken", async () => {
+      const { w, userId, token } = await signedIn(browser, server, "big@example.com");
+      await keyOf(server, token);
+      const { kv, config } = server.services;
+      for (
+        const [model, requests] of [["glm-4.6", 5_817_924], ["glm-4.5-air", 1_204_311]] as const
+      ) {
+        await recordUsage(kv, config.pricing, {
+          userId,
+          model,
+          promptTokens: 900 * requests,
+          completionTokens: 400 * requests,
+          at: Date.now() - DAY,
+          requests,
+        });
+      }
+      /** Fails when a figure in `selector` is wider than its box, or sticks out of `within`. */
+      const assertUncut = async (page: Page, selector: string, within: string) => {
+        const cut = await page.evaluate(([selector, within]) => {
+          const box = document.querySelector(within)!.getBoundingClientRect();
+          return [...document.querySelectorAll(selector)].flatMap((e) => {
+            const r = e.getBoundingClientRect();
+            const out = e.scrollWidth > e.clientWidth || r.left < box.left - 0.5 ||
+              r.right > box.right + 0.5;
+            return out ? [`${e.textContent} (${e.scrollWidth} > ${e.clientWidth})`] : [];
+          });
+        }, [selector, within]);
+        assert.deepEqual(cut, [], `${selector} cut at 390 px`);
+      };
+      const page = await openDashboard(w, server);
+      await page.setViewportSize(PHONE);
+      const table = page.getByTestId("by-model");
+      await assertUncut(
+        page,
+        "[data-testid=by-model] td, [data-testid=by-model] td *",
+        ".model-wrap",
+      );
+      await assertUncut(page, ".stats .stat, .stats .value", "[aria-labelledby=usage-title]");
+      // The model id sits on one line, the money in full.
+      for (const code of await table.locator("code").all()) {
+        const box = await code.boundingBox();
+        assert.ok(box && box.height < 30, `${await code.innerText()} on one line`);
+      }
+      for (const cost of await table.getByTestId("model-cost").allInnerTexts()) {
+        assert.match(cost, /^\$\d{1,3}(,\d{3})*\.\d{2}$/);
+      }
+      assert.match(await table.innerText(), /5,817,924/);
+      await page.setViewportSize(DESKTOP);
+      await inspect(page, dir, "dashboard-big", shots);
+      await w.context.close();
+
+      const op = await signedIn(browser, server, OPERATOR);
+      const admin = await op.w.newPage();
+      await admin.goto(`${server.url}/admin`);
+      await admin.setViewportSize(PHONE);
+      await assertUncut(admin, ".stat-cards .stat, .stat-cards .value", ".stat-cards");
+      assert.match(await admin.locator(".stat-cards").innerText(), /7,0\d\d,\d{3}/);
+      await admin.setViewportSize(DESKTOP);
+      await inspect(admin, dir, "admin-big", shots);
+      await admin.goto(`${server.url}/admin/users/${userId}`);
+      await admin.setViewportSize(PHONE);
+      await assertUncut(
+        admin,
+        "[data-testid=user-models] td, [data-testid=user-models] td *",
+        ".model-wrap",
+      );
+      await admin.setViewportSize(DESKTOP);
+      await inspect(admin, dir, "admin-user-big", shots);
+      assert.deepEqual([...w.errors, ...op.w.errors], []);
+      await op.w.context.close();
+    });
   } finally {
     await browser.close();
     await server.close();
