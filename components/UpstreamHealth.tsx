@@ -5,7 +5,7 @@
  * hour, and the alerts sent lately. GLM has no balance API and bills a day late, so this is the
  * operator's real-time view.
  */
-import { formatDateTime, formatInt } from "../lib/core/format.ts";
+import { formatCount, formatDateTime, formatInt } from "../lib/core/format.ts";
 import type { UpstreamHealth as Health } from "../lib/limits/upstream/slots.ts";
 
 export interface AlertLine {
@@ -125,7 +125,7 @@ export function UpstreamHealth({ health, capped, alerts, eventsOn }: UpstreamHea
         <p class="small" data-testid="queue-wait">
           Wait for a slot, last hour: p50 {waitText(health.waits.p50Ms)}, p99{" "}
           {waitText(health.waits.p99Ms)}{" "}
-          <span class="muted">({formatInt(health.waits.count)} requests)</span>
+          <span class="muted">({formatCount(health.waits.count, "request")})</span>
         </p>
       )}
       <h3 class="small" style={{ marginTop: "0.75rem" }}>Recent alerts</h3>

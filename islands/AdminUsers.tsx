@@ -5,7 +5,14 @@
  */
 import { Fragment } from "preact";
 import { useEffect, useState } from "preact/hooks";
-import { formatDate, formatDay, formatInt, formatTokens, formatUsd } from "../lib/core/format.ts";
+import {
+  formatCount,
+  formatDate,
+  formatDay,
+  formatInt,
+  formatTokens,
+  formatUsd,
+} from "../lib/core/format.ts";
 import { api, ApiError, type AuthMode } from "./client.ts";
 import {
   type AdminUser,
@@ -124,9 +131,7 @@ export default function AdminUsers(props: AdminUsersProps) {
       <div class="card-head">
         <h2 id="users-title">Users</h2>
         <p class="muted small">
-          {users
-            ? `${formatInt(users.length)} ${users.length === 1 ? "user" : "users"}`
-            : "Loading…"}
+          {users ? formatCount(users.length, "user") : "Loading…"}
           {" · "}usage over the last 30 days
         </p>
       </div>

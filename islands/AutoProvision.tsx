@@ -9,6 +9,7 @@ import { ModelTable } from "../components/ModelTable.tsx";
 import { useEffect, useState } from "preact/hooks";
 import { Meter } from "../components/Meter.tsx";
 import {
+  formatCount,
   formatDateTime,
   formatInt,
   formatLimit,
@@ -305,10 +306,10 @@ function StateBanner(
   }
   const left = usage
     ? [
-      `${formatInt(usage.remaining.day)} requests`,
+      formatCount(usage.remaining.day, "request"),
       usage.remaining.tokensToday === null
         ? null
-        : `${formatTokens(usage.remaining.tokensToday)} tokens`,
+        : formatCount(usage.remaining.tokensToday, "token"),
     ].filter(Boolean).join(" and ")
     : null;
   return (
@@ -348,19 +349,19 @@ const MEASURES: Record<
     label: "Requests",
     unit: "requests",
     pick: (d) => d.requests,
-    others: (d) => `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
+    others: (d) => `${formatCount(d.totalTokens, "token")} · ${formatUsd(d.costUsd)}`,
   },
   tokens: {
     label: "Tokens",
     unit: "tokens",
     pick: (d) => d.totalTokens,
-    others: (d) => `${formatInt(d.requests)} requests · ${formatUsd(d.costUsd)}`,
+    others: (d) => `${formatCount(d.requests, "request")} · ${formatUsd(d.costUsd)}`,
   },
   cost: {
     label: "Cost",
     unit: "usd",
     pick: (d) => d.costUsd,
-    others: (d) => `${formatInt(d.requests)} requests · ${formatTokens(d.totalTokens)} tokens`,
+    others: (d) => `${formatCount(d.requests, "request")} · ${formatCount(d.totalTokens, "token")}`,
   },
 };
 

@@ -7,8 +7,8 @@
 import { useState } from "preact/hooks";
 import {
   formatCompact,
+  formatCount,
   formatDay,
-  formatInt,
   formatUsd,
   formatUsdFixed,
 } from "../lib/core/format.ts";
@@ -31,12 +31,12 @@ export interface DailyChartProps {
   testId?: string;
 }
 
+/** A value as the readout says it: "1 request", "13,200 tokens", "$0.02". */
 const FORMAT = {
-  requests: (n: number) => formatInt(n),
-  tokens: (n: number) => formatInt(n),
+  requests: (n: number) => formatCount(n, "request"),
+  tokens: (n: number) => formatCount(n, "token"),
   usd: (n: number) => formatUsd(n),
 };
-const UNIT = { requests: "requests", tokens: "tokens", usd: "" };
 
 /**
  * The axis: 0, a middle gridline and a top, where the middle step is 1, 2, 2.5 or 5 times a power
@@ -87,11 +87,8 @@ export function lastDays(
 export default function DailyChart({ points, kind, title, testId }: DailyChartProps) {
   const [selected, setSelected] = useState(points.length - 1);
   const format = FORMAT[kind];
-  const unit = UNIT[kind];
   const say = (p: DailyPoint) =>
-    `${formatDay(p.date)}: ${format(p.value)}${unit ? ` ${unit}` : ""}${
-      p.detail ? ` · ${p.detail}` : ""
-    }`;
+    `${formatDay(p.date)}: ${format(p.value)}${p.detail ? ` · ${p.detail}` : ""}`;
   const { step, top: max } = axisTicks(Math.max(0, ...points.map((p) => p.value)), kind !== "usd");
   const total = points.reduce((n, p) => n + p.value, 0);
   const current = points[selected];
@@ -107,7 +104,7 @@ export default function DailyChart({ points, kind, title, testId }: DailyChartPr
       <figcaption class="dc-readout" aria-live="polite">
         {current ? say(current) : "No data"}
         <span class="muted">
-          {` · ${format(total)}${unit ? ` ${unit}` : ""} in ${points.length} days`}
+          {` · ${format(total)} in ${formatCount(points.length, "day")}`}
         </span>
       </figcaption>
       <div class="dc-plot">

@@ -1,5 +1,7 @@
 /** Typed errors with the contract's codes (CONTRACT §4), mapped to JSON in one place. */
 
+import { formatCount } from "./format.ts";
+
 export type ErrorCode =
   | "invalid_request"
   | "invalid_signature"
@@ -152,9 +154,9 @@ export function sayIssue(issue: SchemaIssue): string {
     const bound = code === "too_small" ? issue.minimum : issue.maximum;
     const side = code === "too_small" ? "at least" : "at most";
     if (origin === "string") {
-      return `must be ${side} ${bound} character${bound === 1 ? "" : "s"} long`;
+      return `must be ${side} ${formatCount(Number(bound), "character")} long`;
     }
-    if (origin === "array") return `must have ${side} ${bound} item${bound === 1 ? "" : "s"}`;
+    if (origin === "array") return `must have ${side} ${formatCount(Number(bound), "item")}`;
     if (origin === "number" || origin === "int") return `must be ${side} ${bound}`;
   }
   if (code === "invalid_value" && issue.values?.length) {

@@ -5,7 +5,8 @@
  *
  * Rules:
  * - counts and tokens: whole numbers with separators ("16,300"); the compact form ("16.3K") only
- *   on chart axes, where space demands it;
+ *   on chart axes, where space demands it; a count with its noun agrees with it ("1 request",
+ *   "2 requests"): `formatCount`;
  * - money: dollars and cents ("$1,234.56"); a non-zero amount below a cent is "<$0.01" (never
  *   "$0.00", which would say it was free); aligned report columns use `formatUsdFixed`;
  * - a limit of null is "Unlimited", in words;
@@ -30,6 +31,11 @@ export function formatInt(n: number): string {
   return INT.format(n);
 }
 
+/** A count and its noun, singular for exactly one: "1 request", "16,300 tokens", "2 people". */
+export function formatCount(n: number, singular: string, plural = `${singular}s`): string {
+  return `${INT.format(n)} ${n === 1 ? singular : plural}`;
+}
+
 /** Tokens: the same as counts, so neighbouring figures always agree. */
 export const formatTokens = formatInt;
 
@@ -42,6 +48,21 @@ export function formatCompact(n: number): string {
 export function formatUsd(n: number): string {
   if (n > 0 && n < 0.005) return "<$0.01";
   return USD.format(n);
+}
+
+const USD_EXACT = new Intl.NumberFormat("en-US", {
+  style: "currency",
+  currency: "USD",
+  minimumFractionDigits: 2,
+  maximumFractionDigits: 6,
+});
+
+/**
+ * Money to the millionth of a dollar, for messages about limits where "<$0.01" would hide the
+ * figure: "$0.000044", "$1,250.00".
+ */
+export function formatUsdExact(n: number): string {
+  return USD_EXACT.format(n);
 }
 
 /** Money with a fixed number of decimals, for columns that must line up (report table). */

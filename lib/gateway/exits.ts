@@ -7,6 +7,7 @@
  */
 import type { Config } from "../core/config.ts";
 import { AppError, type ErrorCode } from "../core/errors.ts";
+import { formatInt } from "../core/format.ts";
 import type { Logger } from "../core/log.ts";
 import type { Charge, Lease, Outcome } from "../limits/admission.ts";
 import type { TokenUsage } from "../usage/record.ts";
@@ -79,7 +80,8 @@ const EXITS: Record<Exit, ExitRule> = {
     status: 504,
     outcome: "timeout",
     code: "upstream_timeout",
-    message: (c) => `The upstream did not answer within STREAM_MAX_MS (${c.glm.streamMaxMs} ms).`,
+    message: (c) =>
+      `The upstream did not answer within STREAM_MAX_MS (${formatInt(c.glm.streamMaxMs)} ms).`,
   },
   unreachable: {
     status: 502,

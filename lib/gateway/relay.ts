@@ -4,6 +4,7 @@
  * meter (meter.ts, one per protocol) finds `usage`, the end of an SSE answer and what was generated.
  */
 import { concatBytes } from "../core/encoding.ts";
+import { formatInt } from "../core/format.ts";
 import type { Outcome } from "../limits/admission.ts";
 import type { Exchange, IdleTimer, StopReason } from "./exchange.ts";
 import type { RequestEnd, Settlement } from "./exits.ts";
@@ -128,7 +129,7 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
     stop === "client"
       ? `the client read nothing for ${ctx.timeoutMs} ms`
       : stop === "deadline"
-      ? `the answer took longer than STREAM_MAX_MS (${ctx.streamMaxMs} ms)`
+      ? `the answer took longer than STREAM_MAX_MS (${formatInt(ctx.streamMaxMs)} ms)`
       : stop === "shutdown"
       ? "the server is restarting"
       : `upstream sent nothing for ${ctx.timeoutMs} ms`;

@@ -1,6 +1,7 @@
 /** Users and their keys in KV: provisioning, rotation, revocation, status and limit overrides. */
 import { CacheEpoch } from "./cache_epoch.ts";
 import { AppError } from "../core/errors.ts";
+import { formatCount } from "../core/format.ts";
 import { type Clock, systemClock } from "../core/clock.ts";
 import {
   generateApiKey,
@@ -152,7 +153,9 @@ export class Users {
         const wait = Math.ceil(((hour + 1) * HOUR_MS - this.clock()) / 1000);
         throw new AppError(
           "rate_limit_exceeded",
-          `A key can be rotated ${ROTATIONS_PER_HOUR} times an hour; retry in ${wait}s.`,
+          `A key can be rotated ${
+            formatCount(ROTATIONS_PER_HOUR, "time")
+          } an hour; retry in ${wait}s.`,
           { "retry-after": String(Math.max(1, wait)) },
         );
       }

@@ -12,6 +12,7 @@
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
+import { formatCount } from "../core/format.ts";
 import { commitOrConflict, keys } from "../core/kv.ts";
 import { backoffMs } from "../core/kv_ops.ts";
 import { type Clock, systemClock } from "../core/clock.ts";
@@ -62,7 +63,7 @@ export class CountTokensLimiter {
           const s = Math.max(1, Math.ceil((base + interval - MINUTE_MS - now) / 1000));
           throw new AppError(
             "rate_limit_exceeded",
-            `count_tokens is limited to ${rpm} calls per minute; retry in ${s}s. ` +
+            `count_tokens is limited to ${formatCount(rpm, "call")} per minute; retry in ${s}s. ` +
               "(It counts against no other limit.)",
             { ...headers, "retry-after": String(s) },
           );
@@ -70,7 +71,9 @@ export class CountTokensLimiter {
         if (state.flights.length >= COUNT_TOKENS_IN_FLIGHT) {
           throw new AppError(
             "concurrency_limit_exceeded",
-            `${COUNT_TOKENS_IN_FLIGHT} count_tokens calls of this account are in flight ` +
+            `${
+              formatCount(COUNT_TOKENS_IN_FLIGHT, "count_tokens call")
+            } of this account are in flight ` +
               "already; retry when one of them has finished.",
             { ...headers, "retry-after": "1" },
           );

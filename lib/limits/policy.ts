@@ -19,6 +19,7 @@ import { AppError } from "../core/errors.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { RateLimits, RateView } from "./gcra.ts";
 import { msUntilNextDay, msUntilNextMonth } from "../core/utc.ts";
+import { formatCount, formatUsdExact } from "../core/format.ts";
 
 export interface EffectiveLimits extends RateLimits {
   /** null = unlimited */
@@ -184,14 +185,18 @@ export function rateRefusal(
 ): AppError {
   if (dayLimit) {
     return spentRefusal(
-      `Daily request limit of ${limits.rpd} requests reached; it resets at 00:00 UTC`,
+      `Daily request limit of ${
+        formatCount(limits.rpd, "request")
+      } reached; it resets at 00:00 UTC`,
       msUntilNextDay(now),
       headers,
     );
   }
   return new AppError(
     "rate_limit_exceeded",
-    `Rate limit of ${limits.rpm} requests per minute reached; retry in ${retryAfter}s.`,
+    `Rate limit of ${
+      formatCount(limits.rpm, "request")
+    } per minute reached; retry in ${retryAfter}s.`,
     { ...headers, "retry-after": String(retryAfter) },
   );
 }
@@ -200,7 +205,9 @@ export function rateRefusal(
 export function concurrencyRefusal(limit: number, headers: Record<string, string>): AppError {
   return new AppError(
     "concurrency_limit_exceeded",
-    `${limit} requests of this account are in flight already; ` +
+    `${formatCount(limit, "request")} of this account ${
+      limit === 1 ? "is" : "are"
+    } in flight already; ` +
       "retry when one of them has finished.",
     { ...headers, "retry-after": "1" },
   );
@@ -243,13 +250,22 @@ export function quotaRefusal(
     used: number,
     held: number,
     reserve: number,
-    words: { whole: string; resets: string; retryAfterMs: number; unit: (n: number) => string },
+    words: {
+      whole: string;
+      resets: string;
+      retryAfterMs: number;
+      unit: (n: number) => string;
+      /** The verb that agrees with `unit(n)`. */
+      are: (n: number) => "is" | "are";
+    },
   ): AppError | null => {
     if (used + reserve <= limit && used < limit) {
       if (used + held + reserve <= limit && used + held < limit) return null;
       return new AppError(
         "quota_exceeded",
-        `${words.unit(held)} of ${words.whole} are reserved by requests in flight; ` +
+        `${words.unit(held)} of ${words.whole} ${
+          words.are(held)
+        } reserved by requests in flight; ` +
           "retry when they have finished.",
         { ...headers, "retry-after": "1" },
       );
@@ -262,8 +278,9 @@ export function quotaRefusal(
       );
     }
     return spentRefusal(
-      `This request reserves ${words.unit(reserve)} (its prompt and up to ${f.reserveOutput} ` +
-        `output tokens) but ${words.unit(limit - used)} of ${words.whole} are left; ` +
+      `This request reserves ${words.unit(reserve)} (its prompt and up to ` +
+        `${formatCount(f.reserveOutput, "output token")}) but ${words.unit(limit - used)} of ` +
+        `${words.whole} ${words.are(limit - used)} left; ` +
         `lower max_tokens, or wait: ${words.resets}`,
       words.retryAfterMs,
       headers,
@@ -272,20 +289,22 @@ export function quotaRefusal(
   if (limits.tokensPerDay !== null) {
     const limit = limits.tokensPerDay;
     const refused = check(limit, f.usedTokens, f.heldTokens, f.reserveTokens, {
-      whole: `the daily token quota of ${limit} tokens`,
+      whole: `the daily token quota of ${formatCount(limit, "token")}`,
       resets: "it resets at 00:00 UTC",
       retryAfterMs: msUntilNextDay(now),
-      unit: (n) => `${n} tokens`,
+      unit: (n) => formatCount(n, "token"),
+      are: (n) => n === 1 ? "is" : "are",
     });
     if (refused) return capitalized(refused);
   }
   if (limits.budgetUsdMonthly !== null) {
     const budget = limits.budgetUsdMonthly;
     const refused = check(Math.round(budget * 1e9), f.usedNano, f.heldNano, f.reserveNano, {
-      whole: `the monthly budget of $${budget}`,
+      whole: `the monthly budget of ${formatUsdExact(budget)}`,
       resets: "it resets on the 1st of next month at 00:00 UTC",
       retryAfterMs: msUntilNextMonth(now),
-      unit: (n) => `$${(n / 1e9).toFixed(6).replace(/\.?0+$/, "")}`,
+      unit: (n) => formatUsdExact(n / 1e9),
+      are: () => "is",
     });
     if (refused) return capitalized(refused);
   }

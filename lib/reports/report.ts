@@ -5,7 +5,7 @@
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
 import { systemClock } from "../core/clock.ts";
-import { formatInt, formatUsdFixed } from "../core/format.ts";
+import { formatCount, formatInt, formatUsdFixed } from "../core/format.ts";
 import { keys, u64 } from "../core/kv.ts";
 import { getManyChunked } from "../core/kv_ops.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
@@ -225,7 +225,7 @@ export function reportTable(report: Report): string {
     (Date.parse(`${report.to}T00:00:00Z`) - Date.parse(`${report.from}T00:00:00Z`)) / DAY_MS,
   ) + 1;
   const out = [
-    `Keyway usage ${report.from} → ${report.to} (${dayCount} UTC day${dayCount === 1 ? "" : "s"})`,
+    `Keyway usage ${report.from} → ${report.to} (${formatCount(dayCount, "UTC day")})`,
     "",
   ];
   const decimals = costDecimals([
@@ -248,7 +248,7 @@ export function reportTable(report: Report): string {
       ) => [printable(u.userId), clip(printable(u.email ?? "—"), 40), ...numbers(u)]),
       [
         "Total",
-        `${int(report.users.length)} user${report.users.length === 1 ? "" : "s"}`,
+        formatCount(report.users.length, "user"),
         ...numbers(report.totals),
       ],
       2,

@@ -13,6 +13,7 @@ import AdminUsersComponent from "../../islands/AdminUsers.tsx";
 import DailyChartComponent, { lastDays } from "../../islands/DailyChart.tsx";
 import UserActionsComponent from "../../islands/UserActions.tsx";
 import {
+  formatCount,
   formatDate,
   formatDateTime,
   formatDay,
@@ -109,7 +110,7 @@ export function adminRoutes(services: Services) {
       30,
       new Map(days.map((d) => [d.day, {
         value: d.costUsd,
-        detail: `${formatInt(d.requests)} requests · ${formatInt(d.users)} users`,
+        detail: `${formatCount(d.requests, "request")} · ${formatCount(d.users, "user")}`,
       }])),
       now,
     );
@@ -168,7 +169,7 @@ export function adminRoutes(services: Services) {
       30,
       new Map(usage.days.map((d) => [d.date, {
         value: d.requests,
-        detail: `${formatTokens(d.totalTokens)} tokens · ${formatUsd(d.costUsd)}`,
+        detail: `${formatCount(d.totalTokens, "token")} · ${formatUsd(d.costUsd)}`,
       }])),
       now,
     );

@@ -18,8 +18,8 @@ export function notFoundPage(services: Services) {
           <h1>{what}</h1>
           <p class="muted">
             Nothing is at{" "}
-            <code>{c.req.path.slice(0, 200)}</code>. Check the address, or go back to where things
-            are.
+            <code>{c.req.path.slice(0, 200)}</code>. Check the address for a typo, or start again
+            from {session ? "your dashboard" : "the home page"}.
           </p>
           <div class="actions">
             <a class="btn btn-primary" href={session ? "/dashboard" : "/"}>

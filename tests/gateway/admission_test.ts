@@ -113,7 +113,7 @@ Deno.test("token quota: a reservation that cannot fit is refused at once, saying
     assert.equal(r.headers.get("x-should-retry"), "false");
     const error = await errorOf(r);
     assert.equal(error.code, "quota_exceeded");
-    assert.match(error.message, /reserves 4102 tokens .*up to 4096 output tokens.*1000 tokens/);
+    assert.match(error.message, /reserves 4,102 tokens .*up to 4,096 output tokens.*1,000 tokens/);
     assert.match(error.message, /lower max_tokens/);
     const ok = await s.chat({ ...CHAT, max_completion_tokens: 100 });
     assert.equal(ok.status, 200);

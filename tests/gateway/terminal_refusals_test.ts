@@ -100,7 +100,8 @@ Deno.test("a reservation larger than what is left of the day's tokens: 403, sayi
     // No max_tokens: OUTPUT_RESERVE_TOKENS (4096) output tokens are reserved.
     await assertTerminal(await s.chat(), {
       code: "quota_exceeded",
-      message: /reserves 4102 tokens .* 1000 tokens of the daily token quota .*lower max_tokens/,
+      message:
+        /reserves 4,102 tokens .* 1,000 tokens of the daily token quota of 1,000 tokens are left; lower max_tokens/,
       resetIn: untilMidnight(),
     });
     assert.equal(s.fake.count, 0);

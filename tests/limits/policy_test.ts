@@ -37,6 +37,9 @@ Deno.test("quotas: a reservation must fit what is left; in-flight reservations o
   const tooBig = at({ usedTokens: 60, reserveTokens: 41, reserveOutput: 30 });
   assert.equal(tooBig?.headers["x-should-retry"], "false");
   assert.match(tooBig!.message, /reserves 41 tokens .*up to 30 output tokens.* 40 tokens of/);
+  // One token left: the noun and the verb agree.
+  const one = at({ usedTokens: 99, reserveTokens: 2, reserveOutput: 1 });
+  assert.match(one!.message, /up to 1 output token\) but 1 token of .* is left;/);
   // Fits alone, not beside requests in flight: they settle soon, so retry in a second.
   const busy = at({ usedTokens: 50, heldTokens: 30, reserveTokens: 30 });
   assert.equal(busy?.code, "quota_exceeded");

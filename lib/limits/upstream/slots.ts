@@ -42,6 +42,7 @@
 import { type Clock, systemClock } from "../../core/clock.ts";
 import type { Config } from "../../core/config.ts";
 import { AppError } from "../../core/errors.ts";
+import { formatCount, formatInt } from "../../core/format.ts";
 import { commitOrConflict, keys, u64 } from "../../core/kv.ts";
 import { backoffMs, getManyChunked, KV_GET_MANY_MAX, KV_MAX_CHECKS } from "../../core/kv_ops.ts";
 import type { Logger } from "../../core/log.ts";
@@ -232,7 +233,9 @@ export class UpstreamSlots {
     const s = this.retryAfterS();
     return new AppError(
       "upstream_busy",
-      `Every upstream slot for this model has been in use for ${this.config.glm.queueMs} ms; ` +
+      `Every upstream slot for this model has been in use for ${
+        formatInt(this.config.glm.queueMs)
+      } ms; ` +
         `retry in ${s}s. Nothing was counted against your limits.`,
       { "retry-after": String(s) },
     );
@@ -243,7 +246,9 @@ export class UpstreamSlots {
     const s = this.retryAfterS();
     return new AppError(
       "upstream_busy",
-      `${this.config.glm.queueMax} requests are waiting for an upstream slot already; ` +
+      `${formatCount(this.config.glm.queueMax, "request")} ${
+        this.config.glm.queueMax === 1 ? "is" : "are"
+      } waiting for an upstream slot already; ` +
         `retry in ${s}s. Nothing was counted against your limits.`,
       { "retry-after": String(s) },
     );

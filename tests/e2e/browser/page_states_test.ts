@@ -167,6 +167,10 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
         assert.match(res?.headers()["content-type"] ?? "", /text\/html/);
         await page.getByRole("heading", { name: "This page does not exist" }).waitFor();
         assert.ok(await page.locator("header.site-header").isVisible(), "in the layout");
+        assert.match(
+          await page.locator(".error-page").innerText(),
+          /Check the address for a typo, or start again from the home page\./,
+        );
         assert.equal(
           await page.getByRole("link", { name: "Go to the home page" }).getAttribute("href"),
           "/",
