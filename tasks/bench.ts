@@ -309,7 +309,10 @@ async function startPeer(dir: string): Promise<{ proc: Proc } | { missing: strin
 /** The app runs exactly as `deno task start` runs it (same flags), from deno.json. */
 async function startTaskArgs(root: string): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(`${root}deno.json`));
-  const words = String(config.tasks?.start ?? "").split(/\s+/).filter(Boolean);
+  // A task is a command string or (with a description) an object holding one.
+  const start = config.tasks?.start;
+  const command = typeof start === "object" && start !== null ? start.command : start;
+  const words = String(command ?? "").split(/\s+/).filter(Boolean);
   if (words[0] !== "deno" || words.at(-1) !== "main.ts") {
     throw new Error(`deno.json's start task is not "deno … main.ts": ${words.join(" ")}`);
   }

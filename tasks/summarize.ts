@@ -1,15 +1,66 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
 import { parseFlags, UsageError } from "../lib/core/cli.ts";
 import { secretsOf } from "../lib/core/config.ts";
-import { formatInt, formatUsd } from "../lib/core/format.ts";
+import { formatCount, formatInt, formatUsdFixed } from "../lib/core/format.ts";
 import { serverKv } from "./server_kv.ts";
 import { createLogger } from "../lib/core/log.ts";
-import { summarizeCosts } from "../lib/reports/summary.ts";
+import { summarizeCosts, type SummarizeResult } from "../lib/reports/summary.ts";
+import { costDecimals, renderTable } from "../lib/reports/text_table.ts";
 import { Events } from "../lib/alerts/deliver.ts";
 import { progressLine } from "./progress.ts";
 
 const HELP = "Usage: deno task summarize\n\nWrites daily cost summaries for every day whose " +
   "usage changed since it was last summarized, and logs budget alerts.";
+
+/** What a run did, for people: a line, a table of the days written (like `report`'s), notes. */
+export function summarizeText(result: SummarizeResult): string {
+  const took = `${formatInt(Math.round(result.ms))} ms`;
+  if (!result.days.length) {
+    return `Nothing to summarize: ${
+      formatCount(result.upToDate, "UTC day")
+    } with usage, every summary current (${took}).`;
+  }
+  const out = [
+    `Summarized ${formatCount(result.days.length, "UTC day")}` +
+    (result.upToDate ? `; ${formatInt(result.upToDate)} more already current` : "") +
+    ` (${took}).`,
+    "",
+  ];
+  const decimals = costDecimals(result.days.map((d) => d.costUsd));
+  const sum = (pick: (d: SummarizeResult["days"][number]) => number) =>
+    result.days.reduce((n, d) => n + pick(d), 0);
+  const late = result.days.filter((d) => !d.written);
+  out.push(
+    ...renderTable(
+      ["UTC day", "Users", "Requests", "Tokens", "Cost"],
+      result.days.map((d) => [
+        d.written ? d.day : `${d.day} *`,
+        formatInt(d.users),
+        formatInt(d.requests),
+        formatInt(d.totalTokens),
+        formatUsdFixed(d.costUsd, decimals),
+      ]),
+      [
+        "Total",
+        "",
+        formatInt(sum((d) => d.requests)),
+        formatInt(sum((d) => d.totalTokens)),
+        formatUsdFixed(sum((d) => d.costUsd), decimals),
+      ],
+      1,
+    ),
+    "",
+  );
+  if (late.length) {
+    out.push("* Another run wrote this day's summary first; it is the same or newer.");
+  }
+  out.push(
+    result.alerts.length
+      ? `${formatCount(result.alerts.length, "budget alert")} queued for the server to send.`
+      : "No budget crossed a threshold.",
+  );
+  return out.join("\n");
+}
 
 async function main(args: string[]): Promise<number> {
   let flags;
@@ -38,27 +89,7 @@ async function main(args: string[]): Promise<number> {
         progress(`summarizing ${day} (${index + 1}/${total})…`),
     });
     progress.done();
-    if (!result.days.length) {
-      console.log(`Nothing to do: ${result.upToDate} day(s) already summarized.`);
-    } else {
-      for (const d of result.days) {
-        console.log(
-          `${d.day}  version ${d.version}  ${formatInt(d.users)} users  ` +
-            `${formatInt(d.requests)} requests  ` +
-            `${formatInt(d.totalTokens)} tokens  ${formatUsd(d.costUsd)}  ` +
-            `${d.chunks} chunk(s)${d.written ? "" : "  (another run wrote it first)"}`,
-        );
-      }
-      const users = Math.max(0, ...result.days.map((d) => d.users));
-      console.log(
-        `Summarized ${result.days.length} day(s) (up to ${formatInt(users)} users a day, ` +
-          `${formatInt(result.days.reduce((s, d) => s + d.requests, 0))} requests, ` +
-          `${
-            formatUsd(result.days.reduce((s, d) => s + d.costUsd, 0))
-          }); ${result.upToDate} already ` +
-          `current; ${result.alerts.length} budget alert(s); ${Math.round(result.ms)} ms.`,
-      );
-    }
+    console.log(summarizeText(result));
     return 0;
   } finally {
     progress.done();

@@ -10,6 +10,7 @@ import { keys, u64 } from "../core/kv.ts";
 import { getManyChunked } from "../core/kv_ops.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDaySummary, type SummaryMeta } from "./summary.ts";
+import { clip, costDecimals, renderTable } from "./text_table.ts";
 import { readDayCounters, type UsageRow } from "../usage/read.ts";
 import type { UsageTotals } from "../usage/totals.ts";
 import type { UserRecord } from "../identity/users.ts";
@@ -271,32 +272,7 @@ export function reportTable(report: Report): string {
   return out.join("\n") + "\n";
 }
 
-/** Rows padded to one width: text columns left-aligned, the rest right-aligned. */
-function renderTable(head: string[], rows: string[][], total: string[], textColumns: number) {
-  const all = [head, ...rows, total];
-  const widths = head.map((_, c) => Math.max(...all.map((r) => [...r[c]].length)));
-  const line = (r: string[]) =>
-    r.map((cell, c) => {
-      const pad = " ".repeat(widths[c] - [...cell].length);
-      return c < textColumns ? cell + pad : pad + cell;
-    }).join("  ");
-  const rule = widths.map((w) => "─".repeat(w)).join("  ");
-  return [line(head), rule, ...rows.map(line), rule, line(total)];
-}
-
 const int = formatInt;
-
-/** Enough decimals that the smallest non-zero cost shows about three significant digits (2–6). */
-function costDecimals(costs: number[]): number {
-  const smallest = Math.min(...costs.filter((c) => c > 0));
-  if (!Number.isFinite(smallest)) return 2;
-  return Math.min(6, Math.max(2, Math.ceil(-Math.log10(smallest)) + 2));
-}
-
-function clip(text: string, max: number): string {
-  const chars = [...text];
-  return chars.length > max ? chars.slice(0, max - 1).join("") + "…" : text;
-}
 
 function cmp(a: string, b: string): number {
   return a < b ? -1 : a > b ? 1 : 0;
