@@ -1,6 +1,7 @@
 /**
  * A labelled progress bar: how much of a limit is used and what is left. With no limit it says
- * "Unlimited" in words and draws no bar (an empty bar would read as "nothing allowed").
+ * "Unlimited" in words and draws no bar (an empty bar would read as "nothing allowed"). Switched
+ * `off` (the account is disabled) it is grey and says only what was used: nothing is left to use.
  */
 import { formatInt } from "../lib/core/format.ts";
 
@@ -13,9 +14,24 @@ export interface MeterProps {
   /** What resets it, for people ("resets at 00:00 UTC"). */
   note?: string;
   testId?: string;
+  /** Nothing can be used (a disabled account): grey, no bar, no "left". */
+  off?: boolean;
 }
 
-export function Meter({ label, used, limit, format = formatInt, note, testId }: MeterProps) {
+export function Meter(
+  { label, used, limit, format = formatInt, note, testId, off = false }: MeterProps,
+) {
+  if (off) {
+    return (
+      <div class="meter meter-off" data-testid={testId}>
+        <div class="meter-label">
+          <span>{label}</span>
+          <span>{format(used)} used</span>
+        </div>
+        <div class="meter-track" aria-hidden="true" />
+      </div>
+    );
+  }
   if (limit === null) {
     return (
       <div class="meter" data-testid={testId}>

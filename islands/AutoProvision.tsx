@@ -231,6 +231,7 @@ export default function AutoProvision(props: AutoProvisionProps) {
         state={usage}
         limits={data?.limits ?? ready?.limits ?? null}
         returning={returning}
+        refused={refused}
       />
       {returning ? keySection : null}
     </div>
@@ -366,10 +367,12 @@ const MEASURES: Record<
 };
 
 function UsagePanel(
-  { state, limits, returning }: {
+  { state, limits, returning, refused }: {
     state: UsageState;
     limits: Limits | null;
     returning: boolean;
+    /** Disabled or deleted: the meters are off, nothing is left to use. */
+    refused: boolean;
   },
 ) {
   const [measure, setMeasure] = useState<Measure>("requests");
@@ -406,6 +409,7 @@ function UsagePanel(
           limit={limits.rpd}
           note="resets at 00:00 UTC"
           testId="meter-requests"
+          off={refused}
         />
         <Meter
           label="Tokens today"
@@ -413,6 +417,7 @@ function UsagePanel(
           limit={limits.tokensPerDay}
           note="resets at 00:00 UTC"
           testId="meter-tokens"
+          off={refused}
         />
         <Meter
           label="Spend this month"
@@ -421,11 +426,21 @@ function UsagePanel(
           format={formatUsd}
           note="resets on the 1st (UTC)"
           testId="meter-budget"
+          off={refused}
         />
-        <p class="muted small" style={{ margin: 0 }}>
-          Also at most {formatLimit(limits.rpm)} requests a minute; today so far:{" "}
-          {formatUsd(usage.today.costUsd)}.
-        </p>
+        {refused
+          ? (
+            <p class="muted small" style={{ margin: 0 }} data-testid="limits-off">
+              No requests are served while your account is disabled; these limits apply again once
+              it is enabled.
+            </p>
+          )
+          : (
+            <p class="muted small" style={{ margin: 0 }}>
+              Also at most {formatLimit(limits.rpm)} requests a minute; today so far:{" "}
+              {formatUsd(usage.today.costUsd)}.
+            </p>
+          )}
       </section>
       <section class="card" aria-labelledby="usage-title">
         <div class="card-head">
@@ -682,39 +697,48 @@ function KeyAndSetup(
         </span>
       </summary>
       <section aria-labelledby="key-title" class="setup-body">
-        <p class="muted small">
-          Personal to you. It works in any OpenAI- or Anthropic-compatible tool; your usage counts
-          against your limits.
-        </p>
-        <div class="key-row">
-          <code class="key-value" data-testid="api-key">
-            {keyState.status === "error" ? "—" : shownKey}
-          </code>
-          <button
-            class="btn"
-            type="button"
-            disabled={!ready}
-            aria-pressed={revealed}
-            onClick={() => p.setRevealed(!revealed)}
-          >
-            {revealed ? "Hide" : "Reveal"}
-          </button>
-          <button
-            class="btn btn-primary"
-            type="button"
-            disabled={!ready}
-            onClick={() => ready && copy("key", "Key", ready.apiKey)}
-          >
-            {copied === "key" ? "Copied ✓" : "Copy key"}
-          </button>
-        </div>
+        {p.refused ? null : (
+          <p class="muted small">
+            Personal to you. It works in any OpenAI- or Anthropic-compatible tool; your usage counts
+            against your limits.
+          </p>
+        )}
+        {p.refused ? null : (
+          <div class="key-row">
+            <code class="key-value" data-testid="api-key">
+              {keyState.status === "error" ? "—" : shownKey}
+            </code>
+            <button
+              class="btn"
+              type="button"
+              disabled={!ready}
+              aria-pressed={revealed}
+              onClick={() => p.setRevealed(!revealed)}
+            >
+              {revealed ? "Hide" : "Reveal"}
+            </button>
+            <button
+              class="btn btn-primary"
+              type="button"
+              disabled={!ready}
+              onClick={() => ready && copy("key", "Key", ready.apiKey)}
+            >
+              {copied === "key" ? "Copied ✓" : "Copy key"}
+            </button>
+          </div>
+        )}
         {keyState.status === "loading" && keyState.note && (
           <p class="notice notice-warn" role="status" style={{ marginTop: "1rem" }}>
             {keyState.note}
           </p>
         )}
         {keyState.status === "error" && (
-          <div class="notice notice-error" role="alert" style={{ marginTop: "1rem" }}>
+          <div
+            class="notice notice-error"
+            role="alert"
+            style={{ marginTop: p.refused ? 0 : "1rem" }}
+            data-testid="key-error"
+          >
             <p style={{ margin: 0 }}>
               {disabled ? "Your key is not shown: " : "We could not set up your key. "}
               {keyState.message}
@@ -735,28 +759,30 @@ function KeyAndSetup(
               )}
           </div>
         )}
-        <dl class="kv">
-          <dt>Base URL</dt>
-          <dd data-testid="base-url">{baseUrl}</dd>
-          <dt>Anthropic base URL</dt>
-          <dd data-testid="anthropic-base-url">{anthropicBaseUrl}</dd>
-          <dt>Key prefix</dt>
-          <dd>
-            {ready
-              ? ready.keyPrefix
-              : keyState.status === "error"
-              ? "—"
-              : <span class="skeleton">kw_xxxx</span>}
-          </dd>
-          <dt>Created</dt>
-          <dd>
-            {ready
-              ? formatDateTime(ready.createdAt)
-              : keyState.status === "error"
-              ? "—"
-              : <span class="skeleton">Jan 1, 2026, 00:00 UTC</span>}
-          </dd>
-        </dl>
+        {p.refused ? null : (
+          <dl class="kv">
+            <dt>Base URL</dt>
+            <dd data-testid="base-url">{baseUrl}</dd>
+            <dt>Anthropic base URL</dt>
+            <dd data-testid="anthropic-base-url">{anthropicBaseUrl}</dd>
+            <dt>Key prefix</dt>
+            <dd>
+              {ready
+                ? ready.keyPrefix
+                : keyState.status === "error"
+                ? "—"
+                : <span class="skeleton">kw_xxxx</span>}
+            </dd>
+            <dt>Created</dt>
+            <dd>
+              {ready
+                ? formatDateTime(ready.createdAt)
+                : keyState.status === "error"
+                ? "—"
+                : <span class="skeleton">Jan 1, 2026, 00:00 UTC</span>}
+            </dd>
+          </dl>
+        )}
         {notice && (
           <p
             class={`notice ${notice.kind === "ok" ? "notice-ok" : "notice-error"}`}
@@ -766,7 +792,9 @@ function KeyAndSetup(
             {notice.text}
           </p>
         )}
-        {p.confirming
+        {p.refused
+          ? null
+          : p.confirming
           ? (
             <div class="confirm" role="group" aria-label="Confirm key rotation">
               <p>

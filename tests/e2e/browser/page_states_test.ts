@@ -79,7 +79,8 @@ async function openDashboard(w: Watched, server: TestServer) {
   await page.waitForFunction(
     () => {
       const key = document.querySelector("[data-testid=api-key]")?.textContent ?? "";
-      return /^kw_[A-Za-z0-9_-]{4}•+$/.test(key) || key === "—";
+      return /^kw_[A-Za-z0-9_-]{4}•+$/.test(key) ||
+        document.querySelector("[data-testid=key-error]") !== null;
     },
     undefined,
     { timeout: 10_000 },
@@ -440,12 +441,27 @@ Deno.test("pages: states, 404, sign-in errors, operator pages — axe, phone, da
       const state = await stateOf(page);
       assert.equal(state.status, "disabled");
       assert.match(state.text, /Your key does not work/);
-      assert.equal((await page.getByTestId("api-key").textContent())?.trim(), "—");
+      // The meters are off: grey, no bars, nothing "left" beside a banner that refuses everything.
+      const today = page.locator("section[aria-labelledby=today-title]");
+      assert.equal(await today.locator(".meter-off").count(), 3);
+      assert.equal(await today.getByRole("progressbar").count(), 0);
+      assert.doesNotMatch(await today.innerText(), /\bleft\b|Unlimited|per minute|a minute/);
+      assert.match(await page.getByTestId("limits-off").innerText(), /No requests are served/);
       // The set-up is folded away and offers no snippets with a key that would not work.
       assert.equal(await page.getByTestId("setup").getAttribute("open"), null);
       assert.equal(await page.getByRole("tab").count(), 0);
       assert.ok(!(await page.content()).includes(apiKey), "no working-looking key");
       await inspect(page, dir, "dashboard-disabled", shots);
+      // Opened, it says why and shows no key field and no controls that cannot work.
+      await page.getByText("Your API key and set-up").click();
+      const setup = page.getByTestId("setup");
+      assert.match(await setup.getByTestId("key-error").innerText(), /Your key is not shown/);
+      assert.equal(await page.getByTestId("api-key").count(), 0);
+      for (const name of [/Reveal/, /Copy/, /Rotate/, /Hide/]) {
+        assert.equal(await setup.getByRole("button", { name }).count(), 0, `${name}`);
+      }
+      assert.equal(await setup.locator("button:disabled").count(), 0, "no faded controls");
+      await inspect(page, dir, "dashboard-disabled-open", shots);
       // The island's POST /api/key was refused with 403 on purpose.
       assert.deepEqual(w.errors.filter((e) => !/status of 403/.test(e)), []);
       await w.context.close();
