@@ -59,40 +59,47 @@ async function spend(s: Setup, times: number) {
   }
 }
 
-Deno.test("the day's requests spent: 403 until 00:00 UTC, on both shapes", async () => {
-  const s = await setup({ RATE_LIMIT_RPD: "2" });
-  try {
-    await spend(s, 2);
-    const want = {
-      code: "quota_exceeded",
-      message: /^Daily request limit of 2 requests reached; it resets at 00:00 UTC/,
-      resetIn: untilMidnight(),
-    };
-    await assertTerminal(await s.chat(), want);
-    await assertTerminal(await messages(s), want, true);
-    assert.equal(s.fake.count, 2);
-  } finally {
-    await s.close();
-  }
-});
+/** Each limit spent by two requests, then refused on both shapes until its reset. */
+const SPENT: Array<
+  { name: string; env: Record<string, string>; message: RegExp; resetIn(): number }
+> = [
+  {
+    name: "the day's requests spent: 403 until 00:00 UTC",
+    env: { RATE_LIMIT_RPD: "2" },
+    message: /^Daily request limit of 2 requests reached; it resets at 00:00 UTC/,
+    resetIn: untilMidnight,
+  },
+  {
+    // The fake meters 18 tokens a request, each reserving 13: two use the 36 up exactly.
+    name: "the day's tokens used up: 403 until 00:00 UTC",
+    env: { TOKEN_LIMIT_DAILY: "36" },
+    message: /^The daily token quota of 36 tokens is used up; it resets at 00:00 UTC/,
+    resetIn: untilMidnight,
+  },
+  {
+    // glm-4.6 at $0.6 / $2.2 per million: each request costs $0.000022, so two spend $0.000044.
+    name: "the month's budget spent: 403 until the 1st of next month",
+    env: { BUDGET_USD_MONTHLY: "0.000044" },
+    message:
+      /^The monthly budget of \$0\.000044 is used up; it resets on the 1st of next month at 00:00 UTC/,
+    resetIn: untilNextMonth,
+  },
+];
 
-Deno.test("the day's tokens used up: 403 until 00:00 UTC, on both shapes", async () => {
-  // The fake meters 18 tokens a request, each reserving 13: two use the 36 up exactly.
-  const s = await setup({ TOKEN_LIMIT_DAILY: "36" });
-  try {
-    await spend(s, 2);
-    const want = {
-      code: "quota_exceeded",
-      message: /^The daily token quota of 36 tokens is used up; it resets at 00:00 UTC/,
-      resetIn: untilMidnight(),
-    };
-    await assertTerminal(await s.chat(), want);
-    await assertTerminal(await messages(s), want, true);
-    assert.equal(s.fake.count, 2);
-  } finally {
-    await s.close();
-  }
-});
+for (const limit of SPENT) {
+  Deno.test(`${limit.name}, on both shapes`, async () => {
+    const s = await setup(limit.env);
+    try {
+      await spend(s, 2);
+      const want = { code: "quota_exceeded", message: limit.message, resetIn: limit.resetIn() };
+      await assertTerminal(await s.chat(), want);
+      await assertTerminal(await messages(s), want, true);
+      assert.equal(s.fake.count, 2);
+    } finally {
+      await s.close();
+    }
+  });
+}
 
 Deno.test("a reservation larger than what is left of the day's tokens: 403, saying how to fit", async () => {
   const s = await setup({ TOKEN_LIMIT_DAILY: "1000" });
@@ -105,25 +112,6 @@ Deno.test("a reservation larger than what is left of the day's tokens: 403, sayi
       resetIn: untilMidnight(),
     });
     assert.equal(s.fake.count, 0);
-  } finally {
-    await s.close();
-  }
-});
-
-Deno.test("the month's budget spent: 403 until the 1st of next month, on both shapes", async () => {
-  // glm-4.6 at $0.6 / $2.2 per million: each request costs $0.000022, so two spend $0.000044.
-  const s = await setup({ BUDGET_USD_MONTHLY: "0.000044" });
-  try {
-    await spend(s, 2);
-    const want = {
-      code: "quota_exceeded",
-      message:
-        /^The monthly budget of \$0\.000044 is used up; it resets on the 1st of next month at 00:00 UTC/,
-      resetIn: untilNextMonth(),
-    };
-    await assertTerminal(await s.chat(), want);
-    await assertTerminal(await messages(s), want, true);
-    assert.equal(s.fake.count, 2);
   } finally {
     await s.close();
   }
