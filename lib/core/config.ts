@@ -41,6 +41,24 @@ const origin = (name: string, keepQuery = false) =>
     }
   });
 
+/** Where pages send a user who is disabled or paused: a web page or an e-mail address. */
+const supportUrl = z.string().transform((raw, ctx) => {
+  try {
+    const url = new URL(raw);
+    if (url.protocol === "https:" && url.hostname) return url.href;
+    if (url.protocol === "mailto:" && /^[^@\s]+@[^@\s]+$/.test(decodeURIComponent(url.pathname))) {
+      return url.href;
+    }
+  } catch {
+    // Not a URL: said below, without echoing the value.
+  }
+  ctx.addIssue({
+    code: "custom",
+    message: "SUPPORT_URL must be an https:// page or a mailto: address (mailto:help@example.com)",
+  });
+  return z.NEVER;
+});
+
 /**
  * Shannon entropy of a text's character frequencies times its length: a floor for a human's
  * choice (32 × "a" is 0 bits; 32 random base64 characters are ≈ 150 bits).
@@ -251,6 +269,7 @@ const envSchema = z.object({
     (v) => v === undefined || /^whsec_[A-Za-z0-9+/]{16,}={0,2}$/.test(v),
     "EVENTS_WEBHOOK_SECRET must look like whsec_… (a base64 secret of at least 12 bytes)",
   ),
+  SUPPORT_URL: optionalString.pipe(supportUrl.optional()),
   DENO_DEPLOYMENT_ID: optionalString,
   APP_ENV: optionalString,
 });
@@ -318,6 +337,8 @@ export interface Config {
   connectRedirectSchemes: string[];
   /** The operator's backend that receives Keyway's events (CONTRACT §7 Events); none = off. */
   events: { webhookUrl?: string; webhookSecret?: string };
+  /** SUPPORT_URL: where disabled and paused users are sent (an https page or a mailto:). */
+  supportUrl: string | null;
 }
 
 export class ConfigError extends Error {
@@ -430,6 +451,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     adminUserIds: new Set(e.ADMIN_USER_IDS),
     connectRedirectSchemes: e.CONNECT_REDIRECT_SCHEMES,
     events: { webhookUrl: e.EVENTS_WEBHOOK_URL, webhookSecret: e.EVENTS_WEBHOOK_SECRET },
+    supportUrl: e.SUPPORT_URL ?? null,
   };
 }
 
