@@ -1,6 +1,7 @@
 /** The page shell: head, local-mode banner, header with navigation, footer. */
 import type { ComponentChildren } from "preact";
 import { assetUrl } from "../build/islands.ts";
+import { SupportLink } from "./SupportLink.tsx";
 
 export interface LayoutProps {
   title: string;
@@ -13,6 +14,8 @@ export interface LayoutProps {
   clerk?: { publishableKey: string; scriptUrl: string } | null;
   /** Current path, to mark the active navigation link. */
   path?: string;
+  /** SUPPORT_URL: a "Contact support" link in the footer when set. */
+  supportUrl?: string | null;
   children: ComponentChildren;
 }
 
@@ -85,8 +88,9 @@ export function Layout(props: LayoutProps) {
         <main id="main">{props.children}</main>
         <footer class="site-footer">
           <div class="inner">
-            Keyway — personal keys for the operator's GLM account. Your key is yours: keep it out of
-            shared code.
+            Keyway — your personal key to GLM models, with your own limits and usage. Your key is
+            yours: keep it out of shared code.{props.supportUrl ? " Questions? " : ""}
+            <SupportLink href={props.supportUrl ?? null} />
           </div>
         </footer>
       </body>

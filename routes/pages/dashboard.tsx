@@ -45,7 +45,8 @@ export function dashboardRoutes(services: Services) {
           baseUrl={shared ? config.glm.baseUrl : `${config.publicUrl}/v1`}
           anthropicBaseUrl={shared ? config.glm.anthropicBaseUrl : config.publicUrl}
           initialUsage={initialUsage}
-          model={config.allowedModels[0] ?? "glm-4.6"}
+          models={config.allowedModels.length ? config.allowedModels : ["glm-4.6"]}
+          supportUrl={config.supportUrl}
         />
       </Layout>,
     );
