@@ -141,8 +141,9 @@ export function recipes(input: RecipeInput): Recipe[] {
       id: "kilo",
       label: "Kilo Code",
       intro:
-        "The Kilo CLI and the Kilo Code extension read the same provider block as opencode, from ~/.config/kilo/kilo.json (or kilo.json in your project). In the extension's settings you can instead add an OpenAI Compatible provider with the base URL, key and model below.",
-      checked: "this provider block was tried with the Kilo CLI 7.7.7",
+        'The Kilo CLI reads the same provider block as opencode, from ~/.config/kilo/kilo.json (or kilo.json in your project). In the VS Code extension: Settings → Providers → Custom provider, with these fields (older versions: API Provider "OpenAI Compatible").',
+      checked:
+        "this provider block was tried with the Kilo CLI 7.7.7; the extension's fields follow Kilo's documentation of custom providers",
       files: [
         {
           title: "~/.config/kilo/kilo.json",
@@ -155,7 +156,7 @@ export function recipes(input: RecipeInput): Recipe[] {
           path: null,
           lang: "text",
           content: fields([
-            ["API Provider", "OpenAI Compatible"],
+            ["Provider ID", "keyway"],
             ["Base URL", baseUrl],
             ["API Key", apiKey],
             ["Model", model],

@@ -151,7 +151,10 @@ Deno.test("recipes: code snippets point each SDK at its base URL", () => {
   for (const id of ["cline", "cursor"]) {
     assert.match(byId(id).files[0].content, new RegExp(`Base URL: ${INPUT.baseUrl}\n`));
   }
-  assert.match(file("kilo", "Kilo Code settings").content, /^API Provider: OpenAI Compatible$/m);
+  assert.match(
+    file("kilo", "Kilo Code settings").content,
+    /^Base URL: https:\/\/ai\.example\.org\/v1$/m,
+  );
 });
 
 Deno.test("recipes: values that are not plain words are quoted, so the config still reads", () => {
