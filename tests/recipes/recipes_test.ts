@@ -173,3 +173,20 @@ Deno.test("recipes: values that are not plain words are quoted, so the config st
     "https://ai.example.org/v1?x=1&y='2'/chat/completions",
   );
 });
+
+Deno.test("recipes: the Python snippets are valid Python", async () => {
+  const python = list.flatMap((r) => r.files.filter((f) => f.lang === "python"));
+  assert.equal(python.length, 2);
+  for (const f of python) {
+    const out = await new Deno.Command("python3", {
+      args: ["-c", "import ast, sys; ast.parse(sys.stdin.read())"],
+      stdin: "piped",
+      stderr: "piped",
+    }).spawn();
+    const writer = out.stdin.getWriter();
+    await writer.write(new TextEncoder().encode(f.content));
+    await writer.close();
+    const result = await out.output();
+    assert.equal(result.code, 0, `${f.path}: ${new TextDecoder().decode(result.stderr)}`);
+  }
+});
