@@ -13,6 +13,8 @@ export interface LayoutProps {
   clerk?: { publishableKey: string; scriptUrl: string } | null;
   /** Current path, to mark the active navigation link. */
   path?: string;
+  /** `?redirect=…` for the header's sign-in and sign-up links (back to a connect page). */
+  authQuery?: string;
   children: ComponentChildren;
 }
 
@@ -73,9 +75,13 @@ export function Layout(props: LayoutProps) {
                 )
                 : (
                   <>
-                    {path !== "/sign-in" && <a class="btn btn-sm" href="/sign-in">Sign in</a>}
+                    {path !== "/sign-in" && (
+                      <a class="btn btn-sm" href={`/sign-in${props.authQuery ?? ""}`}>Sign in</a>
+                    )}
                     {path !== "/sign-up" && (
-                      <a class="btn btn-sm btn-primary" href="/sign-up">Sign up</a>
+                      <a class="btn btn-sm btn-primary" href={`/sign-up${props.authQuery ?? ""}`}>
+                        Sign up
+                      </a>
                     )}
                   </>
                 )}

@@ -15,14 +15,13 @@
 import { commitOrConflict, keys } from "../core/kv.ts";
 import type { Clock } from "../core/clock.ts";
 import type { Logger } from "../core/log.ts";
-import { addSum, addUsageSums, type UsageSums } from "../usage/record.ts";
+import { addSum, addUsageSums, applySums, type UsageSums } from "../usage/record.ts";
 import type { Pricing } from "../usage/pricing.ts";
 import {
   type Heartbeat,
   type Held,
   type LeaseRecord,
   refundable,
-  signed,
   slotCounters,
   sumHeld,
 } from "./lease_record.ts";
@@ -258,6 +257,7 @@ export class Liveness {
         }
         addUsageSums(sums, this.options.pricing, {
           userId: r.userId,
+          keyId: r.keyId,
           model: r.model,
           promptTokens: r.prompt,
           completionTokens: r.completion,
@@ -266,7 +266,7 @@ export class Liveness {
         });
       }
       sumHeld(op, held);
-      for (const { key, n } of sums.values()) op.sum(key, signed(n));
+      applySums(op, sums);
       // Marks progress, so a second reaper's commit (checking the same heartbeat) fails.
       op.set(keys.leaseProc(procId), { exp: proc.value.exp });
       const res = await commitOrConflict(op);

@@ -19,7 +19,7 @@ export function keyBody(config: Config, result: ProvisionResult): KeyBody {
     mode: config.keyMode,
     keyPrefix: apiKey.slice(0, 7),
     userId: result.user.id,
-    createdAt: result.user.key?.createdAt ?? result.user.createdAt,
+    createdAt: result.app?.createdAt ?? result.user.key?.createdAt ?? result.user.createdAt,
     limits: effectiveLimits(config, result.user),
   };
 }
