@@ -27,6 +27,8 @@ export interface KeyBody {
   anthropicBaseUrl: string;
   mode: "proxy" | "shared";
   keyPrefix: string;
+  /** Which of the user's keys this is: "default", or a connected app's `k_…` id. */
+  keyId: string;
   userId: string;
   createdAt: string;
   limits: LimitsBody;
