@@ -10,7 +10,14 @@ import { s256 } from "../../lib/identity/connect.ts";
 import type { KeysBody } from "../../lib/api_types.ts";
 import { EVENTS_SECRET, Receiver } from "../../testing/fakes/events_receiver.ts";
 import { FakeGlm } from "../../testing/fakes/glm.ts";
-import { eventually, PUBLIC_URL, type TestApp, testApp } from "../support/helpers.ts";
+import {
+  clerkEnv,
+  ClerkIssuer,
+  eventually,
+  PUBLIC_URL,
+  type TestApp,
+  testApp,
+} from "../support/helpers.ts";
 
 function form(token: string, fields: Record<string, string>): RequestInit {
   return {
@@ -190,6 +197,38 @@ Deno.test("connected apps: key.created and key.revoked reach the operator's back
   } finally {
     await app.close();
     await receiver.close();
+    await glm.close();
+  }
+});
+
+Deno.test("connected apps: the operator's per-user page has a column per key", async () => {
+  const issuer = await ClerkIssuer.create();
+  const glm = new FakeGlm();
+  const app = await testApp(
+    clerkEnv(issuer, { ADMIN_USER_IDS: "user_op", GLM_BASE_URL: glm.baseUrl }),
+  );
+  try {
+    const token = await issuer.token("user_x", { ttlSeconds: 600 });
+    const key = await connectDevice(app, token, "Helix <editor>");
+    const chat = await app.request("/v1/chat/completions", {
+      method: "POST",
+      headers: { authorization: `Bearer ${key}`, "content-type": "application/json" },
+      body: JSON.stringify({ model: "glm-4.6", messages: [{ role: "user", content: "hi" }] }),
+    });
+    assert.equal(chat.status, 200);
+    await chat.arrayBuffer();
+    const op = await issuer.token("user_op", { ttlSeconds: 600 });
+    const page = await app.request("/admin/users/user_x", {
+      headers: { cookie: `__session=${op}` },
+    });
+    assert.equal(page.status, 200);
+    const html = await page.text();
+    const table = html.slice(html.indexOf('data-testid="user-keys"'));
+    assert.match(table, /Default key/);
+    assert.match(table, /Helix &lt;editor>/, "the name, escaped");
+    assert.match(table, /<td class="num" data-label="Requests">1<\/td>/);
+  } finally {
+    await app.close();
     await glm.close();
   }
 });
