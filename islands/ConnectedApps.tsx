@@ -151,7 +151,7 @@ export default function ConnectedApps(props: ConnectedAppsProps) {
       {keys !== null && apps.length === 0 && (
         <p class="muted small" data-testid="apps-empty">
           No apps connected yet. An editor built on Keyway connects after one click here; on a
-          remote machine or in a terminal, open <a href="/connect/device">/connect/device</a>{" "}
+          remote machine or in a terminal, open the <a href="/connect/device">device page</a>{" "}
           and enter the code it shows.
         </p>
       )}

@@ -227,7 +227,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 14,
+          mutations: 18, // 14, plus the per-key usage sums and last use (key_usage.ts)
           userId: lease.user.id,
           lease,
           charge,

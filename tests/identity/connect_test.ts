@@ -173,8 +173,10 @@ Deno.test("connect: PKCE redirect flow", async (t) => {
       // The /api/key body with the app's own key: same account, limits and URLs, another key.
       assert.notEqual(body.apiKey, viaApi.apiKey, "the app's own key, not the default one");
       assert.equal(body.keyPrefix, key.slice(0, 7));
-      const { apiKey: _a, keyPrefix: _p, createdAt: _c, ...rest } = body;
-      const { apiKey: _b, keyPrefix: _q, createdAt: _d, ...restViaApi } = viaApi;
+      assert.match(String(body.keyId), /^k_[A-Za-z0-9_-]{22}$/);
+      assert.equal(viaApi.keyId, "default");
+      const { apiKey: _a, keyPrefix: _p, createdAt: _c, keyId: _k, ...rest } = body;
+      const { apiKey: _b, keyPrefix: _q, createdAt: _d, keyId: _l, ...restViaApi } = viaApi;
       assert.deepEqual(rest, restViaApi);
       const models = await app.request("/v1/models", {
         headers: { authorization: `Bearer ${key}` },
