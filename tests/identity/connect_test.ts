@@ -722,6 +722,11 @@ Deno.test("connect: /sign-in?redirect= comes back in Clerk mode; unsafe values a
     const html = await signIn.text();
     // ClerkJS's mount sends the user back here (static/clerk.js reads data-redirect).
     assert.ok(html.includes(`data-redirect="${back.replaceAll("&", "&amp;")}"`));
+    // Clerk's own "Sign up" / "Sign in" links keep the way back, and the page says what connects.
+    const query = `?redirect=${encodeURIComponent(back)}`;
+    assert.ok(html.includes(`data-sign-up-url="/sign-up${query}"`));
+    assert.ok(html.includes(`data-sign-in-url="/sign-in${query}"`));
+    assert.match(html, /Sign in to connect <strong>VS Code<\/strong>/);
     const token = await issuer.token("user_clerk_connect", { ttlSeconds: 600 });
     const page = await app.request(back, { headers: { cookie: `__session=${token}` } });
     assert.equal(page.status, 200);
