@@ -70,6 +70,7 @@ export const keys = {
   usageByKeyDay: (userId: string, day: Day) => ["usage_by_key", userId, day] as const,
   /** When a key last settled a request (KvU64 ms): a `max` mutation in the settle commit. */
   keyLastUsed: (userId: string, keyId: string) => ["key_last_used", userId, keyId] as const,
+  keyLastUseds: (userId: string) => ["key_last_used", userId] as const,
   /** A revoked app key's name and prefix, so its past usage keeps a name (expireIn 100 days). */
   revokedKey: (userId: string, keyId: string) => ["revoked_keys", userId, keyId] as const,
   revokedKeys: (userId: string) => ["revoked_keys", userId] as const,

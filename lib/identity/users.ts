@@ -381,6 +381,7 @@ export class Users {
         .check(entry)
         .set(keys.user(userId), next)
         .delete(keys.keyByHash(app.hash))
+        .delete(keys.keyLastUsed(userId, keyId))
         .set(
           keys.revokedKey(userId, keyId),
           { name: app.name, keyPrefix: app.prefix, revokedAt: now } satisfies RevokedKey,

@@ -77,8 +77,7 @@ export async function usageByKey(
 /** When each of the user's keys last settled a request (ms), by key id. */
 export async function lastUsedByKey(kv: Deno.Kv, userId: string): Promise<Map<string, number>> {
   const out = new Map<string, number>();
-  const prefix = keys.keyLastUsed(userId, "").slice(0, 2);
-  for await (const entry of kv.list({ prefix }, { batchSize: 1000 })) {
+  for await (const entry of kv.list({ prefix: keys.keyLastUseds(userId) }, { batchSize: 1000 })) {
     const keyId = entry.key[2];
     if (typeof keyId === "string") out.set(keyId, u64(entry.value));
   }
