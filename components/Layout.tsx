@@ -16,6 +16,8 @@ export interface LayoutProps {
   path?: string;
   /** SUPPORT_URL: a "Contact support" link in the footer when set. */
   supportUrl?: string | null;
+  /** `?redirect=…` for the header's sign-in and sign-up links (back to a connect page). */
+  authQuery?: string;
   children: ComponentChildren;
 }
 
@@ -76,9 +78,13 @@ export function Layout(props: LayoutProps) {
                 )
                 : (
                   <>
-                    {path !== "/sign-in" && <a class="btn btn-sm" href="/sign-in">Sign in</a>}
+                    {path !== "/sign-in" && (
+                      <a class="btn btn-sm" href={`/sign-in${props.authQuery ?? ""}`}>Sign in</a>
+                    )}
                     {path !== "/sign-up" && (
-                      <a class="btn btn-sm btn-primary" href="/sign-up">Sign up</a>
+                      <a class="btn btn-sm btn-primary" href={`/sign-up${props.authQuery ?? ""}`}>
+                        Sign up
+                      </a>
                     )}
                   </>
                 )}

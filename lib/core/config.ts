@@ -209,6 +209,7 @@ const envSchema = z.object({
   UPSTREAM_QUEUE_MAX: intFrom("UPSTREAM_QUEUE_MAX", 1000, 1, 1_000_000),
   UPSTREAM_KEY_COOLDOWN_MS: intFrom("UPSTREAM_KEY_COOLDOWN_MS", 300_000, 1_000, 86_400_000),
   COUNT_TOKENS_RPM: intFrom("COUNT_TOKENS_RPM", 120, 1, 1_000_000),
+  MAX_KEYS_PER_USER: intFrom("MAX_KEYS_PER_USER", 20, 1, 100),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(
@@ -327,6 +328,8 @@ export interface Config {
   outputReserveTokens: number;
   /** Per-user /v1/messages/count_tokens calls per minute (at most 2 in flight). */
   countTokensRpm: number;
+  /** Keys one user may hold at once: the default key plus one per connected app. */
+  maxKeysPerUser: number;
   /** Empty list with allowAnyModel=false never happens: defaults to the pricing table's models. */
   allowedModels: string[];
   allowAnyModel: boolean;
@@ -444,6 +447,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     concurrencyLimit: e.CONCURRENCY_LIMIT,
     outputReserveTokens: e.OUTPUT_RESERVE_TOKENS,
     countTokensRpm: e.COUNT_TOKENS_RPM,
+    maxKeysPerUser: e.MAX_KEYS_PER_USER,
     allowedModels,
     allowAnyModel,
     pricing,

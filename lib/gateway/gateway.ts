@@ -15,7 +15,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { keys } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
-import { ApiKeyAuth } from "../identity/api_key_auth.ts";
+import { ApiKeyAuth, type KeyAuth, type KeyOwner } from "../identity/api_key_auth.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
@@ -100,9 +100,9 @@ export class Gateway {
     }
     const hash = await this.auth.hash(protocol.apiKey(req.headers));
     // Read the body while the key is looked up; its errors are reported after the key checks.
-    const [body, userId] = await Promise.all([
+    const [body, { userId, keyId }] = await Promise.all([
       readBody(req, protocol, maxBytes),
-      this.auth.userIdFor(hash),
+      this.auth.owner(hash),
     ]);
     /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
     const target = body instanceof AppError ? body : this.models.resolve(body.model);
@@ -135,7 +135,7 @@ export class Gateway {
     const key = capped ? null : await this.pool.pick();
     let early: Exchange | undefined;
     const onAdmitted = key ? () => void (early ??= this.upstream.send(call, key)) : undefined;
-    const lease = await this.admit(body, target, userId, validate, onAdmitted, capped)
+    const lease = await this.admit(body, target, { userId, keyId }, validate, onAdmitted, capped)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
         // the allowance) refused it after all: the call is cancelled at once, nothing counted.
@@ -202,7 +202,7 @@ export class Gateway {
   private admit(
     body: RequestBody,
     model: string,
-    userId: string,
+    { userId, keyId }: KeyOwner,
     validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord,
     onAdmitted: (() => void) | undefined,
     waitsForSlot: boolean,
@@ -210,6 +210,7 @@ export class Gateway {
     const output = this.config.outputReserveTokens;
     return this.ledger.admit({
       userId,
+      keyId,
       model,
       reserve: {
         prompt: body.promptTokens,
@@ -293,6 +294,11 @@ export class Gateway {
   /** The user owning a `Bearer kw_…` key (any status), or 401 invalid_api_key. */
   authenticate(authorization: string | null | undefined): Promise<UserRecord> {
     return this.auth.user(bearerToken(authorization));
+  }
+
+  /** The user owning a `Bearer kw_…` key (any status) and the key's id, or 401. */
+  authenticateKey(authorization: string | null | undefined): Promise<KeyAuth> {
+    return this.auth.resolve(bearerToken(authorization));
   }
 
   /**

@@ -4,6 +4,7 @@
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
 import { ModelTable } from "../../components/ModelTable.tsx";
+import { KeyTable } from "../../components/KeyTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { island } from "../../build/islands.ts";
@@ -251,6 +252,10 @@ export function adminRoutes(services: Services) {
           {usage.byModel.length
             ? <ModelTable rows={usage.byModel} testId="user-models" />
             : <p class="muted">No requests in the last 30 days.</p>}
+        </section>
+        <section class="card" aria-labelledby="keys-title" style={{ marginTop: "1.25rem" }}>
+          <h2 id="keys-title">By key</h2>
+          <KeyTable rows={usage.byKey} testId="user-keys" />
         </section>
       </Layout>,
     );
