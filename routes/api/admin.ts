@@ -13,6 +13,7 @@ import type {
   AdminUsersBody,
   UsageBody,
 } from "../../lib/api_types.ts";
+import { operatorCheck, operatorRefusal } from "../../lib/identity/operators.ts";
 import { usageReport } from "../../lib/usage/usage.ts";
 import { sumUsage } from "../../lib/usage/totals.ts";
 import { roundUsd } from "../../lib/usage/pricing.ts";
@@ -80,9 +81,8 @@ export function adminRoutes(services: Services) {
   const app = new Hono<AppEnv>();
   const session = requireSession(services);
   const admin = async (c: Context<AppEnv>, next: Next) => {
-    if (!config.adminUserIds.has(c.get("session").userId)) {
-      throw new AppError("forbidden", "Operators only: your user id is not in ADMIN_USER_IDS.");
-    }
+    const check = await operatorCheck(config, users, c.get("session").userId);
+    if (!check.operator) throw new AppError("forbidden", operatorRefusal(check.why));
     await next();
   };
 

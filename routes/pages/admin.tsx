@@ -22,6 +22,7 @@ import {
   formatUsd,
 } from "../../lib/core/format.ts";
 import type { Session } from "../../lib/identity/sessions.ts";
+import { operatorCheck, operatorRefusal } from "../../lib/identity/operators.ts";
 import { operatorOverview } from "../../lib/reports/overview.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
@@ -57,7 +58,8 @@ export function adminRoutes(services: Services) {
     if (!session) {
       return { page: c.redirect(`/sign-in?redirect=${encodeURIComponent(path)}`, 303) };
     }
-    if (config.adminUserIds.has(session.userId)) return { session, layout };
+    const check = await operatorCheck(config, users, session.userId);
+    if (check.operator) return { session, layout };
     return {
       page: await render(
         c,
@@ -65,8 +67,10 @@ export function adminRoutes(services: Services) {
           <div class="error-page">
             <div class="code-big">403</div>
             <h1>Operators only</h1>
-            <p class="muted">
-              Your account ({session.userId}) is not an operator of this Keyway instance.
+            <p class="muted" data-testid="forbidden-reason">
+              {check.why === "not_listed"
+                ? `Your account (${session.userId}) is not an operator of this Keyway instance.`
+                : operatorRefusal(check.why)}
             </p>
             <a class="btn btn-primary" href="/dashboard">Back to your dashboard</a>
           </div>
