@@ -13,6 +13,8 @@ export interface LayoutProps {
   clerk?: { publishableKey: string; scriptUrl: string } | null;
   /** Current path, to mark the active navigation link. */
   path?: string;
+  /** A wider page, for tables with many columns (/admin). */
+  wide?: boolean;
   children: ComponentChildren;
 }
 
@@ -38,7 +40,7 @@ export function Layout(props: LayoutProps) {
         )}
         {clerk && <script defer src={assetUrl("/static/clerk.js")} />}
       </head>
-      <body>
+      <body class={props.wide ? "wide" : undefined}>
         <a class="skip-link" href="#main">Skip to content</a>
         {localMode && (
           <div class="banner" role="note">

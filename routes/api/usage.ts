@@ -4,6 +4,8 @@ import { z } from "zod";
 import { AppError } from "../../lib/core/errors.ts";
 import { reportUsage, usageReport } from "../../lib/usage/usage.ts";
 import type { Services } from "../../lib/core/services.ts";
+import type { UsageBody } from "../../lib/api_types.ts";
+import { serviceState } from "../../lib/limits/upstream/outage.ts";
 import { type AppEnv, jsonBody, parseWith, readSession, requireSession } from "../context.ts";
 
 const DAYS = "must be a whole number from 1 to 90";
@@ -43,7 +45,11 @@ export function usageRoutes(services: Services) {
     const { days } = parseWith(querySchema, { days: c.req.query("days") }, "days");
     const userId = await callerId(c);
     c.header("cache-control", "no-store");
-    return c.json(await usageReport(kv, config, userId, days));
+    const [report, service] = await Promise.all([
+      usageReport(kv, config, userId, days),
+      serviceState(config, services.slots.pool),
+    ]);
+    return c.json({ ...report, service } satisfies UsageBody);
   });
 
   // Shared mode only: in proxy mode the gateway meters usage and this path is a plain 404.

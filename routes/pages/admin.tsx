@@ -9,6 +9,8 @@ import { z } from "zod";
 import { island } from "../../build/islands.ts";
 import { Layout, type LayoutProps } from "../../components/Layout.tsx";
 import { type AlertLine, UpstreamHealth } from "../../components/UpstreamHealth.tsx";
+import { OutageBanner } from "../../components/OutageBanner.tsx";
+import { currentOutage } from "../../lib/limits/upstream/outage.ts";
 import AdminUsersComponent from "../../islands/AdminUsers.tsx";
 import DailyChartComponent, { lastDays } from "../../islands/DailyChart.tsx";
 import UserActionsComponent from "../../islands/UserActions.tsx";
@@ -33,6 +35,9 @@ import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 const AdminUsers = island("AdminUsers", AdminUsersComponent);
 const DailyChart = island("DailyChart", DailyChartComponent);
 const UserActions = island("UserActions", UserActionsComponent);
+
+/** Users per page of /admin's list (the API's default is 50; a page should fit a screen or two). */
+const USERS_PER_PAGE = 25;
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
 
@@ -105,11 +110,15 @@ export function adminRoutes(services: Services) {
     const who = await operator(c, "/admin");
     if (who.page) return who.page;
     const now = Date.now();
-    const [{ days, totals }, health, alerts] = await Promise.all([
+    const [{ days, totals }, health, alerts, outage] = await Promise.all([
       operatorOverview(services.kv, config.pricing, now),
       services.slots.health(now),
       recentAlerts(),
+      currentOutage(config, services.slots.pool),
     ]);
+    const refused = outage?.since != null
+      ? await services.slots.pool.refusedSince(outage.since)
+      : 0;
     const points = lastDays(
       30,
       new Map(days.map((d) => [d.day, {
@@ -120,7 +129,8 @@ export function adminRoutes(services: Services) {
     );
     return render(
       c,
-      <Layout title="Admin" {...who.layout} clerk={clerk}>
+      <Layout title="Admin" {...who.layout} clerk={clerk} wide>
+        {outage && <OutageBanner outage={outage} refused={refused} now={now} />}
         <div class="page-head">
           <div>
             <h1>Operator</h1>
@@ -155,7 +165,12 @@ export function adminRoutes(services: Services) {
           </div>
           <DailyChart points={points} kind="usd" title="Cost per day, last 30 days" />
         </section>
-        <AdminUsers mode={authMode} defaults={defaults} selfId={who.session.userId} />
+        <AdminUsers
+          mode={authMode}
+          defaults={defaults}
+          selfId={who.session.userId}
+          pageSize={USERS_PER_PAGE}
+        />
       </Layout>,
     );
   });
@@ -168,7 +183,7 @@ export function adminRoutes(services: Services) {
     if (!user) return await notFound(c, "No such user");
     const now = Date.now();
     const { view, usage } = await adminUserRead(services.kv, config, user, now);
-    const { usage30d: total, lastActive } = view;
+    const { usage30d: total, lastActiveAt: lastActive } = view;
     const points = lastDays(
       30,
       new Map(usage.days.map((d) => [d.date, {
