@@ -18,6 +18,8 @@ import { usageReport } from "../../lib/usage/usage.ts";
 import { sumUsage } from "../../lib/usage/totals.ts";
 import { roundUsd } from "../../lib/usage/pricing.ts";
 import { type AppEnv, jsonBody, parseWith, requireSession } from "../context.ts";
+import { describeRoute } from "../openapi.ts";
+import { AdminUserChangedSchema, AdminUsersSchema } from "../../lib/api_schemas.ts";
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
 
@@ -113,6 +115,39 @@ export const adminUsersQuery = z.object({
   cursor: z.string().max(400).refine((c) => decodeCursor(c) !== null, {
     message: "is not a cursor from this list's `next`",
   }).optional(),
+});
+
+describeRoute({
+  method: "get",
+  path: "/api/admin/users",
+  summary: "Users by 30-day cost: searched, filtered by status, one page",
+  caller: "operator",
+  query: adminUsersQuery,
+  ok: { description: "One page, and the total matching.", schema: AdminUsersSchema },
+  errors: [400, 401, 403],
+});
+for (const action of ["disable", "enable"] as const) {
+  describeRoute({
+    method: "post",
+    path: `/api/admin/users/:id/${action}`,
+    summary: action === "disable"
+      ? "Disables a user: their keys are refused at once (never your own account)"
+      : "Enables a disabled user",
+    caller: "operator",
+    params: userIdParam,
+    ok: { description: "The user now.", schema: AdminUserChangedSchema },
+    errors: [400, 401, 403, 404],
+  });
+}
+describeRoute({
+  method: "put",
+  path: "/api/admin/users/:id/limits",
+  summary: "Overrides a user's limits (null clears an override)",
+  caller: "operator",
+  params: userIdParam,
+  body: limitsBody,
+  ok: { description: "The user now.", schema: AdminUserChangedSchema },
+  errors: [400, 401, 403, 404],
 });
 
 export function adminRoutes(services: Services) {

@@ -10,6 +10,8 @@ import type { ProvisionResult } from "../../lib/identity/users.ts";
 import type { DeviceStartBody } from "../../lib/api_types.ts";
 import { type AppEnv, jsonBody } from "../context.ts";
 import { issueKey, keyBody } from "./key.ts";
+import { describeRoute } from "../openapi.ts";
+import { DeviceStartSchema, KeyBodySchema } from "../../lib/api_schemas.ts";
 
 /** A client's display name: printable, short; shown escaped on the approve pages. */
 export const clientName = z.string().trim().min(1, "must not be empty").max(
@@ -23,6 +25,34 @@ const tokenSchema = z.object({
 });
 const deviceSchema = z.object({ client: clientName });
 const deviceTokenSchema = z.object({ deviceCode: z.string().min(1).max(100) });
+
+describeRoute({
+  method: "post",
+  path: "/api/connect/token",
+  summary: "Redeems a PKCE connect code for the app's own key",
+  caller: "anyone",
+  body: tokenSchema,
+  ok: { description: "The key of the approved app.", schema: KeyBodySchema },
+  errors: [400, 403],
+});
+describeRoute({
+  method: "post",
+  path: "/api/connect/device",
+  summary: "Starts a device-code connect flow (RFC 8628)",
+  caller: "anyone",
+  body: deviceSchema,
+  ok: { description: "The codes and where the user approves.", schema: DeviceStartSchema },
+  errors: [400, 429],
+});
+describeRoute({
+  method: "post",
+  path: "/api/connect/device/token",
+  summary: "Polls a device code: pending, slow down, denied, expired, or the key (once)",
+  caller: "anyone",
+  body: deviceTokenSchema,
+  ok: { description: "The key of the approved app.", schema: KeyBodySchema },
+  errors: [400, 403],
+});
 
 export function connectApiRoutes(services: Services) {
   const { config, connect } = services;
