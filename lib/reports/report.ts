@@ -209,9 +209,18 @@ export function* reportCsvParts(report: Report, linesPerPart = 5000): Generator<
  * return) prefixed with `'` (OWASP's CSV injection advice); numbers are written as numbers.
  */
 export function csvField(value: string | number | null): string {
-  let text = value === null ? "" : typeof value === "string" ? printable(value) : String(value);
+  let text = value === null ? "" : typeof value === "string" ? csvText(value) : String(value);
   if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
+}
+
+/**
+ * `printable`, but a tab or a carriage return stays: inside a quoted cell they are data, and a cell
+ * that starts with one gets the `'` prefix like a formula would (OWASP lists both).
+ */
+function csvText(text: string): string {
+  return text.split(/([\t\r])/).map((part) => /^[\t\r]$/.test(part) ? part : printable(part))
+    .join("");
 }
 
 /** The report for people: aligned per-user and per-model tables with totals rows. */
