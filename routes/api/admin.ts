@@ -150,15 +150,23 @@ describeRoute({
   errors: [400, 401, 403, 404],
 });
 
+/**
+ * After requireSession: an operator (ADMIN_USER_IDS, own account active), else 403 forbidden. Every
+ * /api/admin/* route takes it (tests/routes/operator_access_test.ts walks the router to check).
+ */
+export function requireOperator(services: Services) {
+  return async (c: Context<AppEnv>, next: Next) => {
+    const check = await operatorCheck(services.config, services.users, c.get("session").userId);
+    if (!check.operator) throw new AppError("forbidden", operatorRefusal(check.why));
+    await next();
+  };
+}
+
 export function adminRoutes(services: Services) {
   const { config, users, kv } = services;
   const app = new Hono<AppEnv>();
   const session = requireSession(services);
-  const admin = async (c: Context<AppEnv>, next: Next) => {
-    const check = await operatorCheck(config, users, c.get("session").userId);
-    if (!check.operator) throw new AppError("forbidden", operatorRefusal(check.why));
-    await next();
-  };
+  const admin = requireOperator(services);
 
   /** The user after an operator's change, with their usage as the list shows it. */
   const changed = async (c: Context<AppEnv>, user: UserRecord) =>
