@@ -18,6 +18,8 @@ export interface LayoutProps {
   supportUrl?: string | null;
   /** `?redirect=…` for the header's sign-in and sign-up links (back to a connect page). */
   authQuery?: string;
+  /** A wider page, for tables with many columns (/admin). */
+  wide?: boolean;
   children: ComponentChildren;
 }
 
@@ -43,7 +45,7 @@ export function Layout(props: LayoutProps) {
         )}
         {clerk && <script defer src={assetUrl("/static/clerk.js")} />}
       </head>
-      <body>
+      <body class={props.wide ? "wide" : undefined}>
         <a class="skip-link" href="#main">Skip to content</a>
         {localMode && (
           <div class="banner" role="note">

@@ -1,18 +1,22 @@
 /**
- * The operator's users list: a sortable table on wide screens, one card per user on narrow ones
- * (the same markup, restyled), with overrides shown, disable behind a confirmation step, limits
- * editing, and a link to each user's page.
+ * The operator's users list, one page at a time from GET /api/admin/users (ordered by 30-day
+ * cost, highest first): searchable by e-mail or id, filterable by status — paused included, with
+ * what paused them — one line per user on wide screens and one card per user on phones (the same
+ * markup, restyled), with disable behind a confirmation step, limits editing, and a link to each
+ * user's page.
  */
 import { Fragment } from "preact";
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import {
   formatCount,
   formatDate,
+  formatDateTime,
   formatDay,
   formatInt,
   formatTokens,
   formatUsd,
 } from "../lib/core/format.ts";
+import type { AdminUsersBody } from "../lib/api_types.ts";
 import { api, ApiError, type AuthMode } from "./client.ts";
 import {
   type AdminUser,
@@ -30,203 +34,242 @@ export interface AdminUsersProps {
   defaults: Defaults;
   /** The signed-in operator (who cannot disable themselves). */
   selfId: string;
+  /** Users per page. */
+  pageSize: number;
 }
 
-type SortKey = "user" | "status" | "createdAt" | "lastActive" | "requests" | "tokens" | "cost";
+type StatusFilter = "" | "active" | "paused" | "disabled" | "deleted";
 
-const SORTS: [SortKey, string][] = [
-  ["cost", "Cost"],
-  ["requests", "Requests"],
-  ["tokens", "Tokens"],
-  ["lastActive", "Last active"],
-  ["createdAt", "Created"],
-  ["user", "User"],
-  ["status", "Status"],
+const STATUS_OPTIONS: [StatusFilter, string][] = [
+  ["", "All statuses"],
+  ["active", "Active"],
+  ["paused", "Paused"],
+  ["disabled", "Disabled"],
+  ["deleted", "Deleted"],
 ];
 
-function sortValue(u: AdminUser, key: SortKey): string | number {
-  switch (key) {
-    case "user":
-      return (u.email ?? u.userId).toLowerCase();
-    case "status":
-      return u.status;
-    case "createdAt":
-      return u.createdAt;
-    case "lastActive":
-      return u.lastActive ?? "";
-    case "requests":
-      return u.usage30d.requests;
-    case "tokens":
-      return u.usage30d.totalTokens;
-    case "cost":
-      return u.usage30d.costUsd;
-  }
+const PAUSED_BY_TEXT = {
+  requests: "day's requests",
+  tokens: "day's tokens",
+  budget: "month's budget",
+} as const;
+/** The badge's short form (the title has the sentence). */
+const PAUSED_BY_SHORT = { requests: "requests", tokens: "tokens", budget: "budget" } as const;
+
+/** How long typing may pause before the search runs. */
+const SEARCH_DEBOUNCE_MS = 250;
+const COLUMNS = 8;
+
+function StatusBadge({ user }: { user: AdminUser }) {
+  const tone = user.status === "active"
+    ? "status-ok"
+    : user.status === "paused" || user.status === "disabled"
+    ? "status-warn"
+    : "status-danger";
+  const until = user.pausedUntil ? ` until ${formatDateTime(user.pausedUntil)}` : "";
+  return (
+    <span
+      class={`status ${tone}`}
+      data-testid="user-status"
+      title={user.pausedBy
+        ? `Paused: the ${PAUSED_BY_TEXT[user.pausedBy]} are used up${until}`
+        : undefined}
+    >
+      {user.status}
+      {user.pausedBy && <span class="paused-by">· {PAUSED_BY_SHORT[user.pausedBy]}</span>}
+    </span>
+  );
 }
 
-const COLUMNS = 9;
-
 export default function AdminUsers(props: AdminUsersProps) {
-  const [users, setUsers] = useState<AdminUser[] | null>(null);
+  const [page, setPage] = useState<AdminUsersBody | null>(null);
   const [error, setError] = useState<string | null>(null);
-  const [sort, setSort] = useState<{ key: SortKey; desc: boolean }>({ key: "cost", desc: true });
+  const [query, setQuery] = useState("");
+  const [status, setStatus] = useState<StatusFilter>("");
+  /** The cursors of the pages seen so far: [undefined (the first), next of page 1, …]. */
+  const [cursors, setCursors] = useState<(string | undefined)[]>([undefined]);
   const [editing, setEditing] = useState<string | null>(null);
   const [notice, setNotice] = useState<Notice>(null);
+  const [loading, setLoading] = useState(true);
+  const latest = useRef(0);
+  const index = cursors.length - 1;
 
-  const load = async () => {
+  const load = async (q: string, s: StatusFilter, cursor: string | undefined) => {
+    const ticket = ++latest.current;
+    setLoading(true);
+    const params = new URLSearchParams({ limit: String(props.pageSize) });
+    if (q.trim()) params.set("query", q.trim());
+    if (s) params.set("status", s);
+    if (cursor) params.set("cursor", cursor);
     try {
-      const data = await api<{ users: AdminUser[] }>(props.mode, "/api/admin/users");
-      setUsers(data.users);
+      const data = await api<AdminUsersBody>(props.mode, `/api/admin/users?${params}`);
+      // An answer to a search typed over since is dropped.
+      if (ticket !== latest.current) return;
+      setPage(data);
       setError(null);
     } catch (err) {
+      if (ticket !== latest.current) return;
       setError(
         err instanceof ApiError && err.status === 404
           ? "The operator API is not available on this server yet."
           : `Users could not be loaded: ${err instanceof Error ? err.message : String(err)}`,
       );
+    } finally {
+      if (ticket === latest.current) setLoading(false);
     }
   };
+
+  // A new search or filter starts again at the first page (typing waits for a pause).
   useEffect(() => {
-    load();
-  }, []);
+    const timer = setTimeout(() => {
+      setCursors([undefined]);
+      setEditing(null);
+      load(query, status, undefined);
+    }, page === null ? 0 : SEARCH_DEBOUNCE_MS);
+    return () => clearTimeout(timer);
+  }, [query, status]);
 
-  // Answers of the write endpoints carry no usage window: keep what the list had.
-  const replace = (user: AdminUser) =>
-    setUsers((list) =>
-      list?.map((u) =>
-        u.userId === user.userId
-          ? { ...u, ...user, usage30d: u.usage30d, lastActive: u.lastActive }
-          : u
-      ) ?? null
-    );
-
-  const sorted = users
-    ? [...users].sort((a, b) => {
-      const x = sortValue(a, sort.key), y = sortValue(b, sort.key);
-      const c = x < y ? -1 : x > y ? 1 : 0;
-      return sort.desc ? -c : c;
-    })
-    : null;
-
-  const numeric = (key: SortKey) => key !== "user" && key !== "status";
-  const header = (key: SortKey, label: string, num = false) => {
-    const active = sort.key === key;
-    return (
-      <th
-        scope="col"
-        class={num ? "num" : undefined}
-        aria-sort={active ? (sort.desc ? "descending" : "ascending") : undefined}
-      >
-        <button
-          type="button"
-          onClick={() => setSort({ key, desc: active ? !sort.desc : numeric(key) })}
-        >
-          {label} <span aria-hidden="true">{active ? (sort.desc ? "↓" : "↑") : ""}</span>
-        </button>
-      </th>
-    );
+  const go = (next: (string | undefined)[]) => {
+    setCursors(next);
+    setEditing(null);
+    load(query, status, next[next.length - 1]);
   };
+
+  // Answers of the write endpoints carry the user's state now; the list's usage stays.
+  const replace = (user: AdminUser) =>
+    setPage((p) =>
+      p && {
+        ...p,
+        users: p.users.map((u) =>
+          u.userId === user.userId
+            ? { ...u, ...user, usage30d: u.usage30d, lastActiveAt: u.lastActiveAt }
+            : u
+        ),
+      }
+    );
+
+  const users = page?.users ?? null;
+  const first = index * props.pageSize + 1;
+  const range = page && users?.length && page.total > users.length
+    ? `${formatInt(first)}–${formatInt(first + users.length - 1)} of ${
+      formatCount(page.total, "user")
+    }`
+    : page
+    ? formatCount(page.total, "user")
+    : "Loading…";
 
   return (
     <section class="card" aria-labelledby="users-title">
       <div class="card-head">
         <h2 id="users-title">Users</h2>
-        <p class="muted small">
-          {users ? formatCount(users.length, "user") : "Loading…"}
-          {" · "}usage over the last 30 days
+        <p class="muted small" data-testid="users-range" aria-live="polite">
+          {range} · by cost over the last 30 days
         </p>
       </div>
-      <div class="sort-narrow">
-        <label for="users-sort">Sort by</label>
-        <select
-          id="users-sort"
-          value={`${sort.key}:${sort.desc ? "desc" : "asc"}`}
-          onChange={(e) => {
-            const [key, dir] = e.currentTarget.value.split(":");
-            setSort({ key: key as SortKey, desc: dir === "desc" });
-          }}
-        >
-          {SORTS.map(([key, label]) => (
-            <option key={key} value={`${key}:${numeric(key) ? "desc" : "asc"}`}>
-              {label}
-              {numeric(key) ? " (highest first)" : " (A–Z)"}
-            </option>
-          ))}
-        </select>
-      </div>
+      <form
+        class="users-filters"
+        role="search"
+        aria-label="Users"
+        onSubmit={(e) => e.preventDefault()}
+      >
+        <div class="field">
+          <label for="users-query">Search e-mail or user id</label>
+          <input
+            id="users-query"
+            type="search"
+            autocomplete="off"
+            spellcheck={false}
+            maxLength={200}
+            value={query}
+            placeholder="ada@example.com or user_…"
+            onInput={(e) => setQuery(e.currentTarget.value)}
+            data-testid="users-query"
+          />
+        </div>
+        <div class="field">
+          <label for="users-status">Status</label>
+          <select
+            id="users-status"
+            value={status}
+            onChange={(e) => setStatus(e.currentTarget.value as StatusFilter)}
+            data-testid="users-status"
+          >
+            {STATUS_OPTIONS.map(([value, label]) => (
+              <option key={value} value={value}>{label}</option>
+            ))}
+          </select>
+        </div>
+      </form>
       <p role="status" class={notice ? `notice notice-${notice.kind}` : "sr-only"}>
         {notice?.text ?? ""}
       </p>
       {error && <p class="notice notice-error" role="alert">{error}</p>}
-      <div class="table-wrap users-wrap">
+      <div class="table-wrap users-wrap" aria-busy={loading}>
         <table data-testid="users-table" class="users-table">
+          <caption class="sr-only">Users, highest 30-day cost first</caption>
           <thead>
             <tr>
-              {header("user", "User")}
-              {header("status", "Status")}
+              <th scope="col">User</th>
+              <th scope="col">Status</th>
               <th scope="col">Limits</th>
-              {header("createdAt", "Created")}
-              {header("lastActive", "Last active")}
-              {header("requests", "Requests", true)}
-              {header("tokens", "Tokens", true)}
-              {header("cost", "Cost", true)}
+              <th scope="col">Last active</th>
+              <th scope="col" class="num">Requests</th>
+              <th scope="col" class="num">Tokens</th>
+              <th scope="col" class="num">Cost</th>
               <th scope="col" class="num">Actions</th>
             </tr>
           </thead>
           <tbody>
-            {sorted === null && !error && [0, 1, 2].map((i) => (
+            {users === null && !error && [0, 1, 2].map((i) => (
               <tr key={i}>
                 <td colSpan={COLUMNS}>
                   <span class="skeleton" style={{ width: "100%" }}>loading</span>
                 </td>
               </tr>
             ))}
-            {sorted?.length === 0 && (
+            {users?.length === 0 && (
               <tr>
-                <td colSpan={COLUMNS} class="muted">No users yet.</td>
+                <td colSpan={COLUMNS} class="muted" data-testid="users-empty">
+                  {query.trim() || status ? "No user matches." : "No users yet."}
+                </td>
               </tr>
             )}
-            {sorted?.map((u) => {
+            {users?.map((u) => {
               const overrides = overridesText(u.limits);
+              const name = u.email ?? u.userId;
               return (
                 <Fragment key={u.userId}>
                   <tr data-user-id={u.userId} class="user-row">
                     <td data-label="User" class="cell-user">
-                      <a href={`/admin/users/${encodeURIComponent(u.userId)}`}>
-                        {u.email ?? u.userId}
-                      </a>
-                      <div class="muted small">
-                        <code>{u.userId}</code>
-                        {u.keyPrefix && (
-                          <>
-                            {" · "}key <code>{u.keyPrefix}…</code>
-                          </>
-                        )}
+                      <div
+                        class="user-line"
+                        title={`${u.email ? `${u.email} · ` : ""}${u.userId} · created ${
+                          formatDate(u.createdAt)
+                        }`}
+                      >
+                        <a href={`/admin/users/${encodeURIComponent(u.userId)}`}>{name}</a>
+                        {u.email && <code class="muted small">{u.userId}</code>}
                       </div>
                     </td>
                     <td data-label="Status">
-                      <span
-                        class={`status ${
-                          u.status === "active"
-                            ? "status-ok"
-                            : u.status === "disabled"
-                            ? "status-warn"
-                            : "status-danger"
-                        }`}
-                        data-testid="user-status"
-                      >
-                        {u.status}
-                      </span>
+                      <StatusBadge user={u} />
                     </td>
-                    <td data-label="Limits" data-testid="user-limits" class="small">
+                    <td
+                      data-label="Limits"
+                      data-testid="user-limits"
+                      class="small"
+                      title={overrides ?? undefined}
+                    >
                       {overrides ?? <span class="muted">Defaults</span>}
                     </td>
-                    <td data-label="Created" class="nowrap">{formatDate(u.createdAt)}</td>
-                    <td data-label="Last active" class="nowrap" data-testid="user-last-active">
-                      {u.lastActive ? formatDay(u.lastActive) : <span class="muted">None</span>}
+                    <td data-label="Last active" data-testid="user-last-active">
+                      {u.lastActiveAt ? formatDay(u.lastActiveAt) : <span class="muted">None</span>}
                     </td>
                     <td data-label="Requests" class="num">{formatInt(u.usage30d.requests)}</td>
                     <td data-label="Tokens" class="num">{formatTokens(u.usage30d.totalTokens)}</td>
-                    <td data-label="Cost" class="num">{formatUsd(u.usage30d.costUsd)}</td>
+                    <td data-label="Cost" class="num" data-testid="user-cost">
+                      {formatUsd(u.usage30d.costUsd)}
+                    </td>
                     <td data-label="Actions">
                       <div class="row-actions">
                         <StatusControl
@@ -241,7 +284,7 @@ export default function AdminUsers(props: AdminUsersProps) {
                             type="button"
                             class="btn btn-sm"
                             aria-expanded={editing === u.userId}
-                            aria-label={`Limits of ${u.email ?? u.userId}`}
+                            aria-label={`Limits of ${name}`}
                             onClick={() => setEditing(editing === u.userId ? null : u.userId)}
                           >
                             Limits
@@ -273,6 +316,29 @@ export default function AdminUsers(props: AdminUsersProps) {
           </tbody>
         </table>
       </div>
+      {page && (index > 0 || page.next) && (
+        <nav class="pager" aria-label="Users pages">
+          <button
+            type="button"
+            class="btn btn-sm"
+            disabled={index === 0 || loading}
+            onClick={() => go(cursors.slice(0, -1))}
+            data-testid="users-prev"
+          >
+            ← Previous
+          </button>
+          <span class="small muted">Page {formatInt(index + 1)}</span>
+          <button
+            type="button"
+            class="btn btn-sm"
+            disabled={!page.next || loading}
+            onClick={() => page.next && go([...cursors, page.next])}
+            data-testid="users-next"
+          >
+            Next →
+          </button>
+        </nav>
+      )}
     </section>
   );
 }

@@ -305,6 +305,8 @@ function StateBanner(
       </section>
     );
   }
+  // The service cannot serve anyone: that, not the user's own state, is what their editor meets.
+  if (usage?.service?.status === "unavailable") return <ServiceDown service={usage.service} />;
   if (state.status === "paused") {
     const until = Date.parse(state.until);
     return (
@@ -355,6 +357,35 @@ function StateBanner(
         {usage && usage.limits.budgetUsdMonthly !== null && usage.remaining.budgetUsd !== null
           ? `, ${formatUsd(usage.remaining.budgetUsd)} of this month's budget`
           : ""}. Daily limits reset at 00:00 UTC.
+      </p>
+    </section>
+  );
+}
+
+/** No GLM_API_KEY, or GLM refuses every pool key: every request gets 503, whoever sends it. */
+function ServiceDown(
+  { service }: { service: Extract<NonNullable<UsageView["service"]>, { status: "unavailable" }> },
+) {
+  return (
+    <section
+      class="account-state account-state-danger"
+      data-testid="account-state"
+      data-status="service-unavailable"
+      aria-labelledby="state-title"
+    >
+      <h2 id="state-title">
+        <span class="status status-danger">Unavailable</span>
+        Not your key: the service is unavailable
+      </h2>
+      <p>
+        {service.reason === "not_configured"
+          ? "This Keyway instance has no upstream GLM key configured yet, so every request gets 503 not_configured."
+          : "The operator's GLM account is refusing requests (its key or its balance), so every request gets 503 upstream_unavailable."}
+        {service.since ? ` Since ${formatDateTime(service.since)}.` : ""}{" "}
+        Your key and your editor's settings are fine, and nothing is counted against your limits.
+        {service.reason === "not_configured"
+          ? " The operator has to set GLM_API_KEY; try again later."
+          : " The operator has been alerted; try again later."}
       </p>
     </section>
   );

@@ -216,7 +216,7 @@ export default function UserActions(props: UserActionsProps) {
           selfId={props.selfId}
           mode={props.mode}
           onChange={(u) =>
-            setUser({ ...user, ...u, usage30d: user.usage30d, lastActive: user.lastActive })}
+            setUser({ ...user, ...u, usage30d: user.usage30d, lastActiveAt: user.lastActiveAt })}
           onNotice={setNotice}
         />
       </div>
@@ -243,7 +243,7 @@ export default function UserActions(props: UserActionsProps) {
           defaults={props.defaults}
           mode={props.mode}
           onSaved={(u) =>
-            setUser({ ...user, ...u, usage30d: user.usage30d, lastActive: user.lastActive })}
+            setUser({ ...user, ...u, usage30d: user.usage30d, lastActiveAt: user.lastActiveAt })}
           onNotice={setNotice}
         />
       )}

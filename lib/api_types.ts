@@ -49,6 +49,19 @@ export type AccountStateBody =
     until: string;
   };
 
+/**
+ * Whether the service can serve anyone (not the caller's own state): `not_configured` (no
+ * GLM_API_KEY) or `no_key_in_service` (GLM refuses every pool key: rejected, or the balance spent).
+ */
+export type ServiceStateBody =
+  | { status: "ok" }
+  | {
+    status: "unavailable";
+    reason: "not_configured" | "no_key_in_service";
+    /** Since when (ISO), when known. */
+    since: string | null;
+  };
+
 /** GET /api/usage. */
 export interface UsageBody {
   userId: string;
@@ -67,6 +80,8 @@ export interface UsageBody {
   /** Spend this UTC month (metered; reservations of requests in flight not included). */
   thisMonth: { costUsd: number };
   state: AccountStateBody;
+  /** Whether the service can serve at all (GET /api/usage and the dashboard). */
+  service?: ServiceStateBody;
 }
 
 /** One key's usage in GET /api/usage. */
@@ -94,21 +109,32 @@ export interface DeviceStartBody {
 export interface AdminUserBody {
   userId: string;
   email: string | null;
-  status: "active" | "disabled" | "deleted";
+  /** `paused`: active, but a spent limit refuses every request until it resets. */
+  status: "active" | "paused" | "disabled" | "deleted";
+  /** What a paused user has used up (the limit that keeps them paused longest); else null. */
+  pausedBy: "requests" | "tokens" | "budget" | null;
+  /** When a paused user's requests work again (ISO); else null. */
+  pausedUntil: string | null;
   createdAt: string;
+  /** The latest UTC day (YYYY-MM-DD) with usage in the last 30 days. */
+  lastActiveAt: string | null;
   keyPrefix: string | null;
+  /** Keys the user holds. */
+  keys: number;
   /** The overrides; the defaults apply to the fields not set. */
   limits: LimitOverridesBody;
   /** The limits in force. */
   effectiveLimits: LimitsBody;
-  /** The latest UTC day (YYYY-MM-DD) with usage in the last 30 days. */
-  lastActive: string | null;
   usage30d: { requests: number; totalTokens: number; costUsd: number };
 }
 
-/** GET /api/admin/users. */
+/** GET /api/admin/users: one page, ordered by 30-day cost (highest first). */
 export interface AdminUsersBody {
   users: AdminUserBody[];
+  /** The cursor of the next page, or null on the last. */
+  next: string | null;
+  /** Users matching the query and status, over all pages. */
+  total: number;
 }
 
 /** POST /api/admin/users/:id/{disable,enable}, PUT /api/admin/users/:id/limits. */

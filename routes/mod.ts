@@ -22,6 +22,25 @@ import { connectPageRoutes } from "./pages/connect.tsx";
 import { gatewayHandler, v1Routes } from "./v1.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
 import { inMiB } from "../lib/gateway/request_body.ts";
+import { describeRoute, openApiRoutes } from "./openapi.ts";
+import { z } from "zod";
+
+describeRoute({
+  method: "get",
+  path: "/health",
+  summary: "200 once KV answers",
+  caller: "anyone",
+  ok: { description: "Up.", schema: z.object({ ok: z.literal(true) }) },
+  errors: [500],
+});
+describeRoute({
+  method: "get",
+  path: "/api/hello",
+  summary: "Claude Code's probe: an empty 200",
+  caller: "anyone",
+  ok: { description: "Empty.", empty: true },
+  errors: [],
+});
 
 const KIB = 1024;
 
@@ -137,6 +156,7 @@ export function createApp(services: Services) {
 
   // Claude Code probes this before every run; an empty 200 keeps it quiet (HEAD answers too).
   app.get("/api/hello", (c) => c.body(null, 200));
+  app.route("/", openApiRoutes(services));
 
   app.route("/api", keyRoutes(services));
   app.route("/api", keysRoutes(services));

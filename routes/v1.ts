@@ -5,6 +5,46 @@ import type { Services } from "../lib/core/services.ts";
 import type { Protocol } from "../lib/gateway/protocol.ts";
 import { PROTOCOLS } from "../lib/gateway/protocols/mod.ts";
 import type { AppEnv } from "./context.ts";
+import { describeRoute } from "./openapi.ts";
+import { ModelListSchema, ModelSchema, UpstreamAnswerSchema } from "../lib/api_schemas.ts";
+import { z } from "zod";
+
+for (const protocol of PROTOCOLS) {
+  describeRoute({
+    method: "post",
+    path: protocol.route,
+    summary: protocol.metered
+      ? `${protocol.route.slice(4)}: forwarded to GLM, limited and metered`
+      : `${protocol.route.slice(4)}: forwarded to GLM (its own per-minute limit, not metered)`,
+    description: "Fields the gateway does not check pass through untouched; the answer is " +
+      "relayed as it arrives. Proxy mode only (404 in shared mode).",
+    caller: protocol.route.startsWith("/v1/messages") ? "anthropicKey" : "apiKey",
+    body: protocol.body,
+    ok: {
+      description: "The upstream's answer: JSON, or an SSE stream when the body asks for one.",
+      schema: UpstreamAnswerSchema,
+      sse: protocol.metered && protocol.route !== "/v1/embeddings",
+    },
+    errors: [400, 401, 403, 404, 413, 429, 502, 503, 504],
+  });
+}
+describeRoute({
+  method: "get",
+  path: "/v1/models",
+  summary: "The models this gateway serves",
+  caller: "anthropicKey",
+  ok: { description: "The allowed models.", schema: ModelListSchema },
+  errors: [401, 403, 404],
+});
+describeRoute({
+  method: "get",
+  path: "/v1/models/:id{.+}",
+  summary: "One model (an alias resolves to its target)",
+  caller: "anthropicKey",
+  params: z.object({ id: z.string().min(1) }),
+  ok: { description: "The model.", schema: ModelSchema },
+  errors: [401, 403, 404],
+});
 
 export function v1Routes(services: Services) {
   const app = new Hono<AppEnv>();

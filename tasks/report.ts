@@ -10,6 +10,8 @@ import {
 } from "../lib/reports/report.ts";
 import { UsageError } from "../lib/core/cli.ts";
 import { progressLine } from "./progress.ts";
+import { resolveReportUser } from "../lib/reports/report_user.ts";
+import { formatCount, printable } from "../lib/core/format.ts";
 
 async function main(args: string[]): Promise<number> {
   let flags;
@@ -29,14 +31,31 @@ async function main(args: string[]): Promise<number> {
   const { config, kv } = opened;
   const progress = progressLine();
   try {
+    const user = flags.userId === undefined ? undefined : await resolveReportUser(kv, flags.userId);
+    if (user && "ambiguous" in user) {
+      console.error(
+        `deno task report: --user ${printable(flags.userId!)} is the e-mail of ${
+          formatCount(user.ambiguous.length, "user")
+        } (${user.ambiguous.map(printable).join(", ")}); give one user id instead`,
+      );
+      return 2;
+    }
     const report = await buildReport(kv, config.pricing, {
       from: flags.from,
       to: flags.to,
-      userId: flags.userId,
+      userId: user?.userId,
       perDay: flags.format === "csv",
       onProgress: ({ day, index, total }) => progress(`reading ${day} (${index + 1}/${total})…`),
     });
     progress.done();
+    if (user && !user.known && !report.users.length) {
+      console.error(
+        `deno task report: --user ${
+          printable(flags.userId!)
+        } matches no user: no user has that id or e-mail, and no usage from ${flags.from} to ${flags.to} carries that id`,
+      );
+      return 2;
+    }
     if (flags.format === "csv") {
       for (const part of reportCsvParts(report)) await writeAll(part);
     } else {

@@ -1,11 +1,11 @@
 /** `deno task summarize`: runs the cost-summary job once (the code the cron runs) and says what it did. */
 import { parseFlags, UsageError } from "../lib/core/cli.ts";
 import { secretsOf } from "../lib/core/config.ts";
-import { formatCount, formatInt, formatUsdFixed } from "../lib/core/format.ts";
+import { formatCount, formatInt, formatUsd } from "../lib/core/format.ts";
 import { serverKv } from "./server_kv.ts";
 import { createLogger } from "../lib/core/log.ts";
 import { summarizeCosts, type SummarizeResult } from "../lib/reports/summary.ts";
-import { costDecimals, renderTable } from "../lib/reports/text_table.ts";
+import { renderTable } from "../lib/reports/text_table.ts";
 import { Events } from "../lib/alerts/deliver.ts";
 import { progressLine } from "./progress.ts";
 
@@ -26,7 +26,6 @@ export function summarizeText(result: SummarizeResult): string {
     ` (${took}).`,
     "",
   ];
-  const decimals = costDecimals(result.days.map((d) => d.costUsd));
   const sum = (pick: (d: SummarizeResult["days"][number]) => number) =>
     result.days.reduce((n, d) => n + pick(d), 0);
   const late = result.days.filter((d) => !d.written);
@@ -38,14 +37,14 @@ export function summarizeText(result: SummarizeResult): string {
         formatInt(d.users),
         formatInt(d.requests),
         formatInt(d.totalTokens),
-        formatUsdFixed(d.costUsd, decimals),
+        formatUsd(d.costUsd),
       ]),
       [
         "Total",
         "",
         formatInt(sum((d) => d.requests)),
         formatInt(sum((d) => d.totalTokens)),
-        formatUsdFixed(sum((d) => d.costUsd), decimals),
+        formatUsd(sum((d) => d.costUsd)),
       ],
       1,
     ),

@@ -32,7 +32,7 @@ export interface KeywayContext {
   extension: { id: string };
 }
 
-/** Keyway's key answer (CONTRACT §5: the `/api/key` success body). */
+/** Keyway's key answer (the `/api/key` success body: `Key` in Keyway's /openapi.json). */
 export interface KeywayKey {
   apiKey: string;
   /** OpenAI-compatible base URL (`…/v1`). */
@@ -54,7 +54,7 @@ export interface KeywayKey {
   };
 }
 
-/** Keyway's answer to a device-code start (CONTRACT §5, RFC 8628). */
+/** Keyway's answer to a device-code start (`DeviceStart` in Keyway's /openapi.json, RFC 8628). */
 export interface KeywayDeviceStart {
   deviceCode: string;
   userCode: string;

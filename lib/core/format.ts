@@ -44,9 +44,12 @@ export function formatCompact(n: number): string {
   return Math.abs(n) >= 10_000 ? COMPACT.format(n) : INT.format(n);
 }
 
-/** Money for people: "$1,234.56", "<$0.01" for a non-zero amount under a cent, "$0.00". */
+/**
+ * Money for people, the same on every page, table and task: "$1,234.56", "<$0.01" for a
+ * non-zero amount under a cent (never rounded up to a cent it is not), "$0.00".
+ */
 export function formatUsd(n: number): string {
-  if (n > 0 && n < 0.005) return "<$0.01";
+  if (n > 0 && n < 0.01) return "<$0.01";
   return USD.format(n);
 }
 
@@ -139,4 +142,15 @@ export function formatAgo(ms: number): string {
   const seconds = Math.max(0, Math.floor(ms / 1000));
   if (seconds < 60) return `${formatCount(seconds, "second")} ago`;
   return `${formatWait(Math.floor(ms / 60_000) * 60_000)} ago`;
+}
+
+/**
+ * Text from people's input (e-mails, ids, model names) made safe to print or export: control
+ * characters (terminal escape sequences among them), the bidi embeddings, overrides and isolates
+ * (U+202A–202E, U+2066–2069, which reorder what a terminal or spreadsheet shows) and the line and
+ * paragraph separators removed.
+ */
+export function printable(text: string): string {
+  // deno-lint-ignore no-control-regex
+  return text.replace(/[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g, "");
 }

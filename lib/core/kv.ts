@@ -37,6 +37,9 @@ export const keys = {
   upstreamKeyHelds: () => ["upstream_key_held"] as const,
   /** A pool key GLM refused, left out until the entry expires (UPSTREAM_KEY_COOLDOWN_MS). */
   upstreamKeyCooldown: (keyId: string) => ["upstream_key_cooldown", keyId] as const,
+  /** Requests refused because no pool key was in service, per UTC minute (KvU64 sum). */
+  upstreamRefusals: (minute?: number) =>
+    minute === undefined ? ["upstream_refusals"] as const : ["upstream_refusals", minute] as const,
   /** Slots of a model one user holds (KvU64 sum), for UPSTREAM_USER_SHARE. */
   upstreamUserHeld: (model: string, userId: string) =>
     ["upstream_user_held", model, userId] as const,

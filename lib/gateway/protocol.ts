@@ -3,6 +3,7 @@
  * its caller's key comes from, its body's schema and token estimate, its upstream URL and how its
  * answers carry usage. The gateway serves them all one way: auth → admit → forward → settle.
  */
+import type { z } from "zod";
 import type { Config } from "../core/config.ts";
 import type { AppError } from "../core/errors.ts";
 import type { UsageMeter } from "./meter.ts";
@@ -22,6 +23,8 @@ export interface ParsedRequest {
 export interface Protocol {
   /** The route, as logs name it. */
   readonly route: string;
+  /** The body's schema (what parseBody checks), for the OpenAPI document. */
+  readonly body: z.ZodType;
   /** Counted against the limits and metered; count_tokens is neither. */
   readonly metered: boolean;
   /** Request headers relayed upstream (the operator's key replaces the caller's). */

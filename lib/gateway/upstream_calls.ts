@@ -70,6 +70,7 @@ export class UpstreamCalls {
 
   async noKeyInService(call: Call, lease: Settlement): Promise<AppError> {
     this.alerts.unavailable(call.model, this.pool.keys.map((k) => k.hint));
+    this.pool.countRefused();
     return await new RequestEnd(lease, this.log, {
       id: call.requestId,
       route: call.protocol.route,
@@ -217,6 +218,7 @@ export class UpstreamCalls {
           continue;
         }
         this.alerts.unavailable(model, this.pool.keys.map((k) => k.hint));
+        this.pool.countRefused();
       }
       await end.settle(null, refusal.error.status, "not_served", refusal.alert);
       throw new AppError(

@@ -5,12 +5,12 @@
 import { z } from "zod";
 import { flagIssue, parseFlags, UsageError } from "../core/cli.ts";
 import { systemClock } from "../core/clock.ts";
-import { formatCount, formatInt, formatUsdFixed } from "../core/format.ts";
+import { formatCount, formatInt, formatUsd, printable } from "../core/format.ts";
 import { keys, u64 } from "../core/kv.ts";
 import { getManyChunked } from "../core/kv_ops.ts";
 import { costUsd, priceOf, type Pricing, roundUsd } from "../usage/pricing.ts";
 import { readDaySummary, type SummaryMeta } from "./summary.ts";
-import { clip, costDecimals, renderTable } from "./text_table.ts";
+import { clip, renderTable } from "./text_table.ts";
 import { readDayCounters, type UsageRow } from "../usage/read.ts";
 import type { UsageTotals } from "../usage/totals.ts";
 import type { UserRecord } from "../identity/users.ts";
@@ -204,20 +204,23 @@ export function* reportCsvParts(report: Report, linesPerPart = 5000): Generator<
 }
 
 /**
- * One CSV cell. A text that a spreadsheet would read as a formula (it starts with `=`, `+`, `-`,
- * `@`, a tab or a carriage return) is prefixed with `'` (OWASP's CSV injection advice); numbers
- * are written as numbers.
+ * One CSV cell: control characters and bidi overrides removed (as in the table), then a text that
+ * a spreadsheet would read as a formula (it starts with `=`, `+`, `-`, `@`, a tab or a carriage
+ * return) prefixed with `'` (OWASP's CSV injection advice); numbers are written as numbers.
  */
 export function csvField(value: string | number | null): string {
-  let text = value === null ? "" : String(value);
+  let text = value === null ? "" : typeof value === "string" ? csvText(value) : String(value);
   if (typeof value === "string" && /^[=+\-@\t\r]/.test(text)) text = `'${text}`;
   return /[",\r\n]/.test(text) ? `"${text.replaceAll('"', '""')}"` : text;
 }
 
-/** A text for a terminal: control characters (escape sequences among them) removed (§7). */
-export function printable(text: string): string {
-  // deno-lint-ignore no-control-regex
-  return text.replace(/[\u0000-\u001f\u007f-\u009f]/g, "");
+/**
+ * `printable`, but a tab or a carriage return stays: inside a quoted cell they are data, and a cell
+ * that starts with one gets the `'` prefix like a formula would (OWASP lists both).
+ */
+function csvText(text: string): string {
+  return text.split(/([\t\r])/).map((part) => /^[\t\r]$/.test(part) ? part : printable(part))
+    .join("");
 }
 
 /** The report for people: aligned per-user and per-model tables with totals rows. */
@@ -229,16 +232,12 @@ export function reportTable(report: Report): string {
     `Keyway usage ${report.from} → ${report.to} (${formatCount(dayCount, "UTC day")})`,
     "",
   ];
-  const decimals = costDecimals([
-    ...report.users.map((u) => u.costUsd),
-    ...report.models.map((m) => m.costUsd),
-  ]);
   const numbers = (t: UsageTotals) => [
     int(t.requests),
     int(t.promptTokens),
     int(t.completionTokens),
     int(t.totalTokens),
-    formatUsdFixed(t.costUsd, decimals),
+    formatUsd(t.costUsd),
   ];
   const numberHeads = ["Requests", "Prompt", "Completion", "Total tokens", "Cost"];
   out.push(
@@ -353,15 +352,18 @@ export interface ReportFlags {
 }
 
 export const REPORT_USAGE =
-  `Usage: deno task report [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--user ID]
+  `Usage: deno task report [--from YYYY-MM-DD] [--to YYYY-MM-DD] [--user ID|E-MAIL]
                         [--format table|json|csv]
 
 Usage and cost per user and model over UTC days, both ends included.
 
   --from YYYY-MM-DD   first day (default: 29 days before --to)
   --to YYYY-MM-DD     last day (default: today, UTC)
-  --user ID           only this user
-  --format FORMAT     table (default), json (CONTRACT §7) or csv (one row per user and day)
+  --user ID|E-MAIL    only this user (a user id, or the e-mail of one)
+  --format FORMAT     table (default), json or csv (one row per user and day)
+
+json is one document: {from, to, users, models, totals} (README, "Usage and cost report").
+An unknown --user is an error (exit 2), not an empty report.
   --help              this text
 `;
 
@@ -371,7 +373,7 @@ const day = (flag: string) =>
 const flagsSchema = z.object({
   from: day("--from").optional(),
   to: day("--to").optional(),
-  user: z.string().trim().min(1, { message: "--user needs a user id" }).optional(),
+  user: z.string().trim().min(1, { message: "--user needs a user id or an e-mail" }).optional(),
   format: z.enum(["table", "json", "csv"], { message: "--format must be table, json or csv" })
     .default("table"),
   help: z.literal(true).optional(),

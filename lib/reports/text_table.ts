@@ -18,13 +18,6 @@ export function renderTable(
   return [line(head), rule, ...rows.map(line), rule, line(total)];
 }
 
-/** Enough decimals that the smallest non-zero cost shows about three significant digits (2–6). */
-export function costDecimals(costs: number[]): number {
-  const smallest = Math.min(...costs.filter((c) => c > 0));
-  if (!Number.isFinite(smallest)) return 2;
-  return Math.min(6, Math.max(2, Math.ceil(-Math.log10(smallest)) + 2));
-}
-
 /** `text` cut to `max` characters, with an ellipsis when cut. */
 export function clip(text: string, max: number): string {
   const chars = [...text];

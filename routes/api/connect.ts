@@ -14,6 +14,8 @@ import { userDisabled } from "../../lib/limits/policy.ts";
 import { type AppEnv, jsonBody } from "../context.ts";
 import { addressBucket, clientAddress } from "../client_address.ts";
 import { issueKey, keyBody } from "./key.ts";
+import { describeRoute } from "../openapi.ts";
+import { DeviceStartSchema, KeyBodySchema } from "../../lib/api_schemas.ts";
 
 /**
  * The key an approval created, as the editor exchanges it: read now (revoked meanwhile →
@@ -50,6 +52,34 @@ const tokenSchema = z.object({
 });
 const deviceSchema = z.object({ client: clientName });
 const deviceTokenSchema = z.object({ deviceCode: z.string().min(1).max(100) });
+
+describeRoute({
+  method: "post",
+  path: "/api/connect/token",
+  summary: "Redeems a PKCE connect code for the app's own key",
+  caller: "anyone",
+  body: tokenSchema,
+  ok: { description: "The key of the approved app.", schema: KeyBodySchema },
+  errors: [400, 403],
+});
+describeRoute({
+  method: "post",
+  path: "/api/connect/device",
+  summary: "Starts a device-code connect flow (RFC 8628)",
+  caller: "anyone",
+  body: deviceSchema,
+  ok: { description: "The codes and where the user approves.", schema: DeviceStartSchema },
+  errors: [400, 429],
+});
+describeRoute({
+  method: "post",
+  path: "/api/connect/device/token",
+  summary: "Polls a device code: pending, slow down, denied, expired, or the key (once)",
+  caller: "anyone",
+  body: deviceTokenSchema,
+  ok: { description: "The key of the approved app.", schema: KeyBodySchema },
+  errors: [400, 403],
+});
 
 export function connectApiRoutes(services: Services) {
   const { config, connect } = services;

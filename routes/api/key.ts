@@ -7,6 +7,8 @@ import type { Profile, ProvisionResult } from "../../lib/identity/users.ts";
 import type { KeyBody } from "../../lib/api_types.ts";
 import { DEFAULT_KEY_ID } from "../../lib/identity/user_record.ts";
 import { type AppEnv, requireSession } from "../context.ts";
+import { describeRoute } from "../openapi.ts";
+import { KeyBodySchema } from "../../lib/api_schemas.ts";
 
 /** The key success body (CONTRACT §5), shared by /api/key and the connect flows. */
 export function keyBody(config: Config, result: ProvisionResult): KeyBody {
@@ -42,6 +44,34 @@ export async function issueKey(
   if (result.user.status === "disabled") throw userDisabled({});
   return result;
 }
+
+for (const [path, alias] of [["/api/key", ""], ["/api/auth/provision-user", " (alias)"]]) {
+  describeRoute({
+    method: "get",
+    path,
+    summary: `The caller's key, provisioning them if needed${alias}`,
+    caller: "session",
+    ok: { description: "The key.", schema: KeyBodySchema },
+    errors: [401, 403],
+  });
+  describeRoute({
+    method: "post",
+    path,
+    summary: `The caller's key: 201 when this call created it${alias}`,
+    caller: "session",
+    ok: { description: "The key existed.", schema: KeyBodySchema },
+    alsoOk: [{ status: 201, description: "This call created the key." }],
+    errors: [401, 403],
+  });
+}
+describeRoute({
+  method: "post",
+  path: "/api/key/rotate",
+  summary: "A new default key; the old one stops working at once",
+  caller: "session",
+  ok: { description: "The new key.", schema: KeyBodySchema },
+  errors: [401, 403, 429],
+});
 
 export function keyRoutes(services: Services) {
   const { config, users, clerkSync } = services;

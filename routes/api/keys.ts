@@ -11,9 +11,32 @@ import type { Services } from "../../lib/core/services.ts";
 import { listKeys } from "../../lib/usage/key_usage.ts";
 import type { KeysBody } from "../../lib/api_types.ts";
 import { type AppEnv, assertSameOrigin, parseWith, readSession } from "../context.ts";
+import { describeRoute } from "../openapi.ts";
+import { KeysBodySchema, OkSchema } from "../../lib/api_schemas.ts";
 
 const idSchema = z.object({
   id: z.string().regex(/^(default|k_[A-Za-z0-9_-]{22})$/, 'must be "default" or a key id (k_…)'),
+});
+
+describeRoute({
+  method: "get",
+  path: "/api/keys",
+  summary: "The caller's keys (the default key first), never their secrets",
+  caller: "session",
+  ok: { description: "Every key, with its 30-day usage and last use.", schema: KeysBodySchema },
+  errors: [401, 403],
+});
+describeRoute({
+  method: "delete",
+  path: "/api/keys/:id",
+  summary: "Revokes one connected app's key at once, across processes",
+  description: "A session may revoke any of its connected apps' keys; an app's own key " +
+    "(Authorization: Bearer kw_…) may revoke only itself. The default key cannot be deleted " +
+    "(rotate it instead).",
+  caller: "sessionOrKey",
+  params: idSchema,
+  ok: { description: "Revoked.", schema: OkSchema },
+  errors: [400, 401, 403, 404],
 });
 
 export function keysRoutes(services: Services) {

@@ -4,6 +4,10 @@ import { z } from "zod";
 import { AppError } from "../../lib/core/errors.ts";
 import { reportUsage, usageReport } from "../../lib/usage/usage.ts";
 import type { Services } from "../../lib/core/services.ts";
+import type { UsageBody } from "../../lib/api_types.ts";
+import { serviceState } from "../../lib/limits/upstream/outage.ts";
+import { describeRoute } from "../openapi.ts";
+import { UsageBodySchema } from "../../lib/api_schemas.ts";
 import { type AppEnv, jsonBody, parseWith, readSession, requireSession } from "../context.ts";
 
 const DAYS = "must be a whole number from 1 to 90";
@@ -18,6 +22,28 @@ const reportSchema = z.object({
   promptTokens: z.number().int().min(0).max(1e9),
   completionTokens: z.number().int().min(0).max(1e9),
 }).strict();
+
+describeRoute({
+  method: "get",
+  path: "/api/usage",
+  summary: "The caller's usage, limits, what is left, account state and service state",
+  caller: "sessionOrKey",
+  query: querySchema,
+  ok: { description: "Usage over the last `days` UTC days.", schema: UsageBodySchema },
+  errors: [400, 401],
+});
+describeRoute({
+  method: "post",
+  path: "/api/usage",
+  summary: "Shared key mode only: report one call made with the shared key",
+  caller: "session",
+  body: reportSchema,
+  ok: {
+    description: "Counted.",
+    schema: z.object({ ok: z.literal(true), remaining: UsageBodySchema.shape.remaining }),
+  },
+  errors: [400, 401, 403, 404, 429],
+});
 
 export function usageRoutes(services: Services) {
   const { config, gateway, kv, users } = services;
@@ -43,7 +69,11 @@ export function usageRoutes(services: Services) {
     const { days } = parseWith(querySchema, { days: c.req.query("days") }, "days");
     const userId = await callerId(c);
     c.header("cache-control", "no-store");
-    return c.json(await usageReport(kv, config, userId, days));
+    const [report, service] = await Promise.all([
+      usageReport(kv, config, userId, days),
+      serviceState(config, services.slots.pool),
+    ]);
+    return c.json({ ...report, service } satisfies UsageBody);
   });
 
   // Shared mode only: in proxy mode the gateway meters usage and this path is a plain 404.

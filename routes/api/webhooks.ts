@@ -3,6 +3,23 @@ import { Hono } from "hono";
 import type { Services } from "../../lib/core/services.ts";
 import { ClerkWebhooks } from "../../lib/clerk/webhooks.ts";
 import type { AppEnv } from "../context.ts";
+import { describeRoute } from "../openapi.ts";
+import { OkSchema } from "../../lib/api_schemas.ts";
+import { z } from "zod";
+
+describeRoute({
+  method: "post",
+  path: "/api/webhooks/clerk",
+  summary: "Clerk's user.created, user.updated and user.deleted (Svix-signed)",
+  description: "Verified with the svix-id, svix-timestamp and svix-signature headers.",
+  caller: "svix",
+  body: z.looseObject({ type: z.string(), data: z.looseObject({}) }),
+  ok: {
+    description: "Handled, a repeat (duplicate), or a type not handled (ignored).",
+    schema: OkSchema,
+  },
+  errors: [400, 413, 503],
+});
 
 export function webhookRoutes(services: Services) {
   const { config, kv, users, clerkSync, log, clock } = services;

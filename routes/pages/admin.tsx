@@ -10,6 +10,8 @@ import { z } from "zod";
 import { island } from "../../build/islands.ts";
 import { Layout, type LayoutProps } from "../../components/Layout.tsx";
 import { type AlertLine, UpstreamHealth } from "../../components/UpstreamHealth.tsx";
+import { OutageBanner } from "../../components/OutageBanner.tsx";
+import { currentOutage } from "../../lib/limits/upstream/outage.ts";
 import AdminUsersComponent from "../../islands/AdminUsers.tsx";
 import DailyChartComponent, { lastDays } from "../../islands/DailyChart.tsx";
 import UserActionsComponent from "../../islands/UserActions.tsx";
@@ -23,6 +25,7 @@ import {
   formatUsd,
 } from "../../lib/core/format.ts";
 import type { Session } from "../../lib/identity/sessions.ts";
+import { operatorCheck, operatorRefusal } from "../../lib/identity/operators.ts";
 import { operatorOverview } from "../../lib/reports/overview.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
@@ -33,6 +36,9 @@ import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 const AdminUsers = island("AdminUsers", AdminUsersComponent);
 const DailyChart = island("DailyChart", DailyChartComponent);
 const UserActions = island("UserActions", UserActionsComponent);
+
+/** Users per page of /admin's list (the API's default is 50; a page should fit a screen or two). */
+const USERS_PER_PAGE = 25;
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
 
@@ -58,7 +64,8 @@ export function adminRoutes(services: Services) {
     if (!session) {
       return { page: c.redirect(`/sign-in?redirect=${encodeURIComponent(path)}`, 303) };
     }
-    if (config.adminUserIds.has(session.userId)) return { session, layout };
+    const check = await operatorCheck(config, users, session.userId);
+    if (check.operator) return { session, layout };
     return {
       page: await render(
         c,
@@ -66,8 +73,10 @@ export function adminRoutes(services: Services) {
           <div class="error-page">
             <div class="code-big">403</div>
             <h1>Operators only</h1>
-            <p class="muted">
-              Your account ({session.userId}) is not an operator of this Keyway instance.
+            <p class="muted" data-testid="forbidden-reason">
+              {check.why === "not_listed"
+                ? `Your account (${session.userId}) is not an operator of this Keyway instance.`
+                : operatorRefusal(check.why)}
             </p>
             <a class="btn btn-primary" href="/dashboard">Back to your dashboard</a>
           </div>
@@ -102,11 +111,15 @@ export function adminRoutes(services: Services) {
     const who = await operator(c, "/admin");
     if (who.page) return who.page;
     const now = Date.now();
-    const [{ days, totals }, health, alerts] = await Promise.all([
+    const [{ days, totals }, health, alerts, outage] = await Promise.all([
       operatorOverview(services.kv, config.pricing, now),
       services.slots.health(now),
       recentAlerts(),
+      currentOutage(config, services.slots.pool),
     ]);
+    const refused = outage?.since != null
+      ? await services.slots.pool.refusedSince(outage.since)
+      : 0;
     const points = lastDays(
       30,
       new Map(days.map((d) => [d.day, {
@@ -117,7 +130,8 @@ export function adminRoutes(services: Services) {
     );
     return render(
       c,
-      <Layout title="Admin" {...who.layout} clerk={clerk}>
+      <Layout title="Admin" {...who.layout} clerk={clerk} wide>
+        {outage && <OutageBanner outage={outage} refused={refused} now={now} />}
         <div class="page-head">
           <div>
             <h1>Operator</h1>
@@ -152,7 +166,12 @@ export function adminRoutes(services: Services) {
           </div>
           <DailyChart points={points} kind="usd" title="Cost per day, last 30 days" />
         </section>
-        <AdminUsers mode={authMode} defaults={defaults} selfId={who.session.userId} />
+        <AdminUsers
+          mode={authMode}
+          defaults={defaults}
+          selfId={who.session.userId}
+          pageSize={USERS_PER_PAGE}
+        />
       </Layout>,
     );
   });
@@ -165,7 +184,7 @@ export function adminRoutes(services: Services) {
     if (!user) return await notFound(c, "No such user");
     const now = Date.now();
     const { view, usage } = await adminUserRead(services.kv, config, user, now);
-    const { usage30d: total, lastActive } = view;
+    const { usage30d: total, lastActiveAt: lastActive } = view;
     const points = lastDays(
       30,
       new Map(usage.days.map((d) => [d.date, {

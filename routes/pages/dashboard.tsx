@@ -9,6 +9,7 @@ import AutoProvisionComponent from "../../islands/AutoProvision.tsx";
 import ConnectedAppsComponent from "../../islands/ConnectedApps.tsx";
 import { listKeys } from "../../lib/usage/key_usage.ts";
 import { usageReport } from "../../lib/usage/usage.ts";
+import { serviceState } from "../../lib/limits/upstream/outage.ts";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
@@ -35,12 +36,14 @@ export function dashboardRoutes(services: Services) {
     if (!session) return c.redirect("/sign-in", 303);
     const shared = config.keyMode === "shared";
     // A failed read is not fatal: the island loads GET /api/usage itself.
-    const initialUsage = await usageReport(services.kv, config, session.userId, 30).catch(
-      (err) => {
+    const [report, service] = await Promise.all([
+      usageReport(services.kv, config, session.userId, 30).catch((err) => {
         services.log.warn("dashboard usage read failed", { error: String(err) });
         return null;
-      },
-    );
+      }),
+      serviceState(config, services.slots.pool),
+    ]);
+    const initialUsage = report && { ...report, service };
     return render(
       c,
       <Layout title="Dashboard" {...layout} clerk={clerk}>

@@ -6,6 +6,7 @@ import type { Config } from "../../lib/core/config.ts";
 import { IslandCollector } from "../../build/islands.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { LayoutProps } from "../../components/Layout.tsx";
+import { operatorCheck } from "../../lib/identity/operators.ts";
 import { type AppEnv, readSession } from "../context.ts";
 
 /** The Clerk Frontend API host encoded in a publishable key (`pk_test_` + base64 `host$`). */
@@ -80,7 +81,7 @@ export function pageShell(services: Services) {
     const layout: Omit<LayoutProps, "children" | "title"> = {
       localMode: config.localMode,
       signedInAs: label,
-      isAdmin: found ? config.adminUserIds.has(found.session.userId) : false,
+      isAdmin: found ? (await operatorCheck(config, users, found.session.userId)).operator : false,
       path,
       supportUrl: config.supportUrl,
     };

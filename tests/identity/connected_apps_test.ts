@@ -227,6 +227,15 @@ Deno.test("connected apps: the operator's per-user page has a column per key", a
     assert.match(table, /Default key/);
     assert.match(table, /Helix &lt;editor>/, "the name, escaped");
     assert.match(table, /<td class="num" data-label="Requests">1<\/td>/);
+    // The operator's list counts every key: the default one and the app's.
+    const list = await app.request("/api/admin/users?query=user_x", {
+      headers: { authorization: `Bearer ${op}` },
+    });
+    assert.equal(list.status, 200);
+    const { users } = await list.json();
+    assert.deepEqual(users.map((u: { userId: string; keys: number }) => [u.userId, u.keys]), [
+      ["user_x", 2],
+    ]);
   } finally {
     await app.close();
     await glm.close();

@@ -162,7 +162,8 @@ Deno.test("format: one way to write numbers, money and dates", () => {
   assert.equal(formatUsd(1234.56), "$1,234.56");
   assert.equal(formatUsd(0.03), "$0.03");
   assert.equal(formatUsd(0.0036), "<$0.01");
-  assert.equal(formatUsd(0.005), "$0.01", "rounds like every other amount from half a cent");
+  assert.equal(formatUsd(0.005), "<$0.01", "below a cent, never rounded up to one");
+  assert.equal(formatUsd(0.01), "$0.01");
   assert.equal(formatUsd(0), "$0.00");
   assert.equal(formatUsdFixed(1.50028, 5), "$1.50028");
   assert.equal(formatUsdFixed(1234.5, 2), "$1,234.50");

@@ -36,9 +36,9 @@ Deno.test("summarize: an aligned table of the days written, with totals, in peop
   // Every row is as wide as the header: the columns line up.
   const table = lines.slice(2, 9);
   assert.equal(new Set(table.map((l) => l.length)).size, 1, table.join("\n"));
-  assert.match(lines[5], /^2026-11-21\s+1,204\s+1,234,567\s+98,765,432\s+\$41\.5000$/);
-  assert.match(lines[6], /^2026-11-22 \*\s+1\s+1\s+9,900\s+\$0\.0123$/);
-  assert.match(lines[8], /^Total\s+1,234,577\s+98,785,232\s+\$41\.5246$/);
+  assert.match(lines[5], /^2026-11-21\s+1,204\s+1,234,567\s+98,765,432\s+\$41\.50$/);
+  assert.match(lines[6], /^2026-11-22 \*\s+1\s+1\s+9,900\s+\$0\.01$/);
+  assert.match(lines[8], /^Total\s+1,234,577\s+98,785,232\s+\$41\.52$/);
   assert.match(text, /\* Another run wrote this day's summary first/);
   assert.match(text, /1 budget alert queued/);
   // No internal words.

@@ -121,6 +121,7 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
         "days",
         "limits",
         "remaining",
+        "service",
         "state",
         "thisMonth",
         "today",

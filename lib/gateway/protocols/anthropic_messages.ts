@@ -23,6 +23,7 @@ const RELAYED = ["accept", "anthropic-version", "anthropic-beta"] as const;
 
 export const anthropicMessages: Protocol = {
   route: "/v1/messages",
+  body: schema,
   metered: true,
   relayedHeaders: RELAYED,
   upstreamUrl: (config) => `${config.glm.anthropicBaseUrl}/v1/messages`,
@@ -60,6 +61,7 @@ const countSchema = z.looseObject({
 /** POST /v1/messages/count_tokens: relayed, not metered, not counted against limits. */
 export const anthropicCountTokens: Protocol = {
   route: "/v1/messages/count_tokens",
+  body: countSchema,
   metered: false,
   relayedHeaders: RELAYED,
   upstreamUrl: (config) => `${config.glm.anthropicBaseUrl}/v1/messages/count_tokens`,

@@ -13,6 +13,7 @@ const schema = z.looseObject({
 
 export const openaiChat: Protocol = {
   route: "/v1/chat/completions",
+  body: schema,
   metered: true,
   relayedHeaders: ["accept"],
   upstreamUrl: (config) => `${config.glm.baseUrl}/chat/completions`,

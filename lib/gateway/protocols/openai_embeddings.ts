@@ -17,6 +17,7 @@ const schema = z.looseObject({
 
 export const openaiEmbeddings: Protocol = {
   route: "/v1/embeddings",
+  body: schema,
   metered: true,
   relayedHeaders: ["accept"],
   upstreamUrl: (config) => `${config.glm.baseUrl}/embeddings`,

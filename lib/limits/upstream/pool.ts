@@ -30,13 +30,24 @@ interface Cooldown {
   until: number;
   /** Why: "key_rejected" or "balance_exhausted". */
   reason: string;
+  /**
+   * When GLM began refusing this key: kept when it is refused again within STREAK_MS of its
+   * cool-down's end (tried again and refused again), so an outage keeps its start.
+   */
+  since?: number;
 }
+
+/** A key refused again this soon after its cool-down ended is still in the same refusal. */
+const STREAK_MS = 60_000;
+const MINUTE_MS = 60_000;
 
 export interface PoolKeyStatus {
   hint: string;
   /** null while in service; else until when it is left out (ms since the epoch) and why. */
   coolingUntil: number | null;
   reason: string | null;
+  /** While left out: since when GLM has refused it (ms since the epoch). */
+  since: number | null;
 }
 
 export class KeyPool {
@@ -94,12 +105,43 @@ export class KeyPool {
 
   /** Leaves a key out of the pool for UPSTREAM_KEY_COOLDOWN_MS, across processes. */
   async coolDown(key: PoolKey, reason: string): Promise<void> {
-    const until = this.clock() + this.cooldownMs;
-    this.cooling.set(key.id, { until, reason });
-    // KV drops an expired entry some time after it expires: `until` is what counts.
-    await this.kv.set(keys.upstreamKeyCooldown(key.id), { until, reason } satisfies Cooldown, {
-      expireIn: this.cooldownMs,
+    const now = this.clock();
+    const until = now + this.cooldownMs;
+    const before = this.cooling.get(key.id);
+    const since = before && before.until + STREAK_MS >= now ? (before.since ?? now) : now;
+    const cooldown: Cooldown = { until, reason, since };
+    this.cooling.set(key.id, cooldown);
+    // KV drops an expired entry some time after it expires: `until` is what counts. It is kept
+    // a little longer than the cool-down, so a refusal right after it ends keeps `since`.
+    await this.kv.set(keys.upstreamKeyCooldown(key.id), cooldown, {
+      expireIn: this.cooldownMs + STREAK_MS,
     }).catch(() => {}); // KV unreachable: this process leaves it out all the same
+  }
+
+  /**
+   * Counts a request refused because no key was in service (503 upstream_unavailable), for the
+   * operator's outage banner: a sum per UTC minute, written off the request's own commits.
+   */
+  countRefused(): void {
+    const minute = Math.floor(this.clock() / MINUTE_MS);
+    this.kv.atomic().sum(keys.upstreamRefusals(minute), 1n).commit().catch(() => {});
+  }
+
+  /** Requests refused with no key in service from `since` on (to the minute). */
+  async refusedSince(since: number): Promise<number> {
+    const first = Math.floor(since / MINUTE_MS);
+    let n = 0;
+    const old: Deno.KvKey[] = [];
+    for await (
+      const e of this.kv.list<Deno.KvU64>({ prefix: keys.upstreamRefusals() }, { batchSize: 500 })
+    ) {
+      const minute = Number(e.key[1]);
+      if (minute >= first) n += Number(e.value.value);
+      else if (minute < first - 7 * 24 * 60) old.push(e.key);
+    }
+    // Sums cannot expire: counts of outages over a week old are dropped here, a few at a time.
+    for (const key of old.slice(0, 100)) await this.kv.delete(key).catch(() => {});
+    return n;
   }
 
   /** Each key's state, for /admin (hints only). */
@@ -114,6 +156,7 @@ export class KeyPool {
         hint: k.hint,
         coolingUntil: cooling?.until ?? null,
         reason: cooling?.reason ?? null,
+        since: cooling ? (cooling.since ?? cooling.until - this.cooldownMs) : null,
       };
     });
   }

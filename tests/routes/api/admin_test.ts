@@ -56,7 +56,7 @@ Deno.test("operator API", async (t) => {
         costUsd: 1.700031, // 0.6 + 1.1 + (100 × 0.2 + 10 × 1.1) / 1e6, rounded to the nano-dollar
       });
       // The latest UTC day with usage in the window, and the limits in force.
-      assert.equal(a.lastActive, new Date(now).toISOString().slice(0, 10));
+      assert.equal(a.lastActiveAt, new Date(now).toISOString().slice(0, 10));
       assert.deepEqual(a.effectiveLimits, {
         rpm: 60,
         rpd: 1000,
@@ -106,7 +106,7 @@ Deno.test("operator API", async (t) => {
         totalTokens: 1_500_110,
         costUsd: 1.700031,
       });
-      assert.equal(changed.lastActive, new Date(now).toISOString().slice(0, 10));
+      assert.equal(changed.lastActiveAt, new Date(now).toISOString().slice(0, 10));
       res = await app.request("/api/admin/users/user_alice/enable", {
         method: "POST",
         headers: boss,
