@@ -12,6 +12,8 @@ import { connectApiRoutes } from "./api/connect.ts";
 import { keyRoutes } from "./api/key.ts";
 import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
+import { requestRoutes } from "./api/requests.ts";
+import { metricsRoutes } from "./metrics.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { localHostGuard } from "./local_guard.ts";
@@ -142,6 +144,8 @@ export function createApp(services: Services) {
   app.route("/api", usageRoutes(services));
   app.route("/api", adminRoutes(services));
   app.route("/api", connectApiRoutes(services));
+  app.route("/api", requestRoutes(services));
+  app.route("/", metricsRoutes(services));
   app.route("/v1", v1Routes(services));
   app.route("/", authRoutes(services));
   app.route("/", connectPageRoutes(services));

@@ -64,6 +64,14 @@ import {
 } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
 import { DAY_MS } from "../core/utc.ts";
+import {
+  addEntry,
+  admittedEntry,
+  keyIdOf,
+  logTtlMs,
+  type RequestFacts,
+  type RequestLogEntry,
+} from "../observe/request_log.ts";
 
 export { LEASE_TTL_MS };
 export type { AdmitRequest, Charge, Lease, LeaseRecord, Outcome };
@@ -91,6 +99,8 @@ type Op =
         userId: string;
         lease: HeldLease;
         charge: Charge;
+        /** The request log's entry, written in this commit (lib/observe/request_log.ts). */
+        entry?: RequestLogEntry;
         /** A retried settlement checks its lease entry: an earlier attempt may have landed. */
         guard?: Deno.KvEntryMaybe<LeaseRecord>;
       }
@@ -115,6 +125,8 @@ export class Ledger implements LeaseSettler {
   private seq = 0;
   readonly pricing: Pricing;
   private readonly clock: Clock;
+  /** How long request log entries are kept (ms); 0: none are written. */
+  private readonly logTtl: number;
 
   constructor(
     private readonly kv: Deno.Kv,
@@ -127,10 +139,13 @@ export class Ledger implements LeaseSettler {
        * lib/reports/budget_alerts.ts). Runs off the request's path; its errors are logged.
        */
       onBudgetCharged?: (userId: string, budgetUsd: number) => Promise<void>;
+      /** Each commit's duration (ms), for the metrics. */
+      onCommit?: (ms: number) => void;
     } = {},
   ) {
     this.pricing = config.pricing;
     this.clock = options.clock ?? systemClock;
+    this.logTtl = logTtlMs(config);
     this.users = new UserStates(kv, config);
     this.committer = new GroupCommitter<Op>({
       attempt: (batch) => this.attempt(batch),
@@ -166,6 +181,11 @@ export class Ledger implements LeaseSettler {
     this.liveness.start(() => {
       if (this.live.size) this.liveness.renewIfDue();
     });
+  }
+
+  /** This process's leases in flight. */
+  get activeLeases(): number {
+    return this.live.size;
   }
 
   /** This process's id: its leases live under it. */
@@ -207,14 +227,33 @@ export class Ledger implements LeaseSettler {
    * process's live leases until it has landed: if a reaper took this process for dead
    * meanwhile, the lease must be found lost.
    */
-  settle(lease: HeldLease, usage: TokenUsage | null, outcome: Outcome): Promise<Charge> {
+  settle(
+    lease: HeldLease,
+    usage: TokenUsage | null,
+    outcome: Outcome,
+    /** What the request log keeps of the request: its entry rides in this settlement's commit. */
+    facts?: RequestFacts,
+  ): Promise<Charge> {
     if (lease.settling) return lease.settling;
     const charge = chargeFor(usage, outcome, lease.record.prompt, lease.relayedTokens);
     if (charge.spared) lease.giveBack();
-    return lease.settling = this.commitSettlement(lease, charge);
+    const entry = facts && this.logTtl
+      ? admittedEntry(facts, {
+        userId: lease.user.id,
+        keyId: keyIdOf(lease),
+        model: lease.record.model,
+        now: this.clock(),
+        pricing: this.pricing,
+      }, charge)
+      : undefined;
+    return lease.settling = this.commitSettlement(lease, charge, entry);
   }
 
-  private commitSettlement(lease: HeldLease, charge: Charge): Promise<Charge> {
+  private commitSettlement(
+    lease: HeldLease,
+    charge: Charge,
+    entry?: RequestLogEntry,
+  ): Promise<Charge> {
     lease.closing = true;
     const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>
       new Promise<Charge>((resolve, reject) =>
@@ -222,10 +261,11 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 14,
+          mutations: entry ? 16 : 14,
           userId: lease.user.id,
           lease,
           charge,
+          entry,
           guard,
           resolve,
           reject,
@@ -338,8 +378,10 @@ export class Ledger implements LeaseSettler {
       }
       for (const req of plan.admitted) req.onAdmitted?.();
       let res: Deno.KvCommitResult | Deno.KvCommitError;
+      const sent = performance.now();
       try {
         res = await commitOrConflict(plan.op);
+        this.options.onCommit?.(performance.now() - sent);
       } catch (err) {
         this.users.forget(userIds);
         // The commit may have landed all the same (KV Connect's answer lost): its leases would
@@ -412,6 +454,7 @@ export class Ledger implements LeaseSettler {
     for (const o of batch) {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
+        if (o.entry) addEntry(op, o.entry, this.logTtl);
         this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value);
         if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
