@@ -17,7 +17,8 @@ const LIMIT = "must be a whole number from 1 to 200";
 const limit = z.string().regex(/^\d{1,3}$/, LIMIT).optional()
   .transform((v) => (v === undefined ? 50 : Number(v)))
   .pipe(z.number().int().min(1, LIMIT).max(200, LIMIT));
-const cursor = z.string().min(1).max(2000).regex(/^[A-Za-z0-9_-]+$/, "is not a cursor").optional();
+const cursor = z.string().min(1).max(2000)
+  .regex(/^[A-Za-z0-9_-]+$/, "not a cursor from this listing's `next`").optional();
 
 const DATE = /^\d{4}-\d{2}-\d{2}$/;
 const INSTANT = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,3})?)?(Z|[+-]\d{2}:\d{2})$/;
@@ -51,6 +52,20 @@ const adminQuery = z.object({
   cursor,
 }).strict();
 
+/** The query, checked: a parameter the listing does not take is named, then the schema's. */
+function queryOf<S extends z.ZodObject>(schema: S, c: Context<AppEnv>): z.infer<S> {
+  const query = c.req.query();
+  const known = Object.keys(schema.shape);
+  const unknown = Object.keys(query).find((name) => !known.includes(name));
+  if (unknown !== undefined) {
+    throw new AppError(
+      "invalid_request",
+      `${unknown.slice(0, 50)}: not a parameter of ${c.req.path} (it takes ${known.join(", ")})`,
+    );
+  }
+  return parseWith(schema, query, "query");
+}
+
 export function requestRoutes(services: Services) {
   const { config, users, requestLog } = services;
   const app = new Hono<AppEnv>();
@@ -67,14 +82,14 @@ export function requestRoutes(services: Services) {
   };
 
   app.get("/requests", async (c) => {
-    const q = parseWith(ownQuery, c.req.query(), "query");
+    const q = queryOf(ownQuery, c);
     const userId = await callerId(c);
     c.header("cache-control", "no-store");
     return c.json(await requestLog.list({ ...q, userId }) satisfies RequestsBody);
   });
 
   app.get("/admin/requests", requireSession(services), operator, async (c) => {
-    const q = parseWith(adminQuery, c.req.query(), "query");
+    const q = queryOf(adminQuery, c);
     if (q.from !== undefined && q.to !== undefined && q.from >= q.to) {
       throw new AppError("invalid_request", "from: must be before to");
     }
