@@ -53,17 +53,41 @@ const adminQuery = z.object({
 }).strict();
 
 /** The query, checked: a parameter the listing does not take is named, then the schema's. */
-function queryOf<S extends z.ZodObject>(schema: S, c: Context<AppEnv>): z.infer<S> {
-  const query = c.req.query();
+function queryOf<S extends z.ZodObject>(
+  schema: S,
+  query: Record<string, string>,
+  path: string,
+): z.infer<S> {
   const known = Object.keys(schema.shape);
   const unknown = Object.keys(query).find((name) => !known.includes(name));
   if (unknown !== undefined) {
     throw new AppError(
       "invalid_request",
-      `${unknown.slice(0, 50)}: not a parameter of ${c.req.path} (it takes ${known.join(", ")})`,
+      `${unknown.slice(0, 50)}: not a parameter of ${path} (it takes ${known.join(", ")})`,
     );
   }
   return parseWith(schema, query, "query");
+}
+
+/**
+ * The operators' listing's query (GET /api/admin/requests, the /admin/requests page): every
+ * filter checked, 400 invalid_request naming the first that is wrong.
+ */
+export function adminRequestQuery(query: Record<string, string>, path: string): RequestQuery {
+  const q = queryOf(adminQuery, query, path);
+  if (q.from !== undefined && q.to !== undefined && q.from >= q.to) {
+    throw new AppError("invalid_request", "from: must be before to");
+  }
+  return {
+    userId: q.user,
+    model: q.model,
+    status: q.status,
+    keyId: q.keyId,
+    from: q.from,
+    to: q.to,
+    limit: q.limit,
+    cursor: q.cursor,
+  };
 }
 
 export function requestRoutes(services: Services) {
@@ -82,27 +106,14 @@ export function requestRoutes(services: Services) {
   };
 
   app.get("/requests", async (c) => {
-    const q = queryOf(ownQuery, c);
+    const q = queryOf(ownQuery, c.req.query(), c.req.path);
     const userId = await callerId(c);
     c.header("cache-control", "no-store");
     return c.json(await requestLog.list({ ...q, userId }) satisfies RequestsBody);
   });
 
   app.get("/admin/requests", requireSession(services), operator, async (c) => {
-    const q = queryOf(adminQuery, c);
-    if (q.from !== undefined && q.to !== undefined && q.from >= q.to) {
-      throw new AppError("invalid_request", "from: must be before to");
-    }
-    const query: RequestQuery = {
-      userId: q.user,
-      model: q.model,
-      status: q.status,
-      keyId: q.keyId,
-      from: q.from,
-      to: q.to,
-      limit: q.limit,
-      cursor: q.cursor,
-    };
+    const query = adminRequestQuery(c.req.query(), c.req.path);
     c.header("cache-control", "no-store");
     return c.json(await requestLog.list(query) satisfies RequestsBody);
   });

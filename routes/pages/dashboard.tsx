@@ -7,6 +7,7 @@ import { island } from "../../build/islands.ts";
 import { Layout } from "../../components/Layout.tsx";
 import AutoProvisionComponent from "../../islands/AutoProvision.tsx";
 import { usageReport } from "../../lib/usage/usage.ts";
+import { RecentRequests } from "../../components/RequestTable.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
@@ -25,12 +26,13 @@ export function dashboardRoutes(services: Services) {
     if (!session) return c.redirect("/sign-in", 303);
     const shared = config.keyMode === "shared";
     // A failed read is not fatal: the island loads GET /api/usage itself.
-    const initialUsage = await usageReport(services.kv, config, session.userId, 30).catch(
-      (err) => {
+    const [initialUsage, requests] = await Promise.all([
+      usageReport(services.kv, config, session.userId, 30).catch((err) => {
         services.log.warn("dashboard usage read failed", { error: String(err) });
         return null;
-      },
-    );
+      }),
+      services.requestLog.list({ userId: session.userId, limit: 10 }),
+    ]);
     return render(
       c,
       <Layout title="Dashboard" {...layout} clerk={clerk}>
@@ -47,6 +49,7 @@ export function dashboardRoutes(services: Services) {
           initialUsage={initialUsage}
           model={config.allowedModels[0] ?? "glm-4.6"}
         />
+        <RecentRequests entries={requests.requests} days={config.requestLogDays} />
       </Layout>,
     );
   });
