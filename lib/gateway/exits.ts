@@ -123,6 +123,8 @@ export interface Observed {
   stream: boolean;
   userAgent: string | null;
   metrics: Metrics | null;
+  /** Set once a RequestEnd settled the request: it is logged and counted, not refused. */
+  ended?: boolean;
 }
 
 /** The request's fields in its log line. */
@@ -195,6 +197,7 @@ export class RequestEnd {
   ) {
     this.onEnd();
     const { id, route, started, queueMs, observe } = this.fields;
+    if (observe) observe.ended = true;
     const durationMs = Math.round(performance.now() - started);
     const ttfbMs = this.ttfbMs === null ? null : Math.round(this.ttfbMs);
     let charged: Charge | undefined;

@@ -25,7 +25,7 @@ import { CountTokensCalls } from "./count_tokens_calls.ts";
 import { ClientLeft, type Taken, type UpstreamSlots } from "../limits/upstream/slots.ts";
 import type { KeyPool } from "../limits/upstream/pool.ts";
 import { Exchange } from "./exchange.ts";
-import { RequestEnd } from "./exits.ts";
+import { type Observed, RequestEnd } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";
 import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
@@ -60,6 +60,8 @@ interface Seen {
   userId: string | null;
   /** A lease was taken: its settlement logs the request, not the refusal path. */
   admitted: boolean;
+  /** What its RequestEnd reports to (it marks the request ended: not a refusal then). */
+  observed: Observed | null;
   requestedModel: string | null;
   model: string | null;
   stream: boolean;
@@ -116,12 +118,13 @@ export class Gateway {
       started: performance.now(),
       userId: null,
       admitted: false,
+      observed: null,
       requestedModel: null,
       model: null,
       stream: false,
     };
     return this.serve(protocol, req, requestId, seen).catch((err) => {
-      if (!seen.admitted && err instanceof AppError) {
+      if (err instanceof AppError && !seen.admitted && !seen.observed?.ended) {
         this.refused(protocol, req, requestId, seen, err);
       }
       throw err;
@@ -167,20 +170,14 @@ export class Gateway {
       throw target; // unreachable: validate() threw
     }
     const bytes = target === body.model ? body.bytes : withModel(body.bytes, target);
-    const call: Call = {
-      protocol,
-      req,
-      bytes,
-      requestId,
-      started,
-      model: target,
-      observe: {
-        requestedModel: body.model,
-        stream: body.stream === true,
-        userAgent: req.headers.get("user-agent"),
-        metrics: this.metrics,
-      },
+    const observe: Observed = {
+      requestedModel: body.model,
+      stream: body.stream === true,
+      userAgent: req.headers.get("user-agent"),
+      metrics: this.metrics,
     };
+    seen.observed = observe;
+    const call: Call = { protocol, req, bytes, requestId, started, model: target, observe };
     // A model with an upstream cap waits for its slot (on a pool key): no call before that.
     const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
