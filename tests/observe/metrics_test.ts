@@ -5,8 +5,10 @@
  * requests read across processes from KV; no user id, e-mail or key in any label.
  */
 import assert from "node:assert/strict";
-import { bearer, eventually, MASTER_KEY, serveGateway } from "../support/helpers.ts";
+import { bearer, eventually, MASTER_KEY, serveGateway, testApp } from "../support/helpers.ts";
 import { CHAT, post } from "../support/gateway_setup.ts";
+import { FakeGlm } from "../../testing/fakes/glm.ts";
+import { createApp } from "../../routes/mod.ts";
 
 const TOKEN = "scrape-token-0123456789abcdef";
 const CI = /^(1|true)$/i.test(Deno.env.get("CI") ?? "");
@@ -250,5 +252,65 @@ Deno.test("promtool check metrics passes on a scrape after traffic", async (t) =
     assert.equal(checked.output.trim(), "", "no lint problem");
   } finally {
     await s.close();
+  }
+});
+
+Deno.test("/metrics of one process counts the upstream slots and waiting requests of another sharing its KV", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "keyway_metrics_" });
+  const fake = new FakeGlm();
+  const env = {
+    DENO_KV_PATH: `${dir}/kv.sqlite3`,
+    GLM_BASE_URL: fake.baseUrl,
+    METRICS_TOKEN: TOKEN,
+    UPSTREAM_CONCURRENCY: "1",
+    UPSTREAM_USER_SHARE: "1",
+  };
+  const serving = await testApp(env);
+  const scraped = await testApp(env);
+  const server = Deno.serve(
+    { hostname: "127.0.0.1", port: 0, onListen: () => {} },
+    createApp(serving.services).fetch,
+  );
+  const url = `http://127.0.0.1:${server.addr.port}`;
+  try {
+    const { apiKey } = await serving.services.users.provision("user_elsewhere");
+    fake.mode = "sse";
+    fake.holdAfterFirstChunk = true;
+    const held = await post(url, apiKey, { ...CHAT, stream: true });
+    const reader = held.body!.getReader();
+    await reader.read();
+    const waiting = post(url, apiKey);
+    const other = async () => {
+      const res = await scraped.request("/metrics", { headers: bearer(TOKEN) });
+      assert.equal(res.status, 200);
+      return parse(await res.text()).samples;
+    };
+    const seen = await eventually(async () => {
+      const samples = await other();
+      return value(samples, "keyway_upstream_waiting", { model: "glm-4.6" }) === 1
+        ? samples
+        : undefined;
+    });
+    assert.equal(
+      value(seen, "keyway_upstream_inflight", { model: "glm-4.6", key: MASTER_KEY.slice(-4) }),
+      1,
+    );
+    assert.equal(value(seen, "keyway_leases_active"), 0, "this process holds none itself");
+    assert.equal(value(seen, "keyway_requests_total"), 0, "its own traffic: none");
+    fake.holdAfterFirstChunk = false;
+    fake.release();
+    while (!(await reader.read()).done) { /* to the end */ }
+    fake.mode = "json";
+    await (await waiting).text();
+    const after = await other();
+    assert.equal(value(after, "keyway_upstream_inflight"), 0);
+    assert.equal(value(after, "keyway_upstream_waiting"), 0);
+  } finally {
+    fake.release();
+    await server.shutdown();
+    await fake.close();
+    await serving.close();
+    await scraped.close();
+    await Deno.remove(dir, { recursive: true });
   }
 });

@@ -266,3 +266,33 @@ Deno.test("REQUEST_LOG_DAYS=0: no log is written and the settlement commits are 
   assert.equal(settleOn.length, settleOff.length + 2);
   assert.equal(settleOn.filter((m) => isLogKey(m.key)).length, 2);
 });
+
+Deno.test("refusals before the key is looked up (no GLM_API_KEY: 503 not_configured) are logged for the key's user", async () => {
+  const s = await serveGateway({ GLM_API_KEY: "" }, "user_unconfigured");
+  try {
+    for (let i = 0; i < 2; i++) {
+      const res = await post(s.url, s.apiKey);
+      assert.equal(res.status, 503);
+      assert.equal((await res.json()).error.code, "not_configured");
+    }
+    const bad = await post(s.url, "kw_" + "C".repeat(43));
+    assert.equal(bad.status, 503, "refused before its key is read");
+    await bad.text();
+    const page = await eventually(
+      async () => {
+        const p = await ownLog(s.url, s.apiKey);
+        return p.requests[0]?.count === 2 ? p : undefined;
+      },
+      5000,
+      async () => (await ownLog(s.url, s.apiKey)).requests,
+    );
+    assert.equal(page.requests.length, 1);
+    assert.equal(page.requests[0].code, "not_configured");
+    assert.equal(page.requests[0].status, 503);
+    assert.equal(page.requests[0].count, 2, "the unknown key's refusal is nobody's");
+    await new Promise((r) => setTimeout(r, 1200)); // a later write would have come by now
+    assert.deepEqual((await ownLog(s.url, s.apiKey)).requests.map((r) => r.count), [2]);
+  } finally {
+    await s.close();
+  }
+});
