@@ -68,9 +68,9 @@ import {
   addEntry,
   admittedEntry,
   keyIdOf,
+  type LoggedEntry,
   logTtlMs,
   type RequestFacts,
-  type RequestLogEntry,
 } from "../observe/request_log.ts";
 
 export { LEASE_TTL_MS };
@@ -100,7 +100,7 @@ type Op =
         lease: HeldLease;
         charge: Charge;
         /** The request log's entry, written in this commit (lib/observe/request_log.ts). */
-        entry?: RequestLogEntry;
+        entry?: LoggedEntry;
         /** A retried settlement checks its lease entry: an earlier attempt may have landed. */
         guard?: Deno.KvEntryMaybe<LeaseRecord>;
       }
@@ -252,7 +252,7 @@ export class Ledger implements LeaseSettler {
   private commitSettlement(
     lease: HeldLease,
     charge: Charge,
-    entry?: RequestLogEntry,
+    entry?: LoggedEntry,
   ): Promise<Charge> {
     lease.closing = true;
     const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>

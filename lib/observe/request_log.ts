@@ -110,19 +110,26 @@ export function keyIdOf(lease: object): string {
   return typeof id === "string" ? id : "default";
 }
 
+/** An entry and when its request arrived (ms), which its keys are ordered by. */
+export interface LoggedEntry {
+  at: number;
+  value: RequestLogEntry;
+}
+
 /** The entry of an admitted request, settled at `now` (ms) with `charge`. */
 export function admittedEntry(
   facts: RequestFacts,
   o: { userId: string; keyId: string; model: string; now: number; pricing: Pricing },
   charge: Charged,
-): RequestLogEntry {
+): LoggedEntry {
   const cached = charge.cachedTokens ?? 0;
   const cost = charge.spared
     ? 0
     : costUsd(o.pricing, o.model, charge.promptTokens, charge.completionTokens, cached);
-  return {
+  const at = o.now - facts.durationMs;
+  const value: RequestLogEntry = {
     id: facts.id,
-    at: new Date(o.now - facts.durationMs).toISOString(),
+    at: new Date(at).toISOString(),
     userId: o.userId,
     keyId: o.keyId,
     endpoint: facts.endpoint,
@@ -142,13 +149,13 @@ export function admittedEntry(
     client: clientOf(facts.userAgent),
     count: 1,
   };
+  return { at, value };
 }
 
 /** Adds an admitted request's entry to a commit (its two index keys; 2 mutations). */
-export function addEntry(op: Deno.AtomicOperation, entry: RequestLogEntry, ttlMs: number) {
-  const at = Date.parse(entry.at);
-  op.set(keys.requestLog(at, entry.userId, entry.id), entry, { expireIn: ttlMs });
-  op.set(keys.requestLogOfUser(entry.userId, at, entry.id), entry, { expireIn: ttlMs });
+export function addEntry(op: Deno.AtomicOperation, { at, value }: LoggedEntry, ttlMs: number) {
+  op.set(keys.requestLog(at, value.userId, value.id), value, { expireIn: ttlMs });
+  op.set(keys.requestLogOfUser(value.userId, at, value.id), value, { expireIn: ttlMs });
 }
 
 /** A refusal, as the gateway saw it. */
