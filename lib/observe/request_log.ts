@@ -93,10 +93,14 @@ const MINUTE_MS = 60_000;
 /** Entries a listing reads at most per call (filters may skip many): then `next` goes on. */
 const SCAN_MAX = 2_000;
 
-/** The User-Agent as the log keeps it: printable ASCII only, at most 80 characters. */
+/**
+ * The User-Agent as the log keeps it: printable ASCII only, at most 80 characters, and never a
+ * key (a client could put one there).
+ */
 export function clientOf(userAgent: string | null): string {
   if (!userAgent) return "";
-  return userAgent.replace(/[^\x20-\x7E]/g, "").slice(0, CLIENT_MAX).trim();
+  return userAgent.replace(/[^\x20-\x7E]/g, "").replace(/kw_[A-Za-z0-9_-]+/g, "kw_…")
+    .slice(0, CLIENT_MAX).trim();
 }
 
 /** How long entries are kept (ms), or 0 for no log. */

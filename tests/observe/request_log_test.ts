@@ -201,6 +201,12 @@ Deno.test("after JSON, streamed, cut, upstream-failed and refused requests the l
       count: 3,
     });
     assert.ok(!JSON.stringify(log).includes(s.apiKey), "no key in the log");
+    // Not even a key a client puts in its User-Agent.
+    res = await send(CHAT, undefined, { "user-agent": `leaky/1.0 ${s.apiKey}` });
+    assert.equal(res.status, 500);
+    await res.text();
+    const leaky = (await ownLog(s.url, s.apiKey)).requests[0];
+    assert.equal(leaky.client, "leaky/1.0 kw_…");
     assert.ok(!JSON.stringify(log).includes("hi"), "no prompt in the log");
     assert.ok(!JSON.stringify(log).includes("Hello"), "no answer in the log");
 
@@ -213,7 +219,11 @@ Deno.test("after JSON, streamed, cut, upstream-failed and refused requests the l
       assert.equal(commit.filter((m) => isLogKey(m.key) && m.key.at(-1) === id).length, 2);
       assert.ok(commit.some((m) => m.type === "delete" && isLease(m.key)), "the settlement");
     }
-    assert.equal(commits.filter((c) => c.some((m) => isLease(m.key))).length, 2 * 5);
+    assert.equal(
+      commits.filter((c) => c.some((m) => isLease(m.key))).length,
+      2 * 6,
+      "two per admitted request",
+    );
     // Log writes that settle nothing are the refusal groups' only.
     for (const c of commits.filter((c) => c.some((m) => isLogKey(m.key)))) {
       if (c.some((m) => isLease(m.key))) continue;
