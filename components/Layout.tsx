@@ -1,6 +1,7 @@
 /** The page shell: head, local-mode banner, header with navigation, footer. */
 import type { ComponentChildren } from "preact";
 import { assetUrl } from "../build/islands.ts";
+import { SupportLink } from "./SupportLink.tsx";
 
 export interface LayoutProps {
   title: string;
@@ -13,6 +14,10 @@ export interface LayoutProps {
   clerk?: { publishableKey: string; scriptUrl: string } | null;
   /** Current path, to mark the active navigation link. */
   path?: string;
+  /** SUPPORT_URL: a "Contact support" link in the footer when set. */
+  supportUrl?: string | null;
+  /** `?redirect=…` for the header's sign-in and sign-up links (back to a connect page). */
+  authQuery?: string;
   children: ComponentChildren;
 }
 
@@ -73,9 +78,13 @@ export function Layout(props: LayoutProps) {
                 )
                 : (
                   <>
-                    {path !== "/sign-in" && <a class="btn btn-sm" href="/sign-in">Sign in</a>}
+                    {path !== "/sign-in" && (
+                      <a class="btn btn-sm" href={`/sign-in${props.authQuery ?? ""}`}>Sign in</a>
+                    )}
                     {path !== "/sign-up" && (
-                      <a class="btn btn-sm btn-primary" href="/sign-up">Sign up</a>
+                      <a class="btn btn-sm btn-primary" href={`/sign-up${props.authQuery ?? ""}`}>
+                        Sign up
+                      </a>
                     )}
                   </>
                 )}
@@ -85,8 +94,9 @@ export function Layout(props: LayoutProps) {
         <main id="main">{props.children}</main>
         <footer class="site-footer">
           <div class="inner">
-            Keyway — personal keys for the operator's GLM account. Your key is yours: keep it out of
-            shared code.
+            Keyway — your personal key to GLM models, with your own limits and usage. Your key is
+            yours: keep it out of shared code.{props.supportUrl ? " Questions? " : ""}
+            <SupportLink href={props.supportUrl ?? null} />
           </div>
         </footer>
       </body>

@@ -7,6 +7,7 @@
 import { sumUsage } from "../lib/usage/totals.ts";
 import { ModelTable } from "../components/ModelTable.tsx";
 import { useEffect, useState } from "preact/hooks";
+import type { ComponentChildren } from "preact";
 import { Meter } from "../components/Meter.tsx";
 import {
   formatCount,
@@ -26,6 +27,10 @@ import type {
 } from "../lib/api_types.ts";
 import { api, ApiError, type AuthMode, copyText, sleep } from "./client.ts";
 import DailyChart, { lastDays } from "./DailyChart.tsx";
+import { recipes } from "../lib/recipes/recipes.ts";
+import { SetupTabs } from "../components/SetupTabs.tsx";
+import { TestRequest } from "../components/TestRequest.tsx";
+import { SupportLink } from "../components/SupportLink.tsx";
 
 type Limits = LimitsBody;
 type KeyInfo = KeyBody;
@@ -40,8 +45,10 @@ export interface AutoProvisionProps {
   baseUrl: string;
   /** Where Anthropic clients point (`PUBLIC_URL`, or GLM's Anthropic endpoint in shared mode). */
   anthropicBaseUrl: string;
-  /** A model to put in the examples. */
-  model: string;
+  /** Models to put in the set-up snippets, the default first. */
+  models: string[];
+  /** SUPPORT_URL: where a disabled or paused user gets help (null: not configured). */
+  supportUrl: string | null;
   /** The caller's usage as the server read it for this page (null: load it here). */
   initialUsage: UsageView | null;
 }
@@ -77,7 +84,7 @@ function friendly(err: unknown): { message: string; fatal: boolean; code: string
     };
   }
   if (code === "user_disabled") {
-    return { message: "Your account is disabled. Contact the operator.", fatal: true, code };
+    return { message: "Your account is disabled.", fatal: true, code };
   }
   if (code === "user_deleted") {
     return { message: "This account has been deleted.", fatal: true, code };
@@ -196,8 +203,18 @@ export default function AutoProvision(props: AutoProvisionProps) {
     : data?.state ?? (ready ? { status: "active" } : null);
   const refused = state?.status === "disabled" || state?.status === "deleted";
   // Returning users (any request in the window) see usage first and the set-up folded away; so
-  // do refused users, whose key would not work anyway.
-  const returning = refused || (!!data && data.days.some((d) => d.requests > 0));
+  // do refused users, whose key would not work anyway. A visit that began with no requests keeps
+  // the newcomer's layout after its first (test) request, rather than reshuffling the page.
+  const [newcomer, setNewcomer] = useState<boolean | null>(
+    props.initialUsage ? !hadRequests(props.initialUsage) : null,
+  );
+  useEffect(() => {
+    if (newcomer === null && data) setNewcomer(!hadRequests(data));
+  }, [data]);
+  const returning = refused || (!!data && !(newcomer ?? !hadRequests(data)));
+  const tryIt = !refused && !returning && ready?.mode === "proxy"
+    ? <TestRequest apiKey={ready.apiKey} model={props.models[0]} onDone={loadUsage} />
+    : null;
 
   const keySection = (
     <KeyAndSetup
@@ -225,13 +242,14 @@ export default function AutoProvision(props: AutoProvisionProps) {
   return (
     <div class="stack">
       <p class="sr-only" role="status" aria-live="polite" data-testid="announce">{announce}</p>
-      <StateBanner state={state} usage={data} />
+      <StateBanner state={state} usage={data} supportUrl={props.supportUrl} />
       {returning ? null : keySection}
       <UsagePanel
         state={usage}
         limits={data?.limits ?? ready?.limits ?? null}
         returning={returning}
         refused={refused}
+        tryIt={tryIt}
       />
       {returning ? keySection : null}
     </div>
@@ -245,7 +263,11 @@ const REASON_TEXT: Record<PauseReason, string> = {
 };
 
 function StateBanner(
-  { state, usage }: { state: AccountStateView | null; usage: UsageView | null },
+  { state, usage, supportUrl }: {
+    state: AccountStateView | null;
+    usage: UsageView | null;
+    supportUrl: string | null;
+  },
 ) {
   if (!state) {
     return (
@@ -275,8 +297,10 @@ function StateBanner(
         </h2>
         <p>
           {state.status === "disabled"
-            ? "Your key does not work: every request is refused (403 user_disabled) until the operator enables your account again. Contact the operator of this Keyway instance."
+            ? "Your key does not work: every request is refused (403 user_disabled) until your account is enabled again."
             : "Its keys were revoked. Usage stays on record for billing."}
+          {state.status === "disabled" && supportUrl ? " To ask why, or to have it enabled: " : ""}
+          {state.status === "disabled" ? <SupportLink href={supportUrl} /> : null}
         </p>
       </section>
     );
@@ -301,6 +325,8 @@ function StateBanner(
             ? "The budget resets on the 1st of the month (UTC)"
             : "Daily limits reset at 00:00 UTC"} — in{" "}
           {formatWait(until - Date.now())}. Your key stays the same.
+          {supportUrl ? " Need more before then? " : ""}
+          <SupportLink href={supportUrl} />
         </p>
       </section>
     );
@@ -366,13 +392,17 @@ const MEASURES: Record<
   },
 };
 
+const hadRequests = (u: UsageView) => u.days.some((d) => d.requests > 0);
+
 function UsagePanel(
-  { state, limits, returning, refused }: {
+  { state, limits, returning, refused, tryIt }: {
     state: UsageState;
     limits: Limits | null;
     returning: boolean;
     /** Disabled or deleted: the meters are off, nothing is left to use. */
     refused: boolean;
+    /** The test request, for a newcomer (kept in place when the first request arrives). */
+    tryIt: ComponentChildren;
   },
 ) {
   const [measure, setMeasure] = useState<Measure>("requests");
@@ -394,6 +424,7 @@ function UsagePanel(
     Date.parse(`${usage.days[usage.days.length - 1]?.date ?? ""}T12:00:00Z`) || Date.now(),
   );
   const total = sumUsage(usage.days);
+  const empty = total.requests === 0;
   const spent = usage.thisMonth?.costUsd ??
     Math.max(0, (limits.budgetUsdMonthly ?? 0) - (usage.remaining.budgetUsd ?? 0));
   return (
@@ -403,31 +434,33 @@ function UsagePanel(
           <h2 id="today-title">Today</h2>
           <p class="muted small">UTC day</p>
         </div>
-        <Meter
-          label="Requests today"
-          used={usage.today.requests}
-          limit={limits.rpd}
-          note="resets at 00:00 UTC"
-          testId="meter-requests"
-          off={refused}
-        />
-        <Meter
-          label="Tokens today"
-          used={usage.today.totalTokens}
-          limit={limits.tokensPerDay}
-          note="resets at 00:00 UTC"
-          testId="meter-tokens"
-          off={refused}
-        />
-        <Meter
-          label="Spend this month"
-          used={spent}
-          limit={limits.budgetUsdMonthly}
-          format={formatUsd}
-          note="resets on the 1st (UTC)"
-          testId="meter-budget"
-          off={refused}
-        />
+        <div class="meters">
+          <Meter
+            label="Requests today"
+            used={usage.today.requests}
+            limit={limits.rpd}
+            note="resets at 00:00 UTC"
+            testId="meter-requests"
+            off={refused}
+          />
+          <Meter
+            label="Tokens today"
+            used={usage.today.totalTokens}
+            limit={limits.tokensPerDay}
+            note="resets at 00:00 UTC"
+            testId="meter-tokens"
+            off={refused}
+          />
+          <Meter
+            label="Spend this month"
+            used={spent}
+            limit={limits.budgetUsdMonthly}
+            format={formatUsd}
+            note="resets on the 1st (UTC)"
+            testId="meter-budget"
+            off={refused}
+          />
+        </div>
         {refused
           ? (
             <p class="muted small" style={{ margin: 0 }} data-testid="limits-off">
@@ -445,199 +478,75 @@ function UsagePanel(
       <section class="card" aria-labelledby="usage-title">
         <div class="card-head">
           <h2 id="usage-title">Last 30 days</h2>
-          <div class="segmented" role="group" aria-label="Chart per UTC day">
-            {(Object.keys(MEASURES) as Measure[]).map((m) => (
-              <button
-                key={m}
-                type="button"
-                aria-pressed={m === measure}
-                onClick={() => setMeasure(m)}
-              >
-                {MEASURES[m].label}
-              </button>
-            ))}
-          </div>
-        </div>
-        <div class="stats">
-          <div class="stat">
-            <span class="value" data-testid="usage-requests">{formatInt(total.requests)}</span>
-            <span class="label">requests</span>
-          </div>
-          <div class="stat">
-            <span class="value" data-testid="usage-tokens">{formatTokens(total.totalTokens)}</span>
-            <span class="label">tokens</span>
-          </div>
-          <div class="stat">
-            <span class="value" data-testid="usage-cost">{formatUsd(total.costUsd)}</span>
-            <span class="label">cost</span>
-          </div>
-        </div>
-        <DailyChart
-          points={points}
-          kind={unit}
-          title={`${MEASURES[measure].label} per day, last 30 days`}
-          testId="usage-chart"
-        />
-        <h3 style={{ marginTop: "1rem" }}>By model</h3>
-        {usage.byModel.length > 0
-          ? <ModelTable rows={usage.byModel} testId="by-model" />
-          : (
-            <p class="muted small" style={{ margin: 0 }}>
-              {returning ? "No requests in this window." : "No requests yet: set up a tool above."}
-            </p>
+          {empty ? null : (
+            <div class="segmented" role="group" aria-label="Chart per UTC day">
+              {(Object.keys(MEASURES) as Measure[]).map((m) => (
+                <button
+                  key={m}
+                  type="button"
+                  aria-pressed={m === measure}
+                  onClick={() => setMeasure(m)}
+                >
+                  {MEASURES[m].label}
+                </button>
+              ))}
+            </div>
           )}
+        </div>
+        {empty
+          ? (
+            <div class="empty-state" data-testid="usage-empty">
+              {refused ? <p class="muted">No requests in the last 30 days.</p> : (
+                <>
+                  <p class="empty-title">Your first request will show here.</p>
+                  <p class="muted small">
+                    Set up a tool with your key{tryIt ? ", or try Keyway now:" : "."}
+                  </p>
+                </>
+              )}
+            </div>
+          )
+          : null}
+        {tryIt}
+        {empty ? null : (
+          <>
+            <div class="stats">
+              <div class="stat">
+                <span class="value" data-testid="usage-requests">{formatInt(total.requests)}</span>
+                <span class="label">requests</span>
+              </div>
+              <div class="stat">
+                <span class="value" data-testid="usage-tokens">
+                  {formatTokens(total.totalTokens)}
+                </span>
+                <span class="label">tokens</span>
+              </div>
+              <div class="stat">
+                <span class="value" data-testid="usage-cost">{formatUsd(total.costUsd)}</span>
+                <span class="label">cost</span>
+              </div>
+            </div>
+            <DailyChart
+              points={points}
+              kind={unit}
+              title={`${MEASURES[measure].label} per day, last 30 days`}
+              testId="usage-chart"
+            />
+            <h3 style={{ marginTop: "1rem" }}>By model</h3>
+            {usage.byModel.length > 0
+              ? <ModelTable rows={usage.byModel} testId="by-model" />
+              : (
+                <p class="muted small" style={{ margin: 0 }}>
+                  {returning
+                    ? "No requests in this window."
+                    : "No requests yet: set up a tool above."}
+                </p>
+              )}
+          </>
+        )}
       </section>
     </div>
   );
-}
-
-/** One way to use the key: a tool, what to do, and the snippets (with the real URLs). */
-interface Recipe {
-  id: string;
-  label: string;
-  intro: string;
-  snippets: { title: string; lang: "sh" | "yaml" | "json" | "text" | "python"; text: string }[];
-}
-
-export function recipes(
-  o: { baseUrl: string; anthropicBaseUrl: string; model: string; key: string },
-): Recipe[] {
-  const { baseUrl, anthropicBaseUrl, model, key } = o;
-  return [
-    {
-      id: "claude-code",
-      label: "Claude Code",
-      intro:
-        "Claude Code speaks Anthropic's API; Keyway answers it and maps Claude model names to GLM models. Set two variables before starting it, or put them in ~/.claude/settings.json.",
-      snippets: [
-        {
-          title: "Terminal",
-          lang: "sh",
-          text: [
-            `export ANTHROPIC_BASE_URL="${anthropicBaseUrl}"`,
-            `export ANTHROPIC_AUTH_TOKEN="${key}"`,
-            `claude`,
-          ].join("\n"),
-        },
-        {
-          title: "~/.claude/settings.json",
-          lang: "json",
-          text: JSON.stringify(
-            { env: { ANTHROPIC_BASE_URL: anthropicBaseUrl, ANTHROPIC_AUTH_TOKEN: key } },
-            null,
-            2,
-          ),
-        },
-      ],
-    },
-    {
-      id: "continue",
-      label: "Continue",
-      intro:
-        "Add this model entry under models: in ~/.continue/config.yaml (keep your other entries).",
-      snippets: [{
-        title: "config.yaml",
-        lang: "yaml",
-        text: [
-          "models:",
-          `  - name: ${model} (Keyway)`,
-          "    provider: openai",
-          `    model: ${model}`,
-          `    apiBase: ${baseUrl}`,
-          `    apiKey: ${key}`,
-          "    roles:",
-          "      - chat",
-          "      - edit",
-          "      - apply",
-        ].join("\n"),
-      }],
-    },
-    {
-      id: "cline",
-      label: "Cline",
-      intro:
-        'In Cline\'s settings choose the API provider "OpenAI Compatible" and fill in these fields.',
-      snippets: [{
-        title: "Cline settings",
-        lang: "text",
-        text: [
-          "API Provider: OpenAI Compatible",
-          `Base URL: ${baseUrl}`,
-          `API Key: ${key}`,
-          `Model ID: ${model}`,
-        ].join("\n"),
-      }],
-    },
-    {
-      id: "cursor",
-      label: "Cursor & others",
-      intro:
-        "Editors with OpenAI-compatible settings (Cursor: Settings → Models) take a base URL, a key and a model name. Cursor calls from its own servers, so its base URL must be reachable from the internet.",
-      snippets: [{
-        title: "OpenAI-compatible settings",
-        lang: "text",
-        text: [
-          `OpenAI Base URL: ${baseUrl}`,
-          `OpenAI API Key: ${key}`,
-          `Model: ${model}`,
-        ].join("\n"),
-      }],
-    },
-    {
-      id: "openai-sdk",
-      label: "OpenAI SDK",
-      intro: "Python (pip install openai); the JavaScript SDK takes the same baseURL and apiKey.",
-      snippets: [{
-        title: "Python",
-        lang: "python",
-        text: [
-          "from openai import OpenAI",
-          "",
-          `client = OpenAI(base_url="${baseUrl}", api_key="${key}")`,
-          "reply = client.chat.completions.create(",
-          `    model="${model}",`,
-          '    messages=[{"role": "user", "content": "Hello!"}],',
-          ")",
-          "print(reply.choices[0].message.content)",
-        ].join("\n"),
-      }],
-    },
-    {
-      id: "anthropic-sdk",
-      label: "Anthropic SDK",
-      intro: "Python (pip install anthropic): Anthropic's Messages API on the same key.",
-      snippets: [{
-        title: "Python",
-        lang: "python",
-        text: [
-          "from anthropic import Anthropic",
-          "",
-          `client = Anthropic(base_url="${anthropicBaseUrl}", api_key="${key}")`,
-          "reply = client.messages.create(",
-          `    model="${model}",`,
-          "    max_tokens=1024,",
-          '    messages=[{"role": "user", "content": "Hello!"}],',
-          ")",
-          "print(reply.content[0].text)",
-        ].join("\n"),
-      }],
-    },
-    {
-      id: "curl",
-      label: "curl",
-      intro: "Check that everything works from a terminal.",
-      snippets: [{
-        title: "Terminal",
-        lang: "sh",
-        text: [
-          `curl ${baseUrl}/chat/completions \\`,
-          `  -H "Authorization: Bearer ${key}" \\`,
-          `  -H "Content-Type: application/json" \\`,
-          `  -d '{"model": "${model}", "messages": [{"role": "user", "content": "Hello!"}]}'`,
-        ].join("\n"),
-      }],
-    },
-  ];
 }
 
 function KeyAndSetup(
@@ -662,32 +571,13 @@ function KeyAndSetup(
   },
 ) {
   const { props, keyState, ready, revealed, copied, copy, notice } = p;
-  const [tab, setTab] = useState("claude-code");
   const baseUrl = ready?.baseUrl ?? props.baseUrl;
   const anthropicBaseUrl = ready?.anthropicBaseUrl ?? props.anthropicBaseUrl;
   const shownKey = ready ? (revealed ? ready.apiKey : masked(ready.apiKey)) : "kw_••••" + MASK;
-  const list = (key: string) => recipes({ baseUrl, anthropicBaseUrl, model: props.model, key });
-  const shown = list(shownKey);
-  const real = list(ready?.apiKey ?? shownKey);
-  const index = Math.max(0, shown.findIndex((r) => r.id === tab));
-  const recipe = shown[index];
+  const list = (apiKey: string) =>
+    recipes({ baseUrl, anthropicBaseUrl, apiKey, models: props.models });
   const disabled = keyState.status === "error" &&
     (keyState.code === "user_disabled" || keyState.code === "user_deleted");
-  const onTabKey = (e: KeyboardEvent, i: number) => {
-    const to = e.key === "ArrowRight"
-      ? (i + 1) % shown.length
-      : e.key === "ArrowLeft"
-      ? (i - 1 + shown.length) % shown.length
-      : e.key === "Home"
-      ? 0
-      : e.key === "End"
-      ? shown.length - 1
-      : -1;
-    if (to < 0) return;
-    e.preventDefault();
-    setTab(shown[to].id);
-    document.getElementById(`tab-${shown[to].id}`)?.focus();
-  };
   return (
     <details class="card setup" open={p.open} data-testid="setup">
       <summary>
@@ -832,60 +722,13 @@ function KeyAndSetup(
           )}
 
         {p.refused ? null : (
-          <>
-            <h3 id="setup-title" class="setup-title">Use it</h3>
-            <p class="muted small">
-              Editors and tools built on Keyway connect without copy-paste: they open a Keyway page
-              and you approve. On a remote machine or in a terminal, open{" "}
-              <a href="/connect/device">/connect/device</a>{" "}
-              and enter the code your tool shows. Otherwise, pick your tool:
-            </p>
-            <div class="tabs" role="tablist" aria-labelledby="setup-title">
-              {shown.map((r, i) => (
-                <button
-                  key={r.id}
-                  type="button"
-                  role="tab"
-                  id={`tab-${r.id}`}
-                  aria-selected={i === index}
-                  aria-controls="snippet-panel"
-                  tabIndex={i === index ? 0 : -1}
-                  onClick={() => setTab(r.id)}
-                  onKeyDown={(e) => onTabKey(e, i)}
-                >
-                  {r.label}
-                </button>
-              ))}
-            </div>
-            <div id="snippet-panel" role="tabpanel" aria-labelledby={`tab-${recipe.id}`}>
-              <p class="small">{recipe.intro}</p>
-              {recipe.snippets.map((s, i) => (
-                <div class="code" key={`${recipe.id}-${i}`}>
-                  <div class="code-head">
-                    <span>{s.title}</span>
-                    <button
-                      class="btn btn-sm"
-                      type="button"
-                      disabled={!ready}
-                      aria-label={`Copy ${recipe.label}: ${s.title}`}
-                      onClick={() =>
-                        copy(
-                          `${recipe.id}-${i}`,
-                          `${recipe.label} ${s.title}`,
-                          real[index].snippets[i].text,
-                        )}
-                    >
-                      {copied === `${recipe.id}-${i}` ? "Copied ✓" : "Copy"}
-                    </button>
-                  </div>
-                  <pre
-                    tabIndex={0}
-                    aria-label={`${recipe.label}: ${s.title}`}
-                  ><code data-testid={`snippet-${recipe.id}-${i}`} data-lang={s.lang}>{s.text}</code></pre>
-                </div>
-              ))}
-            </div>
-          </>
+          <SetupTabs
+            shown={list(shownKey)}
+            real={list(ready?.apiKey ?? shownKey)}
+            ready={!!ready}
+            copied={copied}
+            copy={copy}
+          />
         )}
       </section>
     </details>

@@ -6,6 +6,7 @@
  */
 import type { UsageTotals } from "./usage/totals.ts";
 import type { RequestLogEntry } from "./observe/request_log.ts";
+import type { KeyListing, KeyUsageRow } from "./usage/key_usage.ts";
 
 /** The limits in force for a user (null: unlimited). */
 export interface LimitsBody {
@@ -27,6 +28,8 @@ export interface KeyBody {
   anthropicBaseUrl: string;
   mode: "proxy" | "shared";
   keyPrefix: string;
+  /** Which of the user's keys this is: "default", or a connected app's `k_…` id. */
+  keyId: string;
   userId: string;
   createdAt: string;
   limits: LimitsBody;
@@ -60,9 +63,22 @@ export interface UsageBody {
   today: UsageTotalsBody;
   days: (UsageTotalsBody & { date: string })[];
   byModel: (UsageTotalsBody & { model: string })[];
+  /** Usage per key: the default key, each connected app's, and revoked keys used in the span. */
+  byKey: KeyUsageRowBody[];
   /** Spend this UTC month (metered; reservations of requests in flight not included). */
   thisMonth: { costUsd: number };
   state: AccountStateBody;
+}
+
+/** One key's usage in GET /api/usage. */
+export type KeyUsageRowBody = KeyUsageRow;
+
+/** One key in GET /api/keys (never its secret). */
+export type KeyListingBody = KeyListing;
+
+/** GET /api/keys. */
+export interface KeysBody {
+  keys: KeyListingBody[];
 }
 
 /** POST /api/connect/device. */

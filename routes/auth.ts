@@ -70,6 +70,10 @@ export function authRoutes(services: Services) {
     const token = getCookie(c, SESSION_COOKIE);
     if (token) await sessions.revoke(token);
     deleteCookie(c, SESSION_COOKIE, { path: "/" });
+    // "Switch account" on a connect page: sign in again, then back to the approval.
+    const form = await c.req.parseBody().catch(() => ({} as Record<string, unknown>));
+    const back = typeof form.redirect === "string" ? safeRedirectPath(form.redirect) : undefined;
+    if (back) return c.redirect(`/sign-in?redirect=${encodeURIComponent(back)}`, 303);
     return c.redirect("/", 303);
   });
   return app;

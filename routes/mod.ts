@@ -10,6 +10,7 @@ import type { Services } from "../lib/core/services.ts";
 import { adminRoutes } from "./api/admin.ts";
 import { connectApiRoutes } from "./api/connect.ts";
 import { keyRoutes } from "./api/key.ts";
+import { keysRoutes } from "./api/keys.ts";
 import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
 import { requestRoutes } from "./api/requests.ts";
@@ -140,6 +141,7 @@ export function createApp(services: Services) {
   app.get("/api/hello", (c) => c.body(null, 200));
 
   app.route("/api", keyRoutes(services));
+  app.route("/api", keysRoutes(services));
   app.route("/api", webhookRoutes(services));
   app.route("/api", usageRoutes(services));
   app.route("/api", adminRoutes(services));

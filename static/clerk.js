@@ -40,7 +40,12 @@ const wireSignOut = (clerk) => {
       event.preventDefault();
       try {
         await loaded(clerk);
-        await clerk.signOut({ redirectUrl: "/" });
+        // "Switch account" on a connect page names where to come back to after signing in again.
+        const back = form.getAttribute("data-redirect");
+        const redirectUrl = back && back.startsWith("/") && !back.startsWith("//")
+          ? `/sign-in?redirect=${encodeURIComponent(back)}`
+          : "/";
+        await clerk.signOut({ redirectUrl });
       } catch {
         form.submit();
       }

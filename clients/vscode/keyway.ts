@@ -41,6 +41,8 @@ export interface KeywayKey {
   anthropicBaseUrl: string;
   mode: "proxy" | "shared";
   keyPrefix: string;
+  /** This editor's own key id (`k_…`): what "disconnect" revokes. */
+  keyId: string;
   userId: string;
   createdAt: string;
   /** The limits in force (null: unlimited). */
@@ -258,15 +260,9 @@ export function createKeywayClient(api: VsCodeApi, clientOptions: KeywayClientOp
     baseUrl: string,
     options: KeywayOptions = {},
   ): Promise<KeywayKey> {
-    const stored = await context.secrets.get(secretName(baseUrl));
-    if (stored) {
-      try {
-        const key = JSON.parse(stored) as KeywayKey;
-        if (typeof key.apiKey === "string") return key;
-      } catch {
-        // A damaged entry: connect again.
-      }
-    }
+    // A damaged entry reads as none: connect again.
+    const stored = await storedKey(context, baseUrl);
+    if (stored) return stored;
     const running = inFlight.get(origin(baseUrl));
     if (running) return await running;
     const attempt = connect(context, baseUrl, options).finally(() =>
@@ -279,6 +275,51 @@ export function createKeywayClient(api: VsCodeApi, clientOptions: KeywayClientOp
   /** Forgets the stored key (signing out of Keyway in this editor). */
   async function forgetKey(context: KeywayContext, baseUrl: string) {
     await context.secrets.delete(secretName(baseUrl));
+  }
+
+  /** The key stored for this Keyway server, without connecting (null when there is none). */
+  async function storedKey(context: KeywayContext, baseUrl: string): Promise<KeywayKey | null> {
+    const stored = await context.secrets.get(secretName(baseUrl));
+    if (!stored) return null;
+    try {
+      const key = JSON.parse(stored) as KeywayKey;
+      return typeof key.apiKey === "string" ? key : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * Disconnects this editor: revokes its own key on Keyway (`DELETE /api/keys/<keyId>`, sent with
+   * that key — an app's key may revoke itself) and forgets it. The key is forgotten even when
+   * Keyway cannot be reached; `revoked` says whether Keyway confirmed it (a key already revoked
+   * or refused counts as revoked). A key handed out before per-app keys (no `keyId`, or the
+   * default key) is only forgotten: revoke it by rotating on the dashboard.
+   */
+  async function disconnect(
+    context: KeywayContext,
+    baseUrl: string,
+  ): Promise<{ revoked: boolean; keyPrefix: string | null }> {
+    const key = await storedKey(context, baseUrl);
+    await forgetKey(context, baseUrl);
+    if (!key) return { revoked: true, keyPrefix: null };
+    if (!key.keyId || key.keyId === "default" || key.mode !== "proxy") {
+      return { revoked: false, keyPrefix: key.keyPrefix };
+    }
+    try {
+      const res = await doFetch(
+        `${origin(baseUrl)}/api/keys/${encodeURIComponent(key.keyId)}`,
+        { method: "DELETE", headers: { authorization: `Bearer ${key.apiKey}` } },
+      );
+      await res.body?.cancel();
+      // 401: the key no longer works (revoked on the dashboard, or the account deleted).
+      return {
+        revoked: res.ok || res.status === 401 || res.status === 404,
+        keyPrefix: key.keyPrefix,
+      };
+    } catch {
+      return { revoked: false, keyPrefix: key.keyPrefix };
+    }
   }
 
   /**
@@ -322,7 +363,15 @@ export function createKeywayClient(api: VsCodeApi, clientOptions: KeywayClientOp
     return await send(await reconnect(context, baseUrl, key.apiKey, options));
   }
 
-  return { getKeywayKey, forgetKey, reconnect, fetch: keywayFetch, handleUri };
+  return {
+    getKeywayKey,
+    storedKey,
+    forgetKey,
+    disconnect,
+    reconnect,
+    fetch: keywayFetch,
+    handleUri,
+  };
 }
 
 export type KeywayClient = ReturnType<typeof createKeywayClient>;

@@ -53,6 +53,9 @@ export interface EventFields {
   "user.disabled": { userId: string; by: string | null };
   "user.enabled": { userId: string; by: string | null };
   "key.rotated": { userId: string; keyPrefix: string | null };
+  /** A connected app's key (CONTRACT §7): created at an approval, revoked by its user. */
+  "key.created": { userId: string; keyId: string; name: string; keyPrefix: string };
+  "key.revoked": { userId: string; keyId: string; name: string; keyPrefix: string };
   /** Once per user, month and percent. */
   "budget.threshold": {
     userId: string;
@@ -355,6 +358,11 @@ function describe(event: KeywayEvent): string {
     case "key.rotated":
       return `User ${event.userId} rotated their key` +
         (event.keyPrefix ? ` (now ${event.keyPrefix}…)` : "") + "; the old one stopped working.";
+    case "key.created":
+      return `User ${event.userId} connected "${event.name}" with a new key (${event.keyPrefix}…).`;
+    case "key.revoked":
+      return `User ${event.userId} revoked the key of "${event.name}" (${event.keyPrefix}…); ` +
+        "it stopped working.";
     case "budget.threshold":
       return `User ${event.userId} has spent ${usd(event.spentUsd)} of their ` +
         `${usd(event.budgetUsd)} budget for ${event.month} (${event.percent}%).`;

@@ -41,6 +41,24 @@ const origin = (name: string, keepQuery = false) =>
     }
   });
 
+/** Where pages send a user who is disabled or paused: a web page or an e-mail address. */
+const supportUrl = z.string().transform((raw, ctx) => {
+  try {
+    const url = new URL(raw);
+    if (url.protocol === "https:" && url.hostname) return url.href;
+    if (url.protocol === "mailto:" && /^[^@\s]+@[^@\s]+$/.test(decodeURIComponent(url.pathname))) {
+      return url.href;
+    }
+  } catch {
+    // Not a URL: said below, without echoing the value.
+  }
+  ctx.addIssue({
+    code: "custom",
+    message: "SUPPORT_URL must be an https:// page or a mailto: address (mailto:help@example.com)",
+  });
+  return z.NEVER;
+});
+
 /**
  * Shannon entropy of a text's character frequencies times its length: a floor for a human's
  * choice (32 × "a" is 0 bits; 32 random base64 characters are ≈ 150 bits).
@@ -191,6 +209,7 @@ const envSchema = z.object({
   UPSTREAM_QUEUE_MAX: intFrom("UPSTREAM_QUEUE_MAX", 1000, 1, 1_000_000),
   UPSTREAM_KEY_COOLDOWN_MS: intFrom("UPSTREAM_KEY_COOLDOWN_MS", 300_000, 1_000, 86_400_000),
   COUNT_TOKENS_RPM: intFrom("COUNT_TOKENS_RPM", 120, 1, 1_000_000),
+  MAX_KEYS_PER_USER: intFrom("MAX_KEYS_PER_USER", 20, 1, 100),
   CONCURRENCY_LIMIT: intFrom("CONCURRENCY_LIMIT", 8, 1, 256),
   OUTPUT_RESERVE_TOKENS: intFrom("OUTPUT_RESERVE_TOKENS", 4096, 0, 10_000_000),
   KEY_MODE: optionalString.pipe(
@@ -256,6 +275,7 @@ const envSchema = z.object({
     (v) => v === undefined || /^[\x21-\x7E]{16,512}$/.test(v),
     "METRICS_TOKEN must be 16 to 512 printable characters without spaces",
   ),
+  SUPPORT_URL: optionalString.pipe(supportUrl.optional()),
   DENO_DEPLOYMENT_ID: optionalString,
   APP_ENV: optionalString,
 });
@@ -313,6 +333,8 @@ export interface Config {
   outputReserveTokens: number;
   /** Per-user /v1/messages/count_tokens calls per minute (at most 2 in flight). */
   countTokensRpm: number;
+  /** Keys one user may hold at once: the default key plus one per connected app. */
+  maxKeysPerUser: number;
   /** Empty list with allowAnyModel=false never happens: defaults to the pricing table's models. */
   allowedModels: string[];
   allowAnyModel: boolean;
@@ -327,6 +349,8 @@ export interface Config {
   requestLogDays: number;
   /** The bearer token GET /metrics asks for (METRICS_TOKEN); none = /metrics is a 404. */
   metricsToken?: string;
+  /** SUPPORT_URL: where disabled and paused users are sent (an https page or a mailto:). */
+  supportUrl: string | null;
 }
 
 export class ConfigError extends Error {
@@ -432,6 +456,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     concurrencyLimit: e.CONCURRENCY_LIMIT,
     outputReserveTokens: e.OUTPUT_RESERVE_TOKENS,
     countTokensRpm: e.COUNT_TOKENS_RPM,
+    maxKeysPerUser: e.MAX_KEYS_PER_USER,
     allowedModels,
     allowAnyModel,
     pricing,
@@ -441,6 +466,7 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     events: { webhookUrl: e.EVENTS_WEBHOOK_URL, webhookSecret: e.EVENTS_WEBHOOK_SECRET },
     requestLogDays: e.REQUEST_LOG_DAYS,
     metricsToken: e.METRICS_TOKEN,
+    supportUrl: e.SUPPORT_URL ?? null,
   };
 }
 

@@ -156,3 +156,10 @@ export function formatDuration(ms: number): string {
   const s = Math.round(ms / 1000);
   return `${Math.floor(s / 60)} min ${s % 60} s`;
 }
+
+/** How long ago, for people: "12 seconds ago", "3 min ago", "2 h 5 min ago". */
+export function formatAgo(ms: number): string {
+  const seconds = Math.max(0, Math.floor(ms / 1000));
+  if (seconds < 60) return `${formatCount(seconds, "second")} ago`;
+  return `${formatWait(Math.floor(ms / 60_000) * 60_000)} ago`;
+}

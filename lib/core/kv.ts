@@ -6,6 +6,8 @@ import { withDeadline } from "./kv_deadline.ts";
 /** Counters per user, day and model; "cached" is the part of "prompt" served from cache. */
 export type UsageField = "requests" | "prompt" | "completion" | "cached";
 export const USAGE_FIELDS: readonly UsageField[] = ["requests", "prompt", "completion", "cached"];
+/** Counters per user, day and key: requests, tokens (prompt + completion), nano-USD. */
+export type KeyUsageField = "requests" | "tokens" | "nano";
 
 export const keys = {
   user: (userId: string) => ["users", userId] as const,
@@ -59,6 +61,19 @@ export const keys = {
   usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
     ["usage_daily", day, userId, model, field] as const,
   usageDailyDay: (day: Day) => ["usage_daily", day] as const,
+  /**
+   * Usage counters (KvU64) per user, UTC day and key ("default" or a connected app's `k_…`):
+   * requests, tokens and nano-USD, added in the settle commit (GET /api/usage byKey).
+   */
+  usageByKey: (userId: string, day: Day, keyId: string, field: KeyUsageField) =>
+    ["usage_by_key", userId, day, keyId, field] as const,
+  usageByKeyDay: (userId: string, day: Day) => ["usage_by_key", userId, day] as const,
+  /** When a key last settled a request (KvU64 ms): a `max` mutation in the settle commit. */
+  keyLastUsed: (userId: string, keyId: string) => ["key_last_used", userId, keyId] as const,
+  keyLastUseds: (userId: string) => ["key_last_used", userId] as const,
+  /** A revoked app key's name and prefix, so its past usage keeps a name (expireIn 100 days). */
+  revokedKey: (userId: string, keyId: string) => ["revoked_keys", userId, keyId] as const,
+  revokedKeys: (userId: string) => ["revoked_keys", userId] as const,
   /** Tokens a user spent on a UTC day (KvU64), for TOKEN_LIMIT_DAILY. */
   tokensByDay: (userId: string, day: Day) => ["tokens_by_day", userId, day] as const,
   /** Nano-USD a user spent in a UTC month (KvU64), for BUDGET_USD_MONTHLY. */
@@ -103,6 +118,9 @@ export const keys = {
   deviceUserCode: (userCode: string) => ["device_user_codes", userCode] as const,
   /** Device authorizations started in one clock minute (a number; expires). */
   deviceStarts: (minute: number) => ["device_starts", minute] as const,
+  /** Device authorizations one client address started in one clock minute (a number; expires). */
+  deviceStartsFrom: (address: string, minute: number) =>
+    ["device_starts_from", address, minute] as const,
   /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
   deviceCodeMisses: (userId: string, window: number) =>
     ["device_code_misses", userId, window] as const,

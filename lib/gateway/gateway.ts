@@ -15,7 +15,7 @@ import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { keys } from "../core/kv.ts";
 import type { Logger } from "../core/log.ts";
-import { ApiKeyAuth } from "../identity/api_key_auth.ts";
+import { ApiKeyAuth, type KeyAuth, type KeyOwner } from "../identity/api_key_auth.ts";
 import type { UserRecord } from "../identity/users.ts";
 import type { Lease, Ledger } from "../limits/admission.ts";
 import { rateHeaders } from "../limits/policy.ts";
@@ -58,6 +58,7 @@ interface GatewayDeps {
 interface Seen {
   started: number;
   userId: string | null;
+  keyId: string | null;
   /** A lease was taken: its settlement logs the request, not the refusal path. */
   admitted: boolean;
   /** What its RequestEnd reports to (it marks the request ended: not a refusal then). */
@@ -117,6 +118,7 @@ export class Gateway {
     const seen: Seen = {
       started: performance.now(),
       userId: null,
+      keyId: null,
       admitted: false,
       observed: null,
       requestedModel: null,
@@ -146,11 +148,12 @@ export class Gateway {
     }
     const hash = await this.auth.hash(protocol.apiKey(req.headers));
     // Read the body while the key is looked up; its errors are reported after the key checks.
-    const [body, userId] = await Promise.all([
+    const [body, { userId, keyId }] = await Promise.all([
       readBody(req, protocol, maxBytes),
-      this.auth.userIdFor(hash),
+      this.auth.owner(hash),
     ]);
     seen.userId = userId;
+    seen.keyId = keyId;
     /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
     const target = body instanceof AppError ? body : this.models.resolve(body.model);
     if (!(body instanceof AppError)) {
@@ -194,7 +197,7 @@ export class Gateway {
     const key = capped ? null : await this.pool.pick();
     let early: Exchange | undefined;
     const onAdmitted = key ? () => void (early ??= this.upstream.send(call, key)) : undefined;
-    const lease = await this.admit(body, target, userId, validate, onAdmitted, capped)
+    const lease = await this.admit(body, target, { userId, keyId }, validate, onAdmitted, capped)
       .catch((err) => {
         // A change that landed before the commit (a disable, another process taking the last of
         // the allowance) refused it after all: the call is cancelled at once, nothing counted.
@@ -262,7 +265,7 @@ export class Gateway {
   private admit(
     body: RequestBody,
     model: string,
-    userId: string,
+    { userId, keyId }: KeyOwner,
     validate: (user: UserRecord | null, headers: Record<string, string>) => UserRecord,
     onAdmitted: (() => void) | undefined,
     waitsForSlot: boolean,
@@ -270,6 +273,7 @@ export class Gateway {
     const output = this.config.outputReserveTokens;
     return this.ledger.admit({
       userId,
+      keyId,
       model,
       reserve: {
         prompt: body.promptTokens,
@@ -323,6 +327,7 @@ export class Gateway {
   private refused(protocol: Protocol, req: Request, id: string, seen: Seen, err: AppError) {
     const refusal = {
       id,
+      keyId: seen.keyId ?? "default",
       endpoint: protocol.route,
       model: seen.model,
       requestedModel: seen.requestedModel,
@@ -337,8 +342,8 @@ export class Gateway {
     if (!log?.enabled || err.status === 401) return;
     if (seen.userId !== null) return log.refused(seen.userId, refusal);
     this.auth.hash(protocol.apiKey(req.headers))
-      .then((hash) => this.auth.userIdFor(hash))
-      .then((userId) => log.refused(userId, refusal), () => {});
+      .then((hash) => this.auth.owner(hash))
+      .then(({ userId, keyId }) => log.refused(userId, { ...refusal, keyId }), () => {});
   }
 
   /** Beyond MAX_WAITING_BYTES of bodies waiting for slots in this process: 503 at once. */
@@ -383,6 +388,11 @@ export class Gateway {
   /** The user owning a `Bearer kw_…` key (any status), or 401 invalid_api_key. */
   authenticate(authorization: string | null | undefined): Promise<UserRecord> {
     return this.auth.user(bearerToken(authorization));
+  }
+
+  /** The user owning a `Bearer kw_…` key (any status) and the key's id, or 401. */
+  authenticateKey(authorization: string | null | undefined): Promise<KeyAuth> {
+    return this.auth.resolve(bearerToken(authorization));
   }
 
   /**

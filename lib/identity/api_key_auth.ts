@@ -10,6 +10,19 @@ import { BoundedMap } from "../core/kv_ops.ts";
 import { checkUserState } from "../limits/policy.ts";
 import { hashApiKey, looksLikeApiKey } from "./api_keys.ts";
 import type { KeyIndexValue, UserRecord } from "./users.ts";
+import { DEFAULT_KEY_ID, keyIdOf } from "./user_record.ts";
+
+/** Whose key it is, and which of theirs: "default" or a connected app's `k_…` id. */
+export interface KeyOwner {
+  userId: string;
+  keyId: string;
+}
+
+/** The gateway's auth result: the user (any status) and the id of the key they used. */
+export interface KeyAuth {
+  user: UserRecord;
+  keyId: string;
+}
 
 /** Keys (and hashes) remembered per process. */
 const KEY_CACHE_MAX = 50_000;
@@ -28,8 +41,8 @@ export class ApiKeyAuth {
    * decrypt every key anyway (KeyVault), so remembering them adds no exposure.
    */
   private readonly hashByKey = new BoundedMap<string, string>(KEY_CACHE_MAX);
-  /** Key hash → user id. */
-  private readonly userIdByHash = new BoundedMap<string, string>(KEY_CACHE_MAX);
+  /** Key hash → its user and key id. */
+  private readonly ownerByHash = new BoundedMap<string, KeyOwner>(KEY_CACHE_MAX);
 
   constructor(private readonly kv: Deno.Kv) {}
 
@@ -43,20 +56,26 @@ export class ApiKeyAuth {
     return hash;
   }
 
-  /** The id of the user the hash indexes, or 401 invalid_api_key. */
-  async userIdFor(hash: string): Promise<string> {
-    const cached = this.userIdByHash.get(hash);
+  /** The user and key id the hash indexes, or 401 invalid_api_key. */
+  async owner(hash: string): Promise<KeyOwner> {
+    const cached = this.ownerByHash.get(hash);
     if (cached) return cached;
     const index = await this.kv.get<KeyIndexValue>(keys.keyByHash(hash));
     if (!index.value) throw invalidKey();
-    this.userIdByHash.set(hash, index.value.userId);
-    return index.value.userId;
+    const owner = { userId: index.value.userId, keyId: index.value.keyId ?? DEFAULT_KEY_ID };
+    this.ownerByHash.set(hash, owner);
+    return owner;
+  }
+
+  /** The id of the user the hash indexes, or 401 invalid_api_key. */
+  async userIdFor(hash: string): Promise<string> {
+    return (await this.owner(hash)).userId;
   }
 
   /**
-   * The key must still be the user's current key, and the user active. Checking the user record
-   * is enough: the key index entry is only ever written in the same commit as the user's `key`
-   * (provision, rotate, delete).
+   * The key must still be one of the user's keys (the default or a connected app's), and the
+   * user active. Checking the user record is enough: the key index entry is only ever written in
+   * the same commit as the user's `key` or `apps` (provision, rotate, connect, revoke, delete).
    */
   check(
     hash: string,
@@ -64,8 +83,8 @@ export class ApiKeyAuth {
     user: UserRecord | null,
     headers: Record<string, string>,
   ): UserRecord {
-    if (!user || user.id !== userId || user.key?.hash !== hash) {
-      this.userIdByHash.delete(hash);
+    if (!user || user.id !== userId || keyIdOf(user, hash) === null) {
+      this.ownerByHash.delete(hash);
       throw invalidKey();
     }
     return checkUserState(user, headers);
@@ -73,13 +92,19 @@ export class ApiKeyAuth {
 
   /** The user owning a key (any status), or 401 invalid_api_key. */
   async user(key: string | null | undefined): Promise<UserRecord> {
+    return (await this.resolve(key)).user;
+  }
+
+  /** The user owning a key (any status) and which key it is, or 401 invalid_api_key. */
+  async resolve(key: string | null | undefined): Promise<KeyAuth> {
     const hash = await this.hash(key);
-    const userId = await this.userIdFor(hash);
+    const { userId } = await this.owner(hash);
     const user = (await this.kv.get<UserRecord>(keys.user(userId))).value;
-    if (user?.key?.hash !== hash) {
-      this.userIdByHash.delete(hash);
+    const keyId = user ? keyIdOf(user, hash) : null;
+    if (!user || keyId === null) {
+      this.ownerByHash.delete(hash);
       throw invalidKey();
     }
-    return user;
+    return { user, keyId };
   }
 }

@@ -1,6 +1,7 @@
 /**
  * Connecting an editor without copy-paste (CONTRACT §5): PKCE authorization codes and RFC 8628
- * device codes. Records hold the user id only, never the key (it is read at exchange time), and
+ * device codes. Each approval creates the app's own key (lib/identity/users.ts createAppKey);
+ * records hold the user id and that key's id, never the key (it is read at exchange time), and
  * every code is stored as its SHA-256 so a KV dump hands out nothing.
  */
 import { type Clock, systemClock } from "../core/clock.ts";
@@ -21,6 +22,8 @@ export interface ConnectOptions {
   missWindowMs?: number;
   /** Device authorizations anyone may start per minute, all clients together (no sign-in). */
   deviceStartsPerMinute?: number;
+  /** Device authorizations one client address may start per minute (well under the above). */
+  deviceStartsPerAddress?: number;
   /** The clock (ms). */
   now?: Clock;
 }
@@ -34,8 +37,15 @@ export interface RedirectTarget {
   cspSource: string;
 }
 
+/** Who approved, and the key the approval created (null in shared mode: the master key). */
+export interface Grant {
+  userId: string;
+  keyId: string | null;
+}
+
 interface CodeRecord {
   userId: string;
+  keyId?: string | null;
   challenge: string;
   client: string;
   expiresAt: number;
@@ -52,6 +62,10 @@ interface DeviceRecord {
   lastPollAt: number | null;
   status: DeviceStatus;
   userId: string | null;
+  keyId?: string | null;
+  /** When it was started (ms) and from which client address: the approve page shows both. */
+  startedAt?: number;
+  address?: string | null;
 }
 
 /** A pending device authorization as the approve page shows it. */
@@ -59,6 +73,9 @@ export interface DeviceRequest {
   userCode: string;
   client: string;
   status: DeviceStatus;
+  /** When the request was started (ms), and the address it came from (null when unknown). */
+  startedAt: number | null;
+  address: string | null;
 }
 
 export interface DeviceStart {
@@ -138,6 +155,7 @@ export class ConnectFlows {
   readonly missLimit: number;
   readonly missWindowMs: number;
   readonly deviceStartsPerMinute: number;
+  readonly deviceStartsPerAddress: number;
   private readonly now: Clock;
 
   constructor(private readonly kv: Deno.Kv, options: ConnectOptions = {}) {
@@ -147,18 +165,20 @@ export class ConnectFlows {
     this.missLimit = options.missLimit ?? 5;
     this.missWindowMs = options.missWindowMs ?? 900_000;
     this.deviceStartsPerMinute = options.deviceStartsPerMinute ?? 600;
+    this.deviceStartsPerAddress = options.deviceStartsPerAddress ?? 20;
     this.now = options.now ?? systemClock;
   }
 
   // ---- PKCE ----
 
   /** A single-use code for `userId`, bound to the PKCE challenge. */
-  async issueCode(userId: string, challenge: string, client: string): Promise<string> {
+  async issueCode(grant: Grant, challenge: string, client: string): Promise<string> {
     if (!CHALLENGE_RE.test(challenge)) throw new Error("issueCode: not an S256 challenge");
     const code = randomToken(32);
     const key = keys.connectCode(await sha256Base64url(code));
     const record: CodeRecord = {
-      userId,
+      userId: grant.userId,
+      keyId: grant.keyId,
       challenge,
       client,
       expiresAt: this.now() + this.codeTtlMs,
@@ -173,10 +193,10 @@ export class ConnectFlows {
 
   /**
    * Takes a code (atomic check + delete: concurrent exchanges race to exactly one winner) and
-   * returns its user id. The code is spent by any attempt, a wrong verifier included, so a
+   * returns its grant. The code is spent by any attempt, a wrong verifier included, so a
    * verifier cannot be guessed against one code.
    */
-  async redeemCode(code: string, verifier: string): Promise<string> {
+  async redeemCode(code: string, verifier: string): Promise<Grant> {
     if (code.length > 100) throw invalidGrant();
     const key = keys.connectCode(await sha256Base64url(code));
     const entry = await this.kv.get<CodeRecord>(key);
@@ -189,29 +209,54 @@ export class ConnectFlows {
     if (!PKCE_VERIFIER_RE.test(verifier) || await s256(verifier) !== record.challenge) {
       throw invalidGrant();
     }
-    return record.userId;
+    return { userId: record.userId, keyId: record.keyId ?? null };
   }
 
   // ---- Device code (RFC 8628) ----
 
-  async startDevice(client: string): Promise<DeviceStart> {
-    // Starting needs no sign-in, and each start stores two records for 20 minutes: a global cap
-    // keeps an anonymous client from filling KV.
+  /**
+   * Starts a device authorization for `client` from `address` (the caller's IP, null when
+   * unknown). Starting needs no sign-in, and each start stores two records for 20 minutes: a cap
+   * per address, well under the instance-wide cap, keeps one address from filling KV or locking
+   * everyone else out; both counts are checked and written in one commit.
+   */
+  async startDevice(
+    client: string,
+    address: string | null = null,
+    /** What the address's starts are counted under (an IPv6 /64); the address itself by default. */
+    bucket: string | null = address,
+  ): Promise<DeviceStart> {
     await retryAtomic(async () => {
       const minute = Math.floor(this.now() / 60_000);
-      const entry = await this.kv.get<number>(keys.deviceStarts(minute));
+      const wait = Math.max(1, Math.ceil(((minute + 1) * 60_000 - this.now()) / 1000));
+      const fromKey = keys.deviceStartsFrom(bucket ?? "unknown", minute);
+      const [entry, from] = await this.kv.getMany<[number, number]>([
+        keys.deviceStarts(minute),
+        fromKey,
+      ]);
       const count = entry.value ?? 0;
+      const fromCount = from.value ?? 0;
+      if (bucket !== null && fromCount >= this.deviceStartsPerAddress) {
+        throw new AppError(
+          "rate_limit_exceeded",
+          `Too many device authorizations started from your address this minute ` +
+            `(${this.deviceStartsPerAddress} a minute); retry in ${wait}s.`,
+          { "retry-after": String(wait) },
+        );
+      }
       if (count >= this.deviceStartsPerMinute) {
-        const wait = Math.ceil(((minute + 1) * 60_000 - this.now()) / 1000);
         throw new AppError(
           "rate_limit_exceeded",
           `Too many device authorizations started this minute; retry in ${wait}s.`,
-          { "retry-after": String(Math.max(1, wait)) },
+          { "retry-after": String(wait) },
         );
       }
-      const res = await this.kv.atomic().check(entry)
-        .set(keys.deviceStarts(minute), count + 1, { expireIn: 120_000 })
-        .commit();
+      const op = this.kv.atomic().check(entry)
+        .set(keys.deviceStarts(minute), count + 1, { expireIn: 120_000 });
+      if (bucket !== null) {
+        op.check(from).set(fromKey, fromCount + 1, { expireIn: 120_000 });
+      }
+      const res = await op.commit();
       return res.ok ? true : CONFLICT;
     }, "device start count");
     const deviceCode = randomToken(32);
@@ -227,6 +272,8 @@ export class ConnectFlows {
         lastPollAt: null,
         status: "pending",
         userId: null,
+        startedAt: this.now(),
+        address,
       };
       // The user code must be unique among live ones: a collision would approve someone else.
       const res = await this.kv.atomic()
@@ -276,13 +323,23 @@ export class ConnectFlows {
       }
       if (!(await op.commit()).ok) return CONFLICT;
       if (!live) return null;
-      const { userCode: code, client, status } = live.entry.value;
-      return { userCode: formatUserCode(code), client, status };
+      const { userCode: code, client, status, startedAt, address } = live.entry.value;
+      return {
+        userCode: formatUserCode(code),
+        client,
+        status,
+        startedAt: startedAt ?? null,
+        address: address ?? null,
+      };
     }, "device code look-up");
   }
 
-  /** Approves or denies a pending device authorization; false when it is gone or decided. */
-  async decideDevice(userId: string, input: string, approve: boolean): Promise<boolean> {
+  /**
+   * Approves (with the key the approval created) or denies a pending device authorization; false
+   * when it is gone or decided.
+   */
+  async decideDevice(input: string, decision: Grant | "deny"): Promise<boolean> {
+    const approve = decision !== "deny";
     const userCode = normalizeUserCode(input);
     if (!USER_CODE_RE.test(userCode)) return false;
     return await retryAtomic(async () => {
@@ -293,7 +350,8 @@ export class ConnectFlows {
       const next: DeviceRecord = {
         ...record,
         status: approve ? "approved" : "denied",
-        userId: approve ? userId : null,
+        userId: approve ? decision.userId : null,
+        keyId: approve ? decision.keyId : null,
       };
       const res = await this.kv.atomic().check(found.entry)
         .set(found.key, next, { expireIn: this.remaining(record) })
@@ -303,15 +361,15 @@ export class ConnectFlows {
   }
 
   /**
-   * One poll of the token endpoint: the user id once approved (the authorization is then gone),
+   * One poll of the token endpoint: the grant once approved (the authorization is then gone),
    * or the RFC 8628 error the client must act on. Every poll records its time in KV, so
    * `slow_down` holds across processes; each one adds 5 s to the interval.
    */
-  async pollDevice(deviceCode: string): Promise<string> {
+  async pollDevice(deviceCode: string): Promise<Grant> {
     if (deviceCode.length > 100) throw invalidGrant();
     const key = keys.deviceCode(await sha256Base64url(deviceCode));
     const outcome = await retryAtomic<
-      { userId: string } | { error: "slow_down" | "pending" | "denied" | "expired" }
+      { grant: Grant } | { error: "slow_down" | "pending" | "denied" | "expired" }
     >(async () => {
       const entry = await this.kv.get<DeviceRecord>(key);
       const record = entry.value;
@@ -325,7 +383,8 @@ export class ConnectFlows {
           .delete(key)
           .delete(keys.deviceUserCode(record.userCode))
           .commit();
-        return res.ok ? { userId: record.userId! } : CONFLICT;
+        const grant = { userId: record.userId!, keyId: record.keyId ?? null };
+        return res.ok ? { grant } : CONFLICT;
       }
       const next: DeviceRecord = {
         ...record,
@@ -339,7 +398,7 @@ export class ConnectFlows {
       if (tooFast) return { error: "slow_down" };
       return { error: record.status === "denied" ? "denied" : "pending" };
     }, "device poll");
-    if ("userId" in outcome) return outcome.userId;
+    if ("grant" in outcome) return outcome.grant;
     switch (outcome.error) {
       case "expired":
         throw new AppError("expired_token", "The device code expired. Start again.");

@@ -13,6 +13,24 @@ export interface StoredKey {
   createdAt: string;
 }
 
+/** The default key's id (CONTRACT: it survives rotation); connected apps have `k_…` ids. */
+export const DEFAULT_KEY_ID = "default";
+
+/** A connected app's key (CONTRACT §5 Connecting an editor), kept in its user's record. */
+export interface AppKey extends StoredKey {
+  /** `k_` + 22 base64url characters. */
+  id: string;
+  /**
+   * How it is listed: the client's name as the user saw it on the approval page, numbered when
+   * another of the user's keys has that name already ("VS Code (2)").
+   */
+  name: string;
+  /** The client's name as it gave it. */
+  client?: string;
+  /** How it was connected. */
+  flow: "redirect" | "device";
+}
+
 export interface LimitOverrides {
   rpm?: number;
   rpd?: number;
@@ -30,6 +48,12 @@ export interface UserRecord {
   createdAt: string;
   updatedAt: string;
   key: StoredKey | null;
+  /**
+   * Connected apps' keys (absent on records from before them). In the record, not beside it: the
+   * gateway re-reads the record on every request and every change to it bumps the cache epoch, so
+   * a revoked app key stops at once everywhere, as a rotated default key does.
+   */
+  apps?: AppKey[];
   limits: LimitOverrides;
   /** True once e-mail and names came from Clerk (webhook or Backend API). */
   profileKnown: boolean;
@@ -48,4 +72,12 @@ export interface Profile {
 /** Looks up a user by key hash; the hash index holds only the user id. */
 export interface KeyIndexValue {
   userId: string;
+  /** The key's id; absent for the default key. */
+  keyId?: string;
+}
+
+/** The id of the user's key with this hash, or null when it is none of theirs (any more). */
+export function keyIdOf(user: Pick<UserRecord, "key" | "apps">, hash: string): string | null {
+  if (user.key?.hash === hash) return DEFAULT_KEY_ID;
+  return user.apps?.find((k) => k.hash === hash)?.id ?? null;
 }

@@ -11,17 +11,21 @@ import {
   looksLikeApiKey,
 } from "./api_keys.ts";
 import { CONFLICT, keys, retryAtomic } from "../core/kv.ts";
+import { encodeBase64Url } from "../core/encoding.ts";
 import { BoundedMap } from "../core/kv_ops.ts";
 import type { Events } from "../alerts/deliver.ts";
-import type {
-  KeyIndexValue,
-  LimitOverrides,
-  Profile,
-  StoredKey,
-  UserRecord,
+import {
+  type AppKey,
+  keyIdOf,
+  type KeyIndexValue,
+  type LimitOverrides,
+  type Profile,
+  type StoredKey,
+  type UserRecord,
 } from "./user_record.ts";
 
 export type {
+  AppKey,
   KeyIndexValue,
   LimitOverrides,
   Profile,
@@ -34,7 +38,12 @@ export interface ProvisionResult {
   user: UserRecord;
   apiKey: string;
   created: boolean;
+  /** Set when `apiKey` is a connected app's key rather than the default one. */
+  app?: AppKey;
 }
+
+/** How long a revoked app key's name is kept for its past usage (longer than /api/usage's 90 days). */
+const REVOKED_NAME_KEEP_MS = 100 * 86_400_000;
 
 const CACHE_MAX = 50_000;
 const HOUR_MS = 3_600_000;
@@ -216,11 +225,14 @@ export class Users {
         createdAt: user?.createdAt ?? now,
         updatedAt: now,
         key: null,
+        apps: [],
         limits: user?.limits ?? {},
         profileKnown: true,
       };
       const op = this.kv.atomic().check(entry).set(keys.user(userId), tombstone);
       if (user?.key) op.delete(keys.keyByHash(user.key.hash));
+      // Every connected app's key goes with it (at most MAX_KEYS_PER_USER deletes).
+      for (const app of user?.apps ?? []) op.delete(keys.keyByHash(app.hash));
       // A tombstone for an id Keyway never knew is no news to the operator's backend.
       if (user) this.events?.add(op, { type: "user.deleted", userId });
       return (await this.epoch.bump(op, userId).commit()).ok ? undefined : CONFLICT;
@@ -281,7 +293,110 @@ export class Users {
     const index = await this.kv.get<KeyIndexValue>(keys.keyByHash(hash));
     if (!index.value) return null;
     const user = await this.get(index.value.userId);
-    return user?.key?.hash === hash ? user : null;
+    return user && keyIdOf(user, hash) !== null ? user : null;
+  }
+
+  /**
+   * A new key for a connected app, named as the user saw the client, in one atomic commit with
+   * the index entry and the key.created event. The user must be provisioned and active, and hold
+   * fewer than `maxKeys` keys (the default key counts): beyond, 403 forbidden and nothing created.
+   */
+  async createAppKey(
+    userId: string,
+    app: { name: string; flow: AppKey["flow"] },
+    maxKeys: number,
+  ): Promise<ProvisionResult & { app: AppKey }> {
+    return await retryAtomic<ProvisionResult & { app: AppKey }>(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const user = entry.value;
+      if (!user) throw new AppError("not_found", `No user ${userId}.`);
+      if (user.status === "deleted") {
+        throw new AppError("user_deleted", "This account has been deleted.");
+      }
+      if (user.status === "disabled") {
+        throw new AppError("user_disabled", "This account has been disabled.");
+      }
+      if (keyCount(user) >= maxKeys) throw tooManyKeys(maxKeys);
+      const now = new Date(this.clock()).toISOString();
+      const apiKey = generateApiKey();
+      const stored = await this.storedKey(apiKey, userId, now);
+      const created: AppKey = {
+        ...stored,
+        id: newKeyId(),
+        name: uniqueName(app.name, user.apps ?? []),
+        client: app.name,
+        flow: app.flow,
+      };
+      const next: UserRecord = { ...user, apps: [...(user.apps ?? []), created], updatedAt: now };
+      const op = this.kv.atomic()
+        .check(entry)
+        .check({ key: keys.keyByHash(stored.hash), versionstamp: null })
+        .set(keys.user(userId), next)
+        .set(keys.keyByHash(stored.hash), { userId, keyId: created.id } satisfies KeyIndexValue);
+      this.events?.add(op, {
+        type: "key.created",
+        userId,
+        keyId: created.id,
+        name: created.name,
+        keyPrefix: created.prefix,
+      });
+      // Other processes may remember the record without this key: they read it again.
+      const res = await this.epoch.bump(op, userId).commit();
+      return res.ok ? { user: next, apiKey, created: true, app: created } : CONFLICT;
+    }, "create app key").finally(() => this.epoch.invalidate([userId]));
+  }
+
+  /** A connected app's key as the connect flows hand it over, or null when it was revoked. */
+  async appKey(userId: string, keyId: string): Promise<ProvisionResult | null> {
+    const user = await this.get(userId);
+    const app = user?.apps?.find((k) => k.id === keyId);
+    if (!user || !app) return null;
+    return { user, apiKey: await this.vault.decrypt(app.ciphertext, userId), created: false, app };
+  }
+
+  /**
+   * Revokes one connected app's key: gone from the record and the index in one commit that bumps
+   * the cache epoch, so every process refuses it on its next request. 404 for an id the user
+   * does not hold; the default key is rotated, never revoked (400).
+   */
+  async revokeAppKey(userId: string, keyId: string): Promise<AppKey> {
+    if (keyId === "default") {
+      throw new AppError(
+        "invalid_request",
+        "id: the default key cannot be deleted; rotate it instead (POST /api/key/rotate).",
+      );
+    }
+    return await retryAtomic<AppKey>(async () => {
+      const entry = await this.kv.get<UserRecord>(keys.user(userId));
+      const user = entry.value;
+      const app = user?.apps?.find((k) => k.id === keyId);
+      if (!user || !app) throw new AppError("not_found", `id: no key ${keyId} on this account.`);
+      const now = new Date(this.clock()).toISOString();
+      const next: UserRecord = {
+        ...user,
+        apps: user.apps!.filter((k) => k.id !== keyId),
+        updatedAt: now,
+      };
+      const op = this.kv.atomic()
+        .check(entry)
+        .set(keys.user(userId), next)
+        .delete(keys.keyByHash(app.hash))
+        .delete(keys.keyLastUsed(userId, keyId))
+        .set(
+          keys.revokedKey(userId, keyId),
+          { name: app.name, keyPrefix: app.prefix, revokedAt: now } satisfies RevokedKey,
+          { expireIn: REVOKED_NAME_KEEP_MS },
+        );
+      this.events?.add(op, {
+        type: "key.revoked",
+        userId,
+        keyId,
+        name: app.name,
+        keyPrefix: app.prefix,
+      });
+      const res = await this.epoch.bump(op, userId).commit();
+      return res.ok ? app : CONFLICT;
+    }, "revoke app key").finally(() => this.epoch.invalidate([userId]));
   }
 
   async *list(): AsyncGenerator<UserRecord> {
@@ -321,6 +436,41 @@ export class Users {
       return res.ok ? next : CONFLICT;
     }, "update user").finally(() => this.epoch.invalidate([userId]));
   }
+}
+
+/** What is kept of a revoked app key: its name and prefix, for its past usage. */
+export interface RevokedKey {
+  name: string;
+  keyPrefix: string;
+  revokedAt: string;
+}
+
+/** Keys a user holds: the default key (once provisioned) and one per connected app. */
+export function keyCount(user: Pick<UserRecord, "key" | "apps">): number {
+  return (user.key ? 1 : 0) + (user.apps?.length ?? 0);
+}
+
+/** `name`, or `name (2)`, `name (3)`… when another of the user's app keys has it already. */
+function uniqueName(name: string, apps: AppKey[]): string {
+  const taken = new Set(apps.map((a) => a.name));
+  if (!taken.has(name)) return name;
+  let n = 2;
+  while (taken.has(`${name} (${n})`)) n++;
+  return `${name} (${n})`;
+}
+
+/** `k_` + 16 random bytes, base64url: a connected app's key id (never secret). */
+function newKeyId(): string {
+  return "k_" + encodeBase64Url(crypto.getRandomValues(new Uint8Array(16)));
+}
+
+/** MAX_KEYS_PER_USER reached: what the approval pages say. */
+export function tooManyKeys(maxKeys: number): AppError {
+  return new AppError(
+    "forbidden",
+    `This account already holds ${formatCount(maxKeys, "key")}, the most it may have. ` +
+      "Revoke a connected app you no longer use on your dashboard, then try again.",
+  );
 }
 
 /** True when both carry Clerk's `updated_at` and the profile's is the earlier. */

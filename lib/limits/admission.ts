@@ -45,7 +45,13 @@ import { KV_GET_MANY_MAX } from "../core/kv_ops.ts";
 import { type Clock, systemClock } from "../core/clock.ts";
 import type { Logger } from "../core/log.ts";
 import { type Pricing } from "../usage/pricing.ts";
-import { addSum, addUsageSums, type TokenUsage, type UsageSums } from "../usage/record.ts";
+import {
+  addSum,
+  addUsageSums,
+  applySums,
+  type TokenUsage,
+  type UsageSums,
+} from "../usage/record.ts";
 import { type RateState } from "./gcra.ts";
 import { type Charge, chargeFor, type Outcome } from "./charge.ts";
 import { HeldLease, type Lease, type LeaseSettler } from "./lease.ts";
@@ -58,7 +64,6 @@ import {
   HELD_FIELDS,
   type LeaseRecord,
   refundable,
-  signed,
   slotCounters,
   sumHeld,
 } from "./lease_record.ts";
@@ -67,7 +72,6 @@ import { DAY_MS } from "../core/utc.ts";
 import {
   addEntry,
   admittedEntry,
-  keyIdOf,
   type LoggedEntry,
   logTtlMs,
   type RequestFacts,
@@ -240,7 +244,7 @@ export class Ledger implements LeaseSettler {
     const entry = facts && this.logTtl
       ? admittedEntry(facts, {
         userId: lease.user.id,
-        keyId: keyIdOf(lease),
+        keyId: lease.keyId,
         model: lease.record.model,
         now: this.clock(),
         pricing: this.pricing,
@@ -261,7 +265,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: entry ? 16 : 14,
+          mutations: entry ? 20 : 18, // 14, per-key usage and last use (key_usage.ts), the log: 2
           userId: lease.user.id,
           lease,
           charge,
@@ -500,7 +504,7 @@ export class Ledger implements LeaseSettler {
       op.set(keys.rate(userId), next, { expireIn: RATE_EXPIRE_MS });
     }
     sumHeld(op, plan.held);
-    for (const { key, n } of sums.values()) op.sum(key, signed(n));
+    applySums(op, sums);
     return plan;
   }
 
@@ -517,7 +521,7 @@ export class Ledger implements LeaseSettler {
   ) {
     const r = lease.record;
     const { slot, slotKey } = inKv?.slot ? inKv : r;
-    const base = { userId: r.userId, model: r.model, at: now };
+    const base = { userId: r.userId, model: r.model, at: now, keyId: r.keyId };
     if (lease.lost) {
       // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
       // only the rest.

@@ -7,6 +7,7 @@
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import type { UserRecord } from "../identity/users.ts";
+import { DEFAULT_KEY_ID } from "../identity/user_record.ts";
 import { costNanoUsd, priceOf, type Pricing } from "../usage/pricing.ts";
 import { decideRate, type RateState, withRefunds } from "./gcra.ts";
 import type { LeaseRecord } from "./lease_record.ts";
@@ -25,6 +26,8 @@ import type { Snapshot } from "./user_states.ts";
 
 export interface AdmitRequest {
   userId: string;
+  /** The key the request came with ("default" or a connected app's id): usage is kept per key. */
+  keyId?: string;
   /** The model as priced and recorded. */
   model: string;
   /** Tokens reserved against the quotas (prompt estimate and output allowance), 0 for none. */
@@ -121,6 +124,7 @@ export function decideAdmission(
     completion: 0,
     at: now,
   };
+  if (req.keyId && req.keyId !== DEFAULT_KEY_ID) record.keyId = req.keyId;
   if (req.waitsForSlot) record.waitsForSlot = true;
   const admitted: Admitted = {
     user: checked,

@@ -4,6 +4,7 @@
  * one settlement; its state is written by the Ledger alone.
  */
 import type { UserRecord } from "../identity/users.ts";
+import { DEFAULT_KEY_ID } from "../identity/user_record.ts";
 import type { TokenUsage } from "../usage/record.ts";
 import type { Charge, Outcome } from "./charge.ts";
 import type { LeaseRecord } from "./lease_record.ts";
@@ -27,6 +28,8 @@ export interface LeaseSettler {
 export interface Lease {
   readonly id: string;
   readonly user: UserRecord;
+  /** The key the request came with: "default", or a connected app's `k_…` id. */
+  readonly keyId: string;
   readonly limits: EffectiveLimits;
   readonly remaining: Remaining;
   readonly model: string;
@@ -74,6 +77,10 @@ export class HeldLease implements Lease {
 
   get model(): string {
     return this.record.model;
+  }
+
+  get keyId(): string {
+    return this.record.keyId ?? DEFAULT_KEY_ID;
   }
 
   get promptEstimate(): number {

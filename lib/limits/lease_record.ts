@@ -17,6 +17,8 @@ export interface LeaseRecord {
   completion: number;
   /** Admitted at (ms since the epoch). */
   at: number;
+  /** The connected app's key it came with; absent for the default key. */
+  keyId?: string;
   /** The model whose upstream slot it holds (UPSTREAM_CONCURRENCY), once it has one. */
   slot?: string;
   /** The pool key (its id) that slot is on. */

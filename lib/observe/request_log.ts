@@ -108,12 +108,6 @@ export function logTtlMs(config: Config): number {
   return config.requestLogDays * DAY_MS;
 }
 
-/** The Lease's key id once per-app keys give it one; the default key's until then. */
-export function keyIdOf(lease: object): string {
-  const id = Reflect.get(lease, "keyId");
-  return typeof id === "string" ? id : "default";
-}
-
 /** An entry and when its request arrived (ms), which its keys are ordered by. */
 export interface LoggedEntry {
   at: number;
@@ -165,6 +159,8 @@ export function addEntry(op: Deno.AtomicOperation, { at, value }: LoggedEntry, t
 /** A refusal, as the gateway saw it. */
 export interface Refusal {
   id: string;
+  /** The key it came with ("default": the user's default key). */
+  keyId: string;
   endpoint: string;
   model: string | null;
   requestedModel: string | null;
@@ -247,7 +243,7 @@ export class RequestLog {
       // The group stands for its minute: listed, and dated, at the minute's start.
       at: new Date(minute * MINUTE_MS).toISOString(),
       userId,
-      keyId: "default",
+      keyId: r.keyId,
       endpoint: r.endpoint,
       model: r.model,
       requestedModel: r.requestedModel,

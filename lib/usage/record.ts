@@ -6,6 +6,7 @@ import { systemClock } from "../core/clock.ts";
 import { keys, USAGE_FIELDS } from "../core/kv.ts";
 import { costNanoUsd, type Pricing } from "./pricing.ts";
 import { utcDay, utcMonth } from "../core/utc.ts";
+import { DEFAULT_KEY_ID } from "../identity/user_record.ts";
 
 /** Tokens an answer used, as the upstream metered them. */
 export interface TokenUsage {
@@ -26,12 +27,37 @@ export interface UsageEvent {
   at?: number;
   /** Count a request (default 1; 0 adds tokens to a request already counted). */
   requests?: number;
+  /** The key it came with: "default" (the default) or a connected app's `k_…` id. */
+  keyId?: string;
 }
 
 const big = (n: number) => new Deno.KvU64(BigInt(Math.max(0, Math.floor(n))));
 
-/** Sum mutations by key (events of one user, day and model share keys). */
-export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint }>;
+/**
+ * Sum mutations by key (events of one user, day and model share keys); `max` entries are KV
+ * `max` mutations instead (a key's last use).
+ */
+export type UsageSums = Map<string, { key: Deno.KvKey; n: bigint; max?: true }>;
+
+/** 2^64: KvU64 sums wrap around, so adding 2^64 − n subtracts n. */
+const WRAP = 1n << 64n;
+
+/** Adds the sums (and maxima) to a commit: mutations only, never a check. */
+export function applySums(op: Deno.AtomicOperation, sums: UsageSums) {
+  for (const { key, n, max } of sums.values()) {
+    if (max) op.max(key, n);
+    else op.sum(key, n >= 0n ? n : WRAP + n);
+  }
+}
+
+/** Keeps the largest `n` for one key (a KV `max` mutation). */
+export function addMax(into: UsageSums, key: Deno.KvKey, n: number) {
+  const id = key.join("\u0000");
+  const v = BigInt(Math.max(0, Math.floor(n)));
+  const found = into.get(id);
+  if (found) found.n = found.n > v ? found.n : v;
+  else into.set(id, { key, n: v, max: true });
+}
 
 /** Adds `n` (may be negative) to one key's sum in `into`; zero amounts are left out. */
 export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
@@ -43,7 +69,10 @@ export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
   else into.set(id, { key, n: v });
 }
 
-/** Adds one event's sums to `into` (7 keys per event at most; zero amounts are left out). */
+/**
+ * Adds one event's sums to `into` (11 keys per event at most; zero amounts are left out): the
+ * counters by model, the quota counters, the counters by key and the key's last use.
+ */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? systemClock();
   const day = utcDay(at);
@@ -59,9 +88,12 @@ export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
     add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
   }
   add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
-  add(
-    keys.spendByMonth(e.userId, utcMonth(at)),
-    costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens, cached),
-  );
+  const nano = costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens, cached);
+  add(keys.spendByMonth(e.userId, utcMonth(at)), nano);
   add(keys.usageDayVersion(day), 1n);
+  const keyId = e.keyId ?? DEFAULT_KEY_ID;
+  add(keys.usageByKey(e.userId, day, keyId, "requests"), values.requests);
+  add(keys.usageByKey(e.userId, day, keyId, "tokens"), values.prompt + values.completion);
+  add(keys.usageByKey(e.userId, day, keyId, "nano"), BigInt(nano));
+  addMax(into, keys.keyLastUsed(e.userId, keyId), at);
 }

@@ -10,7 +10,8 @@ import type { Ledger } from "../limits/admission.ts";
 import { limitStatus } from "../limits/status.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
-import { addUsageSums, type UsageEvent } from "./record.ts";
+import { addUsageSums, applySums, type UsageEvent } from "./record.ts";
+import { byKeyRows } from "./key_usage.ts";
 import { readDayCounters } from "./read.ts";
 import type { UsageTotals } from "./totals.ts";
 export {
@@ -33,7 +34,7 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 }
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
-const SUMS_PER_EVENT = 7;
+const SUMS_PER_EVENT = 11;
 const MAX_BATCH = Math.floor(KV_MAX_MUTATIONS / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
@@ -48,7 +49,7 @@ export async function commitUsage(
   // Sums never conflict; only another process holding the file lock can make a commit wait.
   await retryAtomic(async () => {
     const op = kv.atomic();
-    for (const { key, n } of sums.values()) op.sum(key, n);
+    applySums(op, sums);
     return (await commitOrConflict(op)).ok ? undefined : CONFLICT;
   }, "record usage");
 }
@@ -205,6 +206,7 @@ export async function usageReport(
     userUsage(kv, config.pricing, userId, days, now),
     kv.get<Deno.KvU64>(keys.spendByMonth(userId, utcMonth(now))),
   ]);
+  const byKey = await byKeyRows(kv, status.user, userId, days, now);
   const state = accountState(status.user, status.limits, {
     requestsLeftToday: status.view.remainingDay,
     tokensToday: usage.today.totalTokens,
@@ -217,6 +219,7 @@ export async function usageReport(
     limits: status.limits,
     remaining: status.remaining,
     ...usage,
+    byKey,
     thisMonth,
     state,
   } satisfies UsageBody;

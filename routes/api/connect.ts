@@ -7,9 +7,36 @@ import { type Context, Hono } from "hono";
 import { z } from "zod";
 import type { Services } from "../../lib/core/services.ts";
 import type { ProvisionResult } from "../../lib/identity/users.ts";
+import type { Grant } from "../../lib/identity/connect.ts";
 import type { DeviceStartBody } from "../../lib/api_types.ts";
+import { AppError } from "../../lib/core/errors.ts";
+import { userDisabled } from "../../lib/limits/policy.ts";
 import { type AppEnv, jsonBody } from "../context.ts";
+import { addressBucket, clientAddress } from "../client_address.ts";
 import { issueKey, keyBody } from "./key.ts";
+
+/**
+ * The key an approval created, as the editor exchanges it: read now (revoked meanwhile →
+ * invalid_grant), refused for a disabled or deleted user. A grant without a key id (shared mode)
+ * hands out the user's key as /api/key does.
+ */
+export async function grantedKey(services: Services, grant: Grant): Promise<ProvisionResult> {
+  if (grant.keyId === null) {
+    return await issueKey(services, grant.userId, undefined, { fresh: true });
+  }
+  const result = await services.users.appKey(grant.userId, grant.keyId);
+  if (result?.user.status === "disabled") throw userDisabled({});
+  if (result?.user.status === "deleted") {
+    throw new AppError("user_deleted", "This account has been deleted.");
+  }
+  if (!result) {
+    throw new AppError(
+      "invalid_grant",
+      "The key this approval created has been revoked since; connect again.",
+    );
+  }
+  return result;
+}
 
 /** A client's display name: printable, short; shown escaped on the approve pages. */
 export const clientName = z.string().trim().min(1, "must not be empty").max(
@@ -36,13 +63,14 @@ export function connectApiRoutes(services: Services) {
 
   app.post("/connect/token", async (c) => {
     const body = await jsonBody(c, tokenSchema);
-    const userId = await connect.redeemCode(body.code, body.code_verifier);
-    return keyAnswer(c, await issueKey(services, userId, undefined, { fresh: true }));
+    const grant = await connect.redeemCode(body.code, body.code_verifier);
+    return keyAnswer(c, await grantedKey(services, grant));
   });
 
   app.post("/connect/device", async (c) => {
     const { client } = await jsonBody(c, deviceSchema);
-    const start = await connect.startDevice(client);
+    const address = clientAddress(c);
+    const start = await connect.startDevice(client, address, address && addressBucket(address));
     const verificationUri = `${config.publicUrl}/connect/device`;
     c.header("cache-control", "no-store");
     return c.json(
@@ -59,8 +87,8 @@ export function connectApiRoutes(services: Services) {
 
   app.post("/connect/device/token", async (c) => {
     const { deviceCode } = await jsonBody(c, deviceTokenSchema);
-    const userId = await connect.pollDevice(deviceCode);
-    return keyAnswer(c, await issueKey(services, userId, undefined, { fresh: true }));
+    const grant = await connect.pollDevice(deviceCode);
+    return keyAnswer(c, await grantedKey(services, grant));
   });
   return app;
 }

@@ -5,6 +5,7 @@ import type { Config } from "../../lib/core/config.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { Profile, ProvisionResult } from "../../lib/identity/users.ts";
 import type { KeyBody } from "../../lib/api_types.ts";
+import { DEFAULT_KEY_ID } from "../../lib/identity/user_record.ts";
 import { type AppEnv, requireSession } from "../context.ts";
 
 /** The key success body (CONTRACT §5), shared by /api/key and the connect flows. */
@@ -18,8 +19,9 @@ export function keyBody(config: Config, result: ProvisionResult): KeyBody {
     anthropicBaseUrl: shared ? config.glm.anthropicBaseUrl : config.publicUrl,
     mode: config.keyMode,
     keyPrefix: apiKey.slice(0, 7),
+    keyId: result.app?.id ?? DEFAULT_KEY_ID,
     userId: result.user.id,
-    createdAt: result.user.key?.createdAt ?? result.user.createdAt,
+    createdAt: result.app?.createdAt ?? result.user.key?.createdAt ?? result.user.createdAt,
     limits: effectiveLimits(config, result.user),
   };
 }

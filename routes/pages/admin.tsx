@@ -4,6 +4,7 @@
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
 import { ModelTable } from "../../components/ModelTable.tsx";
+import { KeyTable } from "../../components/KeyTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { island } from "../../build/islands.ts";
@@ -271,6 +272,10 @@ export function adminRoutes(services: Services) {
             }
             : undefined}
         />
+        <section class="card" aria-labelledby="keys-title" style={{ marginTop: "1.25rem" }}>
+          <h2 id="keys-title">By key</h2>
+          <KeyTable rows={usage.byKey} testId="user-keys" />
+        </section>
       </Layout>,
     );
   });

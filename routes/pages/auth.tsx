@@ -28,9 +28,21 @@ export function authPageRenderer(services: Services) {
     if (session) return c.redirect(next, 303);
     const title = mode === "sign-in" ? "Sign in" : "Sign up";
     const error = failure?.error;
+    // Sign-in and sign-up from a connect page keep the way back, and say what is being connected.
+    const query = next === "/dashboard" ? "" : `?redirect=${encodeURIComponent(next)}`;
+    const connecting = connectingFrom(next);
     return render(
       c,
-      <Layout title={title} {...layout} clerk={clerk}>
+      <Layout title={title} {...layout} clerk={clerk} authQuery={query}>
+        {connecting && (
+          <div class="auth auth-connecting">
+            <p class="notice" role="note" data-testid="auth-connecting">
+              {mode === "sign-in" ? "Sign in" : "Create an account"} to connect{" "}
+              <strong>{connecting}</strong>{" "}
+              to Keyway. You come straight back to approve it; nothing is connected until you do.
+            </p>
+          </div>
+        )}
         {config.localMode
           ? (
             <div class="auth">
@@ -77,12 +89,12 @@ export function authPageRenderer(services: Services) {
                   {mode === "sign-in"
                     ? (
                       <>
-                        New here? <a href="/sign-up">Create an account</a>
+                        New here? <a href={`/sign-up${query}`}>Create an account</a>
                       </>
                     )
                     : (
                       <>
-                        Already have an account? <a href="/sign-in">Sign in</a>
+                        Already have an account? <a href={`/sign-in${query}`}>Sign in</a>
                       </>
                     )}
                 </p>
@@ -94,8 +106,8 @@ export function authPageRenderer(services: Services) {
               id="clerk-auth"
               class="auth-clerk"
               data-mode={mode}
-              data-sign-in-url="/sign-in"
-              data-sign-up-url="/sign-up"
+              data-sign-in-url={`/sign-in${query}`}
+              data-sign-up-url={`/sign-up${query}`}
               data-redirect={next}
               aria-live="polite"
             >
@@ -112,6 +124,21 @@ export function authPageRenderer(services: Services) {
       failure ? 400 : 200,
     );
   };
+}
+
+/** What a connect page being returned to connects: "VS Code", "a device (BCDF-GHJK)", or null. */
+function connectingFrom(next: string): string | null {
+  const url = URL.parse(next, "http://x");
+  if (!url) return null;
+  if (url.pathname === "/connect") {
+    const client = url.searchParams.get("client")?.trim();
+    return client ? client.slice(0, 64) : "an app";
+  }
+  if (url.pathname === "/connect/device") {
+    const code = url.searchParams.get("code")?.trim().slice(0, 12);
+    return code ? `a device (code ${code})` : "a device";
+  }
+  return null;
 }
 
 export function authPageRoutes(services: Services) {

@@ -1,7 +1,8 @@
 /**
  * Connect pages (CONTRACT §5, §6): `/connect` approves a PKCE redirect request, `/connect/device`
- * approves a device code. Both sign the visitor in first (and come back), say which client asks,
- * what it gets and where it goes, and take the decision as a same-origin form POST.
+ * approves a device code. Both sign the visitor in first (and come back), say which account
+ * approves (with a way to switch), which client asks, what it gets and where it goes, and take the
+ * decision as a same-origin form POST. Each approval creates that client's own key.
  */
 import { type Context, Hono } from "hono";
 import type { ComponentChildren } from "preact";
@@ -9,10 +10,13 @@ import { renderToString } from "preact-render-to-string";
 import { z } from "zod";
 import { Layout } from "../../components/Layout.tsx";
 import { AppError } from "../../lib/core/errors.ts";
+import { formatAgo } from "../../lib/core/format.ts";
+import { keyCount, tooManyKeys } from "../../lib/identity/users.ts";
 import type { Services } from "../../lib/core/services.ts";
 import {
   connectRedirect,
   type DeviceRequest,
+  type Grant,
   type RedirectTarget,
   redirectWith,
 } from "../../lib/identity/connect.ts";
@@ -49,6 +53,11 @@ export function connectPageRoutes(services: Services) {
   const app = new Hono<AppEnv>();
   const clerk = clerkScript(config);
 
+  /** The signed-in account as people know it: its e-mail, else its id. */
+  const accountOf = async (session: Session) =>
+    session.email ?? (await users.get(session.userId).catch(() => null))?.email ??
+      session.userId;
+
   const page = async (
     c: Context<AppEnv>,
     session: Session | null,
@@ -56,10 +65,7 @@ export function connectPageRoutes(services: Services) {
     body: ComponentChildren,
     status: Status = 200,
   ) => {
-    const signedInAs = session
-      ? session.email ?? (await users.get(session.userId).catch(() => null))?.email ??
-        session.userId
-      : null;
+    const signedInAs = session ? await accountOf(session) : null;
     const html = renderToString(
       <Layout
         title={title}
@@ -97,6 +103,59 @@ export function connectPageRoutes(services: Services) {
       </div>,
       status,
     );
+
+  /** MAX_KEYS_PER_USER reached: why nothing can be approved, and where keys are revoked. */
+  const keysFull = (c: Context<AppEnv>, session: Session, client: string, status: Status) =>
+    page(
+      c,
+      session,
+      "Too many keys",
+      <div class="card connect-card">
+        <span class="eyebrow">Connect an app</span>
+        <h1>
+          <span class="connect-client">{client}</span> cannot be connected yet
+        </h1>
+        <p class="notice notice-error" role="alert" data-testid="keys-full">
+          {tooManyKeys(config.maxKeysPerUser).message}
+        </p>
+        <p>
+          <a class="btn btn-primary" href="/dashboard#connected-apps">
+            Revoke keys on the dashboard
+          </a>
+        </p>
+        <p class="muted small">
+          Nothing was created and nothing was sent to{" "}
+          {client}. Once a key is revoked, start again from {client}.
+        </p>
+      </div>,
+      status,
+    );
+
+  /** True when the user may hold one more key (a user not provisioned yet holds none). */
+  const roomForKey = async (userId: string) => {
+    if (config.keyMode === "shared") return true;
+    const user = await users.get(userId);
+    return !user || keyCount(user) < config.maxKeysPerUser;
+  };
+
+  /**
+   * Provisions the user, then creates the client's own key (proxy mode; in shared mode the
+   * editor gets what /api/key gives). An AppError says why not: disabled, deleted, too many keys.
+   */
+  const approve = async (
+    session: Session,
+    client: string,
+    flow: "redirect" | "device",
+  ): Promise<Grant> => {
+    await issueKey(services, session.userId, profileOf(session), { fresh: true });
+    if (config.keyMode === "shared") return { userId: session.userId, keyId: null };
+    const created = await users.createAppKey(
+      session.userId,
+      { name: client, flow },
+      config.maxKeysPerUser,
+    );
+    return { userId: session.userId, keyId: created.app.id };
+  };
 
   /** Sign in first, then back to this page (GET) with its query. */
   const signInFirst = (c: Context<AppEnv>, back: string) => {
@@ -143,12 +202,18 @@ export function connectPageRoutes(services: Services) {
     const url = new URL(c.req.url);
     if (!session) return signInFirst(c, url.pathname + url.search);
     const { request, target } = checked;
+    if (!(await roomForKey(session.userId))) return keysFull(c, session, request.client, 200);
     c.set("formAction", target.cspSource);
     return page(
       c,
       session,
       `Connect ${request.client}`,
-      <ApproveCard session={session} request={request} target={target} />,
+      <ApproveCard
+        account={await accountOf(session)}
+        back={url.pathname + url.search}
+        request={request}
+        target={target}
+      />,
     );
   });
 
@@ -173,13 +238,15 @@ export function connectPageRoutes(services: Services) {
         303,
       );
     }
+    let grant: Grant;
     try {
-      await issueKey(services, session.userId, profileOf(session), { fresh: true });
+      grant = await approve(session, request.client, "redirect");
     } catch (err) {
       if (!(err instanceof AppError)) throw err;
+      if (err.code === "forbidden") return keysFull(c, session, request.client, 403);
       return problem(c, session, "Your key cannot be handed out", err.message, 403);
     }
-    const code = await connect.issueCode(session.userId, request.code_challenge, request.client);
+    const code = await connect.issueCode(grant, request.code_challenge, request.client);
     return c.redirect(redirectWith(target, { code, state: request.state }), 303);
   });
 
@@ -188,7 +255,16 @@ export function connectPageRoutes(services: Services) {
     const url = new URL(c.req.url);
     if (!found) return signInFirst(c, url.pathname + url.search);
     const code = (c.req.query("code") ?? "").slice(0, 32);
-    return page(c, found.session, "Connect a device", <DeviceCodeForm code={code} />);
+    return page(
+      c,
+      found.session,
+      "Connect a device",
+      <DeviceCodeForm
+        code={code}
+        account={await accountOf(found.session)}
+        back={url.pathname + url.search}
+      />,
+    );
   });
 
   app.post("/connect/device", async (c) => {
@@ -215,12 +291,14 @@ export function connectPageRoutes(services: Services) {
       );
     }
     const { action } = parsed.data;
+    const account = await accountOf(session);
+    const back = `/connect/device${code ? `?code=${encodeURIComponent(code)}` : ""}`;
     const form400 = (message: string, status: Status) =>
       page(
         c,
         session,
         "Connect a device",
-        <DeviceCodeForm code={code} error={message} />,
+        <DeviceCodeForm code={code} error={message} account={account} back={back} />,
         status,
       );
     if (code === "") return form400("Enter the code shown in your editor.", 400);
@@ -249,17 +327,32 @@ export function connectPageRoutes(services: Services) {
       );
     }
     if (action === "lookup") {
-      return page(c, session, `Connect ${request.client}`, <DeviceConfirm request={request} />);
+      if (!(await roomForKey(session.userId))) return keysFull(c, session, request.client, 200);
+      return page(
+        c,
+        session,
+        `Connect ${request.client}`,
+        <DeviceConfirm
+          request={request}
+          account={account}
+          back={back}
+          ago={request.startedAt === null ? null : formatAgo(services.clock() - request.startedAt)}
+        />,
+      );
     }
+    let grant: Grant | "deny" = "deny";
     if (action === "approve") {
       try {
-        await issueKey(services, session.userId, profileOf(session), { fresh: true });
+        grant = await approve(session, request.client, "device");
       } catch (err) {
         if (!(err instanceof AppError)) throw err;
+        if (err.code === "forbidden") return keysFull(c, session, request.client, 403);
         return problem(c, session, "Your key cannot be handed out", err.message, 403);
       }
     }
-    if (!(await connect.decideDevice(session.userId, code, action === "approve"))) {
+    if (!(await connect.decideDevice(code, grant))) {
+      // Decided elsewhere or expired meanwhile: the key made for it would serve no one.
+      if (grant !== "deny" && grant.keyId) await users.revokeAppKey(grant.userId, grant.keyId);
       return form400("That code is no longer waiting for approval.", 400);
     }
     return page(
@@ -289,19 +382,35 @@ function Grants(props: { client: string }) {
       <h2 class="connect-subtitle">{props.client} will get</h2>
       <ul class="connect-grants">
         <li>
-          <strong>Your Keyway API key</strong>{" "}
-          and base URL — the same key your dashboard shows, for this account.
+          <strong>A Keyway API key of its own</strong>{" "}
+          and base URL, for this account. It is listed under Connected apps on your dashboard, where
+          you can revoke it at any time without touching your other keys.
         </li>
         <li>
-          Use of the GLM models, <strong>counted against your limits and usage</strong>.
+          Use of the GLM models, <strong>counted against your limits and usage</strong>{" "}
+          (the same limits as all your keys together).
         </li>
       </ul>
     </>
   );
 }
 
+/** Which account approves, and a way to approve as another (sign out, sign in, come back). */
+function Account(props: { account: string; back: string }) {
+  return (
+    <div class="connect-account" data-testid="connect-account">
+      <span class="muted small">Approving as</span> <strong>{props.account}</strong>
+      <form method="post" action="/auth/sign-out" data-clerk-sign-out="" data-redirect={props.back}>
+        <input type="hidden" name="redirect" value={props.back} />
+        <button class="btn btn-sm btn-link" type="submit">Not you? Switch account</button>
+      </form>
+    </div>
+  );
+}
+
 function ApproveCard(props: {
-  session: Session;
+  account: string;
+  back: string;
   request: z.infer<typeof pkceSchema>;
   target: RedirectTarget;
 }) {
@@ -311,8 +420,9 @@ function ApproveCard(props: {
     <div class="card connect-card">
       <span class="eyebrow">Connect an app</span>
       <h1>
-        <span class="connect-client">{request.client}</span> wants to use your Keyway key
+        <span class="connect-client">{request.client}</span> wants a Keyway key
       </h1>
+      <Account account={props.account} back={props.back} />
       <Grants client={request.client} />
       <dl class="kv connect-target">
         <dt>Sent to</dt>
@@ -325,7 +435,7 @@ function ApproveCard(props: {
       </dl>
       <p class="muted small">
         Approve only if you started this from {request.client}{" "}
-        just now. To cut it off later, rotate your key on the dashboard.
+        just now. To cut it off later, revoke its key under Connected apps on your dashboard.
       </p>
       <form method="post" action="/connect" class="connect-actions">
         <input type="hidden" name="client" value={request.client} />
@@ -342,11 +452,12 @@ function ApproveCard(props: {
   );
 }
 
-function DeviceCodeForm(props: { code: string; error?: string }) {
+function DeviceCodeForm(props: { code: string; error?: string; account: string; back: string }) {
   return (
     <div class="card connect-card">
       <span class="eyebrow">Connect a device</span>
       <h1>Enter the code shown in your editor</h1>
+      <Account account={props.account} back={props.back} />
       <p class="muted">
         Check that it matches what your editor or terminal shows, then continue.
       </p>
@@ -375,23 +486,46 @@ function DeviceCodeForm(props: { code: string; error?: string }) {
   );
 }
 
-function DeviceConfirm(props: { request: DeviceRequest }) {
+function DeviceConfirm(
+  props: { request: DeviceRequest; account: string; back: string; ago: string | null },
+) {
   const { request } = props;
   return (
     <div class="card connect-card">
       <span class="eyebrow">Connect a device</span>
       <h1>
-        <span class="connect-client">{request.client}</span> wants to use your Keyway key
+        A device that says it is <span class="connect-client">{request.client}</span>{" "}
+        wants a Keyway key
       </h1>
+      <Account account={props.account} back={props.back} />
       <dl class="kv connect-target">
         <dt>Code</dt>
         <dd>
           <code class="connect-code" data-testid="device-user-code">{request.userCode}</code>
         </dd>
+        <dt>Requested</dt>
+        <dd data-testid="device-requested">
+          {props.ago ?? "at an unknown time"}
+          {request.address && (
+            <>
+              {" "}from <code data-testid="device-address">{request.address}</code>
+            </>
+          )}
+        </dd>
+        <dt>Name</dt>
+        <dd>
+          <span data-testid="device-says">
+            It says it is “{request.client}”
+          </span>
+          <span class="connect-note muted small">
+            Chosen by whoever started the request: Keyway cannot check it.
+          </span>
+        </dd>
       </dl>
       <Grants client={request.client} />
       <p class="muted small">
-        Approve only if this code is the one your editor shows right now.
+        Approve only if you started this yourself just now, and this code is the one your editor
+        shows right now. Someone who sent you this link could be trying to get a key in your name.
       </p>
       <form method="post" action="/connect/device" class="connect-actions">
         <input type="hidden" name="code" value={request.userCode} />

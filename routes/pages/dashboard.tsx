@@ -6,6 +6,8 @@ import { Hono } from "hono";
 import { island } from "../../build/islands.ts";
 import { Layout } from "../../components/Layout.tsx";
 import AutoProvisionComponent from "../../islands/AutoProvision.tsx";
+import ConnectedAppsComponent from "../../islands/ConnectedApps.tsx";
+import { listKeys } from "../../lib/usage/key_usage.ts";
 import { usageReport } from "../../lib/usage/usage.ts";
 import { RecentRequests } from "../../components/RequestTable.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
@@ -13,6 +15,7 @@ import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
 
 const AutoProvision = island("AutoProvision", AutoProvisionComponent);
+const ConnectedApps = island("ConnectedApps", ConnectedAppsComponent);
 
 export function dashboardRoutes(services: Services) {
   const { config } = services;
@@ -20,6 +23,13 @@ export function dashboardRoutes(services: Services) {
   const shell = pageShell(services);
   const clerk = clerkScript(config);
   const authMode = authModeOf(config);
+
+  /** The keys as the server reads them now (null: the island loads them itself). */
+  const keysOf = async (userId: string) => {
+    const user = await services.users.get(userId).catch(() => null);
+    if (!user) return null;
+    return await listKeys(services.kv, user, services.clock()).catch(() => null);
+  };
 
   app.get("/dashboard", async (c) => {
     const { session, layout } = await shell(c, "/dashboard");
@@ -47,9 +57,13 @@ export function dashboardRoutes(services: Services) {
           baseUrl={shared ? config.glm.baseUrl : `${config.publicUrl}/v1`}
           anthropicBaseUrl={shared ? config.glm.anthropicBaseUrl : config.publicUrl}
           initialUsage={initialUsage}
-          model={config.allowedModels[0] ?? "glm-4.6"}
+          models={config.allowedModels.length ? config.allowedModels : ["glm-4.6"]}
+          supportUrl={config.supportUrl}
         />
         <RecentRequests entries={requests.requests} days={config.requestLogDays} />
+        {shared
+          ? null
+          : <ConnectedApps mode={authMode} initialKeys={await keysOf(session.userId)} />}
       </Layout>,
     );
   });

@@ -82,6 +82,7 @@ export function pageShell(services: Services) {
       signedInAs: label,
       isAdmin: found ? config.adminUserIds.has(found.session.userId) : false,
       path,
+      supportUrl: config.supportUrl,
     };
     return { session: found?.session ?? null, layout };
   };

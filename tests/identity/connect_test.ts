@@ -143,9 +143,11 @@ Deno.test("connect: PKCE redirect flow", async (t) => {
       assert.ok(html.includes("&lt;b>Evil&lt;/b> &amp; Co"), "the client name is escaped");
       assert.ok(!html.includes("<b>Evil</b>"));
       assert.ok(html.includes("http://127.0.0.1:53123"));
-      assert.match(html, /Your Keyway API key/);
+      assert.match(html, /A Keyway API key of its own/);
       assert.match(html, /counted against your limits/);
       assert.ok(html.includes("ada@example.com"), "shows who is signed in");
+      assert.match(html, /Approving as<\/span> <strong>ada@example\.com<\/strong>/);
+      assert.match(html, /Switch account/);
       // Other pages keep the plain form-action.
       const landing = await app.request("/");
       assert.match(landing.headers.get("content-security-policy")!, /form-action 'self';/);
@@ -168,7 +170,14 @@ Deno.test("connect: PKCE redirect flow", async (t) => {
       const viaApi = await json(
         await app.request("/api/key", { headers: { cookie: `__session=${token}` } }),
       );
-      assert.deepEqual(body, viaApi, "the same body as GET /api/key");
+      // The /api/key body with the app's own key: same account, limits and URLs, another key.
+      assert.notEqual(body.apiKey, viaApi.apiKey, "the app's own key, not the default one");
+      assert.equal(body.keyPrefix, key.slice(0, 7));
+      assert.match(String(body.keyId), /^k_[A-Za-z0-9_-]{22}$/);
+      assert.equal(viaApi.keyId, "default");
+      const { apiKey: _a, keyPrefix: _p, createdAt: _c, keyId: _k, ...rest } = body;
+      const { apiKey: _b, keyPrefix: _q, createdAt: _d, keyId: _l, ...restViaApi } = viaApi;
+      assert.deepEqual(rest, restViaApi);
       const models = await app.request("/v1/models", {
         headers: { authorization: `Bearer ${key}` },
       });
@@ -493,7 +502,7 @@ Deno.test("connect: device code flow (RFC 8628)", async (t) => {
       const viaApi = await json(
         await app.request("/api/key", { headers: { cookie: `__session=${token}` } }),
       );
-      assert.equal(body.apiKey, viaApi.apiKey);
+      assert.notEqual(body.apiKey, viaApi.apiKey, "the device's own key");
       clock.advance(15_000);
       const again = await poll(app, start.deviceCode);
       assert.equal((await errorCode(again)).code, "invalid_grant", "handed out once");
@@ -638,7 +647,7 @@ Deno.test("connect: a disabled or deleted user gets no key", async () => {
   }
 });
 
-Deno.test("connect: a rotation or disable on another process counts at once for the editor's key", async () => {
+Deno.test("connect: a revocation or disable on another process counts at once for the editor's key", async () => {
   const dir = await Deno.makeTempDir();
   const env = { DENO_KV_PATH: `${dir}/kv.sqlite3` };
   const a = await testApp(env);
@@ -651,8 +660,7 @@ Deno.test("connect: a rotation or disable on another process counts at once for 
     );
     const { verifier, challenge } = await pkce();
     const code = await approve(b, token, challenge);
-    // Rotated through the other process a moment before the editor exchanges its code on B,
-    // whose cache still holds the old key for up to 250 ms.
+    // The default key rotated through the other process: the app's own key is untouched.
     const rotated = await a.request("/api/key/rotate", {
       method: "POST",
       headers: { ...session, origin: PUBLIC_URL },
@@ -662,11 +670,26 @@ Deno.test("connect: a rotation or disable on another process counts at once for 
     assert.notEqual(fresh, before.apiKey);
     const res = await exchange(b, code, verifier);
     assert.equal(res.status, 200);
-    assert.equal(
-      (await json<{ apiKey: string }>(res)).apiKey,
-      fresh,
-      "the current key, not the revoked one",
+    const appKey = (await json<{ apiKey: string }>(res)).apiKey;
+    assert.ok(appKey !== fresh && appKey !== before.apiKey, "the app's own key");
+
+    // The key an approval created, revoked through A before the editor exchanges its code on B:
+    // invalid_grant, nothing handed out.
+    const second = await pkce();
+    const code2 = await approve(b, token, second.challenge);
+    const listed = await json<{ keys: { id: string; default: boolean }[] }>(
+      await a.request("/api/keys", { headers: session }),
     );
+    const newest = listed.keys.at(-1)!;
+    assert.equal(newest.default, false);
+    const revoked = await a.request(`/api/keys/${newest.id}`, {
+      method: "DELETE",
+      headers: { ...session, origin: PUBLIC_URL },
+    });
+    assert.equal(revoked.status, 200);
+    const late = await exchange(b, code2, second.verifier);
+    assert.equal(late.status, 400);
+    assert.equal((await errorCode(late)).code, "invalid_grant");
 
     // Disabled through A: approving on B at once is refused, no code handed out.
     const user = await json<{ userId: string }>(await a.request("/api/key", { headers: session }));
@@ -699,10 +722,15 @@ Deno.test("connect: /sign-in?redirect= comes back in Clerk mode; unsafe values a
     const html = await signIn.text();
     // ClerkJS's mount sends the user back here (static/clerk.js reads data-redirect).
     assert.ok(html.includes(`data-redirect="${back.replaceAll("&", "&amp;")}"`));
+    // Clerk's own "Sign up" / "Sign in" links keep the way back, and the page says what connects.
+    const query = `?redirect=${encodeURIComponent(back)}`;
+    assert.ok(html.includes(`data-sign-up-url="/sign-up${query}"`));
+    assert.ok(html.includes(`data-sign-in-url="/sign-in${query}"`));
+    assert.match(html, /Sign in to connect <strong>VS Code<\/strong>/);
     const token = await issuer.token("user_clerk_connect", { ttlSeconds: 600 });
     const page = await app.request(back, { headers: { cookie: `__session=${token}` } });
     assert.equal(page.status, 200);
-    assert.match(await page.text(), /wants to use your Keyway key/);
+    assert.match(await page.text(), /wants a Keyway key/);
     for (const unsafe of ["//evil.example/x", "https://evil.example/", "/\\evil.example"]) {
       const html = await (await app.request(`/sign-in?redirect=${encodeURIComponent(unsafe)}`))
         .text();

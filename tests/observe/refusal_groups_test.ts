@@ -14,6 +14,7 @@ const T0 = Date.parse("2026-12-06T14:02:00Z");
 
 const refusal = (code: string, status: number, n: number): Refusal => ({
   id: `req-${code}-${n}`,
+  keyId: "default",
   endpoint: "/v1/chat/completions",
   model: "glm-4.6",
   requestedModel: "glm-4.6",

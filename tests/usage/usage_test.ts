@@ -116,6 +116,7 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
       assert.match(res.headers.get("content-type") ?? "", /application\/json/);
       bySession = await json(res);
       assert.deepEqual(Object.keys(bySession).sort(), [
+        "byKey",
         "byModel",
         "days",
         "limits",
@@ -153,6 +154,14 @@ Deno.test("GET /api/usage with a session and with the caller's own key", async (
       assert.equal(days[6].requests, 2);
       assert.equal(days[0].date, utcDay(Date.now() - 6 * DAY));
       assert.deepEqual(bySession.byModel, [{ model: "glm-4.6", ...bySession.today as object }]);
+      // Both requests came with the default key.
+      assert.deepEqual(bySession.byKey, [{
+        keyId: "default",
+        name: "Default key",
+        requests: 2,
+        totalTokens: 36,
+        costUsd: Math.round(cost * 1e9) / 1e9,
+      }]);
     });
     await t.step("the caller's kw_ key gives the same answer; default is 30 days", async () => {
       const res = await app.request("/api/usage", { headers: bearer(apiKey) });

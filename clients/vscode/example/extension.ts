@@ -1,7 +1,7 @@
 /**
  * A complete example extension using Keyway: "Keyway: Connect" gets the key (browser approval,
- * or a device code), "Keyway: Ask" sends a chat completion through Keyway, "Keyway: Disconnect"
- * forgets the key. Build with `npm run build` (esbuild bundles ../keyway.ts in).
+ * or a device code) and shows this editor's own key's prefix, "Keyway: Ask" sends a chat
+ * completion through Keyway, "Keyway: Disconnect" revokes this editor's key and forgets it. Build with `npm run build` (esbuild bundles ../keyway.ts in).
  */
 import * as vscode from "vscode";
 import { createKeywayClient, KeywayError } from "../keyway.ts";
@@ -34,7 +34,10 @@ export function activate(context: vscode.ExtensionContext) {
         const key = await keyway.getKeywayKey(context, serverUrl(), {
           clientName: "Keyway example for VS Code",
         });
-        vscode.window.showInformationMessage(`Connected to Keyway with key ${key.keyPrefix}…`);
+        // Every editor gets its own key: its prefix is the one listed on the dashboard.
+        vscode.window.showInformationMessage(
+          `Connected to Keyway with this editor's own key ${key.keyPrefix}…`,
+        );
       } catch (err) {
         vscode.window.showErrorMessage(explain(err));
       }
@@ -62,8 +65,15 @@ export function activate(context: vscode.ExtensionContext) {
       }
     }),
     vscode.commands.registerCommand("keywayExample.disconnect", async () => {
-      await keyway.forgetKey(context, serverUrl());
-      vscode.window.showInformationMessage("Keyway key removed from this editor.");
+      const { revoked, keyPrefix } = await keyway.disconnect(context, serverUrl());
+      vscode.window.showInformationMessage(
+        keyPrefix === null
+          ? "This editor was not connected to Keyway."
+          : revoked
+          ? `Disconnected: key ${keyPrefix}… is revoked and removed from this editor.`
+          : `Key ${keyPrefix}… removed from this editor, but Keyway could not revoke it: ` +
+            "revoke it under Connected apps on your dashboard.",
+      );
     }),
   );
 }

@@ -121,7 +121,7 @@ Deno.test("browser: connect flows", async (t) => {
         // Back on the approve page with the same request.
         assert.equal(new URL(page.url()).searchParams.get("redirect_uri"), redirectUri);
         const card = page.locator(".connect-card");
-        assert.match(await card.innerText(), /Keyway for VS Code wants to use your Keyway key/);
+        assert.match(await card.innerText(), /Keyway for VS Code wants a Keyway key/);
         assert.match(await card.innerText(), /http:\/\/127\.0\.0\.1:\d+/);
         assert.match(await card.innerText(), /counted against your limits/);
         await auditAndShoot(page, shotsDir, "connect-approve");
@@ -217,7 +217,10 @@ Deno.test("browser: connect flows", async (t) => {
       await page.getByRole("button", { name: "Continue" }).click();
       await page.getByTestId("device-user-code").waitFor();
       assert.equal(await page.getByTestId("device-user-code").innerText(), start.userCode);
-      assert.match(await page.locator(".connect-card").innerText(), /Keyway CLI wants to use/);
+      assert.match(
+        await page.locator(".connect-card").innerText(),
+        /says it is Keyway CLI wants a Keyway key/,
+      );
       await auditAndShoot(page, shotsDir, "connect-device-confirm");
       await page.getByRole("button", { name: "Approve" }).click();
       await page.getByText("Keyway CLI is connected").waitFor();

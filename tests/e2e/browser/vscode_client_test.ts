@@ -163,7 +163,7 @@ async function approveInBrowser(page: Page, url: string, email: string) {
   }
   assert.match(
     await page.locator(".connect-card").innerText(),
-    /Visual Studio Code wants to use your Keyway key/,
+    /Visual Studio Code wants a Keyway key/,
   );
   assert.match(await page.locator(".connect-card").innerText(), /vscode:\/\/keyway-example/);
   await Promise.all([
@@ -218,7 +218,9 @@ Deno.test("vscode client: PKCE redirect, device fallback, secrets, reconnect aft
 
     await t.step("a 401 forgets the key and connects again", async () => {
       const userId = (await server.services.users.resolveKey(firstKey))!.id;
-      await server.services.users.rotate(userId); // e.g. rotated on the dashboard
+      const { keyId } = JSON.parse(editor.secrets.get(`keyway.key:${server.url}`)!);
+      assert.match(keyId, /^k_/, "the editor holds its own key");
+      await server.services.users.revokeAppKey(userId, keyId); // e.g. revoked on the dashboard
       assert.equal((await models(firstKey)).status, 401);
       const res = await keyway.fetch(editor.context, server.url, "/v1/models");
       await userTask;
@@ -228,6 +230,24 @@ Deno.test("vscode client: PKCE redirect, device fallback, secrets, reconnect aft
       const stored = JSON.parse(editor.secrets.get(`keyway.key:${server.url}`)!);
       assert.notEqual(stored.apiKey, firstKey);
       assert.equal((await server.services.users.resolveKey(stored.apiKey))?.id, userId);
+    });
+
+    await t.step("disconnect revokes the editor's own key and forgets it", async () => {
+      const stored = JSON.parse(editor.secrets.get(`keyway.key:${server.url}`)!);
+      const userId = (await server.services.users.resolveKey(stored.apiKey))!.id;
+      const others = (await server.services.users.get(userId))!.apps!.length;
+      const result = await keyway.disconnect(editor.context, server.url);
+      assert.deepEqual(result, { revoked: true, keyPrefix: stored.apiKey.slice(0, 7) });
+      assert.equal(editor.secrets.get(`keyway.key:${server.url}`), undefined);
+      assert.equal((await models(stored.apiKey)).status, 401);
+      const apps = (await server.services.users.get(userId))!.apps!;
+      assert.equal(apps.length, others - 1);
+      assert.ok(!apps.some((a) => a.id === stored.keyId));
+      // Nothing stored any more: nothing to revoke.
+      assert.deepEqual(await keyway.disconnect(editor.context, server.url), {
+        revoked: true,
+        keyPrefix: null,
+      });
     });
 
     await t.step("cancel in the browser: KeywayError access_denied, nothing stored", async () => {

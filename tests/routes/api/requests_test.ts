@@ -39,6 +39,14 @@ Deno.test("the request log's listings: own and operators', filters, pages, valid
     assert.equal(await chat(bob), 200);
     fake.mode = "error500";
     assert.equal(await chat(bob), 500);
+    fake.mode = "json";
+    // A connected app's key: its requests carry its key id.
+    const app1 = await app.services.users.createAppKey(
+      "user_bob",
+      { name: "VS Code", flow: "device" },
+      20,
+    );
+    assert.equal(await chat(app1.apiKey), 200);
 
     const get = async (path: string, headers: HeadersInit) => {
       const res = await app.request(path, { headers });
@@ -63,7 +71,7 @@ Deno.test("the request log's listings: own and operators', filters, pages, valid
 
     await t.step("pages: limit and next walk the whole log once", async () => {
       const all = await list("/api/admin/requests", boss);
-      assert.equal(all.requests.length, 7);
+      assert.equal(all.requests.length, 8);
       const seen: string[] = [];
       let cursor: string | null = null;
       let pages = 0;
@@ -76,6 +84,7 @@ Deno.test("the request log's listings: own and operators', filters, pages, valid
         pages++;
       } while (cursor);
       assert.equal(pages, 3);
+      assert.equal(seen.length, 8);
       assert.deepEqual(seen, all.requests.map((r) => r.id));
       const own: string[] = [];
       let next: string | null = null;
@@ -87,24 +96,26 @@ Deno.test("the request log's listings: own and operators', filters, pages, valid
         own.push(...page.requests.map((r) => r.id));
         next = page.next;
       } while (next);
-      assert.equal(own.length, 3);
-      assert.equal(new Set(own).size, 3);
+      assert.equal(own.length, 4);
+      assert.equal(new Set(own).size, 4);
     });
 
     await t.step("operator filters, each and combined", async () => {
       const ids = async (q: string) =>
         (await list(`/api/admin/requests?${q}`, boss)).requests.map((r) => [r.userId, r.model]);
-      assert.equal((await ids("user=user_bob")).length, 3);
+      assert.equal((await ids("user=user_bob")).length, 4);
       assert.deepEqual(await ids("model=glm-4.5-air"), [["user_alice", "glm-4.5-air"]]);
       assert.deepEqual(await ids("status=500"), [["user_bob", "glm-4.6"]]);
       assert.deepEqual(await ids("user=user_bob&status=200&model=glm-4.6"), [
         ["user_bob", "glm-4.6"],
         ["user_bob", "glm-4.6"],
+        ["user_bob", "glm-4.6"],
       ]);
       assert.equal((await ids("keyId=default")).length, 7);
-      assert.equal((await ids("keyId=app_1")).length, 0);
+      assert.deepEqual(await ids(`keyId=${app1.app.id}`), [["user_bob", "glm-4.6"]]);
+      assert.equal((await ids("keyId=k_nothing")).length, 0);
       const today = utcDay(Date.now());
-      assert.equal((await ids(`from=${today}&to=${today}`)).length, 7);
+      assert.equal((await ids(`from=${today}&to=${today}`)).length, 8);
       assert.equal((await ids(`to=${today}T00:00:00Z`)).length, 0);
       assert.equal((await ids(`from=${new Date(Date.now() + 60_000).toISOString()}`)).length, 0);
       const filtered = await list(

@@ -1,0 +1,162 @@
+/**
+ * Usage per key (CONTRACT §5 Keys, Usage `byKey`): the counters the settle commit adds per user,
+ * UTC day and key (`keys.usageByKey`), and each key's last use (`keys.keyLastUsed`, a KV `max`
+ * of the settle time, so the hot path writes no extra entry or commit for it).
+ */
+import { keys, u64 } from "../core/kv.ts";
+import { systemClock } from "../core/clock.ts";
+import { addDays, type Day, utcDay } from "../core/utc.ts";
+import { roundUsd } from "./pricing.ts";
+import { DEFAULT_KEY_ID, type UserRecord } from "../identity/user_record.ts";
+
+/** What one key used over some days. */
+export interface KeyUsage {
+  requests: number;
+  totalTokens: number;
+  costUsd: number;
+}
+
+/** One key as GET /api/keys lists it (never its secret). */
+export interface KeyListing {
+  id: string;
+  name: string;
+  /** The client's name as it gave it (null for the default key). */
+  client: string | null;
+  keyPrefix: string;
+  default: boolean;
+  createdAt: string;
+  lastUsedAt: string | null;
+  usage30d: KeyUsage;
+}
+
+/** One row of GET /api/usage `byKey`. */
+export interface KeyUsageRow extends KeyUsage {
+  keyId: string;
+  name: string;
+}
+
+/** The default key's name where keys are listed. */
+export const DEFAULT_KEY_NAME = "Default key";
+
+const empty = (): KeyUsage & { nano: number } => ({
+  requests: 0,
+  totalTokens: 0,
+  costUsd: 0,
+  nano: 0,
+});
+
+/** Usage per key id over the `days` UTC days up to and including today. */
+export async function usageByKey(
+  kv: Deno.Kv,
+  userId: string,
+  days: number,
+  now: number = systemClock(),
+): Promise<Map<string, KeyUsage>> {
+  const today = utcDay(now);
+  const from: Day = addDays(today, -(days - 1));
+  const sums = new Map<string, KeyUsage & { nano: number }>();
+  const iter = kv.list({
+    start: keys.usageByKeyDay(userId, from),
+    end: keys.usageByKeyDay(userId, addDays(today, 1)),
+  }, { batchSize: 1000 });
+  for await (const entry of iter) {
+    const [, , , keyId, field] = entry.key;
+    if (typeof keyId !== "string") continue;
+    const sum = sums.get(keyId) ?? empty();
+    const n = u64(entry.value);
+    if (field === "requests") sum.requests += n;
+    else if (field === "tokens") sum.totalTokens += n;
+    else if (field === "nano") sum.nano += n;
+    sums.set(keyId, sum);
+  }
+  const out = new Map<string, KeyUsage>();
+  for (const [id, { nano, ...sum }] of sums) out.set(id, { ...sum, costUsd: roundUsd(nano / 1e9) });
+  return out;
+}
+
+/** When each of the user's keys last settled a request (ms), by key id. */
+export async function lastUsedByKey(kv: Deno.Kv, userId: string): Promise<Map<string, number>> {
+  const out = new Map<string, number>();
+  for await (const entry of kv.list({ prefix: keys.keyLastUseds(userId) }, { batchSize: 1000 })) {
+    const keyId = entry.key[2];
+    if (typeof keyId === "string") out.set(keyId, u64(entry.value));
+  }
+  return out;
+}
+
+/** The user's keys, default first, then connected apps oldest first, with their usage. */
+export async function listKeys(
+  kv: Deno.Kv,
+  user: UserRecord,
+  now: number = systemClock(),
+): Promise<KeyListing[]> {
+  const [usage, lastUsed] = await Promise.all([
+    usageByKey(kv, user.id, 30, now),
+    lastUsedByKey(kv, user.id),
+  ]);
+  const of = (id: string) => ({
+    lastUsedAt: lastUsed.has(id) ? new Date(lastUsed.get(id)!).toISOString() : null,
+    usage30d: usage.get(id) ?? { requests: 0, totalTokens: 0, costUsd: 0 },
+  });
+  const list: KeyListing[] = [];
+  if (user.key) {
+    list.push({
+      id: DEFAULT_KEY_ID,
+      name: DEFAULT_KEY_NAME,
+      client: null,
+      keyPrefix: user.key.prefix,
+      default: true,
+      createdAt: user.key.createdAt,
+      ...of(DEFAULT_KEY_ID),
+    });
+  }
+  for (const app of user.apps ?? []) {
+    list.push({
+      id: app.id,
+      name: app.name,
+      client: app.client ?? app.name,
+      keyPrefix: app.prefix,
+      default: false,
+      createdAt: app.createdAt,
+      ...of(app.id),
+    });
+  }
+  return list;
+}
+
+/**
+ * GET /api/usage `byKey`: every key the user holds (used or not), then revoked keys that were
+ * used in the span, named by what is kept of them; the rows add up to the user's totals.
+ */
+export async function byKeyRows(
+  kv: Deno.Kv,
+  user: UserRecord | null,
+  userId: string,
+  days: number,
+  now: number = systemClock(),
+): Promise<KeyUsageRow[]> {
+  const usage = await usageByKey(kv, userId, days, now);
+  const zero = { requests: 0, totalTokens: 0, costUsd: 0 };
+  const rows: KeyUsageRow[] = [];
+  const seen = new Set<string>();
+  const add = (keyId: string, name: string) => {
+    seen.add(keyId);
+    rows.push({ keyId, name, ...(usage.get(keyId) ?? zero) });
+  };
+  if (user?.key || usage.has(DEFAULT_KEY_ID)) add(DEFAULT_KEY_ID, DEFAULT_KEY_NAME);
+  for (const app of user?.apps ?? []) add(app.id, app.name);
+  const rest = [...usage.keys()].filter((id) => !seen.has(id));
+  if (rest.length) {
+    const names = await revokedKeyNames(kv, userId);
+    for (const id of rest) add(id, `${names.get(id) ?? "A key"} (revoked)`);
+  }
+  return rows;
+}
+
+/** Names of the user's revoked app keys by id, kept so their past usage keeps a name. */
+async function revokedKeyNames(kv: Deno.Kv, userId: string): Promise<Map<string, string>> {
+  const out = new Map<string, string>();
+  const iter = kv.list<{ name: string }>({ prefix: keys.revokedKeys(userId) }, { limit: 1000 });
+  for await (const e of iter) if (typeof e.key[2] === "string") out.set(e.key[2], e.value.name);
+  return out;
+}
