@@ -60,10 +60,10 @@ export function dashboardRoutes(services: Services) {
           models={config.allowedModels.length ? config.allowedModels : ["glm-4.6"]}
           supportUrl={config.supportUrl}
         />
-        <RecentRequests entries={requests.requests} days={config.requestLogDays} />
         {shared
           ? null
           : <ConnectedApps mode={authMode} initialKeys={await keysOf(session.userId)} />}
+        <RecentRequests entries={requests.requests} days={config.requestLogDays} />
       </Layout>,
     );
   });
