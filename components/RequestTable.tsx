@@ -34,12 +34,14 @@ const ENDPOINTS: Record<string, string> = {
 };
 
 export function RequestTable(
-  { entries, showUser = false, emails, testId }: {
+  { entries, showUser = false, emails, keyNames, testId }: {
     entries: RequestEntryBody[];
     /** The operator's listing: a column with the user (linked to their page). */
     showUser?: boolean;
     /** User id → e-mail, where known (the operator's listing shows it instead of the id). */
     emails?: Map<string, string>;
+    /** Key id → the connected app's name, where known. */
+    keyNames?: Map<string, string>;
     testId: string;
   },
 ) {
@@ -86,7 +88,7 @@ export function RequestTable(
                 <span class="muted small request-meta">
                   {ENDPOINTS[e.endpoint] ?? e.endpoint}
                   {e.stream ? " · stream" : ""}
-                  {e.keyId !== "default" ? ` · key ${e.keyId}` : ""}
+                  {e.keyId !== "default" ? ` · ${keyNames?.get(e.keyId) ?? `key ${e.keyId}`}` : ""}
                   {e.client ? ` · ${e.client}` : ""}
                 </span>
               </td>
@@ -121,8 +123,10 @@ export function RequestTable(
 
 /** A card of a user's latest requests (the dashboard, the operator's per-user page). */
 export function RecentRequests(
-  { entries, days, more, title = "Last requests", testId = "recent-requests" }: {
+  { entries, days, more, keyNames, title = "Last requests", testId = "recent-requests" }: {
     entries: RequestEntryBody[];
+    /** Key id → the connected app's name, where known. */
+    keyNames?: Map<string, string>;
     /** REQUEST_LOG_DAYS (0: the log is off). */
     days: number;
     /** Where the rest is listed, when there is more. */
@@ -144,7 +148,7 @@ export function RecentRequests(
         </p>
       </div>
       {entries.length
-        ? <RequestTable entries={entries} testId={testId} />
+        ? <RequestTable entries={entries} keyNames={keyNames} testId={testId} />
         : days > 0 && <p class="muted">No requests yet.</p>}
       {more && (
         <p class="small" style={{ marginTop: "0.75rem" }}>

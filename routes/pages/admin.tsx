@@ -264,6 +264,7 @@ export function adminRoutes(services: Services) {
           entries={requests.requests}
           days={config.requestLogDays}
           title="Their last requests"
+          keyNames={new Map(usage.byKey.map((k) => [k.keyId, k.name]))}
           testId="user-requests"
           more={requests.next
             ? {

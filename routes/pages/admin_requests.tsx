@@ -67,8 +67,10 @@ export function adminRequestsRoutes(services: Services) {
     // Operators know their users by e-mail: the page's users are looked up (ids only in the log).
     const ids = [...new Set(page?.requests.map((r) => r.userId) ?? [])];
     const emails = new Map<string, string>();
+    const keyNames = new Map<string, string>();
     for (const user of await Promise.all(ids.map((id) => users.get(id)))) {
       if (user?.email) emails.set(user.id, user.email);
+      for (const app of user?.apps ?? []) keyNames.set(app.id, app.name);
     }
     const { cursor: _cursor, ...filters } = raw;
     const link = (extra: Record<string, string>) =>
@@ -132,7 +134,13 @@ export function adminRequestsRoutes(services: Services) {
           <section class="card" aria-labelledby="log-title" style={{ marginTop: "1.25rem" }}>
             <h2 id="log-title" class="sr-only">Requests</h2>
             {page.requests.length > 0 && (
-              <RequestTable entries={page.requests} showUser emails={emails} testId="request-log" />
+              <RequestTable
+                entries={page.requests}
+                showUser
+                emails={emails}
+                keyNames={keyNames}
+                testId="request-log"
+              />
             )}
             {page.requests.length === 0 && (
               <p class="muted" data-testid="request-log-empty">

@@ -43,6 +43,7 @@ export function dashboardRoutes(services: Services) {
       }),
       services.requestLog.list({ userId: session.userId, limit: 10 }),
     ]);
+    const keys = shared ? null : await keysOf(session.userId);
     return render(
       c,
       <Layout title="Dashboard" {...layout} clerk={clerk}>
@@ -60,10 +61,12 @@ export function dashboardRoutes(services: Services) {
           models={config.allowedModels.length ? config.allowedModels : ["glm-4.6"]}
           supportUrl={config.supportUrl}
         />
-        {shared
-          ? null
-          : <ConnectedApps mode={authMode} initialKeys={await keysOf(session.userId)} />}
-        <RecentRequests entries={requests.requests} days={config.requestLogDays} />
+        {shared ? null : <ConnectedApps mode={authMode} initialKeys={keys} />}
+        <RecentRequests
+          entries={requests.requests}
+          days={config.requestLogDays}
+          keyNames={new Map(keys?.map((k) => [k.id, k.name]))}
+        />
       </Layout>,
     );
   });

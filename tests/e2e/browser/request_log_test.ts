@@ -32,11 +32,15 @@ Deno.test("request log pages: the dashboard's last requests, the operator's user
       method: "POST",
       headers: { authorization: `Bearer ${ada.token}` },
     }).then((r) => r.json()).then((b) => String(b.apiKey));
-    const send = async (body: Record<string, unknown>, path = "/v1/chat/completions") => {
+    const send = async (
+      body: Record<string, unknown>,
+      path = "/v1/chat/completions",
+      apiKey = key,
+    ) => {
       const res = await fetch(`${server.url}${path}`, {
         method: "POST",
         headers: {
-          authorization: `Bearer ${key}`,
+          authorization: `Bearer ${apiKey}`,
           "content-type": "application/json",
           "user-agent": "claude-cli/2.1.3 (external, cli)",
         },
@@ -61,6 +65,13 @@ Deno.test("request log pages: the dashboard's last requests, the operator's user
     fake.mode = "error500";
     assert.equal(await send(chat), 500);
     fake.mode = "json";
+    // A connected app's key: its requests are listed under the app's name.
+    const app = await server.services.users.createAppKey(
+      ada.userId,
+      { name: "Zed editor", flow: "device" },
+      20,
+    );
+    assert.equal(await send(chat, undefined, app.apiKey), 200);
     for (let i = 0; i < 2; i++) assert.equal(await send({ ...chat, model: "gpt-9" }), 400);
     // Refusals are written within a second.
     await new Promise((r) => setTimeout(r, 1300));
@@ -73,6 +84,7 @@ Deno.test("request log pages: the dashboard's last requests, the operator's user
       assert.equal(await rows.count(), 10, "the last ten: newest first");
       const text = await table.innerText();
       assert.match(text, /asked as\s+claude-sonnet-4-5/);
+      assert.match(text, /chat · Zed editor · claude-cli/);
       assert.match(text, /500/);
       assert.match(text, /claude-cli\/2\.1\.3/);
       assert.ok(!(await page.content()).includes(key), "the key is not in the page's log");
@@ -84,7 +96,7 @@ Deno.test("request log pages: the dashboard's last requests, the operator's user
     await t.step("the operator's page of the user lists theirs", async () => {
       const page = await op.w.newPage();
       assert.equal((await page.goto(`${server.url}/admin/users/${ada.userId}`))?.status(), 200);
-      assert.equal(await page.getByTestId("user-requests").getByTestId("request-row").count(), 12);
+      assert.equal(await page.getByTestId("user-requests").getByTestId("request-row").count(), 13);
       await inspect(page, dir, "admin-user-requests", shots);
       await page.close();
     });
@@ -122,7 +134,7 @@ Deno.test("request log pages: the dashboard's last requests, the operator's user
       await page.getByLabel("To (UTC, included)").fill(today);
       await page.getByRole("button", { name: "Show" }).click();
       await page.waitForURL(/from=/);
-      assert.equal(await rows.count(), 12);
+      assert.equal(await rows.count(), 13);
       await inspect(page, dir, "admin-requests-filtered", shots);
 
       const bad = await page.goto(`${server.url}/admin/requests?status=abc`);
