@@ -174,3 +174,31 @@ export const UpstreamAnswerSchema = z.looseObject({}).meta({
   id: "UpstreamAnswer",
   description: "The upstream's answer, relayed untouched (OpenAI or Anthropic format).",
 });
+
+export const RequestEntrySchema = z.object({
+  id: z.string().meta({ description: "The request's x-request-id" }),
+  at: z.string(),
+  userId: z.string(),
+  keyId: z.string(),
+  endpoint: z.string(),
+  model: z.string().nullable(),
+  requestedModel: z.string().nullable(),
+  stream: z.boolean(),
+  status: z.number().int(),
+  code: z.string().nullable(),
+  promptTokens: z.number().int(),
+  completionTokens: z.number().int(),
+  cachedTokens: z.number().int(),
+  costUsd: z.number(),
+  estimated: z.boolean().meta({ description: "No upstream usage arrived: the estimate" }),
+  durationMs: z.number(),
+  ttfbMs: z.number().nullable(),
+  queueMs: z.number(),
+  client: z.string().meta({ description: "The User-Agent, cut to 80 printable characters" }),
+  count: z.number().int().meta({ description: "Refusals of this user, code and minute" }),
+}).meta({ id: "RequestEntry" });
+
+export const RequestsBodySchema = z.object({
+  requests: z.array(RequestEntrySchema),
+  next: z.string().nullable(),
+}).meta({ id: "Requests" });

@@ -5,6 +5,7 @@
  * tests/e2e/browser/vscode_client_test.ts keeps its copy of these shapes in step.
  */
 import type { UsageTotals } from "./usage/totals.ts";
+import type { RequestLogEntry } from "./observe/request_log.ts";
 import type { KeyListing, KeyUsageRow } from "./usage/key_usage.ts";
 
 /** The limits in force for a user (null: unlimited). */
@@ -145,4 +146,13 @@ export interface AdminUserChangedBody {
 /** Every error (CONTRACT §4); the Anthropic endpoints add `type: "error"` and an error type. */
 export interface ErrorBody {
   error: { code: string; message: string; type?: string };
+}
+
+/** One entry of the request log (lib/observe/request_log.ts). */
+export type RequestEntryBody = RequestLogEntry;
+
+/** GET /api/requests, GET /api/admin/requests. */
+export interface RequestsBody {
+  requests: RequestEntryBody[];
+  next: string | null;
 }

@@ -13,6 +13,8 @@ import { keyRoutes } from "./api/key.ts";
 import { keysRoutes } from "./api/keys.ts";
 import { usageRoutes } from "./api/usage.ts";
 import { webhookRoutes } from "./api/webhooks.ts";
+import { requestRoutes } from "./api/requests.ts";
+import { metricsRoutes } from "./metrics.ts";
 import { authRoutes } from "./auth.ts";
 import type { AppEnv } from "./context.ts";
 import { localHostGuard } from "./local_guard.ts";
@@ -164,6 +166,8 @@ export function createApp(services: Services) {
   app.route("/api", usageRoutes(services));
   app.route("/api", adminRoutes(services));
   app.route("/api", connectApiRoutes(services));
+  app.route("/api", requestRoutes(services));
+  app.route("/", metricsRoutes(services));
   app.route("/v1", v1Routes(services));
   app.route("/", authRoutes(services));
   app.route("/", connectPageRoutes(services));

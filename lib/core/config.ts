@@ -270,6 +270,11 @@ const envSchema = z.object({
     (v) => v === undefined || /^whsec_[A-Za-z0-9+/]{16,}={0,2}$/.test(v),
     "EVENTS_WEBHOOK_SECRET must look like whsec_… (a base64 secret of at least 12 bytes)",
   ),
+  REQUEST_LOG_DAYS: intFrom("REQUEST_LOG_DAYS", 14, 0, 3650),
+  METRICS_TOKEN: optionalString.refine(
+    (v) => v === undefined || /^[\x21-\x7E]{16,512}$/.test(v),
+    "METRICS_TOKEN must be 16 to 512 printable characters without spaces",
+  ),
   SUPPORT_URL: optionalString.pipe(supportUrl.optional()),
   DENO_DEPLOYMENT_ID: optionalString,
   APP_ENV: optionalString,
@@ -340,6 +345,10 @@ export interface Config {
   connectRedirectSchemes: string[];
   /** The operator's backend that receives Keyway's events (CONTRACT §7 Events); none = off. */
   events: { webhookUrl?: string; webhookSecret?: string };
+  /** Days the per-request log keeps an entry (REQUEST_LOG_DAYS); 0 = no log. */
+  requestLogDays: number;
+  /** The bearer token GET /metrics asks for (METRICS_TOKEN); none = /metrics is a 404. */
+  metricsToken?: string;
   /** SUPPORT_URL: where disabled and paused users are sent (an https page or a mailto:). */
   supportUrl: string | null;
 }
@@ -455,6 +464,8 @@ export function loadConfig(env: Record<string, string | undefined>): Config {
     adminUserIds: new Set(e.ADMIN_USER_IDS),
     connectRedirectSchemes: e.CONNECT_REDIRECT_SCHEMES,
     events: { webhookUrl: e.EVENTS_WEBHOOK_URL, webhookSecret: e.EVENTS_WEBHOOK_SECRET },
+    requestLogDays: e.REQUEST_LOG_DAYS,
+    metricsToken: e.METRICS_TOKEN,
     supportUrl: e.SUPPORT_URL ?? null,
   };
 }
@@ -468,6 +479,7 @@ export function secretsOf(config: Config): Array<string | undefined> {
     config.clerk.secretKey,
     ...config.clerk.webhookSecrets,
     config.events.webhookSecret,
+    config.metricsToken,
   ];
 }
 

@@ -137,6 +137,29 @@ export function formatWait(ms: number): string {
   return `${Math.round(hours / 24)} days`;
 }
 
+const LOG_TIME = new Intl.DateTimeFormat("en-US", {
+  month: "short",
+  day: "numeric",
+  hour: "2-digit",
+  minute: "2-digit",
+  second: "2-digit",
+  hourCycle: "h23",
+  timeZone: "UTC",
+});
+
+/** A moment in a log, to the second: "Dec 6, 14:02:05" (UTC). */
+export function formatLogTime(value: string | number | Date): string {
+  return LOG_TIME.format(toDate(value));
+}
+
+/** A duration for people: "850 ms", "2.4 s", "3 min 5 s". */
+export function formatDuration(ms: number): string {
+  if (ms < 1000) return `${formatInt(Math.round(ms))} ms`;
+  if (ms < 60_000) return `${(Math.round(ms / 100) / 10).toFixed(1)} s`;
+  const s = Math.round(ms / 1000);
+  return `${Math.floor(s / 60)} min ${s % 60} s`;
+}
+
 /** How long ago, for people: "12 seconds ago", "3 min ago", "2 h 5 min ago". */
 export function formatAgo(ms: number): string {
   const seconds = Math.max(0, Math.floor(ms / 1000));

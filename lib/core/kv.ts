@@ -127,6 +127,17 @@ export const keys = {
   /** Wrong user codes a signed-in user entered in one window (a number; expireIn). */
   deviceCodeMisses: (userId: string, window: number) =>
     ["device_code_misses", userId, window] as const,
+  /**
+   * The per-request log (lib/observe/request_log.ts), by time then user: `rest` is the request id,
+   * or a refusal group's `~code` and the process that counted it.
+   */
+  requestLog: (at: number, userId: string, ...rest: string[]) =>
+    ["request_log", at, userId, ...rest] as const,
+  requestLogs: () => ["request_log"] as const,
+  /** The same entries per user, by time. */
+  requestLogOfUser: (userId: string, at: number, ...rest: string[]) =>
+    ["request_log_by_user", userId, at, ...rest] as const,
+  requestLogsOfUser: (userId: string) => ["request_log_by_user", userId] as const,
   /** Read (never written) to learn whether a KV Connect server answers again (kv_deadline.ts). */
   kvProbe: () => ["kv_probe"] as const,
   /** A counter `deno task bench` commits to, to time one durable commit (a KvU64). */

@@ -16,6 +16,8 @@ import { ConnectFlows, type ConnectOptions } from "../identity/connect.ts";
 import { utcMonth } from "./utc.ts";
 import { type Clock, systemClock } from "./clock.ts";
 import { CacheEpoch } from "../identity/cache_epoch.ts";
+import { RequestLog } from "../observe/request_log.ts";
+import { Metrics } from "../observe/metrics.ts";
 
 export interface Services {
   config: Config;
@@ -36,6 +38,10 @@ export interface Services {
   events: Events;
   /** The time every service above reads. */
   clock: Clock;
+  /** The per-request log (lib/observe/request_log.ts). */
+  requestLog: RequestLog;
+  /** Prometheus metrics for GET /metrics (lib/observe/metrics.ts). */
+  metrics: Metrics;
   /** Stops background work and waits for pending KV commits (shutdown, tests). */
   close(): Promise<void>;
 }
@@ -79,9 +85,16 @@ export async function createServices(
         "with a monthly budget cannot use them",
     );
   }
+  const metrics = new Metrics(config);
+  const requestLog = new RequestLog(kv, config, {
+    clock,
+    log,
+    onCommit: (ms) => metrics.commit(ms),
+  });
   const ledger = new Ledger(kv, config, {
     log,
     clock,
+    onCommit: (ms) => metrics.commit(ms),
     // budget.threshold at 80 % and 100 %, once each per user and month across processes.
     onBudgetCharged: async (userId, budgetUsd) => {
       const month = utcMonth(clock());
@@ -90,6 +103,12 @@ export async function createServices(
     },
   });
   const slots = new UpstreamSlots(kv, config, ledger, log, new KeyPool(kv, config, clock), clock);
+  metrics.watch({
+    kv,
+    poolKeys: () => slots.pool.keys,
+    activeLeases: () => ledger.activeLeases,
+    clock,
+  });
   const gateway = new Gateway({
     config,
     kv,
@@ -97,6 +116,8 @@ export async function createServices(
     ledger,
     slots,
     clock,
+    requestLog,
+    metrics,
     notify: (alert, { model, status, upstreamCode, message, keyHint, keyHints }) => {
       if (alert === "upstream.unavailable") {
         events.alert(alert, { model, keyHints: keyHints ?? [] });
@@ -125,9 +146,12 @@ export async function createServices(
     connect: new ConnectFlows(kv, { now: clock, ...options.connect }),
     events,
     clock,
+    requestLog,
+    metrics,
     close: async () => {
       slots.close();
       await Promise.all([ledger.close(), events.close(), clerkSync.close()]);
+      await requestLog.close();
     },
   };
 }

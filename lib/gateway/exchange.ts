@@ -89,6 +89,8 @@ export class Exchange {
   /** The pool key the call is made with. */
   readonly key: PoolKey;
   readonly idle: IdleTimer;
+  /** performance.now() when the call was sent (the upstream's time to first byte counts from here). */
+  readonly sent = performance.now();
   private readonly abort = new AbortController();
   private reason: StopReason | null = null;
   /** The relay's cut, once it relays a body (a stop then ends the answer being relayed). */

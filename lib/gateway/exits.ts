@@ -11,6 +11,7 @@ import { formatInt } from "../core/format.ts";
 import type { Logger } from "../core/log.ts";
 import type { Charge, Lease, Outcome } from "../limits/admission.ts";
 import type { TokenUsage } from "../usage/record.ts";
+import type { Metrics } from "../observe/metrics.ts";
 
 export type Exit =
   /** The client left while the upstream was thinking: it had the prompt (charged the estimate). */
@@ -115,12 +116,24 @@ export type Settlement = Pick<
   "user" | "model" | "headers" | "relayed" | "settle" | "giveBack"
 >;
 
+/** What the request log and the metrics take from a request (lib/observe/). */
+export interface Observed {
+  /** The model the client asked for (before aliases). */
+  requestedModel: string;
+  stream: boolean;
+  userAgent: string | null;
+  metrics: Metrics | null;
+  /** Set once a RequestEnd settled the request: it is logged and counted, not refused. */
+  ended?: boolean;
+}
+
 /** The request's fields in its log line. */
 export interface EndFields {
   id: string;
   route: string;
   started: number;
   queueMs?: number;
+  observe?: Observed;
 }
 
 /**
@@ -130,6 +143,8 @@ export interface EndFields {
  */
 export class RequestEnd {
   private ended: Promise<void> | null = null;
+  /** From the upstream call being sent to its answer's headers (ms), once they arrived. */
+  ttfbMs: number | null = null;
 
   constructor(
     private readonly lease: Settlement,
@@ -143,14 +158,28 @@ export class RequestEnd {
     return this.ended !== null;
   }
 
-  settle(usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) {
-    return this.ended ??= this.run(usage, status, outcome, detail);
+  /** `code`: the error the client got, for the request log and the metrics (none: null). */
+  settle(
+    usage: TokenUsage | null,
+    status: number,
+    outcome: Outcome,
+    detail?: string,
+    code: string | null = null,
+  ) {
+    return this.ended ??= this.run(usage, status, outcome, detail, code);
   }
 
   /** Ends by a cause of the table; resolves to the error the client gets. */
   async exit(exit: Exit, config: Config): Promise<AppError> {
     const rule = EXITS[exit];
-    await this.settle(null, rule.status, rule.outcome, rule.detail);
+    // A client that left got no answer: no code to log (status 499 says it).
+    await this.settle(
+      null,
+      rule.status,
+      rule.outcome,
+      rule.detail,
+      rule.status === 499 ? null : rule.code,
+    );
     const headers = {
       ...this.lease.headers,
       ...(rule.retryAfter ? { "retry-after": rule.retryAfter } : {}),
@@ -159,12 +188,36 @@ export class RequestEnd {
     return new AppError(rule.code, rule.message(config), headers, rule.answerStatus);
   }
 
-  private async run(usage: TokenUsage | null, status: number, outcome: Outcome, detail?: string) {
+  private async run(
+    usage: TokenUsage | null,
+    status: number,
+    outcome: Outcome,
+    detail: string | undefined,
+    code: string | null,
+  ) {
     this.onEnd();
-    const { id, route, started, queueMs } = this.fields;
+    const { id, route, started, queueMs, observe } = this.fields;
+    if (observe) observe.ended = true;
+    const durationMs = Math.round(performance.now() - started);
+    const ttfbMs = this.ttfbMs === null ? null : Math.round(this.ttfbMs);
     let charged: Charge | undefined;
     try {
-      charged = await this.lease.settle(usage, outcome);
+      charged = await this.lease.settle(
+        usage,
+        outcome,
+        observe && {
+          id,
+          endpoint: route,
+          requestedModel: observe.requestedModel,
+          stream: observe.stream,
+          status,
+          code,
+          durationMs,
+          ttfbMs,
+          queueMs: Math.round(queueMs ?? 0),
+          userAgent: observe.userAgent,
+        },
+      );
     } catch (err) {
       this.log.error("usage not recorded now; the lease will be charged its estimate", {
         id,
@@ -186,6 +239,16 @@ export class RequestEnd {
       ...(queueMs !== undefined ? { queueMs: Math.round(queueMs) } : {}),
       ms: Math.round((performance.now() - started) * 10) / 10,
       ...(detail ? { detail } : {}),
+    });
+    observe?.metrics?.ended({
+      endpoint: route,
+      model: this.lease.model,
+      status,
+      code,
+      durationMs,
+      ttfbMs,
+      queueMs,
+      charged,
     });
   }
 }

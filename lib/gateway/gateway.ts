@@ -25,7 +25,7 @@ import { CountTokensCalls } from "./count_tokens_calls.ts";
 import { ClientLeft, type Taken, type UpstreamSlots } from "../limits/upstream/slots.ts";
 import type { KeyPool } from "../limits/upstream/pool.ts";
 import { Exchange } from "./exchange.ts";
-import { RequestEnd } from "./exits.ts";
+import { type Observed, RequestEnd } from "./exits.ts";
 import { ModelCatalog } from "./models.ts";
 import { bearerToken, type Protocol } from "./protocol.ts";
 import { anthropicKey } from "./protocols/anthropic_messages.ts";
@@ -33,6 +33,8 @@ import { answerWhileWaiting } from "./waiting_stream.ts";
 import { type Call, slotRefusal, UpstreamCalls } from "./upstream_calls.ts";
 import { declaredLength, readBody, type RequestBody, tooLarge, withModel } from "./request_body.ts";
 import { RefusalAlerts, type UpstreamNotifier } from "./upstream_errors.ts";
+import type { RequestLog } from "../observe/request_log.ts";
+import type { Metrics } from "../observe/metrics.ts";
 
 export type { UpstreamNotifier };
 
@@ -47,6 +49,23 @@ interface GatewayDeps {
   slots: UpstreamSlots;
   notify?: UpstreamNotifier;
   clock?: Clock;
+  /** The per-request log (refusals; admitted requests are logged by their settlement). */
+  requestLog?: RequestLog;
+  metrics?: Metrics;
+}
+
+/** What a request showed before it ended, for logging a refusal (set as it is learned). */
+interface Seen {
+  started: number;
+  userId: string | null;
+  keyId: string | null;
+  /** A lease was taken: its settlement logs the request, not the refusal path. */
+  admitted: boolean;
+  /** What its RequestEnd reports to (it marks the request ended: not a refusal then). */
+  observed: Observed | null;
+  requestedModel: string | null;
+  model: string | null;
+  stream: boolean;
 }
 
 export class Gateway {
@@ -66,6 +85,8 @@ export class Gateway {
   /** Bytes of the bodies of this process's requests waiting for an upstream slot. */
   private waitingBytes = 0;
   private readonly clock: Clock;
+  private readonly requestLog: RequestLog | null;
+  private readonly metrics: Metrics | null;
 
   constructor(deps: GatewayDeps) {
     this.config = deps.config;
@@ -83,15 +104,42 @@ export class Gateway {
       this.upstream,
     );
     this.models = new ModelCatalog(deps.config);
+    this.requestLog = deps.requestLog ?? null;
+    this.metrics = deps.metrics ?? null;
   }
 
   /**
    * Serves one gateway endpoint: the key (401), the body, then one admission — user state
    * (403), model (400), request limits, concurrency and quotas (429; 403 when spent until a reset)
    * — and the upstream call, relayed and settled. Unmetered endpoints check the same but take no lease.
+   * A refusal before admission is logged (lib/observe/request_log.ts) and counted as it passes.
    */
-  async handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
-    const started = performance.now();
+  handle(protocol: Protocol, req: Request, requestId = ""): Promise<Response> {
+    const seen: Seen = {
+      started: performance.now(),
+      userId: null,
+      keyId: null,
+      admitted: false,
+      observed: null,
+      requestedModel: null,
+      model: null,
+      stream: false,
+    };
+    return this.serve(protocol, req, requestId, seen).catch((err) => {
+      if (err instanceof AppError && !seen.admitted && !seen.observed?.ended) {
+        this.refused(protocol, req, requestId, seen, err);
+      }
+      throw err;
+    });
+  }
+
+  private async serve(
+    protocol: Protocol,
+    req: Request,
+    requestId: string,
+    seen: Seen,
+  ): Promise<Response> {
+    const started = seen.started;
     const maxBytes = this.config.maxRequestBytes;
     if ((declaredLength(req) ?? 0) > maxBytes) throw tooLarge(maxBytes); // refused unread
     if (!this.pool.size && !this.config.glm.apiKeys.length) {
@@ -104,8 +152,15 @@ export class Gateway {
       readBody(req, protocol, maxBytes),
       this.auth.owner(hash),
     ]);
+    seen.userId = userId;
+    seen.keyId = keyId;
     /** The model the request is forwarded, limited, metered and priced as (or the refusal). */
     const target = body instanceof AppError ? body : this.models.resolve(body.model);
+    if (!(body instanceof AppError)) {
+      seen.requestedModel = body.model;
+      seen.stream = body.stream === true;
+      if (!(target instanceof AppError)) seen.model = target;
+    }
     const validate = (user: UserRecord | null, headers: Record<string, string>) => {
       const checked = this.auth.check(hash, userId, user, headers);
       if (target instanceof AppError) throw new AppError(target.code, target.message, headers);
@@ -118,7 +173,14 @@ export class Gateway {
       throw target; // unreachable: validate() threw
     }
     const bytes = target === body.model ? body.bytes : withModel(body.bytes, target);
-    const call: Call = { protocol, req, bytes, requestId, started, model: target };
+    const observe: Observed = {
+      requestedModel: body.model,
+      stream: body.stream === true,
+      userAgent: req.headers.get("user-agent"),
+      metrics: this.metrics,
+    };
+    seen.observed = observe;
+    const call: Call = { protocol, req, bytes, requestId, started, model: target, observe };
     // A model with an upstream cap waits for its slot (on a pool key): no call before that.
     const capped = this.slots.capOf(target) > 0;
     if (!protocol.metered) {
@@ -150,6 +212,7 @@ export class Gateway {
         }
         throw err;
       });
+    seen.admitted = true;
     if (!capped) {
       if (!key) throw await this.upstream.noKeyInService(call, lease);
       const again = async () => {
@@ -245,11 +308,42 @@ export class Gateway {
         route: call.protocol.route,
         started: call.started,
         queueMs: performance.now() - call.started,
+        observe: call.observe,
       });
       if (err instanceof ClientLeft) throw await end.exit("left_waiting", this.config);
-      await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
+      const [status, code] = err instanceof AppError
+        ? [err.status, err.code]
+        : [500, "internal_error"];
+      await end.settle(null, status, "not_served", undefined, code);
       throw slotRefusal(err, lease.headers);
     }
+  }
+
+  /**
+   * A refusal before admission: counted in the metrics, and logged for its user (not a 401:
+   * nobody to log it for). A refusal before the key was looked up (the body too large, no
+   * GLM_API_KEY) looks its user up off the answer's path.
+   */
+  private refused(protocol: Protocol, req: Request, id: string, seen: Seen, err: AppError) {
+    const refusal = {
+      id,
+      keyId: seen.keyId ?? "default",
+      endpoint: protocol.route,
+      model: seen.model,
+      requestedModel: seen.requestedModel,
+      stream: seen.stream,
+      status: err.status,
+      code: err.code,
+      durationMs: Math.round(performance.now() - seen.started),
+      userAgent: req.headers.get("user-agent"),
+    };
+    this.metrics?.refused(refusal);
+    const log = this.requestLog;
+    if (!log?.enabled || err.status === 401) return;
+    if (seen.userId !== null) return log.refused(seen.userId, refusal);
+    this.auth.hash(protocol.apiKey(req.headers))
+      .then((hash) => this.auth.owner(hash))
+      .then(({ userId, keyId }) => log.refused(userId, { ...refusal, keyId }), () => {});
   }
 
   /** Beyond MAX_WAITING_BYTES of bodies waiting for slots in this process: 503 at once. */

@@ -137,6 +137,13 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
     const stop = exchange.stopped;
     return stop === "deadline" || stop === "upstream" ? why(stop) : undefined;
   };
+  /** The error a cut answer ends with, for the request log (a client that left gets none). */
+  const cutCode = (stop: StopReason | null) =>
+    stop === "client" || stop === "client_left"
+      ? null
+      : stop === "deadline" || stop === "upstream"
+      ? "upstream_timeout"
+      : "upstream_unavailable";
   const contentType = headers["content-type"] ?? "";
   const sse = contentType.includes("text/event-stream");
   const meter = protocol.meter(sse);
@@ -162,7 +169,7 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
     try {
       first = await read();
     } catch (err) {
-      await end.settle(null, status, "cut", stalled());
+      await end.settle(null, status, "cut", stalled(), cutCode(exchange.stopped));
       return new Response(erroredStream(err), { status, headers });
     }
     if (!first) {
@@ -177,11 +184,11 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
     }
     pending = first;
   }
-  const finish = (outcome: Outcome, detail?: string) => {
+  const finish = (outcome: Outcome, detail?: string, code: string | null = null) => {
     if (end.done) return end.settle(null, status, outcome);
     const usage = meter.usage();
     if (!usage) lease.relayed(meter.relayedTokens());
-    return end.settle(usage, status, outcome, detail);
+    return end.settle(usage, status, outcome, detail, code);
   };
   /** Relays a chunk; the one that ends the answer waits for the settlement first. */
   const relay = async (
@@ -206,7 +213,7 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
     if (closed) return;
     closed = true;
     const detail = why(stop);
-    finish(stop === "client" ? "cancelled" : "cut", detail).then(() => {
+    finish(stop === "client" ? "cancelled" : "cut", detail, cutCode(stop)).then(() => {
       try {
         if (stop !== "client" && sse) {
           const code = stop === "shutdown" ? "upstream_unavailable" : "upstream_timeout";
@@ -233,7 +240,7 @@ export async function relayAnswer(upstream: Response, ctx: RelayContext): Promis
       } catch (err) {
         if (closed) return; // cut by the watchdog
         closed = true;
-        await finish("cut", stalled());
+        await finish("cut", stalled(), cutCode(exchange.stopped));
         controller.error(err);
         return;
       }

@@ -9,7 +9,7 @@ import { type Logger, redacted } from "../core/log.ts";
 import { ClientLeft } from "../limits/upstream/slots.ts";
 import type { KeyPool, PoolKey } from "../limits/upstream/pool.ts";
 import { Exchange } from "./exchange.ts";
-import { type Exit, RequestEnd, type Settlement } from "./exits.ts";
+import { type Exit, type Observed, RequestEnd, type Settlement } from "./exits.ts";
 import type { Protocol } from "./protocol.ts";
 import { readErrorBody, relayAnswer } from "./relay.ts";
 import { classifyRefusal, needsClassifying, type RefusalAlerts } from "./upstream_errors.ts";
@@ -27,6 +27,8 @@ interface Call {
   started: number;
   /** The model it is forwarded as. */
   model: string;
+  /** What the request log and the metrics take from it. */
+  observe?: Observed;
 }
 
 export class UpstreamCalls {
@@ -75,6 +77,7 @@ export class UpstreamCalls {
       id: call.requestId,
       route: call.protocol.route,
       started: call.started,
+      observe: call.observe,
     }).exit("no_key", this.config);
   }
 
@@ -137,6 +140,7 @@ export class UpstreamCalls {
       route: protocol.route,
       started: call.started,
       queueMs,
+      observe: call.observe,
     }, () => {
       exchange.idle.stop();
       this.calls.delete(exchange);
@@ -159,6 +163,7 @@ export class UpstreamCalls {
         throw await end.exit(exit, this.config);
       }
       exchange.idle.rest();
+      end.ttfbMs = performance.now() - exchange.sent;
       const status = upstream.status;
       if (status >= 300 && status < 400) {
         // GLM does not redirect API calls: a redirect means GLM_BASE_URL or something in front
@@ -205,7 +210,10 @@ export class UpstreamCalls {
         try {
           next = await again();
         } catch (err) {
-          await end.settle(null, err instanceof AppError ? err.status : 500, "not_served");
+          const [status, code] = err instanceof AppError
+            ? [err.status, err.code]
+            : [500, "internal_error"];
+          await end.settle(null, status, "not_served", undefined, code);
           throw slotRefusal(err, lease.headers);
         }
         if (next) {
@@ -220,7 +228,13 @@ export class UpstreamCalls {
         this.alerts.unavailable(model, this.pool.keys.map((k) => k.hint));
         this.pool.countRefused();
       }
-      await end.settle(null, refusal.error.status, "not_served", refusal.alert);
+      await end.settle(
+        null,
+        refusal.error.status,
+        "not_served",
+        refusal.alert,
+        refusal.error.code,
+      );
       throw new AppError(
         refusal.error.code,
         refusal.error.message,

@@ -69,6 +69,13 @@ import {
 } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
 import { DAY_MS } from "../core/utc.ts";
+import {
+  addEntry,
+  admittedEntry,
+  type LoggedEntry,
+  logTtlMs,
+  type RequestFacts,
+} from "../observe/request_log.ts";
 
 export { LEASE_TTL_MS };
 export type { AdmitRequest, Charge, Lease, LeaseRecord, Outcome };
@@ -96,6 +103,8 @@ type Op =
         userId: string;
         lease: HeldLease;
         charge: Charge;
+        /** The request log's entry, written in this commit (lib/observe/request_log.ts). */
+        entry?: LoggedEntry;
         /** A retried settlement checks its lease entry: an earlier attempt may have landed. */
         guard?: Deno.KvEntryMaybe<LeaseRecord>;
       }
@@ -120,6 +129,8 @@ export class Ledger implements LeaseSettler {
   private seq = 0;
   readonly pricing: Pricing;
   private readonly clock: Clock;
+  /** How long request log entries are kept (ms); 0: none are written. */
+  private readonly logTtl: number;
 
   constructor(
     private readonly kv: Deno.Kv,
@@ -132,10 +143,13 @@ export class Ledger implements LeaseSettler {
        * lib/reports/budget_alerts.ts). Runs off the request's path; its errors are logged.
        */
       onBudgetCharged?: (userId: string, budgetUsd: number) => Promise<void>;
+      /** Each commit's duration (ms), for the metrics. */
+      onCommit?: (ms: number) => void;
     } = {},
   ) {
     this.pricing = config.pricing;
     this.clock = options.clock ?? systemClock;
+    this.logTtl = logTtlMs(config);
     this.users = new UserStates(kv, config);
     this.committer = new GroupCommitter<Op>({
       attempt: (batch) => this.attempt(batch),
@@ -171,6 +185,11 @@ export class Ledger implements LeaseSettler {
     this.liveness.start(() => {
       if (this.live.size) this.liveness.renewIfDue();
     });
+  }
+
+  /** This process's leases in flight. */
+  get activeLeases(): number {
+    return this.live.size;
   }
 
   /** This process's id: its leases live under it. */
@@ -212,14 +231,33 @@ export class Ledger implements LeaseSettler {
    * process's live leases until it has landed: if a reaper took this process for dead
    * meanwhile, the lease must be found lost.
    */
-  settle(lease: HeldLease, usage: TokenUsage | null, outcome: Outcome): Promise<Charge> {
+  settle(
+    lease: HeldLease,
+    usage: TokenUsage | null,
+    outcome: Outcome,
+    /** What the request log keeps of the request: its entry rides in this settlement's commit. */
+    facts?: RequestFacts,
+  ): Promise<Charge> {
     if (lease.settling) return lease.settling;
     const charge = chargeFor(usage, outcome, lease.record.prompt, lease.relayedTokens);
     if (charge.spared) lease.giveBack();
-    return lease.settling = this.commitSettlement(lease, charge);
+    const entry = facts && this.logTtl
+      ? admittedEntry(facts, {
+        userId: lease.user.id,
+        keyId: lease.keyId,
+        model: lease.record.model,
+        now: this.clock(),
+        pricing: this.pricing,
+      }, charge)
+      : undefined;
+    return lease.settling = this.commitSettlement(lease, charge, entry);
   }
 
-  private commitSettlement(lease: HeldLease, charge: Charge): Promise<Charge> {
+  private commitSettlement(
+    lease: HeldLease,
+    charge: Charge,
+    entry?: LoggedEntry,
+  ): Promise<Charge> {
     lease.closing = true;
     const attempt = (guard?: Deno.KvEntryMaybe<LeaseRecord>) =>
       new Promise<Charge>((resolve, reject) =>
@@ -227,10 +265,11 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: 18, // 14, plus the per-key usage sums and last use (key_usage.ts)
+          mutations: entry ? 20 : 18, // 14, per-key usage and last use (key_usage.ts), the log: 2
           userId: lease.user.id,
           lease,
           charge,
+          entry,
           guard,
           resolve,
           reject,
@@ -343,8 +382,10 @@ export class Ledger implements LeaseSettler {
       }
       for (const req of plan.admitted) req.onAdmitted?.();
       let res: Deno.KvCommitResult | Deno.KvCommitError;
+      const sent = performance.now();
       try {
         res = await commitOrConflict(plan.op);
+        this.options.onCommit?.(performance.now() - sent);
       } catch (err) {
         this.users.forget(userIds);
         // The commit may have landed all the same (KV Connect's answer lost): its leases would
@@ -417,6 +458,7 @@ export class Ledger implements LeaseSettler {
     for (const o of batch) {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
+        if (o.entry) addEntry(op, o.entry, this.logTtl);
         this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value);
         if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);

@@ -8,11 +8,17 @@ import { DEFAULT_KEY_ID } from "../identity/user_record.ts";
 import type { TokenUsage } from "../usage/record.ts";
 import type { Charge, Outcome } from "./charge.ts";
 import type { LeaseRecord } from "./lease_record.ts";
+import type { RequestFacts } from "../observe/request_log.ts";
 import { type EffectiveLimits, givenBackHeader, type Remaining } from "./policy.ts";
 
 /** Who settles a lease (the Ledger). */
 export interface LeaseSettler {
-  settle(lease: HeldLease, usage: TokenUsage | null, outcome: Outcome): Promise<Charge>;
+  settle(
+    lease: HeldLease,
+    usage: TokenUsage | null,
+    outcome: Outcome,
+    facts?: RequestFacts,
+  ): Promise<Charge>;
 }
 
 /**
@@ -36,9 +42,10 @@ export interface Lease {
   relayed(tokens: number): void;
   /**
    * Replaces the reservation with what was used and frees the slot: one atomic commit. Once per
-   * lease; later calls get the first call's promise. Resolves to what was charged.
+   * lease; later calls get the first call's promise. Resolves to what was charged. `facts`: the
+   * request log's entry is written in the same commit.
    */
-  settle(usage: TokenUsage | null, outcome: Outcome): Promise<Charge>;
+  settle(usage: TokenUsage | null, outcome: Outcome, facts?: RequestFacts): Promise<Charge>;
   /** The answer's headers say the request is given back (its settlement will not count it). */
   giveBack(): void;
 }
@@ -84,8 +91,8 @@ export class HeldLease implements Lease {
     this.relayedTokens = tokens;
   }
 
-  settle(usage: TokenUsage | null, outcome: Outcome): Promise<Charge> {
-    return this.ledger.settle(this, usage, outcome);
+  settle(usage: TokenUsage | null, outcome: Outcome, facts?: RequestFacts): Promise<Charge> {
+    return this.ledger.settle(this, usage, outcome, facts);
   }
 
   giveBack(): void {

@@ -45,12 +45,10 @@ describeRoute({
   errors: [400, 401, 403, 404, 429],
 });
 
-export function usageRoutes(services: Services) {
-  const { config, gateway, kv, users } = services;
-  const app = new Hono<AppEnv>();
-
-  /** The caller's user id: their own `kw_` key (proxy mode) or a session. */
-  const callerId = async (c: Context<AppEnv>): Promise<string> => {
+/** The caller's user id: their own `kw_` key (proxy mode) or a session (401 without either). */
+export function callerIdOf(services: Services) {
+  const { config, gateway } = services;
+  return async (c: Context<AppEnv>): Promise<string> => {
     const authorization = c.req.header("authorization");
     if (config.keyMode === "proxy" && /^bearer\s+kw_/i.test(authorization ?? "")) {
       return (await gateway.authenticate(authorization)).id;
@@ -64,6 +62,12 @@ export function usageRoutes(services: Services) {
     }
     return found.session.userId;
   };
+}
+
+export function usageRoutes(services: Services) {
+  const { config, kv, users } = services;
+  const app = new Hono<AppEnv>();
+  const callerId = callerIdOf(services);
 
   app.get("/usage", async (c) => {
     const { days } = parseWith(querySchema, { days: c.req.query("days") }, "days");

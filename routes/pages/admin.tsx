@@ -30,6 +30,7 @@ import { operatorOverview } from "../../lib/reports/overview.ts";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
 import { adminUserRead } from "../api/admin.ts";
+import { RecentRequests } from "../../components/RequestTable.tsx";
 import { notFoundPage } from "./not_found.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 
@@ -136,6 +137,9 @@ export function adminRoutes(services: Services) {
           <div>
             <h1>Operator</h1>
             <p class="muted">Users, usage and cost of the last 30 days.</p>
+            <p class="small">
+              <a href="/admin/requests">Request log →</a>
+            </p>
           </div>
         </div>
         {notices()}
@@ -183,7 +187,10 @@ export function adminRoutes(services: Services) {
     const user = parsed.success ? await users.get(parsed.data.id) : null;
     if (!user) return await notFound(c, "No such user");
     const now = Date.now();
-    const { view, usage } = await adminUserRead(services.kv, config, user, now);
+    const [{ view, usage }, requests] = await Promise.all([
+      adminUserRead(services.kv, config, user, now),
+      services.requestLog.list({ userId: user.id, limit: 20 }),
+    ]);
     const { usage30d: total, lastActiveAt: lastActive } = view;
     const points = lastDays(
       30,
@@ -272,6 +279,19 @@ export function adminRoutes(services: Services) {
             ? <ModelTable rows={usage.byModel} testId="user-models" />
             : <p class="muted">No requests in the last 30 days.</p>}
         </section>
+        <RecentRequests
+          entries={requests.requests}
+          days={config.requestLogDays}
+          title="Their last requests"
+          keyNames={new Map(usage.byKey.map((k) => [k.keyId, k.name]))}
+          testId="user-requests"
+          more={requests.next
+            ? {
+              href: `/admin/requests?user=${encodeURIComponent(user.id)}`,
+              label: "All of them →",
+            }
+            : undefined}
+        />
         <section class="card" aria-labelledby="keys-title" style={{ marginTop: "1.25rem" }}>
           <h2 id="keys-title">By key</h2>
           <KeyTable rows={usage.byKey} testId="user-keys" />

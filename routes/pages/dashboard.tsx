@@ -10,6 +10,7 @@ import ConnectedAppsComponent from "../../islands/ConnectedApps.tsx";
 import { listKeys } from "../../lib/usage/key_usage.ts";
 import { usageReport } from "../../lib/usage/usage.ts";
 import { serviceState } from "../../lib/limits/upstream/outage.ts";
+import { RecentRequests } from "../../components/RequestTable.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
@@ -36,14 +37,16 @@ export function dashboardRoutes(services: Services) {
     if (!session) return c.redirect("/sign-in", 303);
     const shared = config.keyMode === "shared";
     // A failed read is not fatal: the island loads GET /api/usage itself.
-    const [report, service] = await Promise.all([
+    const [report, service, requests] = await Promise.all([
       usageReport(services.kv, config, session.userId, 30).catch((err) => {
         services.log.warn("dashboard usage read failed", { error: String(err) });
         return null;
       }),
       serviceState(config, services.slots.pool),
+      services.requestLog.list({ userId: session.userId, limit: 10 }),
     ]);
     const initialUsage = report && { ...report, service };
+    const keys = shared ? null : await keysOf(session.userId);
     return render(
       c,
       <Layout title="Dashboard" {...layout} clerk={clerk}>
@@ -61,9 +64,12 @@ export function dashboardRoutes(services: Services) {
           models={config.allowedModels.length ? config.allowedModels : ["glm-4.6"]}
           supportUrl={config.supportUrl}
         />
-        {shared
-          ? null
-          : <ConnectedApps mode={authMode} initialKeys={await keysOf(session.userId)} />}
+        {shared ? null : <ConnectedApps mode={authMode} initialKeys={keys} />}
+        <RecentRequests
+          entries={requests.requests}
+          days={config.requestLogDays}
+          keyNames={new Map(keys?.map((k) => [k.id, k.name]))}
+        />
       </Layout>,
     );
   });

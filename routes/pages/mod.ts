@@ -3,6 +3,7 @@ import { Hono } from "hono";
 import type { Services } from "../../lib/core/services.ts";
 import type { AppEnv } from "../context.ts";
 import { adminRoutes } from "./admin.tsx";
+import { adminRequestsRoutes } from "./admin_requests.tsx";
 import { authPageRoutes } from "./auth.tsx";
 import { dashboardRoutes } from "./dashboard.tsx";
 import { indexRoutes } from "./index.tsx";
@@ -12,7 +13,9 @@ export { clerkFrontendApi, clerkScript, contentSecurityPolicy } from "./render.t
 export function pageRoutes(services: Services) {
   const app = new Hono<AppEnv>();
   app.get("/favicon.ico", (c) => c.redirect("/static/favicon.svg", 301));
-  for (const routes of [indexRoutes, authPageRoutes, dashboardRoutes, adminRoutes]) {
+  for (
+    const routes of [indexRoutes, authPageRoutes, dashboardRoutes, adminRoutes, adminRequestsRoutes]
+  ) {
     app.route("/", routes(services));
   }
   return app;

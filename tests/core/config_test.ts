@@ -50,6 +50,11 @@ Deno.test("config: each bad value is one line naming its variable", async (t) =>
     [{ KEY_ENCRYPTION_SECRET: "too-short" }, "KEY_ENCRYPTION_SECRET"],
     [{ COST_CRON: "hourly" }, "COST_CRON"],
     [{ KEY_MODE: "shared" }, "GLM_API_KEY"],
+    [{ REQUEST_LOG_DAYS: "-1" }, "REQUEST_LOG_DAYS"],
+    [{ REQUEST_LOG_DAYS: "two weeks" }, "REQUEST_LOG_DAYS"],
+    [{ REQUEST_LOG_DAYS: "3651" }, "REQUEST_LOG_DAYS"],
+    [{ METRICS_TOKEN: "short" }, "METRICS_TOKEN"],
+    [{ METRICS_TOKEN: "has a space in it somewhere" }, "METRICS_TOKEN"],
   ];
   for (const [env, variable] of cases) {
     await t.step(`${Object.entries(env).map(([k, v]) => `${k}=${v}`).join(" ")}`, () => {
@@ -132,6 +137,13 @@ Deno.test("config: defaults and parsing of good values", () => {
   assert.deepEqual(local.clerk.authorizedParties, ["http://localhost:8000"]);
   assert.equal(local.costCron, "0 * * * *");
   assert.equal(local.maxRequestBytes, 32 * 1024 * 1024, "MAX_REQUEST_BYTES: 32 MiB by default");
+  assert.equal(local.requestLogDays, 14, "REQUEST_LOG_DAYS: 14 by default");
+  assert.equal(local.metricsToken, undefined, "no METRICS_TOKEN: /metrics is off");
+  assert.equal(loadConfig({ REQUEST_LOG_DAYS: "0" }).requestLogDays, 0, "0: no log");
+  assert.equal(
+    loadConfig({ METRICS_TOKEN: "scrape-0123456789abcdef" }).metricsToken,
+    "scrape-0123456789abcdef",
+  );
 
   const set = loadConfig({
     PORT: "9001",

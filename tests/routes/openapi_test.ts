@@ -120,6 +120,7 @@ const sameShapes: {
   key: Same<z.infer<typeof Schemas.KeyBodySchema>, Types.KeyBody>;
   usage: Same<z.infer<typeof Schemas.UsageBodySchema>, Types.UsageBody>;
   keys: Same<z.infer<typeof Schemas.KeysBodySchema>, Types.KeysBody>;
+  requests: Same<z.infer<typeof Schemas.RequestsBodySchema>, Types.RequestsBody>;
   device: Same<z.infer<typeof Schemas.DeviceStartSchema>, Types.DeviceStartBody>;
   adminUser: Same<z.infer<typeof Schemas.AdminUserSchema>, Types.AdminUserBody>;
   adminUsers: Same<z.infer<typeof Schemas.AdminUsersSchema>, Types.AdminUsersBody>;
@@ -129,6 +130,7 @@ const sameShapes: {
   key: true,
   usage: true,
   keys: true,
+  requests: true,
   device: true,
   adminUser: true,
   adminUsers: true,

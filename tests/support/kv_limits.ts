@@ -26,12 +26,32 @@ interface Tally {
   mutations: number;
   bytes: number;
   problems: string[];
+  /** What the commit changes, for observeCommits. */
+  changes: CommitChange[];
+}
+
+/** One mutation of a commit, as observeCommits reports it. */
+export interface CommitChange {
+  type: "set" | "delete" | "sum" | "min" | "max";
+  key: Deno.KvKey;
+  expireIn?: number;
+}
+
+const observers = new Set<(changes: readonly CommitChange[]) => void>();
+
+/**
+ * Calls `fn` with the mutations of every atomic commit that lands (in this process), until the
+ * returned function is called: tests count commits and see what each one wrote.
+ */
+export function observeCommits(fn: (changes: readonly CommitChange[]) => void): () => void {
+  observers.add(fn);
+  return () => observers.delete(fn);
 }
 
 const tallies = new WeakMap<Deno.AtomicOperation, Tally>();
 const tally = (op: Deno.AtomicOperation): Tally => {
   let t = tallies.get(op);
-  if (!t) tallies.set(op, t = { checks: 0, mutations: 0, bytes: 0, problems: [] });
+  if (!t) tallies.set(op, t = { checks: 0, mutations: 0, bytes: 0, problems: [], changes: [] });
   return t;
 };
 
@@ -102,6 +122,11 @@ proto.mutate = function (...mutations: Deno.KvMutation[]) {
   for (const m of mutations) {
     addKey(t, m.key);
     if ("value" in m) addValue(t, m.value);
+    t.changes.push({
+      type: m.type,
+      key: m.key,
+      ...("expireIn" in m && m.expireIn !== undefined ? { expireIn: m.expireIn } : {}),
+    } as CommitChange);
   }
   return original.mutate.apply(this, mutations);
 };
@@ -112,6 +137,7 @@ for (const name of ["sum", "min", "max"] as const) {
     t.mutations++;
     addKey(t, key);
     t.bytes += 8;
+    t.changes.push({ type: name, key });
     return fn.call(this, key, n);
   };
 }
@@ -120,12 +146,18 @@ proto.set = function (key: Deno.KvKey, value: unknown, options?: { expireIn?: nu
   t.mutations++;
   addKey(t, key);
   addValue(t, value);
+  t.changes.push({
+    type: "set",
+    key,
+    ...(options?.expireIn !== undefined ? { expireIn: options.expireIn } : {}),
+  });
   return original.set.call(this, key, value, options);
 };
 proto.delete = function (key: Deno.KvKey) {
   const t = tally(this);
   t.mutations++;
   addKey(t, key);
+  t.changes.push({ type: "delete", key });
   return original.delete.call(this, key);
 };
 const noQueues = () => {
@@ -180,5 +212,10 @@ proto.commit = function () {
       );
     }
   }
-  return original.commit.call(this);
+  const committed = original.commit.call(this);
+  if (!t || !observers.size) return committed;
+  return committed.then((res) => {
+    if (res.ok) { for (const fn of observers) fn(t.changes); }
+    return res;
+  });
 };
