@@ -7,12 +7,53 @@
  * - `/api/anthropic/v1/messages` (Anthropic's Messages API): JSON, or an SSE stream whose
  *   `message_start` reports 0 input tokens and whose `message_delta` carries the real counts
  *   (cache reads included); `/v1/messages/count_tokens` answers `{"input_tokens": n}`.
+ * Mode `auto` answers as GLM does for real clients (the coding tools in tests/e2e/clients): a stream
+ * when the body asks for one, JSON otherwise, and a scripted tool round trip (`script`): a request
+ * offering the scripted tool gets a call of it, and the request carrying its result gets a text
+ * answer quoting that result.
  * Failure modes: 500, slow headers, a stream cut mid-way, an endless stream; GLM's account
  * refusals with its real bodies (`{"error": {"code": "1113", "message": "…"}}`); and a per-model
  * concurrency cap answered with `1302` (HTTP 429), as GLM limits an account's requests in flight.
  */
 
-export type GlmMode = "json" | "sse" | "error500" | "slow_headers" | "cut" | "endless";
+export type GlmMode = "json" | "sse" | "auto" | "error500" | "slow_headers" | "cut" | "endless";
+
+/** A tool call the fake makes in `auto` mode when a request offers a tool of that name. */
+export interface ToolScript {
+  tool: string;
+  input: Record<string, unknown>;
+}
+
+/** The text of the first tool result in a conversation (OpenAI `tool` message, Anthropic block). */
+function toolResultText(body: Record<string, unknown>): string | null {
+  const text = (content: unknown): string =>
+    typeof content === "string"
+      ? content
+      : Array.isArray(content)
+      ? content.map((part) =>
+        typeof part === "string" ? part : text(
+          (part as Record<string, unknown>)?.text ??
+            (part as Record<string, unknown>)?.content,
+        )
+      ).join("")
+      : "";
+  for (const message of Array.isArray(body.messages) ? body.messages : []) {
+    if (message?.role === "tool") return text(message.content);
+    if (!Array.isArray(message?.content)) continue;
+    for (const block of message.content) {
+      if (block?.type === "tool_result") return text(block.content);
+    }
+  }
+  return null;
+}
+
+/** The tool names a request offers, in either format. */
+function toolNames(body: Record<string, unknown>): string[] {
+  if (!Array.isArray(body.tools)) return [];
+  return body.tools.map((t: { name?: string; function?: { name?: string } }) =>
+    String(t?.function?.name ?? t?.name ?? "")
+  );
+}
 
 /** GLM's answers when the account, not the request, is the problem (docs.bigmodel.cn api-code). */
 export const GLM_REFUSALS = {
@@ -81,6 +122,10 @@ export class FakeGlm {
    * is cut right after the release).
    */
   holdAfterFirstChunk = false;
+  /** `auto` mode's scripted tool call (null: answer with text). */
+  script: ToolScript | null = null;
+  /** What the fake reported as used, summed over every answer that carried `usage`. */
+  readonly reported = { requests: 0, promptTokens: 0, completionTokens: 0 };
   /** Every request received, in order (Authorization kept to check the master key arrived). */
   readonly requests: ReceivedRequest[] = [];
   /** SSE chunks written so far, and whether the last stream has finished / was cancelled. */
@@ -224,6 +269,7 @@ export class FakeGlm {
       if (path.endsWith("/embeddings")) return this.embeddings(model, parsed);
       if (path.endsWith("/v1/messages")) return this.messages(model, parsed);
     }
+    if (this.mode === "auto") return this.auto(model, parsed);
     if (this.mode === "json" && Array.isArray(parsed.tools)) return this.toolCall(model, parsed);
     switch (this.mode) {
       case "json":
@@ -259,6 +305,48 @@ export class FakeGlm {
       : this.usage;
   }
 
+  /** Counts a `usage` the fake is about to send. */
+  private reportUsage() {
+    this.reported.requests++;
+    this.reported.promptTokens += this.usage.prompt_tokens;
+    this.reported.completionTokens += this.usage.completion_tokens;
+  }
+
+  /** The scripted call, when this request offers its tool and has not had its result yet. */
+  private scriptedCall(body: Record<string, unknown>): ToolScript | null {
+    const script = this.script;
+    if (!script || !toolNames(body).includes(script.tool)) return null;
+    return toolResultText(body) === null ? script : null;
+  }
+
+  /** The answer's text: a quote of the tool result once there is one. */
+  private answerText(body: Record<string, unknown>): string[] {
+    const result = this.mode === "auto" ? toolResultText(body) : null;
+    return result === null ? this.sseChunks : ["The tool said: ", result.slice(0, 200)];
+  }
+
+  /** `auto` mode on the OpenAI format: as the body asks, a scripted call when it applies. */
+  private auto(model: string, body: Record<string, unknown>): Response {
+    const call = this.scriptedCall(body);
+    const toolCall = call && {
+      id: "call_1",
+      type: "function",
+      function: { name: call.tool, arguments: JSON.stringify(call.input) },
+    };
+    if (body.stream === true) return this.stream(model, false, body, toolCall);
+    if (toolCall) {
+      return this.completion(model, {
+        role: "assistant",
+        content: null,
+        tool_calls: [toolCall],
+      }, "tool_calls");
+    }
+    return this.completion(model, {
+      role: "assistant",
+      content: this.answerText(body).join(""),
+    }, "stop");
+  }
+
   private embeddings(model: string, body: Record<string, unknown>): Response {
     const inputs = Array.isArray(body.input) ? body.input : [body.input];
     return Response.json({
@@ -288,6 +376,7 @@ export class FakeGlm {
 
   /** A whole chat completion, as GLM answers without streaming. */
   private completion(model: string, message: unknown, finishReason: string): Response {
+    this.reportUsage();
     return Response.json({
       id: "chatcmpl-fake",
       object: "chat.completion",
@@ -309,12 +398,17 @@ export class FakeGlm {
   }
 
   private messages(model: string, body: Record<string, unknown>): Response {
-    const tools = Array.isArray(body.tools) && this.callsTools
-      ? body.tools as Array<{ name?: string }>
+    const call = this.mode === "auto"
+      ? this.scriptedCall(body)
+      : Array.isArray(body.tools) && this.callsTools
+      ? { tool: String(body.tools[0]?.name ?? "f"), input: { city: "Paris" } }
       : null;
-    const content = tools
-      ? [{ type: "tool_use", id: "toolu_1", name: tools[0]?.name ?? "f", input: { city: "Paris" } }]
-      : [{ type: "text", text: this.sseChunks.join("") }];
+    const tools = call ? [{ name: call.tool }] : null;
+    const chunks = this.answerText(body);
+    const content = call
+      ? [{ type: "tool_use", id: "toolu_1", name: call.tool, input: call.input }]
+      : [{ type: "text", text: chunks.join("") }];
+    this.reportUsage();
     if (body.stream !== true) {
       return Response.json({
         id: "msg_fake",
@@ -357,19 +451,17 @@ export class FakeGlm {
             input: {},
           },
         }),
-        event("content_block_delta", {
-          index: 0,
-          delta: { type: "input_json_delta", partial_json: '{"city":' },
-        }),
-        event("content_block_delta", {
-          index: 0,
-          delta: { type: "input_json_delta", partial_json: '"Paris"}' },
-        }),
+        ...splitInTwo(JSON.stringify(call!.input)).map((partial_json) =>
+          event("content_block_delta", {
+            index: 0,
+            delta: { type: "input_json_delta", partial_json },
+          })
+        ),
       );
     } else {
       events.push(
         event("content_block_start", { index: 0, content_block: { type: "text", text: "" } }),
-        ...this.sseChunks.map((text) =>
+        ...chunks.map((text) =>
           event("content_block_delta", { index: 0, delta: { type: "text_delta", text } })
         ),
       );
@@ -440,7 +532,13 @@ export class FakeGlm {
     });
   }
 
-  private stream(model: string, cut: boolean): Response {
+  private stream(
+    model: string,
+    cut: boolean,
+    request: Record<string, unknown> = {},
+    toolCall: Record<string, unknown> | null = null,
+  ): Response {
+    const texts = this.answerText(request);
     const enc = new TextEncoder();
     const chunk = (delta: Record<string, unknown>, extra: Record<string, unknown> = {}) =>
       enc.encode(
@@ -464,10 +562,15 @@ export class FakeGlm {
           if (this.sseDelayMs > 0) await new Promise((r) => setTimeout(r, this.sseDelayMs));
         };
         try {
-          for (let i = 0; i < this.sseChunks.length; i++) {
+          if (toolCall) {
+            controller.enqueue(
+              chunk({ role: "assistant", tool_calls: [{ index: 0, ...toolCall }] }),
+            );
+          }
+          for (let i = 0; !toolCall && i < texts.length; i++) {
             if (i > 0) await pause();
             if (cancelled) return;
-            controller.enqueue(chunk({ content: this.sseChunks[i] }));
+            controller.enqueue(chunk({ content: texts[i] }));
             this.chunksSent++;
             if (i === 0 && hold) await Promise.race([hold, closing]);
             if (cut && i === 0) {
@@ -477,7 +580,15 @@ export class FakeGlm {
           }
           await pause();
           if (cancelled) return;
-          controller.enqueue(chunk({}, { usage: this.chatUsage() }));
+          this.reportUsage();
+          // GLM's last chunk carries the finish reason with the usage (auto mode speaks it fully;
+          // the older modes' tests were written against a usage-only last chunk).
+          const finish = this.mode === "auto"
+            ? {
+              choices: [{ index: 0, delta: {}, finish_reason: toolCall ? "tool_calls" : "stop" }],
+            }
+            : {};
+          controller.enqueue(chunk({}, { ...finish, usage: this.chatUsage() }));
           controller.enqueue(enc.encode("data: [DONE]\n\n"));
           controller.close();
           this.streamsFinished++;
@@ -494,4 +605,10 @@ export class FakeGlm {
       headers: { "content-type": "text/event-stream", "cache-control": "no-cache" },
     });
   }
+}
+
+/** A string in two pieces, as streamed JSON arrives. */
+function splitInTwo(s: string): string[] {
+  const half = Math.ceil(s.length / 2);
+  return [s.slice(0, half), s.slice(half)];
 }
