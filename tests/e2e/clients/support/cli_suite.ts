@@ -107,7 +107,7 @@ async function drive(t: Deno.TestContext, cli: Cli, found: Installed) {
         });
         assert.equal(first.status, 200, "the day's one request");
         await first.body?.cancel();
-        const { result, exchanges } = await run(spent, key, "say hi", 60_000);
+        const { result, exchanges } = await run(spent, key, "say hi", cli.runMs);
         assert.ok(!result.timedOut, `it stopped by itself: ${show(result)}`);
         assert.notEqual(result.code, 0, show(result));
         assert.ok(result.output.includes(DAY_SPENT), `Keyway's message is shown:\n${show(result)}`);
