@@ -97,7 +97,7 @@ export function recipes(input: RecipeInput): Recipe[] {
       intro:
         "Claude Code speaks Anthropic's API; Keyway answers it and serves Claude model names with GLM models. Set two variables before starting it, or put them in ~/.claude/settings.json (merge them into the env block if the file exists).",
       checked:
-        "the variables were tried with the Claude Code 2.1.332 CLI against a running Keyway; settings.json's env block is Claude Code's documented equivalent",
+        "settings.json is run by deno task test:clients with the Claude Code 2.1.332 CLI (claude -p): chat, tools, a spent day, a busy upstream, long conversations; the variables were tried by hand",
       files: [
         {
           title: "Terminal",
@@ -125,7 +125,7 @@ export function recipes(input: RecipeInput): Recipe[] {
       intro:
         "A custom provider in opencode.json (in your project, or ~/.config/opencode/opencode.json for every project); pick the model with /models or start with the one set here.",
       checked:
-        "this provider block was tried with opencode 1.18.33; written to opencode's config documentation (custom providers)",
+        "this opencode.json is run by deno task test:clients with opencode 1.18.33 (opencode run): chat, tools, a spent day, a busy upstream",
       files: [{
         title: "opencode.json",
         path: "opencode.json",
@@ -143,7 +143,7 @@ export function recipes(input: RecipeInput): Recipe[] {
       intro:
         'The Kilo CLI reads the same provider block as opencode, from ~/.config/kilo/kilo.json (or kilo.json in your project). In the VS Code extension: Settings → Providers → Custom provider, with these fields (older versions: API Provider "OpenAI Compatible").',
       checked:
-        "this provider block was tried with the Kilo CLI 7.7.7; the extension's fields follow Kilo's documentation of custom providers",
+        "this kilo.json is run by deno task test:clients with the Kilo CLI 7.7.7 (kilo run); the extension's fields follow Kilo's documentation of custom providers",
       files: [
         {
           title: "~/.config/kilo/kilo.json",
@@ -170,7 +170,7 @@ export function recipes(input: RecipeInput): Recipe[] {
       intro:
         "A complete ~/.continue/config.yaml: paste it into an empty file, or copy the models entries into yours (Continue refuses a file without name and version).",
       checked:
-        "written to Continue's config.yaml reference (schema v1, provider openai); parsed by the test suite",
+        "this config.yaml is run by deno task test:clients as a new user's whole file, with the Continue CLI 1.5.47 (cn -p)",
       files: [{
         title: "~/.continue/config.yaml",
         path: "~/.continue/config.yaml",
@@ -197,7 +197,8 @@ export function recipes(input: RecipeInput): Recipe[] {
       label: "Cline",
       intro:
         'In Cline\'s settings choose the API provider "OpenAI Compatible" and fill in these fields.',
-      checked: "written to Cline's documentation of the OpenAI Compatible provider; not tried",
+      checked:
+        "these fields are run by deno task test:clients with the Cline CLI 3.0.65 (cline auth -p openai, then cline)",
       files: [{
         title: "Cline settings",
         path: null,
@@ -347,7 +348,7 @@ export function recipes(input: RecipeInput): Recipe[] {
       intro:
         "Either provider works (npm install ai and @ai-sdk/openai-compatible or @ai-sdk/anthropic). @ai-sdk/anthropic appends /messages to its baseURL, so its baseURL ends in /v1 — unlike Anthropic's own SDK.",
       checked:
-        "both providers were reported working against Keyway with these base URLs (the anthropic one gets 404 without /v1); not run by the test suite",
+        "both snippets are run by deno task test:clients (ai 7.0, @ai-sdk/openai-compatible 3.0, @ai-sdk/anthropic 4.0) against a Keyway gateway; the anthropic one gets 404 without /v1",
       files: [
         {
           title: "@ai-sdk/openai-compatible",
@@ -394,7 +395,8 @@ export function recipes(input: RecipeInput): Recipe[] {
       label: "LangChain",
       intro:
         "LangChain's OpenAI chat model (npm install @langchain/openai) takes the base URL in configuration.",
-      checked: "reported working against Keyway with these settings; not run by the test suite",
+      checked:
+        "the snippet is run by deno task test:clients (@langchain/openai 1.6) against a Keyway gateway",
       files: [{
         title: "JavaScript / TypeScript",
         path: "langchain_example.ts",
