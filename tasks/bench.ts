@@ -40,7 +40,7 @@ export function parseBenchFlags(args: string[]) {
   return parsed.data;
 }
 
-interface Result {
+export interface Result {
   rps: number;
   p50Ms: number;
   p99Ms: number;
@@ -48,30 +48,31 @@ interface Result {
   requests: number;
 }
 
-interface Proc {
+export interface Proc {
   child: Deno.ChildProcess;
   port: number;
 }
 
-const CHAT_BODY = JSON.stringify({
+export const CHAT_BODY = JSON.stringify({
   model: "glm-4.6",
   messages: [{ role: "user", content: "Say hello in five words." }],
 });
-const MESSAGES_BODY = JSON.stringify({
+export const MESSAGES_BODY = JSON.stringify({
   model: "glm-4.6",
   max_tokens: 64,
   messages: [{ role: "user", content: "Say hello in five words." }],
 });
-const STREAM_BODY = JSON.stringify({
+export const STREAM_BODY = JSON.stringify({
   model: "glm-4.6",
   stream: true,
   messages: [{ role: "user", content: "Say hello in five words." }],
 });
 
-const progress = (msg: string) => Deno.stderr.writeSync(new TextEncoder().encode(msg + "\n"));
+export const progress = (msg: string) =>
+  Deno.stderr.writeSync(new TextEncoder().encode(msg + "\n"));
 
 /** Starts a process and waits for the first stdout line that tells its port; drains the rest. */
-async function spawn(
+export async function spawn(
   args: string[],
   env: Record<string, string>,
   portOf: (line: string) => number | null,
@@ -106,7 +107,7 @@ async function spawn(
   throw new Error(`process ${args.join(" ")} did not report a port`);
 }
 
-const helperPort = (line: string) => {
+export const helperPort = (line: string) => {
   try {
     const port = JSON.parse(line).port;
     return typeof port === "number" ? port : null;
@@ -120,7 +121,7 @@ const helperPort = (line: string) => {
  * /dev/null: the app still formats and writes every line, but no process of the bench's burns
  * the shared cores reading them. Ready once /health answers.
  */
-async function spawnApp(args: string[], env: Record<string, string>): Promise<Proc> {
+export async function spawnApp(args: string[], env: Record<string, string>): Promise<Proc> {
   const probe = Deno.listen({ hostname: "127.0.0.1", port: 0 });
   const port = probe.addr.port;
   probe.close();
@@ -147,7 +148,7 @@ async function spawnApp(args: string[], env: Record<string, string>): Promise<Pr
   );
 }
 
-function luaScript(
+export function luaScript(
   opts: { method: string; body?: string; auth: string[]; headers?: Record<string, string> },
 ): string {
   const q = (s: string) => JSON.stringify(s); // JSON strings are valid Lua strings here
@@ -174,7 +175,7 @@ end
 `;
 }
 
-async function wrk(
+export async function wrk(
   url: string,
   seconds: number,
   connections: number,
@@ -215,7 +216,7 @@ async function wrk(
   }
 }
 
-async function ensureWrk() {
+export async function ensureWrk() {
   try {
     await new Deno.Command("wrk", { args: ["--version"], stdout: "null", stderr: "null" })
       .output();
@@ -307,7 +308,7 @@ async function startPeer(dir: string): Promise<{ proc: Proc } | { missing: strin
 }
 
 /** The app runs exactly as `deno task start` runs it (same flags), from deno.json. */
-async function startTaskArgs(root: string): Promise<string[]> {
+export async function startTaskArgs(root: string): Promise<string[]> {
   const config = JSON.parse(await Deno.readTextFile(`${root}deno.json`));
   // A task is a command string or (with a description) an object holding one.
   const start = config.tasks?.start;
@@ -320,7 +321,7 @@ async function startTaskArgs(root: string): Promise<string[]> {
 }
 
 /** CPU time (user + system, ms) a process has used so far; null where /proc is missing. */
-async function cpuMs(pid: number): Promise<number | null> {
+export async function cpuMs(pid: number): Promise<number | null> {
   try {
     // Fields after the command name (which may hold spaces): utime and stime are the 12th and
     // 13th, in clock ticks of 10 ms on Linux.
@@ -368,7 +369,7 @@ async function sseReads(url: string, key: string): Promise<number> {
 }
 
 /** Provisions one user per connection through `appUrl`; their sessions and keys. */
-async function provisionUsers(issuer: ClerkIssuer, appUrl: string, users: number) {
+export async function provisionUsers(issuer: ClerkIssuer, appUrl: string, users: number) {
   const tokens: string[] = [];
   const keys: string[] = [];
   for (let i = 0; i < users; i++) {
