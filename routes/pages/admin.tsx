@@ -43,17 +43,15 @@ const USERS_PER_PAGE = 25;
 
 const userIdParam = z.object({ id: z.string().min(1).max(200).regex(/^[A-Za-z0-9_.:-]+$/) });
 
-export function adminRoutes(services: Services) {
+/**
+ * The operator's session and layout, or the page to answer instead: sign-in (and back), or a 403
+ * page that says why (not listed in ADMIN_USER_IDS, or the operator's own account disabled or
+ * deleted). Every /admin page starts with it.
+ */
+export function operatorGate(services: Services) {
   const { config, users } = services;
-  const app = new Hono<AppEnv>();
   const shell = pageShell(services);
-  const clerk = clerkScript(config);
-  const authMode = authModeOf(config);
-  const notFound = notFoundPage(services);
-  const defaults = config.limits;
-
-  /** The operator's session and layout, or the page to answer instead (sign-in, 403). */
-  const operator = async (
+  return async (
     c: Context<AppEnv>,
     path: string,
   ): Promise<
@@ -86,6 +84,16 @@ export function adminRoutes(services: Services) {
       ),
     };
   };
+}
+
+export function adminRoutes(services: Services) {
+  const { config, users } = services;
+  const app = new Hono<AppEnv>();
+  const clerk = clerkScript(config);
+  const authMode = authModeOf(config);
+  const notFound = notFoundPage(services);
+  const defaults = config.limits;
+  const operator = operatorGate(services);
 
   const eventsOn = services.events.enabled;
   const recentAlerts = async (): Promise<AlertLine[]> =>

@@ -4,7 +4,6 @@
  * by `next` — it works without JavaScript, and every view has its own URL to share. The filters
  * are checked exactly as GET /api/admin/requests checks them; a wrong one is said above the form.
  */
-import { operatorCheck, operatorRefusal } from "../../lib/identity/operators.ts";
 import { type Context, Hono } from "hono";
 import { Layout } from "../../components/Layout.tsx";
 import { RequestTable } from "../../components/RequestTable.tsx";
@@ -13,7 +12,8 @@ import type { Services } from "../../lib/core/services.ts";
 import type { RequestPage } from "../../lib/observe/request_log.ts";
 import { adminRequestQuery } from "../api/requests.ts";
 import type { AppEnv } from "../context.ts";
-import { clerkScript, pageShell, render } from "./render.tsx";
+import { clerkScript, render } from "./render.tsx";
+import { operatorGate } from "./admin.tsx";
 
 /** The filters of the form, in its order (`cursor` and `limit` ride along in links). */
 const FILTERS = [
@@ -28,33 +28,13 @@ const FILTERS = [
 export function adminRequestsRoutes(services: Services) {
   const { config, users, requestLog } = services;
   const app = new Hono<AppEnv>();
-  const shell = pageShell(services);
+  const operator = operatorGate(services);
   const clerk = clerkScript(config);
 
   app.get("/admin/requests", async (c: Context<AppEnv>) => {
-    const { session, layout } = await shell(c, "/admin/requests");
-    if (!session) {
-      return c.redirect(`/sign-in?redirect=${encodeURIComponent("/admin/requests")}`, 303);
-    }
-    const check = await operatorCheck(config, users, session.userId);
-    if (!check.operator) {
-      return render(
-        c,
-        <Layout title="Forbidden" {...layout}>
-          <div class="error-page">
-            <div class="code-big">403</div>
-            <h1>Operators only</h1>
-            <p class="muted" data-testid="forbidden-reason">
-              {check.why === "not_listed"
-                ? `Your account (${session.userId}) is not an operator of this Keyway instance.`
-                : operatorRefusal(check.why)}
-            </p>
-            <a class="btn btn-primary" href="/dashboard">Back to your dashboard</a>
-          </div>
-        </Layout>,
-        403,
-      );
-    }
+    const gate = await operator(c, "/admin/requests");
+    if (gate.page) return gate.page;
+    const { layout } = gate;
     // A form leaves empty fields empty: an empty filter is no filter.
     const raw = Object.fromEntries(
       Object.entries(c.req.query()).filter(([, v]) => v.trim() !== ""),
