@@ -45,16 +45,11 @@ const empty = (): KeyUsage & { nano: number } => ({
   nano: 0,
 });
 
-/**
- * Usage per key id over the `days` UTC days up to and including today. Connected apps' keys have
- * counters of their own; the default key's is `total` (the user's usage over the same days) minus
- * theirs, so the rows always add up to the user's totals.
- */
+/** Usage per key id over the `days` UTC days up to and including today. */
 export async function usageByKey(
   kv: Deno.Kv,
   userId: string,
   days: number,
-  total: KeyUsage,
   now: number = systemClock(),
 ): Promise<Map<string, KeyUsage>> {
   const today = utcDay(now);
@@ -66,7 +61,7 @@ export async function usageByKey(
   }, { batchSize: 1000 });
   for await (const entry of iter) {
     const [, , , keyId, field] = entry.key;
-    if (typeof keyId !== "string" || keyId === DEFAULT_KEY_ID) continue;
+    if (typeof keyId !== "string") continue;
     const sum = sums.get(keyId) ?? empty();
     const n = u64(entry.value);
     if (field === "requests") sum.requests += n;
@@ -75,20 +70,7 @@ export async function usageByKey(
     sums.set(keyId, sum);
   }
   const out = new Map<string, KeyUsage>();
-  const apps = { requests: 0, totalTokens: 0, costUsd: 0 };
-  for (const [id, { nano, ...sum }] of sums) {
-    const costUsd = roundUsd(nano / 1e9);
-    out.set(id, { ...sum, costUsd });
-    apps.requests += sum.requests;
-    apps.totalTokens += sum.totalTokens;
-    apps.costUsd += costUsd;
-  }
-  const own = {
-    requests: Math.max(0, total.requests - apps.requests),
-    totalTokens: Math.max(0, total.totalTokens - apps.totalTokens),
-    costUsd: Math.max(0, roundUsd(total.costUsd - apps.costUsd)),
-  };
-  if (own.requests || own.totalTokens || own.costUsd) out.set(DEFAULT_KEY_ID, own);
+  for (const [id, { nano, ...sum }] of sums) out.set(id, { ...sum, costUsd: roundUsd(nano / 1e9) });
   return out;
 }
 
@@ -106,12 +88,10 @@ export async function lastUsedByKey(kv: Deno.Kv, userId: string): Promise<Map<st
 export async function listKeys(
   kv: Deno.Kv,
   user: UserRecord,
-  /** The user's usage over the last 30 UTC days (the default key's is what the apps' leave). */
-  total30d: KeyUsage,
   now: number = systemClock(),
 ): Promise<KeyListing[]> {
   const [usage, lastUsed] = await Promise.all([
-    usageByKey(kv, user.id, 30, total30d, now),
+    usageByKey(kv, user.id, 30, now),
     lastUsedByKey(kv, user.id),
   ]);
   const of = (id: string) => ({
@@ -153,11 +133,9 @@ export async function byKeyRows(
   user: UserRecord | null,
   userId: string,
   days: number,
-  /** The user's usage over the same days. */
-  total: KeyUsage,
   now: number = systemClock(),
 ): Promise<KeyUsageRow[]> {
-  const usage = await usageByKey(kv, userId, days, total, now);
+  const usage = await usageByKey(kv, userId, days, now);
   const zero = { requests: 0, totalTokens: 0, costUsd: 0 };
   const rows: KeyUsageRow[] = [];
   const seen = new Set<string>();

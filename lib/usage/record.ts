@@ -71,7 +71,7 @@ export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
 
 /**
  * Adds one event's sums to `into` (11 keys per event at most; zero amounts are left out): the
- * counters by model, the quota counters, a connected app's counters and the key's last use.
+ * counters by model, the quota counters, the counters by key and the key's last use.
  */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? systemClock();
@@ -92,12 +92,8 @@ export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   add(keys.spendByMonth(e.userId, utcMonth(at)), nano);
   add(keys.usageDayVersion(day), 1n);
   const keyId = e.keyId ?? DEFAULT_KEY_ID;
-  // The default key's usage is the user's minus the apps' (key_usage.ts): most requests come with
-  // it, and their commits stay three sums smaller.
-  if (keyId !== DEFAULT_KEY_ID) {
-    add(keys.usageByKey(e.userId, day, keyId, "requests"), values.requests);
-    add(keys.usageByKey(e.userId, day, keyId, "tokens"), values.prompt + values.completion);
-    add(keys.usageByKey(e.userId, day, keyId, "nano"), BigInt(nano));
-  }
+  add(keys.usageByKey(e.userId, day, keyId, "requests"), values.requests);
+  add(keys.usageByKey(e.userId, day, keyId, "tokens"), values.prompt + values.completion);
+  add(keys.usageByKey(e.userId, day, keyId, "nano"), BigInt(nano));
   addMax(into, keys.keyLastUsed(e.userId, keyId), at);
 }

@@ -9,9 +9,9 @@ import { accountState } from "../limits/account_state.ts";
 import type { Ledger } from "../limits/admission.ts";
 import { limitStatus } from "../limits/status.ts";
 import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
-import type { UserRecord, Users } from "../identity/users.ts";
+import type { Users } from "../identity/users.ts";
 import { addUsageSums, applySums, type UsageEvent } from "./record.ts";
-import { byKeyRows, type KeyListing, listKeys } from "./key_usage.ts";
+import { byKeyRows } from "./key_usage.ts";
 import { readDayCounters } from "./read.ts";
 import type { UsageTotals } from "./totals.ts";
 export {
@@ -193,17 +193,6 @@ export async function usageTotalsSince(
   return totals(pricing, null, sum, cost);
 }
 
-/** The user's keys with their 30-day usage and last use (GET /api/keys, the dashboard). */
-export async function userKeys(
-  kv: Deno.Kv,
-  pricing: Pricing,
-  user: UserRecord,
-  now: number = systemClock(),
-): Promise<KeyListing[]> {
-  const total = await usageTotalsSince(kv, pricing, user.id, dayBefore(now, 29), now);
-  return await listKeys(kv, user, total, now);
-}
-
 /** GET /api/usage: the user's limits, what is left of them, and usage over `days` UTC days. */
 export async function usageReport(
   kv: Deno.Kv,
@@ -217,15 +206,7 @@ export async function usageReport(
     userUsage(kv, config.pricing, userId, days, now),
     kv.get<Deno.KvU64>(keys.spendByMonth(userId, utcMonth(now))),
   ]);
-  const span = usage.days.reduce(
-    (t, d) => ({
-      requests: t.requests + d.requests,
-      totalTokens: t.totalTokens + d.totalTokens,
-      costUsd: t.costUsd + d.costUsd,
-    }),
-    { requests: 0, totalTokens: 0, costUsd: 0 },
-  );
-  const byKey = await byKeyRows(kv, status.user, userId, days, span, now);
+  const byKey = await byKeyRows(kv, status.user, userId, days, now);
   const state = accountState(status.user, status.limits, {
     requestsLeftToday: status.view.remainingDay,
     tokensToday: usage.today.totalTokens,

@@ -8,7 +8,7 @@ import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { AppError } from "../../lib/core/errors.ts";
 import type { Services } from "../../lib/core/services.ts";
-import { userKeys } from "../../lib/usage/usage.ts";
+import { listKeys } from "../../lib/usage/key_usage.ts";
 import type { KeysBody } from "../../lib/api_types.ts";
 import { type AppEnv, assertSameOrigin, parseWith, readSession } from "../context.ts";
 import { describeRoute } from "../openapi.ts";
@@ -60,9 +60,7 @@ export function keysRoutes(services: Services) {
     const userId = await signedIn(c);
     const user = await users.get(userId);
     c.header("cache-control", "no-store");
-    const body: KeysBody = {
-      keys: user ? await userKeys(kv, config.pricing, user, services.clock()) : [],
-    };
+    const body: KeysBody = { keys: user ? await listKeys(kv, user, services.clock()) : [] };
     return c.json(body);
   });
 

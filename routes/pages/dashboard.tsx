@@ -7,7 +7,8 @@ import { island } from "../../build/islands.ts";
 import { Layout } from "../../components/Layout.tsx";
 import AutoProvisionComponent from "../../islands/AutoProvision.tsx";
 import ConnectedAppsComponent from "../../islands/ConnectedApps.tsx";
-import { usageReport, userKeys } from "../../lib/usage/usage.ts";
+import { listKeys } from "../../lib/usage/key_usage.ts";
+import { usageReport } from "../../lib/usage/usage.ts";
 import { serviceState } from "../../lib/limits/upstream/outage.ts";
 import { RecentRequests } from "../../components/RequestTable.tsx";
 import { authModeOf, clerkScript, pageShell, render } from "./render.tsx";
@@ -28,7 +29,7 @@ export function dashboardRoutes(services: Services) {
   const keysOf = async (userId: string) => {
     const user = await services.users.get(userId).catch(() => null);
     if (!user) return null;
-    return await userKeys(services.kv, config.pricing, user, services.clock()).catch(() => null);
+    return await listKeys(services.kv, user, services.clock()).catch(() => null);
   };
 
   app.get("/dashboard", async (c) => {
