@@ -99,9 +99,16 @@ const SCAN_MAX = 2_000;
  */
 export function clientOf(userAgent: string | null): string {
   if (!userAgent) return "";
-  return userAgent.replace(/[^\x20-\x7E]/g, "").replace(/kw_[A-Za-z0-9_-]+/g, "kw_…")
-    .slice(0, CLIENT_MAX).trim();
+  return withoutKeys(userAgent.replace(/[^\x20-\x7E]/g, "")).slice(0, CLIENT_MAX).trim();
 }
+
+/** Text a client chose (its User-Agent, the model it asked for) with any `kw_…` key cut out. */
+export function withoutKeys(text: string): string {
+  return text.replace(/kw_[A-Za-z0-9_-]+/g, "kw_…");
+}
+
+/** The model a client asked for, as the log keeps it (a key it put there is not kept). */
+const askedFor = (model: string | null) => model === null ? null : withoutKeys(model);
 
 /** How long entries are kept (ms), or 0 for no log. */
 export function logTtlMs(config: Config): number {
@@ -132,7 +139,7 @@ export function admittedEntry(
     keyId: o.keyId,
     endpoint: facts.endpoint,
     model: o.model,
-    requestedModel: facts.requestedModel,
+    requestedModel: askedFor(facts.requestedModel),
     stream: facts.stream,
     status: facts.status,
     code: facts.code,
@@ -246,7 +253,7 @@ export class RequestLog {
       keyId: r.keyId,
       endpoint: r.endpoint,
       model: r.model,
-      requestedModel: r.requestedModel,
+      requestedModel: askedFor(r.requestedModel),
       stream: r.stream,
       status: r.status,
       code: r.code,

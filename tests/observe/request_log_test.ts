@@ -207,6 +207,19 @@ Deno.test("after JSON, streamed, cut, upstream-failed and refused requests the l
     await res.text();
     const leaky = (await ownLog(s.url, s.apiKey)).requests[0];
     assert.equal(leaky.client, "leaky/1.0 kw_…");
+    // Nor one it puts in the model it asks for (refused: no such model).
+    res = await send({ ...CHAT, model: `m-${s.apiKey}` });
+    assert.equal(res.status, 400);
+    await res.text();
+    // Refusals reach the log within a second or so (each process writes its groups at most once
+    // a second); the group of this minute now shows the latest model asked for.
+    let asked: string | null | undefined;
+    for (let i = 0; i < 40 && !asked?.startsWith("m-"); i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      asked = (await ownLog(s.url, s.apiKey)).requests
+        .find((r) => r.code === "model_not_allowed")?.requestedModel;
+    }
+    assert.equal(asked, "m-kw_…");
     assert.ok(!JSON.stringify(log).includes("hi"), "no prompt in the log");
     assert.ok(!JSON.stringify(log).includes("Hello"), "no answer in the log");
 
