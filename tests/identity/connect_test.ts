@@ -11,6 +11,7 @@ import type { DeviceStartBody } from "../../lib/api_types.ts";
 import {
   clerkEnv,
   ClerkIssuer,
+  formPost,
   json,
   PUBLIC_URL,
   type TestApp,
@@ -29,20 +30,6 @@ function fakeClock() {
 async function signIn(app: TestApp, email: string) {
   const { token } = await app.services.sessions.issueLocal(email);
   return token;
-}
-
-/** A browser's same-origin form POST with the session cookie. */
-function formPost(token: string, fields: Record<string, string>, origin = PUBLIC_URL) {
-  return {
-    method: "POST",
-    redirect: "manual" as const,
-    headers: {
-      cookie: `__session=${token}`,
-      origin,
-      "content-type": "application/x-www-form-urlencoded",
-    },
-    body: new URLSearchParams(fields).toString(),
-  };
 }
 
 async function pkce() {

@@ -14,23 +14,11 @@ import {
   clerkEnv,
   ClerkIssuer,
   eventually,
+  formPost,
   PUBLIC_URL,
   type TestApp,
   testApp,
 } from "../support/helpers.ts";
-
-function form(token: string, fields: Record<string, string>): RequestInit {
-  return {
-    method: "POST",
-    redirect: "manual",
-    headers: {
-      cookie: `__session=${token}`,
-      origin: PUBLIC_URL,
-      "content-type": "application/x-www-form-urlencoded",
-    },
-    body: new URLSearchParams(fields).toString(),
-  };
-}
 
 async function startDevice(app: TestApp, client: string) {
   const res = await app.request("/api/connect/device", {
@@ -53,7 +41,7 @@ async function connectDevice(app: TestApp, token: string, client: string): Promi
   const { deviceCode, userCode } = await startDevice(app, client);
   const approved = await app.request(
     "/connect/device",
-    form(token, { code: userCode, action: "approve" }),
+    formPost(token, { code: userCode, action: "approve" }),
   );
   assert.equal(approved.status, 200);
   await approved.body?.cancel();
@@ -94,7 +82,7 @@ Deno.test("connected apps: at MAX_KEYS_PER_USER the approval pages say why and n
     const { deviceCode, userCode } = await startDevice(app, "Three");
     const lookup = await app.request(
       "/connect/device",
-      form(token, { code: userCode, action: "lookup" }),
+      formPost(token, { code: userCode, action: "lookup" }),
     );
     assert.equal(lookup.status, 200);
     const page = await lookup.text();
@@ -103,7 +91,7 @@ Deno.test("connected apps: at MAX_KEYS_PER_USER the approval pages say why and n
     assert.doesNotMatch(page, /value="approve"/, "no approve button");
     const approve = await app.request(
       "/connect/device",
-      form(token, { code: userCode, action: "approve" }),
+      formPost(token, { code: userCode, action: "approve" }),
     );
     assert.equal(approve.status, 403);
     assert.match(await approve.text(), /Nothing was created/);
@@ -118,7 +106,7 @@ Deno.test("connected apps: at MAX_KEYS_PER_USER the approval pages say why and n
     assert.match(await get.text(), /already holds 3 keys/);
     const post = await app.request(
       "/connect",
-      form(token, { ...pkceFields(challenge), decision: "approve" }),
+      formPost(token, { ...pkceFields(challenge), decision: "approve" }),
     );
     assert.equal(post.status, 403);
     assert.equal(post.headers.get("location"), null);

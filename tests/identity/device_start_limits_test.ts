@@ -6,7 +6,7 @@
  */
 import assert from "node:assert/strict";
 import { createApp } from "../../routes/mod.ts";
-import { testApp } from "../support/helpers.ts";
+import { formPost, testApp } from "../support/helpers.ts";
 
 Deno.test("connect: 650 device starts from one address limit that address, not another", async () => {
   // The flood must not straddle a clock minute (the counts are per minute): time stands still.
@@ -50,15 +50,10 @@ Deno.test("connect: 650 device starts from one address limit that address, not a
     assert.equal(other.status, 200);
     const { userCode } = await other.json();
     const { token } = await app.services.sessions.issueLocal("dev@example.com");
-    const page = await app.request("/connect/device", {
-      method: "POST",
-      headers: {
-        cookie: `__session=${token}`,
-        origin: "http://localhost:8000",
-        "content-type": "application/x-www-form-urlencoded",
-      },
-      body: new URLSearchParams({ code: userCode, action: "lookup" }).toString(),
-    });
+    const page = await app.request(
+      "/connect/device",
+      formPost(token, { code: userCode, action: "lookup" }),
+    );
     const html = await page.text();
     assert.match(html, /<code data-testid="device-address">::1<\/code>/);
     assert.match(html, /It says it is “Visual Studio Code”/);

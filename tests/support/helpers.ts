@@ -67,6 +67,20 @@ export function clerkEnv(issuer: ClerkIssuer, extra: Record<string, string> = {}
 
 export { ClerkIssuer };
 
+/** A browser's same-origin form POST carrying the Clerk session cookie (the connect pages). */
+export function formPost(token: string, fields: Record<string, string>, origin = PUBLIC_URL) {
+  return {
+    method: "POST",
+    redirect: "manual" as const,
+    headers: {
+      cookie: `__session=${token}`,
+      origin,
+      "content-type": "application/x-www-form-urlencoded",
+    },
+    body: new URLSearchParams(fields).toString(),
+  } satisfies RequestInit;
+}
+
 export function bearer(token: string): HeadersInit {
   return { authorization: `Bearer ${token}` };
 }

@@ -9,27 +9,13 @@ import assert from "node:assert/strict";
 import { randomToken } from "../../../lib/core/encoding.ts";
 import { s256 } from "../../../lib/identity/connect.ts";
 import type { KeysBody, UsageBody } from "../../../lib/api_types.ts";
-import { processEnv, PUBLIC_URL } from "../../support/helpers.ts";
+import { formPost, processEnv } from "../../support/helpers.ts";
 import { ClerkIssuer } from "../../../testing/fakes/clerk_issuer.ts";
 import { FakeGlm } from "../../../testing/fakes/glm.ts";
 import { type RunningMain, startMain } from "../../support/subprocess.ts";
 
 const issuer = await ClerkIssuer.create();
 const REDIRECT = "http://127.0.0.1:53123/callback";
-
-/** A browser's same-origin form POST carrying the Clerk session cookie. */
-function form(token: string, fields: Record<string, string>): RequestInit {
-  return {
-    method: "POST",
-    redirect: "manual",
-    headers: {
-      cookie: `__session=${token}`,
-      origin: PUBLIC_URL,
-      "content-type": "application/x-www-form-urlencoded",
-    },
-    body: new URLSearchParams(fields).toString(),
-  };
-}
 
 async function post(app: RunningMain, path: string, body: unknown): Promise<Response> {
   return await fetch(`${app.url}${path}`, {
@@ -46,13 +32,13 @@ async function connectDevice(app: RunningMain, token: string, client: string): P
   const { deviceCode, userCode } = await start.json();
   const lookup = await fetch(
     `${app.url}/connect/device`,
-    form(token, { code: userCode, action: "lookup" }),
+    formPost(token, { code: userCode, action: "lookup" }),
   );
   assert.equal(lookup.status, 200);
   assert.match(await lookup.text(), /says it is/);
   const approved = await fetch(
     `${app.url}/connect/device`,
-    form(token, { code: userCode, action: "approve" }),
+    formPost(token, { code: userCode, action: "approve" }),
   );
   assert.equal(approved.status, 200);
   assert.match(await approved.text(), /is connected/);
@@ -66,7 +52,7 @@ async function connectRedirect(app: RunningMain, token: string, client: string):
   const verifier = randomToken(48);
   const res = await fetch(
     `${app.url}/connect`,
-    form(token, {
+    formPost(token, {
       client,
       redirect_uri: REDIRECT,
       code_challenge: await s256(verifier),
