@@ -3,8 +3,7 @@
  * and one page per user (`/admin/users/:id`) with their chart, models, key prefix, limits and
  * actions. Operators only (ADMIN_USER_IDS); others get a 403 page.
  */
-import { ModelTable } from "../../components/ModelTable.tsx";
-import { KeyTable } from "../../components/KeyTable.tsx";
+import { KeyTable, ModelTable } from "../../components/ModelTable.tsx";
 import { type Context, Hono } from "hono";
 import { z } from "zod";
 import { island } from "../../build/islands.ts";
