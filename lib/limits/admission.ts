@@ -36,7 +36,8 @@
  * one per admitting user) and stays far below 1000 mutations and 800 KiB. Entries this process
  * wrote last are not read again (user_states.ts): an admission decided on them is only written if
  * the commit's checks prove them current, and a refusal decided on them is decided again on a
- * fresh read. Each admission is decided by decide.ts; what a settlement charges, by charge.ts.
+ * fresh read. Each admission is decided by decide.ts; what a settlement charges, by charge.ts;
+ * what it writes, by settlement.ts.
  */
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
@@ -45,13 +46,7 @@ import { KV_GET_MANY_MAX } from "../core/kv_ops.ts";
 import { type Clock, systemClock } from "../core/clock.ts";
 import type { Logger } from "../core/log.ts";
 import { type Pricing } from "../usage/pricing.ts";
-import {
-  addSum,
-  addUsageSums,
-  applySums,
-  type TokenUsage,
-  type UsageSums,
-} from "../usage/record.ts";
+import { applySums, type TokenUsage, type UsageSums } from "../usage/record.ts";
 import { type RateState } from "./gcra.ts";
 import { type Charge, chargeFor, type Outcome } from "./charge.ts";
 import { HeldLease, type Lease, type LeaseSettler } from "./lease.ts";
@@ -59,15 +54,9 @@ import { LeaseSlots } from "./lease_slots.ts";
 import { type AdmitRequest, decideAdmission } from "./decide.ts";
 import { GroupCommitter, type GroupOp } from "./group_commit.ts";
 import { type Snapshot, UserStates } from "./user_states.ts";
-import {
-  type Held,
-  HELD_FIELDS,
-  type LeaseRecord,
-  refundable,
-  slotCounters,
-  sumHeld,
-} from "./lease_record.ts";
+import { type Held, HELD_FIELDS, type LeaseRecord, refundable, sumHeld } from "./lease_record.ts";
 import { LEASE_TTL_MS, Liveness } from "./liveness.ts";
+import { planSettlement } from "./settlement.ts";
 import { DAY_MS } from "../core/utc.ts";
 import {
   addEntry,
@@ -459,7 +448,14 @@ export class Ledger implements LeaseSettler {
       if (o.kind === "settle") {
         if (o.guard) op.check(o.guard);
         if (o.entry) addEntry(op, o.entry, this.logTtl);
-        this.planSettle(op, o.lease, o.charge, now, sums, addHeld, o.guard?.value);
+        planSettlement(op, o.lease, o.charge, {
+          now,
+          sums,
+          addHeld,
+          pricing: this.pricing,
+          procId: this.procId,
+          inKv: o.guard?.value,
+        });
         if (o.charge.spared && !o.lease.lost && refundable(o.lease.record, now)) {
           plan.refunds.set(o.userId, (plan.refunds.get(o.userId) ?? 0) + 1);
         }
@@ -506,51 +502,6 @@ export class Ledger implements LeaseSettler {
     sumHeld(op, plan.held);
     applySums(op, sums);
     return plan;
-  }
-
-  /** A settlement's mutations: the lease gone, its reservation given back, its usage charged. */
-  private planSettle(
-    op: Deno.AtomicOperation,
-    lease: HeldLease,
-    c: Charge,
-    now: number,
-    sums: UsageSums,
-    addHeld: (userId: string, d: Held) => void,
-    /** The lease's entry in KV, when it was read (a guarded retry): the slot it records. */
-    inKv?: LeaseRecord | null,
-  ) {
-    const r = lease.record;
-    const { slot, slotKey } = inKv?.slot ? inKv : r;
-    const base = { userId: r.userId, model: r.model, at: now, keyId: r.keyId };
-    if (lease.lost) {
-      // Reaped already (charged its estimate as of its last renewal, its upstream slot freed):
-      // only the rest.
-      if (c.spared) return;
-      const prompt = Math.max(0, c.promptTokens - r.prompt);
-      addUsageSums(sums, this.pricing, {
-        ...base,
-        promptTokens: prompt,
-        completionTokens: Math.max(0, c.completionTokens - lease.committedCompletion),
-        cachedTokens: Math.min(prompt, c.cachedTokens ?? 0),
-        requests: 0,
-      });
-      return;
-    }
-    op.delete(keys.lease(this.procId, lease.id));
-    addHeld(r.userId, { count: -1, tokens: -r.tokens, nano: -r.nano });
-    if (slot) { for (const k of slotCounters(slot, r.userId, slotKey)) addSum(sums, k, -1); }
-    if (c.spared) {
-      // Not the user's doing: the request is given back to its limits, and nothing is recorded.
-      if (refundable(r, now)) addSum(sums, keys.rateRefunds(r.userId), 1);
-      return;
-    }
-    addUsageSums(sums, this.pricing, {
-      ...base,
-      promptTokens: c.promptTokens,
-      completionTokens: c.completionTokens,
-      cachedTokens: c.cachedTokens,
-      requests: 1,
-    });
   }
 
   /** Tells the budget watcher about a settlement that cost something against a budget. */
