@@ -337,6 +337,37 @@ export async function cpuMs(pid: number): Promise<number | null> {
   }
 }
 
+/**
+ * CPU time (ms) per thread kind of a process: the JS main thread, KV's SQLite writer, V8's
+ * helpers (GC, compiler), the rest (Tokio's workers: fetch, sockets). Empty where /proc is
+ * missing.
+ */
+export async function cpuMsByThread(pid: number): Promise<Record<string, number>> {
+  const out: Record<string, number> = {};
+  try {
+    for await (const t of Deno.readDir(`/proc/${pid}/task`)) {
+      try {
+        const stat = await Deno.readTextFile(`/proc/${pid}/task/${t.name}/stat`);
+        const name = stat.slice(stat.indexOf("(") + 1, stat.lastIndexOf(")"));
+        const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+        const kind = Number(t.name) === pid
+          ? "main"
+          : /^sw-/.test(name)
+          ? "kvWriter"
+          : /^V8 /.test(name)
+          ? "v8Helpers"
+          : "other";
+        out[kind] = (out[kind] ?? 0) + (Number(fields[11]) + Number(fields[12])) * 10;
+      } catch {
+        // The thread ended between the listing and the read.
+      }
+    }
+  } catch {
+    // No /proc.
+  }
+  return out;
+}
+
 async function peakRssMb(pid: number): Promise<number> {
   try {
     const status = await Deno.readTextFile(`/proc/${pid}/status`);
@@ -517,15 +548,26 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       ]);
     }
     const cpuUsPerRequest: Record<string, number | null> = {};
+    /** The gateway's CPU per request by thread (JSON through the gateway). */
+    const cpuUsByThread: Record<string, Record<string, number>> = {};
     let denokvCpuUsPerRequest: number | null = null;
     const run = async (name: string, url: string, lua: string, proc: Proc) => {
       progress(`bench: ${name} — warm-up ${warm}s, then ${seconds}s at ${connections} connections`);
       await wrk(url, warm, connections, lua);
       const before = await cpuMs(proc.child.pid);
+      const threadsBefore = await cpuMsByThread(proc.child.pid);
       const kvBefore = name === "proxyRemoteKv" ? await cpuMs(denokv!.pid!) : null;
       scenarios[name] = await wrk(url, seconds, connections, lua);
       const after = await cpuMs(proc.child.pid);
+      const threadsAfter = await cpuMsByThread(proc.child.pid);
       const { requests } = scenarios[name];
+      if (requests && proc === app) {
+        cpuUsByThread[name] = Object.fromEntries(
+          Object.entries(threadsAfter).map((
+            [k, v],
+          ) => [k, Math.round((v - (threadsBefore[k] ?? 0)) * 1000 / requests)]),
+        );
+      }
       cpuUsPerRequest[name] = before === null || after === null || !requests
         ? null
         : Math.round((after - before) * 1000 / requests);
@@ -643,6 +685,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       details: {
         errors: Object.fromEntries(Object.entries(scenarios).map(([k, v]) => [k, v.errors])),
         singleConnection: single,
+        cpuUsByThread,
         sseReadsPerAnswer: chunks,
         peer: "proc" in peer ? PEER_PACKAGE : null,
         litellm: "proc" in litellm ? `litellm[proxy]==${LITELLM_VERSION}` : null,
@@ -752,6 +795,10 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
     `app peak RSS                       ${report.peakRssMb} MB (target ≤ 200); after ${
       MANY_USERS.toLocaleString("en-US")
     } users ${report.details.peakRssManyUsersMb} MB`,
+    `gateway CPU µs/req by thread       ${
+      Object.entries(report.details.cpuUsByThread.proxy ?? {}).map(([k, v]) => `${k} ${v}`)
+        .join(", ") || "– (no /proc)"
+    } (JSON)`,
     `SSE answer of 7 spaced chunks      relayed in ${report.details.sseReadsPerAnswer} reads (7 = chunk by chunk)`,
   ].join("\n");
 }
