@@ -79,7 +79,7 @@ try {
             completion: requests * (100 + (d % 300)),
           };
           for (const field of ["requests", "prompt", "completion"] as const) {
-            op.sum(keys.usageDaily(day, userId(u), model, field), BigInt(values[field]));
+            op.sum(keys.usageDaily(day, userId(u), model, field, "default"), BigInt(values[field]));
           }
           mutations += 3;
           writes++;

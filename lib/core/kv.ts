@@ -60,13 +60,20 @@ export const keys = {
   /** Upstream-slot waits per 5-minute window and bucket (KvU64 sums): queue-wait percentiles. */
   upstreamWait: (window: number, bucket: number) => ["upstream_waits", window, bucket] as const,
   upstreamWaits: (window: number) => ["upstream_waits", window] as const,
-  /** Usage counters (KvU64) per UTC day, user, model and field: reports, dashboards, quotas. */
-  usageDaily: (day: Day, userId: string, model: string, field: UsageField) =>
-    ["usage_daily", day, userId, model, field] as const,
+  /**
+   * Usage counters (KvU64) per UTC day, user, model, field and key ("default" or a connected
+   * app's `k_…`): reports, dashboards, quotas, and usage per key (priced when read, as the
+   * totals are). The key comes last, so readers by model sum over keys without knowing of them;
+   * counters written before there was a key part end at the field (their keys are counted in
+   * `usageByKey`).
+   */
+  usageDaily: (day: Day, userId: string, model: string, field: UsageField, keyId: string) =>
+    ["usage_daily", day, userId, model, field, keyId] as const,
   usageDailyDay: (day: Day) => ["usage_daily", day] as const,
   /**
-   * Usage counters (KvU64) per user, UTC day and key ("default" or a connected app's `k_…`):
-   * requests, tokens and nano-USD, added in the settle commit (GET /api/usage byKey).
+   * Usage per user, UTC day and key (KvU64: requests, tokens, nano-USD as charged), as the settle
+   * commit wrote it before `usageDaily` had a key part; only read now (for days still in a
+   * listing's span), never written.
    */
   usageByKey: (userId: string, day: Day, keyId: string, field: KeyUsageField) =>
     ["usage_by_key", userId, day, keyId, field] as const,

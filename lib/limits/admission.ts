@@ -254,7 +254,7 @@ export class Ledger implements LeaseSettler {
           kind: "settle",
           key: lease.user.id,
           checks: guard ? [`lease:${lease.id}`] : [],
-          mutations: entry ? 20 : 18, // 14, per-key usage and last use (key_usage.ts), the log: 2
+          mutations: entry ? 17 : 15, // lease 1, held 3, slot 3, usage 8 (record.ts); the log 2
           userId: lease.user.id,
           lease,
           charge,

@@ -30,7 +30,7 @@ import {
 export const LEASE_TTL_MS = 20_000;
 /** How often the heartbeat is renewed and the reaper runs. */
 export const TICK_MS = 2_500;
-/** Leases a reaper settles per commit (up to 17 mutations each, with the per-key usage). */
+/** Leases a reaper settles per commit (up to 15 mutations each: settlement.ts). */
 const REAP_PER_COMMIT = 55;
 /** Lease estimates one renewal writes at most. */
 const RENEW_MAX = 899;

@@ -1,12 +1,13 @@
 /**
- * Usage per key (CONTRACT §5 Keys, Usage `byKey`): the counters the settle commit adds per user,
- * UTC day and key (`keys.usageByKey`), and each key's last use (`keys.keyLastUsed`, a KV `max`
- * of the settle time, so the hot path writes no extra entry or commit for it).
+ * Usage per key (CONTRACT §5 Keys, Usage `byKey`): the day counters carry the key they were used
+ * with (`keys.usageDaily`), and each key's last use is `keys.keyLastUsed`, a KV `max` of the
+ * settle time — so the hot path writes no extra entry or commit for either.
  */
 import { keys, u64 } from "../core/kv.ts";
 import { systemClock } from "../core/clock.ts";
 import { addDays, type Day, utcDay } from "../core/utc.ts";
-import { roundUsd } from "./pricing.ts";
+import { costNanoUsd, type Pricing, roundUsd } from "./pricing.ts";
+import { readDayCountersByKey } from "./read.ts";
 import { DEFAULT_KEY_ID, type UserRecord } from "../identity/user_record.ts";
 
 /** What one key used over some days. */
@@ -45,9 +46,14 @@ const empty = (): KeyUsage & { nano: number } => ({
   nano: 0,
 });
 
-/** Usage per key id over the `days` UTC days up to and including today. */
+/**
+ * Usage per key id over the `days` UTC days up to and including today: the day counters per key
+ * (read.ts), priced as the totals are, so the keys' rows add up to them; plus what was counted
+ * per key before the day counters had a key part (`keys.usageByKey`, as charged).
+ */
 export async function usageByKey(
   kv: Deno.Kv,
+  pricing: Pricing,
   userId: string,
   days: number,
   now: number = systemClock(),
@@ -55,6 +61,27 @@ export async function usageByKey(
   const today = utcDay(now);
   const from: Day = addDays(today, -(days - 1));
   const sums = new Map<string, KeyUsage & { nano: number }>();
+  const sumOf = (keyId: string) => {
+    let sum = sums.get(keyId);
+    if (!sum) sums.set(keyId, sum = empty());
+    return sum;
+  };
+  const readDay = async (day: Day) => {
+    for (const row of await readDayCountersByKey(kv, day, userId)) {
+      const sum = sumOf(row.keyId);
+      sum.requests += row.requests;
+      sum.totalTokens += row.promptTokens + row.completionTokens;
+      sum.nano += Number(
+        costNanoUsd(pricing, row.model, row.promptTokens, row.completionTokens, row.cachedTokens),
+      );
+    }
+  };
+  const spanDays: Day[] = [];
+  for (let day = from; day <= today; day = addDays(day, 1)) spanDays.push(day);
+  // A few days in flight at once: the reads overlap (a remote KV's round trips most of all).
+  for (let i = 0; i < spanDays.length; i += 10) {
+    await Promise.all(spanDays.slice(i, i + 10).map(readDay));
+  }
   const iter = kv.list({
     start: keys.usageByKeyDay(userId, from),
     end: keys.usageByKeyDay(userId, addDays(today, 1)),
@@ -62,12 +89,11 @@ export async function usageByKey(
   for await (const entry of iter) {
     const [, , , keyId, field] = entry.key;
     if (typeof keyId !== "string") continue;
-    const sum = sums.get(keyId) ?? empty();
+    const sum = sumOf(keyId);
     const n = u64(entry.value);
     if (field === "requests") sum.requests += n;
     else if (field === "tokens") sum.totalTokens += n;
     else if (field === "nano") sum.nano += n;
-    sums.set(keyId, sum);
   }
   const out = new Map<string, KeyUsage>();
   for (const [id, { nano, ...sum }] of sums) out.set(id, { ...sum, costUsd: roundUsd(nano / 1e9) });
@@ -87,11 +113,12 @@ export async function lastUsedByKey(kv: Deno.Kv, userId: string): Promise<Map<st
 /** The user's keys, default first, then connected apps oldest first, with their usage. */
 export async function listKeys(
   kv: Deno.Kv,
+  pricing: Pricing,
   user: UserRecord,
   now: number = systemClock(),
 ): Promise<KeyListing[]> {
   const [usage, lastUsed] = await Promise.all([
-    usageByKey(kv, user.id, 30, now),
+    usageByKey(kv, pricing, user.id, 30, now),
     lastUsedByKey(kv, user.id),
   ]);
   const of = (id: string) => ({
@@ -130,12 +157,13 @@ export async function listKeys(
  */
 export async function byKeyRows(
   kv: Deno.Kv,
+  pricing: Pricing,
   user: UserRecord | null,
   userId: string,
   days: number,
   now: number = systemClock(),
 ): Promise<KeyUsageRow[]> {
-  const usage = await usageByKey(kv, userId, days, now);
+  const usage = await usageByKey(kv, pricing, userId, days, now);
   const zero = { requests: 0, totalTokens: 0, costUsd: 0 };
   const rows: KeyUsageRow[] = [];
   const seen = new Set<string>();

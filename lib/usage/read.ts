@@ -48,3 +48,42 @@ export async function readDayCounters(
   }
   return rows;
 }
+
+/** One key's counters of one model on one day. */
+export interface KeyModelCounters {
+  keyId: string;
+  model: string;
+  requests: number;
+  promptTokens: number;
+  completionTokens: number;
+  cachedTokens: number;
+}
+
+/**
+ * One user's counters of a day per key and model (counters written before there was a key part
+ * are left out: `usageByKey` has their keys).
+ */
+export async function readDayCountersByKey(
+  kv: Deno.Kv,
+  day: Day,
+  userId: string,
+): Promise<KeyModelCounters[]> {
+  const rows = new Map<string, KeyModelCounters>();
+  const prefix = [...keys.usageDailyDay(day), userId];
+  for await (const entry of kv.list({ prefix }, { batchSize: KV_BATCH })) {
+    const [, , , model, field, keyId] = entry.key;
+    if (typeof model !== "string" || typeof keyId !== "string") continue;
+    const id = `${keyId}\u0000${model}`;
+    let row = rows.get(id);
+    if (!row) {
+      row = { keyId, model, requests: 0, promptTokens: 0, completionTokens: 0, cachedTokens: 0 };
+      rows.set(id, row);
+    }
+    const n = u64(entry.value);
+    if (field === "requests") row.requests += n;
+    else if (field === "prompt") row.promptTokens += n;
+    else if (field === "completion") row.completionTokens += n;
+    else if (field === "cached") row.cachedTokens += n;
+  }
+  return [...rows.values()];
+}

@@ -70,13 +70,13 @@ export function addSum(into: UsageSums, key: Deno.KvKey, n: bigint | number) {
 }
 
 /**
- * Adds one event's sums to `into` (11 keys per event at most; zero amounts are left out): the
- * counters by model, the quota counters, the counters by key and the key's last use.
+ * Adds one event's sums to `into` (8 keys per event at most; zero amounts are left out): the
+ * counters by model and key, the quota counters and the key's last use.
  */
 export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
   const at = e.at ?? systemClock();
   const day = utcDay(at);
-  const add = (key: Deno.KvKey, n: bigint) => addSum(into, key, n);
+  const keyId = e.keyId ?? DEFAULT_KEY_ID;
   const cached = Math.min(e.cachedTokens ?? 0, e.promptTokens);
   const values = {
     requests: big(e.requests ?? 1).value,
@@ -85,15 +85,11 @@ export function addUsageSums(into: UsageSums, pricing: Pricing, e: UsageEvent) {
     cached: big(cached).value,
   };
   for (const field of USAGE_FIELDS) {
-    add(keys.usageDaily(day, e.userId, e.model, field), values[field]);
+    addSum(into, keys.usageDaily(day, e.userId, e.model, field, keyId), values[field]);
   }
-  add(keys.tokensByDay(e.userId, day), values.prompt + values.completion);
+  addSum(into, keys.tokensByDay(e.userId, day), values.prompt + values.completion);
   const nano = costNanoUsd(pricing, e.model, e.promptTokens, e.completionTokens, cached);
-  add(keys.spendByMonth(e.userId, utcMonth(at)), nano);
-  add(keys.usageDayVersion(day), 1n);
-  const keyId = e.keyId ?? DEFAULT_KEY_ID;
-  add(keys.usageByKey(e.userId, day, keyId, "requests"), values.requests);
-  add(keys.usageByKey(e.userId, day, keyId, "tokens"), values.prompt + values.completion);
-  add(keys.usageByKey(e.userId, day, keyId, "nano"), BigInt(nano));
+  addSum(into, keys.spendByMonth(e.userId, utcMonth(at)), nano);
+  addSum(into, keys.usageDayVersion(day), 1n);
   addMax(into, keys.keyLastUsed(e.userId, keyId), at);
 }

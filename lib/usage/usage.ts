@@ -34,7 +34,7 @@ export async function recordUsage(kv: Deno.Kv, pricing: Pricing, e: UsageEvent):
 }
 
 /** Sum mutations per event at most (so a batch stays under KV's 1000 mutations per commit). */
-const SUMS_PER_EVENT = 11;
+const SUMS_PER_EVENT = 8;
 const MAX_BATCH = Math.floor(KV_MAX_MUTATIONS / SUMS_PER_EVENT);
 
 /** Records several events in ONE atomic commit of sum mutations (all or nothing). */
@@ -206,7 +206,7 @@ export async function usageReport(
     userUsage(kv, config.pricing, userId, days, now),
     kv.get<Deno.KvU64>(keys.spendByMonth(userId, utcMonth(now))),
   ]);
-  const byKey = await byKeyRows(kv, status.user, userId, days, now);
+  const byKey = await byKeyRows(kv, config.pricing, status.user, userId, days, now);
   const state = accountState(status.user, status.limits, {
     requestsLeftToday: status.view.remainingDay,
     tokensToday: usage.today.totalTokens,

@@ -60,7 +60,9 @@ export function keysRoutes(services: Services) {
     const userId = await signedIn(c);
     const user = await users.get(userId);
     c.header("cache-control", "no-store");
-    const body: KeysBody = { keys: user ? await listKeys(kv, user, services.clock()) : [] };
+    const body: KeysBody = {
+      keys: user ? await listKeys(kv, config.pricing, user, services.clock()) : [],
+    };
     return c.json(body);
   });
 

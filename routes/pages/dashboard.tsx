@@ -29,7 +29,7 @@ export function dashboardRoutes(services: Services) {
   const keysOf = async (userId: string) => {
     const user = await services.users.get(userId).catch(() => null);
     if (!user) return null;
-    return await listKeys(services.kv, user, services.clock()).catch(() => null);
+    return await listKeys(services.kv, config.pricing, user, services.clock()).catch(() => null);
   };
 
   app.get("/dashboard", async (c) => {
