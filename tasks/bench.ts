@@ -244,6 +244,7 @@ const SCENARIO_ORDER = [
   "key",
   "direct",
   "passthrough",
+  "floor",
   "peer",
   "litellm",
   "proxy",
@@ -448,6 +449,12 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     procs.push(bare);
     const pass = await spawn(["run", "-A", script, "passthrough", upstreamUrl], {}, helperPort);
     procs.push(pass);
+    const floor = await spawn(
+      ["run", "-A", "--unstable-kv", script, "floor", upstreamUrl, `${kvDir}/floor.sqlite3`],
+      {},
+      helperPort,
+    );
+    procs.push(floor);
     const notRun: Record<string, string> = {};
     const peer = await startPeer(peerDir);
     if ("proc" in peer) procs.push(peer.proc);
@@ -504,6 +511,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       ["key", `${appUrl}/api/key`, luaScript({ method: "GET", auth: tokens }), app],
       ["direct", `${upstreamUrl}/chat/completions`, chatTo(["master"]), upstream],
       ["passthrough", `http://127.0.0.1:${pass.port}/chat/completions`, chatTo([]), pass],
+      ["floor", `http://127.0.0.1:${floor.port}/chat/completions`, chatTo(keys), floor],
     ];
     if ("proc" in peer) {
       plan.push([
@@ -583,6 +591,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
     const single: Record<string, Result> = {
       passthrough: await wrk(scenario("passthrough")[1], seconds, 1, scenario("passthrough")[2]),
       proxy: await wrk(scenario("proxy")[1], seconds, 1, scenario("proxy")[2]),
+      floor: await wrk(scenario("floor")[1], seconds, 1, scenario("floor")[2]),
     };
     if (remoteApp) {
       single.proxyRemoteKv = await wrk(
@@ -670,6 +679,12 @@ export async function runBench(opts: { seconds: number; connections: number }) {
         keyOverBareRps: r3(scenarios.key.rps / scenarios.bare.rps),
         proxyCpuOverPassthroughCpu: cpuUsPerRequest.proxy && cpuUsPerRequest.passthrough
           ? r3(cpuUsPerRequest.proxy / cpuUsPerRequest.passthrough)
+          : null,
+        proxyCpuOverFloorCpu: cpuUsPerRequest.proxy && cpuUsPerRequest.floor
+          ? r3(cpuUsPerRequest.proxy / cpuUsPerRequest.floor)
+          : null,
+        floorCpuOverPassthroughCpu: cpuUsPerRequest.floor && cpuUsPerRequest.passthrough
+          ? r3(cpuUsPerRequest.floor / cpuUsPerRequest.passthrough)
           : null,
         messagesOverProxyRps: r3(scenarios.messages.rps / scenarios.proxy.rps),
         manyUsersOverProxyRps: r3(scenarios.proxyManyUsers.rps / scenarios.proxy.rps),
@@ -760,6 +775,10 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
     }`,
     `gateway / LiteLLM throughput       ${orNone(ratios.proxyOverLitellmRps, "no litellm row")}`,
     `gateway / pass-through CPU         ${orNone(ratios.proxyCpuOverPassthroughCpu, "no /proc")}`,
+    `floor / pass-through CPU           ${
+      orNone(ratios.floorCpuOverPassthroughCpu, "no /proc")
+    }  (the least the contract's work costs: bench_servers.ts floor)`,
+    `gateway / floor CPU                ${orNone(ratios.proxyCpuOverFloorCpu, "no /proc")}`,
     `/v1/messages / chat completions    ${
       ratios.messagesOverProxyRps.toFixed(3)
     }  (target within 10%)`,
@@ -770,7 +789,9 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
       addedLatencyMs.p50.toFixed(3)
     } ms (target ≤ commit p50 + 0.25), p99 ${
       addedLatencyMs.p99.toFixed(3)
-    } ms (target ≤ commit p99 + 1)`,
+    } ms (target ≤ commit p99 + 1); the floor's p50 ${
+      (single.floor.p50Ms - single.passthrough.p50Ms).toFixed(3)
+    } ms, p99 ${(single.floor.p99Ms - single.passthrough.p99Ms).toFixed(3)} ms`,
     `one durable commit, KV file        p50 ${kvCommitMs.p50.toFixed(3)} ms, p99 ${
       kvCommitMs.p99.toFixed(3)
     } ms`,
