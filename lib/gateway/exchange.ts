@@ -14,14 +14,14 @@ export type Stall = "upstream" | "client" | "deadline" | "shutdown";
  * The relay's watchdog. Calls `onStall` once, when one wait lasts `ms` — for the upstream (its
  * headers, then each read of its body) or for the client (between a chunk handed over and its
  * next read: a client that reads nothing holds the upstream call and its slots) — or when the
- * whole answer has taken `maxMs`. One timer per request, re-armed only when it fires, so each
- * step costs a clock read, not a timer.
+ * whole answer has taken `maxMs`. Each step costs a clock read; the process's one timer
+ * (`watchdogs`) looks at every watchdog when the first of them could have stalled.
  */
 export class IdleTimer {
   private since = performance.now();
   private readonly deadline: number;
   private phase: "upstream" | "client" = "upstream";
-  private timer: ReturnType<typeof setTimeout> | undefined;
+  private done = false;
 
   constructor(
     private readonly ms: number,
@@ -30,7 +30,7 @@ export class IdleTimer {
     started = this.since,
   ) {
     this.deadline = started + maxMs;
-    this.arm(Math.min(ms, this.deadline - this.since));
+    watchdogs.add(this, this.due());
   }
 
   /** A read from the upstream starts: the clock runs from now. */
@@ -46,8 +46,9 @@ export class IdleTimer {
   }
 
   stop() {
-    clearTimeout(this.timer);
-    this.timer = undefined;
+    if (this.done) return;
+    this.done = true;
+    watchdogs.remove(this);
   }
 
   /** Fires now, as if the wait had run out (the server is shutting down). */
@@ -56,16 +57,73 @@ export class IdleTimer {
     this.onStall(stall);
   }
 
-  private arm(delay: number) {
-    this.timer = setTimeout(() => {
-      const now = performance.now();
-      if (now >= this.deadline) return this.onStall("deadline");
-      const quiet = now - this.since;
-      if (quiet >= this.ms) return this.onStall(this.phase);
-      this.arm(Math.min(this.ms - quiet, this.deadline - now));
-    }, Math.max(0, delay));
+  /** The soonest this watchdog could stall, as things stand. */
+  private due(): number {
+    return Math.min(this.since + this.ms, this.deadline);
+  }
+
+  /** Looked at `now` by the process's timer: stalls (null), or when to look again. */
+  check(now: number): number | null {
+    const stall = now >= this.deadline
+      ? "deadline"
+      : now - this.since >= this.ms
+      ? this.phase
+      : null;
+    if (stall === null) return this.due();
+    this.done = true;
+    this.onStall(stall);
+    return null;
   }
 }
+
+/**
+ * One timer for the process's watchdogs instead of one per request (a timer is a Node-compatible
+ * object here: arming one cost more CPU than the rest of the watchdog together). It is armed for
+ * the earliest moment one of them could stall; then each is looked at, and it is armed again for
+ * the next. With no watchdog left it is cleared, so an idle process holds no timer.
+ */
+class Watchdogs {
+  private readonly live = new Set<IdleTimer>();
+  private timer: ReturnType<typeof setTimeout> | undefined;
+  private armedFor = Infinity;
+
+  add(watchdog: IdleTimer, due: number) {
+    this.live.add(watchdog);
+    if (due < this.armedFor) this.arm(due);
+  }
+
+  remove(watchdog: IdleTimer) {
+    this.live.delete(watchdog);
+    if (!this.live.size) this.disarm();
+  }
+
+  private disarm() {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    this.armedFor = Infinity;
+  }
+
+  private arm(due: number) {
+    clearTimeout(this.timer);
+    this.armedFor = due;
+    this.timer = setTimeout(() => this.look(), Math.max(0, due - performance.now()));
+  }
+
+  private look() {
+    this.timer = undefined;
+    this.armedFor = Infinity;
+    const now = performance.now();
+    let next = Infinity;
+    for (const watchdog of this.live) {
+      const due = watchdog.check(now);
+      if (due === null) this.live.delete(watchdog);
+      else next = Math.min(next, due);
+    }
+    if (next < this.armedFor) this.arm(next);
+  }
+}
+
+const watchdogs = new Watchdogs();
 
 /** Why a call stopped before its answer ended: a watchdog stall, or the client leaving. */
 export type StopReason = Stall | "client_left";
