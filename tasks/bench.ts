@@ -629,7 +629,10 @@ export async function runBench(opts: { seconds: number; connections: number }) {
       const countedUrl = `http://127.0.0.1:${counted.port}/v1/chat/completions`;
       const countedKeys = (await provisionUsers(issuer, `http://127.0.0.1:${counted.port}`, users))
         .keys;
-      const perRequest: Record<string, KvCallCounts & { requests: number }> = {};
+      const perRequest: Record<
+        string,
+        Omit<KvCallCounts, "writeBytes"> & { bytesPerWrite: number; requests: number }
+      > = {};
       for (const c of [connections, 1]) {
         await wrk(countedUrl, 1, c, chatTo(countedKeys)); // caches warm, users known
         counter.reset();
@@ -644,6 +647,7 @@ export async function runBench(opts: { seconds: number; connections: number }) {
           writes: per(counter.counts.writes),
           reads: per(counter.counts.reads),
           watches: per(counter.counts.watches),
+          bytesPerWrite: Math.round(counter.counts.writeBytes / Math.max(1, counter.counts.writes)),
           requests,
         };
       }
@@ -753,7 +757,7 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
     | null
     | {
       kvCommitMs: { p50: number; p99: number };
-      kvCallsPerRequest: Record<string, { writes: number; reads: number }>;
+      kvCallsPerRequest: Record<string, { writes: number; reads: number; bytesPerWrite: number }>;
       denokvCpuUsPerRequest: number | null;
     };
   const single = report.details.singleConnection;
@@ -807,7 +811,7 @@ function table(report: Awaited<ReturnType<typeof runBench>>): string {
         } ms`,
         `KV Connect calls per request       ${
           Object.entries(remote.kvCallsPerRequest).map(([k, v]) =>
-            `${k}: ${v.writes} writes, ${v.reads} reads`
+            `${k}: ${v.writes} writes of ${v.bytesPerWrite} B, ${v.reads} reads`
           ).join("; ")
         }`,
         `denokv CPU per gateway request     ${remote.denokvCpuUsPerRequest ?? "–"} µs`,

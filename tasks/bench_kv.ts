@@ -24,20 +24,25 @@ export interface KvCallCounts {
   writes: number;
   reads: number;
   watches: number;
+  /** Request bytes of the atomic writes (protobuf bodies). */
+  writeBytes: number;
 }
 
 /**
- * A KV Connect pass-through on loopback that counts atomic writes, snapshot reads and watches.
+ * A KV Connect pass-through on loopback that counts atomic writes (and their bytes), snapshot
+ * reads and watches.
  * denokv's metadata names its endpoints by relative path, so a client pointed here stays here.
  */
 export function countingKvProxy(target: string) {
-  const counts: KvCallCounts = { writes: 0, reads: 0, watches: 0 };
+  const counts: KvCallCounts = { writes: 0, reads: 0, watches: 0, writeBytes: 0 };
   const server = Deno.serve(
     { hostname: "127.0.0.1", port: 0, onListen: () => {} },
     async (req) => {
       const { pathname, search } = new URL(req.url);
-      if (pathname.endsWith("/atomic_write")) counts.writes++;
-      else if (pathname.endsWith("/snapshot_read")) counts.reads++;
+      if (pathname.endsWith("/atomic_write")) {
+        counts.writes++;
+        counts.writeBytes += Number(req.headers.get("content-length") ?? 0);
+      } else if (pathname.endsWith("/snapshot_read")) counts.reads++;
       else if (pathname.endsWith("/watch")) counts.watches++;
       const res = await fetch(`${target}${pathname}${search}`, {
         method: req.method,
@@ -52,7 +57,11 @@ export function countingKvProxy(target: string) {
     url: `http://127.0.0.1:${server.addr.port}`,
     counts,
     reset() {
-      counts.writes = counts.reads = counts.watches = 0;
+      counts.writes =
+        counts.reads =
+        counts.watches =
+        counts.writeBytes =
+          0;
     },
     close: () => server.shutdown(),
   };
