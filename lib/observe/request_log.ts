@@ -4,9 +4,10 @@
  * decided and measured.
  *
  * ## State in KV (both with `expireIn` = REQUEST_LOG_DAYS)
- * - `keys.requestLog(at, user, …)`: every entry by time (the operator's listing), and
- *   `keys.requestLogOfUser(user, at, …)`: the same entry per user (the user's own listing); both
- *   are listed newest first. Entries never change once written, so the two copies cannot drift.
+ * - `keys.requestLogOfUser(user, at, …)`: each entry, once, per user (the user's own listing),
+ *   and `keys.requestLog(at, user, …)`: its key by time, holding nothing (the operator's listing
+ *   reads the entries it names). Both are listed newest first. Entries written before the index
+ *   held keys only are whole in both; a listing reads either.
  * - An admitted request's entry is written by the Ledger in the commit that settles it
  *   (lib/limits/admission.ts): two sets more in a commit the request makes anyway, no write of
  *   its own. `at` is when the request arrived; its key ends with the request id.
@@ -23,6 +24,7 @@ import { type Clock, systemClock } from "../core/clock.ts";
 import type { Config } from "../core/config.ts";
 import { AppError } from "../core/errors.ts";
 import { keys } from "../core/kv.ts";
+import { getManyChunked } from "../core/kv_ops.ts";
 import type { Logger } from "../core/log.ts";
 import { DAY_MS } from "../core/utc.ts";
 import { costUsd, type Pricing, roundUsd } from "../usage/pricing.ts";
@@ -131,7 +133,7 @@ export function admittedEntry(
   const cost = charge.spared
     ? 0
     : costUsd(o.pricing, o.model, charge.promptTokens, charge.completionTokens, cached);
-  const at = o.now - facts.durationMs;
+  const at = Math.round(o.now - facts.durationMs); // whole ms: it is in the keys and cursors
   const value: RequestLogEntry = {
     id: facts.id,
     at: new Date(at).toISOString(),
@@ -244,11 +246,21 @@ function unpack(
   } as RequestLogEntry;
 }
 
-/** Adds an admitted request's entry to a commit (its two index keys; 2 mutations). */
+/** Adds an admitted request's entry and its key by time to a commit (2 mutations). */
 export function addEntry(op: Deno.AtomicOperation, { at, value }: LoggedEntry, ttlMs: number) {
-  const stored = pack(value, value.id);
-  op.set(keys.requestLog(at, value.userId, value.id), stored, { expireIn: ttlMs });
-  op.set(keys.requestLogOfUser(value.userId, at, value.id), stored, { expireIn: ttlMs });
+  setEntry(op, at, value.userId, [value.id], pack(value, value.id), ttlMs);
+}
+
+function setEntry(
+  op: Deno.AtomicOperation,
+  at: number,
+  userId: string,
+  rest: string[],
+  stored: StoredEntry,
+  ttlMs: number,
+) {
+  op.set(keys.requestLogOfUser(userId, at, ...rest), stored, { expireIn: ttlMs });
+  op.set(keys.requestLog(at, userId, ...rest), null, { expireIn: ttlMs });
 }
 
 /** A refusal, as the gateway saw it. */
@@ -386,8 +398,7 @@ export class RequestLog {
         const at = g.minute * MINUTE_MS;
         const tail = [`~${g.code}`, this.proc];
         const entry = pack({ ...g.latest, count: g.count }, this.proc);
-        op.set(keys.requestLog(at, g.userId, ...tail), entry, { expireIn: this.ttlMs });
-        op.set(keys.requestLogOfUser(g.userId, at, ...tail), entry, { expireIn: this.ttlMs });
+        setEntry(op, at, g.userId, tail, entry, this.ttlMs);
       }
       const started = performance.now();
       try {
@@ -477,20 +488,13 @@ export async function listRequests(kv: Deno.Kv, q: RequestQuery): Promise<Reques
   let last: Deno.KvKey | null = null;
   let scanned = 0;
   let more = false;
-  // Keys: by user [prefix, user], at, …rest; everyone's [prefix], at, user, …rest.
-  const entryOf = (e: Deno.KvEntry<StoredEntry | RequestLogEntry>) => {
-    const at = e.key[prefix.length] as number;
-    const userId = q.userId ?? e.key[prefix.length + 1] as string;
-    return unpack(e.value, at, userId, String(e.key.at(-1)));
-  };
-  const iter = kv.list<StoredEntry | RequestLogEntry>(
-    { start: [...prefix, from], end },
-    { reverse: true, batchSize: Math.min(500, q.limit + 10) },
-  );
+  const iter = q.userId
+    ? ownEntries(kv, q.userId, [...prefix, from], end, q.limit)
+    : everyonesEntries(kv, [...prefix, from], end, q.limit);
   for await (const e of iter) {
     const group = groupOf(e.key);
     if (pending && group !== null && pending.group === group) {
-      merge(pending.entry, entryOf(e));
+      merge(pending.entry, e.entry);
       last = e.key;
       continue;
     }
@@ -500,7 +504,7 @@ export async function listRequests(kv: Deno.Kv, q: RequestQuery): Promise<Reques
       more = true;
       break;
     }
-    pending = { group, entry: entryOf(e) };
+    pending = { group, entry: e.entry };
     last = e.key;
     scanned++;
   }
@@ -509,4 +513,70 @@ export async function listRequests(kv: Deno.Kv, q: RequestQuery): Promise<Reques
     requests,
     next: more && last ? encodeCursor(last.slice(prefix.length)) : null,
   };
+}
+
+/** An entry of a listing, with the key it is listed under. */
+interface Listed {
+  key: Deno.KvKey;
+  entry: RequestLogEntry;
+}
+
+const pageSize = (limit: number) => Math.min(500, limit + 10);
+
+/** One user's entries, newest first: `[prefix, user], at, …rest` → the entry. */
+async function* ownEntries(
+  kv: Deno.Kv,
+  userId: string,
+  start: Deno.KvKey,
+  end: Deno.KvKey,
+  limit: number,
+): AsyncGenerator<Listed> {
+  const iter = kv.list<StoredEntry | RequestLogEntry>(
+    { start, end },
+    { reverse: true, batchSize: pageSize(limit) },
+  );
+  for await (const e of iter) {
+    const at = e.key[2] as number;
+    yield { key: e.key, entry: unpack(e.value, at, userId, String(e.key.at(-1))) };
+  }
+}
+
+/**
+ * Everyone's entries, newest first: the keys by time, a page at a time, each page's entries read
+ * from their users' listings (at most 10 keys per read, the reads in parallel). An entry that
+ * expired between the two is left out.
+ */
+async function* everyonesEntries(
+  kv: Deno.Kv,
+  start: Deno.KvKey,
+  end: Deno.KvKey,
+  limit: number,
+): AsyncGenerator<Listed> {
+  const iter = kv.list<StoredEntry | RequestLogEntry | null>(
+    { start, end },
+    { reverse: true, batchSize: pageSize(limit) },
+  );
+  let page: Deno.KvEntry<StoredEntry | RequestLogEntry | null>[] = [];
+  const flush = async function* (): AsyncGenerator<Listed> {
+    const wanted = page.filter((e) => e.value === null).map((e) => {
+      const [, at, userId, ...rest] = e.key as [string, number, string, ...string[]];
+      return keys.requestLogOfUser(userId, at, ...rest);
+    });
+    const found = await getManyChunked<StoredEntry | RequestLogEntry>(kv, wanted);
+    let i = 0;
+    for (const e of page) {
+      const at = e.key[1] as number;
+      const userId = e.key[2] as string;
+      // Written before the index held keys only: the entry is here whole.
+      const value = e.value ?? found[i++].value;
+      if (value === null) continue;
+      yield { key: e.key, entry: unpack(value, at, userId, String(e.key.at(-1))) };
+    }
+    page = [];
+  };
+  for await (const e of iter) {
+    page.push(e);
+    if (page.length >= pageSize(limit)) yield* flush();
+  }
+  yield* flush();
 }
