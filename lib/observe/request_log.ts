@@ -161,8 +161,8 @@ export function admittedEntry(
 
 /**
  * An entry as KV stores it: its fields in a fixed order, without what its keys hold already
- * (when, whose, and the request id where the key ends with it). A third of the bytes of the
- * entry as an object, which it was before: the settle commit carries two copies.
+ * (when, whose, and the request id where the key ends with it) — a third of the bytes of the
+ * entry as an object, in a commit every request makes.
  */
 type StoredEntry = [
   id: string | null,
@@ -219,9 +219,25 @@ function unpack(
   keyEnd: string,
 ): RequestLogEntry {
   if (!Array.isArray(stored)) return { ...stored }; // as written before entries were packed
-  const [id, keyId, endpoint, model, requested, flags, status, code, ...rest] = stored;
-  const [promptTokens, completionTokens, cachedTokens, costUsd, durationMs, ...tail] = rest;
-  const [ttfbMs, queueMs, client, count] = tail;
+  const [
+    id,
+    keyId,
+    endpoint,
+    model,
+    requestedModel,
+    flags,
+    status,
+    code,
+    promptTokens,
+    completionTokens,
+    cachedTokens,
+    costUsd,
+    durationMs,
+    ttfbMs,
+    queueMs,
+    client,
+    count,
+  ] = stored;
   return {
     id: id ?? keyEnd,
     at: new Date(at).toISOString(),
@@ -229,7 +245,7 @@ function unpack(
     keyId,
     endpoint,
     model,
-    requestedModel: requested ?? model,
+    requestedModel: requestedModel ?? model,
     stream: (flags & 1) !== 0,
     status,
     code,
@@ -243,7 +259,7 @@ function unpack(
     queueMs,
     client,
     count,
-  } as RequestLogEntry;
+  };
 }
 
 /** Adds an admitted request's entry and its key by time to a commit (2 mutations). */

@@ -40,13 +40,17 @@ export async function readDayCounters(
       row = { userId: user, model, requests: 0, promptTokens: 0, completionTokens: 0 };
       rows.push(row);
     }
-    const n = u64(entry.value);
-    if (field === "requests") row.requests += n;
-    else if (field === "prompt") row.promptTokens += n;
-    else if (field === "completion") row.completionTokens += n;
-    else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
+    addCounter(row, field, u64(entry.value));
   }
   return rows;
+}
+
+/** Adds one counter's value to a row, by its key's field part. */
+function addCounter(row: Omit<UsageRow, "userId" | "model">, field: unknown, n: number) {
+  if (field === "requests") row.requests += n;
+  else if (field === "prompt") row.promptTokens += n;
+  else if (field === "completion") row.completionTokens += n;
+  else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
 }
 
 /** One key's counters of one model on one day. */
@@ -79,11 +83,7 @@ export async function readDayCountersByKey(
       row = { keyId, model, requests: 0, promptTokens: 0, completionTokens: 0, cachedTokens: 0 };
       rows.set(id, row);
     }
-    const n = u64(entry.value);
-    if (field === "requests") row.requests += n;
-    else if (field === "prompt") row.promptTokens += n;
-    else if (field === "completion") row.completionTokens += n;
-    else if (field === "cached") row.cachedTokens += n;
+    addCounter(row, field, u64(entry.value));
   }
   return [...rows.values()];
 }
