@@ -110,6 +110,22 @@ export async function lastUsedByKey(kv: Deno.Kv, userId: string): Promise<Map<st
   return out;
 }
 
+/**
+ * A request in flight while its app key was revoked settles after the revocation and writes the
+ * key's last use again (a `max` cannot be told not to): such entries of keys known to be revoked
+ * are dropped when the keys are next listed.
+ */
+async function dropRevokedLastUses(kv: Deno.Kv, user: UserRecord, lastUsed: Map<string, number>) {
+  const held = new Set([DEFAULT_KEY_ID, ...(user.apps ?? []).map((a) => a.id)]);
+  const unknown = [...lastUsed.keys()].filter((id) => !held.has(id));
+  if (!unknown.length) return;
+  const revoked = await revokedKeyNames(kv, user.id);
+  for (const id of unknown.filter((id) => revoked.has(id))) {
+    lastUsed.delete(id);
+    await kv.delete(keys.keyLastUsed(user.id, id)).catch(() => {}); // tried again next listing
+  }
+}
+
 /** The user's keys, default first, then connected apps oldest first, with their usage. */
 export async function listKeys(
   kv: Deno.Kv,
@@ -121,6 +137,7 @@ export async function listKeys(
     usageByKey(kv, pricing, user.id, 30, now),
     lastUsedByKey(kv, user.id),
   ]);
+  await dropRevokedLastUses(kv, user, lastUsed);
   const of = (id: string) => ({
     lastUsedAt: lastUsed.has(id) ? new Date(lastUsed.get(id)!).toISOString() : null,
     usage30d: usage.get(id) ?? { requests: 0, totalTokens: 0, costUsd: 0 },

@@ -8,6 +8,8 @@ import assert from "node:assert/strict";
 import { randomToken } from "../../lib/core/encoding.ts";
 import { s256 } from "../../lib/identity/connect.ts";
 import type { KeysBody } from "../../lib/api_types.ts";
+import { keys as kvKeys } from "../../lib/core/kv.ts";
+import { recordUsage } from "../../lib/usage/usage.ts";
 import { EVENTS_SECRET, Receiver } from "../../testing/fakes/events_receiver.ts";
 import { FakeGlm } from "../../testing/fakes/glm.ts";
 import {
@@ -227,5 +229,40 @@ Deno.test("connected apps: the operator's per-user page has a column per key", a
   } finally {
     await app.close();
     await glm.close();
+  }
+});
+
+Deno.test("connected apps: a revoked key's last use, written again by a request that settled after the revocation, is dropped at the next listing", async () => {
+  const app = await testApp();
+  try {
+    const { token } = await app.services.sessions.issueLocal("late@example.com");
+    const session = { cookie: `__session=${token}`, origin: PUBLIC_URL };
+    await connectDevice(app, token, "Zed");
+    await connectDevice(app, token, "Helix");
+    const { keys: listed } = await (await app.request("/api/keys", { headers: session }))
+      .json() as KeysBody;
+    const [, gone, kept] = listed;
+    const { userId } = await (await app.request("/api/key", { headers: session })).json();
+    await app.services.users.revokeAppKey(userId, gone.id);
+    const lastUse = (id: string) => app.kv.get(kvKeys.keyLastUsed(userId, id));
+    assert.equal((await lastUse(gone.id)).value, null, "the revocation drops it");
+    // Requests of both keys settle after the revocation (a KV `max` writes the last use again).
+    for (const keyId of [gone.id, kept.id]) {
+      await recordUsage(app.kv, app.services.config.pricing, {
+        userId,
+        keyId,
+        model: "glm-4.6",
+        promptTokens: 3,
+        completionTokens: 2,
+      });
+    }
+    assert.notEqual((await lastUse(gone.id)).value, null);
+    const after = await (await app.request("/api/keys", { headers: session })).json() as KeysBody;
+    assert.deepEqual(after.keys.map((k) => k.id), ["default", kept.id]);
+    assert.equal((await lastUse(gone.id)).value, null, "dropped by the listing");
+    assert.notEqual((await lastUse(kept.id)).value, null, "a held key's last use stays");
+    assert.notEqual(after.keys[1].lastUsedAt, null);
+  } finally {
+    await app.close();
   }
 });
