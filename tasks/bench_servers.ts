@@ -105,13 +105,14 @@ function passthrough(target: string): Deno.HttpServer<Deno.NetAddr> {
 /**
  * The floor: what every gateway request must cost on this runtime under the contract, with
  * nothing of Keyway's own (no router, config, key hashing, limits arithmetic, estimate, watchdog,
- * log lines, metrics, error shapes). A bearer looked up in a Map; the body read whole and parsed;
+ * log lines, metrics, error shapes). The bearer taken as the user; the body read whole and parsed;
  * one durable commit to admit (the user's rate entry checked and rewritten, a lease written, the
  * held count added) before the upstream call; the answer read whole and its usage parsed; one
  * durable commit to settle before the answer is sent (the lease deleted, the held count taken
- * back, the usage counters, the quota sums, the key's last use, and a log entry by time and by
- * user: Keyway's 14 mutations). Commits are grouped as Keyway groups them: what arrives while two
- * are in flight goes into the next, admissions of at most eight users per commit.
+ * back, the usage counters, the quota sums, the key's last use, a log entry under its user and
+ * its key by time: Keyway's 14 mutations). Commits are grouped as Keyway groups them: what
+ * arrives while two are in flight goes into the next, admissions of at most eight users per
+ * commit.
  */
 async function floor(target: string, kvPath: string): Promise<Deno.HttpServer<Deno.NetAddr>> {
   const kv = await Deno.openKv(kvPath);
@@ -191,12 +192,8 @@ async function floor(target: string, kvPath: string): Promise<Deno.HttpServer<De
     await commit(user, false, (op) => {
       op.delete(["lease", id]);
       op.sum(["held", user], (1n << 64n) - 1n);
-      for (
-        const [field, n] of [["requests", 1n], ["prompt", prompt], [
-          "completion",
-          completion,
-        ]] as const
-      ) {
+      const counters = { requests: 1n, prompt, completion };
+      for (const [field, n] of Object.entries(counters)) {
         op.sum(["usage_daily", day, user, model, field, "default"], n);
       }
       op.sum(["tokens_by_day", user, day], prompt + completion);
@@ -224,8 +221,8 @@ async function floor(target: string, kvPath: string): Promise<Deno.HttpServer<De
         "",
         1,
       ];
-      op.set(["request_log", at, user, id], entry, ttl);
       op.set(["request_log_by_user", user, at, id], entry, ttl);
+      op.set(["request_log", at, user, id], null, ttl);
     });
     return new Response(answer, {
       status: res.status,
