@@ -5,7 +5,7 @@
  * tests/e2e/browser/vscode_client_test.ts keeps its copy of these shapes in step.
  */
 import type { UsageTotals } from "./usage/totals.ts";
-import type { RequestLogEntry } from "./observe/request_log.ts";
+import type { RequestLogEntry } from "./observe/log_store.ts";
 import type { KeyListing, KeyUsageRow } from "./usage/key_usage.ts";
 
 /** The limits in force for a user (null: unlimited). */

@@ -9,7 +9,7 @@ import { AppError } from "../../lib/core/errors.ts";
 import type { Services } from "../../lib/core/services.ts";
 import { DAY_MS } from "../../lib/core/utc.ts";
 import type { RequestsBody } from "../../lib/api_types.ts";
-import type { RequestQuery } from "../../lib/observe/request_log.ts";
+import type { RequestQuery } from "../../lib/observe/log_store.ts";
 import { type AppEnv, parseWith, requireSession } from "../context.ts";
 import { callerIdOf } from "./usage.ts";
 import { requireOperator } from "./admin.ts";

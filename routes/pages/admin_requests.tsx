@@ -9,7 +9,7 @@ import { Layout } from "../../components/Layout.tsx";
 import { RequestTable } from "../../components/RequestTable.tsx";
 import { AppError } from "../../lib/core/errors.ts";
 import type { Services } from "../../lib/core/services.ts";
-import type { RequestPage } from "../../lib/observe/request_log.ts";
+import type { RequestPage } from "../../lib/observe/log_store.ts";
 import { adminRequestQuery } from "../api/requests.ts";
 import type { AppEnv } from "../context.ts";
 import { clerkScript, render } from "./render.tsx";

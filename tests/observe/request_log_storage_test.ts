@@ -4,7 +4,8 @@
  * earlier version are listed alike.
  */
 import assert from "node:assert/strict";
-import { addEntry, admittedEntry, listRequests } from "../../lib/observe/request_log.ts";
+import { addEntry, admittedEntry } from "../../lib/observe/request_log.ts";
+import { listRequests } from "../../lib/observe/log_store.ts";
 import { keys } from "../../lib/core/kv.ts";
 
 const pricing = { "glm-4.6": { input: 0.6, output: 2.2 } };
