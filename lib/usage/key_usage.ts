@@ -7,7 +7,7 @@ import { keys, u64 } from "../core/kv.ts";
 import { systemClock } from "../core/clock.ts";
 import { addDays, type Day, utcDay } from "../core/utc.ts";
 import { costNanoUsd, type Pricing, roundUsd } from "./pricing.ts";
-import { readDayCountersByKey } from "./read.ts";
+import { type KeyModelCounters, readUserDays } from "./read.ts";
 import { DEFAULT_KEY_ID, type UserRecord } from "../identity/user_record.ts";
 
 /** What one key used over some days. */
@@ -57,6 +57,8 @@ export async function usageByKey(
   userId: string,
   days: number,
   now: number = systemClock(),
+  /** The span's counters, when the caller read them already (read.ts readUserDays). */
+  counters?: Map<Day, KeyModelCounters[]>,
 ): Promise<Map<string, KeyUsage>> {
   const today = utcDay(now);
   const from: Day = addDays(today, -(days - 1));
@@ -66,8 +68,9 @@ export async function usageByKey(
     if (!sum) sums.set(keyId, sum = empty());
     return sum;
   };
-  const readDay = async (day: Day) => {
-    for (const row of await readDayCountersByKey(kv, day, userId)) {
+  for (const rows of (counters ?? await readUserDays(kv, userId, from, today)).values()) {
+    for (const row of rows) {
+      if (row.keyId === null) continue; // counted in `keys.usageByKey`, read below
       const sum = sumOf(row.keyId);
       sum.requests += row.requests;
       sum.totalTokens += row.promptTokens + row.completionTokens;
@@ -75,12 +78,6 @@ export async function usageByKey(
         costNanoUsd(pricing, row.model, row.promptTokens, row.completionTokens, row.cachedTokens),
       );
     }
-  };
-  const spanDays: Day[] = [];
-  for (let day = from; day <= today; day = addDays(day, 1)) spanDays.push(day);
-  // A few days in flight at once: the reads overlap (a remote KV's round trips most of all).
-  for (let i = 0; i < spanDays.length; i += 10) {
-    await Promise.all(spanDays.slice(i, i + 10).map(readDay));
   }
   const iter = kv.list({
     start: keys.usageByKeyDay(userId, from),
@@ -179,8 +176,9 @@ export async function byKeyRows(
   userId: string,
   days: number,
   now: number = systemClock(),
+  counters?: Map<Day, KeyModelCounters[]>,
 ): Promise<KeyUsageRow[]> {
-  const usage = await usageByKey(kv, pricing, userId, days, now);
+  const usage = await usageByKey(kv, pricing, userId, days, now, counters);
   const zero = { requests: 0, totalTokens: 0, costUsd: 0 };
   const rows: KeyUsageRow[] = [];
   const seen = new Set<string>();

@@ -4,7 +4,7 @@
  * user and model each.
  */
 import { keys, u64 } from "../core/kv.ts";
-import type { Day } from "../core/utc.ts";
+import { addDays, type Day } from "../core/utc.ts";
 
 /** A list page: KV Connect's largest. */
 const KV_BATCH = 1000;
@@ -53,9 +53,10 @@ function addCounter(row: Omit<UsageRow, "userId" | "model">, field: unknown, n: 
   else if (field === "cached") row.cachedTokens = (row.cachedTokens ?? 0) + n;
 }
 
-/** One key's counters of one model on one day. */
+/** One user's counters of one model and key on one day. */
 export interface KeyModelCounters {
-  keyId: string;
+  /** null: counted before the counters had a key part (`keys.usageByKey` has their keys). */
+  keyId: string | null;
   model: string;
   requests: number;
   promptTokens: number;
@@ -63,11 +64,8 @@ export interface KeyModelCounters {
   cachedTokens: number;
 }
 
-/**
- * One user's counters of a day per key and model (counters written before there was a key part
- * are left out: `usageByKey` has their keys).
- */
-export async function readDayCountersByKey(
+/** One user's counters of a day, one row per model and key. */
+export async function readUserDay(
   kv: Deno.Kv,
   day: Day,
   userId: string,
@@ -75,8 +73,9 @@ export async function readDayCountersByKey(
   const rows = new Map<string, KeyModelCounters>();
   const prefix = [...keys.usageDailyDay(day), userId];
   for await (const entry of kv.list({ prefix }, { batchSize: KV_BATCH })) {
-    const [, , , model, field, keyId] = entry.key;
-    if (typeof model !== "string" || typeof keyId !== "string") continue;
+    const [, , , model, field, key] = entry.key;
+    if (typeof model !== "string") continue;
+    const keyId = typeof key === "string" ? key : null;
     const id = `${keyId}\u0000${model}`;
     let row = rows.get(id);
     if (!row) {
@@ -86,4 +85,26 @@ export async function readDayCountersByKey(
     addCounter(row, field, u64(entry.value));
   }
   return [...rows.values()];
+}
+
+/**
+ * One user's counters per day from `from` to `to` (inclusive; days without any are left out):
+ * one short range list per day over the day-major keys, never a scan of other users.
+ */
+export async function readUserDays(
+  kv: Deno.Kv,
+  userId: string,
+  from: Day,
+  to: Day,
+): Promise<Map<Day, KeyModelCounters[]>> {
+  const days: Day[] = [];
+  for (let day = from; day <= to; day = addDays(day, 1)) days.push(day);
+  const out = new Map<Day, KeyModelCounters[]>();
+  const readDay = async (day: Day) => {
+    const rows = await readUserDay(kv, day, userId);
+    if (rows.length) out.set(day, rows);
+  };
+  // A few days in flight at once: the reads overlap (a remote KV's round trips most of all).
+  for (let i = 0; i < days.length; i += 10) await Promise.all(days.slice(i, i + 10).map(readDay));
+  return out;
 }

@@ -12,7 +12,7 @@ import { costNanoUsd, costUsd, type Pricing, roundUsd } from "./pricing.ts";
 import type { Users } from "../identity/users.ts";
 import { addUsageSums, applySums, type UsageEvent } from "./record.ts";
 import { byKeyRows } from "./key_usage.ts";
-import { readDayCounters } from "./read.ts";
+import { type KeyModelCounters, readUserDays } from "./read.ts";
 import type { UsageTotals } from "./totals.ts";
 export {
   addSum,
@@ -21,7 +21,7 @@ export {
   type UsageEvent,
   type UsageSums,
 } from "./record.ts";
-import { type Day, DAY_MS, utcDay, utcMonth } from "../core/utc.ts";
+import { addDays, type Day, DAY_MS, utcDay, utcMonth } from "../core/utc.ts";
 
 export type { UsageTotals };
 
@@ -80,10 +80,6 @@ export function dayBefore(now: number, n: number): Day {
   return utcDay(now - n * DAY_MS);
 }
 
-function nextDay(day: Day): Day {
-  return utcDay(Date.parse(`${day}T00:00:00Z`) + DAY_MS);
-}
-
 function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number): UsageTotals {
   return {
     requests: raw.requests,
@@ -98,8 +94,7 @@ function totals(pricing: Pricing, model: string | null, raw: Raw, cost?: number)
 }
 
 /**
- * One user's counters per day and model from `from` to `to` (inclusive): one short range list
- * per day over the day-major keys (read.ts), never a scan of other users.
+ * One user's counters per day and model from `from` to `to` (inclusive), summed over keys.
  * Reads are not on the gateway's hot path; one copy of the counters keeps every request's
  * commit small.
  */
@@ -109,23 +104,24 @@ export async function userCounters(
   from: Day,
   to: Day,
 ): Promise<Map<Day, Map<string, Raw>>> {
-  const days: Day[] = [];
-  for (let day = from; day <= to; day = nextDay(day)) days.push(day);
+  return byModel(await readUserDays(kv, userId, from, to));
+}
+
+/** Counters per day and key summed per day and model. */
+function byModel(days: Map<Day, KeyModelCounters[]>): Map<Day, Map<string, Raw>> {
   const out = new Map<Day, Map<string, Raw>>();
-  const readDay = async (day: Day) => {
+  for (const [day, rows] of days) {
     const models = new Map<string, Raw>();
-    for (const row of await readDayCounters(kv, day, userId)) {
+    for (const row of rows) {
       let raw = models.get(row.model);
       if (!raw) models.set(row.model, raw = emptyRaw());
       raw.requests += row.requests;
       raw.prompt += row.promptTokens;
       raw.completion += row.completionTokens;
-      raw.cached += row.cachedTokens ?? 0;
+      raw.cached += row.cachedTokens;
     }
-    if (models.size) out.set(day, models);
-  };
-  // A few days in flight at once: the reads overlap (a remote KV's round trips most of all).
-  for (let i = 0; i < days.length; i += 10) await Promise.all(days.slice(i, i + 10).map(readDay));
+    out.set(day, models);
+  }
   return out;
 }
 
@@ -137,12 +133,21 @@ export async function userUsage(
   days: number,
   now: number = systemClock(),
 ): Promise<UserUsage> {
-  const today = utcDay(now);
   const from = dayBefore(now, days - 1);
-  const counters = await userCounters(kv, userId, from, today);
+  return usageOf(pricing, await userCounters(kv, userId, from, utcDay(now)), from, now);
+}
+
+/** A user's usage from `from` through today, from their counters per day and model. */
+function usageOf(
+  pricing: Pricing,
+  counters: Map<Day, Map<string, Raw>>,
+  from: Day,
+  now: number,
+): UserUsage {
+  const today = utcDay(now);
   const perModel = new Map<string, Raw>();
   const list: DayUsage[] = [];
-  for (let day = from; day <= today; day = nextDay(day)) {
+  for (let day = from; day <= today; day = addDays(day, 1)) {
     const sum: Raw = emptyRaw();
     let cost = 0;
     for (const [model, raw] of counters.get(day) ?? []) {
@@ -201,12 +206,15 @@ export async function usageReport(
   days: number,
   now: number = systemClock(),
 ) {
-  const [status, usage, spend] = await Promise.all([
+  const from = dayBefore(now, days - 1);
+  // One read of the days' counters serves the totals and the split by key.
+  const [status, counters, spend] = await Promise.all([
     limitStatus(kv, config, userId, now),
-    userUsage(kv, config.pricing, userId, days, now),
+    readUserDays(kv, userId, from, utcDay(now)),
     kv.get<Deno.KvU64>(keys.spendByMonth(userId, utcMonth(now))),
   ]);
-  const byKey = await byKeyRows(kv, config.pricing, status.user, userId, days, now);
+  const usage = usageOf(config.pricing, byModel(counters), from, now);
+  const byKey = await byKeyRows(kv, config.pricing, status.user, userId, days, now, counters);
   const state = accountState(status.user, status.limits, {
     requestsLeftToday: status.view.remainingDay,
     tokensToday: usage.today.totalTokens,
